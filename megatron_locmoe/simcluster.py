@@ -1,0 +1,321 @@
+"""A simulated multi-node cluster on one machine: CPU processes on gloo, reused across jobs.
+
+Starting a rank costs ~12 s (torch + Megatron-Core imports), so a SimCluster starts its
+processes once and then runs many *jobs* on them. Each job re-initialises Megatron's parallel
+state with its own layout (TP/PP/EP/ETP/CP and the simulated devices per node), runs a function
+on every rank and returns the per-rank results.
+
+No hangs: every collective has a timeout (gloo raises after ``collective_timeout_s``), a job
+that does not answer within ``job_timeout_s`` gets its ranks' Python stacks dumped
+(faulthandler) and the cluster killed, and any rank's failure is raised with that rank's
+traceback. After a failure the processes are restarted for the next job (a timed-out gloo
+group cannot be reused).
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import queue
+import signal
+import socket
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """Megatron parallel sizes of one job plus the simulated node size."""
+
+    devices_per_node: int
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int | None = None
+    cp: int = 1
+    order: str = "tp-cp-ep-dp-pp"
+
+    def describe(self) -> str:
+        etp = self.etp if self.etp is not None else self.tp
+        return (
+            f"{self.devices_per_node}/node tp{self.tp} cp{self.cp} ep{self.ep} etp{etp} pp{self.pp}"
+        )
+
+
+@dataclass
+class RankContext:
+    """What a job function gets on every rank."""
+
+    rank: int
+    world_size: int
+    layout: ParallelLayout
+    timeout: timedelta
+    scratch: Path
+    """A directory shared by all ranks of the cluster (files, checkpoints)."""
+
+    @property
+    def devices_per_node(self) -> int:
+        return self.layout.devices_per_node
+
+    def topology(self):
+        from megatron_locmoe.topology import get_topology
+
+        return get_topology(self.devices_per_node, timeout=self.timeout)
+
+
+class ClusterJobError(RuntimeError):
+    """A job failed or hung on one or more ranks; the message holds each rank's traceback."""
+
+
+# --------------------------------------------------------------------------------------------
+# Worker side
+# --------------------------------------------------------------------------------------------
+
+
+def _worker_main(rank, world_size, port, jobs, results, timeout_s, scratch, log_path):
+    log = open(log_path, "w", buffering=1)  # noqa: SIM115 - lives as long as the process
+    if not os.environ.get("LOCMOE_SIMCLUSTER_VERBOSE"):
+        # ranks' prints and warnings go to their log; failures come back with tracebacks
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+    faulthandler.register(signal.SIGUSR1, file=log, all_threads=True)
+    os.environ["LOCMOE_DEVICE"] = "cpu"
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    torch.set_num_threads(1)  # several ranks share few cores
+    import torch.distributed as dist
+
+    timeout = timedelta(seconds=timeout_s)
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
+        )
+        from megatron.core import parallel_state
+
+        from megatron_locmoe import adaptor
+        from megatron_locmoe.topology import destroy_topology
+
+        adaptor.apply()
+    except BaseException:
+        results.put((rank, -1, False, traceback.format_exc()))
+        return
+    results.put((rank, -1, True, None))
+
+    while True:
+        job = jobs.get()
+        if job is None:
+            break
+        job_id, fn, args, kwargs, layout, seed = job
+        try:
+            destroy_topology()
+            parallel_state.destroy_model_parallel()
+            parallel_state.initialize_model_parallel(
+                tensor_model_parallel_size=layout.tp,
+                pipeline_model_parallel_size=layout.pp,
+                context_parallel_size=layout.cp,
+                expert_model_parallel_size=layout.ep,
+                expert_tensor_parallel_size=layout.etp,
+                order=layout.order,
+                distributed_timeout_minutes=max(1, round(timeout_s / 60)),
+                create_gloo_process_groups=False,
+            )
+            torch.manual_seed(seed)
+            ctx = RankContext(rank, world_size, layout, timeout, Path(scratch))
+            out = fn(ctx, *args, **kwargs)
+            results.put((rank, job_id, True, out))
+        except BaseException:
+            results.put((rank, job_id, False, traceback.format_exc()))
+    destroy_topology()
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------
+# Driver side
+# --------------------------------------------------------------------------------------------
+
+
+def _is_collective_timeout(tb: str) -> bool:
+    return "Timed out" in tb.strip().splitlines()[-1]
+
+
+def _describe_failures(what: str, failures: dict[int, str]) -> str:
+    """The root-cause traceback first (ranks that merely timed out waiting for it come last)."""
+    order = sorted(failures, key=lambda r: (_is_collective_timeout(failures[r]), r))
+    first = order[0]
+    msg = f"{what} failed on rank {first}:\n{failures[first]}"
+    by_error: dict[str, list[int]] = {}
+    for r in order[1:]:
+        by_error.setdefault(failures[r].strip().splitlines()[-1], []).append(r)
+    for last_line, ranks in by_error.items():
+        msg += f"\nranks {ranks}: {last_line}"
+    return msg
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class SimCluster:
+    """``world_size`` CPU ranks on gloo; jobs choose how many ranks form a simulated node."""
+
+    world_size: int
+    collective_timeout_s: float = 90.0
+    job_timeout_s: float = 600.0
+    startup_timeout_s: float = 300.0
+    _procs: list = field(default_factory=list, repr=False)
+    _jobs: list = field(default_factory=list, repr=False)
+    _results: Any = field(default=None, repr=False)
+    _next_job: int = 0
+    _tmp: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    def start(self) -> SimCluster:
+        if self._procs:
+            return self
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="locmoe-simcluster-")
+        ctx = mp.get_context("spawn")
+        self._results = ctx.Queue()
+        self._jobs = [ctx.Queue() for _ in range(self.world_size)]
+        port = _free_port()
+        for rank in range(self.world_size):
+            p = ctx.Process(
+                target=_worker_main,
+                args=(
+                    rank,
+                    self.world_size,
+                    port,
+                    self._jobs[rank],
+                    self._results,
+                    self.collective_timeout_s,
+                    self.scratch,
+                    self._log_path(rank),
+                ),
+                daemon=True,
+            )
+            p.start()
+            self._procs.append(p)
+        self._collect(-1, self.startup_timeout_s, what="start-up")
+        return self
+
+    def close(self) -> None:
+        for q, p in zip(self._jobs, self._procs, strict=True):
+            if p.is_alive():
+                q.put(None)
+        for p in self._procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+        self._procs, self._jobs = [], []
+
+    def __enter__(self) -> SimCluster:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    @property
+    def scratch(self) -> str:
+        return os.path.join(self._tmp.name, "scratch") if self._tmp else ""
+
+    def _log_path(self, rank: int) -> str:
+        return os.path.join(self._tmp.name, f"rank{rank}.log")
+
+    # ---- jobs -----------------------------------------------------------------------------
+    def run(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        layout: ParallelLayout,
+        seed: int = 1234,
+        timeout_s: float | None = None,
+        **kwargs: Any,
+    ) -> list[Any]:
+        """Run ``fn(ctx, *args, **kwargs)`` on every rank; return the results by rank.
+
+        ``fn`` must be importable by name (a module-level function), as must its arguments.
+        """
+        self.start()
+        os.makedirs(self.scratch, exist_ok=True)
+        self._next_job += 1
+        job_id = self._next_job
+        for q in self._jobs:
+            q.put((job_id, fn, args, kwargs, layout, seed))
+        try:
+            return self._collect(
+                job_id, timeout_s or self.job_timeout_s, what=f"{fn.__name__} [{layout.describe()}]"
+            )
+        except ClusterJobError:
+            self._kill()  # a timed-out gloo group cannot be reused; the next run restarts
+            raise
+
+    def _collect(self, job_id: int, timeout_s: float, what: str) -> list[Any]:
+        deadline = time.monotonic() + timeout_s
+        answers: dict[int, tuple[bool, Any]] = {}
+        while len(answers) < self.world_size:
+            remaining = deadline - time.monotonic()
+            dead = [r for r, p in enumerate(self._procs) if not p.is_alive() and r not in answers]
+            if remaining <= 0 or dead:
+                self._raise_hung(what, answers, dead, timeout_s)
+            try:
+                rank, jid, ok, payload = self._results.get(timeout=min(remaining, 2.0))
+            except queue.Empty:
+                continue
+            if jid != job_id:
+                continue  # a late answer of an earlier, failed job
+            answers[rank] = (ok, payload)
+            if not ok:
+                # the other ranks will fail their collectives within the collective timeout
+                deadline = min(deadline, time.monotonic() + self.collective_timeout_s + 30)
+        failures = {r: tb for r, (ok, tb) in sorted(answers.items()) if not ok}
+        if failures:
+            raise ClusterJobError(_describe_failures(what, failures))
+        return [answers[r][1] for r in range(self.world_size)]
+
+    def _raise_hung(self, what, answers, dead, timeout_s) -> None:
+        missing = [r for r in range(self.world_size) if r not in answers]
+        for r in missing:
+            if self._procs[r].is_alive():
+                os.kill(self._procs[r].pid, signal.SIGUSR1)
+        time.sleep(1.0)
+        stacks = []
+        for r in missing[:2]:
+            try:
+                text = Path(self._log_path(r)).read_text()[-3000:]
+            except OSError:
+                text = "(no log)"
+            stacks.append(f"--- rank {r} ---\n{text}")
+        failed = {r: tb for r, (ok, tb) in answers.items() if not ok}
+        reason = f"ranks {dead} died" if dead else f"no answer within {timeout_s:.0f} s"
+        msg = f"{what}: {reason}; ranks {missing} did not answer.\n" + "\n".join(stacks)
+        for r, tb in sorted(failed.items())[:1]:
+            msg += f"\n--- rank {r} raised ---\n{tb}"
+        self._kill()
+        raise ClusterJobError(msg)
+
+    def _kill(self) -> None:
+        for p in self._procs:
+            if p.is_alive():
+                p.kill()
+        for p in self._procs:
+            p.join(timeout=5)
+        self._procs, self._jobs = [], []
