@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -38,14 +41,22 @@ def moe_config(ep: int, tp: int = 1, **overrides) -> TransformerConfig:
     return TransformerConfig(**kwargs)
 
 
-def build_moe_layer(config: TransformerConfig, pg_collection: ProcessGroupCollection | None = None):
-    """Megatron's own MoELayer from its local spec (TopKRouter, SequentialMLP)."""
+def build_moe_layer(
+    config: TransformerConfig,
+    pg_collection: ProcessGroupCollection | None = None,
+    router=None,
+):
+    """Megatron's own MoELayer from its local spec (SequentialMLP experts); the router is
+    Megatron's TopKRouter unless ``router`` (a MoESubmodules.router builder) is given."""
     spec = get_moe_module_spec_for_backend(
         LocalSpecProvider(),
         num_experts=config.num_moe_experts,
         moe_grouped_gemm=False,
         use_te_activation_func=False,
     )
+    if router is not None:
+        submodules = dataclasses.replace(spec.keywords["submodules"], router=router)
+        spec = functools.partial(spec.func, submodules=submodules)
     layer = spec(config=config, pg_collection=pg_collection or get_default_pg_collection())
     layer.set_layer_number(1)
     return layer

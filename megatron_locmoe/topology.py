@@ -329,3 +329,18 @@ def _create_subgroups(topo: Topology, timeout: timedelta | None) -> None:
                 if topo.rank in ranks:
                     topo.rail_group = group
                     topo._owned_groups.append(group)
+
+
+def current_topology() -> Topology:
+    """The topology built by get_topology(); routers read it, never build it.
+
+    Building is collective, and a pipeline stage without MoE layers would never join it from
+    a layer's constructor, so the adaptor (or a test) builds it at a point every rank reaches.
+    """
+    if _TOPOLOGY is None:
+        raise TopologyError(
+            "no topology yet: call megatron_locmoe.topology.get_topology(devices_per_node) on "
+            "every rank after Megatron's parallel state is initialised (the plugin's layer spec "
+            "does this) before building plugin routers"
+        )
+    return _TOPOLOGY

@@ -1,0 +1,170 @@
+"""LocMoE settings in one dataclass, validated against Megatron's TransformerConfig.
+
+Interpretations where the paper is silent (DESIGN.md §1) are recorded beside each field. Every
+invalid value raises ConfigError naming the value and the fix; field docstrings double as CLI
+help when the Megatron adaptor turns the fields into ``--locmoe-*`` flags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Literal
+
+ROUTER_TYPES = ("megatron", "locmoe", "hash", "switch")
+CAPACITY_MODES = ("none", "bound")
+GRAP_MODES = ("fixed", "learnable")
+
+
+class ConfigError(ValueError):
+    """An invalid LocMoE setting: the message names the value and what to change."""
+
+
+@dataclass
+class LocMoEConfig:
+    router_type: Literal["megatron", "locmoe", "hash", "switch"] = "megatron"
+    """Router of every MoE layer: Megatron's TopKRouter (default), LocMoE, Hash Layers, Switch."""
+
+    # ---- losses -------------------------------------------------------------------------------
+    aux_loss_coeff: float = 0.01
+    """alpha of the Switch-form load-balancing loss of the locmoe and switch routers (paper:
+    0.01). The megatron router keeps Megatron's --moe-aux-loss-coeff."""
+    locality_loss_coeff: float = 0.01
+    """mu of the locality loss mu * KL(D_c || D_l). Not given by the paper; 0 switches it off."""
+    locality_smoothing: float = 1e-3
+    """epsilon of the smoothed fully-local distribution D_l: (1-eps)/L on the L experts of the
+    token's node, eps/(n-L) elsewhere (forward KL to an unsmoothed D_l is infinite)."""
+
+    # ---- GrAP gate ---------------------------------------------------------------------------
+    grap_mode: Literal["fixed", "learnable"] = "fixed"
+    """fixed: logit i = mean of hidden chunk i (the paper). learnable: each expert owns d/n
+    weights initialised to n/d (block-diagonal, so still orthogonal)."""
+    grap_bias: bool = False
+    """Learnable per-expert bias (zero init): our reading of the paper's undefined epsilon in
+    G = ReLU(W x + epsilon)."""
+    grap_temperature: float = 1.0
+    """Multiplier on the GrAP logits before the softmax (chunk means make it nearly uniform)."""
+    grap_learnable_temperature: bool = False
+    """Learn that multiplier (as exp of a scalar parameter)."""
+
+    # ---- capacity ----------------------------------------------------------------------------
+    capacity_mode: Literal["none", "bound"] = "none"
+    """none: dropless. bound: capacity from LocMoE's lower bound, clamped between the floor and
+    Megatron's --moe-expert-capacity-factor ceiling; overflow dropped by probability."""
+    capacity_floor_factor: float = 0.5
+    """Floor of the bound capacity as a capacity factor: ceil(floor * T * k / n) tokens."""
+    capacity_percentile: float = 0.05
+    """delta = this percentile of cos(token, gate row of its expert) over routed tokens."""
+    capacity_reestimate_interval: int = 0
+    """0: estimate delta on the first batch and keep it (LocMoE). K > 0: every K steps
+    (LocMoE+, where the bound falls as features cluster)."""
+
+    # ---- hash router -------------------------------------------------------------------------
+    hash_seed: int = 1234
+    """Seed of the fixed random balanced token-id -> expert map (same on every rank)."""
+
+    # ---- topology ----------------------------------------------------------------------------
+    devices_per_node: int | None = None
+    """Ranks per node; default torchrun's LOCAL_WORLD_SIZE. Set it to simulate nodes."""
+
+    def validate(self, transformer_config=None) -> LocMoEConfig:
+        """Raise ConfigError for an invalid value; returns self for chaining."""
+        if self.router_type not in ROUTER_TYPES:
+            raise ConfigError(
+                f"router type {self.router_type!r} is unknown; use one of {', '.join(ROUTER_TYPES)}"
+            )
+        for name in ("aux_loss_coeff", "locality_loss_coeff"):
+            if getattr(self, name) < 0:
+                raise ConfigError(
+                    f"{name}={getattr(self, name)} is negative; use 0 to switch the loss off"
+                )
+        if not 0 < self.locality_smoothing < 1:
+            raise ConfigError(
+                f"locality_smoothing={self.locality_smoothing} must lie in (0, 1) (e.g. 1e-3)"
+            )
+        if self.grap_mode not in GRAP_MODES:
+            raise ConfigError(f"grap_mode={self.grap_mode!r}; use one of {', '.join(GRAP_MODES)}")
+        if self.grap_temperature <= 0:
+            raise ConfigError(f"grap_temperature={self.grap_temperature} must be positive")
+        if self.capacity_mode not in CAPACITY_MODES:
+            raise ConfigError(
+                f"capacity_mode={self.capacity_mode!r}; use one of {', '.join(CAPACITY_MODES)}"
+            )
+        if not 0 < self.capacity_percentile < 1:
+            raise ConfigError(
+                f"capacity_percentile={self.capacity_percentile} must lie in (0, 1) (e.g. 0.05)"
+            )
+        if self.capacity_floor_factor < 0:
+            raise ConfigError(f"capacity_floor_factor={self.capacity_floor_factor} is negative")
+        if self.capacity_reestimate_interval < 0:
+            raise ConfigError(
+                f"capacity_reestimate_interval={self.capacity_reestimate_interval} is negative; "
+                "use 0 to estimate once or K > 0 to re-estimate every K steps"
+            )
+        if self.devices_per_node is not None and self.devices_per_node < 1:
+            raise ConfigError(f"devices_per_node={self.devices_per_node} must be at least 1")
+        if transformer_config is not None:
+            self._validate_against(transformer_config)
+        return self
+
+    def _validate_against(self, tc) -> None:
+        n, k = tc.num_moe_experts, tc.moe_router_topk
+        if n is None:
+            raise ConfigError("the model has no experts: set --num-experts")
+        if k > n:
+            raise ConfigError(
+                f"--moe-router-topk {k} is larger than the number of experts {n}; use at most {n}"
+            )
+        if self.router_type == "megatron":
+            return
+        if self.router_type == "locmoe" and tc.hidden_size % n:
+            raise ConfigError(
+                f"GrAP splits the hidden size {tc.hidden_size} into {n} equal chunks, one per "
+                f"expert: choose --hidden-size divisible by {n} or a number of experts dividing it"
+            )
+        if self.router_type == "switch" and k != 1:
+            raise ConfigError(f"the switch router is top-1; got --moe-router-topk {k}, use 1")
+        if self.router_type == "switch" and tc.moe_expert_capacity_factor is None:
+            raise ConfigError(
+                "the switch router drops overflow at a capacity factor: set "
+                "--moe-expert-capacity-factor (the Switch Transformer used 1.0-1.25)"
+            )
+        if tc.moe_router_num_groups:
+            raise ConfigError(
+                f"group-limited routing (--moe-router-num-groups {tc.moe_router_num_groups}) is "
+                f"a Megatron TopKRouter feature; use --moe-router-type megatron for it"
+            )
+        if self.capacity_mode == "bound":
+            if self.router_type != "locmoe":
+                raise ConfigError(
+                    f"capacity_mode='bound' is LocMoE's capacity; the {self.router_type} router "
+                    "uses --moe-expert-capacity-factor"
+                )
+            cf = tc.moe_expert_capacity_factor
+            if cf is None:
+                raise ConfigError(
+                    "capacity_mode='bound' clamps the bound below the capacity-factor ceiling: "
+                    "set --moe-expert-capacity-factor (e.g. 1.0)"
+                )
+            if self.capacity_floor_factor > cf:
+                raise ConfigError(
+                    f"capacity floor factor {self.capacity_floor_factor} is above the ceiling "
+                    f"--moe-expert-capacity-factor {cf}; lower the floor or raise the ceiling"
+                )
+            if tc.moe_pad_expert_input_to_capacity:
+                raise ConfigError(
+                    "capacity_mode='bound' changes capacity per batch, which padding to the "
+                    "capacity-factor capacity cannot follow: drop --moe-pad-expert-input-to-capacity"
+                )
+        elif self.router_type == "locmoe" and tc.moe_expert_capacity_factor is not None:
+            raise ConfigError(
+                "--moe-expert-capacity-factor with the locmoe router needs capacity_mode='bound' "
+                "(the factor is the ceiling of the bound); or remove the factor for dropless"
+            )
+        if self.router_type == "hash" and tc.moe_expert_capacity_factor is not None:
+            raise ConfigError(
+                "the hash router is dropless by construction; remove --moe-expert-capacity-factor"
+            )
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]

@@ -1,0 +1,122 @@
+"""Hash Layers baseline (Roller et al. 2021): the expert is a fixed function of the token id.
+
+A seeded random permutation of the vocabulary is cut into E equal slices, so every expert owns
+the same number of token ids; with k > 1 a token goes to experts (h(id) + j) mod E, j < k.
+No parameters, no aux loss, identical on every rank (the seed is shared).
+
+Token ids come from the GPT model's input ids: ``attach_token_ids(model)`` registers a forward
+pre-hook that hands each forward's ids to the model's hash routers. The ids live on the router
+module for that forward only: they are replaced by the next forward's and never shared between
+model chunks. Stages that do not receive input ids (middle pipeline stages) and activation
+recompute of MoE layers are rejected with a clear error.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.moe.router import TopKRouter
+
+from megatron_locmoe.config import LocMoEConfig
+from megatron_locmoe.routers.base import PluginRouterMixin
+
+
+class MissingTokenIdsError(RuntimeError):
+    """The hash router was called without the input ids of this forward."""
+
+
+def balanced_hash_table(vocab_size: int, num_experts: int, seed: int) -> torch.Tensor:
+    """[V] expert of every token id: a random permutation cut into E equal slices."""
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(vocab_size, generator=gen)
+    table = torch.empty(vocab_size, dtype=torch.long)
+    table[perm] = torch.arange(vocab_size) * num_experts // vocab_size
+    return table
+
+
+class HashRouter(PluginRouterMixin, TopKRouter):
+    """Routes each token by a fixed balanced hash of its id (MoESubmodules.router)."""
+
+    def __init__(self, config, pg_collection=None, is_mtp_layer=False, *, locmoe=None, vocab_size):
+        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
+        self._init_plugin(locmoe or LocMoEConfig(router_type="hash"))
+        if (
+            "moe" in (config.recompute_modules or [])
+            and config.recompute_granularity == "selective"
+        ):
+            raise ValueError(
+                "the hash router reads this forward's token ids, which activation recompute of "
+                "MoE layers would replay out of order: remove 'moe' from --recompute-modules"
+            )
+        del self.weight, self.bias  # no parameters: Hash Layers learn nothing in the router
+        self.weight = self.bias = None
+        self.vocab_size = vocab_size
+        self.register_buffer(
+            "hash_table",
+            balanced_hash_table(vocab_size, config.num_moe_experts, self.locmoe.hash_seed),
+            persistent=False,
+        )
+        self._token_ids_BS: torch.Tensor | None = None
+
+    def set_token_ids(self, token_ids_BS: torch.Tensor | None) -> None:
+        """The input ids [B, S] of the forward about to run (S as seen by this model chunk)."""
+        self._token_ids_BS = token_ids_BS
+
+    def reset_parameters(self):
+        pass
+
+    def _ids_for_input(self, input_SBH: torch.Tensor) -> torch.Tensor:
+        """[T] ids aligned with the flattened [S/TP, B] tokens of this rank."""
+        ids = self._token_ids_BS
+        if ids is None:
+            raise MissingTokenIdsError(
+                "the hash router needs the input token ids of this forward: wrap the GPT model "
+                "with megatron_locmoe.routers.hash.attach_token_ids(model) (the plugin's model "
+                "builder does), and use it only on pipeline stages that receive input ids"
+            )
+        S_local, B = input_SBH.shape[:2]
+        ids_SB = ids.t()
+        if ids_SB.shape[1] != B:
+            raise MissingTokenIdsError(
+                f"token ids have batch {ids_SB.shape[1]} but the hidden states {B}"
+            )
+        if ids_SB.shape[0] != S_local:
+            tp = self.tp_group.size() if self.tp_group is not None else 1
+            if not self.config.sequence_parallel or ids_SB.shape[0] != S_local * tp:
+                raise MissingTokenIdsError(
+                    f"token ids cover {ids_SB.shape[0]} positions, the hidden states {S_local}"
+                )
+            r = self.tp_group.rank()
+            ids_SB = ids_SB[r * S_local : (r + 1) * S_local]  # this rank's sequence shard
+        return ids_SB.reshape(-1)
+
+    def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        """[S, B, H] -> probs [T, E] (1/k on the k hashed experts), routing_map [T, E]."""
+        E, k = self.config.num_moe_experts, self.topk
+        ids_T = self._ids_for_input(input).to(self.hash_table.device)
+        if int(ids_T.max()) >= self.vocab_size or int(ids_T.min()) < 0:
+            raise ValueError(f"token id outside the hash router's vocabulary of {self.vocab_size}")
+        first_T = self.hash_table[ids_T]
+        experts_TK = (first_T[:, None] + torch.arange(k, device=first_T.device)) % E
+        routing_map_TE = torch.zeros(ids_T.numel(), E, dtype=torch.bool, device=input.device)
+        routing_map_TE.scatter_(1, experts_TK.to(input.device), True)
+        probs_TE = routing_map_TE.float() / k
+        if padding_mask is not None:
+            valid_T = padding_mask.reshape(-1).to(input.device)
+            routing_map_TE &= valid_T[:, None]
+            probs_TE = probs_TE * valid_T[:, None]
+        self.record_routing_metrics(probs_TE, routing_map_TE)
+        return probs_TE, routing_map_TE
+
+
+def attach_token_ids(model: torch.nn.Module) -> torch.utils.hooks.RemovableHandle | None:
+    """Hand each forward's input ids to the model's hash routers (GPTModel forward pre-hook)."""
+    routers = [m for m in model.modules() if isinstance(m, HashRouter)]
+    if not routers:
+        return None
+
+    def hook(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        for router in routers:
+            router.set_token_ids(ids)
+
+    return model.register_forward_pre_hook(hook, with_kwargs=True)

@@ -1,0 +1,208 @@
+"""The LocMoE router: GrAP gate, Switch-form balance loss, locality loss, capacity bound.
+
+GrAP (grouped average pooling): split each token's hidden vector into E chunks of d/E values;
+the logit of expert i is the mean of chunk i, i.e. a dense gate with the fixed block matrix
+W[i, j] = E/d for j in chunk i. Rows have disjoint supports, so the gate is orthogonal by
+construction (the capacity theorem needs it) and nothing is learnt by default: the routing
+losses train the model through the token activations (the router input is never detached).
+
+Interpretations (DESIGN.md §1): optional learnable block-diagonal weights (still orthogonal),
+bias and temperature; softmax scores; top-k with k = 1 reproducing the paper and the expert
+output scaled by the chosen probability; the locality loss uses this rank's mean routing
+probabilities as D_c; delta is averaged over the tensor/data/context-parallel group so every
+rank uses the same capacity.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from megatron.core.transformer.moe.moe_utils import (
+    MoEAuxLossAutoScaler,
+    compute_routing_scores_for_aux_loss,
+    get_capacity,
+    topk_routing_with_score_function,
+)
+from megatron.core.transformer.moe.router import TopKRouter
+
+from megatron_locmoe import capacity as bound
+from megatron_locmoe.config import LocMoEConfig
+from megatron_locmoe.routers.base import PluginRouterMixin, drop_to_capacity
+
+
+def locality_kl(mean_probs_E: torch.Tensor, local_E: torch.Tensor, eps: float) -> torch.Tensor:
+    """KL(D_c || D_l) with D_l = (1-eps)/L on the L local experts and eps/(E-L) elsewhere."""
+    E, L = local_E.numel(), int(local_E.sum())
+    d_l = torch.where(local_E, (1.0 - eps) / L, eps / (E - L)).to(mean_probs_E)
+    d_c = mean_probs_E
+    return torch.sum(d_c * (torch.log(d_c.clamp_min(1e-30)) - torch.log(d_l)))
+
+
+class LocMoERouter(PluginRouterMixin, TopKRouter):
+    """LocMoE routing as a Megatron-Core router (MoESubmodules.router)."""
+
+    def __init__(self, config, pg_collection=None, is_mtp_layer=False, *, locmoe=None):
+        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
+        self._init_plugin(locmoe or LocMoEConfig(router_type="locmoe"))
+        E, H = config.num_moe_experts, config.hidden_size
+        cfg = self.locmoe
+        # GrAP replaces Megatron's dense [E, H] gate (and its bias) by [E, H/E] block weights.
+        del self.weight, self.bias
+        self.bias = None
+        block = torch.full((E, H // E), E / H, dtype=torch.float32)
+        if cfg.grap_mode == "learnable":
+            self.weight = torch.nn.Parameter(block)
+            self.weight.sequence_parallel = config.sequence_parallel
+        else:
+            self.register_buffer("weight", block, persistent=False)
+        self.grap_bias = torch.nn.Parameter(torch.zeros(E)) if cfg.grap_bias else None
+        log_t = torch.tensor(math.log(cfg.grap_temperature))
+        if cfg.grap_learnable_temperature:
+            self.grap_log_temperature = torch.nn.Parameter(log_t)
+        else:
+            self.register_buffer("grap_log_temperature", log_t, persistent=False)
+        for p in (self.grap_bias, self.grap_log_temperature):
+            if isinstance(p, torch.nn.Parameter):
+                p.sequence_parallel = config.sequence_parallel
+        # Capacity state, saved in checkpoints: delta, ec_min and the training step they came from.
+        self.register_buffer("capacity_delta", torch.tensor(-1.0, dtype=torch.float64))
+        self.register_buffer("capacity_ec_min", torch.tensor(0.0, dtype=torch.float64))
+        self.register_buffer("capacity_estimated_step", torch.tensor(-1, dtype=torch.long))
+        self.register_buffer("routing_step", torch.tensor(0, dtype=torch.long))
+
+    # ---- Megatron hooks ---------------------------------------------------------------------
+    def reset_parameters(self):
+        """Megatron's init targets the dense gate; GrAP's block weights are set in __init__."""
+        if isinstance(getattr(self, "weight", None), torch.nn.Parameter) and self.weight.dim() == 2:
+            if self.weight.shape[1] == self.config.hidden_size:
+                return  # the dense gate of Router.__init__, about to be replaced
+            self.weight.data.fill_(self.config.num_moe_experts / self.config.hidden_size)
+
+    def get_aux_loss_coeff(self, aux_loss_type: str) -> float:
+        """The Switch-form loss with LocMoE's alpha; Megatron's seq/global variants stay off."""
+        return self.locmoe.aux_loss_coeff if aux_loss_type == "aux_loss" else 0.0
+
+    # ---- gate -------------------------------------------------------------------------------
+    def grap_raw(self, input_SBH: torch.Tensor) -> torch.Tensor:
+        """W x for the block gate, fp32: [S, B, H] -> [S, B, E]."""
+        E = self.config.num_moe_experts
+        x = input_SBH.float().unflatten(-1, (E, -1))  # [S, B, E, H/E]
+        return (x * self.weight.to(x.device)).sum(-1)
+
+    def logits_from_raw(self, raw: torch.Tensor) -> torch.Tensor:
+        """Temperature and optional bias on top of W x."""
+        logits = raw * self.grap_log_temperature.exp()
+        return logits + self.grap_bias if self.grap_bias is not None else logits
+
+    def gating(self, input_SBH: torch.Tensor) -> torch.Tensor:
+        return self.logits_from_raw(self.grap_raw(input_SBH))
+
+    def gate_row_cosines(
+        self, input_TH: torch.Tensor, raw_TE: torch.Tensor, expert_T: torch.Tensor
+    ):
+        """cos(token, gate row of its expert): (w_e . x) / (|w_e| |x|), [T]."""
+        row_norm_E = self.weight.float().norm(dim=-1).to(raw_TE.device)
+        x_norm_T = input_TH.float().norm(dim=-1).clamp_min(1e-30)
+        return raw_TE.gather(1, expert_T[:, None]).squeeze(1) / (row_norm_E[expert_T] * x_norm_T)
+
+    # ---- capacity ---------------------------------------------------------------------------
+    def _capacity_due(self) -> bool:
+        """First batch always; then every K training steps in LocMoE+ mode (K > 0)."""
+        if self.capacity_estimated_step < 0:
+            return True
+        K = self.locmoe.capacity_reestimate_interval
+        return (
+            self.training and K > 0 and int(self.routing_step - self.capacity_estimated_step) >= K
+        )
+
+    @torch.no_grad()
+    def estimate_capacity_bound(self, input_TH, raw_TE, routing_map_TE) -> None:
+        """delta from this batch (averaged over the tp-dp-cp group), then ec_min."""
+        expert_T = raw_TE.masked_fill(~routing_map_TE, -math.inf).argmax(-1)
+        cos_T = self.gate_row_cosines(input_TH, raw_TE, expert_T)
+        delta = torch.tensor(
+            [bound.estimate_delta(cos_T, self.locmoe.capacity_percentile), 1.0],
+            dtype=torch.float64,
+            device=raw_TE.device,
+        )
+        group = self.tp_dp_cp_group
+        if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+            dist.all_reduce(delta, group=group)
+        self.capacity_delta.fill_(delta[0].item() / delta[1].item())
+        self.capacity_ec_min.fill_(
+            bound.ec_min(
+                self.config.hidden_size, self.config.num_moe_experts, self.capacity_delta.item()
+            )
+        )
+        self.capacity_estimated_step.fill_(int(self.routing_step))
+
+    def capacity_for(self, num_tokens: int) -> int:
+        """C = clamp(ceil(ec_min), floor, ceiling) for this batch's T tokens."""
+        k, E = self.topk, self.config.num_moe_experts
+        ceiling = get_capacity(num_tokens * k, E, self.config.moe_expert_capacity_factor)
+        floor = math.ceil(self.locmoe.capacity_floor_factor * num_tokens * k / E)
+        return bound.clamp_capacity(self.capacity_ec_min.item(), min(floor, ceiling), ceiling)
+
+    # ---- routing ----------------------------------------------------------------------------
+    def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        """[S, B, H] -> probs [T, E] (fp32, zero off the map), routing_map [T, E] bool."""
+        E, k, cfg = self.config.num_moe_experts, self.topk, self.locmoe
+        raw_TE = self.grap_raw(input).view(-1, E)
+        logits_TE = self.logits_from_raw(raw_TE)
+        if padding_mask is not None:
+            padding_mask = padding_mask.reshape(-1)
+        logits_TE = self.apply_z_loss(logits_TE, padding_mask=padding_mask)
+        probs_TE, routing_map_TE = topk_routing_with_score_function(
+            logits_TE, k, use_pre_softmax=True, score_function="softmax"
+        )
+        T = routing_map_TE.shape[0]
+
+        dropped, capacity = routing_map_TE.new_zeros((), dtype=torch.long), 0
+        if cfg.capacity_mode == "bound":
+            if self._capacity_due():
+                self.estimate_capacity_bound(input.reshape(T, -1), raw_TE, routing_map_TE)
+            capacity = self.capacity_for(T)
+            probs_TE, routing_map_TE, dropped = drop_to_capacity(probs_TE, routing_map_TE, capacity)
+
+        locality = torch.zeros((), device=logits_TE.device)
+        if self.training and torch.is_grad_enabled():
+            map_aux_TE, scores_TE = compute_routing_scores_for_aux_loss(
+                logits_TE, k, "softmax", padding_mask=padding_mask
+            )
+            probs_TE = self._apply_aux_loss(
+                probs_TE, scores_TE, map_aux_TE, with_padding_mask=padding_mask is not None
+            )
+            probs_TE, locality = self._apply_locality_loss(probs_TE, scores_TE, padding_mask)
+            self.routing_step += 1
+        self.record_routing_metrics(
+            probs_TE,
+            routing_map_TE,
+            dropped,
+            capacity,
+            locality.detach(),
+            max(self.capacity_delta.item(), 0.0),
+            self.capacity_ec_min.item(),
+        )
+        return probs_TE, routing_map_TE
+
+    def locality_active(self) -> bool:
+        """Off when mu = 0 or when this node hosts none or all of the experts."""
+        L = int(self.expert_is_local.sum())
+        return self.locmoe.locality_loss_coeff > 0 and 0 < L < self.config.num_moe_experts
+
+    def _apply_locality_loss(self, probs_TE, scores_TE, padding_mask):
+        """Attach mu * KL(D_c || D_l) to the probs (Megatron's aux-loss autograd scaler)."""
+        if not self.locality_active():
+            return probs_TE, torch.zeros((), device=probs_TE.device)
+        if padding_mask is not None:
+            valid_T = padding_mask.to(scores_TE.dtype)
+            mean_E = (scores_TE * valid_T[:, None]).sum(0) / valid_T.sum().clamp_min(1)
+        else:
+            mean_E = scores_TE.mean(0)
+        kl = locality_kl(mean_E, self.expert_is_local, self.locmoe.locality_smoothing)
+        loss = self.locmoe.locality_loss_coeff * kl
+        if self.calculate_per_token_loss:
+            loss = loss * probs_TE.shape[0] * self.tp_cp_group.size()
+        return MoEAuxLossAutoScaler.apply(probs_TE, loss), kl

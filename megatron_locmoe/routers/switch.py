@@ -1,0 +1,49 @@
+"""Switch Transformer baseline (Fedus et al. 2021) and Megatron's own router, with metrics.
+
+Both keep Megatron's TopKRouter routing untouched and add the plugin's metric set, so a router
+comparison logs the same keys for every router. Switch = learned linear gate, top-1 softmax,
+alpha * n * sum_i f_i P_i, capacity factor with the overflow dropped (and counted).
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.moe.moe_utils import get_capacity
+from megatron.core.transformer.moe.router import TopKRouter
+
+from megatron_locmoe.config import LocMoEConfig
+from megatron_locmoe.routers.base import PluginRouterMixin
+
+
+class _MeasuredTopKRouter(PluginRouterMixin, TopKRouter):
+    """TopKRouter routing plus the plugin's metrics (dropped = top-k picks that were removed)."""
+
+    default_router_type = "megatron"
+
+    def __init__(self, config, pg_collection=None, is_mtp_layer=False, *, locmoe=None):
+        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
+        self._init_plugin(locmoe or LocMoEConfig(router_type=self.default_router_type))
+
+    def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        probs_TE, routing_map_TE = super().routing(logits, padding_mask=padding_mask)
+        T, E = routing_map_TE.shape
+        capacity, dropped = 0, routing_map_TE.new_zeros((), dtype=torch.long)
+        if self.config.moe_expert_capacity_factor is not None:
+            capacity = get_capacity(T * self.topk, E, self.config.moe_expert_capacity_factor)
+            valid = T if padding_mask is None else int(padding_mask.sum())
+            dropped = valid * self.topk - (routing_map_TE & (probs_TE > 0)).sum()
+        self.record_routing_metrics(probs_TE, routing_map_TE, dropped, capacity)
+        return probs_TE, routing_map_TE
+
+
+class MegatronRouter(_MeasuredTopKRouter):
+    """Megatron-Core's TopKRouter, unchanged, with the plugin's metrics (router type megatron)."""
+
+
+class SwitchRouter(_MeasuredTopKRouter):
+    """Top-1 softmax with LocMoE's alpha for the Switch-form loss and a capacity factor."""
+
+    default_router_type = "switch"
+
+    def get_aux_loss_coeff(self, aux_loss_type: str) -> float:
+        return self.locmoe.aux_loss_coeff if aux_loss_type == "aux_loss" else 0.0
