@@ -247,3 +247,53 @@ def test_locality_loss_raises_node_local_share(cluster8):
     print(f"node-local fraction mu=0: {f0:.3f} (cv {cv0:.3f}); mu=0.3: {f1:.3f} (cv {cv1:.3f})")
     assert f1 > 0.8 and f1 > f0 + 0.2
     assert cv1 < 1.0
+
+
+def capacity_modes_job(ctx):
+    import math
+
+    from megatron_locmoe import capacity as bound
+
+    out = {}
+    for K in (0, 2):
+        layer, _ = _layer(
+            ctx,
+            "locmoe",
+            moe_expert_capacity_factor=1.0,
+            locmoe=dict(
+                capacity_mode="bound", capacity_reestimate_interval=K, capacity_floor_factor=0.25
+            ),
+        )
+        router = layer.router
+        gen = torch.Generator().manual_seed(ctx.rank)
+        estimated, deltas = [], []
+        for _ in range(5):
+            x = torch.randn(16, 2, H, generator=gen) * (1 + ctx.rank)
+            y, _ = layer(x.requires_grad_(True))
+            y.sum().backward()
+            estimated.append(int(router.capacity_estimated_step))
+            deltas.append(float(router.capacity_delta))
+        T = 32
+        expected_c = bound.clamp_capacity(
+            bound.ec_min(H, E, deltas[-1]), math.ceil(0.25 * T / E), math.ceil(T / E)
+        )
+        out[K] = dict(
+            estimated=estimated,
+            delta=deltas[-1],
+            capacity=router.capacity_for(T),
+            expected_capacity=expected_c,
+            saved=sorted(k for k in router.state_dict() if "capacity" in k),
+        )
+    return out
+
+
+def test_capacity_bound_modes(cluster8):
+    results = cluster8.run(capacity_modes_job, layout=LAYOUT)
+    for r in results:
+        assert r[0]["estimated"] == [0, 0, 0, 0, 0]  # LocMoE: first batch, then fixed
+        assert r[2]["estimated"] == [0, 0, 2, 2, 4]  # LocMoE+: every K=2 steps
+        for K in (0, 2):
+            # every rank uses the same delta (averaged), hence the same capacity
+            assert r[K]["delta"] == results[0][K]["delta"] and 0 < r[K]["delta"] < 1
+            assert r[K]["capacity"] == r[K]["expected_capacity"]
+            assert r[K]["saved"] == ["capacity_delta", "capacity_ec_min", "capacity_estimated_step"]

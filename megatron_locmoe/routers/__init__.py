@@ -23,14 +23,15 @@ ROUTERS = {
 assert tuple(ROUTERS) == ROUTER_TYPES
 
 
-def router_builder(locmoe: LocMoEConfig, vocab_size: int | None = None):
-    """MoESubmodules.router for ``locmoe.router_type``."""
+def router_builder(locmoe: LocMoEConfig, vocab_size: int | None = None, token_counts=None):
+    """MoESubmodules.router for ``locmoe.router_type`` (hash: vocabulary size and, for the
+    frequency-balanced map, the corpus token counts)."""
     locmoe.validate()
     cls = ROUTERS[locmoe.router_type]
     if cls is HashRouter:
         if vocab_size is None:
             raise ConfigError("the hash router maps token ids: give it the vocabulary size")
-        return partial(cls, locmoe=locmoe, vocab_size=vocab_size)
+        return partial(cls, locmoe=locmoe, vocab_size=vocab_size, token_counts=token_counts)
     return partial(cls, locmoe=locmoe)
 
 

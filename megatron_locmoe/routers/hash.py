@@ -1,8 +1,11 @@
 """Hash Layers baseline (Roller et al. 2021): the expert is a fixed function of the token id.
 
-A seeded random permutation of the vocabulary is cut into E equal slices, so every expert owns
-the same number of token ids; with k > 1 a token goes to experts (h(id) + j) mod E, j < k.
-No parameters, no aux loss, identical on every rank (the seed is shared).
+Two fixed maps, both seeded and identical on every rank. Without token statistics a random
+permutation of the vocabulary is cut into E equal slices (every expert owns V/E ids). Real text
+is Zipfian, so that map is badly unbalanced on a real stream (max/mean expert load 2-3.7 on
+Python source text, E = 8-16); given token counts from the training corpus, the "balanced"
+assignment of Hash Layers places ids from most to least frequent on the least-loaded expert.
+With k > 1 a token goes to experts (h(id) + j) mod E, j < k. No parameters, no aux loss.
 
 Token ids come from the GPT model's input ids: ``attach_token_ids(model)`` registers a forward
 pre-hook that hands each forward's ids to the model's hash routers. The ids live on the router
@@ -33,10 +36,40 @@ def balanced_hash_table(vocab_size: int, num_experts: int, seed: int) -> torch.T
     return table
 
 
+def frequency_balanced_hash_table(
+    token_counts: torch.Tensor, num_experts: int, seed: int
+) -> torch.Tensor:
+    """[V] expert of every id: ids from most to least frequent go to the least-loaded expert
+    (greedy longest-processing-time; a seeded shuffle breaks ties among equal counts)."""
+    V = token_counts.numel()
+    gen = torch.Generator().manual_seed(seed)
+    shuffled = torch.randperm(V, generator=gen)
+    order = shuffled[torch.argsort(token_counts[shuffled].double(), descending=True, stable=True)]
+    loads = [0.0] * num_experts
+    owned = [0] * num_experts
+    table = torch.empty(V, dtype=torch.long)
+    counts = token_counts.double().tolist()
+    for v in order.tolist():
+        e = min(range(num_experts), key=lambda i: (loads[i], owned[i]))
+        table[v] = e
+        loads[e] += counts[v]
+        owned[e] += 1
+    return table
+
+
 class HashRouter(PluginRouterMixin, TopKRouter):
     """Routes each token by a fixed balanced hash of its id (MoESubmodules.router)."""
 
-    def __init__(self, config, pg_collection=None, is_mtp_layer=False, *, locmoe=None, vocab_size):
+    def __init__(
+        self,
+        config,
+        pg_collection=None,
+        is_mtp_layer=False,
+        *,
+        locmoe=None,
+        vocab_size,
+        token_counts=None,
+    ):
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
         self._init_plugin(locmoe or LocMoEConfig(router_type="hash"))
         if (
@@ -50,11 +83,16 @@ class HashRouter(PluginRouterMixin, TopKRouter):
         del self.weight, self.bias  # no parameters: Hash Layers learn nothing in the router
         self.weight = self.bias = None
         self.vocab_size = vocab_size
-        self.register_buffer(
-            "hash_table",
-            balanced_hash_table(vocab_size, config.num_moe_experts, self.locmoe.hash_seed),
-            persistent=False,
-        )
+        E, seed = config.num_moe_experts, self.locmoe.hash_seed
+        if token_counts is None:
+            table = balanced_hash_table(vocab_size, E, seed)
+        else:
+            if token_counts.numel() != vocab_size:
+                raise ValueError(
+                    f"token counts cover {token_counts.numel()} ids, the vocabulary {vocab_size}"
+                )
+            table = frequency_balanced_hash_table(token_counts, E, seed)
+        self.register_buffer("hash_table", table, persistent=False)
         self._token_ids_BS: torch.Tensor | None = None
 
     def set_token_ids(self, token_ids_BS: torch.Tensor | None) -> None:

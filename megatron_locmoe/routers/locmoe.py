@@ -35,7 +35,7 @@ from megatron_locmoe.routers.base import PluginRouterMixin, drop_to_capacity
 def locality_kl(mean_probs_E: torch.Tensor, local_E: torch.Tensor, eps: float) -> torch.Tensor:
     """KL(D_c || D_l) with D_l = (1-eps)/L on the L local experts and eps/(E-L) elsewhere."""
     E, L = local_E.numel(), int(local_E.sum())
-    d_l = torch.where(local_E, (1.0 - eps) / L, eps / (E - L)).to(mean_probs_E)
+    d_l = torch.full_like(mean_probs_E, eps / (E - L)).masked_fill(local_E, (1.0 - eps) / L)
     d_c = mean_probs_E
     return torch.sum(d_c * (torch.log(d_c.clamp_min(1e-30)) - torch.log(d_l)))
 
