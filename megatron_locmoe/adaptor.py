@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import logging
 import types
@@ -167,6 +168,17 @@ def _eager_original(target: str) -> Callable[[DeviceChoice], Callable]:
     return make
 
 
+def causal_mask_factory(device: DeviceChoice) -> Callable[[int], torch.Tensor]:
+    """``transformer.utils.get_default_causal_mask`` on this process's device (cached)."""
+    target = device.torch_device() if device.type != "cpu" else torch.device("cpu")
+
+    @functools.lru_cache(maxsize=32)
+    def get_default_causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq, device=target), diagonal=1).bool()
+
+    return get_default_causal_mask
+
+
 # --------------------------------------------------------------------------------------------
 # The registry
 # --------------------------------------------------------------------------------------------
@@ -315,6 +327,18 @@ _ACCELERATOR_CALLS = {
 
 for _module, _why in _ACCELERATOR_CALLS.items():
     REGISTRY.register(Patch(target=f"{_module}.torch.cuda", why=_why, make=accelerator_shim))
+
+REGISTRY.register(
+    Patch(
+        target="megatron.core.fusions.fused_softmax.get_default_causal_mask",
+        why=(
+            "transformer.utils.get_default_causal_mask builds the causal mask with "
+            "device='cuda' (a literal), used by the local attention softmax when no mask is "
+            "given. Bound by name in fused_softmax, so it is replaced there."
+        ),
+        make=causal_mask_factory,
+    )
+)
 
 REGISTRY.register(
     Patch(
