@@ -73,7 +73,7 @@ the flat path (inherited from Megatron) with an info log.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -178,11 +178,7 @@ class Traffic:
     inter_node_bytes: int = 0
 
     def __add__(self, other: Traffic) -> Traffic:
-        return Traffic(*(a + b for a, b in zip(astuple_(self), astuple_(other), strict=True)))
-
-
-def astuple_(t: Traffic) -> tuple[int, int, int, int]:
-    return (t.intra_node_copies, t.inter_node_copies, t.intra_node_bytes, t.inter_node_bytes)
+        return Traffic(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
 
 
 @dataclass(frozen=True)
@@ -412,7 +408,8 @@ class HierarchicalAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         eff = torch.zeros_like(routing_map.T).scatter(1, picked, True).T
         if self.dedup and not bool((routing_map.sum(0) >= self.capacity).all()):
             # an expert is padded with unrouted tokens, which permute places after the routed
-            # ones, out of token order; the dedup path orders by token, so it cannot follow
+            # ones, out of token order; the dedup path orders by token, so it cannot follow.
+            # (Raised on this rank only: its peers then fail on the collective timeout.)
             raise ValueError(
                 "moe_pad_expert_input_to_capacity with dedup needs a routing_map with at least "
                 "capacity tokens per expert (TopKRouter guarantees it); use dedup=False"
