@@ -7,7 +7,7 @@ help when the Megatron adaptor turns the fields into ``--locmoe-*`` flags.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Literal
 
 ROUTER_TYPES = ("megatron", "locmoe", "hash", "switch")
@@ -164,7 +164,3 @@ class LocMoEConfig:
             raise ConfigError(
                 "the hash router is dropless by construction; remove --moe-expert-capacity-factor"
             )
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]

@@ -72,6 +72,7 @@ the flat path (inherited from Megatron) with an info log.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import asdict, astuple, dataclass, field
 
@@ -706,11 +707,8 @@ class HierarchicalAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
 
 
 def _offsets(sizes: list[int]) -> list[int]:
-    out, acc = [], 0
-    for s in sizes:
-        out.append(acc)
-        acc += s
-    return out
+    """Start of every chunk: exclusive prefix sums."""
+    return [0, *itertools.accumulate(sizes)][:-1]
 
 
 def use_hierarchical_dispatcher(

@@ -33,23 +33,20 @@ ROUTER_METRICS = (
 
 
 def load_cv(tokens_per_expert: torch.Tensor) -> torch.Tensor:
-    """Coefficient of variation of the expert loads (std / mean, population std); 0 if empty."""
+    """Coefficient of variation of the expert loads (std / mean, population std); 0 if empty.
+
+    Computed on the device without a branch on its value (no host sync in the forward)."""
     load = tokens_per_expert.double()
-    mean = load.mean()
-    if mean == 0:
-        return torch.zeros((), dtype=torch.float64, device=load.device)
-    return load.std(unbiased=False) / mean
+    return load.std(unbiased=False) / load.mean().clamp_min(1e-30)
 
 
 def node_local_fraction(
     routing_map_TE: torch.Tensor, expert_is_local_E: torch.Tensor
 ) -> torch.Tensor:
-    """Share of token-expert assignments whose expert lives on this rank's node."""
-    total = routing_map_TE.sum()
-    if total == 0:
-        return torch.ones((), device=routing_map_TE.device)
-    local = (routing_map_TE & expert_is_local_E.unsqueeze(0)).sum()
-    return local.double() / total.double()
+    """Share of token-expert assignments whose expert lives on this rank's node (1 if none)."""
+    total = routing_map_TE.sum().double()
+    local = (routing_map_TE & expert_is_local_E.unsqueeze(0)).sum().double()
+    return torch.where(total > 0, local / total.clamp_min(1), torch.ones_like(total))
 
 
 def record(
@@ -60,7 +57,7 @@ def record(
     Values live on the routing device: the tracker all-reduces them with the job's backend.
     """
     if not torch.is_tensor(value):
-        value = torch.tensor(float(value), device=device)
+        value = torch.full((), float(value), device=device)  # a fill, not a host copy
     get_moe_metrics_tracker().record(
         name, value.detach().float(), layer_number, num_layers, needs_dp_avg=True
     )

@@ -81,6 +81,16 @@ class ClusterJobError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 
 
+def _destroy_subgroups(dist) -> None:
+    """Destroy every process group but the world: Megatron's destroy_model_parallel only drops
+    its references, and gloo groups left alive keep threads and sockets: late in a full
+    `make test` the topology jobs took about a minute each instead of a few seconds."""
+    world = dist.group.WORLD
+    for group in list(dist.distributed_c10d._world.pg_map):
+        if group is not world:
+            dist.destroy_process_group(group)
+
+
 def _worker_main(rank, world_size, port, jobs, results, timeout_s, scratch, log_path):
     log = open(log_path, "w", buffering=1)  # noqa: SIM115 - lives as long as the process
     if not os.environ.get("LOCMOE_SIMCLUSTER_VERBOSE"):
@@ -121,6 +131,7 @@ def _worker_main(rank, world_size, port, jobs, results, timeout_s, scratch, log_
         try:
             destroy_topology()
             parallel_state.destroy_model_parallel()
+            _destroy_subgroups(dist)
             parallel_state.initialize_model_parallel(
                 tensor_model_parallel_size=layout.tp,
                 pipeline_model_parallel_size=layout.pp,

@@ -35,6 +35,14 @@ class PluginRouterMixin:
     """Node map and routing metrics for a TopKRouter subclass."""
 
     locmoe: LocMoEConfig
+    uses_locmoe_alpha = True
+    """Switch-form balance loss with LocMoE's alpha (locmoe, switch); Megatron's own otherwise."""
+
+    def get_aux_loss_coeff(self, aux_loss_type: str) -> float:
+        """LocMoE's alpha for Megatron's Switch-form ``aux_loss``; its seq/global variants off."""
+        if not self.uses_locmoe_alpha:
+            return super().get_aux_loss_coeff(aux_loss_type)
+        return self.locmoe.aux_loss_coeff if aux_loss_type == "aux_loss" else 0.0
 
     def _init_plugin(self, locmoe: LocMoEConfig | None) -> None:
         self.locmoe = (locmoe or LocMoEConfig()).validate(self.config)
@@ -58,8 +66,8 @@ class PluginRouterMixin:
         dropped: torch.Tensor | int = 0,
         capacity: int = 0,
         locality_loss: torch.Tensor | float = 0.0,
-        delta: float = 0.0,
-        ec_min: float = 0.0,
+        delta: torch.Tensor | float = 0.0,
+        ec_min: torch.Tensor | float = 0.0,
     ) -> None:
         """Record the full metric set (zeros where a metric does not apply to this router)."""
         layer, n, dev = self._layer_for_metrics(), self._num_layers(), routing_map_TE.device
@@ -71,7 +79,7 @@ class PluginRouterMixin:
             metrics.TOKENS_DROPPED: dropped,
             metrics.EXPERT_CAPACITY: capacity,
             metrics.CAPACITY_DELTA: delta,
-            metrics.CAPACITY_EC_MIN: min(ec_min, 1e30),
+            metrics.CAPACITY_EC_MIN: ec_min,
         }
         for name, value in values.items():
             metrics.record(name, value, layer, n, dev)

@@ -130,9 +130,8 @@ class HashRouter(PluginRouterMixin, TopKRouter):
     def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None):
         """[S, B, H] -> probs [T, E] (1/k on the k hashed experts), routing_map [T, E]."""
         E, k = self.config.num_moe_experts, self.topk
+        # ids were looked up in the same vocabulary by the embedding: no range check (a host sync)
         ids_T = self._ids_for_input(input).to(self.hash_table.device)
-        if int(ids_T.max()) >= self.vocab_size or int(ids_T.min()) < 0:
-            raise ValueError(f"token id outside the hash router's vocabulary of {self.vocab_size}")
         first_T = self.hash_table[ids_T]
         experts_TK = (first_T[:, None] + torch.arange(k, device=first_T.device)) % E
         routing_map_TE = torch.zeros(ids_T.numel(), E, dtype=torch.bool, device=input.device)

@@ -34,8 +34,8 @@ from megatron_locmoe.routers.base import PluginRouterMixin, drop_to_capacity
 
 def locality_kl(mean_probs_E: torch.Tensor, local_E: torch.Tensor, eps: float) -> torch.Tensor:
     """KL(D_c || D_l) with D_l = (1-eps)/L on the L local experts and eps/(E-L) elsewhere."""
-    E, L = local_E.numel(), int(local_E.sum())
-    d_l = torch.full_like(mean_probs_E, eps / (E - L)).masked_fill(local_E, (1.0 - eps) / L)
+    E, L = local_E.numel(), local_E.sum().to(mean_probs_E.dtype)  # L stays on the device
+    d_l = torch.where(local_E, (1.0 - eps) / L, eps / (E - L))
     d_c = mean_probs_E
     return torch.sum(d_c * (torch.log(d_c.clamp_min(1e-30)) - torch.log(d_l)))
 
@@ -66,23 +66,24 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         for p in (self.grap_bias, self.grap_log_temperature):
             if isinstance(p, torch.nn.Parameter):
                 p.sequence_parallel = config.sequence_parallel
+        self.locality_on = (  # mu > 0 and this node hosts some but not all experts
+            cfg.locality_loss_coeff > 0 and 0 < int(self.expert_is_local.sum()) < E
+        )
         # Capacity state, saved in checkpoints: delta, ec_min and the training step they came from.
         self.register_buffer("capacity_delta", torch.tensor(-1.0, dtype=torch.float64))
         self.register_buffer("capacity_ec_min", torch.tensor(0.0, dtype=torch.float64))
         self.register_buffer("capacity_estimated_step", torch.tensor(-1, dtype=torch.long))
         self.register_buffer("routing_step", torch.tensor(0, dtype=torch.long))
+        self._capacity_host: dict | None = None
 
     # ---- Megatron hooks ---------------------------------------------------------------------
     def reset_parameters(self):
-        """Megatron's init targets the dense gate; GrAP's block weights are set in __init__."""
-        if isinstance(getattr(self, "weight", None), torch.nn.Parameter) and self.weight.dim() == 2:
-            if self.weight.shape[1] == self.config.hidden_size:
-                return  # the dense gate of Router.__init__, about to be replaced
-            self.weight.data.fill_(self.config.num_moe_experts / self.config.hidden_size)
+        """Nothing: Router.__init__ calls this for the dense gate that GrAP then replaces; the
+        block weights are initialised in __init__."""
 
-    def get_aux_loss_coeff(self, aux_loss_type: str) -> float:
-        """The Switch-form loss with LocMoE's alpha; Megatron's seq/global variants stay off."""
-        return self.locmoe.aux_loss_coeff if aux_loss_type == "aux_loss" else 0.0
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._capacity_host = None  # re-read the loaded capacity buffers once
+        return super()._load_from_state_dict(*args, **kwargs)
 
     # ---- gate -------------------------------------------------------------------------------
     def grap_raw(self, input_SBH: torch.Tensor) -> torch.Tensor:
@@ -108,14 +109,23 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         return raw_TE.gather(1, expert_T[:, None]).squeeze(1) / (row_norm_E[expert_T] * x_norm_T)
 
     # ---- capacity ---------------------------------------------------------------------------
+    def _host_state(self) -> dict:
+        """Host mirror of the capacity buffers, read once (after init or a checkpoint load) and
+        then kept in step, so the forward never waits on the device for them."""
+        if self._capacity_host is None:
+            self._capacity_host = dict(
+                ec_min=float(self.capacity_ec_min),
+                estimated=int(self.capacity_estimated_step),
+                step=int(self.routing_step),
+            )
+        return self._capacity_host
+
     def _capacity_due(self) -> bool:
         """First batch always; then every K training steps in LocMoE+ mode (K > 0)."""
-        if self.capacity_estimated_step < 0:
+        host, K = self._host_state(), self.locmoe.capacity_reestimate_interval
+        if host["estimated"] < 0:
             return True
-        K = self.locmoe.capacity_reestimate_interval
-        return (
-            self.training and K > 0 and int(self.routing_step - self.capacity_estimated_step) >= K
-        )
+        return self.training and K > 0 and host["step"] - host["estimated"] >= K
 
     @torch.no_grad()
     def estimate_capacity_bound(self, input_TH, raw_TE, routing_map_TE) -> None:
@@ -130,20 +140,20 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         group = self.tp_dp_cp_group
         if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
             dist.all_reduce(delta, group=group)
-        self.capacity_delta.fill_(delta[0].item() / delta[1].item())
-        self.capacity_ec_min.fill_(
-            bound.ec_min(
-                self.config.hidden_size, self.config.num_moe_experts, self.capacity_delta.item()
-            )
-        )
-        self.capacity_estimated_step.fill_(int(self.routing_step))
+        host = self._host_state()
+        value = delta[0].item() / delta[1].item()
+        host["ec_min"] = bound.ec_min(self.config.hidden_size, self.config.num_moe_experts, value)
+        host["estimated"] = host["step"]
+        self.capacity_delta.fill_(value)
+        self.capacity_ec_min.fill_(host["ec_min"])
+        self.capacity_estimated_step.fill_(host["estimated"])
 
     def capacity_for(self, num_tokens: int) -> int:
         """C = clamp(ceil(ec_min), floor, ceiling) for this batch's T tokens."""
         k, E = self.topk, self.config.num_moe_experts
         ceiling = get_capacity(num_tokens * k, E, self.config.moe_expert_capacity_factor)
         floor = math.ceil(self.locmoe.capacity_floor_factor * num_tokens * k / E)
-        return bound.clamp_capacity(self.capacity_ec_min.item(), min(floor, ceiling), ceiling)
+        return bound.clamp_capacity(self._host_state()["ec_min"], min(floor, ceiling), ceiling)
 
     # ---- routing ----------------------------------------------------------------------------
     def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None):
@@ -175,26 +185,23 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
                 probs_TE, scores_TE, map_aux_TE, with_padding_mask=padding_mask is not None
             )
             probs_TE, locality = self._apply_locality_loss(probs_TE, scores_TE, padding_mask)
-            self.routing_step += 1
+            if cfg.capacity_mode == "bound":
+                self.routing_step += 1
+                self._host_state()["step"] += 1
         self.record_routing_metrics(
             probs_TE,
             routing_map_TE,
             dropped,
             capacity,
             locality.detach(),
-            max(self.capacity_delta.item(), 0.0),
-            self.capacity_ec_min.item(),
+            self.capacity_delta.clamp_min(0.0),
+            self.capacity_ec_min.clamp_max(1e30),
         )
         return probs_TE, routing_map_TE
 
-    def locality_active(self) -> bool:
-        """Off when mu = 0 or when this node hosts none or all of the experts."""
-        L = int(self.expert_is_local.sum())
-        return self.locmoe.locality_loss_coeff > 0 and 0 < L < self.config.num_moe_experts
-
     def _apply_locality_loss(self, probs_TE, scores_TE, padding_mask):
         """Attach mu * KL(D_c || D_l) to the probs (Megatron's aux-loss autograd scaler)."""
-        if not self.locality_active():
+        if not self.locality_on:
             return probs_TE, torch.zeros((), device=probs_TE.device)
         if padding_mask is not None:
             valid_T = padding_mask.to(scores_TE.dtype)

@@ -30,7 +30,7 @@ class _MeasuredTopKRouter(PluginRouterMixin, TopKRouter):
         capacity, dropped = 0, routing_map_TE.new_zeros((), dtype=torch.long)
         if self.config.moe_expert_capacity_factor is not None:
             capacity = get_capacity(T * self.topk, E, self.config.moe_expert_capacity_factor)
-            valid = T if padding_mask is None else int(padding_mask.sum())
+            valid = T if padding_mask is None else padding_mask.sum()
             dropped = valid * self.topk - (routing_map_TE & (probs_TE > 0)).sum()
         self.record_routing_metrics(probs_TE, routing_map_TE, dropped, capacity)
         return probs_TE, routing_map_TE
@@ -39,11 +39,10 @@ class _MeasuredTopKRouter(PluginRouterMixin, TopKRouter):
 class MegatronRouter(_MeasuredTopKRouter):
     """Megatron-Core's TopKRouter, unchanged, with the plugin's metrics (router type megatron)."""
 
+    uses_locmoe_alpha = False
+
 
 class SwitchRouter(_MeasuredTopKRouter):
     """Top-1 softmax with LocMoE's alpha for the Switch-form loss and a capacity factor."""
 
     default_router_type = "switch"
-
-    def get_aux_loss_coeff(self, aux_loss_type: str) -> float:
-        return self.locmoe.aux_loss_coeff if aux_loss_type == "aux_loss" else 0.0
