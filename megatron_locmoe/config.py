@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 ROUTER_TYPES = ("megatron", "locmoe", "hash", "switch")
+DISPATCHERS = ("alltoall", "hierarchical")
+DEDUP_MODES = ("auto", "on", "off")
 CAPACITY_MODES = ("none", "bound")
 GRAP_MODES = ("fixed", "learnable")
 
@@ -62,6 +64,14 @@ class LocMoEConfig:
     hash_seed: int = 1234
     """Seed of the fixed random balanced token-id -> expert map (same on every rank)."""
 
+    # ---- dispatcher --------------------------------------------------------------------------
+    dispatcher: Literal["alltoall", "hierarchical"] = "alltoall"
+    """alltoall: Megatron's flat All-to-All. hierarchical: first hop inside the node, second
+    between rail peers (falls back to flat, with an info log, when EP fits in one node)."""
+    dispatcher_dedup: Literal["auto", "on", "off"] = "auto"
+    """Per-node dedup of the hierarchical dispatcher: a token crosses to each remote node once.
+    auto = on for top-k > 1 (top-1 has nothing to dedup and would only add metadata)."""
+
     # ---- topology ----------------------------------------------------------------------------
     devices_per_node: int | None = None
     """Ranks per node; default torchrun's LOCAL_WORLD_SIZE. Set it to simulate nodes."""
@@ -100,6 +110,14 @@ class LocMoEConfig:
                 f"capacity_reestimate_interval={self.capacity_reestimate_interval} is negative; "
                 "use 0 to estimate once or K > 0 to re-estimate every K steps"
             )
+        if self.dispatcher not in DISPATCHERS:
+            raise ConfigError(
+                f"dispatcher={self.dispatcher!r}; use one of {', '.join(DISPATCHERS)}"
+            )
+        if self.dispatcher_dedup not in DEDUP_MODES:
+            raise ConfigError(
+                f"dispatcher_dedup={self.dispatcher_dedup!r}; use one of {', '.join(DEDUP_MODES)}"
+            )
         if self.devices_per_node is not None and self.devices_per_node < 1:
             raise ConfigError(f"devices_per_node={self.devices_per_node} must be at least 1")
         if transformer_config is not None:
@@ -113,6 +131,12 @@ class LocMoEConfig:
         if k > n:
             raise ConfigError(
                 f"--moe-router-topk {k} is larger than the number of experts {n}; use at most {n}"
+            )
+        if self.dispatcher == "hierarchical" and tc.moe_token_dispatcher_type != "alltoall":
+            raise ConfigError(
+                f"the hierarchical dispatcher replaces Megatron's alltoall dispatcher, but "
+                f"--moe-token-dispatcher-type is {tc.moe_token_dispatcher_type!r}: set it to "
+                "alltoall (flex/DeepEP/HybridEP are their own hierarchical schemes)"
             )
         if self.router_type == "megatron":
             return

@@ -1,5 +1,8 @@
 """A simulated multi-node cluster on one machine: CPU processes on gloo, reused across jobs.
 
+With ``device="cuda"`` the same jobs run one process per GPU on NCCL (deterministic algorithms
+on, so bitwise comparisons stay meaningful); the simulated node size stays a job setting.
+
 Starting a rank costs ~12 s (torch + Megatron-Core imports), so a SimCluster starts its
 processes once and then runs many *jobs* on them. Each job re-initialises Megatron's parallel
 state with its own layout (TP/PP/EP/ETP/CP and the simulated devices per node), runs a function
@@ -61,6 +64,8 @@ class RankContext:
     timeout: timedelta
     scratch: Path
     """A directory shared by all ranks of the cluster (files, checkpoints)."""
+    device: torch.device = torch.device("cpu")
+    """Where this rank's tensors and modules live (``cpu``, or its GPU)."""
 
     @property
     def devices_per_node(self) -> int:
@@ -91,22 +96,32 @@ def _destroy_subgroups(dist) -> None:
             dist.destroy_process_group(group)
 
 
-def _worker_main(rank, world_size, port, jobs, results, timeout_s, scratch, log_path):
+def _worker_main(rank, world_size, port, jobs, results, timeout_s, scratch, log_path, device):
     log = open(log_path, "w", buffering=1)  # noqa: SIM115 - lives as long as the process
     if not os.environ.get("LOCMOE_SIMCLUSTER_VERBOSE"):
         # ranks' prints and warnings go to their log; failures come back with tracebacks
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
     faulthandler.register(signal.SIGUSR1, file=log, all_threads=True)
-    os.environ["LOCMOE_DEVICE"] = "cpu"
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    torch.set_num_threads(1)  # several ranks share few cores
     import torch.distributed as dist
 
+    from megatron_locmoe.device import BACKEND_FOR_DEVICE
+
+    os.environ["LOCMOE_DEVICE"] = device
+    if device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        torch.set_num_threads(1)  # several ranks share few cores
+        rank_device = torch.device("cpu")
+    else:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)  # e.g. unpermute then sums with index_add
+        accel = getattr(torch, device)
+        rank_device = torch.device(device, rank % accel.device_count())
+        accel.set_device(rank_device)
     timeout = timedelta(seconds=timeout_s)
     try:
         dist.init_process_group(
-            "gloo",
+            BACKEND_FOR_DEVICE[device],
             init_method=f"tcp://127.0.0.1:{port}",
             rank=rank,
             world_size=world_size,
@@ -143,7 +158,7 @@ def _worker_main(rank, world_size, port, jobs, results, timeout_s, scratch, log_
                 create_gloo_process_groups=False,
             )
             torch.manual_seed(seed)
-            ctx = RankContext(rank, world_size, layout, timeout, Path(scratch))
+            ctx = RankContext(rank, world_size, layout, timeout, Path(scratch), rank_device)
             out = fn(ctx, *args, **kwargs)
             results.put((rank, job_id, True, out))
         except BaseException:
@@ -183,9 +198,11 @@ def _free_port() -> int:
 
 @dataclass
 class SimCluster:
-    """``world_size`` CPU ranks on gloo; jobs choose how many ranks form a simulated node."""
+    """``world_size`` ranks (CPU on gloo, or one GPU each on NCCL); jobs choose how many ranks
+    form a simulated node."""
 
     world_size: int
+    device: str = "cpu"
     collective_timeout_s: float = 90.0
     job_timeout_s: float = 600.0
     startup_timeout_s: float = 300.0
@@ -217,6 +234,7 @@ class SimCluster:
                     self.collective_timeout_s,
                     self.scratch,
                     self._log_path(rank),
+                    self.device,
                 ),
                 daemon=True,
             )

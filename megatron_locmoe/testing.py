@@ -45,16 +45,22 @@ def build_moe_layer(
     config: TransformerConfig,
     pg_collection: ProcessGroupCollection | None = None,
     router=None,
+    locmoe=None,
 ):
     """Megatron's own MoELayer from its local spec (SequentialMLP experts); the router is
-    Megatron's TopKRouter unless ``router`` (a MoESubmodules.router builder) is given."""
+    Megatron's TopKRouter unless ``router`` (a MoESubmodules.router builder) is given; with a
+    ``locmoe`` config the plugin's LocMoELayer (its router and dispatcher) instead."""
     spec = get_moe_module_spec_for_backend(
         LocalSpecProvider(),
         num_experts=config.num_moe_experts,
         moe_grouped_gemm=False,
         use_te_activation_func=False,
     )
-    if router is not None:
+    if locmoe is not None:
+        from megatron_locmoe.layer import locmoe_mlp_builder
+
+        spec = locmoe_mlp_builder(spec, locmoe)
+    elif router is not None:
         submodules = dataclasses.replace(spec.keywords["submodules"], router=router)
         spec = functools.partial(spec.func, submodules=submodules)
     layer = spec(config=config, pg_collection=pg_collection or get_default_pg_collection())

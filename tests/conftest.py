@@ -1,6 +1,12 @@
-"""Shared fixtures: simulated clusters are started once per test session and reused."""
+"""Shared fixtures: simulated clusters are started once per test session and reused.
+
+``LOCMOE_TEST_DEVICE=cuda`` runs the same multi-rank tests one process per GPU on NCCL (the
+device machine); the default is CPU ranks on gloo.
+"""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
@@ -16,7 +22,8 @@ def cluster_factory():
     def get(world_size: int) -> SimCluster:
         cluster = _CLUSTERS.get(world_size)
         if cluster is None:
-            cluster = _CLUSTERS[world_size] = SimCluster(world_size).__enter__()
+            device = os.environ.get("LOCMOE_TEST_DEVICE", "cpu")
+            cluster = _CLUSTERS[world_size] = SimCluster(world_size, device=device).__enter__()
         return cluster
 
     yield get
@@ -28,3 +35,8 @@ def cluster_factory():
 @pytest.fixture(scope="session")
 def cluster8(cluster_factory) -> SimCluster:
     return cluster_factory(8)
+
+
+@pytest.fixture(scope="session")
+def cluster2(cluster_factory) -> SimCluster:
+    return cluster_factory(2)

@@ -16,6 +16,8 @@ with Megatron's MoEAlltoAllTokenDispatcher, swaps in the hierarchical one
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -51,17 +53,18 @@ def _capture(layer) -> dict:
     return seen
 
 
-def _step(layer, x, grad_out, seen) -> dict:
+def _step(layer, x, grad_out, seen, device) -> dict:
+    """Forward + backward on ``device``; everything returned is copied to the CPU."""
     layer.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_(True)
+    x = x.clone().to(device).requires_grad_(True)
     out, _ = layer(x)
-    out.backward(grad_out)
+    out.backward(grad_out.to(device))
     return {
-        "out": out.detach(),
-        "x_grad": x.grad,
-        "router_grad": layer.router.weight.grad.clone(),
-        "expert_grads": [p.grad.clone() for p in layer.experts.parameters()],
-        **seen,
+        "out": out.detach().cpu(),
+        "x_grad": x.grad.cpu(),
+        "router_grad": layer.router.weight.grad.cpu(),
+        "expert_grads": [p.grad.cpu() for p in layer.experts.parameters()],
+        **{k: v.cpu() for k, v in seen.items()},
     }
 
 
@@ -169,19 +172,22 @@ def _run_case(ctx, topo, *, topk, dedup, capacity=None, experts=8, skew=False, u
     layer.router.weight.data.copy_(router_weight)
     for p in layer.experts.parameters():
         p.data.normal_(0, 0.3, generator=gen)
+    layer.to(ctx.device)
     seen = _capture(layer)
 
     # Megatron's expert-TP all-gather uses a list all_gather, which gloo cannot do with uneven
     # sizes: with expert-TP > 1 the flat reference only runs with drop-and-pad (equal sizes);
     # otherwise the hierarchical dispatcher is checked against the gathered expectation below.
     flat_reference = etp == 1 or capacity == "pad"
-    flat = _step(layer, x, grad_out, seen) if flat_reference else None
+    flat = _step(layer, x, grad_out, seen, ctx.device) if flat_reference else None
     flat_kind = type(layer.token_dispatcher).__name__
     dispatcher = use_hierarchical_dispatcher(layer, topo, dedup=dedup)
-    hier = _step(layer, x, grad_out, seen)
+    hier = _step(layer, x, grad_out, seen, ctx.device)
     traffic = dispatcher.last_traffic
 
     res: dict = {
+        "backend": dist.get_backend(),
+        "device": str(ctx.device),
         "flat_kind": flat_kind,
         "scheme": traffic.scheme,
         "case": dict(
@@ -392,6 +398,32 @@ def test_equivalence_other_layouts(cluster8, devices_per_node):
         assert all(r["traffic"]["rank"]["inter"] == 0 for per in results for r in per)
     else:
         assert schemes == {"hierarchical", "hierarchical+dedup"}
+
+
+@pytest.mark.parametrize("devices_per_node", [1, 2])
+def test_equivalence_two_ranks(cluster2, devices_per_node):
+    """2 nodes x 1 rank (every hop a real cross-node hop: hop 1 is empty, hop 2 is the rail)
+    and 1 node x 2 (flat fallback); the layouts the 2-GPU NCCL run uses."""
+    cases = [
+        dict(topk=1, dedup=False),
+        dict(topk=2, dedup=False),
+        dict(topk=4, dedup=True),
+        dict(topk=2, dedup=True, capacity="drop"),
+        dict(topk=2, dedup=False, capacity="pad"),
+    ]
+    results = cluster2.run(
+        dispatcher_cases,
+        cases=cases,
+        layout=ParallelLayout(devices_per_node=devices_per_node, ep=2),
+    )
+    _check(results)
+    expected = {"flat"} if devices_per_node == 2 else {"hierarchical", "hierarchical+dedup"}
+    assert {r["scheme"] for r in results[0]} == expected
+    # LOCMOE_TEST_DEVICE=cuda runs this on two GPUs over NCCL (the device machine)
+    backend = {"cpu": "gloo", "cuda": "nccl"}[os.environ.get("LOCMOE_TEST_DEVICE", "cpu")]
+    assert {(r["backend"], r["device"].split(":")[0]) for per in results for r in per} == {
+        (backend, "cpu" if backend == "gloo" else "cuda")
+    }
 
 
 def test_equivalence_tensor_parallel(cluster8):

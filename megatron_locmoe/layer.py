@@ -1,0 +1,59 @@
+"""The plugin's MoE layer: Megatron's MoELayer with the chosen router and dispatcher.
+
+The router comes through the spec (``MoESubmodules.router``). The dispatcher does not:
+MoELayer.__init__ picks it from a hard-coded list, so this subclass lets Megatron build its
+alltoall dispatcher and then swaps in the hierarchical one. Being a MoELayer subclass keeps
+Megatron's isinstance checks, recompute and checkpoint keys unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+from megatron.core.transformer.moe.moe_layer import MoELayer
+
+from megatron_locmoe.config import LocMoEConfig
+from megatron_locmoe.dispatcher import use_hierarchical_dispatcher
+from megatron_locmoe.routers import router_builder
+from megatron_locmoe.topology import current_topology
+
+_DEDUP = {"auto": "auto", "on": True, "off": False}
+
+
+class LocMoELayer(MoELayer):
+    """MoELayer whose dispatcher follows ``locmoe.dispatcher``."""
+
+    def __init__(
+        self,
+        config,
+        submodules=None,
+        layer_number=None,
+        pg_collection=None,
+        is_mtp_layer=False,
+        name=None,
+        *,
+        locmoe: LocMoEConfig,
+    ):
+        locmoe.validate(config)
+        super().__init__(config, submodules, layer_number, pg_collection, is_mtp_layer, name)
+        self.locmoe = locmoe
+        if locmoe.dispatcher == "hierarchical":
+            use_hierarchical_dispatcher(
+                self, current_topology(), dedup=_DEDUP[locmoe.dispatcher_dedup]
+            )
+
+
+def locmoe_mlp_builder(stock_moe_mlp, locmoe: LocMoEConfig, vocab_size=None, token_counts=None):
+    """Turn Megatron's MoE MlpBuilder (``partial(MoELayer, submodules=MoESubmodules(...))``)
+    into the plugin's: LocMoELayer with the router of ``locmoe.router_type``. A new object:
+    Megatron shares one spec across all MoE layers, so it is never modified in place."""
+    if not isinstance(stock_moe_mlp, functools.partial) or not issubclass(
+        stock_moe_mlp.func, MoELayer
+    ):
+        raise TypeError(f"expected partial(MoELayer, submodules=...), got {stock_moe_mlp!r}")
+    submodules = dataclasses.replace(
+        stock_moe_mlp.keywords["submodules"],
+        router=router_builder(locmoe, vocab_size=vocab_size, token_counts=token_counts),
+    )
+    return functools.partial(LocMoELayer, submodules=submodules, locmoe=locmoe)
