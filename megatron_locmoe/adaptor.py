@@ -87,7 +87,8 @@ class HostCudaShim(types.SimpleNamespace):
     """Stands in for ``torch.cuda`` inside Megatron modules when the device is the CPU.
 
     Streams and events become no-ops (CPU work is synchronous); ``current_device()`` names the
-    CPU so Megatron's allocations land there. Anything else falls through to ``torch.cuda``.
+    CPU so Megatron's allocations land there; the device RNG is the host RNG (so Megatron's
+    RNG tracker forks it). Anything else falls through to ``torch.cuda``.
     """
 
     def __init__(self) -> None:
@@ -101,6 +102,10 @@ class HostCudaShim(types.SimpleNamespace):
             synchronize=lambda *a, **k: None,
             is_current_stream_capturing=lambda: False,
             is_available=lambda: False,
+            get_rng_state=lambda *a, **k: torch.get_rng_state(),
+            set_rng_state=lambda state, *a, **k: torch.set_rng_state(state),
+            manual_seed=torch.manual_seed,
+            manual_seed_all=torch.manual_seed,
         )
 
     def __getattr__(self, name: str) -> Any:
@@ -166,6 +171,16 @@ def _eager_original(target: str) -> Callable[[DeviceChoice], Callable]:
         return getattr(obj, "_torchdynamo_orig_callable", obj)
 
     return make
+
+
+def _host_get_rng_state(device="cuda", clone=False, graph_safe=False) -> torch.Tensor:
+    """``random._get_cuda_rng_state`` on the CPU: the host generator's state."""
+    return torch.get_rng_state()
+
+
+def _host_set_rng_state(new_state: torch.Tensor, device=-1, graph_safe=False) -> None:
+    """``random._set_cuda_rng_state`` on the CPU: set the host generator's state."""
+    torch.set_rng_state(new_state)
 
 
 def causal_mask_factory(device: DeviceChoice) -> Callable[[int], torch.Tensor]:
@@ -315,6 +330,10 @@ _ACCELERATOR_CALLS = {
         "the all-gather, reduce-scatter and uneven all-to-all used by every stock dispatcher "
         "allocate their outputs on torch.cuda.current_device()."
     ),
+    "megatron.core.tensor_parallel.random": (
+        "the RNG tracker (model_parallel_cuda_manual_seed, CudaRNGStatesTracker.add/fork, used "
+        "by attention dropout) seeds and reads torch.cuda's generator."
+    ),
     "megatron.core.utils": (
         "GlobalMemoryBuffer.get_tensor (the sequence-parallel all-gather buffer) allocates on "
         "torch.cuda.current_device()."
@@ -327,6 +346,22 @@ _ACCELERATOR_CALLS = {
 
 for _module, _why in _ACCELERATOR_CALLS.items():
     REGISTRY.register(Patch(target=f"{_module}.torch.cuda", why=_why, make=accelerator_shim))
+
+for _name, _fn in (
+    ("_get_cuda_rng_state", _host_get_rng_state),
+    ("_set_cuda_rng_state", _host_set_rng_state),
+):
+    REGISTRY.register(
+        Patch(
+            target=f"megatron.core.tensor_parallel.random.{_name}",
+            why=(
+                "reads/writes torch.cuda.default_generators through torch.cuda._lazy_call, "
+                "bound at import; on the CPU the tracker forks the host generator instead."
+            ),
+            make=lambda device, fn=_fn: fn,
+            devices=frozenset({"cpu"}),
+        )
+    )
 
 REGISTRY.register(
     Patch(

@@ -127,7 +127,7 @@ def _worker_main(rank, world_size, port, jobs, results, timeout_s, scratch, log_
             world_size=world_size,
             timeout=timeout,
         )
-        from megatron.core import parallel_state
+        from megatron.core import parallel_state, tensor_parallel
 
         from megatron_locmoe import adaptor
         from megatron_locmoe.topology import destroy_topology
@@ -158,6 +158,7 @@ def _worker_main(rank, world_size, port, jobs, results, timeout_s, scratch, log_
                 create_gloo_process_groups=False,
             )
             torch.manual_seed(seed)
+            tensor_parallel.model_parallel_cuda_manual_seed(seed)  # as initialize_megatron does
             ctx = RankContext(rank, world_size, layout, timeout, Path(scratch), rank_device)
             out = fn(ctx, *args, **kwargs)
             results.put((rank, job_id, True, out))
