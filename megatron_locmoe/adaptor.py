@@ -164,10 +164,7 @@ def _eager_original(target: str) -> Callable[[DeviceChoice], Callable]:
     """A ``make`` that returns the uncompiled function behind a ``@jit_fuser`` target."""
 
     def make(device: DeviceChoice) -> Callable:
-        module, attrs = _split_module(target)
-        obj: Any = module
-        for name in attrs:
-            obj = getattr(obj, name)
+        obj = _resolve(target)
         return getattr(obj, "_torchdynamo_orig_callable", obj)
 
     return make
@@ -181,6 +178,58 @@ def _host_get_rng_state(device="cuda", clone=False, graph_safe=False) -> torch.T
 def _host_set_rng_state(new_state: torch.Tensor, device=-1, graph_safe=False) -> None:
     """``random._set_cuda_rng_state`` on the CPU: set the host generator's state."""
     torch.set_rng_state(new_state)
+
+
+def _resolve(target: str) -> Any:
+    module, attrs = _split_module(target)
+    obj: Any = module
+    for name in attrs:
+        obj = getattr(obj, name)
+    return obj
+
+
+def _with_locmoe_args(device: DeviceChoice) -> Callable:
+    """``add_megatron_arguments`` that also adds the LocMoE flags."""
+    original = _resolve("megatron.training.arguments.add_megatron_arguments")
+
+    @functools.wraps(original)
+    def add_megatron_arguments(parser):
+        from megatron_locmoe.arguments import add_locmoe_args
+
+        return add_locmoe_args(original(parser))
+
+    return add_megatron_arguments
+
+
+def _validating_locmoe_args(device: DeviceChoice) -> Callable:
+    """``validate_args`` that also validates the LocMoE flags against Megatron's."""
+    original = _resolve("megatron.training.arguments.validate_args")
+
+    @functools.wraps(original)
+    def validate_args(args, defaults={}):  # noqa: B006 - Megatron's signature
+        args = original(args, defaults) or args
+        from megatron_locmoe.arguments import validate_locmoe_args
+
+        validate_locmoe_args(args)
+        return args
+
+    return validate_args
+
+
+def _config_with_locmoe(target: str) -> Callable:
+    """``core_transformer_config_from_args`` that attaches ``config.locmoe`` (LocMoEConfig)."""
+    original = _resolve(target)
+
+    @functools.wraps(original)
+    def core_transformer_config_from_args(args, config_class=None):
+        from megatron_locmoe.arguments import locmoe_config_from_args
+
+        config = original(args, config_class)
+        if hasattr(args, "moe_router_type"):
+            config.locmoe = locmoe_config_from_args(args)
+        return config
+
+    return core_transformer_config_from_args
 
 
 def causal_mask_factory(device: DeviceChoice) -> Callable[[int], torch.Tensor]:
@@ -399,6 +448,47 @@ for _target in _COMPILED_ON_MOE_PATH:
             why="@jit_fuser (torch.compile) on the CPU compiles C++ at first call; run it eagerly.",
             make=_eager_original(_target),
             devices=frozenset({"cpu"}),
+        )
+    )
+
+
+# ---- Megatron's training side: flags, validation, config (every device) ----------------------
+ALL_DEVICES = frozenset({"cpu", "cuda", "npu"})
+REGISTRY.register(
+    Patch(
+        target="megatron.training.arguments.add_megatron_arguments",
+        why=(
+            "adds --moe-router-type and the --locmoe-* flags to Megatron's own parser, so every "
+            "entry point (pretrain_gpt.py, the plugin's runners) accepts them; looked up at call "
+            "time by parse_args."
+        ),
+        make=_with_locmoe_args,
+        devices=ALL_DEVICES,
+    )
+)
+REGISTRY.register(
+    Patch(
+        target="megatron.training.arguments.validate_args",
+        why=(
+            "checks the plugin flags against Megatron's (dispatcher, parallel layout, recompute) "
+            "at parse time; looked up at call time by parse_and_validate_args."
+        ),
+        make=_validating_locmoe_args,
+        devices=ALL_DEVICES,
+    )
+)
+for _module in ("megatron.training.argument_utils", "megatron.training.arguments"):
+    REGISTRY.register(
+        Patch(
+            target=f"{_module}.core_transformer_config_from_args",
+            why=(
+                "puts the parsed LocMoEConfig on the TransformerConfig (config.locmoe) for the "
+                "layer spec; a TransformerConfig subclass would be replaced for MLA models."
+            ),
+            make=lambda device, t=f"{_module}.core_transformer_config_from_args": (
+                _config_with_locmoe(t)
+            ),
+            devices=ALL_DEVICES,
         )
     )
 

@@ -5,7 +5,6 @@ invalid value raises ConfigError naming the value and the fix; field docstrings 
 help when the Megatron adaptor turns the fields into ``--locmoe-*`` flags.
 """
 
-from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
@@ -76,7 +75,7 @@ class LocMoEConfig:
     devices_per_node: int | None = None
     """Ranks per node; default torchrun's LOCAL_WORLD_SIZE. Set it to simulate nodes."""
 
-    def validate(self, transformer_config=None) -> LocMoEConfig:
+    def validate(self, transformer_config=None) -> "LocMoEConfig":
         """Raise ConfigError for an invalid value; returns self for chaining."""
         if self.router_type not in ROUTER_TYPES:
             raise ConfigError(

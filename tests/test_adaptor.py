@@ -28,7 +28,7 @@ def test_every_patch_names_an_existing_megatron_object():
         obj = module
         for name in attrs:
             obj = getattr(obj, name)  # raises if Megatron renamed it
-        assert target.startswith("megatron.core.")
+        assert target.startswith(("megatron.core.", "megatron.training."))
 
 
 def test_cpu_patches_are_module_local_and_revertible(registry):
@@ -57,8 +57,14 @@ def test_cpu_patches_are_module_local_and_revertible(registry):
     assert router.TopKRouter._apply_expert_bias is original_bias
 
 
-def test_no_patch_on_cuda(registry):
-    assert registry.apply(DeviceChoice("cuda", "nccl")) == []
+def test_on_cuda_only_the_training_side_patches(registry):
+    """No device patch on CUDA; the flags/validation/config patches apply on every device."""
+    assert sorted(registry.apply(DeviceChoice("cuda", "nccl"))) == [
+        "megatron.training.argument_utils.core_transformer_config_from_args",
+        "megatron.training.arguments.add_megatron_arguments",
+        "megatron.training.arguments.core_transformer_config_from_args",
+        "megatron.training.arguments.validate_args",
+    ]
 
 
 def test_maybe_move_tensor_to_cpu_returns_numpy_splits():

@@ -1,0 +1,139 @@
+"""The plugin's command-line flags, built from LocMoEConfig, and their validation.
+
+Flags come from the dataclass fields through Megatron's own ArgumentGroupFactory (field
+docstrings become the help): ``--moe-router-type`` for the router, ``--locmoe-<field>`` for the
+rest. The adaptor adds them to Megatron's parser and runs ``validate_locmoe_args`` after
+Megatron's ``validate_args``, so a bad combination fails at parse time with its fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from types import SimpleNamespace
+
+from megatron.training.argument_utils import ArgumentGroupFactory
+
+from megatron_locmoe.config import ConfigError, LocMoEConfig
+
+logger = logging.getLogger(__name__)
+
+_FLAG_OVERRIDES = {"router_type": "moe_router_type"}
+
+
+def dest(field_name: str) -> str:
+    """argparse dest of a LocMoEConfig field: ``moe_router_type`` or ``locmoe_<field>``."""
+    return _FLAG_OVERRIDES.get(field_name, f"locmoe_{field_name}")
+
+
+class _LocMoEArgumentFactory(ArgumentGroupFactory):
+    """Megatron's dataclass-to-argparse factory with the plugin's flag names."""
+
+    def _build_argparse_kwargs_from_field(self, attribute):
+        kwargs = super()._build_argparse_kwargs_from_field(attribute)
+        name = dest(attribute.name)
+        kwargs["dest"] = name
+        flag = "--" + name.replace("_", "-")
+        if kwargs.get("action") == "store_false":
+            flag = "--no-" + flag[2:]
+        kwargs["arg_names"] = [flag]
+        return kwargs
+
+
+def add_locmoe_args(parser):
+    """Add the LocMoE flags to an argparse parser (idempotent; guards against upstream names)."""
+    if "--moe-router-type" in parser._option_string_actions:
+        return parser
+    _LocMoEArgumentFactory(LocMoEConfig).build_group(parser, title="LocMoE")
+    return parser
+
+
+def locmoe_config_from_args(args) -> LocMoEConfig:
+    """The LocMoEConfig the parsed arguments describe."""
+    return LocMoEConfig(
+        **{f.name: getattr(args, dest(f.name)) for f in dataclasses.fields(LocMoEConfig)}
+    )
+
+
+def _transformer_view(args) -> SimpleNamespace:
+    """The TransformerConfig fields LocMoEConfig.validate reads, from Megatron's args."""
+    return SimpleNamespace(
+        num_moe_experts=args.num_experts,
+        moe_router_topk=args.moe_router_topk,
+        hidden_size=args.hidden_size,
+        moe_expert_capacity_factor=args.moe_expert_capacity_factor,
+        moe_router_num_groups=args.moe_router_num_groups,
+        moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity,
+        moe_token_dispatcher_type=args.moe_token_dispatcher_type,
+    )
+
+
+def validate_locmoe_args(args) -> LocMoEConfig:
+    """Check the plugin flags against the rest of Megatron's arguments; raise ConfigError."""
+    cfg = locmoe_config_from_args(args)
+    plugin = cfg.router_type != "megatron" or cfg.dispatcher != "alltoall"
+    if not plugin:
+        return cfg.validate()
+    if args.num_experts is None:
+        raise ConfigError(
+            f"--moe-router-type {cfg.router_type} / --locmoe-dispatcher {cfg.dispatcher} need "
+            "an MoE model: set --num-experts"
+        )
+    cfg.validate(_transformer_view(args))
+    if cfg.dispatcher == "hierarchical":
+        for flag, on in (
+            ("--moe-permute-fusion", args.moe_permute_fusion),
+            ("--overlap-moe-expert-parallel-comm", args.overlap_moe_expert_parallel_comm),
+            ("--moe-shared-expert-overlap", args.moe_shared_expert_overlap),
+        ):
+            if on:
+                raise ConfigError(
+                    f"{flag} drives Megatron's own dispatcher internals; it cannot be combined "
+                    "with --locmoe-dispatcher hierarchical: remove it"
+                )
+        if getattr(args, "cuda_graph_impl", "none") != "none":
+            raise ConfigError(
+                "--locmoe-dispatcher hierarchical does not support CUDA graphs: "
+                "use --cuda-graph-impl none"
+            )
+    if cfg.router_type != "megatron" and getattr(args, "mtp_num_layers", None):
+        raise ConfigError(
+            "multi-token-prediction layers are built from stock specs and would keep Megatron's "
+            f"router while the decoder uses {cfg.router_type}: drop --mtp-num-layers"
+        )
+    if cfg.router_type == "hash":
+        if args.pipeline_model_parallel_size > 1:
+            raise ConfigError(
+                "the hash router routes by input token ids, which only the first pipeline stage "
+                "receives: use --pipeline-model-parallel-size 1 with --moe-router-type hash"
+            )
+        if "moe" in (args.recompute_modules or []) and args.recompute_granularity == "selective":
+            raise ConfigError(
+                "the hash router cannot replay token ids under MoE activation recompute: remove "
+                "'moe' from --recompute-modules"
+            )
+    _check_topology_args(args, cfg)
+    return cfg
+
+
+def _check_topology_args(args, cfg: LocMoEConfig) -> None:
+    """Devices per node against the world size; warn when EP never leaves a node."""
+    dpn = cfg.devices_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+    if not dpn:
+        return  # torchrun sets LOCAL_WORLD_SIZE; the topology raises later if it is missing
+    world = args.world_size
+    if world % dpn:
+        raise ConfigError(
+            f"world size {world} is not a multiple of {dpn} devices per node: fix "
+            "--locmoe-devices-per-node (or the launcher's --nproc-per-node)"
+        )
+    etp = args.expert_tensor_parallel_size or args.tensor_model_parallel_size
+    if args.expert_model_parallel_size * etp <= dpn:
+        logger.warning(
+            "expert parallelism (EP %d x expert-TP %d) fits inside one node of %d devices: the "
+            "locality loss and the hierarchical dispatcher have no effect on traffic",
+            args.expert_model_parallel_size,
+            etp,
+            dpn,
+        )

@@ -1,0 +1,206 @@
+"""The plugin flags inside Megatron's own parser: each parses and lands on the TransformerConfig
+(config.locmoe); each invalid combination fails at parse time with its message."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import pytest
+
+from megatron_locmoe import adaptor
+from megatron_locmoe.arguments import dest
+from megatron_locmoe.config import ConfigError, LocMoEConfig
+from megatron_locmoe.device import DeviceChoice
+
+BASE = (
+    "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 128 "
+    "--max-position-embeddings 128 --micro-batch-size 1 --global-batch-size 8 --num-experts 8 "
+    "--expert-model-parallel-size 8 --moe-router-topk 1 --moe-router-pre-softmax "
+    "--moe-token-dispatcher-type alltoall --transformer-impl local --lr 1e-4 --train-iters 10 "
+    "--mock-data --tokenizer-type NullTokenizer --vocab-size 128"
+).split()
+
+
+@pytest.fixture
+def megatron_args(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    adaptor.REGISTRY.apply(DeviceChoice("cpu", "gloo"))
+    from megatron.training import argument_utils, arguments
+
+    def parse(*extra: str, base=BASE):
+        monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py", *base, *extra])
+        args = arguments.parse_args()
+        return arguments.validate_args(args)
+
+    yield parse, argument_utils.core_transformer_config_from_args
+    adaptor.REGISTRY.revert()
+
+
+def test_every_flag_parses_and_lands_in_transformer_config(megatron_args):
+    parse, to_config = megatron_args
+    args = parse(
+        "--moe-router-type",
+        "locmoe",
+        "--locmoe-aux-loss-coeff",
+        "0.02",
+        "--locmoe-locality-loss-coeff",
+        "0.3",
+        "--locmoe-locality-smoothing",
+        "0.01",
+        "--locmoe-grap-mode",
+        "learnable",
+        "--locmoe-grap-bias",
+        "--locmoe-grap-temperature",
+        "4.0",
+        "--locmoe-grap-learnable-temperature",
+        "--locmoe-capacity-mode",
+        "bound",
+        "--moe-expert-capacity-factor",
+        "1.25",
+        "--locmoe-capacity-floor-factor",
+        "0.25",
+        "--locmoe-capacity-percentile",
+        "0.1",
+        "--locmoe-capacity-reestimate-interval",
+        "50",
+        "--locmoe-hash-seed",
+        "7",
+        "--locmoe-dispatcher",
+        "hierarchical",
+        "--locmoe-dispatcher-dedup",
+        "on",
+        "--locmoe-devices-per-node",
+        "4",
+    )
+    expected = LocMoEConfig(
+        router_type="locmoe",
+        aux_loss_coeff=0.02,
+        locality_loss_coeff=0.3,
+        locality_smoothing=0.01,
+        grap_mode="learnable",
+        grap_bias=True,
+        grap_temperature=4.0,
+        grap_learnable_temperature=True,
+        capacity_mode="bound",
+        capacity_floor_factor=0.25,
+        capacity_percentile=0.1,
+        capacity_reestimate_interval=50,
+        hash_seed=7,
+        dispatcher="hierarchical",
+        dispatcher_dedup="on",
+        devices_per_node=4,
+    )
+    config = to_config(args)
+    assert config.locmoe == expected
+    # every field was set away from its default, so every flag is exercised
+    for f in dataclasses.fields(LocMoEConfig):
+        assert getattr(expected, f.name) != f.default, f.name
+        assert hasattr(args, dest(f.name))
+
+
+def test_defaults_keep_megatron_behaviour(megatron_args):
+    parse, to_config = megatron_args
+    config = to_config(parse())
+    assert config.locmoe == LocMoEConfig()
+    assert config.locmoe.router_type == "megatron" and config.locmoe.dispatcher == "alltoall"
+
+
+INVALID = [
+    (
+        ["--moe-router-type", "locmoe", "--moe-router-topk", "9"],
+        "larger than the number of experts",
+    ),
+    (["--moe-router-type", "locmoe", "--hidden-size", "60"], "hidden size 60 into 8 equal chunks"),
+    (["--moe-router-type", "locmoe", "--locmoe-locality-loss-coeff", "-1"], "is negative"),
+    (["--moe-router-type", "locmoe", "--locmoe-capacity-percentile", "1.5"], "must lie in (0, 1)"),
+    (
+        ["--moe-router-type", "locmoe", "--locmoe-capacity-mode", "bound"],
+        "set --moe-expert-capacity-factor",
+    ),
+    (
+        [
+            "--moe-router-type",
+            "locmoe",
+            "--locmoe-capacity-mode",
+            "bound",
+            "--moe-expert-capacity-factor",
+            "0.5",
+            "--locmoe-capacity-floor-factor",
+            "0.8",
+        ],
+        "above the ceiling",
+    ),
+    (["--moe-router-type", "switch", "--moe-router-topk", "2"], "the switch router is top-1"),
+    (["--moe-router-type", "switch"], "drops overflow at a capacity factor"),
+    (["--moe-router-type", "hash", "--moe-expert-capacity-factor", "1.0"], "dropless"),
+    (
+        ["--moe-router-type", "hash", "--pipeline-model-parallel-size", "2", "--num-layers", "4"],
+        "--pipeline-model-parallel-size 1",
+    ),
+    (
+        ["--locmoe-dispatcher", "hierarchical", "--moe-token-dispatcher-type", "allgather"],
+        "--moe-token-dispatcher-type is 'allgather'",
+    ),
+    (
+        [
+            "--locmoe-dispatcher",
+            "hierarchical",
+            "--moe-shared-expert-intermediate-size",
+            "64",
+            "--moe-shared-expert-overlap",
+        ],
+        "--moe-shared-expert-overlap drives",
+    ),
+    (
+        ["--moe-router-type", "locmoe", "--locmoe-devices-per-node", "3"],
+        "world size 8 is not a multiple of 3 devices per node",
+    ),
+    (
+        [
+            "--moe-router-type",
+            "locmoe",
+            "--moe-router-num-groups",
+            "2",
+            "--moe-router-group-topk",
+            "1",
+        ],
+        "group-limited routing",
+    ),
+    (
+        [
+            "--moe-router-type",
+            "locmoe",
+            "--mtp-num-layers",
+            "1",
+            "--position-embedding-type",
+            "rope",
+        ],
+        "drop --mtp-num-layers",
+    ),
+]
+
+
+@pytest.mark.parametrize("extra, message", INVALID, ids=[m for _, m in INVALID])
+def test_invalid_combinations_fail_at_parse_time(megatron_args, extra, message):
+    parse, _ = megatron_args
+    with pytest.raises(ConfigError) as e:
+        parse(*extra)
+    assert message in str(e.value)
+
+
+def test_unknown_router_rejected_by_argparse(megatron_args, capsys):
+    parse, _ = megatron_args
+    with pytest.raises(SystemExit):
+        parse("--moe-router-type", "gshard")
+    assert "invalid choice: 'gshard'" in capsys.readouterr().err
+
+
+def test_no_experts(megatron_args):
+    parse, _ = megatron_args
+    dense = " ".join(BASE).replace("--num-experts 8 --expert-model-parallel-size 8 ", "")
+    base = dense.replace("--moe-router-topk 1 --moe-router-pre-softmax ", "").split()
+    with pytest.raises(ConfigError, match="need an MoE model: set --num-experts"):
+        parse("--moe-router-type", "locmoe", base=base)
