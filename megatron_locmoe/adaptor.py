@@ -232,6 +232,19 @@ def _config_with_locmoe(target: str) -> Callable:
     return core_transformer_config_from_args
 
 
+def _gpt_config_with_plugin_spec(device: DeviceChoice) -> Callable:
+    """``gpt_config_from_args`` whose GPTModelConfig uses the plugin's spec and hook."""
+    original = _resolve("megatron.training.argument_utils.gpt_config_from_args")
+
+    @functools.wraps(original)
+    def gpt_config_from_args(args, *a, **k):
+        from megatron_locmoe.spec import configure_gpt_model_config
+
+        return configure_gpt_model_config(original(args, *a, **k))
+
+    return gpt_config_from_args
+
+
 def causal_mask_factory(device: DeviceChoice) -> Callable[[int], torch.Tensor]:
     """``transformer.utils.get_default_causal_mask`` on this process's device (cached)."""
     target = device.torch_device() if device.type != "cpu" else torch.device("cpu")
@@ -492,10 +505,28 @@ for _module in ("megatron.training.argument_utils", "megatron.training.arguments
         )
     )
 
+REGISTRY.register(
+    Patch(
+        target="megatron.training.argument_utils.gpt_config_from_args",
+        why=(
+            "points the GPTModelConfig at megatron_locmoe.spec.locmoe_block_spec and adds the "
+            "pre-wrap hook that checks the plugin's layers are in the model; pretrain_gpt.py "
+            "binds this name at import, after the adaptor is applied."
+        ),
+        make=_gpt_config_with_plugin_spec,
+        devices=ALL_DEVICES,
+    )
+)
+
 
 def apply(device: DeviceChoice | None = None) -> list[str]:
-    """Apply the plugin's Megatron patches for this process's device (idempotent)."""
-    return REGISTRY.apply(device)
+    """Apply the plugin's Megatron patches for this process's device and install the metrics
+    tracker that reports the plugin's metrics (idempotent)."""
+    applied = REGISTRY.apply(device)
+    from megatron_locmoe.metrics import install_metrics_tracker
+
+    install_metrics_tracker()
+    return applied
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,7 +5,6 @@ invalid value raises ConfigError naming the value and the fix; field docstrings 
 help when the Megatron adaptor turns the fields into ``--locmoe-*`` flags.
 """
 
-
 from dataclasses import dataclass
 from typing import Literal
 

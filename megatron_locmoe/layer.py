@@ -13,6 +13,7 @@ import functools
 
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
+from megatron_locmoe import metrics
 from megatron_locmoe.config import LocMoEConfig
 from megatron_locmoe.dispatcher import use_hierarchical_dispatcher
 from megatron_locmoe.routers import router_builder
@@ -43,14 +44,32 @@ class LocMoELayer(MoELayer):
                 self, current_topology(), dedup=_DEDUP[locmoe.dispatcher_dedup]
             )
 
+    def forward(self, hidden_states, *args, **kwargs):
+        output = super().forward(hidden_states, *args, **kwargs)
+        self._record_traffic(hidden_states.device)
+        return output
+
+    def _record_traffic(self, device) -> None:
+        """Bytes per hop of this forward, when the dispatcher counted them."""
+        traffic = getattr(self.token_dispatcher, "last_traffic", None)
+        if traffic is None or self.layer_number is None:
+            return
+        n = self.config.num_layers + (self.config.mtp_num_layers or 0)
+        layer = self.layer_number + (self.config.num_layers if self.is_mtp_layer else 0)
+        for name, value in (
+            (metrics.INTRA_NODE_BYTES, traffic.rank.intra_node_bytes),
+            (metrics.INTER_NODE_BYTES, traffic.rank.inter_node_bytes),
+            (metrics.FLAT_INTER_NODE_BYTES, traffic.flat_rank.inter_node_bytes),
+        ):
+            metrics.record(name, value, layer, n, device)
+
 
 def locmoe_mlp_builder(stock_moe_mlp, locmoe: LocMoEConfig, vocab_size=None, token_counts=None):
     """Turn Megatron's MoE MlpBuilder (``partial(MoELayer, submodules=MoESubmodules(...))``)
     into the plugin's: LocMoELayer with the router of ``locmoe.router_type``. A new object:
     Megatron shares one spec across all MoE layers, so it is never modified in place."""
-    if not isinstance(stock_moe_mlp, functools.partial) or not issubclass(
-        stock_moe_mlp.func, MoELayer
-    ):
+    func = getattr(stock_moe_mlp, "func", None)
+    if not (isinstance(func, type) and issubclass(func, MoELayer)):
         raise TypeError(f"expected partial(MoELayer, submodules=...), got {stock_moe_mlp!r}")
     submodules = dataclasses.replace(
         stock_moe_mlp.keywords["submodules"],

@@ -9,7 +9,11 @@ at report time and averages over data-parallel ranks and MoE layers.
 from __future__ import annotations
 
 import torch
-from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+from megatron.core.transformer.moe.moe_logging import (
+    MoEMetricsTracker,
+    get_moe_metrics_tracker,
+    set_moe_metrics_tracker,
+)
 
 LOAD_BALANCING_LOSS = "load_balancing_loss"  # Megatron's own name for the aux loss
 LOCALITY_LOSS = "locality_loss"
@@ -30,6 +34,15 @@ ROUTER_METRICS = (
     CAPACITY_EC_MIN,
 )
 """Names every plugin router records (plus Megatron's load_balancing_loss)."""
+
+INTRA_NODE_BYTES = "intra_node_bytes"
+INTER_NODE_BYTES = "inter_node_bytes"
+FLAT_INTER_NODE_BYTES = "flat_inter_node_bytes"
+DISPATCH_METRICS = (INTRA_NODE_BYTES, INTER_NODE_BYTES, FLAT_INTER_NODE_BYTES)
+"""Bytes this rank sends per layer and step (dispatch + combine) with the hierarchical
+dispatcher, and what Megatron's flat All-to-All would send inter-node for the same routing."""
+
+PLUGIN_METRICS = ROUTER_METRICS + DISPATCH_METRICS
 
 
 def load_cv(tokens_per_expert: torch.Tensor) -> torch.Tensor:
@@ -61,3 +74,27 @@ def record(
     get_moe_metrics_tracker().record(
         name, value.detach().float(), layer_number, num_layers, needs_dp_avg=True
     )
+
+
+class LocMoEMetricsTracker(MoEMetricsTracker):
+    """Megatron's tracker, reporting the plugin's metrics too.
+
+    Megatron's training_log passes only its own loss names as ``track_names``; this adds
+    PLUGIN_METRICS on every rank (the same list everywhere, or the pipeline-parallel
+    all-reduce hangs), so TensorBoard and W&B get them with Megatron's writers.
+    """
+
+    def report(self, *args, track_names=None, **kwargs):
+        if track_names is not None:
+            names = [track_names] if isinstance(track_names, str) else list(track_names)
+            track_names = names + [n for n in PLUGIN_METRICS if n not in names]
+        return super().report(*args, track_names=track_names, **kwargs)
+
+
+def install_metrics_tracker() -> LocMoEMetricsTracker:
+    """Make the plugin's tracker the global one (idempotent); routers record through it."""
+    tracker = get_moe_metrics_tracker()
+    if not isinstance(tracker, LocMoEMetricsTracker):
+        tracker = LocMoEMetricsTracker()
+        set_moe_metrics_tracker(tracker)
+    return tracker

@@ -36,6 +36,7 @@ def moe_config(ep: int, tp: int = 1, **overrides) -> TransformerConfig:
         activation_func=F.silu,
         params_dtype=torch.float32,
         moe_router_dtype="fp32",
+        transformer_impl="local",
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)

@@ -61,6 +61,7 @@ def test_on_cuda_only_the_training_side_patches(registry):
     """No device patch on CUDA; the flags/validation/config patches apply on every device."""
     assert sorted(registry.apply(DeviceChoice("cuda", "nccl"))) == [
         "megatron.training.argument_utils.core_transformer_config_from_args",
+        "megatron.training.argument_utils.gpt_config_from_args",
         "megatron.training.arguments.add_megatron_arguments",
         "megatron.training.arguments.core_transformer_config_from_args",
         "megatron.training.arguments.validate_args",

@@ -1,0 +1,109 @@
+"""Layer specs: Megatron's GPT decoder block with the plugin's MoE layers swapped in.
+
+``locmoe_block_spec`` is the callable that Megatron's GPTModelBuilder calls for
+``GPTModelConfig.transformer_layer_spec`` (also reachable as
+``--spec megatron_locmoe.spec locmoe_block_spec``). Every rank calls it once per model chunk,
+after the parallel state exists, so it is where the topology's subgroups are created (a
+collective). ``configure_gpt_model_config`` sets it on a model config and adds the pre-wrap
+hook that proves the plugin's layers are in the model (Megatron's ``--spec`` import returns
+None on an ImportError and would silently train stock layers) and feeds the hash router.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer.moe.moe_layer import MoELayer
+
+from megatron_locmoe.config import LocMoEConfig
+from megatron_locmoe.layer import LocMoELayer, locmoe_mlp_builder
+from megatron_locmoe.routers import attach_token_ids
+from megatron_locmoe.topology import get_topology
+
+
+def plugin_active(locmoe: LocMoEConfig) -> bool:
+    """True when the plugin changes anything (default settings keep stock Megatron)."""
+    return locmoe.router_type != "megatron" or locmoe.dispatcher != "alltoall"
+
+
+def _padded_vocab(model_config) -> int:
+    """Every id the embedding can see: the vocabulary padded as GPTModelBuilder pads it."""
+    vocab = model_config.vocab_size
+    if not getattr(model_config, "should_pad_vocab", False):
+        return vocab
+    multiple = model_config.make_vocab_size_divisible_by * (
+        model_config.transformer.tensor_model_parallel_size
+    )
+    return math.ceil(vocab / multiple) * multiple
+
+
+def with_locmoe_layers(block_spec, locmoe: LocMoEConfig, vocab_size=None, token_counts=None):
+    """A copy of a decoder block spec whose MoE layers are LocMoELayers (others untouched).
+
+    Megatron reuses one MoE layer spec for every MoE layer, so specs are copied, never
+    modified in place."""
+    layer_specs = []
+    for layer_spec in block_spec.layer_specs:
+        mlp = getattr(layer_spec.submodules, "mlp", None)
+        if (
+            isinstance(mlp, functools.partial)
+            and isinstance(mlp.func, type)
+            and issubclass(mlp.func, MoELayer)
+        ):
+            new_mlp = locmoe_mlp_builder(mlp, locmoe, vocab_size, token_counts)
+            layer_spec = dataclasses.replace(
+                layer_spec, submodules=dataclasses.replace(layer_spec.submodules, mlp=new_mlp)
+            )
+        layer_specs.append(layer_spec)
+    return dataclasses.replace(block_spec, layer_specs=layer_specs)
+
+
+def locmoe_block_spec(model_config, vp_stage=None):
+    """GPTModelConfig.transformer_layer_spec: the stock block spec with the plugin's MoE layers."""
+    cfg = model_config.transformer
+    locmoe = getattr(cfg, "locmoe", None) or LocMoEConfig()
+    block = get_gpt_decoder_block_spec(
+        cfg,
+        use_transformer_engine=cfg.transformer_impl == "transformer_engine",
+        normalization=cfg.normalization,
+        qk_l2_norm=cfg.qk_l2_norm,
+        vp_stage=vp_stage,
+    )
+    if not plugin_active(locmoe):
+        return block
+    get_topology(locmoe.devices_per_node)  # collective on first call; cached afterwards
+    return with_locmoe_layers(block, locmoe, vocab_size=_padded_vocab(model_config))
+
+
+def check_and_connect(models: list) -> list:
+    """Pre-wrap hook: every MoE layer is the plugin's, and hash routers get the input ids."""
+    for model in models:
+        moe = [m for m in model.modules() if isinstance(m, MoELayer)]
+        stock = [m for m in moe if not isinstance(m, LocMoELayer)]
+        if stock:
+            raise RuntimeError(
+                f"{len(stock)} of {len(moe)} MoE layers are Megatron's own, not the plugin's: "
+                "the layer spec did not take effect (a --spec import error is silently ignored "
+                "by Megatron); check that megatron_locmoe imports on every rank"
+            )
+        attach_token_ids(model)
+    return models
+
+
+def configure_gpt_model_config(model_config):
+    """Point a GPTModelConfig at the plugin's spec and hook, when the plugin is active."""
+    locmoe = getattr(model_config.transformer, "locmoe", None)
+    if locmoe is None or not plugin_active(locmoe):
+        return model_config
+    if model_config.transformer_layer_spec not in (None, locmoe_block_spec):
+        raise ValueError(
+            "--moe-router-type/--locmoe-dispatcher build their own layer spec; remove --spec "
+            f"(got {model_config.transformer_layer_spec!r})"
+        )
+    model_config.transformer_layer_spec = locmoe_block_spec
+    if check_and_connect not in model_config.pre_wrap_hooks:
+        model_config.pre_wrap_hooks.append(check_and_connect)
+    return model_config
