@@ -128,8 +128,10 @@ def _worker_main(rank, world_size, port, jobs, results, timeout_s, scratch, log_
             timeout=timeout,
         )
         from megatron.core import parallel_state, tensor_parallel
+        from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
 
         from megatron_locmoe import adaptor
+        from megatron_locmoe.metrics import install_metrics_tracker
         from megatron_locmoe.topology import destroy_topology
 
         adaptor.apply()
@@ -147,6 +149,8 @@ def _worker_main(rank, world_size, port, jobs, results, timeout_s, scratch, log_
             destroy_topology()
             parallel_state.destroy_model_parallel()
             _destroy_subgroups(dist)
+            destroy_moe_metrics_tracker()  # entries are sized by the last job's layer count
+            install_metrics_tracker()
             parallel_state.initialize_model_parallel(
                 tensor_model_parallel_size=layout.tp,
                 pipeline_model_parallel_size=layout.pp,
