@@ -245,6 +245,20 @@ def _gpt_config_with_plugin_spec(device: DeviceChoice) -> Callable:
     return gpt_config_from_args
 
 
+def _compile_helpers_once_built(device: DeviceChoice) -> Callable[[], None]:
+    """``compile_helpers`` that skips ``make`` when the prebuilt extension imports."""
+    original = _resolve("megatron.core.datasets.utils.compile_helpers")
+
+    @functools.wraps(original)
+    def compile_helpers() -> None:
+        try:
+            importlib.import_module("megatron.core.datasets.helpers_cpp")
+        except ImportError:
+            original()
+
+    return compile_helpers
+
+
 def causal_mask_factory(device: DeviceChoice) -> Callable[[int], torch.Tensor]:
     """``transformer.utils.get_default_causal_mask`` on this process's device (cached)."""
     target = device.torch_device() if device.type != "cpu" else torch.device("cpu")
@@ -514,6 +528,19 @@ REGISTRY.register(
             "binds this name at import, after the adaptor is applied."
         ),
         make=_gpt_config_with_plugin_spec,
+        devices=ALL_DEVICES,
+    )
+)
+
+REGISTRY.register(
+    Patch(
+        target="megatron.core.datasets.utils.compile_helpers",
+        why=(
+            "megatron.training runs `make` in the datasets folder at start-up; the wheel ships "
+            "the built helpers_cpp extension but no Makefile, so make fails and the job exits. "
+            "Build only when the extension does not import (a source checkout)."
+        ),
+        make=_compile_helpers_once_built,
         devices=ALL_DEVICES,
     )
 )

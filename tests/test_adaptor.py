@@ -60,6 +60,7 @@ def test_cpu_patches_are_module_local_and_revertible(registry):
 def test_on_cuda_only_the_training_side_patches(registry):
     """No device patch on CUDA; the flags/validation/config patches apply on every device."""
     assert sorted(registry.apply(DeviceChoice("cuda", "nccl"))) == [
+        "megatron.core.datasets.utils.compile_helpers",
         "megatron.training.argument_utils.core_transformer_config_from_args",
         "megatron.training.argument_utils.gpt_config_from_args",
         "megatron.training.arguments.add_megatron_arguments",

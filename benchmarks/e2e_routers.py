@@ -1,0 +1,112 @@
+"""End-to-end router comparison on one machine: the same small GPT-MoE trained with each router
+through ``python -m megatron_locmoe.pretrain_gpt`` (Megatron's pretrain()), same steps and data.
+
+Prints and saves (JSON) the lm loss at fixed steps and tokens/s per router, with each router's
+throughput as a ratio to Megatron's own router measured in the same run.
+
+    python benchmarks/e2e_routers.py --steps 300 --out benchmarks/results/e2e_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+
+MODEL = (
+    "--num-layers 8 --hidden-size 512 --num-attention-heads 8 --seq-length 512 "
+    "--max-position-embeddings 512 --micro-batch-size 8 --global-batch-size 32 --num-experts 16 "
+    "--moe-router-topk 1 --moe-router-pre-softmax --moe-token-dispatcher-type alltoall "
+    "--transformer-impl local --no-persist-layer-norm --no-masked-softmax-fusion "
+    "--no-gradient-accumulation-fusion --swiglu --disable-bias-linear --bf16 --lr 3e-4 "
+    "--min-lr 3e-5 --lr-decay-style cosine --lr-warmup-iters 20 --eval-iters 0 "
+    "--eval-interval 100000 --seed 1234"
+)
+ROUTERS = {
+    "megatron": "--moe-router-type megatron --moe-router-load-balancing-type aux_loss "
+    "--moe-aux-loss-coeff 0.01",
+    "hash": "--moe-router-type hash",
+    "switch": "--moe-router-type switch --moe-expert-capacity-factor 1.0",
+    "locmoe": "--moe-router-type locmoe",
+}
+LINE = re.compile(
+    r"iteration\s+(\d+)/\s*\d+ .*?elapsed time per iteration \(ms\): ([\d.]+).*?lm loss: ([\d.E+-]+)"
+)
+
+
+def run(router: str, steps: int, log_interval: int, data: str, nproc: int) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "megatron_locmoe.pretrain_gpt",
+        *MODEL.split(),
+        *ROUTERS[router].split(),
+        "--train-iters",
+        str(steps),
+        "--log-interval",
+        str(log_interval),
+        *data.split(),
+    ]
+    env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", PYTHONUNBUFFERED="1")
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{router} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    points = [(int(i), float(ms), float(loss)) for i, ms, loss in LINE.findall(proc.stdout)]
+    steady = [ms for i, ms, _ in points if i > 2 * log_interval]  # skip warm-up windows
+    ms = sorted(steady)[len(steady) // 2] if steady else points[-1][1]
+    tokens = 32 * 512
+    return {
+        "loss": {i: loss for i, _, loss in points},
+        "ms_per_iter": ms,
+        "tokens_per_s": tokens / (ms / 1000),
+        "wall_s": time.time() - t0,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--log-interval", type=int, default=50)
+    p.add_argument("--routers", nargs="+", default=list(ROUTERS))
+    p.add_argument(
+        "--data", default="--mock-data --tokenizer-type NullTokenizer --vocab-size 32000"
+    )
+    p.add_argument("--nproc", type=int, default=1)
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    import megatron.core
+    import torch
+
+    results = {r: run(r, a.steps, a.log_interval, a.data, a.nproc) for r in a.routers}
+    base = results.get("megatron", {}).get("tokens_per_s")
+    print(f"{'router':>9} {'tokens/s':>10} {'vs megatron':>11}  lm loss at steps")
+    for r, res in results.items():
+        ratio = f"{res['tokens_per_s'] / base:.3f}" if base else "-"
+        losses = ", ".join(f"{i}: {v:.3f}" for i, v in res["loss"].items())
+        print(f"{r:>9} {res['tokens_per_s']:>10.0f} {ratio:>11}  {losses}")
+    record = {
+        "card": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
+        "torch": torch.__version__,
+        "megatron_core": megatron.core.__version__,
+        "command": " ".join(sys.argv),
+        "model": MODEL,
+        "data": a.data,
+        "results": results,
+    }
+    if a.out:
+        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump(record, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

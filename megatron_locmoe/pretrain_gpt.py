@@ -1,0 +1,127 @@
+"""``python -m megatron_locmoe.pretrain_gpt ARGS``: GPT pretraining on ``megatron.training``.
+
+For machines without a Megatron-LM checkout: ``megatron.training`` ships in the megatron-core
+wheel, only Megatron-LM's ``pretrain_gpt.py`` does not. This is the plugin's own short version
+of that script on the same Megatron APIs (``pretrain()``, GPTModelConfig, Megatron's GPT
+datasets), with the adaptor applied first so ``--moe-router-type`` and the ``--locmoe-*`` flags
+work. Launch it with torchrun like Megatron-LM's script.
+
+Batches: every rank of the first and last pipeline stage reads the dataset itself (same seed,
+same order on every tensor-parallel rank), so no tensor-parallel broadcast is needed; context
+parallelism slices the batch with Megatron's own helper.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from megatron_locmoe import adaptor
+
+
+def _dataset_config(args):
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+    from megatron.training import get_tokenizer
+    from megatron.training.utils import get_blend_and_blend_per_split
+
+    blend, blend_per_split = get_blend_and_blend_per_split(args)
+    return GPTDatasetConfig(
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        blend=blend,
+        blend_per_split=blend_per_split,
+        split=args.split,
+        path_to_cache=args.data_cache_path,
+        mmap_bin_files=args.mmap_bin_files,
+        tokenizer=get_tokenizer(),
+        reset_position_ids=args.reset_position_ids,
+        reset_attention_mask=args.reset_attention_mask,
+        eod_mask_loss=args.eod_mask_loss,
+        create_attention_mask=args.create_attention_mask_in_dataloader,
+    )
+
+
+def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None):
+    """Megatron's GPT datasets (or its mock dataset with --mock-data)."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
+    from megatron.training import get_args
+    from megatron.training.utils import is_first_or_last_pipeline_stage
+
+    args = get_args()
+    dataset_type = MockGPTDataset if args.mock_data else GPTDataset
+    return BlendedMegatronDatasetBuilder(
+        dataset_type,
+        train_val_test_num_samples,
+        lambda: is_first_or_last_pipeline_stage(vp_stage),
+        _dataset_config(args),
+    ).build()
+
+
+train_valid_test_datasets_provider.is_distributed = True
+
+
+def get_batch(data_iterator, vp_stage=None):
+    """(tokens, labels, loss_mask, attention_mask, position_ids) on this rank's device."""
+    from megatron.core import parallel_state
+    from megatron.core.utils import get_batch_on_this_cp_rank
+    from megatron.training.utils import is_first_or_last_pipeline_stage
+
+    if not is_first_or_last_pipeline_stage(vp_stage):
+        return None, None, None, None, None
+    device = torch.device(torch.accelerator.current_accelerator() or "cpu")
+    batch = next(data_iterator)
+    keys = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids")
+    batch = {
+        k: batch[k].to(device, non_blocking=True) if batch.get(k) is not None else None
+        for k in keys
+    }
+    if parallel_state.get_context_parallel_world_size() > 1:
+        batch = get_batch_on_this_cp_rank(
+            batch, is_hybrid_cp=False, cp_group=parallel_state.get_context_parallel_group()
+        )
+    return tuple(batch[k] for k in keys)
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Summed token loss, token count and the 'lm loss' report Megatron's training log expects."""
+    losses = output_tensor.view(-1).float()
+    mask = loss_mask.view(-1).float()
+    loss = torch.sum(losses * mask)
+    num_tokens = mask.sum().detach().to(torch.int)
+    return loss, num_tokens, {"lm loss": torch.cat([loss.detach().view(1), num_tokens.view(1)])}
+
+
+def forward_step(data_iterator, model):
+    """One micro-batch: the model returns per-token losses when given labels."""
+    from megatron.core.utils import get_attr_wrapped_model
+
+    vp_stage = get_attr_wrapped_model(model, "vp_stage")
+    tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator, vp_stage)
+    output = model(tokens, position_ids, attention_mask, labels=labels, loss_mask=loss_mask)
+    return output, partial(loss_func, loss_mask)
+
+
+def main() -> None:
+    adaptor.apply()  # before megatron.training binds the patched names below
+    from megatron.core.enums import ModelType
+    from megatron.training import pretrain
+    from megatron.training.argument_utils import (
+        gpt_config_from_args,
+        pretrain_cfg_container_from_args,
+    )
+    from megatron.training.arguments import parse_and_validate_args
+
+    args = parse_and_validate_args(args_defaults={"tokenizer_type": "NullTokenizer"})
+    model_config = gpt_config_from_args(args)  # the plugin's spec when it is active
+    container = pretrain_cfg_container_from_args(args, model_config)
+    pretrain(
+        container, train_valid_test_datasets_provider, ModelType.encoder_or_decoder, forward_step
+    )
+
+
+if __name__ == "__main__":
+    main()
