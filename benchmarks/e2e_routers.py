@@ -86,13 +86,6 @@ def main() -> None:
     import megatron.core
     import torch
 
-    results = {r: run(r, a.steps, a.log_interval, a.data, a.nproc) for r in a.routers}
-    base = results.get("megatron", {}).get("tokens_per_s")
-    print(f"{'router':>9} {'tokens/s':>10} {'vs megatron':>11}  lm loss at steps")
-    for r, res in results.items():
-        ratio = f"{res['tokens_per_s'] / base:.3f}" if base else "-"
-        losses = ", ".join(f"{i}: {v:.3f}" for i, v in res["loss"].items())
-        print(f"{r:>9} {res['tokens_per_s']:>10.0f} {ratio:>11}  {losses}")
     record = {
         "card": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
         "torch": torch.__version__,
@@ -100,12 +93,22 @@ def main() -> None:
         "command": " ".join(sys.argv),
         "model": MODEL,
         "data": a.data,
-        "results": results,
+        "results": {},
     }
-    if a.out:
-        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump(record, f, indent=1)
+    results = record["results"]
+    for r in a.routers:  # saved after each router, so a cut-off run keeps what finished
+        results[r] = run(r, a.steps, a.log_interval, a.data, a.nproc)
+        if a.out:
+            os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+            with open(a.out, "w") as f:
+                json.dump(record, f, indent=1)
+        print(f"{r}: {results[r]['tokens_per_s']:.0f} tokens/s", flush=True)
+    base = results.get("megatron", {}).get("tokens_per_s")
+    print(f"{'router':>9} {'tokens/s':>10} {'vs megatron':>11}  lm loss at steps")
+    for r, res in results.items():
+        ratio = f"{res['tokens_per_s'] / base:.3f}" if base else "-"
+        losses = ", ".join(f"{i}: {v:.3f}" for i, v in res["loss"].items())
+        print(f"{r:>9} {res['tokens_per_s']:>10.0f} {ratio:>11}  {losses}")
 
 
 if __name__ == "__main__":
