@@ -4,7 +4,10 @@ through ``python -m megatron_locmoe.pretrain_gpt`` (Megatron's pretrain()), same
 Prints and saves (JSON) the lm loss at fixed steps and tokens/s per router, with each router's
 throughput as a ratio to Megatron's own router measured in the same run.
 
-    python benchmarks/e2e_routers.py --steps 300 --out benchmarks/results/e2e_h100.json
+    python -m megatron_locmoe.data --out data/pydoc
+    python benchmarks/e2e_routers.py --steps 300 --out benchmarks/results/e2e_h100.json \
+        --data "--data-path data/pydoc --tokenizer-type NullTokenizer --vocab-size 257" \
+        --hash-counts data/pydoc_counts.npy
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ LINE = re.compile(
 )
 
 
-def run(router: str, steps: int, log_interval: int, data: str, nproc: int) -> dict:
+def run(router: str, steps: int, log_interval: int, data: str, nproc: int, extra="") -> dict:
     cmd = [
         sys.executable,
         "-m",
@@ -82,6 +85,7 @@ def main() -> None:
     )
     p.add_argument("--nproc", type=int, default=1)
     p.add_argument("--out", default=None)
+    p.add_argument("--hash-counts", default="", help="PREFIX_counts.npy for the hash router")
     a = p.parse_args()
     import megatron.core
     import torch
@@ -97,7 +101,10 @@ def main() -> None:
     }
     results = record["results"]
     for r in a.routers:  # saved after each router, so a cut-off run keeps what finished
-        results[r] = run(r, a.steps, a.log_interval, a.data, a.nproc)
+        extra = (
+            f"--locmoe-hash-token-counts {a.hash_counts}" if r == "hash" and a.hash_counts else ""
+        )
+        results[r] = run(r, a.steps, a.log_interval, a.data, a.nproc, extra)
         if a.out:
             os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
             with open(a.out, "w") as f:

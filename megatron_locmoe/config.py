@@ -61,6 +61,9 @@ class LocMoEConfig:
     # ---- hash router -------------------------------------------------------------------------
     hash_seed: int = 1234
     """Seed of the fixed random balanced token-id -> expert map (same on every rank)."""
+    hash_token_counts: str | None = None
+    """Path of a .npy with the corpus count of every token id (megatron_locmoe.data writes
+    PREFIX_counts.npy): the hash router then balances by frequency, not by id."""
 
     # ---- dispatcher --------------------------------------------------------------------------
     dispatcher: Literal["alltoall", "hierarchical"] = "alltoall"

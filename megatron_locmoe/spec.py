@@ -75,7 +75,28 @@ def locmoe_block_spec(model_config, vp_stage=None):
     if not plugin_active(locmoe):
         return block
     get_topology(locmoe.devices_per_node)  # collective on first call; cached afterwards
-    return with_locmoe_layers(block, locmoe, vocab_size=_padded_vocab(model_config))
+    return with_locmoe_layers(
+        block,
+        locmoe,
+        vocab_size=_padded_vocab(model_config),
+        token_counts=_token_counts(locmoe, _padded_vocab(model_config)),
+    )
+
+
+def _token_counts(locmoe: LocMoEConfig, vocab_size: int):
+    """Corpus token counts for the hash router, padded with zeros to the model's vocabulary."""
+    if locmoe.router_type != "hash" or not locmoe.hash_token_counts:
+        return None
+    import numpy as np
+    import torch
+
+    counts = np.load(locmoe.hash_token_counts)
+    if counts.size > vocab_size:
+        raise ValueError(
+            f"{locmoe.hash_token_counts} counts {counts.size} token ids, more than the model's "
+            f"vocabulary of {vocab_size}: it belongs to another tokenizer"
+        )
+    return torch.from_numpy(np.pad(counts, (0, vocab_size - counts.size)))
 
 
 def check_and_connect(models: list) -> list:

@@ -1,0 +1,55 @@
+"""The offline corpus: Python's documentation as byte tokens in Megatron's indexed format,
+read back by Megatron's IndexedDataset and sampled by Megatron's GPTDataset."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from megatron_locmoe import data
+
+
+def test_corpus_round_trips_through_megatron(tmp_path):
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
+
+    prefix = tmp_path / "pydoc"
+    stats = data.build_indexed_dataset(prefix, max_stdlib_files=20)
+    docs = data.documents(max_stdlib_files=20)
+    assert stats["documents"] == len(docs) > 79  # all help topics plus docstrings
+    assert stats["tokens"] > 400_000
+
+    ds = IndexedDataset(str(prefix))
+    assert len(ds) == len(docs)
+    for i in (0, 40, len(docs) - 1):
+        ids = ds[i]
+        assert ids[-1] == data.EOD
+        assert bytes(ids[:-1].astype(np.uint8)).decode("utf-8") == docs[i]
+
+    counts = np.load(f"{prefix}_counts.npy")
+    assert counts.sum() == stats["tokens"] and counts[data.EOD] == len(docs)
+    assert counts[ord("e")] > counts[ord("z")]  # English text
+
+    tokenizer = NullTokenizer(vocab_size=data.VOCAB_SIZE)
+    assert tokenizer.eod == data.EOD  # --vocab-size 257 gives the corpus's end-of-document id
+    config = GPTDatasetConfig(
+        random_seed=1,
+        sequence_length=128,
+        blend=([str(prefix)], None),
+        split="98,2,0",
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        path_to_cache=str(tmp_path / "cache"),
+    )
+    train, valid, _ = BlendedMegatronDatasetBuilder(
+        GPTDataset, [64, 8, 0], lambda: True, config
+    ).build()
+    sample = train[0]
+    assert sample["tokens"].shape == (128,) and sample["labels"].shape == (128,)
+    assert int(sample["tokens"].max()) < data.VOCAB_SIZE
+    assert np.array_equal(sample["tokens"][1:].numpy(), sample["labels"][:-1].numpy())
