@@ -252,10 +252,13 @@ def get_topology(
 ) -> Topology:
     """This rank's Topology, built collectively on first call (every rank must call it).
 
-    Cached per process; rebuilt when Megatron's parallel state was re-initialised.
+    Cached per process; rebuilt when Megatron's parallel state was re-initialised. Without
+    ``devices_per_node`` an existing topology is returned as it is.
     """
     global _TOPOLOGY, _TOPOLOGY_KEY
     ep_group = parallel_state.get_expert_model_parallel_group()
+    if devices_per_node is None and _TOPOLOGY is not None and _TOPOLOGY_KEY[1] == id(ep_group):
+        return _TOPOLOGY  # no explicit size: the one this job already established
     G = resolve_devices_per_node(devices_per_node)
     key = (G, id(ep_group), create_groups)
     if _TOPOLOGY is not None and _TOPOLOGY_KEY == key:

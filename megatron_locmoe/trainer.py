@@ -1,0 +1,182 @@
+"""A short GPT-MoE training loop on Megatron-Core for simulated CPU clusters.
+
+Megatron's ``pretrain()`` is not a CPU target (device setup, NCCL, CUDA RNG), so the simulated
+cluster trains with this loop instead: Megatron-Core's GPTModel built from the plugin's block
+spec, Megatron's GPTDataset over the offline corpus, the plugin's metrics through Megatron's
+MoE tracker into TensorBoard. It runs inside a SimCluster job (``train_job``); GPU runs use
+``megatron_locmoe.pretrain_gpt`` (Megatron's own loop) instead.
+
+Gradients follow Megatron's data-parallel semantics: the loss is the mean over this rank's
+tokens; dense parameters' grads are averaged over the data-parallel group; expert parameters,
+which already received every rank's tokens through the All-to-All, are divided by the same
+data-parallel size and averaged over the expert-data-parallel group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+
+from megatron_locmoe.config import LocMoEConfig
+from megatron_locmoe.data import VOCAB_SIZE
+
+
+@dataclass
+class TrainSettings:
+    """One run of the loop (every rank gets the same settings)."""
+
+    data_prefix: str
+    locmoe: LocMoEConfig
+    steps: int = 30
+    seq_length: int = 64
+    micro_batch_size: int = 4
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_experts: int = 8
+    topk: int = 1
+    lr: float = 3e-3
+    seed: int = 1234
+    tensorboard_dir: str | None = None
+    transformer_overrides: dict = field(default_factory=dict)
+
+
+def _model(settings: TrainSettings, ep: int):
+    from megatron.core.models.gpt import GPTModel
+
+    from megatron_locmoe.spec import check_and_connect, locmoe_block_spec
+    from megatron_locmoe.testing import moe_config
+
+    overrides = dict(
+        ep=ep,
+        num_layers=settings.num_layers,
+        hidden_size=settings.hidden_size,
+        num_attention_heads=settings.num_attention_heads,
+        num_moe_experts=settings.num_experts,
+        moe_router_topk=settings.topk,
+        moe_router_pre_softmax=settings.topk == 1,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
+    if settings.locmoe.router_type == "megatron":
+        overrides.update(moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.01)
+    if settings.locmoe.router_type == "switch":
+        overrides.update(moe_expert_capacity_factor=1.0)
+    overrides.update(settings.transformer_overrides)
+    config = moe_config(**overrides)
+    config.locmoe = settings.locmoe
+    spec = locmoe_block_spec(
+        SimpleNamespace(transformer=config, vocab_size=VOCAB_SIZE, should_pad_vocab=False)
+    )
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=VOCAB_SIZE,
+        max_sequence_length=settings.seq_length,
+    )
+    check_and_connect([model])
+    return model
+
+
+def _dataset(settings: TrainSettings, num_samples: int):
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
+
+    config = GPTDatasetConfig(
+        random_seed=settings.seed,
+        sequence_length=settings.seq_length,
+        blend=([settings.data_prefix], None),
+        split="100,0,0",
+        tokenizer=NullTokenizer(vocab_size=VOCAB_SIZE),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        path_to_cache=None,
+    )
+    train, _, _ = BlendedMegatronDatasetBuilder(
+        GPTDataset, [num_samples, 0, 0], lambda: True, config
+    ).build()
+    return train
+
+
+def _sync_grads(model, dp_group, expt_dp_group, dp_size: int) -> None:
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        if getattr(p, "allreduce", True) is False:  # expert parameters (Megatron's tag)
+            p.grad /= dp_size
+            if dist.get_world_size(expt_dp_group) > 1:
+                dist.all_reduce(p.grad, group=expt_dp_group, op=dist.ReduceOp.AVG)
+        elif dp_size > 1:
+            dist.all_reduce(p.grad, group=dp_group, op=dist.ReduceOp.AVG)
+
+
+def train_job(ctx, settings: TrainSettings) -> dict:
+    """SimCluster job: train ``settings.steps`` steps; return the loss curve and last metrics."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    ctx.topology()
+    torch.manual_seed(settings.seed)
+    model = _model(settings, ctx.layout.ep)
+    dp_group = parallel_state.get_data_parallel_group()
+    expt_dp_group = parallel_state.get_expert_data_parallel_group()
+    dp_size, dp_rank = dist.get_world_size(dp_group), dist.get_rank(dp_group)
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
+    mbs = settings.micro_batch_size
+    data = _dataset(settings, settings.steps * mbs * dp_size)
+    writer = None
+    if settings.tensorboard_dir and ctx.rank == ctx.world_size - 1:  # Megatron's last rank
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(settings.tensorboard_dir)
+    tracker = get_moe_metrics_tracker()
+    losses, reported = [], {}
+    positions = torch.arange(settings.seq_length)[None].expand(mbs, -1)
+    for step in range(settings.steps):
+        first = (step * dp_size + dp_rank) * mbs  # each data-parallel rank its own samples
+        batch = [data[first + i] for i in range(mbs)]
+        tokens = torch.stack([b["tokens"] for b in batch])
+        labels = torch.stack([b["labels"] for b in batch])
+        per_token = model(tokens, positions, None, labels=labels)
+        loss = per_token.float().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        _sync_grads(model, dp_group, expt_dp_group, dp_size)
+        opt.step()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean, group=dp_group, op=dist.ReduceOp.AVG)
+        losses.append(float(mean))
+        scalars = _CollectingWriter(writer, step + 1)
+        tracker.report(
+            1.0,
+            step + 1,
+            writer=scalars,
+            track_names=["load_balancing_loss"],
+            num_layers=settings.num_layers,
+            force_initialize=True,
+        )
+        reported = scalars.values
+        if writer is not None:
+            writer.add_scalar("lm loss", losses[-1], step + 1)
+    if writer is not None:
+        writer.close()
+    return {"losses": losses, "metrics": reported}
+
+
+class _CollectingWriter:
+    """Passes scalars to a TensorBoard writer (if any) and keeps the last values."""
+
+    def __init__(self, writer, step: int):
+        self.writer, self.values = writer, {}
+
+    def add_scalar(self, name, value, step):
+        self.values[name] = float(value)
+        if self.writer is not None:
+            self.writer.add_scalar(name, value, step)
