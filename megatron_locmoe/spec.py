@@ -75,12 +75,8 @@ def locmoe_block_spec(model_config, vp_stage=None):
     if not plugin_active(locmoe):
         return block
     get_topology(locmoe.devices_per_node)  # collective on first call; cached afterwards
-    return with_locmoe_layers(
-        block,
-        locmoe,
-        vocab_size=_padded_vocab(model_config),
-        token_counts=_token_counts(locmoe, _padded_vocab(model_config)),
-    )
+    vocab = _padded_vocab(model_config)
+    return with_locmoe_layers(block, locmoe, vocab, _token_counts(locmoe, vocab))
 
 
 def _token_counts(locmoe: LocMoEConfig, vocab_size: int):

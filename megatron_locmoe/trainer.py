@@ -153,7 +153,7 @@ def train_job(ctx, settings: TrainSettings) -> dict:
         mean = loss.detach().clone()
         dist.all_reduce(mean, group=dp_group, op=dist.ReduceOp.AVG)
         losses.append(float(mean))
-        scalars = _CollectingWriter(writer, step + 1)
+        scalars = _CollectingWriter(writer)
         tracker.report(
             1.0,
             step + 1,
@@ -173,7 +173,7 @@ def train_job(ctx, settings: TrainSettings) -> dict:
 class _CollectingWriter:
     """Passes scalars to a TensorBoard writer (if any) and keeps the last values."""
 
-    def __init__(self, writer, step: int):
+    def __init__(self, writer):
         self.writer, self.values = writer, {}
 
     def add_scalar(self, name, value, step):
