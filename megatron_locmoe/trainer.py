@@ -41,6 +41,9 @@ class TrainSettings:
     lr: float = 3e-3
     seed: int = 1234
     tensorboard_dir: str | None = None
+    wandb_dir: str | None = None
+    """W&B run files (offline: WANDB_MODE=offline is set unless the caller chose a mode)."""
+    run_name: str | None = None
     transformer_overrides: dict = field(default_factory=dict)
 
 
@@ -136,6 +139,7 @@ def train_job(ctx, settings: TrainSettings) -> dict:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(settings.tensorboard_dir)
+    wandb_run = _wandb_run(settings) if ctx.rank == ctx.world_size - 1 else None
     tracker = get_moe_metrics_tracker()
     losses, reported = [], {}
     positions = torch.arange(settings.seq_length)[None].expand(mbs, -1)
@@ -158,6 +162,7 @@ def train_job(ctx, settings: TrainSettings) -> dict:
             1.0,
             step + 1,
             writer=scalars,
+            wandb_writer=wandb_run,
             track_names=["load_balancing_loss"],
             num_layers=settings.num_layers,
             force_initialize=True,
@@ -165,9 +170,32 @@ def train_job(ctx, settings: TrainSettings) -> dict:
         reported = scalars.values
         if writer is not None:
             writer.add_scalar("lm loss", losses[-1], step + 1)
+        if wandb_run is not None:
+            wandb_run.log({"lm loss": losses[-1]}, step + 1)
     if writer is not None:
         writer.close()
+    if wandb_run is not None:
+        wandb_run.finish()
     return {"losses": losses, "metrics": reported}
+
+
+def _wandb_run(settings: TrainSettings):
+    """An offline W&B run on Megatron's logging rank (the last), like Megatron's writer."""
+    if not settings.wandb_dir:
+        return None
+    import os
+
+    import wandb
+
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.makedirs(settings.wandb_dir, exist_ok=True)
+    return wandb.init(
+        project="megatron-locmoe",
+        dir=settings.wandb_dir,
+        name=settings.run_name or settings.locmoe.router_type,
+        config={"locmoe": vars(settings.locmoe), "steps": settings.steps},
+    )
 
 
 class _CollectingWriter:

@@ -1,6 +1,7 @@
 """End to end on the CPU: a tiny GPT-MoE (Megatron-Core GPTModel with the plugin's layers and
 the hierarchical dispatcher) trains on the offline corpus for each router on 2 simulated nodes
-x 2 ranks (EP=4); the loss falls and the plugin's metrics land in TensorBoard event files."""
+x 2 ranks (EP=4); the loss falls and the plugin's metrics land in TensorBoard event files and
+in W&B offline run files."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ def test_training_reduces_loss_and_logs_metrics(cluster_factory, corpus, tmp_pat
         locmoe=LocMoEConfig(router_type=router_type, dispatcher="hierarchical"),
         steps=30,
         tensorboard_dir=str(tmp_path / "tb"),
+        wandb_dir=str(tmp_path / "wb"),
     )
     results = cluster.run(train_job, settings, layout=ParallelLayout(devices_per_node=2, ep=4))
     losses = results[0]["losses"]
@@ -49,3 +51,7 @@ def test_training_reduces_loss_and_logs_metrics(cluster_factory, corpus, tmp_pat
         assert metrics["expert_capacity"] > 0
     tags = _tensorboard_tags(tmp_path / "tb")
     assert {"lm loss", *PLUGIN_METRICS} <= tags
+    # W&B offline run file (binary records; metric names are stored as strings)
+    (run_file,) = (tmp_path / "wb").glob("wandb/offline-run-*/run-*.wandb")
+    raw = run_file.read_bytes()
+    assert all(name.encode() in raw for name in ("lm loss", *PLUGIN_METRICS))
