@@ -52,16 +52,17 @@ class LocMoELayer(MoELayer):
     def _record_traffic(self, device) -> None:
         """Bytes per hop of this forward, when the dispatcher counted them."""
         traffic = getattr(self.token_dispatcher, "last_traffic", None)
-        if traffic is None or self.layer_number is None:
+        if traffic is None:
             return
-        n = self.config.num_layers + (self.config.mtp_num_layers or 0)
-        layer = self.layer_number + (self.config.num_layers if self.is_mtp_layer else 0)
-        for name, value in (
-            (metrics.INTRA_NODE_BYTES, traffic.rank.intra_node_bytes),
-            (metrics.INTER_NODE_BYTES, traffic.rank.inter_node_bytes),
-            (metrics.FLAT_INTER_NODE_BYTES, traffic.flat_rank.inter_node_bytes),
-        ):
-            metrics.record(name, value, layer, n, device)
+        metrics.record_layer(
+            self,
+            {
+                metrics.INTRA_NODE_BYTES: traffic.rank.intra_node_bytes,
+                metrics.INTER_NODE_BYTES: traffic.rank.inter_node_bytes,
+                metrics.FLAT_INTER_NODE_BYTES: traffic.flat_rank.inter_node_bytes,
+            },
+            device,
+        )
 
 
 def locmoe_mlp_builder(stock_moe_mlp, locmoe: LocMoEConfig, vocab_size=None, token_counts=None):

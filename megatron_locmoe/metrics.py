@@ -62,6 +62,18 @@ def node_local_fraction(
     return torch.where(total > 0, local / total.clamp_min(1), torch.ones_like(total))
 
 
+def record_layer(module, values: dict, device: torch.device) -> None:
+    """Record ``{name: value}`` for a router or MoE layer (``config``, ``layer_number``,
+    ``is_mtp_layer``), indexed as Megatron indexes its aux losses (MTP layers after the
+    decoder's)."""
+    config, layer = module.config, module.layer_number
+    if layer is not None and module.is_mtp_layer:
+        layer += config.num_layers
+    num_layers = config.num_layers + (config.mtp_num_layers or 0)
+    for name, value in values.items():
+        record(name, value, layer, num_layers, device)
+
+
 def record(
     name: str, value, layer_number: int | None, num_layers: int, device: torch.device
 ) -> None:

@@ -51,14 +51,6 @@ class PluginRouterMixin:
         # [E] bool: experts hosted on this rank's node. Buffer so it follows .to(device).
         self.register_buffer("expert_is_local", expert_nodes == topo.node, persistent=False)
 
-    def _num_layers(self) -> int:
-        return self.config.num_layers + (self.config.mtp_num_layers or 0)
-
-    def _layer_for_metrics(self) -> int | None:
-        if self.layer_number is None:
-            return None
-        return self.layer_number + (self.config.num_layers if self.is_mtp_layer else 0)
-
     def record_routing_metrics(
         self,
         probs_TE: torch.Tensor,
@@ -70,16 +62,19 @@ class PluginRouterMixin:
         ec_min: torch.Tensor | float = 0.0,
     ) -> None:
         """Record the full metric set (zeros where a metric does not apply to this router)."""
-        layer, n, dev = self._layer_for_metrics(), self._num_layers(), routing_map_TE.device
         real_TE = routing_map_TE & (probs_TE > 0)  # padding-to-capacity slots carry prob 0
-        values = {
-            metrics.LOCALITY_LOSS: locality_loss,
-            metrics.NODE_LOCAL_FRACTION: metrics.node_local_fraction(real_TE, self.expert_is_local),
-            metrics.LOAD_CV: metrics.load_cv(real_TE.sum(0)),
-            metrics.TOKENS_DROPPED: dropped,
-            metrics.EXPERT_CAPACITY: capacity,
-            metrics.CAPACITY_DELTA: delta,
-            metrics.CAPACITY_EC_MIN: ec_min,
-        }
-        for name, value in values.items():
-            metrics.record(name, value, layer, n, dev)
+        metrics.record_layer(
+            self,
+            {
+                metrics.LOCALITY_LOSS: locality_loss,
+                metrics.NODE_LOCAL_FRACTION: metrics.node_local_fraction(
+                    real_TE, self.expert_is_local
+                ),
+                metrics.LOAD_CV: metrics.load_cv(real_TE.sum(0)),
+                metrics.TOKENS_DROPPED: dropped,
+                metrics.EXPERT_CAPACITY: capacity,
+                metrics.CAPACITY_DELTA: delta,
+                metrics.CAPACITY_EC_MIN: ec_min,
+            },
+            routing_map_TE.device,
+        )
