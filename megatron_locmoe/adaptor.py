@@ -418,6 +418,15 @@ _ACCELERATOR_CALLS = {
         "sequence-parallel linear layers allocate their all-gather buffers on "
         "torch.cuda.current_device()."
     ),
+    "megatron.core.dist_checkpointing.strategies.filesystem_async": (
+        "FileSystemWriterAsync.preload_tensors (every torch_dist save, sync or async) calls "
+        "torch.cuda.synchronize() after staging tensors to the host."
+    ),
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver": (
+        "save_state_dict_async_finalize all-reduces its write-failure flag from a tensor on "
+        "torch.cuda.current_device() (every torch_dist save). Not adapted: the fully-parallel "
+        "wrappers and exchange_utils (device='cuda' literals), unused by the default strategy."
+    ),
 }
 
 for _module, _why in _ACCELERATOR_CALLS.items():

@@ -13,16 +13,22 @@ that does not answer within ``job_timeout_s`` gets its ranks' Python stacks dump
 (faulthandler) and the cluster killed, and any rank's failure is raised with that rank's
 traceback. After a failure the processes are restarted for the next job (a timed-out gloo
 group cannot be reused).
+
+Ranks are ordinary (non-daemon) processes, because Megatron's torch_dist checkpoint writer
+starts a multiprocessing Manager, which daemon processes may not do. A rank therefore watches
+its parent and exits when the driver dies, and the driver kills its ranks at interpreter exit.
 """
 
 from __future__ import annotations
 
+import atexit
 import faulthandler
 import os
 import queue
 import signal
 import socket
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -96,6 +102,21 @@ def _destroy_subgroups(dist) -> None:
             dist.destroy_process_group(group)
 
 
+def _exit_with_parent() -> None:
+    """Exit this rank when the driver process is gone (ranks are not daemons)."""
+    from multiprocessing.connection import wait
+
+    parent = mp.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
 def _worker_main(rank, world_size, port, jobs, results, timeout_s, scratch, log_path, device):
     log = open(log_path, "w", buffering=1)  # noqa: SIM115 - lives as long as the process
     if not os.environ.get("LOCMOE_SIMCLUSTER_VERBOSE"):
@@ -103,6 +124,7 @@ def _worker_main(rank, world_size, port, jobs, results, timeout_s, scratch, log_
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
     faulthandler.register(signal.SIGUSR1, file=log, all_threads=True)
+    _exit_with_parent()
     import torch.distributed as dist
 
     from megatron_locmoe.device import BACKEND_FOR_DEVICE
@@ -241,10 +263,11 @@ class SimCluster:
                     self._log_path(rank),
                     self.device,
                 ),
-                daemon=True,
+                daemon=False,  # see the module docstring
             )
             p.start()
             self._procs.append(p)
+        atexit.register(self._kill)  # before multiprocessing joins non-daemon children
         self._collect(-1, self.startup_timeout_s, what="start-up")
         return self
 
@@ -257,6 +280,7 @@ class SimCluster:
             if p.is_alive():
                 p.kill()
         self._procs, self._jobs = [], []
+        atexit.unregister(self._kill)
 
     def __enter__(self) -> SimCluster:
         return self.start()

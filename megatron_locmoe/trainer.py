@@ -14,12 +14,15 @@ data-parallel size and averaged over the expert-data-parallel group.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import time
+from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
+from megatron_locmoe import checkpoint
 from megatron_locmoe.config import LocMoEConfig
 from megatron_locmoe.data import VOCAB_SIZE
 
@@ -44,7 +47,22 @@ class TrainSettings:
     wandb_dir: str | None = None
     """W&B run files (offline: WANDB_MODE=offline is set unless the caller chose a mode)."""
     run_name: str | None = None
+    save_dir: str | None = None
+    """Megatron torch_dist checkpoints (model, Adam state, router state, RNG) go here."""
+    save_interval: int = 0
+    """Save after every this many steps (0: never)."""
+    load_dir: str | None = None
+    """Resume from the latest checkpoint here (the run then continues to ``steps``)."""
     transformer_overrides: dict = field(default_factory=dict)
+    data_prefix_per_node: list[str] | None = None
+    """One corpus prefix per (simulated) node, read by that node's ranks instead of
+    ``data_prefix``: node-correlated data (a domain-sharded loader, as in PanGu-Sigma), without
+    which no router can keep more than 1/nodes of the assignments on the sender's node."""
+    per_layer_logging: bool = False
+    """Also log every metric per MoE layer (Megatron's names: ``moe/<name>_layer_<i>``)."""
+    progress_path: str | None = None
+    """The logging rank appends one JSON line per step here (step, lm loss, seconds): progress
+    bars and tokens/s for a driver that waits on the job."""
 
 
 def _model(settings: TrainSettings, ep: int):
@@ -126,6 +144,8 @@ def train_job(ctx, settings: TrainSettings) -> dict:
     from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 
     ctx.topology()
+    if settings.data_prefix_per_node:
+        settings = _node_data(ctx, settings)
     torch.manual_seed(settings.seed)
     model = _model(settings, ctx.layout.ep)
     dp_group = parallel_state.get_data_parallel_group()
@@ -143,7 +163,9 @@ def train_job(ctx, settings: TrainSettings) -> dict:
     tracker = get_moe_metrics_tracker()
     losses, reported = [], {}
     positions = torch.arange(settings.seq_length)[None].expand(mbs, -1)
-    for step in range(settings.steps):
+    start = checkpoint.load(model, opt, settings.load_dir) if settings.load_dir else 0
+    for step in range(start, settings.steps):
+        step_start = time.perf_counter()
         first = (step * dp_size + dp_rank) * mbs  # each data-parallel rank its own samples
         batch = [data[first + i] for i in range(mbs)]
         tokens = torch.stack([b["tokens"] for b in batch])
@@ -154,6 +176,8 @@ def train_job(ctx, settings: TrainSettings) -> dict:
         loss.backward()
         _sync_grads(model, dp_group, expt_dp_group, dp_size)
         opt.step()
+        if settings.save_dir and settings.save_interval and (step + 1) % settings.save_interval == 0:
+            checkpoint.save(model, opt, step + 1, settings.save_dir)
         mean = loss.detach().clone()
         dist.all_reduce(mean, group=dp_group, op=dist.ReduceOp.AVG)
         losses.append(float(mean))
@@ -166,17 +190,36 @@ def train_job(ctx, settings: TrainSettings) -> dict:
             track_names=["load_balancing_loss"],
             num_layers=settings.num_layers,
             force_initialize=True,
+            per_layer_logging=settings.per_layer_logging,
         )
         reported = scalars.values
         if writer is not None:
             writer.add_scalar("lm loss", losses[-1], step + 1)
         if wandb_run is not None:
             wandb_run.log({"lm loss": losses[-1]}, step + 1)
+        if settings.progress_path and ctx.rank == ctx.world_size - 1:
+            seconds = time.perf_counter() - step_start
+            line = {"step": step + 1, "loss": losses[-1], "seconds": seconds}
+            with open(settings.progress_path, "a") as f:
+                f.write(json.dumps(line) + "\n")
     if writer is not None:
         writer.close()
     if wandb_run is not None:
         wandb_run.finish()
-    return {"losses": losses, "metrics": reported}
+    return {"losses": losses, "first_step": start + 1, "metrics": reported}
+
+
+def _node_data(ctx, settings: TrainSettings) -> TrainSettings:
+    """The settings with ``data_prefix`` = this rank's node's entry of ``data_prefix_per_node``."""
+    nodes = ctx.world_size // ctx.devices_per_node
+    if len(settings.data_prefix_per_node) != nodes:
+        raise ValueError(
+            f"data_prefix_per_node has {len(settings.data_prefix_per_node)} prefixes for "
+            f"{nodes} nodes ({ctx.world_size} ranks, {ctx.devices_per_node} per node): give one "
+            "per node"
+        )
+    node = ctx.rank // ctx.devices_per_node
+    return replace(settings, data_prefix=settings.data_prefix_per_node[node])
 
 
 def _wandb_run(settings: TrainSettings):
