@@ -13,6 +13,7 @@ DISPATCHERS = ("alltoall", "hierarchical")
 DEDUP_MODES = ("auto", "on", "off")
 CAPACITY_MODES = ("none", "bound")
 GRAP_MODES = ("fixed", "learnable")
+EXPERT_IMPLS = ("auto", "loop", "grouped")
 
 
 class ConfigError(ValueError):
@@ -73,6 +74,12 @@ class LocMoEConfig:
     """Per-node dedup of the hierarchical dispatcher: a token crosses to each remote node once.
     auto = on for top-k > 1 (top-1 has nothing to dedup and would only add metadata)."""
 
+    # ---- experts -----------------------------------------------------------------------------
+    experts: Literal["auto", "loop", "grouped"] = "auto"
+    """Expert MLPs when the spec gives Megatron's per-expert loop (SequentialMLP: local spec, or
+    no transformer-engine). grouped: all local experts in two torch._grouped_mm GEMMs (same
+    parameters and results). loop: Megatron's loop. auto: grouped if --moe-grouped-gemm is set."""
+
     # ---- topology ----------------------------------------------------------------------------
     devices_per_node: int | None = None
     """Ranks per node; default torchrun's LOCAL_WORLD_SIZE. Set it to simulate nodes."""
@@ -94,6 +101,8 @@ class LocMoEConfig:
             )
         if self.grap_mode not in GRAP_MODES:
             raise ConfigError(f"grap_mode={self.grap_mode!r}; use one of {', '.join(GRAP_MODES)}")
+        if self.experts not in EXPERT_IMPLS:
+            raise ConfigError(f"experts={self.experts!r}; use one of {', '.join(EXPERT_IMPLS)}")
         if self.grap_temperature <= 0:
             raise ConfigError(f"grap_temperature={self.grap_temperature} must be positive")
         if self.capacity_mode not in CAPACITY_MODES:
@@ -138,6 +147,11 @@ class LocMoEConfig:
                 f"the hierarchical dispatcher replaces Megatron's alltoall dispatcher, but "
                 f"--moe-token-dispatcher-type is {tc.moe_token_dispatcher_type!r}: set it to "
                 "alltoall (flex/DeepEP/HybridEP are their own hierarchical schemes)"
+            )
+        if self.experts == "grouped" and (tc.add_bias_linear or tc.fp8 or tc.fp4):
+            raise ConfigError(
+                "grouped experts (torch._grouped_mm) have no linear biases and no fp8/fp4: pass "
+                "--disable-bias-linear and drop fp8/fp4, or use --locmoe-experts loop"
             )
         if self.router_type == "megatron":
             return

@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from megatron_locmoe import metrics
 from megatron_locmoe.config import LocMoEConfig
 from megatron_locmoe.dispatcher import use_hierarchical_dispatcher
+from megatron_locmoe.experts import GroupedSequentialMLP
 from megatron_locmoe.routers import router_builder
 from megatron_locmoe.topology import current_topology
 
@@ -65,15 +67,39 @@ class LocMoELayer(MoELayer):
         )
 
 
-def locmoe_mlp_builder(stock_moe_mlp, locmoe: LocMoEConfig, vocab_size=None, token_counts=None):
+def wants_grouped_experts(locmoe: LocMoEConfig, moe_grouped_gemm: bool) -> bool:
+    """``locmoe.experts`` grouped, or auto with --moe-grouped-gemm."""
+    return locmoe.experts == "grouped" or (locmoe.experts == "auto" and moe_grouped_gemm)
+
+
+def experts_builder(stock_experts, locmoe: LocMoEConfig, moe_grouped_gemm: bool):
+    """The spec's experts, with Megatron's per-expert loop (SequentialMLP) swapped for the
+    grouped one when ``locmoe.experts`` asks for it (auto: when --moe-grouped-gemm is set but
+    the spec could not give TE's grouped MLP). Any other experts module is kept."""
+    func = getattr(stock_experts, "func", None)
+    if not wants_grouped_experts(locmoe, moe_grouped_gemm) or func is not SequentialMLP:
+        return stock_experts
+    return functools.partial(GroupedSequentialMLP, *stock_experts.args, **stock_experts.keywords)
+
+
+def locmoe_mlp_builder(
+    stock_moe_mlp,
+    locmoe: LocMoEConfig,
+    vocab_size=None,
+    token_counts=None,
+    moe_grouped_gemm: bool = False,
+):
     """Turn Megatron's MoE MlpBuilder (``partial(MoELayer, submodules=MoESubmodules(...))``)
-    into the plugin's: LocMoELayer with the router of ``locmoe.router_type``. A new object:
-    Megatron shares one spec across all MoE layers, so it is never modified in place."""
+    into the plugin's: LocMoELayer with the router of ``locmoe.router_type`` and the experts of
+    ``locmoe.experts``. A new object: Megatron shares one spec across all MoE layers, so it is
+    never modified in place."""
     func = getattr(stock_moe_mlp, "func", None)
     if not (isinstance(func, type) and issubclass(func, MoELayer)):
         raise TypeError(f"expected partial(MoELayer, submodules=...), got {stock_moe_mlp!r}")
+    stock = stock_moe_mlp.keywords["submodules"]
     submodules = dataclasses.replace(
-        stock_moe_mlp.keywords["submodules"],
+        stock,
         router=router_builder(locmoe, vocab_size=vocab_size, token_counts=token_counts),
+        experts=experts_builder(stock.experts, locmoe, moe_grouped_gemm),
     )
     return functools.partial(LocMoELayer, submodules=submodules, locmoe=locmoe)

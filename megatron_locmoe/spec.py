@@ -19,14 +19,19 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from megatron_locmoe.config import LocMoEConfig
-from megatron_locmoe.layer import LocMoELayer, locmoe_mlp_builder
+from megatron_locmoe.layer import LocMoELayer, locmoe_mlp_builder, wants_grouped_experts
 from megatron_locmoe.routers import attach_token_ids
 from megatron_locmoe.topology import get_topology
 
 
-def plugin_active(locmoe: LocMoEConfig) -> bool:
+def plugin_active(locmoe: LocMoEConfig, transformer_config=None) -> bool:
     """True when the plugin changes anything (default settings keep stock Megatron)."""
-    return locmoe.router_type != "megatron" or locmoe.dispatcher != "alltoall"
+    grouped_gemm = bool(getattr(transformer_config, "moe_grouped_gemm", False))
+    return (
+        locmoe.router_type != "megatron"
+        or locmoe.dispatcher != "alltoall"
+        or wants_grouped_experts(locmoe, grouped_gemm)
+    )
 
 
 def _padded_vocab(model_config) -> int:
@@ -40,7 +45,9 @@ def _padded_vocab(model_config) -> int:
     return math.ceil(vocab / multiple) * multiple
 
 
-def with_locmoe_layers(block_spec, locmoe: LocMoEConfig, vocab_size=None, token_counts=None):
+def with_locmoe_layers(
+    block_spec, locmoe: LocMoEConfig, vocab_size=None, token_counts=None, moe_grouped_gemm=False
+):
     """A copy of a decoder block spec whose MoE layers are LocMoELayers (others untouched).
 
     Megatron reuses one MoE layer spec for every MoE layer, so specs are copied, never
@@ -53,7 +60,7 @@ def with_locmoe_layers(block_spec, locmoe: LocMoEConfig, vocab_size=None, token_
             and isinstance(mlp.func, type)
             and issubclass(mlp.func, MoELayer)
         ):
-            new_mlp = locmoe_mlp_builder(mlp, locmoe, vocab_size, token_counts)
+            new_mlp = locmoe_mlp_builder(mlp, locmoe, vocab_size, token_counts, moe_grouped_gemm)
             layer_spec = dataclasses.replace(
                 layer_spec, submodules=dataclasses.replace(layer_spec.submodules, mlp=new_mlp)
             )
@@ -72,11 +79,13 @@ def locmoe_block_spec(model_config, vp_stage=None):
         qk_l2_norm=cfg.qk_l2_norm,
         vp_stage=vp_stage,
     )
-    if not plugin_active(locmoe):
+    if not plugin_active(locmoe, cfg):
         return block
     get_topology(locmoe.devices_per_node)  # collective on first call; cached afterwards
     vocab = _padded_vocab(model_config)
-    return with_locmoe_layers(block, locmoe, vocab, _token_counts(locmoe, vocab))
+    return with_locmoe_layers(
+        block, locmoe, vocab, _token_counts(locmoe, vocab), moe_grouped_gemm=cfg.moe_grouped_gemm
+    )
 
 
 def _token_counts(locmoe: LocMoEConfig, vocab_size: int):
@@ -113,7 +122,7 @@ def check_and_connect(models: list) -> list:
 def configure_gpt_model_config(model_config):
     """Point a GPTModelConfig at the plugin's spec and hook, when the plugin is active."""
     locmoe = getattr(model_config.transformer, "locmoe", None)
-    if locmoe is None or not plugin_active(locmoe):
+    if locmoe is None or not plugin_active(locmoe, model_config.transformer):
         return model_config
     if model_config.transformer_layer_spec not in (None, locmoe_block_spec):
         raise ValueError(

@@ -1,0 +1,118 @@
+"""Grouped expert MLP on ``torch._grouped_mm``: all local experts in two GEMM launches.
+
+Without transformer-engine (TEGroupedMLP) or the grouped_gemm package, Megatron-Core 0.19
+runs experts as SequentialMLP: one small GEMM pair per expert, launch-bound and far from the
+card's peak at fine-grained expert counts. ``GroupedSequentialMLP`` keeps SequentialMLP's
+modules and parameters — so checkpoints, optimizers, DDP buffers and expert-parallel tags are
+exactly Megatron's — and only replaces the compute: the local experts' weights are stacked
+(one copy per forward, [E_local, out, in]) and each projection is one ``torch._grouped_mm``
+over the token groups of the dispatcher's output. Expert linears are local GEMMs under expert
+parallelism (Megatron skips their TP collectives: the dispatcher does them), so expert-tensor-
+parallel shards group the same way.
+
+Numerics equal Megatron's per-expert path (same GEMM inputs and the MLP's own activation
+code); on the H100 the outputs were bitwise equal to the loop (benchmarks/moe_layer_bench.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.fusions.fused_bias_geglu import quick_gelu, weighted_bias_quick_geglu_impl
+from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
+from megatron.core.transformer.moe.experts import SequentialMLP
+
+GROUPED_MM_DTYPES_CUDA = (torch.bfloat16,)
+"""Dtypes torch._grouped_mm runs on CUDA (sm90+) in torch 2.11; the CPU takes float32 too."""
+
+
+def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch._grouped_mm`` exists here for this device and dtype."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if device.type == "cuda":
+        return dtype in GROUPED_MM_DTYPES_CUDA and torch.cuda.get_device_capability(device)[0] >= 9
+    return device.type == "cpu"
+
+
+def grouped_linear(x_TI: torch.Tensor, weight_EOI: torch.Tensor, offsets_E: torch.Tensor):
+    """Per-group ``x @ W_e.T``: rows offsets[e-1]:offsets[e] of x use expert e's weight.
+
+    x [T, in], weight [E, out, in], offsets [E] int32 (cumulative token counts) -> [T, out]."""
+    return torch._grouped_mm(x_TI, weight_EOI.transpose(-2, -1), offs=offsets_E)
+
+
+class GroupedSequentialMLP(SequentialMLP):
+    """SequentialMLP whose experts run as two grouped GEMMs (same parameters and results)."""
+
+    def __init__(self, num_local_experts, config, submodules, pg_collection=None, name=None):
+        super().__init__(num_local_experts, config, submodules, pg_collection, name)
+        cfg = self.config
+        unsupported = [
+            why
+            for why, bad in (
+                ("expert linear biases (--disable-bias-linear)", cfg.add_bias_linear),
+                ("fp8/fp4 (use transformer-engine's grouped MLP)", cfg.fp8 or cfg.fp4),
+                ("the TE activation module", cfg.use_te_activation_func),
+            )
+            if bad
+        ]
+        if unsupported:
+            raise ValueError(
+                "grouped experts (torch._grouped_mm) do not support "
+                + ", ".join(unsupported)
+                + "; change those settings or use the per-expert loop (--locmoe-experts loop)."
+            )
+
+    def _weights(self, name: str) -> torch.Tensor:
+        """The local experts' weights of one projection, stacked: [E_local, out, in]."""
+        return torch.stack([getattr(e, name).weight for e in self.local_experts])
+
+    def _scaled_activation(self, h_TF: torch.Tensor, probs_T: torch.Tensor) -> torch.Tensor:
+        """Activation times each token's routing probability, by the same code path Megatron's
+        MLP.forward takes for experts (fused weighted SwiGLU / quick-GeGLU kernels when
+        bias_activation_fusion is on, else the unfused GLU), so results match bit for bit."""
+        cfg, scale_T1 = self.config, probs_T.unsqueeze(-1)
+        if cfg.bias_activation_fusion:
+            if cfg.activation_func == F.silu and cfg.gated_linear_unit:
+                return weighted_bias_swiglu_impl(
+                    h_TF, None, scale_T1, cfg.activation_func_fp8_input_store
+                )
+            if cfg.activation_func == quick_gelu and cfg.gated_linear_unit:
+                return weighted_bias_quick_geglu_impl(
+                    h_TF,
+                    None,
+                    scale_T1,
+                    cfg.activation_func_fp8_input_store,
+                    cfg.glu_linear_offset,
+                    cfg.activation_func_clamp_value,
+                )
+            raise ValueError(
+                "bias_activation_fusion with routing probabilities supports swiglu and quick_geglu "
+                "only (as Megatron's MLP); pass --no-bias-swiglu-fusion or change the activation."
+            )
+        if cfg.gated_linear_unit:
+            x_glu, x_linear = torch.chunk(h_TF, 2, dim=-1)
+            if (val := cfg.activation_func_clamp_value) is not None:
+                x_glu = x_glu.clamp(min=None, max=val)
+                x_linear = x_linear.clamp(min=-val, max=val)
+            out_TF = cfg.activation_func(x_glu) * (x_linear + cfg.glu_linear_offset)
+        else:
+            out_TF = cfg.activation_func(h_TF)
+        return (out_TF * scale_T1).to(out_TF.dtype)
+
+    def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
+        """[T, H] tokens grouped by local expert, [E_local] counts, [T] probs -> ([T, H], None)."""
+        x_TH, probs_T = permuted_local_hidden_states, permuted_probs
+        if not grouped_mm_available(x_TH.device, x_TH.dtype):
+            return super().forward(x_TH, tokens_per_expert, probs_T)
+        if self.config.moe_apply_probs_on_input:
+            x_TH = (probs_T.unsqueeze(-1) * x_TH).to(x_TH.dtype)
+            probs_T = torch.ones_like(probs_T)
+        counts = torch.as_tensor(tokens_per_expert)
+        offsets_E = counts.to(device=x_TH.device, dtype=torch.int32, non_blocking=True).cumsum(0)
+        offsets_E = offsets_E.to(torch.int32)
+        h_TF = grouped_linear(x_TH, self._weights("linear_fc1"), offsets_E)
+        h_TF = self._scaled_activation(h_TF, probs_T)
+        return grouped_linear(h_TF, self._weights("linear_fc2"), offsets_E), None
+
