@@ -66,13 +66,16 @@ def _transformer_view(args) -> SimpleNamespace:
         moe_router_num_groups=args.moe_router_num_groups,
         moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity,
         moe_token_dispatcher_type=args.moe_token_dispatcher_type,
+        add_bias_linear=args.add_bias_linear,
+        fp8=args.fp8,
+        fp4=getattr(args, "fp4", None),
     )
 
 
 def validate_locmoe_args(args) -> LocMoEConfig:
     """Check the plugin flags against the rest of Megatron's arguments; raise ConfigError."""
     cfg = locmoe_config_from_args(args)
-    plugin = cfg.router_type != "megatron" or cfg.dispatcher != "alltoall"
+    plugin = cfg.router_type != "megatron" or cfg.dispatcher != "alltoall" or cfg.experts == "grouped"
     if not plugin:
         return cfg.validate()
     if args.num_experts is None:

@@ -74,6 +74,9 @@ def test_every_flag_parses_and_lands_in_transformer_config(megatron_args):
         "hierarchical",
         "--locmoe-dispatcher-dedup",
         "on",
+        "--locmoe-experts",
+        "grouped",
+        "--disable-bias-linear",
         "--locmoe-devices-per-node",
         "4",
     )
@@ -94,6 +97,7 @@ def test_every_flag_parses_and_lands_in_transformer_config(megatron_args):
         hash_token_counts="data/pydoc_counts.npy",
         dispatcher="hierarchical",
         dispatcher_dedup="on",
+        experts="grouped",
         devices_per_node=4,
     )
     config = to_config(args)
@@ -183,6 +187,7 @@ INVALID = [
         ],
         "drop --mtp-num-layers",
     ),
+    (["--locmoe-experts", "grouped"], "pass --disable-bias-linear"),
 ]
 
 
