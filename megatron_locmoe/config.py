@@ -47,6 +47,11 @@ class LocMoEConfig:
     grap_learnable_temperature: bool = False
     """Learn that multiplier (as exp of a scalar parameter)."""
 
+    fused_router: bool = False
+    """Route in one pass over the tokens (megatron_locmoe/routers/fused.py), compiled with
+    torch.compile on GPU/NPU: the same results as the reference path up to summation order,
+    several times faster. Padding masks, z-loss and top-k scaling use the reference path."""
+
     # ---- capacity ----------------------------------------------------------------------------
     capacity_mode: Literal["none", "bound"] = "none"
     """none: dropless. bound: capacity from LocMoE's lower bound, clamped between the floor and

@@ -29,6 +29,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_locmoe import capacity as bound
 from megatron_locmoe.config import LocMoEConfig
+from megatron_locmoe.routers import fused
 from megatron_locmoe.routers.base import PluginRouterMixin, drop_to_capacity
 
 
@@ -156,17 +157,41 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         return bound.clamp_capacity(self._host_state()["ec_min"], min(floor, ceiling), ceiling)
 
     # ---- routing ----------------------------------------------------------------------------
+    def _fused_applies(self, padding_mask) -> bool:
+        """The fused path covers the paper's setting; padding masks, z-loss and top-k scaling
+        take the reference path."""
+        cfg = self.config
+        return (
+            self.locmoe.fused_router
+            and padding_mask is None
+            and not cfg.moe_z_loss_coeff
+            and cfg.moe_router_topk_scaling_factor is None
+        )
+
     def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None):
         """[S, B, H] -> probs [T, E] (fp32, zero off the map), routing_map [T, E] bool."""
         E, k, cfg = self.config.num_moe_experts, self.topk, self.locmoe
-        raw_TE = self.grap_raw(input).view(-1, E)
-        logits_TE = self.logits_from_raw(raw_TE)
         if padding_mask is not None:
             padding_mask = padding_mask.reshape(-1)
-        logits_TE = self.apply_z_loss(logits_TE, padding_mask=padding_mask)
-        probs_TE, routing_map_TE = topk_routing_with_score_function(
-            logits_TE, k, use_pre_softmax=True, score_function="softmax"
-        )
+        if self._fused_applies(padding_mask):
+            # one pass: the aux-loss scores are the softmax, their map the top-k map
+            raw_TE, probs_TE, routing_map_TE, scores_TE, _ = fused.route(
+                input.reshape(-1, self.config.hidden_size),
+                self.weight,
+                self.grap_log_temperature,
+                self.grap_bias,
+                k,
+                compile=True,
+            )
+            aux_inputs = (routing_map_TE, scores_TE)
+        else:
+            raw_TE = self.grap_raw(input).view(-1, E)
+            logits_TE = self.logits_from_raw(raw_TE)
+            logits_TE = self.apply_z_loss(logits_TE, padding_mask=padding_mask)
+            probs_TE, routing_map_TE = topk_routing_with_score_function(
+                logits_TE, k, use_pre_softmax=True, score_function="softmax"
+            )
+            aux_inputs = None
         T = routing_map_TE.shape[0]
 
         dropped, capacity = routing_map_TE.new_zeros((), dtype=torch.long), 0
@@ -176,9 +201,9 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
             capacity = self.capacity_for(T)
             probs_TE, routing_map_TE, dropped = drop_to_capacity(probs_TE, routing_map_TE, capacity)
 
-        locality = torch.zeros((), device=logits_TE.device)
+        locality = torch.zeros((), device=probs_TE.device)
         if self.training and torch.is_grad_enabled():
-            map_aux_TE, scores_TE = compute_routing_scores_for_aux_loss(
+            map_aux_TE, scores_TE = aux_inputs or compute_routing_scores_for_aux_loss(
                 logits_TE, k, "softmax", padding_mask=padding_mask
             )
             probs_TE = self._apply_aux_loss(

@@ -1,0 +1,95 @@
+"""The fused LocMoE routing path (one pass over the tokens; torch.compile on GPUs) equals the
+reference path through Megatron's helpers: probs, routing map, aux and locality losses,
+capacity drops, the input gradient and the learnable gate's gradients, on 2 ranks (2 simulated
+nodes, EP=2) for top-1 and top-4, fixed and learnable GrAP, fp32 and bf16 tokens. The compiled
+variant is compared on the GPU by benchmarks/router_bench.py (Inductor needs a GPU here)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_locmoe.config import LocMoEConfig
+from megatron_locmoe.simcluster import ParallelLayout
+from megatron_locmoe.testing import moe_config
+
+E, H = 8, 64
+CASES = {
+    "top1_fixed": dict(topk=1, locmoe=dict()),
+    "top4_learnable": dict(
+        topk=4, locmoe=dict(grap_mode="learnable", grap_bias=True, grap_learnable_temperature=True)
+    ),
+    "top1_bound": dict(
+        topk=1,
+        locmoe=dict(capacity_mode="bound", capacity_floor_factor=0.5),
+        moe_expert_capacity_factor=1.0,
+    ),
+    "top2_bf16": dict(topk=2, locmoe=dict(locality_loss_coeff=0.3), dtype=torch.bfloat16),
+}
+
+
+def fused_vs_reference_job(ctx, case: str):
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    from megatron_locmoe.routers import router_builder
+
+    ctx.topology()
+    kw = dict(CASES[case])
+    topk, dtype = kw.pop("topk"), kw.pop("dtype", torch.float32)
+    lm_overrides = kw.pop("locmoe")
+    config = moe_config(
+        ep=2,
+        num_moe_experts=E,
+        hidden_size=H,
+        moe_router_topk=topk,
+        moe_router_pre_softmax=topk == 1,
+        **kw,
+    )
+    out = {}
+    for fused in (False, True):
+        lm = LocMoEConfig(router_type="locmoe", fused_router=fused, **lm_overrides)
+        torch.manual_seed(3)
+        router = router_builder(lm)(config=config, pg_collection=get_default_pg_collection())
+        router.set_layer_number(1)
+        with torch.no_grad():  # make learnable gates non-trivial, identically for both
+            for p in router.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(9)) * 0.1)
+        gen = torch.Generator().manual_seed(50 + ctx.rank)
+        x = (torch.randn(12, 3, H, generator=gen) * 2).to(dtype).requires_grad_(True)
+        get_moe_metrics_tracker().clear()
+        probs, routing_map = router(x)
+        (probs * torch.linspace(0, 1, probs.numel()).view_as(probs)).sum().backward()
+        tracked = get_moe_metrics_tracker().metrics
+        out[fused] = dict(
+            probs=probs.detach(),
+            map=routing_map,
+            x_grad=x.grad.float(),
+            grads={n: p.grad for n, p in router.named_parameters()},
+            metrics={n: float(m.values[0]) for n, m in tracked.items()},
+        )
+    ref, fus = out[False], out[True]
+    return dict(
+        map_equal=torch.equal(ref["map"], fus["map"]),
+        probs_diff=float((ref["probs"] - fus["probs"]).abs().max()),
+        x_grad_diff=float((ref["x_grad"] - fus["x_grad"]).abs().max()),
+        x_grad_scale=float(ref["x_grad"].abs().max()),
+        grad_diffs={n: float((g - fus["grads"][n]).abs().max()) for n, g in ref["grads"].items()},
+        metrics=(ref["metrics"], fus["metrics"]),
+    )
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_router_equals_reference(cluster2, case):
+    results = cluster2.run(
+        fused_vs_reference_job, case, layout=ParallelLayout(devices_per_node=1, ep=2)
+    )
+    for r in results:
+        assert r["map_equal"]
+        assert r["probs_diff"] < 1e-6
+        assert r["x_grad_diff"] <= 1e-5 * max(1.0, r["x_grad_scale"])
+        assert all(d < 1e-5 for d in r["grad_diffs"].values()), r["grad_diffs"]
+        ref, fus = r["metrics"]
+        assert ref.keys() == fus.keys() and "load_balancing_loss" in ref
+        for name in ref:
+            assert fus[name] == pytest.approx(ref[name], rel=1e-5, abs=1e-7), name
