@@ -30,13 +30,18 @@ MODEL = (
     "--min-lr 3e-5 --lr-decay-style cosine --lr-warmup-iters 20 --eval-iters 0 "
     "--eval-interval 100000 --seed 1234"
 )
+MEGATRON_AUX = "--moe-router-load-balancing-type aux_loss --moe-aux-loss-coeff 0.01"
 ROUTERS = {
-    "megatron": "--moe-router-type megatron --moe-router-load-balancing-type aux_loss "
-    "--moe-aux-loss-coeff 0.01",
-    "hash": "--moe-router-type hash",
-    "switch": "--moe-router-type switch --moe-expert-capacity-factor 1.0",
-    "locmoe": "--moe-router-type locmoe",
+    # Megatron's stock layer: its router and its per-expert loop (no TE, no grouped_gemm)
+    "megatron_loop": f"--moe-router-type megatron {MEGATRON_AUX} --locmoe-experts loop",
+    # the four routers on the plugin's layer with grouped experts (same expert code for all)
+    "megatron": f"--moe-router-type megatron {MEGATRON_AUX} --locmoe-experts grouped",
+    "hash": "--moe-router-type hash --locmoe-experts grouped",
+    "switch": "--moe-router-type switch --moe-expert-capacity-factor 1.0 --locmoe-experts grouped",
+    "locmoe": "--moe-router-type locmoe --locmoe-fused-router --locmoe-experts grouped",
 }
+BASELINE = "megatron"
+"""Ratios are against Megatron's router on the same (grouped) experts."""
 LINE = re.compile(
     r"iteration\s+(\d+)/\s*\d+ .*?elapsed time per iteration \(ms\): ([\d.]+).*?lm loss: ([\d.E+-]+)"
 )
@@ -57,6 +62,7 @@ def run(router: str, steps: int, log_interval: int, data: str, nproc: int, extra
         "--log-interval",
         str(log_interval),
         *data.split(),
+        *extra.split(),
     ]
     env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", PYTHONUNBUFFERED="1")
     t0 = time.time()
@@ -86,6 +92,12 @@ def main() -> None:
     p.add_argument("--nproc", type=int, default=1)
     p.add_argument("--out", default=None)
     p.add_argument("--hash-counts", default="", help="PREFIX_counts.npy for the hash router")
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the routers already in --out (runs split "
+        "over several calls of a time-limited machine; same card, model and data required)",
+    )
     a = p.parse_args()
     import megatron.core
     import torch
@@ -99,6 +111,17 @@ def main() -> None:
         "data": a.data,
         "results": {},
     }
+    if a.append and a.out and os.path.exists(a.out):
+        with open(a.out) as f:
+            previous = json.load(f)
+        same = all(previous[key] == record[key] for key in ("card", "model", "data"))
+        if not same:
+            raise SystemExit(f"--append: {a.out} was measured on another card/model/data")
+        previous["command"] = (
+            [previous["command"]] if isinstance(previous["command"], str) else previous["command"]
+        )
+        previous["command"].append(record["command"])
+        record = previous
     results = record["results"]
     for r in a.routers:  # saved after each router, so a cut-off run keeps what finished
         extra = (
@@ -110,12 +133,12 @@ def main() -> None:
             with open(a.out, "w") as f:
                 json.dump(record, f, indent=1)
         print(f"{r}: {results[r]['tokens_per_s']:.0f} tokens/s", flush=True)
-    base = results.get("megatron", {}).get("tokens_per_s")
-    print(f"{'router':>9} {'tokens/s':>10} {'vs megatron':>11}  lm loss at steps")
+    base = results.get(BASELINE, {}).get("tokens_per_s")
+    print(f"{'router':>13} {'tokens/s':>10} {'vs ' + BASELINE:>11}  lm loss at steps")
     for r, res in results.items():
         ratio = f"{res['tokens_per_s'] / base:.3f}" if base else "-"
         losses = ", ".join(f"{i}: {v:.3f}" for i, v in res["loss"].items())
-        print(f"{r:>9} {res['tokens_per_s']:>10.0f} {ratio:>11}  {losses}")
+        print(f"{r:>13} {res['tokens_per_s']:>10.0f} {ratio:>11}  {losses}")
 
 
 if __name__ == "__main__":

@@ -115,4 +115,3 @@ class GroupedSequentialMLP(SequentialMLP):
         h_TF = grouped_linear(x_TH, self._weights("linear_fc1"), offsets_E)
         h_TF = self._scaled_activation(h_TF, probs_T)
         return grouped_linear(h_TF, self._weights("linear_fc2"), offsets_E), None
-

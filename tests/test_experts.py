@@ -99,13 +99,19 @@ def test_experts_setting_selects_module_and_validates():
     from megatron_locmoe.experts import GroupedSequentialMLP
     from megatron_locmoe.layer import experts_builder, wants_grouped_experts
 
-    stock = build_moe_layer.__globals__["get_moe_module_spec_for_backend"](
-        build_moe_layer.__globals__["LocalSpecProvider"](), num_experts=8
-    ).keywords["submodules"].experts
+    stock = (
+        build_moe_layer.__globals__["get_moe_module_spec_for_backend"](
+            build_moe_layer.__globals__["LocalSpecProvider"](), num_experts=8
+        )
+        .keywords["submodules"]
+        .experts
+    )
     assert stock.func is SequentialMLP
     assert experts_builder(stock, LocMoEConfig(experts="auto"), False) is stock
     assert experts_builder(stock, LocMoEConfig(experts="auto"), True).func is GroupedSequentialMLP
-    assert experts_builder(stock, LocMoEConfig(experts="grouped"), False).func is GroupedSequentialMLP
+    assert (
+        experts_builder(stock, LocMoEConfig(experts="grouped"), False).func is GroupedSequentialMLP
+    )
     assert experts_builder(stock, LocMoEConfig(experts="loop"), True) is stock
     assert not wants_grouped_experts(LocMoEConfig(), False)
     with pytest.raises(ConfigError, match="--disable-bias-linear"):

@@ -33,7 +33,7 @@ def grap_softmax_topk(
     """
     T, H = x_TH.shape
     E = weight_EC.shape[0]
-    raw_TE = (x_TH.view(T, E, H // E).float() * weight_EC.float()).sum(-1)
+    raw_TE = (x_TH.reshape(T, E, H // E).float() * weight_EC.float()).sum(-1)
     logits_TE = raw_TE * log_temperature.exp()
     if bias_E is not None:
         logits_TE = logits_TE + bias_E

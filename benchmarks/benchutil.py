@@ -1,0 +1,125 @@
+"""What the GPU benchmarks share: a one-process Megatron parallel state, timing with device
+events after warm-up (median of repeats), peak memory, the card's published peaks, and the
+results record (card, versions, command).
+
+Every benchmark prints ratios against a baseline measured in the same run on the same card;
+absolute numbers only go into the JSON with the card's name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+CARD_PEAKS = {
+    # name substring: (memory bandwidth B/s, dense bf16 FLOP/s), from NVIDIA's datasheets
+    "H100 80GB HBM3": (3.35e12, 989e12),  # H100 SXM5
+    "H100 PCIe": (2.0e12, 756e12),
+    "H100 NVL": (3.9e12, 835e12),
+    "H200": (4.8e12, 989e12),
+}
+
+
+def card_peaks(device: torch.device) -> tuple[str, float | None, float | None]:
+    """(name, bandwidth B/s, bf16 FLOP/s) of this device; None where the card is unknown."""
+    if device.type != "cuda":
+        return platform.processor() or "cpu", None, None
+    name = torch.cuda.get_device_name(device)
+    for key, (bw, flops) in CARD_PEAKS.items():
+        if key in name:
+            return name, bw, flops
+    return name, None, None
+
+
+def init_single_process(device_type: str) -> torch.device:
+    """A world of one (nccl on GPU, gloo on CPU) with Megatron's parallel state, so routers,
+    dispatchers and experts build exactly as in training (EP = TP = 1)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_locmoe import adaptor
+    from megatron_locmoe.device import BACKEND_FOR_DEVICE
+    from megatron_locmoe.topology import get_topology
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    if device_type == "cpu":
+        os.environ["LOCMOE_DEVICE"] = "cpu"
+    adaptor.apply()
+    device = torch.device(device_type, 0) if device_type != "cpu" else torch.device("cpu")
+    if device_type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(BACKEND_FOR_DEVICE[device_type], rank=0, world_size=1)
+    parallel_state.initialize_model_parallel()
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    model_parallel_cuda_manual_seed(1234)
+    get_topology(devices_per_node=1)
+    return device
+
+
+def timed(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int, inner: int):
+    """Median milliseconds per call of ``fn`` over ``repeats`` timings of ``inner`` calls each,
+    after ``warmup`` calls (compilation, autotuning and allocator warm-up happen there)."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / inner)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            samples.append((time.perf_counter() - t0) * 1000 / inner)
+    return statistics.median(samples)
+
+
+def peak_memory_mb(fn: Callable[[], None], device: torch.device) -> float | None:
+    """Peak device memory allocated during one call beyond what was allocated before it."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def record(device: torch.device, **extra) -> dict:
+    """The header of a results file: card, versions, command."""
+    import megatron.core
+
+    name, bw, flops = card_peaks(device)
+    return {
+        "card": name,
+        "memory_bandwidth_Bps": bw,
+        "bf16_peak_flops": flops,
+        "torch": torch.__version__,
+        "megatron_core": megatron.core.__version__,
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        **extra,
+    }
+
+
+def save(path: str | None, data: dict) -> None:
+    if not path:
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+    print(f"wrote {path}")

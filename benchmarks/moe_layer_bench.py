@@ -1,0 +1,216 @@
+"""The whole MoE layer forward+backward, the plugin against Megatron-Core's local-spec layer, and
+the expert GEMMs' TFLOP/s against the card's bf16 peak; all in one run on one card.
+
+    python benchmarks/moe_layer_bench.py --out benchmarks/results/moe_layer_h100.json
+
+Layers (same weights, same tokens, EP = 1, alltoall dispatcher, bf16, SwiGLU experts):
+- ``megatron_local``: Megatron's MoELayer from its local spec: TopKRouter (aux loss) and the
+  per-expert loop (SequentialMLP) that Megatron uses without transformer-engine — the baseline;
+- ``plugin_megatron_grouped``: the plugin's layer with Megatron's router and grouped experts
+  (isolates the expert path: its output must equal the baseline's bit for bit);
+- ``plugin_locmoe_grouped``: the plugin's layer with the fused LocMoE router and grouped experts.
+Experts alone: the loop and the grouped module on the baseline's routing, forward and
+forward+backward, FLOPs = 6 * assignments * H * F forward (SwiGLU: 2F up, F down), 3x that
+with the backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchutil  # noqa: E402
+
+
+def _config(T, H, E, k, F_):
+    from megatron.core.transformer import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=1,
+        hidden_size=H,
+        num_attention_heads=16,
+        num_moe_experts=E,
+        moe_router_topk=k,
+        moe_router_pre_softmax=k == 1,
+        moe_ffn_hidden_size=F_,
+        moe_token_dispatcher_type="alltoall",
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=0.01,
+        moe_router_dtype="fp32",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        bias_activation_fusion=False,
+        add_bias_linear=False,
+        params_dtype=torch.bfloat16,
+        bf16=True,
+        transformer_impl="local",
+    )
+
+
+def build_layer(name: str, config, device):
+    from megatron.core.models.backends import LocalSpecProvider
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    from megatron_locmoe.config import LocMoEConfig
+    from megatron_locmoe.layer import locmoe_mlp_builder
+
+    spec = get_moe_module_spec_for_backend(
+        LocalSpecProvider(), num_experts=config.num_moe_experts, moe_grouped_gemm=False
+    )
+    if name == "plugin_megatron_grouped":
+        spec = locmoe_mlp_builder(spec, LocMoEConfig(router_type="megatron", experts="grouped"))
+    elif name == "plugin_locmoe_grouped":
+        lm = LocMoEConfig(router_type="locmoe", experts="grouped", fused_router=True)
+        spec = locmoe_mlp_builder(spec, lm)
+    elif name != "megatron_local":
+        raise ValueError(name)
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    torch.manual_seed(7)  # same weights in every layer: reset the host RNG and Megatron's
+    model_parallel_cuda_manual_seed(7)  # device RNG tracker (experts initialise under a fork)
+    layer = spec(config=config, pg_collection=get_default_pg_collection())
+    layer.set_layer_number(1)
+    return layer.to(device)
+
+
+LAYERS = ["megatron_local", "plugin_megatron_grouped", "plugin_locmoe_grouped"]
+
+
+def bench_layers(config, T, device, args) -> dict:
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(T, 1, config.hidden_size, device=device, dtype=torch.bfloat16, generator=gen)
+    dy = torch.randn_like(x)
+    rows, outs = {}, {}
+    for name in LAYERS:
+        layer = build_layer(name, config, device)
+        xr = x.clone().requires_grad_(True)
+
+        def step(layer=layer, xr=xr):
+            y, _ = layer(xr)
+            y.backward(dy)
+            xr.grad = None
+            for p in layer.parameters():
+                p.grad = None
+
+        ms = benchutil.timed(step, device, args.warmup, args.repeats, args.inner)
+        mem = benchutil.peak_memory_mb(step, device)
+        y, _ = layer(xr)
+        y.backward(dy)
+        outs[name] = (y.detach(), xr.grad.clone())
+        rows[name] = {"ms": ms, "peak_mb": mem}
+        del layer
+    base = rows["megatron_local"]["ms"]
+    for row in rows.values():
+        row["vs_megatron"] = row["ms"] / base
+    (y0, g0), (y1, g1) = outs["megatron_local"], outs["plugin_megatron_grouped"]
+    check = {
+        "output_bitwise": bool(torch.equal(y0, y1)),
+        "x_grad_bitwise": bool(torch.equal(g0, g1)),
+    }
+    return {"layers": rows, "grouped_vs_loop_layer": check}
+
+
+def bench_experts(config, T, device, args) -> dict:
+    """Loop vs grouped experts on the same routed tokens (the baseline router's routing)."""
+    from megatron_locmoe.experts import GroupedSequentialMLP
+
+    layer = build_layer("megatron_local", config, device)
+    gen = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(T, 1, config.hidden_size, device=device, dtype=torch.bfloat16, generator=gen)
+    with torch.no_grad():
+        _, routing_map = layer.router(x)
+    counts = routing_map.sum(0).cpu()
+    n = int(counts.sum())
+    tokens = torch.randn(n, config.hidden_size, device=device, dtype=torch.bfloat16, generator=gen)
+    probs = torch.rand(n, device=device, dtype=torch.float32, generator=gen)
+    dy = torch.randn_like(tokens)
+    loop = layer.experts
+    plugin = build_layer("plugin_megatron_grouped", config, device)  # same seed: same weights
+    assert isinstance(plugin.experts, GroupedSequentialMLP)
+    grouped = plugin.experts
+    H, F_ = config.hidden_size, config.moe_ffn_hidden_size
+    fwd_flops = 6 * n * H * F_
+    _, _, peak = benchutil.card_peaks(device)
+    rows, outs = {}, {}
+    for name, module in (("loop", loop), ("grouped", grouped)):
+        fn = module.forward
+
+        def fwd(fn=fn):
+            with torch.no_grad():
+                fn(tokens, counts, probs)
+
+        t_in = tokens.clone().requires_grad_(True)
+
+        def fwd_bwd(fn=fn, t_in=t_in, module=module):
+            out, _ = fn(t_in, counts, probs)
+            out.backward(dy)
+            t_in.grad = None
+            for p in module.parameters():
+                p.grad = None
+
+        ms_f = benchutil.timed(fwd, device, args.warmup, args.repeats, args.inner)
+        ms_fb = benchutil.timed(fwd_bwd, device, args.warmup, args.repeats, args.inner)
+        with torch.no_grad():
+            outs[name] = fn(tokens, counts, probs)[0]
+        tf_f = fwd_flops / (ms_f / 1e3) / 1e12
+        tf_fb = 3 * fwd_flops / (ms_fb / 1e3) / 1e12
+        rows[name] = {
+            "fwd_ms": ms_f,
+            "fwd_bwd_ms": ms_fb,
+            "fwd_tflops": tf_f,
+            "fwd_bwd_tflops": tf_fb,
+            "fwd_of_peak": tf_f * 1e12 / peak if peak else None,
+        }
+    ideal_ms = 3 * fwd_flops / peak * 1e3 if peak else None
+    return {
+        "assignments": n,
+        "experts": rows,
+        "bitwise": bool(torch.equal(outs["loop"], outs["grouped"])),
+        "ideal_fwd_bwd_ms_at_peak": ideal_ms,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shape", default="8192,2048,64,6,1408", help="T,H,E,k,F")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--inner", type=int, default=3)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    T, H, E, k, F_ = (int(v) for v in args.shape.split(","))
+    device = benchutil.init_single_process(args.device)
+    config = _config(T, H, E, k, F_)
+    result = benchutil.record(device, shape={"T": T, "H": H, "E": E, "k": k, "F": F_})
+    print(
+        f"card: {result['card']}  torch {result['torch']}  megatron-core {result['megatron_core']}"
+    )
+    print(f"T={T} H={H} E={E} top-{k} F={F_} (SwiGLU, bf16, EP=1)")
+    result["experts"] = bench_experts(config, T, device, args)
+    ex = result["experts"]
+    print(f"\nexpert MLPs alone ({ex['assignments']} assignments; bitwise equal: {ex['bitwise']}):")
+    print(f"  {'impl':<9}{'fwd ms':>9}{'fwd TFLOP/s':>13}{'fwd+bwd ms':>12}{'fwd+bwd TFLOP/s':>17}")
+    for name, row in ex["experts"].items():
+        print(
+            f"  {name:<9}{row['fwd_ms']:>9.3f}{row['fwd_tflops']:>13.0f}"
+            f"{row['fwd_bwd_ms']:>12.3f}{row['fwd_bwd_tflops']:>17.0f}"
+        )
+    result.update(bench_layers(config, T, device, args))
+    print("\nwhole MoE layer, forward+backward:")
+    print(f"  {'layer':<26}{'ms':>9}{'vs megatron':>13}{'peak MB':>9}")
+    for name, row in result["layers"].items():
+        mem = f"{row['peak_mb']:.0f}" if row["peak_mb"] is not None else "-"
+        print(f"  {name:<26}{row['ms']:>9.3f}{row['vs_megatron']:>13.3f}{mem:>9}")
+    print(f"  grouped vs loop layer: {result['grouped_vs_loop_layer']}")
+    benchutil.save(args.out, result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Router forward+backward time and peak memory against Megatron-Core's TopKRouter, same run.
+
+    python benchmarks/router_bench.py --out benchmarks/results/router_h100.json
+
+Routers: Megatron's TopKRouter with its aux loss (the baseline) and with group-limited routing,
+the plugin's locmoe (reference path and fused path), switch (top-1 only, by definition) and
+hash. Tokens are bf16 [T, 1, H]; routing math is fp32. The backward is driven by a random
+gradient on the routing probabilities (plus each router's losses). Times are medians over
+repeats of CUDA-event-timed loops after warm-up; the floor is the bytes a router must move at
+the card's bandwidth: read x and write dx once ([T, H] bf16 each), plus the [T, E] outputs.
+
+The locmoe routers run with half of the experts marked as remote (two simulated nodes), so the
+locality loss is computed as in a multi-node run; one process cannot host a real second node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchutil  # noqa: E402
+
+SHAPES = [(8192, 4096, 16, 1), (8192, 2048, 64, 6), (16384, 7168, 256, 8)]
+"""(tokens, hidden, experts, top-k): the paper's setting, then two fine-grained MoEs."""
+
+GROUPS = {16: (4, 1), 64: (8, 3), 256: (8, 4)}
+"""Group-limited routing per expert count: (groups, groups chosen per token)."""
+
+
+def _config(H, E, k, **overrides):
+    from megatron.core.transformer import TransformerConfig
+
+    kwargs = dict(
+        num_layers=1,
+        hidden_size=H,
+        num_attention_heads=8,
+        num_moe_experts=E,
+        moe_router_topk=k,
+        moe_router_pre_softmax=k == 1,
+        moe_ffn_hidden_size=128,
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=0.01,
+        moe_router_dtype="fp32",
+        params_dtype=torch.bfloat16,
+        bf16=True,
+        add_bias_linear=False,
+        transformer_impl="local",
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def build_router(name: str, H: int, E: int, k: int, device):
+    """(router, config) for one benchmark entry, or None where the router cannot take the shape."""
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    from megatron_locmoe.config import LocMoEConfig
+    from megatron_locmoe.routers import router_builder
+
+    pg = get_default_pg_collection()
+    if name == "megatron_aux":
+        config = _config(H, E, k)
+        router = TopKRouter(config=config, pg_collection=pg)
+    elif name == "megatron_group_limited":
+        groups, group_topk = GROUPS[E]
+        config = _config(H, E, k, moe_router_num_groups=groups, moe_router_group_topk=group_topk)
+        router = TopKRouter(config=config, pg_collection=pg)
+    elif name in ("locmoe", "locmoe_fused"):
+        config = _config(H, E, k)
+        lm = LocMoEConfig(router_type="locmoe", fused_router=name == "locmoe_fused")
+        router = router_builder(lm)(config=config, pg_collection=pg)
+        remote = torch.arange(E) >= E // 2  # two simulated nodes: see the module docstring
+        router.expert_is_local.copy_(~remote)
+        router.locality_on = True
+    elif name == "switch":
+        if k != 1:
+            return None
+        config = _config(H, E, k, moe_expert_capacity_factor=1.0)
+        router = router_builder(LocMoEConfig(router_type="switch"))(config=config, pg_collection=pg)
+    elif name == "hash":
+        config = _config(H, E, k, moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0)
+        router = router_builder(LocMoEConfig(router_type="hash"), vocab_size=50304)(
+            config=config, pg_collection=pg
+        )
+    else:
+        raise ValueError(f"unknown router {name!r}")
+    router.set_layer_number(1)
+    return router.to(device), config
+
+
+ROUTERS = ["megatron_aux", "megatron_group_limited", "locmoe", "locmoe_fused", "switch", "hash"]
+
+
+def bench_shape(T, H, E, k, device, args) -> dict:
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(T, 1, H, device=device, dtype=torch.bfloat16, generator=gen)
+    grad_TE = torch.randn(T, E, device=device, dtype=torch.float32, generator=gen)
+    ids = torch.randint(0, 50304, (1, T), device=device, generator=gen)
+    _, bw, _ = benchutil.card_peaks(device)
+    floor_bytes = 2 * T * H * 2 + T * E * (4 + 1 + 4)
+    floor_ms = floor_bytes / bw * 1e3 if bw else None
+    rows, outputs = {}, {}
+    for name in args.routers:
+        built = build_router(name, H, E, k, device)
+        if built is None:
+            continue
+        router, _ = built
+        if name == "hash":
+            router.set_token_ids(ids)
+        xr = x.clone().requires_grad_(True)
+
+        def step(router=router, xr=xr):
+            probs, _ = router(xr)
+            if probs.requires_grad:  # hash routing has no gradient path
+                probs.backward(grad_TE)
+            xr.grad = None
+
+        ms = benchutil.timed(step, device, args.warmup, args.repeats, args.inner)
+        mem = benchutil.peak_memory_mb(step, device)
+        probs, routing_map = router(xr)
+        if probs.requires_grad:
+            probs.backward(grad_TE)
+            outputs[name] = (probs.detach(), routing_map, xr.grad.float())
+        rows[name] = {"ms": ms, "peak_mb": mem, "x_floor": ms / floor_ms if floor_ms else None}
+        del router
+    base = rows["megatron_aux"]["ms"]
+    for row in rows.values():
+        row["vs_megatron"] = row["ms"] / base
+    check = None
+    if "locmoe" in outputs and "locmoe_fused" in outputs:
+        (p0, m0, g0), (p1, m1, g1) = outputs["locmoe"], outputs["locmoe_fused"]
+        check = {
+            "map_equal": bool(torch.equal(m0, m1)),
+            "probs_max_diff": float((p0 - p1).abs().max()),
+            "x_grad_max_rel_diff": float((g0 - g1).abs().max() / g0.abs().max().clamp_min(1e-30)),
+        }
+    return {"shape": [T, H, E, k], "floor_ms": floor_ms, "routers": rows, "fused_check": check}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shapes", default=None, help="T,H,E,k;T,H,E,k (default: the three above)")
+    p.add_argument("--routers", nargs="+", default=ROUTERS)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--inner", type=int, default=10)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    shapes = SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")]
+    device = benchutil.init_single_process(args.device)
+    result = benchutil.record(device, shapes=[])
+    print(
+        f"card: {result['card']}  torch {result['torch']}  megatron-core {result['megatron_core']}"
+    )
+    for T, H, E, k in shapes:
+        res = bench_shape(T, H, E, k, device, args)
+        result["shapes"].append(res)
+        floor = f"{res['floor_ms'] * 1e3:.0f} us" if res["floor_ms"] else "n/a"
+        print(f"\nT={T} H={H} E={E} top-{k}  (memory floor {floor})")
+        print(f"  {'router':<24}{'ms':>8}{'vs megatron':>13}{'x floor':>9}{'peak MB':>9}")
+        for name, row in res["routers"].items():
+            xf = f"{row['x_floor']:.1f}" if row["x_floor"] else "-"
+            mem = f"{row['peak_mb']:.0f}" if row["peak_mb"] is not None else "-"
+            print(f"  {name:<24}{row['ms']:>8.3f}{row['vs_megatron']:>13.3f}{xf:>9}{mem:>9}")
+        if res["fused_check"]:
+            print(f"  fused vs reference: {res['fused_check']}")
+    benchutil.save(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
