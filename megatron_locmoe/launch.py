@@ -1,0 +1,727 @@
+"""``python -m megatron_locmoe.launch --config PRESET``: a preset becomes one torchrun per node.
+
+    python -m megatron_locmoe.launch --config h100-2node --nodes 2 --node-rank 0 \\
+        --master-addr 10.0.0.1 [--set KEY=VALUE ...] [--dry-run] [-- MORE MEGATRON FLAGS]
+
+Run it once on every node (``launch/slurm.sbatch`` does that with srun). Before anything
+starts it checks the preset against the cluster (layout arithmetic, then the whole command
+through Megatron's own parser and ``validate_args`` with the plugin flags; see
+:mod:`megatron_locmoe.presets`), so a wrong node count or a typo fails on the login node with
+a message saying what to change. ``--dry-run`` prints, for every node (or the one given by
+``--node-rank``), the exact environment and command and starts nothing.
+
+Per device kind:
+
+- ``cuda``: ``python -m torch.distributed.run ... -m megatron_locmoe.pretrain_gpt FLAGS``
+  (``--entry PATH/pretrain_gpt.py`` runs Megatron-LM's script instead: directly when
+  ``megatron-locmoe-patch`` patched it, else through ``megatron_locmoe.run``).
+  One node: ``--standalone``; several: static rendezvous on ``--master-addr`` /
+  ``--node-rank``, or c10d rendezvous with ``--rdzv-id`` (Slurm).
+- ``npu`` (Ascend mode): each rank starts in ``python -m megatron_locmoe.launch --worker
+  ENTRY``, which imports ``torch_npu`` and ``torch_npu.contrib.transfer_to_npu`` before
+  anything imports Megatron, so ``megatron.training``'s own ``torch.cuda`` calls and its
+  ``nccl`` backend name become NPU calls and HCCL (the plugin's device layer then picks
+  npu / hccl because torch_npu is loaded; the MoE path is adapted by the adaptor's NPU
+  patches). The environment adds ASCEND_RT_VISIBLE_DEVICES and the HCCL timeouts and buffer
+  size; ``TORCH_COMPILE_DISABLE=1`` keeps Megatron's ``@jit_fuser`` (torch.compile) functions
+  eager; settings that need CUDA-only code (TE, apex, grouped GEMM, FP8, CUDA graphs) are
+  refused on the parsed arguments. MindSpeed is not used: it pins its own Megatron versions.
+- ``cpu``: Megatron's ``pretrain()`` is not a CPU target, so the launcher trains in this
+  process's simulated cluster instead (``megatron_locmoe.simcluster.SimCluster``, gloo, nodes
+  x devices-per-node ranks) with ``megatron_locmoe.trainer``: the parsed Megatron arguments
+  are mapped onto ``TrainSettings`` (model sizes, router and ``--locmoe-*`` flags, steps,
+  batch, lr, seed, TensorBoard / W&B dirs); flags that loop cannot honour are refused.
+
+A preset with a ``sweep`` runs its entries one after another (e.g. one training per router)
+and ends with a table of tokens/s and lm loss per run, also written to
+``RUNS/PRESET/summary.json``; every run's output is kept in ``RUNS/PRESET/RUN/node<R>.log``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import runpy
+import shlex
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from megatron_locmoe.presets import (
+    Preset,
+    PresetError,
+    apply_override,
+    available_presets,
+    check_layout,
+    cuda_only_flags,
+    cuda_only_settings,
+    flag_value,
+    load_preset,
+    megatron_argv,
+    parse_with_megatron,
+)
+
+DEFAULT_MASTER_PORT = 29500
+TORCHRUN = ("-m", "torch.distributed.run")
+
+CUDA_ENV = {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+"""Megatron's usual setting: one hardware queue keeps communication kernels in issue order
+(needed for its TP/SP communication overlap; harmless otherwise)."""
+
+ASCEND_ENV = {
+    "CUDA_DEVICE_MAX_CONNECTIONS": "1",
+    "HCCL_CONNECT_TIMEOUT": "1200",
+    "HCCL_EXEC_TIMEOUT": "1800",
+    "HCCL_BUFFSIZE": "200",
+    "TORCH_COMPILE_DISABLE": "1",
+}
+"""Ascend defaults (a preset's ``env`` overrides them). CUDA_DEVICE_MAX_CONNECTIONS: Megatron's
+validate_args asserts it is 1 for TP / CP > 1 on devices older than Blackwell, NPUs included
+(nothing on the NPU reads it otherwise). HCCL_CONNECT_TIMEOUT (s, HCCL's
+default 120): link set-up among hundreds of NPUs at start-up can take longer.
+HCCL_EXEC_TIMEOUT (s): how long a rank waits inside a collective, long enough for the first
+steps' graph compilation. HCCL_BUFFSIZE (MB per communicator, HCCL's default 200): must hold
+one All-to-All chunk; the presets state their payload. TORCH_COMPILE_DISABLE: Megatron's
+``@jit_fuser`` is torch.compile, which has no NPU backend in this stack; eager is the same
+math."""
+
+LOG_LINE = re.compile(
+    r"iteration\s+(\d+)/\s*\d+ \|.*?elapsed time per iteration \(ms\): ([\d.]+)"
+    r".*?lm loss: ([\d.Ee+-]+)"
+)
+"""One line of Megatron's training log (logged by the last rank)."""
+
+
+# --------------------------------------------------------------------------------------------
+# The plan: what runs where
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class NodeCommand:
+    """What one node runs: the variables the launcher sets on top of the node's environment
+    and the command."""
+
+    node_rank: int
+    env: dict[str, str]
+    argv: list[str]
+
+    def shell(self) -> str:
+        """The command as one copy-pasteable shell line (``env K=V ... CMD``)."""
+        return shlex.join(["env", *(f"{k}={v}" for k, v in self.env.items()), *self.argv])
+
+
+@dataclass
+class RunPlan:
+    """One training of the preset (the preset itself, or one sweep entry)."""
+
+    name: str
+    flags: list[str]
+    """The Megatron flags, checked by Megatron's parser unless --no-check."""
+    log_dir: Path
+    commands: list[NodeCommand] = field(default_factory=list)
+    """One per node in the plan (cuda / npu)."""
+    args: Any = None
+    """Megatron's validated namespace (None with --no-check)."""
+
+    @property
+    def tokens_per_iteration(self) -> int | None:
+        gbs, seq = (
+            flag_value(self.flags, "--global-batch-size"),
+            flag_value(self.flags, "--seq-length"),
+        )
+        return int(gbs) * int(seq) if gbs and seq else None
+
+
+@dataclass
+class Plan:
+    """A checked preset on a cluster shape: its runs, each with one command per node."""
+
+    preset: Preset
+    nodes: int
+    devices_per_node: int
+    node_ranks: list[int]
+    master_addr: str | None
+    master_port: int
+    runs: list[RunPlan]
+    runs_dir: Path
+    data_prefix: str | None = None
+    """Where prepare_data builds the offline corpus when it is missing."""
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.devices_per_node
+
+
+@dataclass
+class Options:
+    """The launcher's command line (see ``--help``)."""
+
+    config: str
+    nodes: int | None = None
+    node_rank: int | None = None
+    master_addr: str | None = None
+    master_port: int = DEFAULT_MASTER_PORT
+    devices_per_node: int | None = None
+    rdzv_id: str | None = None
+    entry: str | None = None
+    sets: list[str] = field(default_factory=list)
+    runs: list[str] | None = None
+    runs_dir: str = "runs"
+    dry_run: bool = False
+    check: bool = True
+    extra: list[str] = field(default_factory=list)
+    python: str = sys.executable
+
+
+def _entry_argv(entry: str, device: str) -> list[str]:
+    """What torchrun starts on every rank for ``entry`` (a module, or a pretrain_gpt.py)."""
+    if device == "npu":
+        return ["-m", "megatron_locmoe.launch", "--worker", entry]
+    if not entry.endswith(".py"):
+        return ["-m", entry]
+    from megatron_locmoe.patch_megatron_lm import MARKER
+
+    script = Path(entry)
+    if not script.is_file():
+        raise PresetError(
+            f"entry {entry} does not exist on this node: give the path of Megatron-LM's "
+            "pretrain_gpt.py (or a module such as megatron_locmoe.pretrain_gpt)"
+        )
+    if MARKER in script.read_text():
+        return [entry]
+    return ["-m", "megatron_locmoe.run", entry]  # unpatched: the adaptor is applied first
+
+
+def node_env(plan: Plan, node_rank: int, preset: Preset) -> dict[str, str]:
+    """The variables the launcher sets for ``node_rank`` (on top of that node's environment)."""
+    env: dict[str, str] = {}
+    if preset.device == "cuda":
+        env.update(CUDA_ENV)
+    elif preset.device == "npu":
+        env.update(ASCEND_ENV)
+        env["ASCEND_RT_VISIBLE_DEVICES"] = ",".join(map(str, range(plan.devices_per_node)))
+    env.update(preset.env)
+    env.update(
+        NNODES=str(plan.nodes),
+        NODE_RANK=str(node_rank),
+        NPROC_PER_NODE=str(plan.devices_per_node),
+        PYTHONUNBUFFERED="1",
+    )
+    if plan.nodes > 1:
+        env["MASTER_ADDR"] = plan.master_addr or ""
+        env["MASTER_PORT"] = str(plan.master_port)
+    return env
+
+
+def torchrun_argv(opts: Options, plan: Plan, node_rank: int, entry: list[str], flags) -> list:
+    argv = [opts.python, *TORCHRUN, f"--nproc-per-node={plan.devices_per_node}"]
+    if plan.nodes == 1:
+        argv += ["--standalone", "--nnodes=1"]
+    elif opts.rdzv_id:
+        argv += [
+            f"--nnodes={plan.nodes}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={plan.master_addr}:{plan.master_port}",
+            f"--rdzv-id={opts.rdzv_id}",
+        ]
+    else:
+        argv += [
+            f"--nnodes={plan.nodes}",
+            f"--node-rank={node_rank}",
+            f"--master-addr={plan.master_addr}",
+            f"--master-port={plan.master_port}",
+        ]
+    return argv + entry + flags
+
+
+def build_plan(opts: Options) -> Plan:
+    """Read the preset, apply the overrides, check everything; raise PresetError."""
+    preset = load_preset(opts.config)
+    for item in opts.sets:
+        preset = apply_override(preset, item)
+    if opts.entry:
+        preset.entry = opts.entry
+    nodes = opts.nodes or preset.nodes
+    dpn = opts.devices_per_node or preset.devices_per_node
+    if nodes < 1 or dpn < 1:
+        raise PresetError("--nodes and --devices-per-node must be positive")
+    if opts.node_rank is not None and not 0 <= opts.node_rank < nodes:
+        raise PresetError(f"--node-rank {opts.node_rank} is outside 0..{nodes - 1}")
+    master = opts.master_addr
+    if preset.device != "cpu" and nodes > 1 and not master:
+        raise PresetError(
+            f"preset {preset.name} runs on {nodes} nodes: give --master-addr (the address of "
+            "node 0, reachable from every node; or set MASTER_ADDR) and start the launcher on "
+            f"every node with --node-rank 0..{nodes - 1} (launch/slurm.sbatch does both)"
+        )
+    runs_dir = Path(opts.runs_dir)
+    plan = Plan(preset, nodes, dpn, [], master, opts.master_port, [], runs_dir)
+    plan.node_ranks = [opts.node_rank] if opts.node_rank is not None else list(range(nodes))
+    entry = _entry_argv(preset.entry, preset.device) if preset.device != "cpu" else []
+    for run, flags in preset.runs(opts.runs):
+        subst = {"preset": preset.name, "run": run, "runs": str(runs_dir)}
+        argv = megatron_argv(flags, subst) + list(opts.extra)
+        what = f"preset {preset.name}" + (f", run {run}" if preset.sweep else "")
+        check_layout(preset, run, argv, nodes, dpn)
+        rp = RunPlan(run, argv, runs_dir / preset.name / run)
+        if preset.device != "cpu":  # cpu trains in this process (run_cpu)
+            for r in plan.node_ranks:
+                env = node_env(plan, r, preset)
+                rp.commands.append(NodeCommand(r, env, torchrun_argv(opts, plan, r, entry, argv)))
+        if preset.device == "npu" and cuda_only_flags(argv):
+            raise PresetError(
+                f"{what} runs on Ascend NPUs, but these flags need CUDA-only code: "
+                + "; ".join(cuda_only_flags(argv))
+            )
+        if opts.check or preset.device == "cpu":  # the CPU loop is built from the namespace
+            env = node_env(plan, plan.node_ranks[0], preset)
+            rp.args = parse_with_megatron(argv, nodes * dpn, dpn, what, env, preset.device)
+            if preset.device == "npu":
+                bad = cuda_only_settings(rp.args)
+                if bad:
+                    raise PresetError(
+                        f"{what} runs on Ascend NPUs, but these settings need CUDA-only code: "
+                        + "; ".join(bad)
+                    )
+        if preset.device == "cpu":
+            train_settings(rp.args, run, dpn)  # refuse what the CPU loop cannot do, now
+        plan.runs.append(rp)
+        if preset.prepare_data:
+            plan.data_prefix = flag_value(argv, "--data-path")
+            if not plan.data_prefix:
+                raise PresetError(f"{what}: prepare_data needs --data-path PREFIX in the flags")
+    return plan
+
+
+# --------------------------------------------------------------------------------------------
+# CPU: the simulated cluster
+# --------------------------------------------------------------------------------------------
+
+
+def train_settings(args, run: str, devices_per_node: int, log_dir: Path | None = None):
+    """Megatron's parsed arguments -> (TrainSettings, ParallelLayout) of the CPU loop.
+
+    The CPU loop (megatron_locmoe.trainer) runs expert parallelism only, in float32, one
+    micro-batch per rank per step, on one indexed dataset with byte tokens; anything else in
+    the flags is refused here rather than silently ignored. ``--save`` / ``--save-interval`` /
+    ``--load`` map to its torch_dist checkpoints; its per-step progress goes to
+    ``log_dir/progress.jsonl`` (tokens/s)."""
+    from megatron_locmoe.arguments import locmoe_config_from_args
+    from megatron_locmoe.data import VOCAB_SIZE
+    from megatron_locmoe.simcluster import ParallelLayout
+    from megatron_locmoe.trainer import TrainSettings
+
+    world = args.world_size
+    refuse = []
+    for flag, size in (
+        ("--tensor-model-parallel-size", args.tensor_model_parallel_size),
+        ("--pipeline-model-parallel-size", args.pipeline_model_parallel_size),
+        ("--context-parallel-size", args.context_parallel_size),
+    ):
+        if size != 1:
+            refuse.append(f"{flag} {size}: the CPU loop runs expert parallelism only, use 1")
+    if args.bf16 or args.fp16:
+        refuse.append("--bf16/--fp16: the CPU loop trains in float32, drop it")
+    if args.mock_data or not args.data_path or len(args.data_path) != 1:
+        refuse.append(
+            "give one --data-path PREFIX (python -m megatron_locmoe.data --out PREFIX writes it)"
+        )
+    if args.vocab_size != VOCAB_SIZE:
+        refuse.append(f"--vocab-size {args.vocab_size}: the corpus has byte tokens, use 257")
+    if args.global_batch_size != args.micro_batch_size * world:
+        refuse.append(
+            f"--global-batch-size {args.global_batch_size}: the CPU loop does one micro-batch "
+            f"per rank per step, use {args.micro_batch_size * world}"
+        )
+    if args.num_experts is None:
+        refuse.append("--num-experts is missing: the CPU loop trains an MoE model")
+    locmoe = locmoe_config_from_args(args)
+    if locmoe.devices_per_node not in (None, devices_per_node):
+        refuse.append(
+            f"--locmoe-devices-per-node {locmoe.devices_per_node} differs from the simulated "
+            f"{devices_per_node} per node: drop it"
+        )
+    if refuse:
+        raise PresetError(f"run {run} on the CPU loop: " + "; ".join(refuse))
+    overrides: dict[str, Any] = {
+        "ffn_hidden_size": args.ffn_hidden_size,
+        "moe_ffn_hidden_size": args.moe_ffn_hidden_size,
+    }
+    if args.moe_aux_loss_coeff:
+        overrides.update(
+            moe_router_load_balancing_type=args.moe_router_load_balancing_type,
+            moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+        )
+    if args.moe_expert_capacity_factor is not None:
+        overrides["moe_expert_capacity_factor"] = args.moe_expert_capacity_factor
+    wandb_dir = (args.wandb_save_dir or "wandb") if getattr(args, "wandb_project", None) else None
+    settings = TrainSettings(
+        data_prefix=args.data_path[0],
+        locmoe=locmoe,
+        steps=args.train_iters,
+        seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch_size,
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_experts=args.num_experts,
+        topk=args.moe_router_topk,
+        lr=args.lr,
+        seed=args.seed,
+        tensorboard_dir=args.tensorboard_dir,
+        wandb_dir=wandb_dir,
+        run_name=getattr(args, "wandb_exp_name", None) or run,
+        save_dir=args.save,
+        save_interval=args.save_interval or 0,
+        load_dir=args.load,
+        progress_path=str(log_dir / "progress.jsonl") if log_dir else None,
+        transformer_overrides=overrides,
+    )
+    layout = ParallelLayout(
+        devices_per_node=devices_per_node,
+        ep=args.expert_model_parallel_size,
+        etp=args.expert_tensor_parallel_size,
+    )
+    return settings, layout
+
+
+def run_cpu(plan: Plan) -> dict[str, dict]:
+    """Every run of a cpu preset in one simulated cluster (started once); the results."""
+    from megatron_locmoe.simcluster import SimCluster
+    from megatron_locmoe.trainer import train_job
+
+    results = {}
+    print(
+        f"[launch] {plan.preset.name}: simulated cluster of {plan.nodes} nodes x "
+        f"{plan.devices_per_node} CPU ranks (gloo), starting {plan.world_size} processes",
+        flush=True,
+    )
+    with SimCluster(plan.world_size) as cluster:
+        for rp in plan.runs:
+            rp.log_dir.mkdir(parents=True, exist_ok=True)
+            progress = rp.log_dir / "progress.jsonl"
+            progress.unlink(missing_ok=True)
+            settings, layout = train_settings(rp.args, rp.name, plan.devices_per_node, rp.log_dir)
+            print(
+                f"[launch] run {rp.name}: {layout.describe()}, {settings.steps} steps", flush=True
+            )
+            out = cluster.run(train_job, settings, layout=layout)
+            losses, metrics = out[0]["losses"], out[-1]["metrics"]
+            first = out[0].get("first_step", 1)
+            every = max(1, int(getattr(rp.args, "log_interval", 1) or 1))
+            for step, loss in enumerate(losses, first):
+                if step == first or step % every == 0 or step == first + len(losses) - 1:
+                    print(f"  {rp.name} step {step:4d}  lm loss {loss:.4f}", flush=True)
+            shown = ("node_local_fraction", "inter_node_bytes", "intra_node_bytes", "load_cv")
+            print("  " + "  ".join(f"{k} {metrics[k]:.4g}" for k in shown if k in metrics))
+            res = {"loss": dict(enumerate(losses, first)), "metrics": metrics}
+            lines = progress.read_text().splitlines() if progress.exists() else []
+            seconds = [json.loads(line)["seconds"] for line in lines]
+            if seconds:  # first two steps are warm-up, as in the GPU logs' summary
+                steady = statistics.median(seconds[2:] or seconds)
+                res["ms_per_iteration"] = steady * 1000
+                if rp.tokens_per_iteration:
+                    res["tokens_per_s"] = rp.tokens_per_iteration / steady
+            results[rp.name] = res
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Accelerators: torchrun per node
+# --------------------------------------------------------------------------------------------
+
+
+def check_device_present(plan: Plan) -> None:
+    """Fail before torchrun when this node cannot run the preset's device kind."""
+    dpn = plan.devices_per_node
+    if plan.preset.device == "cuda":
+        import torch
+
+        n = torch.cuda.device_count()
+        if n < dpn:
+            raise PresetError(
+                f"preset {plan.preset.name} runs {dpn} CUDA devices per node, this node has {n}: "
+                f"pass --devices-per-node {n} with a layout that fits, or run where {dpn} GPUs "
+                "are visible"
+            )
+    elif plan.preset.device == "npu":
+        if importlib.util.find_spec("torch_npu") is None:
+            raise PresetError(
+                f"preset {plan.preset.name} runs on Ascend NPUs but torch_npu is not installed "
+                "here: use the Ascend image (docker/ascend.Dockerfile) or pip install the "
+                "torch-npu release matching torch and CANN"
+            )
+        if not (os.environ.get("ASCEND_TOOLKIT_HOME") or os.environ.get("ASCEND_HOME_PATH")):
+            raise PresetError(
+                "CANN's environment is not loaded: start through launch/ascend.sh (it sources "
+                "CANN's set_env.sh) or source /usr/local/Ascend/ascend-toolkit/set_env.sh first"
+            )
+
+
+def prepare_data(plan: Plan) -> None:
+    """Build the offline corpus at the run's --data-path if it is missing.
+
+    Every node builds its own copy when it has none (the corpus is deterministic, so copies on
+    a shared file system are identical); files are renamed into place, index last."""
+    prefix = plan.data_prefix
+    if not prefix or (Path(f"{prefix}.bin").exists() and Path(f"{prefix}.idx").exists()):
+        return
+    from megatron_locmoe.data import build_indexed_dataset
+
+    print(f"[launch] building the offline corpus at {prefix}", flush=True)
+    tmp = f"{prefix}.tmp{os.getpid()}"
+    build_indexed_dataset(tmp)
+    for suffix in ("_counts.npy", ".bin", ".idx"):
+        os.replace(f"{tmp}{suffix}", f"{prefix}{suffix}")
+
+
+def run_logged(cmd: NodeCommand, log_path: Path) -> int:
+    """Run one node's command; its output goes to the terminal and to ``log_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[launch] {cmd.shell()}", flush=True)
+    env = {**os.environ, **cmd.env}
+    with (
+        open(log_path, "w") as log,
+        subprocess.Popen(
+            cmd.argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        ) as proc,
+    ):
+        try:
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                log.write(line)
+        except KeyboardInterrupt:
+            proc.terminate()
+            proc.wait(timeout=60)
+            raise
+    return proc.returncode
+
+
+def summarize_log(text: str, tokens_per_iteration: int | None) -> dict | None:
+    """lm loss per logged iteration and the median steady-state speed (first two logs skipped:
+    warm-up), from Megatron's training log; None when the log has no iteration line (only the
+    last rank logs them)."""
+    points = [(int(i), float(ms), float(loss)) for i, ms, loss in LOG_LINE.findall(text)]
+    if not points:
+        return None
+    steady = [ms for _, ms, _ in points[2:]] or [points[-1][1]]
+    ms = statistics.median(steady)
+    out = {"loss": {i: loss for i, _, loss in points}, "ms_per_iteration": ms}
+    if tokens_per_iteration:
+        out["tokens_per_s"] = tokens_per_iteration / (ms / 1000)
+    return out
+
+
+def print_summary(results: dict[str, dict]) -> None:
+    if not results:
+        return
+    base = results.get("megatron", {}).get("tokens_per_s")
+    print(f"{'run':>12} {'tokens/s':>10} {'vs megatron':>11} {'first loss':>10} {'last loss':>10}")
+    for run, res in results.items():
+        losses = res.get("loss", {})
+        tps = res.get("tokens_per_s")
+        ratio = f"{tps / base:.3f}" if tps and base else "-"
+        tps_text = f"{tps:,.0f}" if tps else "-"
+        first, last = (losses[min(losses)], losses[max(losses)]) if losses else ("-", "-")
+        print(f"{run:>12} {tps_text:>10} {ratio:>11} {first:>10.4f} {last:>10.4f}")
+
+
+def execute(plan: Plan) -> int:
+    """Run the plan on this node (one node rank), run after run; the exit status."""
+    results: dict[str, dict] = {}
+    if plan.preset.device == "cpu":
+        prepare_data(plan)
+        results = run_cpu(plan)
+    else:
+        if len(plan.node_ranks) != 1:
+            raise PresetError(
+                f"preset {plan.preset.name} runs on {plan.nodes} nodes: start the launcher on "
+                f"every node with --node-rank 0..{plan.nodes - 1} (or use --dry-run to see all)"
+            )
+        check_device_present(plan)
+        prepare_data(plan)
+        for rp in plan.runs:
+            (cmd,) = rp.commands
+            log_path = rp.log_dir / f"node{cmd.node_rank}.log"
+            code = run_logged(cmd, log_path)
+            if code != 0:
+                print(
+                    f"[launch] run {rp.name} failed with exit status {code} (log: {log_path})",
+                    file=sys.stderr,
+                )
+                return code
+            summary = summarize_log(log_path.read_text(), rp.tokens_per_iteration)
+            if summary:
+                results[rp.name] = summary
+    if results:
+        out = plan.runs_dir / plan.preset.name / "summary.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1))
+        print_summary(results)
+        print(f"[launch] summary: {out}")
+    return 0
+
+
+def describe(plan: Plan, opts: Options) -> str:
+    """The --dry-run text: per run and node, the environment and the exact command."""
+    p = plan.preset
+    lines = [
+        f"# preset {p.name} ({p.path}): {plan.nodes} node(s) x {plan.devices_per_node} "
+        f"{p.device} devices = {plan.world_size} ranks",
+    ]
+    if opts.check:
+        lines.append(
+            "# every run's flags passed Megatron's parser and validate_args (plugin flags "
+            f"included) as rank 0 of {plan.world_size}"
+        )
+    if plan.data_prefix:
+        lines.append(
+            f"# before the first run, on each node where {plan.data_prefix}.bin is missing: "
+            f"python -m megatron_locmoe.data --out {plan.data_prefix}"
+        )
+    for i, rp in enumerate(plan.runs, 1):
+        lines.append(f"# run {rp.name} ({i} of {len(plan.runs)}), logs in {rp.log_dir}/")
+        if p.device == "cpu":
+            lines.append(
+                "# device cpu: trained in this process's SimCluster with megatron_locmoe.trainer "
+                "(Megatron's pretrain() is not a CPU target); the Megatron flags it stands for:"
+            )
+            if rp.args is not None:
+                settings, layout = train_settings(
+                    rp.args, rp.name, plan.devices_per_node, rp.log_dir
+                )
+                lines.append(f"#   {layout}")
+                lines.append(f"#   {settings}")
+            lines.append(shlex.join(rp.flags))
+            continue
+        for cmd in rp.commands:
+            lines.append(f"# node {cmd.node_rank}")
+            lines.append(cmd.shell())
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Ascend rank entry
+# --------------------------------------------------------------------------------------------
+
+
+def worker(argv: list[str]) -> None:
+    """``--worker ENTRY ARGS``: one Ascend rank. torch_npu first, then the entry.
+
+    ``transfer_to_npu`` must run before Megatron is imported: it redirects ``torch.cuda`` to
+    ``torch.npu`` and the ``nccl`` backend name to ``hccl`` for the code that binds them at
+    import (megatron.training's initialisation, memory reports, DDP)."""
+    if not argv:
+        sys.exit("usage: python -m megatron_locmoe.launch --worker ENTRY [ARGS...]")
+    if "megatron" in sys.modules:
+        sys.exit("megatron_locmoe.launch --worker: Megatron was imported before torch_npu")
+    if importlib.util.find_spec("torch_npu") is None:
+        sys.exit(
+            "megatron_locmoe.launch --worker is the Ascend rank entry and needs torch_npu; "
+            "install the torch-npu release matching torch and CANN"
+        )
+    import torch_npu  # noqa: F401  registers torch.npu and the hccl backend
+    from torch_npu.contrib import transfer_to_npu  # noqa: F401
+
+    entry, args = argv[0], argv[1:]
+    if entry.endswith(".py"):
+        from megatron_locmoe import run
+
+        run.main([entry, *args])  # applies the adaptor (idempotent for a patched script)
+    else:
+        sys.argv = [entry, *args]
+        runpy.run_module(entry, run_name="__main__", alter_sys=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def parse_options(argv: list[str]) -> Options:
+    extra: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1 :]
+    p = argparse.ArgumentParser(
+        prog="python -m megatron_locmoe.launch",
+        description=__doc__.splitlines()[0],
+        epilog="Anything after -- is appended to the Megatron flags (last flag wins). "
+        f"Presets: {', '.join(available_presets())}.",
+    )
+    p.add_argument("--config", required=True, help="preset name (configs/NAME.yaml) or a path")
+    p.add_argument("--nodes", type=int, help="number of nodes (default: the preset's)")
+    p.add_argument("--node-rank", type=int, help="this node's rank 0..nodes-1")
+    p.add_argument(
+        "--master-addr",
+        default=os.environ.get("MASTER_ADDR"),
+        help="node 0's address (multi-node; default $MASTER_ADDR)",
+    )
+    p.add_argument(
+        "--master-port",
+        type=int,
+        default=int(os.environ.get("MASTER_PORT", DEFAULT_MASTER_PORT)),
+        help=f"rendezvous port (default $MASTER_PORT or {DEFAULT_MASTER_PORT})",
+    )
+    p.add_argument("--devices-per-node", type=int, help="ranks per node (default: the preset's)")
+    p.add_argument("--rdzv-id", help="c10d rendezvous id (e.g. $SLURM_JOB_ID) instead of static")
+    p.add_argument("--entry", help="module or Megatron-LM pretrain_gpt.py that torchrun starts")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a Megatron flag (num-layers=4, bf16=false), env.NAME, nodes, ...",
+    )
+    p.add_argument("--runs", help="comma-separated sweep runs to do (default: all)")
+    p.add_argument("--runs-dir", default="runs", help="logs and summaries (default: runs)")
+    p.add_argument("--dry-run", action="store_true", help="print every node's env and command")
+    p.add_argument(
+        "--no-check", action="store_true", help="skip Megatron's parser (no Megatron import)"
+    )
+    a = p.parse_args(argv)
+    return Options(
+        config=a.config,
+        nodes=a.nodes,
+        node_rank=a.node_rank,
+        master_addr=a.master_addr,
+        master_port=a.master_port,
+        devices_per_node=a.devices_per_node,
+        rdzv_id=a.rdzv_id,
+        entry=a.entry,
+        sets=a.sets,
+        runs=[r.strip() for r in a.runs.split(",") if r.strip()] if a.runs else None,
+        runs_dir=a.runs_dir,
+        dry_run=a.dry_run,
+        check=not a.no_check,
+        extra=extra,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--worker"]:
+        worker(argv[1:])
+        return 0
+    opts = parse_options(argv)
+    try:
+        plan = build_plan(opts)
+        if opts.dry_run:
+            print(describe(plan, opts))
+            return 0
+        return execute(plan)
+    except PresetError as e:
+        print(f"megatron_locmoe.launch: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

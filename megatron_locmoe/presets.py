@@ -1,0 +1,532 @@
+"""Run presets: one YAML file in ``configs/`` per complete run, checked before anything starts.
+
+A preset names the device kind (``cuda``, ``npu`` or ``cpu``), the cluster shape it was laid
+out for (nodes x devices per node, plus the other node counts it fits), the environment, the
+training entry and the Megatron flags (Megatron's own and the plugin's ``--moe-router-type`` /
+``--locmoe-*``). A ``sweep`` section turns it into several runs of the same model, one per
+entry (e.g. one per router). ``megatron_locmoe.launch`` turns a preset into commands.
+
+Why everything is checked here, on the login node: a typo in a flag, or a node count that does
+not tile the parallel layout, otherwise surfaces only after the job has waited in the queue and
+started on every node. Two checks:
+
+- :func:`check_layout`: the parallel sizes against nodes x devices per node, with a message
+  that names the numbers that clash and the node counts that would fit;
+- :func:`parse_with_megatron`: the generated flags through Megatron's own parser and
+  ``validate_args`` with the plugin flags (the adaptor's patches), with WORLD_SIZE and
+  LOCAL_WORLD_SIZE set to the preset's cluster, exactly as rank 0 will parse them.
+
+Ascend mode (``device: npu``) additionally refuses settings that need CUDA-only code
+(:func:`cuda_only_settings`): Transformer Engine, apex fusions, grouped GEMM, FP8, CUDA graphs.
+
+Flag values: ``true`` is a bare flag, ``false`` / ``null`` drop the flag, a list gives several
+values. The placeholders ``{preset}``, ``{run}`` and ``{runs}`` in string values become the
+preset name, the run name (the sweep entry, else the preset name) and the runs folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEVICES = ("cuda", "npu", "cpu")
+"""Device kinds a preset can target; the collective backend follows (nccl / hccl / gloo)."""
+
+DATA_RECIPES = ("pydoc",)
+"""``prepare_data`` values: ``pydoc`` is the offline corpus of megatron_locmoe.data."""
+
+_REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+_SCALAR_KEYS = {
+    "description": str,
+    "device": str,
+    "nodes": int,
+    "devices_per_node": int,
+    "entry": str,
+    "prepare_data": str,
+}
+_KEYS = set(_SCALAR_KEYS) | {"node_counts", "env", "megatron", "sweep"}
+DEFAULT_ENTRY = "megatron_locmoe.pretrain_gpt"
+
+
+class PresetError(ValueError):
+    """A preset, an override or a cluster shape that cannot work; the message says what to
+    change."""
+
+
+@dataclass
+class Preset:
+    """One run (or one sweep of runs) as read from a YAML file."""
+
+    name: str
+    device: str
+    nodes: int
+    devices_per_node: int
+    megatron: dict[str, Any]
+    """Megatron flag name (no leading dashes) -> value, in command-line order."""
+    description: str = ""
+    node_counts: tuple[int, ...] = ()
+    """Node counts the preset is meant for (checked by the tests); ``nodes`` is the default."""
+    entry: str = DEFAULT_ENTRY
+    """Module run by torchrun (``-m``), or a path to Megatron-LM's pretrain_gpt.py."""
+    prepare_data: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    sweep: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Run name -> flags that override ``megatron`` for that run; empty: one run."""
+    path: Path | None = None
+
+    def runs(self, only: list[str] | None = None) -> list[tuple[str, dict[str, Any]]]:
+        """(run name, Megatron flags) of every run, sweep entries in file order."""
+        if not self.sweep:
+            if only and only != [self.name]:
+                raise PresetError(f"preset {self.name} has no sweep; drop --runs")
+            return [(self.name, dict(self.megatron))]
+        names = list(self.sweep)
+        if only:
+            unknown = [r for r in only if r not in self.sweep]
+            if unknown:
+                raise PresetError(
+                    f"preset {self.name} has no run {', '.join(unknown)}: its sweep runs are "
+                    f"{', '.join(names)}"
+                )
+            names = [n for n in names if n in only]
+        return [(n, {**self.megatron, **self.sweep[n]}) for n in names]
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and overrides
+# --------------------------------------------------------------------------------------------
+
+
+def preset_dirs() -> list[Path]:
+    """Where preset names are looked up: ./configs, then the checkout's configs/."""
+    dirs = [Path.cwd() / "configs", _REPO_CONFIGS]
+    return list(dict.fromkeys(d.resolve() for d in dirs if d.is_dir()))
+
+
+def available_presets() -> list[str]:
+    return sorted({p.stem for d in preset_dirs() for p in d.glob("*.yaml")})
+
+
+def resolve_preset_path(name_or_path: str) -> Path:
+    """A YAML path as given, or ``NAME`` / ``NAME.yaml`` looked up in :func:`preset_dirs`."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    stem = path.name.removesuffix(".yaml")
+    for d in preset_dirs():
+        if (d / f"{stem}.yaml").is_file():
+            return d / f"{stem}.yaml"
+    raise PresetError(
+        f"unknown preset {name_or_path!r}: use one of {', '.join(available_presets())} "
+        "(the files in configs/), or give the path of a YAML file"
+    )
+
+
+def load_preset(name_or_path: str) -> Preset:
+    path = resolve_preset_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise PresetError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise PresetError(f"{path}: a preset is a mapping of keys ({', '.join(sorted(_KEYS))})")
+    return preset_from_dict(path.stem, raw, path)
+
+
+def preset_from_dict(name: str, raw: dict, path: Path | None = None) -> Preset:
+    where = str(path or name)
+    unknown = set(raw) - _KEYS
+    if unknown:
+        raise PresetError(
+            f"{where}: unknown key(s) {', '.join(sorted(unknown))}; a preset has "
+            f"{', '.join(sorted(_KEYS))}"
+        )
+    for key in ("device", "nodes", "devices_per_node", "megatron"):
+        if key not in raw:
+            raise PresetError(f"{where}: missing key {key!r}")
+    preset = Preset(
+        name=name,
+        device=raw["device"],
+        nodes=raw["nodes"],
+        devices_per_node=raw["devices_per_node"],
+        megatron=dict(raw["megatron"] or {}),
+        description=str(raw.get("description", "")).strip(),
+        node_counts=tuple(raw.get("node_counts") or (raw["nodes"],)),
+        entry=raw.get("entry") or DEFAULT_ENTRY,
+        prepare_data=raw.get("prepare_data"),
+        env={k: str(v) for k, v in (raw.get("env") or {}).items()},
+        sweep={k: dict(v or {}) for k, v in (raw.get("sweep") or {}).items()},
+        path=path,
+    )
+    check_preset(preset, where)
+    return preset
+
+
+def check_preset(preset: Preset, where: str | None = None) -> None:
+    """Types and choices of the preset's own keys (the flags are Megatron's to check)."""
+    where = where or preset.name
+    if preset.device not in DEVICES:
+        raise PresetError(f"{where}: device {preset.device!r}; use one of {', '.join(DEVICES)}")
+    for key in ("nodes", "devices_per_node"):
+        value = getattr(preset, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise PresetError(f"{where}: {key} must be a positive integer, not {value!r}")
+    if preset.prepare_data is not None and preset.prepare_data not in DATA_RECIPES:
+        raise PresetError(
+            f"{where}: prepare_data {preset.prepare_data!r}; use one of {', '.join(DATA_RECIPES)}"
+        )
+    for key in preset.megatron:
+        if not isinstance(key, str) or key.startswith("-"):
+            raise PresetError(f"{where}: write Megatron flags without dashes, e.g. num-layers")
+
+
+def apply_override(preset: Preset, item: str) -> Preset:
+    """A copy of ``preset`` with one ``KEY=VALUE`` override (``--set`` on the command line).
+
+    ``KEY`` is a preset key (``nodes``, ``devices_per_node``, ``device``, ``entry``,
+    ``prepare_data``), ``env.NAME``, ``sweep.RUN.FLAG``, or else a Megatron flag (dashes
+    optional). ``VALUE`` is read as YAML: ``true`` gives a bare flag, ``false`` / ``null``
+    remove the flag or variable.
+    """
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise PresetError(f"--set {item!r}: write KEY=VALUE, e.g. --set train-iters=100")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    new = copy.deepcopy(preset)
+    if key in _SCALAR_KEYS:
+        if key in ("nodes", "devices_per_node") and not isinstance(value, int):
+            raise PresetError(f"--set {item!r}: {key} takes an integer")
+        setattr(new, key, value if key != "description" else str(value))
+        check_preset(new)
+    elif key.startswith("env."):
+        name = key[len("env.") :]
+        if value is None or value is False:
+            new.env.pop(name, None)
+        else:
+            new.env[name] = str(value)
+    elif key.startswith("sweep."):
+        run, _, flag = key[len("sweep.") :].partition(".")
+        if run not in new.sweep or not flag:
+            runs = ", ".join(new.sweep) or "none"
+            raise PresetError(f"--set {item!r}: write sweep.RUN.FLAG=VALUE; runs: {runs}")
+        new.sweep[run][flag.lstrip("-")] = value
+    else:
+        new.megatron[key.lstrip("-")] = value
+    return new
+
+
+# --------------------------------------------------------------------------------------------
+# Flags -> argv
+# --------------------------------------------------------------------------------------------
+
+
+def _text(value: Any, subst: dict[str, str]) -> str:
+    text = repr(value) if isinstance(value, float) else str(value)
+    for k, v in subst.items():
+        text = text.replace("{" + k + "}", v)
+    return text
+
+
+def megatron_argv(flags: dict[str, Any], subst: dict[str, str] | None = None) -> list[str]:
+    """``--flag value`` tokens in the mapping's order (see the module docstring for values)."""
+    subst = subst or {}
+    argv: list[str] = []
+    for key, value in flags.items():
+        if value is None or value is False:
+            continue
+        flag = f"--{key}"
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, list | tuple):
+            argv += [flag, *(_text(v, subst) for v in value)]
+        else:
+            argv += [flag, _text(value, subst)]
+    return argv
+
+
+def flag_value(argv: list[str], flag: str, default: str | None = None) -> str | None:
+    """The value of the last ``flag`` in ``argv`` (argparse: the last occurrence wins)."""
+    value = default
+    for i, tok in enumerate(argv):
+        if tok == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif tok.startswith(flag + "="):
+            value = tok.split("=", 1)[1]
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Parallel layout against the cluster
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The parallel sizes and batch sizes of one run's Megatron flags."""
+
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    ep: int = 1
+    etp: int = 1
+    micro_batch: int = 1
+    global_batch: int | None = None
+    num_experts: int | None = None
+
+    @classmethod
+    def from_argv(cls, argv: list[str]) -> Layout:
+        def num(flag, default):
+            value = flag_value(argv, flag)
+            try:
+                return int(value) if value is not None else default
+            except ValueError:
+                raise PresetError(f"{flag} {value!r} is not an integer") from None
+
+        tp = num("--tensor-model-parallel-size", 1)
+        return cls(
+            tp=tp,
+            pp=num("--pipeline-model-parallel-size", 1),
+            cp=num("--context-parallel-size", 1),
+            ep=num("--expert-model-parallel-size", 1),
+            etp=num("--expert-tensor-parallel-size", tp),
+            micro_batch=num("--micro-batch-size", 1),
+            global_batch=num("--global-batch-size", None),
+            num_experts=num("--num-experts", None),
+        )
+
+    def problems(self, nodes: int, devices_per_node: int) -> list[str]:
+        """Why ``nodes`` x ``devices_per_node`` devices cannot run this layout (empty: fits)."""
+        world = nodes * devices_per_node
+        shape = f"{nodes} node(s) x {devices_per_node} = {world} devices"
+        out = []
+        model = self.tp * self.pp * self.cp
+        if world % model:
+            out.append(
+                f"{shape} is not a multiple of TP {self.tp} x PP {self.pp} x CP {self.cp} = {model}"
+            )
+        expert = self.ep * self.etp * self.pp
+        if world % expert:
+            out.append(
+                f"{shape} is not a multiple of EP {self.ep} x expert-TP {self.etp} x PP "
+                f"{self.pp} = {expert}"
+            )
+        if self.num_experts is not None and self.num_experts % self.ep:
+            out.append(f"{self.num_experts} experts do not split over EP {self.ep}")
+        if not out and self.global_batch is not None:
+            dp = world // model
+            if self.global_batch % (self.micro_batch * dp):
+                out.append(
+                    f"global batch {self.global_batch} is not a multiple of micro batch "
+                    f"{self.micro_batch} x data-parallel size {dp} (= {shape} / {model})"
+                )
+        return out
+
+    def fitting_node_counts(self, devices_per_node: int, up_to: int = 64) -> list[int]:
+        return [n for n in range(1, up_to + 1) if not self.problems(n, devices_per_node)]
+
+
+def check_layout(preset: Preset, run: str, argv: list[str], nodes: int, dpn: int) -> Layout:
+    """Raise PresetError naming the clash and the node counts that fit."""
+    layout = Layout.from_argv(argv)
+    problems = layout.problems(nodes, dpn)
+    if problems:
+        fits = layout.fitting_node_counts(dpn)
+        hint = f"use --nodes {' / '.join(map(str, fits[:8]))}" if fits else "no node count fits"
+        raise PresetError(
+            f"preset {preset.name} (run {run}) does not fit {nodes} node(s) x {dpn} devices: "
+            + "; ".join(problems)
+            + f". With {dpn} devices per node {hint} (the preset is laid out for "
+            f"{', '.join(map(str, preset.node_counts))} node(s)), or change the layout, e.g. "
+            "--set expert-model-parallel-size=N / global-batch-size=N."
+        )
+    return layout
+
+
+# --------------------------------------------------------------------------------------------
+# Megatron's own parser
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _environ(**values: str):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+DEVICE_ARCH = {"cuda": 9, "npu": 0, "cpu": 0}
+"""What the check answers when Megatron's validate_args asks the GPU's architecture
+(``get_device_arch_version()``, for TP / CP > 1): Hopper for cuda (the cuda presets are H100
+clusters), 0 (not a CUDA architecture) for npu and cpu. The launcher runs on login nodes
+without a GPU, where the real query fails."""
+
+
+def parse_with_megatron(
+    argv: list[str],
+    world_size: int,
+    devices_per_node: int,
+    what: str = "",
+    env: dict[str, str] | None = None,
+    device: str = "cuda",
+):
+    """Megatron's ``parse_args`` + ``validate_args`` (plugin flags included) on ``argv``.
+
+    Runs as rank 0 of ``world_size`` ranks with torchrun's LOCAL_WORLD_SIZE and the run's
+    environment ``env``, in this process: the adaptor's argument patches are applied for the
+    call (CPU device choice: only the parser patches matter here) and reverted afterwards
+    unless they were already applied; the GPU-architecture query answers for ``device``
+    (:data:`DEVICE_ARCH`). Returns the validated namespace; raises PresetError with
+    Megatron's message.
+    """
+    from megatron_locmoe import adaptor
+    from megatron_locmoe.device import DeviceChoice
+
+    registry = adaptor.REGISTRY
+    applied_here = registry.device is None
+    if applied_here:
+        registry.apply(DeviceChoice("cpu", "gloo"))
+    from megatron.training import arguments
+
+    what = what or "the generated command"
+    saved_argv, saved_arch = sys.argv, arguments.get_device_arch_version
+    out, err = io.StringIO(), io.StringIO()
+    ranks = dict(
+        WORLD_SIZE=str(world_size),
+        RANK="0",
+        LOCAL_RANK="0",
+        LOCAL_WORLD_SIZE=str(devices_per_node),
+    )
+    try:
+        with (
+            _environ(**{**(env or {}), **ranks}),
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(err),
+        ):
+            sys.argv = ["pretrain_gpt.py", *argv]
+            arguments.get_device_arch_version = lambda: DEVICE_ARCH[device]
+            try:
+                args = arguments.parse_args()
+            except SystemExit:
+                lines = [ln for ln in err.getvalue().strip().splitlines() if ln.strip()]
+                msg = lines[-1] if lines else "argument error"
+                raise PresetError(f"Megatron's parser rejects {what}: {msg}") from None
+            try:
+                return arguments.validate_args(args, {})
+            except RuntimeError as e:
+                if "NVIDIA" in str(e) or "CUDA" in str(e):
+                    raise PresetError(
+                        f"Megatron's validate_args queries the GPU for {what} (e.g. for "
+                        "--moe-grouped-gemm) and none is visible here: run the launcher on a "
+                        "GPU node, or skip the check with --no-check"
+                    ) from None
+                raise PresetError(f"Megatron's validation rejects {what}: {e}") from None
+            except (AssertionError, ValueError, TypeError) as e:
+                raise PresetError(
+                    f"Megatron's validation rejects {what} on {world_size} devices "
+                    f"({devices_per_node} per node): {e or type(e).__name__}"
+                ) from None
+    finally:
+        sys.argv, arguments.get_device_arch_version = saved_argv, saved_arch
+        if applied_here:
+            registry.revert()
+
+
+CUDA_ONLY = (
+    # (attribute, is it set to CUDA-only code?, what to do instead)
+    (
+        "transformer_impl",
+        lambda v: v != "local",
+        "--transformer-impl local (Transformer Engine is CUDA-only)",
+    ),
+    ("moe_grouped_gemm", bool, "drop --moe-grouped-gemm (grouped GEMM kernels are CUDA-only)"),
+    (
+        "locmoe_experts",
+        lambda v: v == "grouped",
+        "--locmoe-experts loop (torch._grouped_mm is a CUDA kernel)",
+    ),
+    ("fp8", lambda v: v is not None, "drop --fp8-format (FP8 runs through Transformer Engine)"),
+    ("fp4", lambda v: v is not None, "drop --fp4-format (Transformer Engine)"),
+    (
+        "masked_softmax_fusion",
+        bool,
+        "--no-masked-softmax-fusion (Megatron's fused softmax is a CUDA kernel)",
+    ),
+    (
+        "gradient_accumulation_fusion",
+        bool,
+        "--no-gradient-accumulation-fusion (apex's fused_weight_gradient_mlp_cuda)",
+    ),
+    (
+        "no_persist_layer_norm",
+        lambda v: not v,
+        "--no-persist-layer-norm (apex's persistent LayerNorm kernel)",
+    ),
+    ("apply_rope_fusion", bool, "--no-rope-fusion (TE / apex fused RoPE)"),
+    ("moe_permute_fusion", bool, "drop --moe-permute-fusion (TE's fused permute)"),
+    ("moe_router_fusion", bool, "drop --moe-router-fusion (TE's fused router)"),
+    ("tp_comm_overlap", bool, "drop --tp-comm-overlap (TE userbuffers)"),
+    ("use_flash_attn", bool, "drop --use-flash-attn (the flash-attn CUDA package)"),
+    ("cuda_graph_impl", lambda v: v != "none", "--cuda-graph-impl none (CUDA graphs)"),
+    (
+        "moe_token_dispatcher_type",
+        lambda v: v == "flex",
+        "--moe-token-dispatcher-type alltoall (flex = DeepEP / HybridEP, CUDA-only)",
+    ),
+    (
+        "cross_entropy_fusion_impl",
+        lambda v: v == "te",
+        "--cross-entropy-fusion-impl native (the te implementation is CUDA-only)",
+    ),
+)
+"""Megatron settings that need CUDA-only code (TE, apex, CUDA kernels), checked on the parsed
+namespace so that CUDA-only *defaults* are caught too, not only flags written in the preset."""
+
+
+CUDA_ONLY_FLAGS = {
+    "--moe-grouped-gemm": "drop it (TE's grouped GEMM, the grouped_gemm package or "
+    "torch._grouped_mm: CUDA kernels)",
+    "--fp8-format": "drop it (FP8 runs through Transformer Engine)",
+    "--fp4-format": "drop it (Transformer Engine)",
+    "--use-flash-attn": "drop it (the flash-attn CUDA package)",
+    "--tp-comm-overlap": "drop it (TE userbuffers)",
+    "--moe-permute-fusion": "drop it (TE's fused permute)",
+    "--moe-router-fusion": "drop it (TE's fused router)",
+    "--enable-cuda-graph": "drop it (CUDA graphs)",
+    "--external-cuda-graph": "drop it (CUDA graphs)",
+}
+"""Flags that need CUDA-only code whatever their value; refused in Ascend mode before parsing
+(some of them make Megatron's validate_args query the CUDA device)."""
+
+
+def cuda_only_flags(argv: list[str]) -> list[str]:
+    """The CUDA-only flags written in ``argv``, each with what to do instead."""
+    written = {tok.split("=", 1)[0] for tok in argv if tok.startswith("--")}
+    return [f"{flag}: {fix}" for flag, fix in CUDA_ONLY_FLAGS.items() if flag in written]
+
+
+def cuda_only_settings(args) -> list[str]:
+    """What to change so that the parsed Megatron arguments run on Ascend NPUs (empty: fine)."""
+    bad = []
+    for attr, is_cuda_only, fix in CUDA_ONLY:
+        if hasattr(args, attr) and is_cuda_only(getattr(args, attr)):
+            bad.append(f"{attr}={getattr(args, attr)!r}: use {fix}")
+    return bad
