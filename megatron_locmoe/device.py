@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,15 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _npu_process() -> bool:
+    """True when this process already imported torch_npu and sees an NPU: an Ascend rank.
+
+    Checked before CUDA because ``torch_npu.contrib.transfer_to_npu`` (imported by the Ascend
+    rank entry, ``python -m megatron_locmoe.launch --worker``) replaces ``torch.cuda`` with
+    ``torch.npu``, so ``torch.cuda.is_available()`` answers for the NPUs there."""
+    return "torch_npu" in sys.modules and _npu_available()
+
+
 def detect_device_type() -> str:
     """``cuda``, ``npu`` or ``cpu``: what is present, unless LOCMOE_DEVICE says otherwise."""
     forced = os.environ.get(_ENV_DEVICE, "").strip().lower()
@@ -61,6 +71,8 @@ def detect_device_type() -> str:
                 f"use one of {sorted(BACKEND_FOR_DEVICE)} or unset it to detect the device."
             )
         return forced
+    if _npu_process():
+        return "npu"
     if _cuda_available():
         return "cuda"
     if _npu_available():
