@@ -5,8 +5,9 @@ on ``pretrain()``: the resumed run's losses against the uninterrupted run's, ste
         NullTokenizer --vocab-size 257" --out benchmarks/results/resume_h100.json
 
 Three runs of the e2e model with the locmoe router (fused path, grouped experts, capacity from
-the bound, so the router's capacity state matters): uninterrupted to ``--steps``; to the
-midpoint, saving there; resumed from that checkpoint to ``--steps``. ``--deterministic-mode``
+the bound, so the router's capacity state matters), all with ``--train-iters STEPS``:
+uninterrupted; stopped at the midpoint by ``--exit-interval`` after saving there; resumed from
+that checkpoint. ``--deterministic-mode``
 (Megatron's: deterministic algorithms, NCCL ring, fixed cuBLAS workspace) makes the comparison
 bitwise where the kernels allow.
 """
@@ -32,7 +33,7 @@ EXTRA = (
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=40, help="more than the 20 warm-up steps")
     p.add_argument(
         "--data", default="--mock-data --tokenizer-type NullTokenizer --vocab-size 32000"
     )
@@ -42,7 +43,8 @@ def main() -> None:
     ckpt = tempfile.mkdtemp(prefix="locmoe-resume-")
     run = lambda steps, extra: e2e_routers.run(ROUTER, steps, 1, a.data, 1, f"{EXTRA} {extra}")  # noqa: E731
     full = run(a.steps, "")
-    first = run(half, f"--save {ckpt} --save-interval {half}")
+    # the same --train-iters (same LR schedule), stopped at the midpoint by Megatron's exit
+    first = run(a.steps, f"--save {ckpt} --save-interval {half} --exit-interval {half}")
     resumed = run(a.steps, f"--load {ckpt}")
     saved = sorted(os.listdir(ckpt))
     steps = range(half + 1, a.steps + 1)
