@@ -10,7 +10,17 @@ The corpus is written with Megatron's own IndexedDatasetBuilder, so Megatron's G
 reads it with ``--data-path PREFIX``; the token counts (for the hash router's frequency-
 balanced map) go next to it as ``PREFIX_counts.npy``.
 
+Domains. Locality-aware routing can only keep tokens on their node when the data is
+node-correlated (a domain-sharded loader, as in PanGu-Sigma): with the same distribution on
+every rank no router beats 1/nodes node-local share on average. ``domain_shards(n)`` cuts the
+corpus into n domains - the help topics (language-reference prose) and n - 1 contiguous slices
+of the standard-library docstrings in file-path order (so each slice is a few packages' API
+prose) - and ``build_domain_datasets`` writes one indexed dataset per domain for the trainer's
+``data_prefix_per_node``, plus the token counts of the whole corpus (the hash router's map must
+be the same on every node).
+
     python -m megatron_locmoe.data --out data/pydoc
+    python -m megatron_locmoe.data --out data/domains --domains 2
 """
 
 from __future__ import annotations
@@ -42,16 +52,64 @@ def _docstrings(path: Path) -> list[str]:
     return [d for d in docs if d and len(d) >= 200]  # skip one-liners
 
 
-def documents(max_stdlib_files: int | None = None) -> list[str]:
-    """The corpus: Python's help topics, then standard-library docstrings (deterministic)."""
+def topic_documents() -> list[str]:
+    """Python's help topics (``pydoc_data.topics``), sorted by name."""
     from pydoc_data.topics import topics
 
-    docs = [topics[name] for name in sorted(topics)]
+    return [topics[name] for name in sorted(topics)]
+
+
+def stdlib_files(max_stdlib_files: int | None = None) -> list[Path]:
+    """The standard library's non-test source files in path order (deterministic).
+
+    Installed packages (``site-packages``, ``dist-packages``) under the stdlib directory are
+    skipped: they differ between machines and would change the corpus."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in stdlib.rglob("*.py") if "test" not in p.parts)
-    for path in files[:max_stdlib_files]:
+    skip = {"test", "site-packages", "dist-packages"}
+    files = sorted(p for p in stdlib.rglob("*.py") if not skip & set(p.relative_to(stdlib).parts))
+    return files[:max_stdlib_files]
+
+
+def documents(max_stdlib_files: int | None = None) -> list[str]:
+    """The corpus: Python's help topics, then standard-library docstrings (deterministic)."""
+    docs = topic_documents()
+    for path in stdlib_files(max_stdlib_files):
         docs.extend(_docstrings(path))
     return docs
+
+
+def domain_shards(num_domains: int, max_stdlib_files: int | None = None) -> dict[str, list[str]]:
+    """The corpus cut into ``num_domains`` domains: {name: documents}, names in node order.
+
+    Domain 0 is the help topics; the docstrings of the standard library are cut into
+    ``num_domains - 1`` slices of consecutive files (path order) with about equal bytes, named
+    by their first and last file (e.g. ``docstrings:__future__..zoneinfo``).
+    """
+    if num_domains < 2:
+        raise ValueError(
+            f"num_domains={num_domains}: domains are per node and need at least 2 (one per node)"
+        )
+    per_file = [(p, _docstrings(p)) for p in stdlib_files(max_stdlib_files)]
+    per_file = [(p, d) for p, d in per_file if d]
+    slices = num_domains - 1
+    if len(per_file) < slices:
+        raise ValueError(
+            f"{len(per_file)} standard-library files with docstrings cannot fill {slices} "
+            "docstring domains: raise max_stdlib_files or use fewer domains"
+        )
+    sizes = np.array([sum(len(x) for x in d) for _, d in per_file], dtype=np.float64)
+    # cut where the cumulative size crosses k/slices of the total (at least one file per slice)
+    cuts = np.searchsorted(np.cumsum(sizes), sizes.sum() * np.arange(1, slices) / slices)
+    bounds = [0, *[int(c) + 1 for c in cuts], len(per_file)]
+    for k in range(1, len(bounds)):
+        bounds[k] = min(max(bounds[k], bounds[k - 1] + 1), len(per_file) - (len(bounds) - 1 - k))
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    shards = {"topics": topic_documents()}
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        first, last = (per_file[i][0].relative_to(stdlib).with_suffix("") for i in (lo, hi - 1))
+        name = f"docstrings:{first.as_posix()}..{last.as_posix()}"
+        shards[name] = [doc for _, docs in per_file[lo:hi] for doc in docs]
+    return shards
 
 
 def encode(text: str) -> np.ndarray:
@@ -61,14 +119,42 @@ def encode(text: str) -> np.ndarray:
 
 def build_indexed_dataset(prefix: str | Path, max_stdlib_files: int | None = None) -> dict:
     """Write PREFIX.bin / PREFIX.idx (Megatron's format) and PREFIX_counts.npy; return stats."""
+    return write_documents(prefix, documents(max_stdlib_files))
+
+
+def build_domain_datasets(
+    out_dir: str | Path, num_domains: int, max_stdlib_files: int | None = None
+) -> dict:
+    """One indexed dataset per domain (``OUT/domain<k>``, k in node order) and the token counts
+    of all domains together (``OUT/all_counts.npy``, for the hash router).
+
+    Returns ``{"prefixes": [...], "counts": path, "domains": [stats with "name"], "tokens"}``.
+    """
+    out_dir = Path(out_dir)
+    stats = []
+    for k, (name, docs) in enumerate(domain_shards(num_domains, max_stdlib_files).items()):
+        stats.append({"name": name, **write_documents(out_dir / f"domain{k}", docs)})
+    counts = sum(np.load(f"{s['prefix']}_counts.npy") for s in stats)
+    np.save(out_dir / "all_counts.npy", counts)
+    return {
+        "prefixes": [s["prefix"] for s in stats],
+        "counts": str(out_dir / "all_counts.npy"),
+        "domains": stats,
+        "tokens": int(counts.sum()),
+    }
+
+
+def write_documents(prefix: str | Path, docs: list[str]) -> dict:
+    """Write ``docs`` as PREFIX.bin / PREFIX.idx and PREFIX_counts.npy; return stats."""
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
+    if not docs:
+        raise ValueError(f"no documents to write to {prefix}")
     prefix = Path(prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
     counts = np.zeros(VOCAB_SIZE, dtype=np.int64)
-    docs = documents(max_stdlib_files)
     for text in docs:
         ids = encode(text)
         counts += np.bincount(ids, minlength=VOCAB_SIZE)
@@ -83,7 +169,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="data/pydoc", help="output prefix (no extension)")
     parser.add_argument("--max-stdlib-files", type=int, default=None)
+    parser.add_argument(
+        "--domains",
+        type=int,
+        default=0,
+        help="write this many per-node domain datasets into the --out directory instead",
+    )
     args = parser.parse_args(argv)
+    if args.domains:
+        built = build_domain_datasets(args.out, args.domains, args.max_stdlib_files)
+        for d in built["domains"]:
+            print(f"{d['prefix']}: {d['name']}, {d['documents']} documents, {d['tokens']:,} tokens")
+        print(f"token counts of all domains -> {built['counts']}")
+        return
     stats = build_indexed_dataset(args.out, args.max_stdlib_files)
     print(
         f"{stats['documents']} documents, {stats['tokens']:,} tokens -> {stats['prefix']}.bin/.idx "

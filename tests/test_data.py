@@ -4,6 +4,7 @@ read back by Megatron's IndexedDataset and sampled by Megatron's GPTDataset."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from megatron_locmoe import data
 
@@ -53,3 +54,19 @@ def test_corpus_round_trips_through_megatron(tmp_path):
     assert sample["tokens"].shape == (128,) and sample["labels"].shape == (128,)
     assert int(sample["tokens"].max()) < data.VOCAB_SIZE
     assert np.array_equal(sample["tokens"][1:].numpy(), sample["labels"][:-1].numpy())
+
+
+def test_domain_shards_are_per_node_datasets(tmp_path):
+    """One indexed dataset per node domain (help topics, then slices of the docstrings in
+    file order), disjoint and together the whole corpus; counts of all domains for hash."""
+    built = data.build_domain_datasets(tmp_path, num_domains=3, max_stdlib_files=30)
+    names = [d["name"] for d in built["domains"]]
+    assert names[0] == "topics" and all(n.startswith("docstrings:") for n in names[1:])
+    assert len(built["prefixes"]) == 3
+    whole = data.documents(max_stdlib_files=30)
+    assert sum(d["documents"] for d in built["domains"]) == len(whole)
+    counts = np.load(built["counts"])
+    assert counts.sum() == built["tokens"] == sum(d["tokens"] for d in built["domains"])
+    assert not any("site-packages" in str(p) for p in data.stdlib_files())
+    with pytest.raises(ValueError, match="at least 2"):
+        data.domain_shards(1)
