@@ -144,8 +144,6 @@ def train_job(ctx, settings: TrainSettings) -> dict:
     from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 
     ctx.topology()
-    if settings.data_prefix_per_node:
-        settings = _node_data(ctx, settings)
     torch.manual_seed(settings.seed)
     model = _model(settings, ctx.layout.ep)
     dp_group = parallel_state.get_data_parallel_group()
@@ -153,7 +151,11 @@ def train_job(ctx, settings: TrainSettings) -> dict:
     dp_size, dp_rank = dist.get_world_size(dp_group), dist.get_rank(dp_group)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
     mbs = settings.micro_batch_size
-    data = _dataset(settings, settings.steps * mbs * dp_size)
+    samples = settings.steps * mbs * dp_size
+    if settings.data_prefix_per_node:
+        data = _node_dataset(ctx, settings, samples)
+    else:
+        data = _dataset(settings, samples)
     writer = None
     if settings.tensorboard_dir and ctx.rank == ctx.world_size - 1:  # Megatron's last rank
         from torch.utils.tensorboard import SummaryWriter
@@ -209,17 +211,19 @@ def train_job(ctx, settings: TrainSettings) -> dict:
     return {"losses": losses, "first_step": start + 1, "metrics": reported}
 
 
-def _node_data(ctx, settings: TrainSettings) -> TrainSettings:
-    """The settings with ``data_prefix`` = this rank's node's entry of ``data_prefix_per_node``."""
+def _node_dataset(ctx, settings: TrainSettings, num_samples: int):
+    """This rank's node's dataset of ``data_prefix_per_node``. Every rank builds all of them in
+    the same order, because Megatron's builder writes the index cache on rank 0 only (the
+    other ranks wait at a barrier, then read it)."""
+    prefixes = settings.data_prefix_per_node
     nodes = ctx.world_size // ctx.devices_per_node
-    if len(settings.data_prefix_per_node) != nodes:
+    if len(prefixes) != nodes:
         raise ValueError(
-            f"data_prefix_per_node has {len(settings.data_prefix_per_node)} prefixes for "
-            f"{nodes} nodes ({ctx.world_size} ranks, {ctx.devices_per_node} per node): give one "
-            "per node"
+            f"data_prefix_per_node has {len(prefixes)} prefixes for {nodes} nodes "
+            f"({ctx.world_size} ranks, {ctx.devices_per_node} per node): give one per node"
         )
-    node = ctx.rank // ctx.devices_per_node
-    return replace(settings, data_prefix=settings.data_prefix_per_node[node])
+    built = [_dataset(replace(settings, data_prefix=p), num_samples) for p in prefixes]
+    return built[ctx.rank // ctx.devices_per_node]
 
 
 def _wandb_run(settings: TrainSettings):
