@@ -1,94 +1,429 @@
-"""`make demo`: the main job on the CPU, on a simulated 2-node x 4-rank cluster (gloo).
+"""`make demo`: the routers compared on a simulated 2-node x 4-rank cluster (CPU, gloo).
 
-Today it runs Megatron-Core's own MoE layer (TopKRouter, alltoall dispatcher) with EP=8 across
-both simulated nodes and reports how the routing uses the nodes: the share of token-expert
-assignments that stay on the sender's node (what LocMoE raises) and the assignments that cross.
-The router comparison (megatron, hash, switch, locmoe) with a report replaces it in a later
-change.
+A tiny GPT-MoE (Megatron-Core's GPTModel with the plugin's MoE layers, 16 experts, expert
+parallelism EP = 8 across both nodes) trains on Python's documentation with every router, on
+the same tokens in the same order:
+
+    megatron               Megatron's TopKRouter, top-2, aux loss 0.01
+    megatron-node-limited  the same with group-limited routing, one group per node and one
+                           group per token (DeepSeek-V3's node-limited routing, Megatron's
+                           moe_router_num_groups / moe_router_group_topk): the strongest
+                           locality baseline Megatron has today
+    locmoe-top2            LocMoE at the same fan-out (top-2): GrAP gate, balance + locality loss
+    hash                   Hash Layers, top-1, frequency-balanced map of the corpus
+    switch                 Switch Transformer, top-1, capacity factor 1.0, overflow dropped
+    locmoe-top1            LocMoE, top-1: the paper's setting, against hash and switch
+
+Decisions (why):
+
+* Node-correlated data. Each simulated node reads its own domain of the corpus (node 0 the
+  language reference, node 1 the standard library's docstrings; ``data.domain_shards``), as a
+  domain-sharded loader does (PanGu-Sigma). With the same distribution on every rank no
+  router can keep more than 1/nodes of the assignments on the sender's node on average.
+* Every router uses the hierarchical dispatcher, so every run's intra-/inter-node bytes are
+  counted the same way (its flat-All-to-All count is logged next to it). The dispatcher sends
+  exactly what the flat one sends for top-1 and per-node deduplicated copies for top-2 (a
+  token crosses to each remote node once), which is what node-limited routing is compared on.
+* Locality loss mu = 0.1 for LocMoE (the paper gives no value; the plugin's default 0.01
+  barely moves the node-local share in 100 steps of this model), learning rate 1e-3 (at 3e-3
+  the learned gates of megatron and switch collapse onto one or two experts).
+
+Every run logs Megatron's MoE metrics and the plugin's to TensorBoard (``OUT/<run>/
+tensorboard``) and to W&B in offline mode (``OUT/wandb``), writes ``OUT/<run>/run.json``
+(settings, loss curve, step times) and the demo ends with a table and an HTML report
+(``python -m megatron_locmoe.report``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import shutil
+import sys
+import threading
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
-import torch
+from megatron_locmoe.runlog import TAIL_FRACTION
 
-from megatron_locmoe.simcluster import ParallelLayout, SimCluster
+DEFAULT_OUT = "runs/demo"
+DEFAULT_REPORT = "reports/router_comparison.html"
+DEFAULT_DATA = "data/domains"
 
 
-def routing_locality_job(ctx, tokens: int, num_experts: int, topk: int):
-    from megatron_locmoe.testing import build_moe_layer, moe_config
+@dataclass(frozen=True)
+class DemoRun:
+    """One router configuration of the comparison."""
 
-    topo = ctx.topology()
-    config = moe_config(
-        ep=ctx.layout.ep,
-        num_moe_experts=num_experts,
-        moe_router_topk=topk,
-        hidden_size=32,
-        moe_router_load_balancing_type="aux_loss",
-        moe_aux_loss_coeff=0.01,
+    name: str
+    label: str
+    router_type: str
+    topk: int
+    locmoe: dict = field(default_factory=dict)
+    """LocMoEConfig fields besides router_type and dispatcher."""
+    node_limited: bool = False
+    """Megatron's group-limited routing with one group per node, one group per token."""
+
+
+def demo_runs(mu: float) -> list[DemoRun]:
+    return [
+        DemoRun("megatron", "Megatron top-2 (aux loss)", "megatron", 2),
+        DemoRun(
+            "megatron-node-limited",
+            "Megatron top-2, node-limited (1 node/token)",
+            "megatron",
+            2,
+            node_limited=True,
+        ),
+        DemoRun(
+            "locmoe-top2", f"LocMoE top-2 (mu {mu:g})", "locmoe", 2, {"locality_loss_coeff": mu}
+        ),
+        DemoRun("hash", "Hash top-1", "hash", 1),
+        DemoRun("switch", "Switch top-1 (capacity 1.0)", "switch", 1),
+        DemoRun(
+            "locmoe-top1", f"LocMoE top-1 (mu {mu:g})", "locmoe", 1, {"locality_loss_coeff": mu}
+        ),
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+def prepare_domains(data_dir: Path, nodes: int, max_stdlib_files: int | None) -> dict:
+    """Per-node domain datasets, built once and reused (``data_dir/manifest.json``)."""
+    from megatron_locmoe import data
+
+    manifest = data_dir / "manifest.json"
+    key = {"nodes": nodes, "max_stdlib_files": max_stdlib_files}
+    if manifest.exists():
+        built = json.loads(manifest.read_text())
+        files_ok = all(Path(f"{p}.bin").exists() for p in built["prefixes"])
+        if built.get("key") == key and files_ok and Path(built["counts"]).exists():
+            return built
+    built = data.build_domain_datasets(data_dir, nodes, max_stdlib_files)
+    built["key"] = key
+    manifest.write_text(json.dumps(built, indent=1))
+    return built
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------
+
+
+def _settings(run: DemoRun, args, domains: dict, run_dir: Path):
+    from megatron_locmoe.config import LocMoEConfig
+    from megatron_locmoe.trainer import TrainSettings
+
+    extra = dict(run.locmoe)
+    if run.router_type == "hash":
+        extra["hash_token_counts"] = domains["counts"]
+    overrides = {"moe_ffn_hidden_size": args.ffn_hidden_size}
+    if run.node_limited:
+        overrides.update(moe_router_num_groups=args.nodes, moe_router_group_topk=1)
+    return TrainSettings(
+        data_prefix=domains["prefixes"][0],
+        data_prefix_per_node=list(domains["prefixes"]),
+        locmoe=LocMoEConfig(router_type=run.router_type, dispatcher="hierarchical", **extra),
+        steps=args.steps,
+        seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch_size,
+        num_layers=args.layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.heads,
+        num_experts=args.experts,
+        topk=run.topk,
+        lr=args.lr,
+        seed=args.seed,
+        tensorboard_dir=str(run_dir / "tensorboard"),
+        wandb_dir=None if args.no_wandb else str(run_dir.parent / "wandb"),
+        run_name=run.name,
+        transformer_overrides=overrides,
+        per_layer_logging=True,
+        progress_path=str(run_dir / "progress.jsonl"),
     )
-    layer = build_moe_layer(config)
-    gen = torch.Generator().manual_seed(ctx.rank)
-    x = torch.randn(tokens, 1, config.hidden_size, generator=gen, requires_grad=True)
-    out, _ = layer(x)
-    out.square().mean().backward()
-    with torch.no_grad():
-        _, routing_map = layer.router(x.detach())
-    expert_node = torch.tensor(topo.expert_nodes(num_experts))
-    assigned_nodes = expert_node.expand_as(routing_map)[routing_map]
-    local = int((assigned_nodes == topo.node).sum())
-    return dict(
-        rank=ctx.rank,
-        node=topo.node,
-        assignments=int(routing_map.sum()),
-        node_local=local,
-        grad_norm=float(x.grad.norm()),
-    )
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nodes", type=int, default=2)
-    parser.add_argument("--ranks-per-node", type=int, default=4)
-    parser.add_argument("--tokens", type=int, default=256, help="tokens per rank")
-    parser.add_argument("--experts", type=int, default=16)
-    parser.add_argument("--topk", type=int, default=2)
-    args = parser.parse_args(argv)
-    world = args.nodes * args.ranks_per_node
-    layout = ParallelLayout(devices_per_node=args.ranks_per_node, ep=world)
-    print(
-        f"simulated cluster: {args.nodes} nodes x {args.ranks_per_node} ranks (gloo, CPU), EP={world}"
+def _read_progress(path: Path) -> list[dict]:
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written
+            break
+    return out
+
+
+def run_with_progress(cluster, settings, layout, desc: str, show_bar: bool | None = None):
+    """``cluster.run(train_job)`` with a progress bar fed by the job's progress file."""
+    from tqdm import tqdm
+
+    from megatron_locmoe.trainer import train_job
+
+    path = Path(settings.progress_path)
+    path.unlink(missing_ok=True)
+    bar = tqdm(
+        total=settings.steps,
+        desc=desc,
+        unit="step",
+        file=sys.stderr,
+        disable=not show_bar if show_bar is not None else None,  # None: only on a terminal
+        dynamic_ncols=True,
     )
-    t0 = time.perf_counter()
-    with SimCluster(world) as cluster:
-        print(f"  ranks up in {time.perf_counter() - t0:.1f} s")
-        rows = cluster.run(
-            routing_locality_job,
-            tokens=args.tokens,
-            num_experts=args.experts,
-            topk=args.topk,
-            layout=layout,
+    stop = threading.Event()
+
+    def poll():
+        while True:
+            lines = _read_progress(path)
+            if len(lines) > bar.n:
+                bar.update(len(lines) - bar.n)
+                bar.set_postfix(loss=f"{lines[-1]['loss']:.3f}", refresh=False)
+            if stop.wait(0.5):
+                return
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        results = cluster.run(train_job, settings, layout=layout)
+    finally:
+        stop.set()
+        poller.join()
+        bar.close()
+    return results, _read_progress(path)
+
+
+def run_record(run: DemoRun, args, settings, results, progress, domains, seconds) -> dict:
+    """run.json: what the report and the cost model need besides the TensorBoard scalars."""
+    step_seconds = [p["seconds"] for p in progress]
+    steady = step_seconds[1:] or step_seconds  # the first step builds caches
+    tokens_per_step = args.nodes * args.ranks_per_node * args.micro_batch_size * args.seq_length
+    return {
+        "name": run.name,
+        "label": run.label,
+        "router_type": run.router_type,
+        "topk": run.topk,
+        "node_limited": run.node_limited,
+        "locmoe": vars(settings.locmoe),
+        "transformer_overrides": settings.transformer_overrides,
+        "dispatcher": "hierarchical",
+        "dedup": run.topk > 1,  # the dispatcher's 'auto'
+        "nodes": args.nodes,
+        "ranks_per_node": args.ranks_per_node,
+        "num_experts": args.experts,
+        "num_layers": args.layers,
+        "hidden_size": args.hidden_size,
+        "ffn_hidden_size": args.ffn_hidden_size,
+        "hidden_element_bytes": 4,  # fp32 activations on the CPU
+        "prob_element_bytes": 4,
+        "seq_length": args.seq_length,
+        "micro_batch_size": args.micro_batch_size,
+        "tokens_per_rank_step": args.micro_batch_size * args.seq_length,
+        "tokens_per_step": tokens_per_step,
+        "steps": args.steps,
+        "lr": args.lr,
+        "seed": args.seed,
+        "domains": [d["name"] for d in domains["domains"]],
+        "losses": results[0]["losses"],
+        "step_seconds": step_seconds,
+        "tokens_per_second": tokens_per_step / (sum(steady) / len(steady)) if steady else None,
+        "wall_seconds": seconds,
+        "tensorboard_dir": "tensorboard",
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Summary
+# --------------------------------------------------------------------------------------------
+
+
+def summary_rows(runs) -> list[dict]:
+    """The demo's table from the runs' logs: means over the last TAIL_FRACTION of the steps."""
+    rows = []
+    for r in runs:
+        rec = r.record
+        T = rec["tokens_per_rank_step"]
+        rows.append(
+            {
+                "run": r.name,
+                "label": r.label,
+                "k": rec["topk"],
+                "loss": r.tail_mean("lm loss"),
+                "node_local": r.tail_mean("node_local_fraction"),
+                "inter_bytes_per_token": r.tail_mean("inter_node_bytes") / T,
+                "flat_inter_bytes_per_token": r.tail_mean("flat_inter_node_bytes") / T,
+                "load_cv": r.tail_mean("load_cv"),
+                "dropped": r.tail_mean("tokens_dropped") / (T * rec["topk"]),
+                "tokens_per_second": rec.get("tokens_per_second"),
+            }
         )
-    print(
-        f"Megatron TopKRouter (aux loss), {args.experts} experts, top-{args.topk}, "
-        f"{args.tokens} tokens per rank, forward+backward through the alltoall dispatcher:"
+    return rows
+
+
+def format_summary(rows: list[dict]) -> str:
+    from megatron_locmoe.costmodel import format_table
+
+    headers = [
+        "router",
+        "k",
+        "loss",
+        "node-local",
+        "inter-node B/token",
+        "load CV",
+        "dropped",
+        "tokens/s",
+    ]
+    cells = [
+        [
+            r["label"],
+            str(r["k"]),
+            f"{r['loss']:.3f}",
+            f"{r['node_local']:.3f}",
+            f"{r['inter_bytes_per_token']:.0f}",
+            f"{r['load_cv']:.2f}",
+            f"{r['dropped']:.1%}",
+            f"{r['tokens_per_second']:,.0f}" if r["tokens_per_second"] else "-",
+        ]
+        for r in rows
+    ]
+    return format_table(headers, cells)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--nodes", type=int, default=2)
+    p.add_argument("--ranks-per-node", type=int, default=4)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument(
+        "--routers",
+        default=None,
+        help="comma-separated subset of the runs (default all): "
+        + ", ".join(r.name for r in demo_runs(0.1)),
     )
-    print(f"  {'rank':>4} {'node':>4} {'assignments':>11} {'node-local':>10}")
-    for r in rows:
-        print(f"  {r['rank']:>4} {r['node']:>4} {r['assignments']:>11} {r['node_local']:>10}")
-    total = sum(r["assignments"] for r in rows)
-    local = sum(r["node_local"] for r in rows)
+    p.add_argument("--experts", type=int, default=16)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden-size", type=int, default=64)
+    p.add_argument("--ffn-hidden-size", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--seq-length", type=int, default=64)
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--mu", type=float, default=0.1, help="LocMoE's locality-loss coefficient")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--out", default=DEFAULT_OUT, help="run directories (replaced)")
+    p.add_argument("--report", default=DEFAULT_REPORT, help="HTML report path ('' for none)")
+    p.add_argument("--data-dir", default=DEFAULT_DATA, help="per-node corpus domains (cached)")
+    p.add_argument("--max-stdlib-files", type=int, default=None, help="smaller corpus (tests)")
+    p.add_argument("--no-wandb", action="store_true", help="TensorBoard only")
+    p.add_argument("--progress", choices=("auto", "on", "off"), default="auto")
+    args = p.parse_args(argv)
+    if args.nodes < 2:
+        p.error(f"--nodes {args.nodes}: the comparison is about crossing nodes; use 2 or more")
+    if args.experts % (args.nodes * args.ranks_per_node):
+        p.error(
+            f"--experts {args.experts} must be a multiple of the EP size "
+            f"{args.nodes} x {args.ranks_per_node} = {args.nodes * args.ranks_per_node}"
+        )
+    if args.hidden_size % args.experts:
+        p.error(
+            f"--hidden-size {args.hidden_size}: LocMoE's GrAP gate needs a multiple of --experts"
+        )
+    known = {r.name: r for r in demo_runs(args.mu)}
+    if args.routers:
+        unknown = [n for n in args.routers.split(",") if n not in known]
+        if unknown:
+            p.error(f"unknown runs {unknown}; choose from {', '.join(known)}")
+    return args
+
+
+def main(argv: list[str] | None = None, cluster=None) -> dict:
+    """Run the comparison; ``cluster``: an already started SimCluster of the same size to use
+    (tests share one) instead of starting one."""
+    args = parse_args(argv)
+    from megatron_locmoe.runlog import load_runs, write_run_record
+    from megatron_locmoe.simcluster import ParallelLayout, SimCluster
+
+    t_start = time.perf_counter()
+    runs = demo_runs(args.mu)
+    if args.routers:
+        wanted = args.routers.split(",")
+        runs = [r for r in runs if r.name in wanted]
+    out = Path(args.out)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    world = args.nodes * args.ranks_per_node
     print(
-        f"  node-local share {local / total:.3f} (uniform routing gives {1 / args.nodes:.3f}); "
-        f"{total - local} of {total} assignments cross a node boundary"
+        f"LocMoE router comparison: {args.nodes} simulated nodes x {args.ranks_per_node} ranks "
+        f"(CPU, gloo), EP={world}, {args.experts} experts, {args.layers} MoE layers, hidden "
+        f"{args.hidden_size}, {args.steps} steps x {world * args.micro_batch_size} sequences of "
+        f"{args.seq_length} byte tokens",
+        flush=True,
     )
+    domains = prepare_domains(Path(args.data_dir), args.nodes, args.max_stdlib_files)
+    for k, d in enumerate(domains["domains"]):
+        print(f"  node {k} reads {d['name']} ({d['tokens']:,} tokens)")
+    show_bar = {"auto": None, "on": True, "off": False}[args.progress]
+    layout = ParallelLayout(devices_per_node=args.ranks_per_node, ep=world)
+    if cluster is not None and cluster.world_size != world:
+        raise ValueError(
+            f"the given cluster has {cluster.world_size} ranks, the demo needs {world}"
+        )
+    t0 = time.perf_counter()
+    with SimCluster(world) if cluster is None else contextlib.nullcontext(cluster) as cluster:
+        print(f"  {world} ranks up in {time.perf_counter() - t0:.0f} s", flush=True)
+        for run in runs:
+            run_dir = out / run.name
+            run_dir.mkdir()
+            settings = _settings(run, args, domains, run_dir)
+            t_run = time.perf_counter()
+            results, progress = run_with_progress(cluster, settings, layout, run.name, show_bar)
+            seconds = time.perf_counter() - t_run
+            write_run_record(
+                run_dir, run_record(run, args, settings, results, progress, domains, seconds)
+            )
+            losses = results[0]["losses"]
+            print(
+                f"  {run.name:<22} {len(losses)} steps in {seconds:4.0f} s, "
+                f"lm loss {losses[0]:.2f} -> {losses[-1]:.2f}",
+                flush=True,
+            )
+    loaded = load_runs([out / r.name for r in runs])
+    rows = summary_rows(loaded)
+    (out / "summary.json").write_text(json.dumps(rows, indent=1))
+    tail = max(1, round(args.steps * TAIL_FRACTION))
     print(
-        "The router comparison (megatron / hash / switch / locmoe) and its report arrive in a "
-        "later change."
+        f"\nmeans over the last {tail} steps; inter-node bytes per token and MoE layer, "
+        "dispatch + combine, sent by the hierarchical dispatcher (fp32, hidden "
+        f"{args.hidden_size}); tokens/s of the whole simulated cluster on this CPU\n"
     )
-    print(f"done in {time.perf_counter() - t0:.1f} s")
+    print(format_summary(rows))
+    report_path = None
+    if args.report:
+        from megatron_locmoe.report import build_report
+
+        report_path = build_report(loaded, args.report)
+    print(f"\nruns: {out}/ (TensorBoard: tensorboard --logdir {out})")
+    if not args.no_wandb:
+        print(
+            f"W&B offline runs: {out}/wandb/wandb (upload: wandb sync {out}/wandb/wandb/offline-run-*)"
+        )
+    if report_path:
+        print(f"report: {report_path}")
+    print(f"done in {time.perf_counter() - t_start:.0f} s")
+    return {"rows": rows, "report": report_path, "out": str(out)}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,367 @@
+"""An HTML page with PNG plots comparing routers, from the runs' logged metrics.
+
+    python -m megatron_locmoe.report runs/demo -o reports/router_comparison.html
+    python -m megatron_locmoe.report runs/demo/hash runs/demo/locmoe-top1 -o reports/two.html
+
+RUNS are run directories (TensorBoard event files of ``trainer.train_job``, plus the demo's
+``run.json``) or a directory of them. Decided: the report reads the TensorBoard events, not
+W&B's binary run files, because TensorBoard's reader is a plain library call and the demo logs
+the same names to both. Plots: loss vs step, node-local fraction, inter-node bytes per token
+(hierarchical dispatcher, with the flat All-to-All's count dashed), load CV per MoE layer,
+dropped assignments, expert capacity, and the modeled MoE time per step on every cluster
+preset of ``costmodel`` (runs with a run.json only). Everything is local files: the page links
+its PNGs from ``<name>_png/`` beside it and loads nothing from a network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+from pathlib import Path
+
+from megatron_locmoe.runlog import TAIL_FRACTION, Run, load_runs
+
+PLOTS = (
+    "loss",
+    "node_local_fraction",
+    "inter_node_bytes",
+    "load_cv_per_layer",
+    "tokens_dropped",
+    "expert_capacity",
+    "modeled_step_time",
+)
+"""PNG names (without .png) a full report contains."""
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _colors(runs: list[Run]) -> dict[str, str]:
+    palette = [f"C{i}" for i in range(10)]
+    return {r.name: palette[i % len(palette)] for i, r in enumerate(runs)}
+
+
+def _per_token(run: Run) -> float | None:
+    """Tokens per rank and step (bytes and drops are per rank), when the run recorded it."""
+    return run.record.get("tokens_per_rank_step")
+
+
+def _line_plot(runs, colors, tag, ylabel, title, path, scale=None, dashed_tag=None):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for r in runs:
+        s = r.series(tag)
+        if s is None:
+            continue
+        div = scale(r) if scale else 1.0
+        ax.plot(s[0], s[1] / div, color=colors[r.name], label=r.label, lw=1.3)
+        if dashed_tag and r.series(dashed_tag) is not None:
+            d = r.series(dashed_tag)
+            ax.plot(d[0], d[1] / div, color=colors[r.name], ls="--", lw=0.9, alpha=0.7)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _load_cv_per_layer(runs, colors, path):
+    """Grouped bars: steady-state load CV of every MoE layer, one bar per run."""
+    import numpy as np
+
+    plt = _plt()
+    per_run = {}
+    for r in runs:
+        tags = r.layer_tags("load_cv")
+        if tags:
+            per_run[r.name] = [r.tail_mean(t) for t in tags]
+        elif r.series("load_cv") is not None:
+            per_run[r.name] = [r.tail_mean("load_cv")]  # no per-layer logging: the mean
+    layers = max((len(v) for v in per_run.values()), default=1)
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    width = 0.8 / max(1, len(per_run))
+    for i, r in enumerate(x for x in runs if x.name in per_run):
+        vals = per_run[r.name]
+        xs = np.arange(len(vals)) + i * width
+        ax.bar(xs, vals, width=width, color=colors[r.name], label=r.label)
+    ax.set_xticks(np.arange(layers) + width * (len(per_run) - 1) / 2)
+    ax.set_xticklabels([f"layer {i}" for i in range(layers)])
+    ax.set_ylabel("load CV (std/mean of tokens per expert)")
+    ax.set_title(f"Load imbalance per MoE layer (mean of the last {TAIL_FRACTION:.0%} of steps)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def modeled_step_times(runs: list[Run], workload_name: str = "pangu-sigma"):
+    """{cluster: [(run, StepEstimate)]} for the runs with a run.json, EP over the runs' nodes
+    (and the node size of each preset: copies extrapolated by locality gain)."""
+    from megatron_locmoe.costmodel import CLUSTERS, WORKLOADS, RoutingStats, estimate
+
+    stats = []
+    for r in runs:
+        try:
+            stats.append((r, RoutingStats.from_run(r)))
+        except (ValueError, KeyError):
+            continue
+    out = {}
+    for cname, cluster in CLUSTERS.items():
+        out[cname] = [
+            (r, estimate(s, cluster, s.nodes, WORKLOADS[workload_name])) for r, s in stats
+        ]
+    return out
+
+
+def _modeled_plot(times, colors, path, workload_name):
+    import numpy as np
+
+    plt = _plt()
+    clusters = list(times)
+    runs = [r for r, _ in times[clusters[0]]]
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    width = 0.8 / max(1, len(runs))
+    for i, r in enumerate(runs):
+        expert = [dict((x.name, e) for x, e in times[c])[r.name].t_expert * 1e3 for c in clusters]
+        total = [dict((x.name, e) for x, e in times[c])[r.name].t_moe * 1e3 for c in clusters]
+        xs = np.arange(len(clusters)) + i * width
+        ax.bar(xs, total, width=width, color=colors[r.name], label=r.label, alpha=0.9)
+        ax.bar(xs, expert, width=width, color="none", edgecolor="k", hatch="//", lw=0.4)
+    ax.set_xticks(np.arange(len(clusters)) + width * (len(runs) - 1) / 2)
+    ax.set_xticklabels(clusters)
+    ax.set_ylabel("modeled MoE time per step (ms)")
+    ax.set_title(
+        f"alpha-beta model, {workload_name} workload, EP over the runs' nodes (hatched: experts)"
+    )
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _summary_table_html(runs: list[Run]) -> str:
+    head = (
+        "<tr><th>run</th><th>k</th><th>lm loss</th><th>node-local</th>"
+        "<th>inter-node B/token</th><th>flat inter-node B/token</th><th>load CV</th>"
+        "<th>dropped</th><th>tokens/s</th></tr>"
+    )
+    rows = []
+    for r in runs:
+        T = _per_token(r)
+        k = r.record.get("topk")
+
+        def cell(tag, fmt, div=1.0, r=r):
+            return fmt.format(r.tail_mean(tag) / div) if r.series(tag) is not None else "-"
+
+        tps = r.record.get("tokens_per_second")
+        rows.append(
+            "<tr>"
+            + "".join(
+                f"<td>{html.escape(str(c))}</td>"
+                for c in (
+                    r.label,
+                    k if k is not None else "-",
+                    cell("lm loss", "{:.3f}"),
+                    cell("node_local_fraction", "{:.3f}"),
+                    cell("inter_node_bytes", "{:.0f}", T or 1.0),
+                    cell("flat_inter_node_bytes", "{:.0f}", T or 1.0),
+                    cell("load_cv", "{:.2f}"),
+                    cell("tokens_dropped", "{:.1%}", (T * k) if T and k else 1.0),
+                    f"{tps:,.0f}" if tps else "-",
+                )
+            )
+            + "</tr>"
+        )
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _modeled_table_html(times, workload_name) -> str:
+    parts = []
+    for cname, ests in times.items():
+        if not ests:
+            continue
+        base = ests[0][1]
+        rows = "".join(
+            f"<tr><td>{html.escape(r.label)}</td><td>{e.node_local_fraction:.3f}</td>"
+            f"<td>{e.inter_bytes / 1e9:.3f}</td><td>{e.intra_bytes / 1e9:.3f}</td>"
+            f"<td>{e.t_comm * 1e3:.2f}</td><td>{e.t_expert * 1e3:.2f}</td>"
+            f"<td>{e.t_moe * 1e3:.2f}</td><td>{base.t_moe / e.t_moe:.3f}</td></tr>"
+            for r, e in ests
+        )
+        parts.append(
+            f"<h3>{html.escape(cname)}</h3><table><tr><th>run</th><th>node-local</th>"
+            "<th>inter GB/device/step</th><th>intra GB/device/step</th><th>All-to-All ms</th>"
+            f"<th>expert ms</th><th>MoE ms</th><th>speed-up vs {html.escape(ests[0][0].label)}"
+            f"</th></tr>{rows}</table>"
+        )
+    return "".join(parts)
+
+
+_CSS = """
+body { font-family: sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
+th, td { border: 1px solid #bbb; padding: 0.25em 0.6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+img { max-width: 100%; border: 1px solid #ddd; margin: 0.5em 0; }
+.note { color: #555; font-size: 0.9em; }
+"""
+
+
+def build_report(
+    runs: list[Run] | list[str | Path], out_html: str | Path, workload: str = "pangu-sigma"
+) -> Path:
+    """Write the HTML page and its PNGs (``<stem>_png/`` beside it); return the page's path."""
+    from megatron_locmoe.costmodel import CLUSTERS, describe_cluster
+
+    if runs and not isinstance(runs[0], Run):
+        runs = load_runs(list(runs))
+    if not runs:
+        raise ValueError("no runs to report on")
+    out_html = Path(out_html)
+    png_dir = out_html.parent / f"{out_html.stem}_png"
+    png_dir.mkdir(parents=True, exist_ok=True)
+    colors = _colors(runs)
+    per_token = lambda r: _per_token(r) or 1.0  # noqa: E731
+    per_assignment = lambda r: (_per_token(r) or 1.0) * r.record.get("topk", 1)  # noqa: E731
+    bytes_unit = (
+        "B per token and MoE layer" if all(_per_token(r) for r in runs) else "B per rank-step"
+    )
+    drop_unit = "share of assignments" if all(_per_token(r) for r in runs) else "per rank-step"
+    made = {}
+    _line_plot(
+        runs,
+        colors,
+        "lm loss",
+        "lm loss",
+        "Training loss (same tokens for every run)",
+        png_dir / "loss.png",
+    )
+    made["loss"] = "Training loss"
+    _line_plot(
+        runs,
+        colors,
+        "node_local_fraction",
+        "node-local share of assignments",
+        "Assignments whose expert is on the token's node",
+        png_dir / "node_local_fraction.png",
+    )
+    made["node_local_fraction"] = "Node-local fraction"
+    _line_plot(
+        runs,
+        colors,
+        "inter_node_bytes",
+        bytes_unit,
+        "Inter-node bytes (solid: hierarchical dispatcher, dashed: flat All-to-All)",
+        png_dir / "inter_node_bytes.png",
+        scale=per_token,
+        dashed_tag="flat_inter_node_bytes",
+    )
+    made["inter_node_bytes"] = "Inter-node bytes per token"
+    _load_cv_per_layer(runs, colors, png_dir / "load_cv_per_layer.png")
+    made["load_cv_per_layer"] = "Load CV per layer"
+    _line_plot(
+        runs,
+        colors,
+        "tokens_dropped",
+        drop_unit,
+        "Dropped token-expert assignments",
+        png_dir / "tokens_dropped.png",
+        scale=per_assignment,
+    )
+    made["tokens_dropped"] = "Drops"
+    _line_plot(
+        runs,
+        colors,
+        "expert_capacity",
+        "tokens per expert (0: dropless)",
+        "Expert capacity",
+        png_dir / "expert_capacity.png",
+    )
+    made["expert_capacity"] = "Capacity"
+    times = modeled_step_times(runs, workload)
+    modeled = any(times.values())
+    if modeled:
+        _modeled_plot(times, colors, png_dir / "modeled_step_time.png", workload)
+        made["modeled_step_time"] = "Modeled MoE time per step"
+
+    rel = png_dir.name
+    figs = "".join(
+        f'<h2>{html.escape(title)}</h2><img src="{rel}/{name}.png" alt="{html.escape(title)}">'
+        for name, title in made.items()
+        if name != "modeled_step_time"
+    )
+    settings = "".join(
+        f"<li><b>{html.escape(r.label)}</b> ({html.escape(str(r.path))}): "
+        + html.escape(
+            ", ".join(
+                f"{k}={r.record[k]}"
+                for k in ("router_type", "topk", "node_limited", "steps", "lr", "dedup")
+                if k in r.record
+            )
+            or "TensorBoard run"
+        )
+        + "</li>"
+        for r in runs
+    )
+    if modeled:
+        model_html = (
+            f'<h2>Modeled MoE time per step</h2><img src="{rel}/modeled_step_time.png" '
+            f'alt="modeled step time">{_modeled_table_html(times, workload)}'
+            "<p class='note'>alpha-beta model (megatron_locmoe/costmodel.py): each run's measured "
+            "copies per token (its own top-k, drops and dedup) scaled to the "
+            f"<code>{html.escape(workload)}</code> workload, EP over the runs' nodes; where a "
+            "preset's node size differs from the run's, copies are extrapolated by locality "
+            "gain. Presets:</p><pre>"
+            + html.escape("\n\n".join(describe_cluster(c) for c in CLUSTERS.values()))
+            + "</pre>"
+        )
+    else:
+        model_html = (
+            "<p class='note'>No modeled step time: the runs have no run.json (written by "
+            "megatron_locmoe.demo), so their sizes are unknown.</p>"
+        )
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>LocMoE router comparison</title>
+<style>{_CSS}</style></head><body>
+<h1>Router comparison</h1>
+<p class="note">Means over the last {TAIL_FRACTION:.0%} of each run's steps. Bytes: what one
+rank sends per MoE layer and step (dispatch + combine, forward), per token of the rank.</p>
+{_summary_table_html(runs)}
+<ul>{settings}</ul>
+{figs}
+{model_html}
+</body></html>
+"""
+    out_html.write_text(page)
+    return out_html
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories (or a parent)")
+    parser.add_argument("-o", "--out", default="reports/router_comparison.html")
+    parser.add_argument(
+        "--workload", default="pangu-sigma", help="costmodel workload for the modeled step time"
+    )
+    args = parser.parse_args(argv)
+    from megatron_locmoe.costmodel import WORKLOADS
+
+    if args.workload not in WORKLOADS:
+        parser.error(f"--workload {args.workload!r}; choose from {', '.join(WORKLOADS)}")
+    path = build_report(load_runs(args.runs), args.out, args.workload)
+    print(f"report: {path} (plots in {path.parent / (path.stem + '_png')})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""The HTML report builds from two short real runs (the demo's, on the simulated 2 x 4
+cluster) and contains every plot; bare TensorBoard runs give every plot but the modeled time."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from megatron_locmoe import demo, report
+from megatron_locmoe.runlog import find_run_dirs, load_runs
+
+
+@pytest.fixture(scope="module")
+def two_runs(cluster8, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    demo.main(
+        [
+            "--routers", "hash,locmoe-top1",
+            "--steps", "6",
+            "--out", str(tmp / "runs"),
+            "--report", "",
+            "--data-dir", str(tmp / "data"),
+            "--max-stdlib-files", "40",
+            "--no-wandb",
+            "--progress", "off",
+        ],
+        cluster=cluster8,
+    )  # fmt: skip
+    return tmp / "runs"
+
+
+def test_report_has_every_plot(two_runs, tmp_path):
+    out = report.build_report(load_runs([two_runs]), tmp_path / "cmp.html")
+    page = out.read_text()
+    for name in report.PLOTS:
+        png = tmp_path / "cmp_png" / f"{name}.png"
+        assert png.stat().st_size > 5_000, name  # a real figure
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f'src="cmp_png/{name}.png"' in page, name
+    assert "Hash top-1" in page and "LocMoE top-1" in page
+    for preset in ("h100-dgx", "ascend-910a", "ascend-910b"):
+        assert preset in page
+    assert "http" not in page.replace("https://www.nvidia", "").replace(
+        "https://docs.nvidia", ""
+    ).replace(
+        "https://support.huawei", ""
+    )  # nothing loaded from a network (only cited source URLs, as text)
+
+
+def test_report_from_bare_tensorboard_dirs(two_runs, tmp_path):
+    for name in ("hash", "locmoe-top1"):
+        shutil.copytree(two_runs / name / "tensorboard", tmp_path / "tb" / name)
+    assert [p.name for p in find_run_dirs([tmp_path / "tb"])] == ["hash", "locmoe-top1"]
+    runs = load_runs([tmp_path / "tb"])
+    out = report.build_report(runs, tmp_path / "bare.html")
+    page = out.read_text()
+    for name in set(report.PLOTS) - {"modeled_step_time"}:
+        assert (tmp_path / "bare_png" / f"{name}.png").exists(), name
+    assert "No modeled step time" in page
+
+
+def test_report_cli_and_errors(two_runs, tmp_path, capsys):
+    report.main([str(two_runs), "-o", str(tmp_path / "cli.html")])
+    assert "report:" in capsys.readouterr().out and (tmp_path / "cli.html").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no run"):
+        report.main([str(tmp_path / "empty"), "-o", str(tmp_path / "x.html")])
+    with pytest.raises(SystemExit):
+        report.main([str(two_runs), "--workload", "nope"])
