@@ -215,14 +215,14 @@ def main() -> None:
     result["experts"] = bench_experts(config, T, device, args)
     ex = result["experts"]
     print(f"\nexpert MLPs alone ({ex['assignments']} assignments; bitwise equal: {ex['bitwise']}):")
-    print(f"  {"impl":<20}{"fwd ms":>9}{'fwd TFLOP/s':>13}{'fwd+bwd ms':>12}{'fwd+bwd TFLOP/s':>17}")
+    print(f"  {'impl':<20}{'fwd ms':>9}{'fwd TFLOP/s':>13}{'fwd+bwd ms':>12}{'fwd+bwd TFLOP/s':>17}")
     for name, row in ex["experts"].items():
         fb = (
             f"{row['fwd_bwd_ms']:>12.3f}{row['fwd_bwd_tflops']:>17.0f}"
             if "fwd_bwd_ms" in row
             else ""
         )
-        print(f"  {name:<20}{row["fwd_ms"]:>9.3f}{row['fwd_tflops']:>13.0f}{fb}")
+        print(f"  {name:<20}{row['fwd_ms']:>9.3f}{row['fwd_tflops']:>13.0f}{fb}")
     result.update(bench_layers(config, T, device, args))
     print("\nwhole MoE layer, forward+backward:")
     print(f"  {'layer':<26}{'ms':>9}{'vs megatron':>13}{'peak MB':>9}")
