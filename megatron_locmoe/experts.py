@@ -11,7 +11,8 @@ parallelism (Megatron skips their TP collectives: the dispatcher does them), so 
 parallel shards group the same way.
 
 Numerics equal Megatron's per-expert path (same GEMM inputs and the MLP's own activation
-code); on the H100 the outputs were bitwise equal to the loop (benchmarks/moe_layer_bench.py).
+code): bitwise on the CPU (tests/test_experts.py); on the H100 the forward is bitwise and the
+input gradient differs only by the backward GEMM kernels' rounding (benchmarks/moe_layer_bench.py).
 """
 
 from __future__ import annotations
