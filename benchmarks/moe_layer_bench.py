@@ -112,6 +112,9 @@ def bench_layers(config, T, device, args) -> dict:
     check = {
         "output_bitwise": bool(torch.equal(y0, y1)),
         "x_grad_bitwise": bool(torch.equal(g0, g1)),
+        "x_grad_max_rel_diff": float(
+            (g0.float() - g1.float()).abs().max() / g0.float().abs().max().clamp_min(1e-30)
+        ),
     }
     return {"layers": rows, "grouped_vs_loop_layer": check}
 
