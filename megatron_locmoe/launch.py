@@ -30,7 +30,8 @@ Per device kind:
   process's simulated cluster instead (``megatron_locmoe.simcluster.SimCluster``, gloo, nodes
   x devices-per-node ranks) with ``megatron_locmoe.trainer``: the parsed Megatron arguments
   are mapped onto ``TrainSettings`` (model sizes, router and ``--locmoe-*`` flags, steps,
-  batch, lr, seed, TensorBoard / W&B dirs); flags that loop cannot honour are refused.
+  batch, lr, seed, TensorBoard / W&B dirs, ``--save`` / ``--load`` checkpoints); flags that
+  loop cannot honour are refused.
 
 A preset with a ``sweep`` runs its entries one after another (e.g. one training per router)
 and ends with a table of tokens/s and lm loss per run, also written to
