@@ -2,13 +2,17 @@
 
 Without transformer-engine (TEGroupedMLP) or the grouped_gemm package, Megatron-Core 0.19
 runs experts as SequentialMLP: one small GEMM pair per expert, launch-bound and far from the
-card's peak at fine-grained expert counts. ``GroupedSequentialMLP`` keeps SequentialMLP's
-modules and parameters — so checkpoints, optimizers, DDP buffers and expert-parallel tags are
-exactly Megatron's — and only replaces the compute: the local experts' weights are stacked
-(one copy per forward, [E_local, out, in]) and each projection is one ``torch._grouped_mm``
-over the token groups of the dispatcher's output. Expert linears are local GEMMs under expert
-parallelism (Megatron skips their TP collectives: the dispatcher does them), so expert-tensor-
-parallel shards group the same way.
+card's peak at fine-grained expert counts. ``GroupedSequentialMLP`` is a SequentialMLP built by
+Megatron as usual (same initialisation, same modules) whose expert weights then move into one
+stacked parameter per projection, ``linear_fc1_weight`` [E_local, out, in] and
+``linear_fc2_weight``; each projection is one ``torch._grouped_mm`` over the token groups of
+the dispatcher's output and its weight gradient arrives stacked, with no copies. Every expert
+linear keeps a persistent ``weight`` buffer that is a view of its slice, so state dicts and
+Megatron's distributed checkpoints keep SequentialMLP's keys and sharding: a checkpoint moves
+between the loop and the grouped experts either way. The views are re-bound whenever the
+stacked storage moves (``.to()``, Megatron's DDP buffers). Expert linears are local GEMMs
+under expert parallelism (Megatron skips their TP collectives: the dispatcher does them), so
+expert-tensor-parallel shards group the same way.
 
 Numerics equal Megatron's per-expert path (same GEMM inputs and the MLP's own activation
 code): bitwise on the CPU (tests/test_experts.py); on the H100 the forward is bitwise and the
@@ -22,6 +26,8 @@ import torch.nn.functional as F
 from megatron.core.fusions.fused_bias_geglu import quick_gelu, weighted_bias_quick_geglu_impl
 from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
 from megatron.core.transformer.moe.experts import SequentialMLP
+
+PROJECTIONS = ("linear_fc1", "linear_fc2")
 
 GROUPED_MM_DTYPES_CUDA = (torch.bfloat16,)
 """Dtypes torch._grouped_mm runs on CUDA (sm90+) in torch 2.11; the CPU takes float32 too."""
@@ -64,10 +70,50 @@ class GroupedSequentialMLP(SequentialMLP):
                 + ", ".join(unsupported)
                 + "; change those settings or use the per-expert loop (--locmoe-experts loop)."
             )
+        for proj in PROJECTIONS:
+            experts = [getattr(e, proj).weight for e in self.local_experts]
+            stacked = torch.nn.Parameter(torch.stack([w.detach() for w in experts]))
+            for attr, value in vars(experts[0]).items():  # Megatron's tags: allreduce=False...
+                setattr(stacked, attr, value)
+            self.register_parameter(f"{proj}_weight", stacked)
+            for expert in self.local_experts:
+                del getattr(expert, proj).weight  # the Parameter; its slice view replaces it
+        self._rebind_views()
+        self.register_state_dict_pre_hook(lambda module, *_: module._rebind_views())
+        self._register_state_dict_hook(_drop_stacked_keys)
 
-    def _weights(self, name: str) -> torch.Tensor:
-        """The local experts' weights of one projection, stacked: [E_local, out, in]."""
-        return torch.stack([getattr(e, name).weight for e in self.local_experts])
+    def _weights(self, proj: str) -> torch.Tensor:
+        """The stacked weights of one projection: [E_local, out, in] (a Parameter)."""
+        return getattr(self, f"{proj}_weight")
+
+    def _rebind_views(self) -> None:
+        """Point every expert linear's ``weight`` buffer at its slice of the stacked weight
+        (after ``.to()``, or when Megatron's DDP moved the parameter into its buffer)."""
+        for proj in PROJECTIONS:
+            stacked = self._weights(proj).detach()
+            for i, expert in enumerate(self.local_experts):
+                linear = getattr(expert, proj)
+                view = linear._buffers.get("weight")
+                if view is None or view.data_ptr() != stacked[i].data_ptr():
+                    linear.register_buffer("weight", stacked[i], persistent=True)
+
+    def _apply(self, fn, *args, **kwargs):
+        module = super()._apply(fn, *args, **kwargs)  # moves the views as separate tensors
+        self._rebind_views()
+        return module
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Loading goes through the experts' views (SequentialMLP's keys) into the stacked
+        weights; the stacked parameters themselves are not in the state dict."""
+        self._rebind_views()
+        for proj in PROJECTIONS:
+            state_dict.setdefault(f"{prefix}{proj}_weight", self._weights(proj).detach())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """SequentialMLP's sharded state dict over the views (checkpoints load in place)."""
+        self._rebind_views()
+        return super().sharded_state_dict(prefix, sharded_offsets, metadata)
 
     def _scaled_activation(self, h_TF: torch.Tensor, probs_T: torch.Tensor) -> torch.Tensor:
         """Activation times each token's routing probability, by the same code path Megatron's
@@ -105,14 +151,35 @@ class GroupedSequentialMLP(SequentialMLP):
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
         """[T, H] tokens grouped by local expert, [E_local] counts, [T] probs -> ([T, H], None)."""
         x_TH, probs_T = permuted_local_hidden_states, permuted_probs
-        if not grouped_mm_available(x_TH.device, x_TH.dtype):
-            return super().forward(x_TH, tokens_per_expert, probs_T)
         if self.config.moe_apply_probs_on_input:
             x_TH = (probs_T.unsqueeze(-1) * x_TH).to(x_TH.dtype)
             probs_T = torch.ones_like(probs_T)
+        w1, w2 = self._weights("linear_fc1"), self._weights("linear_fc2")
+        if not grouped_mm_available(x_TH.device, x_TH.dtype):  # same math, one GEMM per expert
+            counts = torch.as_tensor(tokens_per_expert).tolist()
+            outs = [
+                F.linear(self._scaled_activation(F.linear(x, w1[e]), p), w2[e])
+                for e, (x, p) in enumerate(
+                    zip(x_TH.split(counts), probs_T.split(counts), strict=True)
+                )
+            ]
+            return torch.cat(outs), None
         counts = torch.as_tensor(tokens_per_expert)
         offsets_E = counts.to(device=x_TH.device, dtype=torch.int32, non_blocking=True).cumsum(0)
         offsets_E = offsets_E.to(torch.int32)
-        h_TF = grouped_linear(x_TH, self._weights("linear_fc1"), offsets_E)
+        h_TF = grouped_linear(x_TH, w1, offsets_E)
         h_TF = self._scaled_activation(h_TF, probs_T)
-        return grouped_linear(h_TF, self._weights("linear_fc2"), offsets_E), None
+        return grouped_linear(h_TF, w2, offsets_E), None
+
+    def backward_dw(self):
+        raise NotImplementedError(
+            "grouped experts compute weight gradients in the backward pass; drop "
+            "--delay-wgrad-compute or use the per-expert loop (--locmoe-experts loop)"
+        )
+
+
+def _drop_stacked_keys(module, state_dict, prefix, local_metadata):
+    """state_dict() keeps SequentialMLP's keys only (the experts' views hold the weights)."""
+    for proj in PROJECTIONS:
+        state_dict.pop(f"{prefix}{proj}_weight", None)
+    return state_dict

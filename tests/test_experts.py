@@ -26,6 +26,19 @@ CASES = {
 }
 
 
+def _per_expert_grads(experts) -> dict:
+    """Weight gradients by SequentialMLP's names (the grouped module's arrive stacked)."""
+    from megatron_locmoe.experts import PROJECTIONS, GroupedSequentialMLP
+
+    if not isinstance(experts, GroupedSequentialMLP):
+        return {n: p.grad for n, p in experts.named_parameters()}
+    return {
+        f"local_experts.{e}.{proj}.weight": getattr(experts, f"{proj}_weight").grad[e]
+        for proj in PROJECTIONS
+        for e in range(experts.num_local_experts)
+    }
+
+
 def grouped_vs_loop_job(ctx, case: str, dispatcher: str):
     from megatron_locmoe.experts import GroupedSequentialMLP
 
@@ -50,7 +63,7 @@ def grouped_vs_loop_job(ctx, case: str, dispatcher: str):
             cls=type(layer.experts),
             y=y.detach(),
             x_grad=x.grad,
-            w_grads={n: p.grad for n, p in layer.experts.named_parameters()},
+            w_grads=_per_expert_grads(layer.experts),
             keys=sorted(layer.state_dict()),
             tokens=layer.experts.local_experts[0].linear_fc1.weight.shape,
         )
@@ -61,9 +74,8 @@ def grouped_vs_loop_job(ctx, case: str, dispatcher: str):
         same_keys=loop["keys"] == grouped["keys"],
         y_equal=torch.equal(loop["y"], grouped["y"]),
         x_grad_equal=torch.equal(loop["x_grad"], grouped["x_grad"]),
-        w_grads_equal=all(
-            torch.equal(loop["w_grads"][n], g) for n, g in grouped["w_grads"].items()
-        ),
+        w_grads_equal=loop["w_grads"].keys() == grouped["w_grads"].keys()
+        and all(torch.equal(loop["w_grads"][n], g) for n, g in grouped["w_grads"].items()),
         max_diff=float((loop["y"].float() - grouped["y"].float()).abs().max()),
     )
 
@@ -118,3 +130,58 @@ def test_experts_setting_selects_module_and_validates():
         LocMoEConfig(experts="grouped").validate(moe_config(ep=1, add_bias_linear=True))
     with pytest.raises(ConfigError, match="experts='fast'"):
         LocMoEConfig(experts="fast").validate()
+
+
+def checkpoint_interchange_job(ctx):
+    """Megatron torch_dist checkpoints move between the loop and the grouped experts."""
+    from megatron.core import dist_checkpointing
+
+    ctx.topology()
+    config = moe_config(ep=2, moe_router_topk=2)
+
+    def layer(impl, seed):
+        torch.manual_seed(seed)
+        return build_moe_layer(config, locmoe=LocMoEConfig(router_type="megatron", experts=impl))
+
+    def weights(layer_):
+        state = layer_.experts.state_dict().items()
+        return {k: v.clone() for k, v in state if torch.is_tensor(v)}
+
+    out = {}
+    for src, dst in (("loop", "grouped"), ("grouped", "loop")):
+        saved, target = layer(src, 1), layer(dst, 2)
+        path = ctx.scratch / f"experts_{src}_to_{dst}"
+        if ctx.rank == 0:
+            path.mkdir(parents=True, exist_ok=True)
+        torch.distributed.barrier()
+        dist_checkpointing.save(saved.sharded_state_dict(), str(path))
+        before, reference = weights(target), weights(saved)
+        differs_before = any(not torch.equal(before[k], reference[k]) for k in reference)
+        loaded = dist_checkpointing.load(target.sharded_state_dict(), str(path))
+        target.load_state_dict(loaded)
+        out[f"{src}->{dst}"] = dict(
+            differs_before=differs_before,
+            equal_after=weights(saved).keys() == weights(target).keys()
+            and all(torch.equal(weights(saved)[k], weights(target)[k]) for k in weights(saved)),
+        )
+    grouped = layer("grouped", 3).experts
+    grouped.to(torch.float64)  # .to() moves the views separately; they must be re-bound
+    w = grouped.linear_fc1_weight
+    view_ok = grouped.local_experts[1].linear_fc1.weight.data_ptr() == w[1].data_ptr()
+    grouped.linear_fc2_weight.data = grouped.linear_fc2_weight.data.clone() + 1  # as DDP moves it
+    fresh = grouped.state_dict()["local_experts.0.linear_fc2.weight"]
+    out["rebind"] = dict(
+        to_dtype=view_ok and w.dtype == torch.float64,
+        after_move=torch.equal(fresh, grouped.linear_fc2_weight[0].detach()),
+    )
+    return out
+
+
+def test_checkpoints_move_between_loop_and_grouped(cluster2):
+    results = cluster2.run(
+        checkpoint_interchange_job, layout=ParallelLayout(devices_per_node=1, ep=2)
+    )
+    for r in results:
+        for direction in ("loop->grouped", "grouped->loop"):
+            assert r[direction] == dict(differs_before=True, equal_after=True), direction
+        assert r["rebind"] == dict(to_dtype=True, after_move=True)
