@@ -260,8 +260,11 @@ def _compile_helpers_once_built(device: DeviceChoice) -> Callable[[], None]:
 
 
 def causal_mask_factory(device: DeviceChoice) -> Callable[[int], torch.Tensor]:
-    """``transformer.utils.get_default_causal_mask`` on this process's device (cached)."""
-    target = device.torch_device() if device.type != "cpu" else torch.device("cpu")
+    """``transformer.utils.get_default_causal_mask`` on this process's device (cached).
+
+    An index-less device ("npu") means the current device, as Megatron's "cuda" literal does,
+    so every rank gets its mask on its own accelerator."""
+    target = torch.device(device.type)
 
     @functools.lru_cache(maxsize=32)
     def get_default_causal_mask(sq: int) -> torch.Tensor:
