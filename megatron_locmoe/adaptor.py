@@ -463,6 +463,25 @@ REGISTRY.register(
     )
 )
 
+def _no_cuda_arch() -> int:
+    """Not a CUDA architecture: 0 is below every arch Megatron tests for (8 Ampere, 9 Hopper,
+    10 Blackwell), so its pre-Blackwell rules (CUDA_DEVICE_MAX_CONNECTIONS=1 with TP/CP > 1)
+    apply, as the launcher sets them."""
+    return 0
+
+
+REGISTRY.register(
+    Patch(
+        target="megatron.training.arguments.get_device_arch_version",
+        why=(
+            "validate_args reads torch.cuda.get_device_properties('cuda:0').major whenever "
+            "TP or CP > 1: no CUDA device on a CPU rank, and NPU properties (through "
+            "transfer_to_npu) need not have .major. Bound by name in arguments."
+        ),
+        make=lambda device: _no_cuda_arch,
+    )
+)
+
 REGISTRY.register(
     Patch(
         target="megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu",

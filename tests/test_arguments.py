@@ -214,3 +214,12 @@ def test_no_experts(megatron_args):
     base = dense.replace("--moe-router-topk 1 --moe-router-pre-softmax ", "").split()
     with pytest.raises(ConfigError, match="need an MoE model: set --num-experts"):
         parse("--moe-router-type", "locmoe", base=base)
+
+
+def test_tensor_parallel_args_validate_without_a_cuda_device(megatron_args, monkeypatch):
+    """With TP > 1 Megatron's validate_args asks the CUDA device's architecture; on CPU/NPU
+    ranks the adaptor answers 'not CUDA' (pre-Blackwell rules: CUDA_DEVICE_MAX_CONNECTIONS=1)."""
+    parse, _ = megatron_args
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    args = parse("--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "4")
+    assert args.tensor_model_parallel_size == 2
