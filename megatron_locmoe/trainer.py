@@ -237,7 +237,7 @@ def _wandb_run(settings: TrainSettings):
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
     # wandb's service process starts slowly when several ranks share few cores; its default
-    # 30 s wait made offline runs fail under load
+    # 30 s wait is the likely cause of offline-run failures seen under heavy load
     os.environ.setdefault("WANDB__SERVICE_WAIT", "300")
     os.makedirs(settings.wandb_dir, exist_ok=True)
     return wandb.init(
