@@ -13,6 +13,7 @@ throughput as a ratio to Megatron's own router measured in the same run.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -21,15 +22,23 @@ import subprocess
 import sys
 import time
 
-MODEL = (
+MODEL_SIZE = (
     "--num-layers 8 --hidden-size 512 --num-attention-heads 8 --seq-length 512 "
     "--max-position-embeddings 512 --micro-batch-size 8 --global-batch-size 32 --num-experts 16 "
     "--moe-router-topk 1 --moe-router-pre-softmax --moe-token-dispatcher-type alltoall "
-    "--transformer-impl local --no-persist-layer-norm --no-masked-softmax-fusion "
-    "--no-gradient-accumulation-fusion --swiglu --disable-bias-linear --bf16 --lr 3e-4 "
+    "--swiglu --disable-bias-linear --bf16 --lr 3e-4 "
     "--min-lr 3e-5 --lr-decay-style cosine --lr-warmup-iters 20 --eval-iters 0 "
     "--eval-interval 100000 --seed 1234"
 )
+TE_IMPL = "--transformer-impl transformer_engine"
+LOCAL_IMPL = (  # without TE and apex: the local spec and no apex fusions
+    "--transformer-impl local --no-persist-layer-norm --no-masked-softmax-fusion "
+    "--no-gradient-accumulation-fusion"
+)
+HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
+MODEL = f"{MODEL_SIZE} {TE_IMPL if HAVE_TE else LOCAL_IMPL}"
+"""TE specs when transformer-engine is importable (NGC containers), the local spec otherwise.
+(Experts: --locmoe-experts picks the plugin's grouped MLP or Megatron's loop either way.)"""
 MEGATRON_AUX = "--moe-router-load-balancing-type aux_loss --moe-aux-loss-coeff 0.01"
 ROUTERS = {
     # Megatron's stock layer: its router and its per-expert loop (no TE, no grouped_gemm)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from megatron_locmoe import metrics
-from megatron_locmoe.config import LocMoEConfig
+from megatron_locmoe.config import ConfigError, LocMoEConfig
 from megatron_locmoe.dispatcher import use_hierarchical_dispatcher
 from megatron_locmoe.experts import GroupedSequentialMLP
 from megatron_locmoe.routers import router_builder
@@ -75,9 +76,19 @@ def wants_grouped_experts(locmoe: LocMoEConfig, moe_grouped_gemm: bool) -> bool:
 def experts_builder(stock_experts, locmoe: LocMoEConfig, moe_grouped_gemm: bool):
     """The spec's experts, with Megatron's per-expert loop (SequentialMLP) swapped for the
     grouped one when ``locmoe.experts`` asks for it (auto: when --moe-grouped-gemm is set but
-    the spec could not give TE's grouped MLP). Any other experts module is kept."""
+    the spec could not give TE's grouped MLP). Any other experts module is kept; a loop over
+    transformer-engine linears is TE's to group (--moe-grouped-gemm gives TEGroupedMLP)."""
     func = getattr(stock_experts, "func", None)
     if not wants_grouped_experts(locmoe, moe_grouped_gemm) or func is not SequentialMLP:
+        return stock_experts
+    submodules = stock_experts.keywords.get("submodules")
+    local = (ColumnParallelLinear, RowParallelLinear)
+    if (getattr(submodules, "linear_fc1", None), getattr(submodules, "linear_fc2", None)) != local:
+        if locmoe.experts == "grouped":
+            raise ConfigError(
+                "--locmoe-experts grouped groups Megatron's local expert linears; with "
+                "transformer-engine use --moe-grouped-gemm (TEGroupedMLP) instead"
+            )
         return stock_experts
     return functools.partial(GroupedSequentialMLP, *stock_experts.args, **stock_experts.keywords)
 

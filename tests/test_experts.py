@@ -5,6 +5,9 @@ probabilities on the input, and bf16; plus the spec wiring and its validation.""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -126,6 +129,14 @@ def test_experts_setting_selects_module_and_validates():
     )
     assert experts_builder(stock, LocMoEConfig(experts="loop"), True) is stock
     assert not wants_grouped_experts(LocMoEConfig(), False)
+    # a loop over other linears (transformer-engine's) is left alone, or refused when asked for
+    other = functools.partial(
+        stock.func,
+        submodules=dataclasses.replace(stock.keywords["submodules"], linear_fc1=torch.nn.Linear),
+    )
+    assert experts_builder(other, LocMoEConfig(experts="auto"), True) is other
+    with pytest.raises(ConfigError, match="use --moe-grouped-gemm"):
+        experts_builder(other, LocMoEConfig(experts="grouped"), False)
     with pytest.raises(ConfigError, match="--disable-bias-linear"):
         LocMoEConfig(experts="grouped").validate(moe_config(ep=1, add_bias_linear=True))
     with pytest.raises(ConfigError, match="experts='fast'"):
