@@ -134,10 +134,15 @@ def bench_shape(T, H, E, k, device, args) -> dict:
     check = None
     if "locmoe" in outputs and "locmoe_fused" in outputs:
         (p0, m0, g0), (p1, m1, g1) = outputs["locmoe"], outputs["locmoe_fused"]
+        same_T = (m0 == m1).all(-1)  # tokens routed to the same experts by both paths
+        g0_same, g1_same = g0.view(T, -1)[same_T], g1.view(T, -1)[same_T]
         check = {
             "map_equal": bool(torch.equal(m0, m1)),
-            "probs_max_diff": float((p0 - p1).abs().max()),
-            "x_grad_max_rel_diff": float((g0 - g1).abs().max() / g0.abs().max().clamp_min(1e-30)),
+            "tokens_rerouted": int((~same_T).sum()),
+            "probs_max_diff_same_routing": float((p0 - p1)[same_T].abs().max()),
+            "x_grad_max_rel_diff_same_routing": float(
+                (g0_same - g1_same).abs().max() / g0_same.abs().max().clamp_min(1e-30)
+            ),
         }
     return {"shape": [T, H, E, k], "floor_ms": floor_ms, "routers": rows, "fused_check": check}
 
