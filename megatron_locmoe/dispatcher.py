@@ -227,33 +227,40 @@ def traffic_from_counts(
     tok_node = c[:, E + ep :].view(N, L, N)  # tokens of (a,i) with an expert on node b
     copy_flat = 2 * hidden_bytes + prob_bytes  # one assignment, dispatch + combine
 
-    flat, hier, hops = [], [], []
-    for a in range(N):
-        for i in range(L):
-            own = per_rank[a, i, a].sum().item()
-            intra = own - per_rank[a, i, a, i].item()
-            inter = per_rank[a, i].sum().item() - own
-            flat.append(Traffic(intra, inter, intra * copy_flat, inter * copy_flat))
-            if not dedup:
-                h1 = per_rank[a, i].sum().item() - per_rank[a, i, :, i].sum().item()
-                h2 = per_rank[a, :, :, i].sum().item() - per_rank[a, :, a, i].sum().item()
-                hop = {"intra_node": (h1, h1 * copy_flat), "rail": (h2, h2 * copy_flat)}
-                hier.append(Traffic(h1, h2, h1 * copy_flat, h2 * copy_flat))
-            else:
-                row_rank = 2 * hidden_bytes + 2 * nle * prob_bytes
-                row_node = 2 * hidden_bytes + 2 * W * prob_bytes
-                h1 = tok_rank[a, i, a].sum().item() - tok_rank[a, i, a, i].item()
-                h2 = tok_node[a, i].sum().item() - tok_node[a, i, a].item()
-                fan = tok_rank[:, i, a].sum(0)  # [j]: rows (b=a, rail i) forwards to (a, j)
-                fan = fan - tok_rank[a, i, a]  # minus own-node tokens (those took hop 1)
-                h3 = fan.sum().item() - fan[i].item()
-                hop = {
-                    "intra_node": (h1, h1 * row_rank),
-                    "rail": (h2, h2 * row_node),
-                    "fan_out": (h3, h3 * row_rank),
-                }
-                hier.append(Traffic(h1 + h3, h2, (h1 + h3) * row_rank, h2 * row_node))
-            hops.append(hop)
+    # every sender (a, i) at once, [N, L] each; einsum's repeated letters take diagonals
+    total = per_rank.sum((2, 3))
+    own = torch.einsum("aiaj->ai", per_rank)  # assignments to experts on the sender's node
+    to_self = torch.einsum("aiai->ai", per_rank)
+    flat_intra, flat_inter = own - to_self, total - own
+    if not dedup:
+        h1 = total - torch.einsum("aibi->ai", per_rank)  # all but those for my rail peers
+        h2 = per_rank.sum((1, 2)) - torch.einsum("akaj->aj", per_rank)  # rail: node's off-node
+        columns = {"intra_node": (h1, copy_flat), "rail": (h2, copy_flat)}
+        hier_intra, hier_inter = (h1 * copy_flat, h1), (h2 * copy_flat, h2)
+    else:
+        row_rank = 2 * hidden_bytes + 2 * nle * prob_bytes
+        row_node = 2 * hidden_bytes + 2 * W * prob_bytes
+        h1 = torch.einsum("aiaj->ai", tok_rank) - torch.einsum("aiai->ai", tok_rank)
+        h2 = tok_node.sum(2) - torch.einsum("aia->ai", tok_node)
+        # rows that rail peers (b, i) forward to (a, j), minus own-node tokens (hop 1 took them)
+        fan_aij = torch.einsum("biaj->aij", tok_rank) - torch.einsum("aiaj->aij", tok_rank)
+        h3 = fan_aij.sum(-1) - torch.einsum("aii->ai", fan_aij)
+        columns = {"intra_node": (h1, row_rank), "rail": (h2, row_node), "fan_out": (h3, row_rank)}
+        hier_intra, hier_inter = ((h1 + h3) * row_rank, h1 + h3), (h2 * row_node, h2)
+
+    def rows(*tensors):
+        return zip(*(t.reshape(-1).tolist() for t in tensors), strict=True)
+
+    flat = [Traffic(i, o, i * copy_flat, o * copy_flat) for i, o in rows(flat_intra, flat_inter)]
+    hier = [
+        Traffic(ic, oc, ib, ob)
+        for ib, ic, ob, oc in rows(hier_intra[0], hier_intra[1], hier_inter[0], hier_inter[1])
+    ]
+    names = list(columns)
+    hops = [
+        {name: (n, n * columns[name][1]) for name, n in zip(names, values, strict=True)}
+        for values in rows(*(columns[name][0] for name in names))
+    ]
     return {"flat": flat, "hier": hier, "hops": hops}
 
 
