@@ -45,7 +45,7 @@ def init_single_process(device_type: str) -> torch.device:
     from megatron.core import parallel_state
 
     from megatron_locmoe import adaptor
-    from megatron_locmoe.device import BACKEND_FOR_DEVICE
+    from megatron_locmoe.device import BACKEND_FOR_DEVICE, DeviceChoice
     from megatron_locmoe.topology import get_topology
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -53,10 +53,11 @@ def init_single_process(device_type: str) -> torch.device:
     if device_type == "cpu":
         os.environ["LOCMOE_DEVICE"] = "cpu"
     adaptor.apply()
-    device = torch.device(device_type, 0) if device_type != "cpu" else torch.device("cpu")
+    choice = DeviceChoice(device_type, BACKEND_FOR_DEVICE[device_type])
+    device = choice.torch_device()
     if device_type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(BACKEND_FOR_DEVICE[device_type], rank=0, world_size=1)
+    dist.init_process_group(choice.backend, rank=0, world_size=1)
     parallel_state.initialize_model_parallel()
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 

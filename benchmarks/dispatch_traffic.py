@@ -65,7 +65,6 @@ def make_router(topk: int, aux_steps: int, states: torch.Tensor):
         hidden_size=ROUTER_DIM,
         num_moe_experts=NUM_EXPERTS,
         moe_router_topk=topk,
-        moe_router_pre_softmax=topk == 1,
         moe_router_load_balancing_type="aux_loss",
         moe_aux_loss_coeff=1e-2,
     )

@@ -218,7 +218,9 @@ def main() -> None:
     result["experts"] = bench_experts(config, T, device, args)
     ex = result["experts"]
     print(f"\nexpert MLPs alone ({ex['assignments']} assignments; bitwise equal: {ex['bitwise']}):")
-    print(f"  {'impl':<20}{'fwd ms':>9}{'fwd TFLOP/s':>13}{'fwd+bwd ms':>12}{'fwd+bwd TFLOP/s':>17}")
+    print(
+        f"  {'impl':<20}{'fwd ms':>9}{'fwd TFLOP/s':>13}{'fwd+bwd ms':>12}{'fwd+bwd TFLOP/s':>17}"
+    )
     for name, row in ex["experts"].items():
         fb = (
             f"{row['fwd_bwd_ms']:>12.3f}{row['fwd_bwd_tflops']:>17.0f}"

@@ -463,6 +463,7 @@ REGISTRY.register(
     )
 )
 
+
 def _no_cuda_arch() -> int:
     """Not a CUDA architecture: 0 is below every arch Megatron tests for (8 Ampere, 9 Hopper,
     10 Blackwell), so its pre-Blackwell rules (CUDA_DEVICE_MAX_CONNECTIONS=1 with TP/CP > 1)

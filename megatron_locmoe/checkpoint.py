@@ -18,18 +18,25 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
-"""Megatron's name for the file holding the last saved iteration."""
 
+def _paths(root: str | os.PathLike, iteration: int | None = None) -> tuple[Path, Path | None]:
+    """Megatron's tracker file and (for an iteration) its ``iter_XXXXXXX`` directory."""
+    from megatron.training.checkpointing import (
+        get_checkpoint_name,
+        get_checkpoint_tracker_filename,
+    )
 
-def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
-    """Megatron's directory name for one saved iteration."""
-    return Path(root) / f"iter_{iteration:07d}"
+    tracker = Path(get_checkpoint_tracker_filename(str(root)))
+    if iteration is None:
+        return tracker, None
+    return tracker, Path(get_checkpoint_name(str(root), iteration, return_base_dir=True))
 
 
 def latest_iteration(root: str | os.PathLike) -> int | None:
-    """The iteration named in the tracker file, or None if nothing was saved under root."""
-    tracker = Path(root) / TRACKER_FILE
+    """The iteration named in the tracker file, or None if nothing was saved under root.
+
+    (Megatron's read_metadata all-reduces the value on a CUDA tensor, so it is read here.)"""
+    tracker, _ = _paths(root)
     if not tracker.exists():
         return None
     text = tracker.read_text().strip()
@@ -62,30 +69,32 @@ def _init_adam_state(optimizer: torch.optim.Optimizer) -> None:
 
 
 def _sharded_optimizer_state(optimizer, model_sd: dict, is_loading: bool) -> dict:
-    """The optimizer's state dict with each moment a ShardedTensor shaped like its parameter;
-    the step (equal for every parameter) saved once, as Megatron does."""
+    """The optimizer's state dict with each moment a ShardedTensor shaped like its parameter and
+    the step, shared by every parameter, saved once: Megatron's FP32Optimizer recipe."""
     from megatron.core.dist_checkpointing.optimizer import (
         get_param_id_to_sharded_param_map,
         optim_state_to_sharding_state,
     )
+    from megatron.core.optimizer.optimizer import MegatronOptimizer
 
     if is_loading:
         _init_adam_state(optimizer)
     state = optimizer.state_dict()
-    steps = {float(s["step"]) for s in state["state"].values() if "step" in s}
-    if len(steps) > 1:
-        raise ValueError(f"parameters are at different optimizer steps {sorted(steps)}")
+    step = MegatronOptimizer._extract_common_per_param_step(state)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     id_map = get_param_id_to_sharded_param_map(model_sd, params)
     optim_state_to_sharding_state(state, id_map, exclude_keys=("step",))
-    state["common_step"] = steps.pop() if steps else 0.0
+    if step is not None:
+        state["state"]["common_step"] = step
     return state
 
 
 def _load_optimizer_state(optimizer, state: dict) -> None:
-    step = state.pop("common_step")
-    for param_state in state["state"].values():
-        param_state["step"] = torch.tensor(step, dtype=torch.float32)
+    from megatron.core.optimizer.optimizer import MegatronOptimizer
+
+    step = state["state"].pop("common_step", None)
+    if step is not None:
+        MegatronOptimizer._restore_common_per_param_step(state, step)
     optimizer.load_state_dict(state)
 
 
@@ -103,14 +112,14 @@ def save(model, optimizer, iteration: int, root: str | os.PathLike) -> Path:
     """Write the model, optimizer and RNG state of ``iteration`` (collective over all ranks)."""
     from megatron.core import dist_checkpointing
 
-    path = iteration_dir(root, iteration)
+    tracker, path = _paths(root, iteration)
     if dist.get_rank() == 0:
         path.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     dist_checkpointing.save(_sharded_state(model, optimizer, iteration, False), str(path))
     dist.barrier()
     if dist.get_rank() == 0:
-        (Path(root) / TRACKER_FILE).write_text(str(iteration))
+        tracker.write_text(str(iteration))
     dist.barrier()
     return path
 
@@ -122,12 +131,11 @@ def load(model, optimizer, root: str | os.PathLike) -> int:
     iteration = latest_iteration(root)
     if iteration is None:
         raise FileNotFoundError(
-            f"no {TRACKER_FILE} under {root}: nothing to resume from; save first or drop the "
-            "load directory."
+            f"no {_paths(root)[0].name} under {root}: nothing to resume from; save first or "
+            "drop the load directory."
         )
-    state = dist_checkpointing.load(
-        _sharded_state(model, optimizer, iteration, True), str(iteration_dir(root, iteration))
-    )
+    _, path = _paths(root, iteration)
+    state = dist_checkpointing.load(_sharded_state(model, optimizer, iteration, True), str(path))
     model.load_state_dict(state["model"])
     _load_optimizer_state(optimizer, state["optimizer"])
     torch.set_rng_state(state["rng_state"]["torch"])

@@ -21,6 +21,8 @@ input gradient differs only by the backward GEMM kernels' rounding (benchmarks/m
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from megatron.core.fusions.fused_bias_geglu import quick_gelu, weighted_bias_quick_geglu_impl
@@ -33,8 +35,10 @@ GROUPED_MM_DTYPES_CUDA = (torch.bfloat16,)
 """Dtypes torch._grouped_mm runs on CUDA (sm90+) in torch 2.11; the CPU takes float32 too."""
 
 
+@functools.cache
 def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``torch._grouped_mm`` exists here for this device and dtype."""
+    """Whether ``torch._grouped_mm`` exists here for this device and dtype (asked every
+    forward: cached, so the device query runs once)."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     if device.type == "cuda":
@@ -164,9 +168,9 @@ class GroupedSequentialMLP(SequentialMLP):
                 )
             ]
             return torch.cat(outs), None
-        counts = torch.as_tensor(tokens_per_expert)
-        offsets_E = counts.to(device=x_TH.device, dtype=torch.int32, non_blocking=True).cumsum(0)
-        offsets_E = offsets_E.to(torch.int32)
+        # cumulative counts: summed where the dispatcher left them (the host), copied once
+        offsets_E = torch.as_tensor(tokens_per_expert).cumsum(0)
+        offsets_E = offsets_E.to(device=x_TH.device, dtype=torch.int32, non_blocking=True)
         h_TF = grouped_linear(x_TH, w1, offsets_E)
         h_TF = self._scaled_activation(h_TF, probs_T)
         return grouped_linear(h_TF, w2, offsets_E), None

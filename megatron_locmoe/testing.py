@@ -16,7 +16,9 @@ from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
 
 def moe_config(ep: int, tp: int = 1, **overrides) -> TransformerConfig:
-    """A small fp32 MoE config that runs on the CPU (local spec, CPU init, no fusions)."""
+    """A small fp32 MoE config that runs on the CPU (local spec, CPU init, no fusions).
+
+    Top-1 routing gets pre-softmax scores unless told otherwise (Megatron requires it)."""
     kwargs = dict(
         num_layers=1,
         hidden_size=16,
@@ -39,6 +41,7 @@ def moe_config(ep: int, tp: int = 1, **overrides) -> TransformerConfig:
         transformer_impl="local",
     )
     kwargs.update(overrides)
+    kwargs.setdefault("moe_router_pre_softmax", kwargs["moe_router_topk"] == 1)
     return TransformerConfig(**kwargs)
 
 

@@ -78,7 +78,6 @@ def _model(settings: TrainSettings, ep: int):
         num_attention_heads=settings.num_attention_heads,
         num_moe_experts=settings.num_experts,
         moe_router_topk=settings.topk,
-        moe_router_pre_softmax=settings.topk == 1,
         hidden_dropout=0.0,
         attention_dropout=0.0,
     )
@@ -178,7 +177,11 @@ def train_job(ctx, settings: TrainSettings) -> dict:
         loss.backward()
         _sync_grads(model, dp_group, expt_dp_group, dp_size)
         opt.step()
-        if settings.save_dir and settings.save_interval and (step + 1) % settings.save_interval == 0:
+        if (
+            settings.save_dir
+            and settings.save_interval
+            and (step + 1) % settings.save_interval == 0
+        ):
             checkpoint.save(model, opt, step + 1, settings.save_dir)
         mean = loss.detach().clone()
         dist.all_reduce(mean, group=dp_group, op=dist.ReduceOp.AVG)

@@ -164,7 +164,6 @@ def _run_case(ctx, topo, *, topk, dedup, capacity=None, experts=8, skew=False, u
         expert_tensor_parallel_size=etp,
         num_moe_experts=experts,
         moe_router_topk=topk,
-        moe_router_pre_softmax=topk == 1,
         **extra,
     )
     layer = build_moe_layer(config)

@@ -19,13 +19,9 @@ from megatron_locmoe.testing import build_moe_layer, moe_config
 CASES = {
     "swiglu_top2": dict(moe_router_topk=2),
     "gelu_top2": dict(moe_router_topk=2, gated_linear_unit=False, activation_func=F.gelu),
-    "probs_on_input_top1": dict(
-        moe_router_topk=1, moe_router_pre_softmax=True, moe_apply_probs_on_input=True
-    ),
+    "probs_on_input_top1": dict(moe_router_topk=1, moe_apply_probs_on_input=True),
     "bf16_top2": dict(moe_router_topk=2, params_dtype=torch.bfloat16, bf16=True),
-    "skewed_top1": dict(
-        moe_router_topk=1, moe_router_pre_softmax=True, num_moe_experts=16, hidden_size=32
-    ),
+    "skewed_top1": dict(moe_router_topk=1, num_moe_experts=16, hidden_size=32),
 }
 
 

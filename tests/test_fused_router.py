@@ -43,7 +43,6 @@ def fused_vs_reference_job(ctx, case: str):
         num_moe_experts=E,
         hidden_size=H,
         moe_router_topk=topk,
-        moe_router_pre_softmax=topk == 1,
         **kw,
     )
     out = {}

@@ -35,7 +35,6 @@ def moe_layer_vs_reference(ctx, topk: int, dispatcher: str):
         expert_tensor_parallel_size=ctx.layout.etp or tp,
         moe_router_topk=topk,
         moe_token_dispatcher_type=dispatcher,
-        moe_router_pre_softmax=topk == 1,
     )
     layer = build_moe_layer(config)
     kind = type(layer.token_dispatcher).__name__
@@ -63,7 +62,6 @@ def moe_layer_vs_reference(ctx, topk: int, dispatcher: str):
         ep=1,
         moe_router_topk=topk,
         moe_token_dispatcher_type="allgather",
-        moe_router_pre_softmax=topk == 1,
     )
     ref = build_moe_layer(ref_config, solo_pg_collection(ctx.timeout))
     ref.router.weight.data.copy_(layer.router.weight.data)

@@ -28,7 +28,6 @@ def _layer(ctx, router_type, topk=1, **cfg_overrides):
         num_moe_experts=E,
         hidden_size=H,
         moe_router_topk=topk,
-        moe_router_pre_softmax=topk == 1,
         **cfg_overrides,
     )
     layer = build_moe_layer(config, router=router_builder(lm, vocab_size=VOCAB))

@@ -42,7 +42,6 @@ def spec_job(ctx, router_type: str):
         num_moe_experts=8,
         hidden_size=32,
         moe_router_topk=1,
-        moe_router_pre_softmax=True,
         hidden_dropout=0.0,
         attention_dropout=0.0,
     )

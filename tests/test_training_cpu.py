@@ -63,7 +63,9 @@ def _checkpoint_keys(path) -> set[str]:
     return set(load_tensors_metadata(str(path)))
 
 
-def test_resume_from_torch_dist_checkpoint_gives_identical_losses(cluster_factory, corpus, tmp_path):
+def test_resume_from_torch_dist_checkpoint_gives_identical_losses(
+    cluster_factory, corpus, tmp_path
+):
     """Save at step 3 (Megatron torch_dist), resume: steps 4-6 equal the uninterrupted run
     bitwise (model, Adam state, RNG). LocMoE's delta is estimated on the first batch only, so a
     resume that lost the router's state would re-estimate it from step 4's batch (checked: a

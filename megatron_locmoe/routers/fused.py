@@ -29,7 +29,7 @@ def grap_softmax_topk(
 
     x [T, H] (any float dtype; math in fp32), weight [E, C = H/E] ->
     raw [T, E] (W x), probs [T, E] (top-k softmax probs, zero elsewhere), routing_map [T, E]
-    bool, scores [T, E] (the full softmax: the aux-loss scores), tokens_per_expert [E].
+    bool, scores [T, E] (the full softmax: the aux-loss scores).
     """
     T, H = x_TH.shape
     E = weight_EC.shape[0]
@@ -41,7 +41,7 @@ def grap_softmax_topk(
     top_p_TK, top_i_TK = torch.topk(scores_TE, k=topk, dim=-1)
     probs_TE = torch.zeros_like(scores_TE).scatter(1, top_i_TK, top_p_TK)
     routing_map_TE = torch.zeros_like(scores_TE, dtype=torch.bool).scatter(1, top_i_TK, True)
-    return raw_TE, probs_TE, routing_map_TE, scores_TE, routing_map_TE.sum(0)
+    return raw_TE, probs_TE, routing_map_TE, scores_TE
 
 
 @functools.cache
@@ -50,8 +50,8 @@ def compiled_grap_softmax_topk():
     return torch.compile(grap_softmax_topk, dynamic=None, fullgraph=True)
 
 
-def route(x_TH, weight_EC, log_temperature, bias_E, topk: int, compile: bool):
-    """The compiled function on an accelerator when asked, the eager one otherwise (the CPU
-    reference path of the tests, and machines where Inductor has no compiler)."""
-    fn = compiled_grap_softmax_topk() if compile and x_TH.device.type != "cpu" else None
-    return (fn or grap_softmax_topk)(x_TH, weight_EC, log_temperature, bias_E, topk)
+def route(x_TH, weight_EC, log_temperature, bias_E, topk: int):
+    """The compiled function on an accelerator, the eager one on the CPU (the tests' path, and
+    no C++ toolchain needed for Inductor)."""
+    fn = grap_softmax_topk if x_TH.device.type == "cpu" else compiled_grap_softmax_topk()
+    return fn(x_TH, weight_EC, log_temperature, bias_E, topk)

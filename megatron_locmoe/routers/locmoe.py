@@ -175,13 +175,12 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
             padding_mask = padding_mask.reshape(-1)
         if self._fused_applies(padding_mask):
             # one pass: the aux-loss scores are the softmax, their map the top-k map
-            raw_TE, probs_TE, routing_map_TE, scores_TE, _ = fused.route(
+            raw_TE, probs_TE, routing_map_TE, scores_TE = fused.route(
                 input.reshape(-1, self.config.hidden_size),
                 self.weight,
                 self.grap_log_temperature,
                 self.grap_bias,
                 k,
-                compile=True,
             )
             aux_inputs = (routing_map_TE, scores_TE)
         else:
