@@ -270,14 +270,9 @@ class RoutingStats:
             raise ValueError(f"{self.name}: nodes and devices per node must be >= 1")
 
     @property
-    def uniform_local_share(self) -> float:
-        """Node-local share a locality-blind router gets at the run's layout."""
-        return experts_on_node(self.num_experts, self.nodes) / self.num_experts
-
-    @property
     def locality_gain(self) -> float:
         """g = (p - u) / (1 - u): 0 = locality-blind, 1 = all assignments on their node."""
-        u = self.uniform_local_share
+        u = uniform_local_share(self.num_experts, self.nodes)
         return 0.0 if u >= 1.0 else (self.node_local_fraction - u) / (1.0 - u)
 
     @classmethod
@@ -350,21 +345,20 @@ class RoutingStats:
             rescale = (1 - 1 / G) / (1 - 1 / run_G) if run_G > 1 else 1.0
             return p, self.intra_copies_per_token * rescale, self.inter_copies_per_token
         hosting = min(1.0, num_experts / nodes)  # share of nodes that host experts
-        u = experts_on_node(num_experts, nodes) / num_experts
+        u = uniform_local_share(num_experts, nodes)  # 1 on one node, so p = 1 there
         p = hosting * (u + self.locality_gain * (1.0 - u))
-        if nodes == 1:
-            p = 1.0
         inter = a * (1.0 - p)
-        intra = a * (1 - 1 / G) if scheme == "hierarchical" and nodes > 1 else a * p * (1 - 1 / G)
+        intra = a * (1 - 1 / G) if scheme == "hierarchical" else a * p * (1 - 1 / G)
         return p, intra, inter
 
 
 SCHEMES = ("hierarchical", "flat")
 
 
-def experts_on_node(num_experts: int, nodes: int) -> float:
-    """Experts hosted by a node that hosts any (at least 1; experts are spread evenly)."""
-    return max(1.0, num_experts / nodes)
+def uniform_local_share(num_experts: int, nodes: int) -> float:
+    """Node-local share a locality-blind router gets: the experts of a node that hosts any (at
+    least 1; experts are spread evenly) over all experts."""
+    return max(1.0, num_experts / nodes) / num_experts
 
 
 def copy_bytes(hidden_bytes: int, prob_bytes: int, dedup_width: int | None = None) -> int:
@@ -430,8 +424,6 @@ def estimate(
 ) -> StepEstimate:
     """Modeled MoE time of one step per device for ``stats``'s routing at ``nodes`` nodes of
     ``cluster`` (the nodes the EP group spans) running ``workload``."""
-    if nodes < 1:
-        raise ValueError(f"nodes={nodes} must be >= 1")
     p, c_intra, c_inter = stats.copies_at(
         nodes, cluster.devices_per_node, workload.num_experts, scheme
     )
@@ -475,12 +467,6 @@ def speedup_from_share(alltoall_share: float, comm_ratio: float) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def load_stats(paths: list[str]) -> list[RoutingStats]:
-    from megatron_locmoe.runlog import load_runs
-
-    return [RoutingStats.from_run(r) for r in load_runs(paths)]
-
-
 def format_table(headers: list[str], rows: list[list[str]]) -> str:
     """A Markdown table (readable as plain text too)."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
@@ -499,7 +485,7 @@ def estimates_table(
     workload: Workload,
     scheme: str = "hierarchical",
     baseline: str | None = None,
-) -> tuple[str, list[StepEstimate]]:
+) -> str:
     """Per-router estimates as a table; times relative to ``baseline`` (default: the first)."""
     ests = [estimate(s, cluster, nodes, workload, scheme) for s in stats]
     base = next((e for e in ests if e.router == baseline), ests[0])
@@ -531,7 +517,7 @@ def estimates_table(
         "A2A share",
         f"speed-up vs {base.router}",
     ]
-    return format_table(headers, rows), ests
+    return format_table(headers, rows)
 
 
 def describe_cluster(c: Cluster) -> str:
@@ -656,25 +642,26 @@ def reproduction_table(
 def measured_table(runs, names: list[str]) -> str:
     """Loss and routing of the named runs (``runlog.Run``), means over the runs' last steps:
     the loss-parity and equal-fan-out comparisons of docs/reproduction.md."""
+    from megatron_locmoe.runlog import summary_rows
+
     by_name = {r.name: r for r in runs}
     missing = [n for n in names if n not in by_name]
     if missing:
         raise ValueError(f"no runs named {missing} among {sorted(by_name)}")
+    picked = [by_name[n] for n in names]
     rows = []
-    for n in names:
-        r = by_name[n]
-        T = r.record["tokens_per_rank_step"]
+    for r, row in zip(picked, summary_rows(picked), strict=True):
         losses = r.record.get("losses") or []
         rows.append(
             [
-                r.label,
-                str(r.record["topk"]),
-                f"{r.tail_mean('lm loss'):.3f}",
+                row["label"],
+                str(row["k"]),
+                f"{row['loss']:.3f}",
                 f"{losses[-1]:.3f}" if losses else "-",
-                f"{r.tail_mean('node_local_fraction'):.3f}",
-                f"{r.tail_mean('inter_node_bytes') / T:.0f}",
-                f"{r.tail_mean('flat_inter_node_bytes') / T:.0f}",
-                f"{r.tail_mean('tokens_dropped') / (T * r.record['topk']):.1%}",
+                f"{row['node_local']:.3f}",
+                f"{row['inter_bytes_per_token']:.0f}",
+                f"{row['flat_inter_bytes_per_token']:.0f}",
+                f"{row['dropped']:.1%}",
             ]
         )
     return format_table(
@@ -740,9 +727,9 @@ def main(argv: list[str] | None = None) -> None:
         for w in WORKLOADS.values():
             print(f"  {w.name}: {w.source}")
         return
-    if args.reproduce:
-        from megatron_locmoe.runlog import load_runs
+    from megatron_locmoe.runlog import load_runs
 
+    if args.reproduce:
         runs = load_runs(args.reproduce)
         stats = [RoutingStats.from_run(r) for r in runs]
         print("Paper's claims vs the model (ascend-910a, pangu-sigma workload):\n")
@@ -756,11 +743,10 @@ def main(argv: list[str] | None = None) -> None:
     if not args.traffic:
         parser.error("give --traffic RUN... (or --list / --reproduce)")
     cluster = CLUSTERS[args.cluster]
-    stats = load_stats(args.traffic)
+    runs = load_runs(args.traffic)
+    stats = [RoutingStats.from_run(r) for r in runs]
     if args.workload == "run":
-        from megatron_locmoe.runlog import load_runs
-
-        rec = load_runs(args.traffic)[0].record
+        rec = runs[0].record
         workload = Workload(
             name="run",
             tokens_per_device=rec["tokens_per_rank_step"],
@@ -797,9 +783,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         + ". Every router keeps its own top-k and drop rate."
     )
-    table, _ = estimates_table(stats, cluster, nodes, workload, args.scheme, args.baseline)
     print()
-    print(table)
+    print(estimates_table(stats, cluster, nodes, workload, args.scheme, args.baseline))
 
 
 if __name__ == "__main__":

@@ -106,12 +106,7 @@ def build_workspace(
 
 def workspace_keys(workspace) -> set[str]:
     """Every metric key a workspace's panels plot (from the built objects)."""
-    keys: set[str] = set()
-    for section in workspace.sections:
-        for panel in section.panels:
-            for k in getattr(panel, "y", None) or []:
-                keys.add(k if isinstance(k, str) else getattr(k, "name", str(k)))
-    return keys
+    return {k for section in workspace.sections for panel in section.panels for k in panel.y}
 
 
 # --------------------------------------------------------------------------------------------

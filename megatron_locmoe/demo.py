@@ -46,7 +46,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_locmoe.runlog import TAIL_FRACTION
+from megatron_locmoe.runlog import tail_length
 
 DEFAULT_OUT = "runs/demo"
 DEFAULT_REPORT = "reports/router_comparison.html"
@@ -244,29 +244,6 @@ def run_record(run: DemoRun, args, settings, results, progress, domains, seconds
 # --------------------------------------------------------------------------------------------
 
 
-def summary_rows(runs) -> list[dict]:
-    """The demo's table from the runs' logs: means over the last TAIL_FRACTION of the steps."""
-    rows = []
-    for r in runs:
-        rec = r.record
-        T = rec["tokens_per_rank_step"]
-        rows.append(
-            {
-                "run": r.name,
-                "label": r.label,
-                "k": rec["topk"],
-                "loss": r.tail_mean("lm loss"),
-                "node_local": r.tail_mean("node_local_fraction"),
-                "inter_bytes_per_token": r.tail_mean("inter_node_bytes") / T,
-                "flat_inter_bytes_per_token": r.tail_mean("flat_inter_node_bytes") / T,
-                "load_cv": r.tail_mean("load_cv"),
-                "dropped": r.tail_mean("tokens_dropped") / (T * rec["topk"]),
-                "tokens_per_second": rec.get("tokens_per_second"),
-            }
-        )
-    return rows
-
-
 def format_summary(rows: list[dict]) -> str:
     from megatron_locmoe.costmodel import format_table
 
@@ -352,7 +329,7 @@ def main(argv: list[str] | None = None, cluster=None) -> dict:
     """Run the comparison; ``cluster``: an already started SimCluster of the same size to use
     (tests share one) instead of starting one."""
     args = parse_args(argv)
-    from megatron_locmoe.runlog import load_runs, write_run_record
+    from megatron_locmoe.runlog import load_runs, summary_rows, write_run_record
     from megatron_locmoe.simcluster import ParallelLayout, SimCluster
 
     t_start = time.perf_counter()
@@ -403,10 +380,9 @@ def main(argv: list[str] | None = None, cluster=None) -> dict:
     loaded = load_runs([out / r.name for r in runs])
     rows = summary_rows(loaded)
     (out / "summary.json").write_text(json.dumps(rows, indent=1))
-    tail = max(1, round(args.steps * TAIL_FRACTION))
     print(
-        f"\nmeans over the last {tail} steps; inter-node bytes per token and MoE layer, "
-        "dispatch + combine, sent by the hierarchical dispatcher (fp32, hidden "
+        f"\nmeans over the last {tail_length(args.steps)} steps; inter-node bytes per token and "
+        "MoE layer, dispatch + combine, sent by the hierarchical dispatcher (fp32, hidden "
         f"{args.hidden_size}); tokens/s of the whole simulated cluster on this CPU\n"
     )
     print(format_summary(rows))

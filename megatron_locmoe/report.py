@@ -19,6 +19,9 @@ import argparse
 import html
 from pathlib import Path
 
+import numpy as np
+
+from megatron_locmoe.costmodel import CLUSTERS, WORKLOADS, RoutingStats, describe_cluster, estimate
 from megatron_locmoe.runlog import TAIL_FRACTION, Run, load_runs
 
 PLOTS = (
@@ -76,8 +79,6 @@ def _line_plot(runs, colors, tag, ylabel, title, path, scale=None, dashed_tag=No
 
 def _load_cv_per_layer(runs, colors, path):
     """Grouped bars: steady-state load CV of every MoE layer, one bar per run."""
-    import numpy as np
-
     plt = _plt()
     per_run = {}
     for r in runs:
@@ -107,8 +108,6 @@ def _load_cv_per_layer(runs, colors, path):
 def modeled_step_times(runs: list[Run], workload_name: str = "pangu-sigma"):
     """{cluster: [(run, StepEstimate)]} for the runs with a run.json, EP over the runs' nodes
     (and the node size of each preset: copies extrapolated by locality gain)."""
-    from megatron_locmoe.costmodel import CLUSTERS, WORKLOADS, RoutingStats, estimate
-
     stats = []
     for r in runs:
         try:
@@ -124,16 +123,14 @@ def modeled_step_times(runs: list[Run], workload_name: str = "pangu-sigma"):
 
 
 def _modeled_plot(times, colors, path, workload_name):
-    import numpy as np
-
     plt = _plt()
     clusters = list(times)
-    runs = [r for r, _ in times[clusters[0]]]
+    runs = [r for r, _ in times[clusters[0]]]  # every cluster lists the runs in this order
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     width = 0.8 / max(1, len(runs))
     for i, r in enumerate(runs):
-        expert = [dict((x.name, e) for x, e in times[c])[r.name].t_expert * 1e3 for c in clusters]
-        total = [dict((x.name, e) for x, e in times[c])[r.name].t_moe * 1e3 for c in clusters]
+        expert = [times[c][i][1].t_expert * 1e3 for c in clusters]
+        total = [times[c][i][1].t_moe * 1e3 for c in clusters]
         xs = np.arange(len(clusters)) + i * width
         ax.bar(xs, total, width=width, color=colors[r.name], label=r.label, alpha=0.9)
         ax.bar(xs, expert, width=width, color="none", edgecolor="k", hatch="//", lw=0.4)
@@ -186,7 +183,7 @@ def _summary_table_html(runs: list[Run]) -> str:
     return f"<table>{head}{''.join(rows)}</table>"
 
 
-def _modeled_table_html(times, workload_name) -> str:
+def _modeled_table_html(times) -> str:
     parts = []
     for cname, ests in times.items():
         if not ests:
@@ -218,14 +215,8 @@ img { max-width: 100%; border: 1px solid #ddd; margin: 0.5em 0; }
 """
 
 
-def build_report(
-    runs: list[Run] | list[str | Path], out_html: str | Path, workload: str = "pangu-sigma"
-) -> Path:
+def build_report(runs: list[Run], out_html: str | Path, workload: str = "pangu-sigma") -> Path:
     """Write the HTML page and its PNGs (``<stem>_png/`` beside it); return the page's path."""
-    from megatron_locmoe.costmodel import CLUSTERS, describe_cluster
-
-    if runs and not isinstance(runs[0], Run):
-        runs = load_runs(list(runs))
     if not runs:
         raise ValueError("no runs to report on")
     out_html = Path(out_html)
@@ -234,10 +225,9 @@ def build_report(
     colors = _colors(runs)
     per_token = lambda r: _per_token(r) or 1.0  # noqa: E731
     per_assignment = lambda r: (_per_token(r) or 1.0) * r.record.get("topk", 1)  # noqa: E731
-    bytes_unit = (
-        "B per token and MoE layer" if all(_per_token(r) for r in runs) else "B per rank-step"
-    )
-    drop_unit = "share of assignments" if all(_per_token(r) for r in runs) else "per rank-step"
+    sized = all(_per_token(r) for r in runs)
+    bytes_unit = "B per token and MoE layer" if sized else "B per rank-step"
+    drop_unit = "share of assignments" if sized else "per rank-step"
     made = {}
     _line_plot(
         runs,
@@ -293,13 +283,11 @@ def build_report(
     modeled = any(times.values())
     if modeled:
         _modeled_plot(times, colors, png_dir / "modeled_step_time.png", workload)
-        made["modeled_step_time"] = "Modeled MoE time per step"
 
     rel = png_dir.name
     figs = "".join(
         f'<h2>{html.escape(title)}</h2><img src="{rel}/{name}.png" alt="{html.escape(title)}">'
         for name, title in made.items()
-        if name != "modeled_step_time"
     )
     settings = "".join(
         f"<li><b>{html.escape(r.label)}</b> ({html.escape(str(r.path))}): "
@@ -317,7 +305,7 @@ def build_report(
     if modeled:
         model_html = (
             f'<h2>Modeled MoE time per step</h2><img src="{rel}/modeled_step_time.png" '
-            f'alt="modeled step time">{_modeled_table_html(times, workload)}'
+            f'alt="modeled step time">{_modeled_table_html(times)}'
             "<p class='note'>alpha-beta model (megatron_locmoe/costmodel.py): each run's measured "
             "copies per token (its own top-k, drops and dedup) scaled to the "
             f"<code>{html.escape(workload)}</code> workload, EP over the runs' nodes; where a "
@@ -352,13 +340,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories (or a parent)")
     parser.add_argument("-o", "--out", default="reports/router_comparison.html")
     parser.add_argument(
-        "--workload", default="pangu-sigma", help="costmodel workload for the modeled step time"
+        "--workload",
+        choices=sorted(WORKLOADS),
+        default="pangu-sigma",
+        help="costmodel workload for the modeled step time",
     )
     args = parser.parse_args(argv)
-    from megatron_locmoe.costmodel import WORKLOADS
-
-    if args.workload not in WORKLOADS:
-        parser.error(f"--workload {args.workload!r}; choose from {', '.join(WORKLOADS)}")
     path = build_report(load_runs(args.runs), args.out, args.workload)
     print(f"report: {path} (plots in {path.parent / (path.stem + '_png')})")
 

@@ -25,6 +25,11 @@ TAIL_FRACTION = 0.2
 """Steady-state statistics are means over this last fraction of a run's steps."""
 
 
+def tail_length(steps: int, fraction: float = TAIL_FRACTION) -> int:
+    """How many of the last ``steps`` a tail mean covers (at least one)."""
+    return max(1, int(round(steps * fraction)))
+
+
 def write_run_record(run_dir: str | Path, record: dict) -> Path:
     """Write ``record`` as RUN_DIR/run.json (creating the directory)."""
     run_dir = Path(run_dir)
@@ -106,8 +111,7 @@ class Run:
         if tag not in self.scalars:
             raise KeyError(f"run {self.name} logged no {tag!r} (logged: {sorted(self.scalars)})")
         values = self.scalars[tag][1]
-        n = max(1, int(round(len(values) * fraction)))
-        return float(values[-n:].mean())
+        return float(values[-tail_length(len(values), fraction) :].mean())
 
     def layer_tags(self, metric: str) -> list[str]:
         """Megatron's per-layer tags of ``metric`` (``moe/<metric>_layer_<i>``) in layer order."""
@@ -133,3 +137,27 @@ def load_runs(paths: list[str | Path]) -> list[Run]:
     if dupes:
         raise ValueError(f"runs with the same name {dupes}: pass each run once")
     return runs
+
+
+def summary_rows(runs: list[Run]) -> list[dict]:
+    """The demo's table from the runs' logs (runs with run.json): tail means, bytes and drops
+    per token of a rank."""
+    rows = []
+    for r in runs:
+        rec = r.record
+        T = rec["tokens_per_rank_step"]
+        rows.append(
+            {
+                "run": r.name,
+                "label": r.label,
+                "k": rec["topk"],
+                "loss": r.tail_mean("lm loss"),
+                "node_local": r.tail_mean("node_local_fraction"),
+                "inter_bytes_per_token": r.tail_mean("inter_node_bytes") / T,
+                "flat_inter_bytes_per_token": r.tail_mean("flat_inter_node_bytes") / T,
+                "load_cv": r.tail_mean("load_cv"),
+                "dropped": r.tail_mean("tokens_dropped") / (T * rec["topk"]),
+                "tokens_per_second": rec.get("tokens_per_second"),
+            }
+        )
+    return rows

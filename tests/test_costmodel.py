@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megatron_locmoe import costmodel as cm
-from megatron_locmoe.dispatcher import traffic_from_counts
+from megatron_locmoe.dispatcher import source_counts, traffic_from_counts
 from megatron_locmoe.runlog import load_runs, write_run_record
 
 # a made-up cluster with round numbers: 4 devices per node, 100 GB/s + 1 us inside, 10 GB/s +
@@ -147,8 +147,6 @@ def test_copy_bytes_match_the_dispatcher_accounting():
     N, L, E, H, pb = 2, 4, 16, 64 * 4, 4
     gen = torch.Generator().manual_seed(0)
     routing = [torch.rand(32, E, generator=gen).topk(2, dim=1).indices for _ in range(N * L)]
-    from megatron_locmoe.dispatcher import source_counts
-
     counts = torch.stack(
         [
             source_counts(torch.zeros(32, E, dtype=torch.bool).scatter(1, r, True), N, L)
@@ -222,9 +220,8 @@ def test_routing_stats_from_a_run(tmp_path):
     assert a.assignments_per_token == pytest.approx(0.9)
     assert a.node_local_fraction == pytest.approx(0.6)
     assert b.dedup and b.inter_copies_per_token == pytest.approx(0.7)
-    assert b.intra_copies_per_token == pytest.approx(
-        1.2
-    ) and b.flat_inter_copies_per_token == pytest.approx(0.7)
+    assert b.intra_copies_per_token == pytest.approx(1.2)
+    assert b.flat_inter_copies_per_token == pytest.approx(0.7)
 
 
 def test_cli_prints_per_router_estimates(tmp_path, capsys):
@@ -266,8 +263,7 @@ def test_bad_input_is_refused(tmp_path):
         cm.estimate(_stats(), TOY, 0, WORK)
     with pytest.raises(ValueError, match="share"):
         cm.speedup_from_share(1.0, 0.5)
-    bare = tmp_path / "bare"
-    _fake_run(tmp_path, "bare", 1, False, 0.5, 0.5)
+    bare = _fake_run(tmp_path, "bare", 1, False, 0.5, 0.5)
     rec = json.loads((bare / "run.json").read_text())
     del rec["hidden_element_bytes"]
     (bare / "run.json").write_text(json.dumps(rec))
