@@ -76,7 +76,7 @@ CUDA_ENV = {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
 (needed for its TP/SP communication overlap; harmless otherwise)."""
 
 ASCEND_ENV = {
-    "CUDA_DEVICE_MAX_CONNECTIONS": "1",
+    **CUDA_ENV,
     "HCCL_CONNECT_TIMEOUT": "1200",
     "HCCL_EXEC_TIMEOUT": "1800",
     "HCCL_BUFFSIZE": "200",
@@ -130,6 +130,8 @@ class RunPlan:
     """One per node in the plan (cuda / npu)."""
     args: Any = None
     """Megatron's validated namespace (None with --no-check)."""
+    cpu_loop: Any = None
+    """(TrainSettings, ParallelLayout) that stand for the flags (device cpu; see train_settings)."""
 
     @property
     def tokens_per_iteration(self) -> int | None:
@@ -200,8 +202,9 @@ def _entry_argv(entry: str, device: str) -> list[str]:
     return ["-m", "megatron_locmoe.run", entry]  # unpatched: the adaptor is applied first
 
 
-def node_env(plan: Plan, node_rank: int, preset: Preset) -> dict[str, str]:
+def node_env(plan: Plan, node_rank: int) -> dict[str, str]:
     """The variables the launcher sets for ``node_rank`` (on top of that node's environment)."""
+    preset = plan.preset
     env: dict[str, str] = {}
     if preset.device == "cuda":
         env.update(CUDA_ENV)
@@ -263,8 +266,8 @@ def build_plan(opts: Options) -> Plan:
             f"every node with --node-rank 0..{nodes - 1} (launch/slurm.sbatch does both)"
         )
     runs_dir = Path(opts.runs_dir)
-    plan = Plan(preset, nodes, dpn, [], master, opts.master_port, [], runs_dir)
-    plan.node_ranks = [opts.node_rank] if opts.node_rank is not None else list(range(nodes))
+    node_ranks = [opts.node_rank] if opts.node_rank is not None else list(range(nodes))
+    plan = Plan(preset, nodes, dpn, node_ranks, master, opts.master_port, [], runs_dir)
     entry = _entry_argv(preset.entry, preset.device) if preset.device != "cpu" else []
     for run, flags in preset.runs(opts.runs):
         subst = {"preset": preset.name, "run": run, "runs": str(runs_dir)}
@@ -274,15 +277,16 @@ def build_plan(opts: Options) -> Plan:
         rp = RunPlan(run, argv, runs_dir / preset.name / run)
         if preset.device != "cpu":  # cpu trains in this process (run_cpu)
             for r in plan.node_ranks:
-                env = node_env(plan, r, preset)
+                env = node_env(plan, r)
                 rp.commands.append(NodeCommand(r, env, torchrun_argv(opts, plan, r, entry, argv)))
-        if preset.device == "npu" and cuda_only_flags(argv):
+        bad_flags = cuda_only_flags(argv) if preset.device == "npu" else []
+        if bad_flags:
             raise PresetError(
                 f"{what} runs on Ascend NPUs, but these flags need CUDA-only code: "
-                + "; ".join(cuda_only_flags(argv))
+                + "; ".join(bad_flags)
             )
         if opts.check or preset.device == "cpu":  # the CPU loop is built from the namespace
-            env = node_env(plan, plan.node_ranks[0], preset)
+            env = node_env(plan, plan.node_ranks[0])
             rp.args = parse_with_megatron(argv, nodes * dpn, dpn, what, env, preset.device)
             if preset.device == "npu":
                 bad = cuda_only_settings(rp.args)
@@ -291,8 +295,8 @@ def build_plan(opts: Options) -> Plan:
                         f"{what} runs on Ascend NPUs, but these settings need CUDA-only code: "
                         + "; ".join(bad)
                     )
-        if preset.device == "cpu":
-            train_settings(rp.args, run, dpn)  # refuse what the CPU loop cannot do, now
+        if preset.device == "cpu":  # refuses what the CPU loop cannot do, now
+            rp.cpu_loop = train_settings(rp.args, run, dpn, rp.log_dir)
         plan.runs.append(rp)
         if preset.prepare_data:
             plan.data_prefix = flag_value(argv, "--data-path")
@@ -306,7 +310,7 @@ def build_plan(opts: Options) -> Plan:
 # --------------------------------------------------------------------------------------------
 
 
-def train_settings(args, run: str, devices_per_node: int, log_dir: Path | None = None):
+def train_settings(args, run: str, devices_per_node: int, log_dir: Path):
     """Megatron's parsed arguments -> (TrainSettings, ParallelLayout) of the CPU loop.
 
     The CPU loop (megatron_locmoe.trainer) runs expert parallelism only, in float32, one
@@ -362,7 +366,7 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path | None =
         )
     if args.moe_expert_capacity_factor is not None:
         overrides["moe_expert_capacity_factor"] = args.moe_expert_capacity_factor
-    wandb_dir = (args.wandb_save_dir or "wandb") if getattr(args, "wandb_project", None) else None
+    wandb_dir = (args.wandb_save_dir or "wandb") if args.wandb_project else None
     settings = TrainSettings(
         data_prefix=args.data_path[0],
         locmoe=locmoe,
@@ -378,11 +382,11 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path | None =
         seed=args.seed,
         tensorboard_dir=args.tensorboard_dir,
         wandb_dir=wandb_dir,
-        run_name=getattr(args, "wandb_exp_name", None) or run,
+        run_name=args.wandb_exp_name or run,
         save_dir=args.save,
         save_interval=args.save_interval or 0,
         load_dir=args.load,
-        progress_path=str(log_dir / "progress.jsonl") if log_dir else None,
+        progress_path=str(log_dir / "progress.jsonl"),
         transformer_overrides=overrides,
     )
     layout = ParallelLayout(
@@ -406,17 +410,17 @@ def run_cpu(plan: Plan) -> dict[str, dict]:
     )
     with SimCluster(plan.world_size) as cluster:
         for rp in plan.runs:
+            settings, layout = rp.cpu_loop
             rp.log_dir.mkdir(parents=True, exist_ok=True)
-            progress = rp.log_dir / "progress.jsonl"
+            progress = Path(settings.progress_path)
             progress.unlink(missing_ok=True)
-            settings, layout = train_settings(rp.args, rp.name, plan.devices_per_node, rp.log_dir)
             print(
                 f"[launch] run {rp.name}: {layout.describe()}, {settings.steps} steps", flush=True
             )
             out = cluster.run(train_job, settings, layout=layout)
             losses, metrics = out[0]["losses"], out[-1]["metrics"]
             first = out[0].get("first_step", 1)
-            every = max(1, int(getattr(rp.args, "log_interval", 1) or 1))
+            every = max(1, rp.args.log_interval)
             for step, loss in enumerate(losses, first):
                 if step == first or step % every == 0 or step == first + len(losses) - 1:
                     print(f"  {rp.name} step {step:4d}  lm loss {loss:.4f}", flush=True)
@@ -521,8 +525,7 @@ def summarize_log(text: str, tokens_per_iteration: int | None) -> dict | None:
 
 
 def print_summary(results: dict[str, dict]) -> None:
-    if not results:
-        return
+    """The table of tokens/s (and the ratio to the ``megatron`` run) and first / last loss."""
     base = results.get("megatron", {}).get("tokens_per_s")
     print(f"{'run':>12} {'tokens/s':>10} {'vs megatron':>11} {'first loss':>10} {'last loss':>10}")
     for run, res in results.items():
@@ -530,8 +533,10 @@ def print_summary(results: dict[str, dict]) -> None:
         tps = res.get("tokens_per_s")
         ratio = f"{tps / base:.3f}" if tps and base else "-"
         tps_text = f"{tps:,.0f}" if tps else "-"
-        first, last = (losses[min(losses)], losses[max(losses)]) if losses else ("-", "-")
-        print(f"{run:>12} {tps_text:>10} {ratio:>11} {first:>10.4f} {last:>10.4f}")
+        first, last = "-", "-"
+        if losses:
+            first, last = (f"{losses[k]:.4f}" for k in (min(losses), max(losses)))
+        print(f"{run:>12} {tps_text:>10} {ratio:>11} {first:>10} {last:>10}")
 
 
 def execute(plan: Plan) -> int:
@@ -594,12 +599,9 @@ def describe(plan: Plan, opts: Options) -> str:
                 "# device cpu: trained in this process's SimCluster with megatron_locmoe.trainer "
                 "(Megatron's pretrain() is not a CPU target); the Megatron flags it stands for:"
             )
-            if rp.args is not None:
-                settings, layout = train_settings(
-                    rp.args, rp.name, plan.devices_per_node, rp.log_dir
-                )
-                lines.append(f"#   {layout}")
-                lines.append(f"#   {settings}")
+            settings, layout = rp.cpu_loop
+            lines.append(f"#   {layout}")
+            lines.append(f"#   {settings}")
             lines.append(shlex.join(rp.flags))
             continue
         for cmd in rp.commands:
@@ -688,23 +690,10 @@ def parse_options(argv: list[str]) -> Options:
     p.add_argument(
         "--no-check", action="store_true", help="skip Megatron's parser (no Megatron import)"
     )
-    a = p.parse_args(argv)
-    return Options(
-        config=a.config,
-        nodes=a.nodes,
-        node_rank=a.node_rank,
-        master_addr=a.master_addr,
-        master_port=a.master_port,
-        devices_per_node=a.devices_per_node,
-        rdzv_id=a.rdzv_id,
-        entry=a.entry,
-        sets=a.sets,
-        runs=[r.strip() for r in a.runs.split(",") if r.strip()] if a.runs else None,
-        runs_dir=a.runs_dir,
-        dry_run=a.dry_run,
-        check=not a.no_check,
-        extra=extra,
-    )
+    a = vars(p.parse_args(argv))  # the dests are Options' fields, but for runs and no_check
+    runs, no_check = a.pop("runs"), a.pop("no_check")
+    runs = [r.strip() for r in runs.split(",") if r.strip()] if runs else None
+    return Options(**a, runs=runs, check=not no_check, extra=extra)
 
 
 def main(argv: list[str] | None = None) -> int:

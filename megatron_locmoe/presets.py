@@ -44,15 +44,8 @@ DATA_RECIPES = ("pydoc",)
 """``prepare_data`` values: ``pydoc`` is the offline corpus of megatron_locmoe.data."""
 
 _REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-_SCALAR_KEYS = {
-    "description": str,
-    "device": str,
-    "nodes": int,
-    "devices_per_node": int,
-    "entry": str,
-    "prepare_data": str,
-}
-_KEYS = set(_SCALAR_KEYS) | {"node_counts", "env", "megatron", "sweep"}
+_SCALAR_KEYS = ("description", "device", "nodes", "devices_per_node", "entry", "prepare_data")
+_KEYS = {*_SCALAR_KEYS, "node_counts", "env", "megatron", "sweep"}
 DEFAULT_ENTRY = "megatron_locmoe.pretrain_gpt"
 
 
@@ -256,9 +249,9 @@ def megatron_argv(flags: dict[str, Any], subst: dict[str, str] | None = None) ->
     return argv
 
 
-def flag_value(argv: list[str], flag: str, default: str | None = None) -> str | None:
+def flag_value(argv: list[str], flag: str) -> str | None:
     """The value of the last ``flag`` in ``argv`` (argparse: the last occurrence wins)."""
-    value = default
+    value = None
     for i, tok in enumerate(argv):
         if tok == flag and i + 1 < len(argv):
             value = argv[i + 1]
@@ -337,7 +330,7 @@ class Layout:
         return [n for n in range(1, up_to + 1) if not self.problems(n, devices_per_node)]
 
 
-def check_layout(preset: Preset, run: str, argv: list[str], nodes: int, dpn: int) -> Layout:
+def check_layout(preset: Preset, run: str, argv: list[str], nodes: int, dpn: int) -> None:
     """Raise PresetError naming the clash and the node counts that fit."""
     layout = Layout.from_argv(argv)
     problems = layout.problems(nodes, dpn)
@@ -351,7 +344,6 @@ def check_layout(preset: Preset, run: str, argv: list[str], nodes: int, dpn: int
             f"{', '.join(map(str, preset.node_counts))} node(s)), or change the layout, e.g. "
             "--set expert-model-parallel-size=N / global-batch-size=N."
         )
-    return layout
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,7 +376,7 @@ def parse_with_megatron(
     argv: list[str],
     world_size: int,
     devices_per_node: int,
-    what: str = "",
+    what: str = "the generated command",
     env: dict[str, str] | None = None,
     device: str = "cuda",
 ):
@@ -406,7 +398,6 @@ def parse_with_megatron(
         registry.apply(DeviceChoice("cpu", "gloo"))
     from megatron.training import arguments
 
-    what = what or "the generated command"
     saved_argv, saved_arch = sys.argv, arguments.get_device_arch_version
     out, err = io.StringIO(), io.StringIO()
     ranks = dict(
