@@ -318,6 +318,8 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path):
     the flags is refused here rather than silently ignored. ``--save`` / ``--save-interval`` /
     ``--load`` map to its torch_dist checkpoints; its per-step progress goes to
     ``log_dir/progress.jsonl`` (tokens/s)."""
+    import torch.nn.functional as F
+
     from megatron_locmoe.arguments import locmoe_config_from_args
     from megatron_locmoe.data import VOCAB_SIZE
     from megatron_locmoe.simcluster import ParallelLayout
@@ -355,11 +357,17 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path):
         )
     if refuse:
         raise PresetError(f"run {run} on the CPU loop: " + "; ".join(refuse))
+    # the model flags the loop's config would otherwise take from its own defaults
     overrides: dict[str, Any] = {
         "ffn_hidden_size": args.ffn_hidden_size,
         "moe_ffn_hidden_size": args.moe_ffn_hidden_size,
+        "gated_linear_unit": args.swiglu,
+        "activation_func": F.silu if args.swiglu else F.gelu,
+        "add_bias_linear": args.add_bias_linear,
+        "hidden_dropout": args.hidden_dropout,
+        "attention_dropout": args.attention_dropout,
     }
-    if args.moe_aux_loss_coeff:
+    if locmoe.router_type == "megatron":  # the plugin's routers use LocMoE's alpha instead
         overrides.update(
             moe_router_load_balancing_type=args.moe_router_load_balancing_type,
             moe_aux_loss_coeff=args.moe_aux_loss_coeff,

@@ -704,3 +704,31 @@ def test_cpu_sim_flags_map_onto_the_cpu_loop(tmp_path):
     assert settings.transformer_overrides["moe_expert_capacity_factor"] == 1.25
     assert settings.transformer_overrides["moe_ffn_hidden_size"] == 64
     assert settings.progress_path == str(tmp_path / "cpu-sim" / "cpu-sim" / "progress.jsonl")
+
+
+def test_cpu_loop_honours_the_model_flags(tmp_path):
+    """The CPU loop's config takes activation, biases, dropout and Megatron's aux loss from the
+    flags, not from its own defaults (they were silently ignored before)."""
+    import torch.nn.functional as F
+
+    sets = ["swiglu=false", "disable-bias-linear=false", "hidden-dropout=0.2"]
+    sets += ["moe-router-type=megatron", "moe-aux-loss-coeff=0.0"]
+    plan = _plan("cpu-sim", sets=sets, runs_dir=str(tmp_path))
+    (rp,) = plan.runs
+    settings, _ = launch.train_settings(rp.args, rp.name, 2, rp.log_dir)
+    o = settings.transformer_overrides
+    assert (o["gated_linear_unit"], o["activation_func"], o["add_bias_linear"]) == (
+        False,
+        F.gelu,
+        True,
+    )
+    assert (o["hidden_dropout"], o["attention_dropout"]) == (0.2, 0.0)
+    assert o["moe_aux_loss_coeff"] == 0.0
+    default = launch.train_settings(*_cpu_sim_run(tmp_path))[0].transformer_overrides
+    assert default["gated_linear_unit"] and not default["add_bias_linear"]
+    assert "moe_aux_loss_coeff" not in default  # locmoe: LocMoE's own alpha
+
+
+def _cpu_sim_run(tmp_path):
+    (rp,) = _plan("cpu-sim", runs_dir=str(tmp_path / "default")).runs
+    return rp.args, rp.name, 2, rp.log_dir
