@@ -89,6 +89,24 @@ def timed(fn: Callable[[], None], device: torch.device, warmup: int, repeats: in
     return statistics.median(samples)
 
 
+def profile(fn: Callable[[], None], device: torch.device, title: str, steps: int = 5) -> None:
+    """Print where one call's time goes (host ops by self time; kernels launched per call)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fn()
+    with torch_profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    events = prof.key_averages()
+    kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    print(f"\n--- profile: {title}: {kernels / steps:.0f} device kernels per call")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+
+
 def peak_memory_mb(fn: Callable[[], None], device: torch.device) -> float | None:
     """Peak device memory allocated during one call beyond what was allocated before it."""
     if device.type != "cuda":

@@ -121,6 +121,8 @@ def bench_shape(T, H, E, k, device, args) -> dict:
             xr.grad = None
 
         ms = benchutil.timed(step, device, args.warmup, args.repeats, args.inner)
+        if name in args.profile:
+            benchutil.profile(step, device, f"{name} T={T} H={H} E={E} k={k}")
         mem = benchutil.peak_memory_mb(step, device)
         probs, routing_map = router(xr)
         if probs.requires_grad:
@@ -155,6 +157,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--inner", type=int, default=10)
+    p.add_argument("--profile", nargs="*", default=[], help="routers to profile (op table)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     shapes = SHAPES

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from megatron.core.transformer.moe.moe_logging import (
+    MetricEntry,
     MoEMetricsTracker,
     get_moe_metrics_tracker,
     set_moe_metrics_tracker,
@@ -65,27 +66,74 @@ def node_local_fraction(
 def record_layer(module, values: dict, device: torch.device) -> None:
     """Record ``{name: value}`` for a router or MoE layer (``config``, ``layer_number``,
     ``is_mtp_layer``), indexed as Megatron indexes its aux losses (MTP layers after the
-    decoder's)."""
-    config, layer = module.config, module.layer_number
-    if layer is not None and module.is_mtp_layer:
-        layer += config.num_layers
-    num_layers = config.num_layers + (config.mtp_num_layers or 0)
-    for name, value in values.items():
-        record(name, value, layer, num_layers, device)
-
-
-def record(
-    name: str, value, layer_number: int | None, num_layers: int, device: torch.device
-) -> None:
-    """Record one scalar for one layer (no-op before set_layer_number, like Megatron's).
-
-    Values live on the routing device: the tracker all-reduces them with the job's backend.
-    """
-    if not torch.is_tensor(value):
-        value = torch.full((), float(value), device=device)  # a fill, not a host copy
-    get_moe_metrics_tracker().record(
-        name, value.detach().float(), layer_number, num_layers, needs_dp_avg=True
+    decoder's): stacked on the device, one tracker write."""
+    vector = torch.stack(
+        [
+            v.detach().float() if torch.is_tensor(v) else torch.full((), float(v), device=device)
+            for v in values.values()
+        ]
     )
+    record_vector(module, tuple(values), vector)
+
+
+def record_vector(module, names: tuple[str, ...], vector_K: torch.Tensor) -> None:
+    """Record one value per name for this module's layer with a single in-place add.
+
+    The tracker keeps a [num_layers] tensor per name and adds to one element per record: a
+    handful of kernels and Python calls per metric. Here the names' entries are rows of one
+    [K, num_layers] block (contiguous, so the tracker's all-reduces take them as they are), and
+    a record is one column add. No-op before set_layer_number, like Megatron's record."""
+    slot = layer_slot(module)
+    if slot is None:
+        return
+    column, num_layers = slot
+    block = tracker_block(names, num_layers, vector_K.device)
+    block.select(1, column).add_(vector_K.detach().to(block.dtype))
+
+
+def layer_slot(module) -> tuple[int, int] | None:
+    """(0-based tracker column, tracker length) of a router or MoE layer (``config``,
+    ``layer_number``, ``is_mtp_layer``), indexed as Megatron indexes its aux losses (MTP layers
+    after the decoder's); None before set_layer_number."""
+    config, layer = module.config, module.layer_number
+    if layer is None:
+        return None
+    if module.is_mtp_layer:
+        layer += config.num_layers
+    return layer - 1, config.num_layers + (config.mtp_num_layers or 0)
+
+
+def tracker_block(names: tuple[str, ...], num_layers: int, device) -> torch.Tensor:
+    """The [K, num_layers] block behind ``names``' entries in the global tracker, (re)built when
+    an entry is missing or was replaced (its values so far are carried over)."""
+    tracker = get_moe_metrics_tracker()
+    blocks = tracker.__dict__.setdefault("_locmoe_blocks", {})
+    block, rows = blocks.get(names, (None, ()))
+    entries = tracker.metrics
+    if block is not None and all(
+        entries.get(n) is not None and entries[n].values is row
+        for n, row in zip(names, rows, strict=True)
+    ):
+        return block
+    block = torch.zeros(len(names), num_layers, device=device)
+    rows = tuple(block[i] for i in range(len(names)))
+    for name, row in zip(names, rows, strict=True):
+        old = entries.get(name)
+        if old is not None and old.values.shape == row.shape:
+            row.copy_(old.values)
+        entries[name] = MetricEntry(values=row, needs_dp_avg=True)
+    blocks[names] = (block, rows)
+    return block
+
+
+def megatron_entry(name: str, num_layers: int, device, reduce_group) -> torch.Tensor:
+    """The values of a tracker entry set up as Megatron's ``record`` leaves it (sum over
+    ``reduce_group``, then the data-parallel average), for a kernel that adds to it directly."""
+    tracker = get_moe_metrics_tracker()
+    tracker.ensure_initialized(name, num_layers, device)
+    entry = tracker.metrics[name]
+    entry.reduce_group, entry.avg_group, entry.needs_dp_avg = reduce_group, None, True
+    return entry.values
 
 
 class LocMoEMetricsTracker(MoEMetricsTracker):

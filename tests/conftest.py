@@ -1,16 +1,21 @@
 """Shared fixtures: simulated clusters are started once per test session and reused.
 
 ``LOCMOE_TEST_DEVICE=cuda`` runs the same multi-rank tests one process per GPU on NCCL (the
-device machine); the default is CPU ranks on gloo.
+device machine); the default is CPU ranks on gloo, with Triton's interpreter on, so the
+router's Triton kernels run (in numpy) where there is no GPU.
 """
 
 from __future__ import annotations
 
 import os
 
-import pytest
+if os.environ.get("LOCMOE_TEST_DEVICE", "cpu") == "cpu":
+    # before anything imports triton: triton.jit reads it when a kernel is defined
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from megatron_locmoe.simcluster import SimCluster
+import pytest  # noqa: E402
+
+from megatron_locmoe.simcluster import SimCluster  # noqa: E402
 
 _CLUSTERS: dict[int, SimCluster] = {}
 

@@ -11,6 +11,7 @@ import torch
 
 from megatron_locmoe import metrics
 from megatron_locmoe.config import LocMoEConfig
+from megatron_locmoe.routers import fused
 from megatron_locmoe.topology import current_topology
 
 
@@ -55,26 +56,25 @@ class PluginRouterMixin:
         self,
         probs_TE: torch.Tensor,
         routing_map_TE: torch.Tensor,
-        dropped: torch.Tensor | int = 0,
+        dropped: torch.Tensor | None = None,
         capacity: int = 0,
-        locality_loss: torch.Tensor | float = 0.0,
-        delta: torch.Tensor | float = 0.0,
-        ec_min: torch.Tensor | float = 0.0,
+        locality_loss: torch.Tensor | None = None,
+        delta: torch.Tensor | None = None,
+        ec_min: torch.Tensor | None = None,
     ) -> None:
-        """Record the full metric set (zeros where a metric does not apply to this router)."""
-        real_TE = routing_map_TE & (probs_TE > 0)  # padding-to-capacity slots carry prob 0
-        metrics.record_layer(
-            self,
-            {
-                metrics.LOCALITY_LOSS: locality_loss,
-                metrics.NODE_LOCAL_FRACTION: metrics.node_local_fraction(
-                    real_TE, self.expert_is_local
-                ),
-                metrics.LOAD_CV: metrics.load_cv(real_TE.sum(0)),
-                metrics.TOKENS_DROPPED: dropped,
-                metrics.EXPERT_CAPACITY: capacity,
-                metrics.CAPACITY_DELTA: delta,
-                metrics.CAPACITY_EC_MIN: ec_min,
-            },
-            routing_map_TE.device,
+        """Record the full metric set (zeros where a metric does not apply to this router) with
+        one tracker write; the vector comes from one compiled graph on CUDA."""
+        zero = probs_TE.new_zeros(())
+        vector = fused.run(
+            fused.router_metric_vector,
+            probs_TE.device,
+            probs_TE,
+            routing_map_TE,
+            self.expert_is_local,
+            zero if dropped is None else dropped,
+            capacity,
+            zero if locality_loss is None else locality_loss,
+            zero if delta is None else delta,
+            zero if ec_min is None else ec_min,
         )
+        metrics.record_vector(self, metrics.ROUTER_METRICS, vector)

@@ -1,21 +1,31 @@
-"""LocMoE's routing math as one function over the activations, compiled on accelerators.
+"""LocMoE's routing math, losses and metrics as compiled functions over the activations.
 
 The reference path (``LocMoERouter`` with ``fused_router=False``) goes through Megatron's
 helpers: the gate materialises an fp32 copy of the tokens and their product with the block
-weights, then softmax, top-k, a second softmax and top-k for the aux-loss scores, and a dozen
-small kernels for the statistics. Here the same quantities come from one pass: the GrAP
-reduction reads the bf16 tokens once, and softmax, top-k and the per-expert statistics are
+weights, then softmax, top-k, a second softmax and top-k for the aux-loss scores, the aux loss
+through a token-count all-reduce and its own tracker write, the locality loss, and seven metric
+records of a few kernels each: about a hundred small launches per layer, forward and backward,
+so at training shapes the router is bound by the host, not the card. Here the same quantities
+come from one graph: the GrAP reduction reads the bf16 tokens once; softmax, top-k, both losses
+(combined into the one scalar Megatron's loss scaler attaches) and the stacked metric vector are
 epilogues on [T, E]; under ``torch.compile`` (Inductor) that is a handful of kernels forward
-and backward, and the backward writes dx once. With pre-softmax softmax routing the aux-loss
-scores are the softmax itself and its routing map is the top-k map, so nothing is computed
-twice. Results equal the reference up to float summation order (tests compare both paths).
+and backward, and the backward writes dx once. With pre-softmax routing the aux-loss scores are
+the softmax itself and their routing map is the top-k map, so nothing is computed twice.
+Results equal the reference up to float summation order (tests compare both paths).
+
+Compiled on CUDA only; on the CPU (the tests' path) and NPUs every function runs eagerly.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from torch.distributed import _functional_collectives as funcol
+
+from megatron_locmoe.metrics import load_cv, node_local_fraction
 
 
 def grap_softmax_topk(
@@ -44,14 +54,121 @@ def grap_softmax_topk(
     return raw_TE, probs_TE, routing_map_TE, scores_TE
 
 
+def locality_kl(mean_probs_E: torch.Tensor, local_E: torch.Tensor, eps: float) -> torch.Tensor:
+    """KL(D_c || D_l) with D_l = (1-eps)/L on the L local experts and eps/(E-L) elsewhere."""
+    E, L = local_E.numel(), local_E.sum().to(mean_probs_E.dtype)  # L stays on the device
+    d_l = torch.where(local_E, (1.0 - eps) / L, eps / (E - L))
+    d_c = mean_probs_E
+    return torch.sum(d_c * (torch.log(d_c.clamp_min(1e-30)) - torch.log(d_l)))
+
+
+def router_metric_vector(
+    probs_TE: torch.Tensor,
+    routing_map_TE: torch.Tensor,
+    expert_is_local_E: torch.Tensor,
+    dropped: torch.Tensor,
+    capacity: int,
+    locality_loss: torch.Tensor,
+    delta: torch.Tensor,
+    ec_min: torch.Tensor,
+) -> torch.Tensor:
+    """The plugin's router metrics (``metrics.ROUTER_METRICS`` order) as one fp32 vector, so a
+    layer records them with one tracker write."""
+    real_TE = routing_map_TE & (probs_TE > 0)  # padding-to-capacity slots carry prob 0
+    values = (
+        locality_loss.detach().double(),
+        node_local_fraction(real_TE, expert_is_local_E),
+        load_cv(real_TE.sum(0)),
+        dropped.double(),
+        torch.full((), capacity, dtype=torch.float64, device=probs_TE.device),
+        delta.detach().double().clamp_min(0.0),
+        ec_min.detach().double().clamp_max(1e30),
+    )
+    return torch.stack(values).float()
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """What the LocMoE losses need besides tensors; hashable, so compiled graphs specialise on it.
+
+    aux_coeff: alpha of the Switch-form balance loss (0: none). aux_scale: Megatron's divisor
+    for repeated MTP layers folded in (1/mtp_num_layers, else 1). locality_coeff / eps: mu and
+    the smoothing of D_l (coeff 0: none)."""
+
+    topk: int
+    aux_coeff: float
+    aux_scale: float
+    locality_coeff: float
+    locality_eps: float
+
+
+def routing_losses(
+    scores_TE: torch.Tensor,
+    map_aux_TE: torch.Tensor,
+    expert_is_local_E: torch.Tensor,
+    spec: LossSpec,
+    tp_cp_group: dist.ProcessGroup | None,
+):
+    """(attached loss, aux loss for the tracker, locality KL) of one micro-batch.
+
+    The aux loss is Megatron's switch_load_balancing_loss_func with the token counts summed over
+    the tensor/context-parallel group (a functional all-reduce: traceable, no grad), the
+    locality loss mu * KL(mean scores || D_l). Both reach the gradient through one scalar:
+    Megatron's MoEAuxLossAutoScaler gives every attached loss the same d/dloss, so their sum
+    attached once equals each attached on its own."""
+    T, E = scores_TE.shape
+    zero = scores_TE.new_zeros(())
+    aux = kl = attached = zero
+    if spec.aux_coeff:
+        tokens_E = map_aux_TE.sum(0)
+        group_size = 1 if tp_cp_group is None else dist.get_world_size(tp_cp_group)
+        if group_size > 1:
+            tokens_E = funcol.all_reduce(tokens_E, "sum", tp_cp_group)
+        total = T * group_size
+        aux = torch.sum(scores_TE.sum(0) * tokens_E) * (
+            E * spec.aux_coeff / (spec.topk * total * total)
+        )
+        aux = aux * spec.aux_scale
+        attached = attached + aux
+    if spec.locality_coeff:
+        kl = locality_kl(scores_TE.mean(0), expert_is_local_E, spec.locality_eps)
+        attached = attached + spec.locality_coeff * kl
+    return attached, aux, kl
+
+
+def route_with_losses(
+    x_TH, weight_EC, log_temperature, bias_E, expert_is_local_E, delta, ec_min,
+    spec: LossSpec, tp_cp_group, with_losses: bool,
+):  # fmt: skip
+    """Gate, routing, losses and metrics in one graph (no capacity bound): the router's whole
+    forward. Returns (probs, routing_map, raw, attached loss, aux loss, metric vector)."""
+    raw_TE, probs_TE, routing_map_TE, scores_TE = grap_softmax_topk(
+        x_TH, weight_EC, log_temperature, bias_E, spec.topk
+    )
+    attached = aux = kl = probs_TE.new_zeros(())
+    if with_losses:
+        attached, aux, kl = routing_losses(
+            scores_TE, routing_map_TE, expert_is_local_E, spec, tp_cp_group
+        )
+    dropped = routing_map_TE.new_zeros((), dtype=torch.long)
+    vec = router_metric_vector(
+        probs_TE, routing_map_TE, expert_is_local_E, dropped, 0, kl, delta, ec_min
+    )
+    return probs_TE, routing_map_TE, raw_TE, attached, aux, vec
+
+
 @functools.cache
-def compiled_grap_softmax_topk():
-    """``grap_softmax_topk`` under torch.compile (built once; dynamic in the token count)."""
-    return torch.compile(grap_softmax_topk, dynamic=None, fullgraph=True)
+def _compiled(fn):
+    return torch.compile(fn, dynamic=None, fullgraph=True)
+
+
+def run(fn, device: torch.device, *args):
+    """``fn`` compiled (built once per function; dynamic in the token count) on CUDA, eager
+    elsewhere: on the CPU (no C++ toolchain needed) and on NPUs (Inductor has no NPU backend
+    without torch_npu's own compiler stack)."""
+    return (_compiled(fn) if device.type == "cuda" else fn)(*args)
 
 
 def route(x_TH, weight_EC, log_temperature, bias_E, topk: int):
-    """The compiled function on an accelerator, the eager one on the CPU (the tests' path, and
-    no C++ toolchain needed for Inductor)."""
-    fn = grap_softmax_topk if x_TH.device.type == "cpu" else compiled_grap_softmax_topk()
-    return fn(x_TH, weight_EC, log_temperature, bias_E, topk)
+    """``grap_softmax_topk``, compiled on CUDA."""
+    return run(grap_softmax_topk, x_TH.device, x_TH, weight_EC, log_temperature, bias_E, topk)

@@ -28,17 +28,11 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_locmoe import capacity as bound
+from megatron_locmoe import metrics
 from megatron_locmoe.config import LocMoEConfig
-from megatron_locmoe.routers import fused
+from megatron_locmoe.routers import fused, kernels
 from megatron_locmoe.routers.base import PluginRouterMixin, drop_to_capacity
-
-
-def locality_kl(mean_probs_E: torch.Tensor, local_E: torch.Tensor, eps: float) -> torch.Tensor:
-    """KL(D_c || D_l) with D_l = (1-eps)/L on the L local experts and eps/(E-L) elsewhere."""
-    E, L = local_E.numel(), local_E.sum().to(mean_probs_E.dtype)  # L stays on the device
-    d_l = torch.where(local_E, (1.0 - eps) / L, eps / (E - L))
-    d_c = mean_probs_E
-    return torch.sum(d_c * (torch.log(d_c.clamp_min(1e-30)) - torch.log(d_l)))
+from megatron_locmoe.routers.fused import locality_kl
 
 
 class LocMoERouter(PluginRouterMixin, TopKRouter):
@@ -168,29 +162,156 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
             and cfg.moe_router_topk_scaling_factor is None
         )
 
+    def _kernels_apply(self, device: torch.device) -> bool:
+        """The Triton kernels cover the paper's gate: fixed block weights, no bias, a fixed
+        temperature, no capacity bound (the compiled graphs take the rest)."""
+        return (
+            kernels.available(device)
+            and self.locmoe.capacity_mode != "bound"
+            and not isinstance(self.weight, torch.nn.Parameter)
+            and self.grap_bias is None
+            and not isinstance(self.grap_log_temperature, torch.nn.Parameter)
+        )
+
+    def loss_spec(self) -> fused.LossSpec:
+        """The fused path's loss settings: the reference path's _apply_aux_loss (with Megatron's
+        MTP and per-token scaling) and _apply_locality_loss, as constants."""
+        cfg, mc = self.locmoe, self.config
+        repeated_mtp = self.is_mtp_layer and mc.mtp_use_repeated_layer and mc.mtp_num_layers
+        return fused.LossSpec(
+            topk=self.topk,
+            aux_coeff=self.get_aux_loss_coeff("aux_loss"),
+            aux_scale=1.0 / mc.mtp_num_layers if repeated_mtp else 1.0,
+            locality_coeff=cfg.locality_loss_coeff if self.locality_on else 0.0,
+            locality_eps=cfg.locality_smoothing,
+        )
+
     def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None):
         """[S, B, H] -> probs [T, E] (fp32, zero off the map), routing_map [T, E] bool."""
+        if self._fused_applies(padding_mask):
+            return self._fused_forward(input)
+        return self._reference_forward(input, padding_mask)
+
+    def _fused_forward(self, input: torch.Tensor):
+        """The whole routing step in Triton kernels (the paper's gate), one compiled graph (other
+        gates) or two (the capacity drop between them); one loss attachment and one metric
+        write per layer."""
+        x_TH = input.reshape(-1, self.config.hidden_size)
+        T = x_TH.shape[0]
+        with_losses = self.training and torch.is_grad_enabled()
+        spec = self.loss_spec()
+        # Megatron's calculate_per_token_loss factor on the attached losses (reference path)
+        loss_scale = float(T * self.tp_cp_group.size()) if self.calculate_per_token_loss else 1.0
+        gate = (self.weight, self.grap_log_temperature, self.grap_bias)
+        if self._kernels_apply(x_TH.device):
+            return self._kernel_forward(x_TH, spec, with_losses, loss_scale)
+        if self.locmoe.capacity_mode != "bound":
+            probs_TE, routing_map_TE, _, attached, aux, vector = fused.run(
+                fused.route_with_losses,
+                x_TH.device,
+                x_TH,
+                *gate,
+                self.expert_is_local,
+                self.capacity_delta,
+                self.capacity_ec_min,
+                spec,
+                self.tp_cp_group,
+                with_losses,
+            )
+        else:
+            raw_TE, probs_TE, routing_map_TE, scores_TE = fused.route(x_TH, *gate, self.topk)
+            if self._capacity_due():
+                self.estimate_capacity_bound(x_TH, raw_TE, routing_map_TE)
+            capacity = self.capacity_for(T)
+            map_aux_TE = routing_map_TE
+            probs_TE, routing_map_TE, dropped = drop_to_capacity(probs_TE, routing_map_TE, capacity)
+            attached = aux = kl = probs_TE.new_zeros(())
+            if with_losses:
+                attached, aux, kl = fused.run(
+                    fused.routing_losses,
+                    x_TH.device,
+                    scores_TE,
+                    map_aux_TE,
+                    self.expert_is_local,
+                    spec,
+                    self.tp_cp_group,
+                )
+                self._count_routing_step()
+            vector = fused.run(
+                fused.router_metric_vector,
+                x_TH.device,
+                probs_TE,
+                routing_map_TE,
+                self.expert_is_local,
+                dropped,
+                capacity,
+                kl,
+                self.capacity_delta,
+                self.capacity_ec_min,
+            )
+        if with_losses and spec.aux_coeff:
+            self._record_aux_loss(aux / spec.aux_coeff)
+        if with_losses and (spec.aux_coeff or spec.locality_coeff):
+            if loss_scale != 1.0:
+                attached = attached * loss_scale
+            probs_TE = MoEAuxLossAutoScaler.apply(probs_TE, attached)
+        metrics.record_vector(self, metrics.ROUTER_METRICS, vector)
+        return probs_TE, routing_map_TE
+
+    def _kernel_forward(self, x_TH, spec, with_losses: bool, loss_scale: float):
+        """The Triton kernels: losses reach the gradient and metrics reach the tracker inside
+        them (no scaler node, no record kernels)."""
+        slots, slot = None, metrics.layer_slot(self)
+        if slot is not None:
+            column, num_layers = slot
+            lb_values = None
+            if with_losses and spec.aux_coeff:
+                lb_values = metrics.megatron_entry(
+                    metrics.LOAD_BALANCING_LOSS, num_layers, x_TH.device, self.tp_cp_group
+                )
+            block = metrics.tracker_block(metrics.ROUTER_METRICS, num_layers, x_TH.device)
+            slots = kernels.TrackerSlots(block, lb_values, column)
+        probs_TE, routing_map_TE, _ = kernels.route(
+            x_TH,
+            self.weight,
+            self.grap_log_temperature,
+            self.expert_is_local,
+            self.capacity_delta,
+            self.capacity_ec_min,
+            spec,
+            self.tp_cp_group,
+            with_losses,
+            loss_scale,
+            slots,
+        )
+        return probs_TE, routing_map_TE
+
+    def _record_aux_loss(self, value: torch.Tensor) -> None:
+        """Megatron's load_balancing_loss entry, as attach_and_log_load_balancing_loss writes it
+        (summed over the tensor/context-parallel group at report time)."""
+        slot = metrics.layer_slot(self)
+        if slot is not None:
+            column, num_layers = slot
+            values = metrics.megatron_entry(
+                metrics.LOAD_BALANCING_LOSS, num_layers, value.device, self.tp_cp_group
+            )
+            values[column] += value.detach()
+
+    def _count_routing_step(self) -> None:
+        self.routing_step += 1
+        self._host_state()["step"] += 1
+
+    def _reference_forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None):
+        """Through Megatron's helpers, op by op (padding masks, z-loss, top-k scaling)."""
         E, k, cfg = self.config.num_moe_experts, self.topk, self.locmoe
         if padding_mask is not None:
             padding_mask = padding_mask.reshape(-1)
-        if self._fused_applies(padding_mask):
-            # one pass: the aux-loss scores are the softmax, their map the top-k map
-            raw_TE, probs_TE, routing_map_TE, scores_TE = fused.route(
-                input.reshape(-1, self.config.hidden_size),
-                self.weight,
-                self.grap_log_temperature,
-                self.grap_bias,
-                k,
-            )
-            aux_inputs = (routing_map_TE, scores_TE)
-        else:
-            raw_TE = self.grap_raw(input).view(-1, E)
-            logits_TE = self.logits_from_raw(raw_TE)
-            logits_TE = self.apply_z_loss(logits_TE, padding_mask=padding_mask)
-            probs_TE, routing_map_TE = topk_routing_with_score_function(
-                logits_TE, k, use_pre_softmax=True, score_function="softmax"
-            )
-            aux_inputs = None
+        raw_TE = self.grap_raw(input).view(-1, E)
+        logits_TE = self.logits_from_raw(raw_TE)
+        logits_TE = self.apply_z_loss(logits_TE, padding_mask=padding_mask)
+        probs_TE, routing_map_TE = topk_routing_with_score_function(
+            logits_TE, k, use_pre_softmax=True, score_function="softmax"
+        )
         T = routing_map_TE.shape[0]
 
         dropped, capacity = routing_map_TE.new_zeros((), dtype=torch.long), 0
@@ -202,7 +323,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
 
         locality = torch.zeros((), device=probs_TE.device)
         if self.training and torch.is_grad_enabled():
-            map_aux_TE, scores_TE = aux_inputs or compute_routing_scores_for_aux_loss(
+            map_aux_TE, scores_TE = compute_routing_scores_for_aux_loss(
                 logits_TE, k, "softmax", padding_mask=padding_mask
             )
             probs_TE = self._apply_aux_loss(
@@ -210,16 +331,15 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
             )
             probs_TE, locality = self._apply_locality_loss(probs_TE, scores_TE, padding_mask)
             if cfg.capacity_mode == "bound":
-                self.routing_step += 1
-                self._host_state()["step"] += 1
+                self._count_routing_step()
         self.record_routing_metrics(
             probs_TE,
             routing_map_TE,
             dropped,
             capacity,
             locality.detach(),
-            self.capacity_delta.clamp_min(0.0),
-            self.capacity_ec_min.clamp_max(1e30),
+            self.capacity_delta,
+            self.capacity_ec_min,
         )
         return probs_TE, routing_map_TE
 

@@ -1,0 +1,388 @@
+"""Triton kernels for the LocMoE router with the paper's fixed GrAP gate: three launches
+forward, one backward.
+
+Why hand-written: at training shapes the router's arithmetic is a few microseconds of memory
+traffic (read the tokens once, write their gradient once), while Megatron's TopKRouter and the
+op-by-op LocMoE path spend 1-2 ms launching ~50 kernels from Python, and even the
+torch.compile'd graph (``fused.route_with_losses``) spends ~0.5 ms in its wrapper launching
+~25 kernels. Here:
+
+- ``_route_fwd``: per program, a strip of tokens: GrAP (block means of the bf16 tokens, fp32
+  accumulation), softmax, top-k by repeated arg-max, then probs / routing map / scores and
+  this strip's per-expert partial sums (softmax mass, routed count, routed-with-nonzero-prob
+  count) into its own row of a partials buffer (no atomics, so results are deterministic);
+- ``_route_finalize`` (one program): sums the partials in program order, then the Switch-form
+  aux loss, the locality KL, the attached loss, the seven router metrics and, for the backward,
+  the per-expert coefficient d(attached loss)/d(score) (the same for every token);
+- ``_route_bwd``: dscore = g_probs on the map + g_loss * coef, softmax backward, and dx written
+  once as (dlogit * temperature) times the gate's block row.
+
+With tensor/context parallelism the token counts of the aux loss are summed over the group
+between two finalize launches (the second reads the reduced statistics).
+
+Only the paper's setting takes this path (fixed block weights, no bias or learnable
+temperature, no capacity bound, no padding mask); ``LocMoERouter`` sends everything else to
+the compiled or reference path. ``tests/test_router_kernels.py`` runs these kernels in Triton's
+interpreter on the CPU against ``fused.route_with_losses``; benchmarks/router_bench.py checks
+them on the GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - the CUDA wheels of torch bring triton
+    HAVE_TRITON = False
+
+INTERPRETED = HAVE_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
+"""Triton's interpreter (numpy, on the CPU) was on when this module was imported: the tests'
+way to run the kernels without a GPU."""
+
+
+def available(device: torch.device) -> bool:
+    """Whether the kernels can run on ``device``: CUDA with triton, or the interpreter on CPU."""
+    return HAVE_TRITON and (device.type == "cuda" or (INTERPRETED and device.type == "cpu"))
+
+
+NUM_STATS = 3  # per expert: softmax mass, routed count, routed with prob > 0 (kernels: "3 * E")
+NUM_METRICS = 7  # metrics.ROUTER_METRICS
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _route_fwd(
+        x_ptr, w_ptr, logt_ptr, probs_ptr, map_ptr, scores_ptr, part_ptr,
+        T, tokens_per_program,
+        H: tl.constexpr, E: tl.constexpr, C: tl.constexpr, K: tl.constexpr,
+        BT: tl.constexpr, BE: tl.constexpr, BC: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0)
+        e = tl.arange(0, BE)
+        emask = e < E
+        c = tl.arange(0, BC)
+        temperature = tl.exp(tl.load(logt_ptr).to(tl.float32))
+        mass = tl.zeros((BE,), tl.float32)
+        routed = tl.zeros((BE,), tl.float32)
+        real = tl.zeros((BE,), tl.float32)
+        start = pid * tokens_per_program
+        for t0 in range(start, start + tokens_per_program, BT):
+            t = t0 + tl.arange(0, BT)
+            tmask = (t < T) & (t < start + tokens_per_program)
+            row = t.to(tl.int64) * H
+            raw = tl.zeros((BT, BE), tl.float32)
+            for c0 in tl.static_range(0, C, BC):
+                cc = c0 + c
+                cmask = cc < C
+                offs = row[:, None, None] + (e[None, :, None] * C + cc[None, None, :])
+                m3 = tmask[:, None, None] & emask[None, :, None] & cmask[None, None, :]
+                xv = tl.load(x_ptr + offs, mask=m3, other=0.0).to(tl.float32)
+                wv = tl.load(
+                    w_ptr + e[:, None] * C + cc[None, :],
+                    mask=emask[:, None] & cmask[None, :],
+                    other=0.0,
+                )
+                raw += tl.sum(xv * wv[None, :, :], axis=2)
+            logits = tl.where(emask[None, :], raw * temperature, -float("inf"))
+            ex = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+            scores = ex / tl.sum(ex, axis=1)[:, None]
+            # top-k: K rounds of arg-max (lowest index on ties), each pick masked out
+            avail = tl.where(emask[None, :], scores, -1.0)
+            chosen = tl.zeros((BT, BE), tl.int1)
+            for _ in tl.static_range(K):
+                best = tl.max(avail, axis=1)
+                idx = tl.min(tl.where(avail == best[:, None], e[None, :], BE), axis=1)
+                hit = e[None, :] == idx[:, None]
+                chosen = chosen | hit
+                avail = tl.where(hit, -2.0, avail)
+            out = t.to(tl.int64)[:, None] * E + e[None, :]
+            m2 = tmask[:, None] & emask[None, :]
+            tl.store(scores_ptr + out, scores, mask=m2)
+            tl.store(probs_ptr + out, tl.where(chosen, scores, 0.0), mask=m2)
+            tl.store(map_ptr + out, chosen, mask=m2)
+            valid = tmask[:, None]
+            mass += tl.sum(tl.where(valid, scores, 0.0), axis=0)
+            routed += tl.sum(tl.where(valid & chosen, 1.0, 0.0), axis=0)
+            real += tl.sum(tl.where(valid & chosen & (scores > 0), 1.0, 0.0), axis=0)
+        base = part_ptr + pid * (3 * E)  # NUM_STATS rows
+        tl.store(base + e, mass, mask=emask)
+        tl.store(base + E + e, routed, mask=emask)
+        tl.store(base + 2 * E + e, real, mask=emask)
+
+    @triton.jit
+    def _route_finalize(
+        ws_ptr, local_ptr, delta_ptr, ecmin_ptr, block_ptr, lb_ptr,
+        num_parts, T, aux_factor, locality_coeff, locality_eps, loss_scale,
+        block_col, block_stride, lb_col, lb_scale,
+        E: tl.constexpr, BE: tl.constexpr, BP: tl.constexpr, FROM_STATS: tl.constexpr,
+        RECORD: tl.constexpr, RECORD_LB: tl.constexpr,
+    ):  # fmt: skip
+        """Workspace [partials P x 3E | stats 3E | coef E | out 9]: sums the partials into
+        stats, writes coef and out = [attached loss, aux loss, metrics (7)]; with RECORD, adds
+        the metrics to column block_col of the tracker's [7, layers] block (and, RECORD_LB,
+        aux * lb_scale to Megatron's load_balancing_loss entry), as metrics.record_vector and
+        Megatron's router would."""
+        part_ptr = ws_ptr
+        stats_ptr = ws_ptr + num_parts * (3 * E)
+        coef_ptr = stats_ptr + 3 * E
+        out_ptr = coef_ptr + E
+        e = tl.arange(0, BE)
+        emask = e < E
+        if FROM_STATS:  # second launch: statistics already summed (token counts all-reduced)
+            mass = tl.load(stats_ptr + e, mask=emask, other=0.0)
+            routed = tl.load(stats_ptr + E + e, mask=emask, other=0.0)
+            real = tl.load(stats_ptr + 2 * E + e, mask=emask, other=0.0)
+        else:
+            mass = tl.zeros((BE,), tl.float32)
+            routed = tl.zeros((BE,), tl.float32)
+            real = tl.zeros((BE,), tl.float32)
+            p = tl.arange(0, BP)
+            for p0 in range(0, num_parts, BP):
+                rows = p0 + p
+                m2 = (rows < num_parts)[:, None] & emask[None, :]
+                offs = rows[:, None] * (3 * E) + e[None, :]
+                mass += tl.sum(tl.load(part_ptr + offs, mask=m2, other=0.0), axis=0)
+                routed += tl.sum(tl.load(part_ptr + offs + E, mask=m2, other=0.0), axis=0)
+                real += tl.sum(tl.load(part_ptr + offs + 2 * E, mask=m2, other=0.0), axis=0)
+            tl.store(stats_ptr + e, mass, mask=emask)
+            tl.store(stats_ptr + E + e, routed, mask=emask)
+            tl.store(stats_ptr + 2 * E + e, real, mask=emask)
+        # aux = alpha E / (k T_total^2) * sum_e (sum_t score) * count  (aux_factor has it all)
+        aux = tl.sum(mass * routed, axis=0) * aux_factor
+        # locality: KL(mean score || D_l), D_l = (1-eps)/L on the L local experts, eps/(E-L) off
+        local = tl.load(local_ptr + e, mask=emask, other=0) != 0
+        num_local = tl.sum(tl.where(local, 1.0, 0.0), axis=0)
+        d_l = tl.where(local, (1.0 - locality_eps) / num_local, locality_eps / (E - num_local))
+        d_c = mass / T
+        log_ratio = tl.log(tl.maximum(d_c, 1e-30)) - tl.log(d_l)
+        locality_on = locality_coeff != 0.0  # else D_l may be undefined (L = 0 or E)
+        kl = tl.where(locality_on, tl.sum(tl.where(emask, d_c * log_ratio, 0.0), axis=0), 0.0)
+        attached = (aux + locality_coeff * kl) * loss_scale
+        # d(attached)/d(score[t, e]), the same for every token t
+        dkl = (log_ratio + tl.where(d_c > 1e-30, 1.0, 0.0)) / T
+        coef = (aux_factor * routed + tl.where(locality_on, locality_coeff * dkl, 0.0)) * loss_scale
+        tl.store(coef_ptr + e, coef, mask=emask)
+        total_real = tl.sum(real, axis=0)
+        local_real = tl.sum(tl.where(local, real, 0.0), axis=0)
+        node_local = tl.where(total_real > 0, local_real / tl.maximum(total_real, 1.0), 1.0)
+        mean_load = total_real / E
+        dev = tl.where(emask, real - mean_load, 0.0)
+        cv = tl.sqrt(tl.sum(dev * dev, axis=0) / E) / tl.maximum(mean_load, 1e-30)
+        delta = tl.maximum(tl.load(delta_ptr), 0.0).to(tl.float32)
+        ec_min = tl.minimum(tl.load(ecmin_ptr), 1e30).to(tl.float32)
+        tl.store(out_ptr + 0, attached)
+        tl.store(out_ptr + 1, aux)
+        # metrics, in ROUTER_METRICS order; tokens dropped and capacity are 0 on this path
+        tl.store(out_ptr + 2, kl)
+        tl.store(out_ptr + 3, node_local)
+        tl.store(out_ptr + 4, cv)
+        tl.store(out_ptr + 5, 0.0)
+        tl.store(out_ptr + 6, 0.0)
+        tl.store(out_ptr + 7, delta)
+        tl.store(out_ptr + 8, ec_min)
+        if RECORD:
+            cell = block_ptr + block_col
+            tl.store(cell, tl.load(cell) + kl)
+            tl.store(cell + block_stride, tl.load(cell + block_stride) + node_local)
+            tl.store(cell + 2 * block_stride, tl.load(cell + 2 * block_stride) + cv)
+            tl.store(cell + 5 * block_stride, tl.load(cell + 5 * block_stride) + delta)
+            tl.store(cell + 6 * block_stride, tl.load(cell + 6 * block_stride) + ec_min)
+        if RECORD_LB:
+            tl.store(lb_ptr + lb_col, tl.load(lb_ptr + lb_col) + aux * lb_scale)
+
+    @triton.jit
+    def _route_bwd(
+        gprobs_ptr, gloss_ptr, scores_ptr, map_ptr, ws_ptr, coef_offset, w_ptr, logt_ptr, dx_ptr,
+        T, H: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
+        BT: tl.constexpr, BE: tl.constexpr, BC: tl.constexpr,
+        HAS_GPROBS: tl.constexpr, HAS_GLOSS: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0)
+        t = pid * BT + tl.arange(0, BT)
+        tmask = t < T
+        e = tl.arange(0, BE)
+        emask = e < E
+        m2 = tmask[:, None] & emask[None, :]
+        out = t.to(tl.int64)[:, None] * E + e[None, :]
+        scores = tl.load(scores_ptr + out, mask=m2, other=0.0)
+        dscore = tl.zeros((BT, BE), tl.float32)
+        if HAS_GPROBS:
+            chosen = tl.load(map_ptr + out, mask=m2, other=0) != 0
+            dscore += tl.where(chosen, tl.load(gprobs_ptr + out, mask=m2, other=0.0), 0.0)
+        if HAS_GLOSS:
+            coef = tl.load(ws_ptr + coef_offset + e, mask=emask, other=0.0)
+            dscore += tl.load(gloss_ptr).to(tl.float32) * coef[None, :]
+        dlogit = scores * (dscore - tl.sum(dscore * scores, axis=1)[:, None])
+        draw = dlogit * tl.exp(tl.load(logt_ptr).to(tl.float32))
+        row = t.to(tl.int64) * H
+        c = tl.arange(0, BC)
+        for c0 in tl.static_range(0, C, BC):
+            cc = c0 + c
+            cmask = cc < C
+            wv = tl.load(
+                w_ptr + e[:, None] * C + cc[None, :],
+                mask=emask[:, None] & cmask[None, :],
+                other=0.0,
+            )
+            offs = row[:, None, None] + (e[None, :, None] * C + cc[None, None, :])
+            m3 = tmask[:, None, None] & emask[None, :, None] & cmask[None, None, :]
+            dx = draw[:, :, None] * wv[None, :, :]
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m3)
+
+
+def _tiles(E: int, C: int) -> tuple[int, int, int]:
+    """(BT, BE, BC): about 8K fp32 values per [tokens, experts, chunk] tile."""
+    BE = _next_pow2(E)
+    BC = min(_next_pow2(C), max(8, 4096 // BE))
+    BT = max(1, min(16, 8192 // (BE * BC)))
+    return BT, BE, BC
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+class TrackerSlots(NamedTuple):
+    """Where the finalize kernel adds this layer's metrics: the [7, layers] block behind the
+    router metrics' tracker entries, Megatron's load_balancing_loss values (None: no aux loss
+    recorded) and the 0-based layer column."""
+
+    block: torch.Tensor
+    lb_values: torch.Tensor | None
+    column: int
+
+
+class LocMoERouteFunction(torch.autograd.Function):
+    """x [T, H] -> probs [T, E] fp32, routing_map [T, E] bool, and the workspace whose tail
+    (``summary``) holds the attached loss, the aux loss and the metric vector.
+
+    The attached loss (alpha * aux + mu * KL, times Megatron's per-token factor) is not an
+    output: the backward adds its gradient itself, scaled by
+    ``MoEAuxLossAutoScaler.main_loss_backward_scale`` exactly as Megatron's scaler would have
+    (the scaler gives an attached loss the gradient 1 * that scale whenever the probs get a
+    gradient), which saves the scaler's autograd node and its kernels."""
+
+    @staticmethod
+    def forward(
+        ctx, x_TH, weight_EC, log_temperature, expert_is_local_E, delta, ec_min,
+        topk, aux_factor, locality_coeff, locality_eps, loss_scale, tp_cp_group, slots,
+        lb_scale,
+    ):  # fmt: skip
+        T, H = x_TH.shape
+        E, C = weight_EC.shape
+        BT, BE, BC = _tiles(E, C)
+        dev = x_TH.device
+        # ~4 strips per SM: enough in flight, and few partial rows for the finalize to sum
+        programs_wanted = 4 * _num_sms(dev.index or 0) if dev.type == "cuda" else 4
+        per_program = max(BT, math.ceil(math.ceil(T / programs_wanted) / BT) * BT)
+        num_parts = max(1, math.ceil(T / per_program))
+        probs = torch.empty(T, E, device=dev, dtype=torch.float32)
+        scores = torch.empty_like(probs)
+        routing_map = torch.empty(T, E, device=dev, dtype=torch.bool)
+        ws = torch.empty((num_parts + 1) * NUM_STATS * E + E + SUMMARY, device=dev)
+        _route_fwd[(num_parts,)](
+            x_TH, weight_EC, log_temperature, probs, routing_map, scores, ws,
+            T, per_program, H=H, E=E, C=C, K=topk, BT=BT, BE=BE, BC=BC,
+        )  # fmt: skip
+        reduce_counts = (
+            tp_cp_group is not None and dist.get_world_size(tp_cp_group) > 1 and aux_factor
+        )
+        block = slots.block if slots is not None else ws
+        lb = slots.lb_values if slots is not None and slots.lb_values is not None else ws
+        column = slots.column if slots is not None else 0
+        args = (ws, expert_is_local_E, delta, ec_min, block, lb, num_parts, T, aux_factor,
+                locality_coeff, locality_eps, loss_scale, column, block.stride(0), column,
+                lb_scale)  # fmt: skip
+        BP = max(1, min(64, 4096 // BE))
+        for second in (False, True) if reduce_counts else (False,):
+            if second:  # the aux loss's token counts, summed over the TP/CP group
+                stats = ws[num_parts * NUM_STATS * E :]
+                dist.all_reduce(stats[E : 2 * E], group=tp_cp_group)
+            last = second or not reduce_counts
+            _route_finalize[(1,)](
+                *args, E=E, BE=BE, BP=BP, FROM_STATS=second,
+                RECORD=last and slots is not None,
+                RECORD_LB=last and slots is not None and slots.lb_values is not None,
+            )  # fmt: skip
+        ctx.save_for_backward(scores, routing_map, ws, weight_EC, log_temperature)
+        ctx.coef_offset = (num_parts + 1) * NUM_STATS * E
+        ctx.x_dtype = x_TH.dtype
+        ctx.with_loss = bool(aux_factor or locality_coeff)
+        ctx.mark_non_differentiable(routing_map, ws)
+        return probs, routing_map, ws
+
+    @staticmethod
+    def backward(ctx, g_probs, _g_map, _g_ws):
+        scores, routing_map, ws, weight_EC, log_temperature = ctx.saved_tensors
+        T, E = scores.shape
+        C = weight_EC.shape[1]
+        BT, BE, BC = _tiles(E, C)
+        dx = torch.empty(T, E * C, device=scores.device, dtype=ctx.x_dtype)
+        g_loss = None
+        if ctx.with_loss:
+            g_loss = MoEAuxLossAutoScaler.main_loss_backward_scale
+            if g_loss is None:
+                g_loss = torch.ones((), device=scores.device)
+            elif g_loss.device != scores.device:
+                g_loss = g_loss.to(scores.device)
+        _route_bwd[(triton.cdiv(T, BT),)](
+            g_probs if g_probs is not None else scores,
+            g_loss if g_loss is not None else ws,
+            scores, routing_map, ws, ctx.coef_offset, weight_EC, log_temperature, dx, T,
+            H=E * C, E=E, C=C, BT=BT, BE=BE, BC=BC,
+            HAS_GPROBS=g_probs is not None, HAS_GLOSS=g_loss is not None,
+        )  # fmt: skip
+        return (dx,) + (None,) * 13
+
+
+SUMMARY = 2 + NUM_METRICS
+"""The workspace's tail: attached loss, aux loss, the metric vector."""
+
+
+def summary(ws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(attached loss, aux loss, metric vector [7]) from a forward's workspace."""
+    tail = ws[-SUMMARY:]
+    return tail[0], tail[1], tail[2:]
+
+
+def route(
+    x_TH, weight_EC, log_temperature, expert_is_local_E, delta, ec_min, spec, tp_cp_group,
+    with_losses: bool, loss_scale: float = 1.0, slots: TrackerSlots | None = None,
+):  # fmt: skip
+    """The kernels' version of ``fused.route_with_losses`` for the fixed gate: (probs,
+    routing_map, workspace); the attached loss reaches the gradient by itself (see
+    ``LocMoERouteFunction``) and ``slots`` receive the metrics. ``loss_scale`` multiplies the
+    attached loss (Megatron's per-token-loss factor)."""
+    T = x_TH.shape[0]
+    group_size = 1 if tp_cp_group is None else dist.get_world_size(tp_cp_group)
+    total = T * group_size
+    E = weight_EC.shape[0]
+    aux_factor = locality_coeff = 0.0
+    if with_losses:
+        if spec.aux_coeff:
+            aux_factor = spec.aux_scale * E * spec.aux_coeff / (spec.topk * total * total)
+        locality_coeff = spec.locality_coeff
+    if slots is not None and not aux_factor:
+        slots = slots._replace(lb_values=None)  # Megatron records no aux loss then either
+    return LocMoERouteFunction.apply(
+        x_TH.contiguous(), weight_EC.contiguous(), log_temperature, expert_is_local_E,
+        delta, ec_min, spec.topk, aux_factor, locality_coeff, spec.locality_eps, loss_scale,
+        tp_cp_group, slots, 1.0 / spec.aux_coeff if spec.aux_coeff else 0.0,
+    )  # fmt: skip

@@ -1,0 +1,100 @@
+"""The router's Triton kernels (forward, finalize, backward) equal the graph they replace,
+``fused.route_with_losses``: probs, routing map, attached and aux losses, the metric vector and
+the input gradient, over shapes with non-power-of-two chunks and expert counts, top-1 to top-4,
+fp32 and bf16 tokens, eval mode, locality off, per-token loss scaling and partial gradients.
+
+On the CPU they run in Triton's interpreter (conftest turns it on); with
+LOCMOE_TEST_DEVICE=cuda on the GPU. Router-level equality on 2 ranks (with TP) is in
+test_fused_router.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+from megatron_locmoe.routers import fused, kernels
+
+DEVICE = torch.device("cuda" if os.environ.get("LOCMOE_TEST_DEVICE") == "cuda" else "cpu")
+pytestmark = pytest.mark.skipif(not kernels.available(DEVICE), reason="no triton for this device")
+
+CASES = {
+    # T, H, E, k, dtype, extra
+    "top2_fp32": (37, 64, 8, 2, torch.float32, {}),
+    "top1_bf16": (20, 112, 16, 1, torch.bfloat16, {}),
+    "chunk28_top3": (9, 224, 8, 3, torch.float32, {}),  # C = 28: masked chunk tail
+    "six_experts_top4": (13, 96, 6, 4, torch.float32, {}),  # E not a power of two
+    "many_strips": (301, 32, 4, 1, torch.float32, {}),  # > 4 strips and a ragged last one
+    "eval": (17, 64, 8, 2, torch.float32, dict(with_losses=False)),
+    "no_locality": (17, 64, 8, 2, torch.float32, dict(locality_coeff=0.0)),
+    "per_token_scale": (17, 64, 8, 2, torch.float32, dict(loss_scale=34.0)),
+    "loss_grad_only": (17, 64, 8, 2, torch.float32, dict(probs_grad=False)),  # g_probs = 0
+    "probs_grad_only": (17, 64, 8, 2, torch.float32, dict(loss_grad=False)),
+}
+
+
+def _run(route, x, g_TE, with_probs_grad, loss_grad):
+    x = x.clone().requires_grad_(True)
+    probs, routing_map, attached, aux, vector = route(x)
+    loss = (probs * (g_TE if with_probs_grad else 0)).sum()
+    if attached.requires_grad:  # the reference: the graph's attached loss, by hand
+        loss = loss + loss_grad * attached
+    loss.backward()
+    return probs.detach(), routing_map, float(attached), float(aux), vector, x.grad.float()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_kernels_equal_compiled_graph(case):
+    T, H, E, k, dtype, extra = CASES[case]
+    extra = dict(extra)
+    with_losses = extra.pop("with_losses", True)
+    loss_scale = extra.pop("loss_scale", 1.0)
+    with_probs_grad = extra.pop("probs_grad", True)
+    loss_grad = 1.7 if extra.pop("loss_grad", True) else 0.0
+    gen = torch.Generator().manual_seed(sum(map(ord, case)))
+    x = (torch.randn(T, H, generator=gen) * 2).to(dtype).to(DEVICE)
+    g_TE = torch.randn(T, E, generator=gen).to(DEVICE)
+    weight = torch.full((E, H // E), E / H, device=DEVICE)
+    log_t = torch.tensor(0.3, device=DEVICE)
+    local = torch.arange(E, device=DEVICE) < E // 2
+    delta = torch.tensor(0.2, dtype=torch.float64, device=DEVICE)
+    ec_min = torch.tensor(3e31, dtype=torch.float64, device=DEVICE)
+    spec = fused.LossSpec(
+        topk=k,
+        aux_coeff=0.01,
+        aux_scale=0.5,
+        locality_coeff=extra.pop("locality_coeff", 0.1),
+        locality_eps=0.05,
+    )
+
+    def reference(xr):
+        probs, routing_map, _, attached, aux, vector = fused.route_with_losses(
+            xr, weight, log_t, None, local, delta, ec_min, spec, None, with_losses
+        )
+        return probs, routing_map, attached * loss_scale, aux, vector
+
+    def kernel(xr):
+        probs, routing_map, ws = kernels.route(
+            xr, weight, log_t, local, delta, ec_min, spec, None, with_losses, loss_scale
+        )
+        return (probs, routing_map, *kernels.summary(ws))
+
+    ref = _run(reference, x, g_TE, with_probs_grad, loss_grad)
+    # the kernels take the attached loss's gradient from Megatron's aux-loss scaler
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(loss_grad, device=DEVICE))
+    try:
+        got = _run(kernel, x, g_TE, with_probs_grad, loss_grad)
+    finally:
+        MoEAuxLossAutoScaler.main_loss_backward_scale = None
+    assert torch.equal(ref[1], got[1]), "routing maps differ"
+    assert (ref[0] - got[0]).abs().max() < 1e-6
+    assert got[2] == pytest.approx(ref[2], rel=1e-5, abs=1e-8)
+    assert got[3] == pytest.approx(ref[3], rel=1e-5, abs=1e-8)
+    assert torch.allclose(got[4], ref[4], rtol=1e-5, atol=1e-7), (got[4], ref[4])
+    scale = ref[5].abs().max()
+    assert float(scale) > 0  # the gradient was exercised
+    tol = 1e-5 if dtype == torch.float32 else 2**-7  # bf16: dx rounds to one ulp either way
+    assert float((ref[5] - got[5]).abs().max() / scale) <= tol
