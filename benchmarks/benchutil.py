@@ -69,24 +69,56 @@ def init_single_process(device_type: str) -> torch.device:
 def timed(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int, inner: int):
     """Median milliseconds per call of ``fn`` over ``repeats`` timings of ``inner`` calls each,
     after ``warmup`` calls (compilation, autotuning and allocator warm-up happen there)."""
-    for _ in range(warmup):
-        fn()
-    samples = []
+    return timed_interleaved({"fn": fn}, device, warmup, repeats, inner)["fn"]
+
+
+def timed_interleaved(
+    fns: dict[str, Callable[[], None]], device: torch.device, warmup: int, repeats: int, inner: int
+) -> dict[str, float]:
+    """``timed`` for several functions whose samples alternate (A B C A B C ...), so a drift in
+    the machine's speed (a busy host: these calls are often host-bound) hits each alike and
+    their ratios stay meaningful."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(inner):
-                fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) / inner)
-        else:
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            samples.append((time.perf_counter() - t0) * 1000 / inner)
-    return statistics.median(samples)
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize(device)
+                start.record()
+                for _ in range(inner):
+                    fn()
+                end.record()
+                end.synchronize()
+                samples[name].append(start.elapsed_time(end) / inner)
+            else:
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    fn()
+                samples[name].append((time.perf_counter() - t0) * 1000 / inner)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def device_time(fn: Callable[[], None], device: torch.device, reps: int = 20) -> float | None:
+    """Milliseconds of device work per call, host overhead hidden: the calls are queued behind
+    a ~50 ms device-side sleep, so the card never waits for the host (None off CUDA). With
+    ``timed`` this tells a host-bound call (timed >> device_time) from a device-bound one."""
+    if device.type != "cuda":
+        return None
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize(device)
+    torch.cuda._sleep(int(1e8))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
 
 
 def profile(fn: Callable[[], None], device: torch.device, title: str, steps: int = 5) -> None:

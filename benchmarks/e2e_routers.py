@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -48,7 +49,12 @@ ROUTERS = {
     "hash": "--moe-router-type hash --locmoe-experts grouped",
     "switch": "--moe-router-type switch --moe-expert-capacity-factor 1.0 --locmoe-experts grouped",
     "locmoe": "--moe-router-type locmoe --locmoe-fused-router --locmoe-experts grouped",
+    # the same, its fused path as the torch.compile'd graph instead of the Triton kernels
+    "locmoe_compiled": "--moe-router-type locmoe --locmoe-fused-router --locmoe-experts grouped",
 }
+ROUTER_ENV = {"locmoe_compiled": {"LOCMOE_TRITON_ROUTER": "0"}}
+DEFAULT_ROUTERS = ["megatron_loop", "megatron", "hash", "switch", "locmoe"]
+TOKENS_PER_STEP = 32 * 512  # global batch x sequence length of MODEL_SIZE
 BASELINE = "megatron"
 """Ratios are against Megatron's router on the same (grouped) experts."""
 LINE = re.compile(
@@ -74,6 +80,7 @@ def run(router: str, steps: int, log_interval: int, data: str, nproc: int, extra
         *extra.split(),
     ]
     env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", PYTHONUNBUFFERED="1")
+    env.update(ROUTER_ENV.get(router, {}))
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -81,11 +88,10 @@ def run(router: str, steps: int, log_interval: int, data: str, nproc: int, extra
     points = [(int(i), float(ms), float(loss)) for i, ms, loss in LINE.findall(proc.stdout)]
     steady = [ms for i, ms, _ in points if i > 2 * log_interval]  # skip warm-up windows
     ms = sorted(steady)[len(steady) // 2] if steady else points[-1][1]
-    tokens = 32 * 512
     return {
         "loss": {i: loss for i, _, loss in points},
         "ms_per_iter": ms,
-        "tokens_per_s": tokens / (ms / 1000),
+        "tokens_per_s": TOKENS_PER_STEP / (ms / 1000),
         "wall_s": time.time() - t0,
     }
 
@@ -94,7 +100,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--log-interval", type=int, default=50)
-    p.add_argument("--routers", nargs="+", default=list(ROUTERS))
+    p.add_argument("--routers", nargs="+", default=DEFAULT_ROUTERS, choices=list(ROUTERS))
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the routers this many times in turn (A B A B ...) and report each one's "
+        "median, so a host whose speed drifts between runs does not bias the ratios",
+    )
     p.add_argument(
         "--data", default="--mock-data --tokenizer-type NullTokenizer --vocab-size 32000"
     )
@@ -132,16 +145,25 @@ def main() -> None:
         previous["command"].append(record["command"])
         record = previous
     results = record["results"]
-    for r in a.routers:  # saved after each router, so a cut-off run keeps what finished
-        extra = (
-            f"--locmoe-hash-token-counts {a.hash_counts}" if r == "hash" and a.hash_counts else ""
-        )
-        results[r] = run(r, a.steps, a.log_interval, a.data, a.nproc, extra)
-        if a.out:
-            os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-            with open(a.out, "w") as f:
-                json.dump(record, f, indent=1)
-        print(f"{r}: {results[r]['tokens_per_s']:.0f} tokens/s", flush=True)
+    rounds: dict[str, list[float]] = {}
+    for _ in range(a.rounds):
+        for r in a.routers:  # saved after each run, so a cut-off call keeps what finished
+            extra = (
+                f"--locmoe-hash-token-counts {a.hash_counts}"
+                if r == "hash" and a.hash_counts
+                else ""
+            )
+            res = run(r, a.steps, a.log_interval, a.data, a.nproc, extra)
+            rounds.setdefault(r, []).append(res["ms_per_iter"])
+            res["ms_per_iter_rounds"] = rounds[r]
+            res["ms_per_iter"] = statistics.median(rounds[r])
+            res["tokens_per_s"] = TOKENS_PER_STEP / (res["ms_per_iter"] / 1000)
+            results[r] = res
+            if a.out:
+                os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+                with open(a.out, "w") as f:
+                    json.dump(record, f, indent=1)
+            print(f"{r}: {res['tokens_per_s']:.0f} tokens/s", flush=True)
     base = results.get(BASELINE, {}).get("tokens_per_s")
     print(f"{'router':>13} {'tokens/s':>10} {'vs ' + BASELINE:>11}  lm loss at steps")
     for r, res in results.items():

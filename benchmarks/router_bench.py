@@ -3,11 +3,15 @@
     python benchmarks/router_bench.py --out benchmarks/results/router_h100.json
 
 Routers: Megatron's TopKRouter with its aux loss (the baseline) and with group-limited routing,
-the plugin's locmoe (reference path and fused path), switch (top-1 only, by definition) and
-hash. Tokens are bf16 [T, 1, H]; routing math is fp32. The backward is driven by a random
-gradient on the routing probabilities (plus each router's losses). Times are medians over
-repeats of CUDA-event-timed loops after warm-up; the floor is the bytes a router must move at
-the card's bandwidth: read x and write dx once ([T, H] bf16 each), plus the [T, E] outputs.
+the plugin's locmoe (reference path; fused path as one torch.compile'd graph; fused path on
+the Triton kernels, the default on CUDA), switch (top-1 only, by definition) and hash. Tokens
+are bf16 [T, 1, H]; routing math is fp32. The backward is driven by a random gradient on the
+routing probabilities (plus each router's losses). Times are medians over repeats of
+CUDA-event-timed loops after warm-up, the routers' samples interleaved (a busy host slows all
+alike); the floor is the bytes a router must move at the card's bandwidth: read x and write dx
+once ([T, H] bf16 each), plus the [T, E] outputs. "device ms" is the card's own time per call
+with the host's launch overhead hidden (calls queued behind a device-side sleep): where it is
+far below "ms", the router is host-bound.
 
 The locmoe routers run with half of the experts marked as remote (two simulated nodes), so the
 locality loss is computed as in a multi-node run; one process cannot host a real second node.
@@ -70,10 +74,11 @@ def build_router(name: str, H: int, E: int, k: int, device):
         groups, group_topk = GROUPS[E]
         config = _config(H, E, k, moe_router_num_groups=groups, moe_router_group_topk=group_topk)
         router = TopKRouter(config=config, pg_collection=pg)
-    elif name in ("locmoe", "locmoe_fused"):
+    elif name in ("locmoe", "locmoe_fused", "locmoe_compiled"):
         config = _config(H, E, k)
-        lm = LocMoEConfig(router_type="locmoe", fused_router=name == "locmoe_fused")
+        lm = LocMoEConfig(router_type="locmoe", fused_router=name != "locmoe")
         router = router_builder(lm)(config=config, pg_collection=pg)
+        router.use_kernels = name == "locmoe_fused"  # compiled: the torch.compile'd graph
         remote = torch.arange(E) >= E // 2  # two simulated nodes: see the module docstring
         router.expert_is_local.copy_(~remote)
         router.locality_on = True
@@ -93,7 +98,30 @@ def build_router(name: str, H: int, E: int, k: int, device):
     return router.to(device), config
 
 
-ROUTERS = ["megatron_aux", "megatron_group_limited", "locmoe", "locmoe_fused", "switch", "hash"]
+ROUTERS = [
+    "megatron_aux",
+    "megatron_group_limited",
+    "locmoe",
+    "locmoe_compiled",
+    "locmoe_fused",
+    "switch",
+    "hash",
+]
+
+
+def _agreement(reference, fused, T: int) -> dict:
+    """How far a fused path's (probs, map, dx) are from the reference path's."""
+    (p0, m0, g0), (p1, m1, g1) = reference, fused
+    same_T = (m0 == m1).all(-1)  # tokens routed to the same experts by both paths
+    g0_same, g1_same = g0.view(T, -1)[same_T], g1.view(T, -1)[same_T]
+    return {
+        "map_equal": bool(torch.equal(m0, m1)),
+        "tokens_rerouted": int((~same_T).sum()),
+        "probs_max_diff_same_routing": float((p0 - p1)[same_T].abs().max()),
+        "x_grad_max_rel_diff_same_routing": float(
+            (g0_same - g1_same).abs().max() / g0_same.abs().max().clamp_min(1e-30)
+        ),
+    }
 
 
 def bench_shape(T, H, E, k, device, args) -> dict:
@@ -104,12 +132,12 @@ def bench_shape(T, H, E, k, device, args) -> dict:
     _, bw, _ = benchutil.card_peaks(device)
     floor_bytes = 2 * T * H * 2 + T * E * (4 + 1 + 4)
     floor_ms = floor_bytes / bw * 1e3 if bw else None
-    rows, outputs = {}, {}
+    routers, steps = {}, {}
     for name in args.routers:
         built = build_router(name, H, E, k, device)
         if built is None:
             continue
-        router, _ = built
+        router = routers[name] = built[0]
         if name == "hash":
             router.set_token_ids(ids)
         xr = x.clone().requires_grad_(True)
@@ -120,32 +148,35 @@ def bench_shape(T, H, E, k, device, args) -> dict:
                 probs.backward(grad_TE)
             xr.grad = None
 
-        ms = benchutil.timed(step, device, args.warmup, args.repeats, args.inner)
+        steps[name] = step
+    times = benchutil.timed_interleaved(steps, device, args.warmup, args.repeats, args.inner)
+    rows, outputs = {}, {}
+    for name, step in steps.items():
+        ms, gpu_ms = times[name], benchutil.device_time(step, device)
         if name in args.profile:
             benchutil.profile(step, device, f"{name} T={T} H={H} E={E} k={k}")
         mem = benchutil.peak_memory_mb(step, device)
-        probs, routing_map = router(xr)
+        xr = x.clone().requires_grad_(True)
+        probs, routing_map = routers[name](xr)
         if probs.requires_grad:
             probs.backward(grad_TE)
             outputs[name] = (probs.detach(), routing_map, xr.grad.float())
-        rows[name] = {"ms": ms, "peak_mb": mem, "x_floor": ms / floor_ms if floor_ms else None}
-        del router
+        rows[name] = {
+            "ms": ms,
+            "device_ms": gpu_ms,
+            "peak_mb": mem,
+            "x_floor": ms / floor_ms if floor_ms else None,
+            "device_x_floor": gpu_ms / floor_ms if floor_ms and gpu_ms else None,
+        }
+    del routers, steps
     base = rows["megatron_aux"]["ms"]
     for row in rows.values():
         row["vs_megatron"] = row["ms"] / base
-    check = None
-    if "locmoe" in outputs and "locmoe_fused" in outputs:
-        (p0, m0, g0), (p1, m1, g1) = outputs["locmoe"], outputs["locmoe_fused"]
-        same_T = (m0 == m1).all(-1)  # tokens routed to the same experts by both paths
-        g0_same, g1_same = g0.view(T, -1)[same_T], g1.view(T, -1)[same_T]
-        check = {
-            "map_equal": bool(torch.equal(m0, m1)),
-            "tokens_rerouted": int((~same_T).sum()),
-            "probs_max_diff_same_routing": float((p0 - p1)[same_T].abs().max()),
-            "x_grad_max_rel_diff_same_routing": float(
-                (g0_same - g1_same).abs().max() / g0_same.abs().max().clamp_min(1e-30)
-            ),
-        }
+    check = {
+        name: _agreement(outputs["locmoe"], outputs[name], T)
+        for name in ("locmoe_compiled", "locmoe_fused")
+        if "locmoe" in outputs and name in outputs
+    }
     return {"shape": [T, H, E, k], "floor_ms": floor_ms, "routers": rows, "fused_check": check}
 
 
@@ -173,13 +204,21 @@ def main() -> None:
         result["shapes"].append(res)
         floor = f"{res['floor_ms'] * 1e3:.0f} us" if res["floor_ms"] else "n/a"
         print(f"\nT={T} H={H} E={E} top-{k}  (memory floor {floor})")
-        print(f"  {'router':<24}{'ms':>8}{'vs megatron':>13}{'x floor':>9}{'peak MB':>9}")
+        print(
+            f"  {'router':<24}{'ms':>8}{'vs megatron':>13}{'x floor':>9}"
+            f"{'device ms':>11}{'x floor':>9}{'peak MB':>9}"
+        )
         for name, row in res["routers"].items():
             xf = f"{row['x_floor']:.1f}" if row["x_floor"] else "-"
+            dev_ms = f"{row['device_ms']:.3f}" if row["device_ms"] is not None else "-"
+            dxf = f"{row['device_x_floor']:.1f}" if row["device_x_floor"] else "-"
             mem = f"{row['peak_mb']:.0f}" if row["peak_mb"] is not None else "-"
-            print(f"  {name:<24}{row['ms']:>8.3f}{row['vs_megatron']:>13.3f}{xf:>9}{mem:>9}")
-        if res["fused_check"]:
-            print(f"  fused vs reference: {res['fused_check']}")
+            print(
+                f"  {name:<24}{row['ms']:>8.3f}{row['vs_megatron']:>13.3f}{xf:>9}"
+                f"{dev_ms:>11}{dxf:>9}{mem:>9}"
+            )
+        for name, agreement in res["fused_check"].items():
+            print(f"  {name} vs reference: {agreement}")
     benchutil.save(args.out, result)
 
 

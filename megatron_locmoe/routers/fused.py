@@ -121,7 +121,7 @@ def routing_losses(
     aux = kl = attached = zero
     if spec.aux_coeff:
         tokens_E = map_aux_TE.sum(0)
-        group_size = 1 if tp_cp_group is None else dist.get_world_size(tp_cp_group)
+        group_size = 1 if tp_cp_group is None else tp_cp_group.size()
         if group_size > 1:
             tokens_E = funcol.all_reduce(tokens_E, "sum", tp_cp_group)
         total = T * group_size

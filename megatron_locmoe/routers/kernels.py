@@ -51,9 +51,15 @@ INTERPRETED = HAVE_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
 way to run the kernels without a GPU."""
 
 
+DISABLED = os.environ.get("LOCMOE_TRITON_ROUTER", "1") == "0"
+"""LOCMOE_TRITON_ROUTER=0 sends the fixed gate to the compiled graph instead (diagnostics)."""
+
+
 def available(device: torch.device) -> bool:
     """Whether the kernels can run on ``device``: CUDA with triton, or the interpreter on CPU."""
-    return HAVE_TRITON and (device.type == "cuda" or (INTERPRETED and device.type == "cpu"))
+    if not HAVE_TRITON or DISABLED:
+        return False
+    return device.type == "cuda" or (INTERPRETED and device.type == "cpu")
 
 
 NUM_STATS = 3  # per expert: softmax mass, routed count, routed with prob > 0 (kernels: "3 * E")
@@ -106,8 +112,7 @@ if HAVE_TRITON:
             avail = tl.where(emask[None, :], scores, -1.0)
             chosen = tl.zeros((BT, BE), tl.int1)
             for _ in tl.static_range(K):
-                best = tl.max(avail, axis=1)
-                idx = tl.min(tl.where(avail == best[:, None], e[None, :], BE), axis=1)
+                idx = tl.argmax(avail, axis=1, tie_break_left=True)  # one (value, index) pass
                 hit = e[None, :] == idx[:, None]
                 chosen = chosen | hit
                 avail = tl.where(hit, -2.0, avail)
@@ -246,12 +251,37 @@ if HAVE_TRITON:
             tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m3)
 
 
-def _tiles(E: int, C: int) -> tuple[int, int, int]:
-    """(BT, BE, BC): about 8K fp32 values per [tokens, experts, chunk] tile."""
+class Tiles(NamedTuple):
+    """A kernel's launch shape: BT tokens x BE experts x BC chunk values per tile, warps per
+    program and (forward) strips per SM."""
+
+    BT: int
+    BE: int
+    BC: int
+    num_warps: int
+    strips_per_sm: int = 4
+
+
+def forward_tiles(E: int, C: int) -> Tiles:
+    """Chunks of up to 1K values per token and ~4K-value tiles; ~4 token strips per SM (enough
+        in flight, and few partial rows for the finalize to sum). Chosen by a sweep on an H200
+        (benchmarks/router_bench.py shapes): 1.5x faster at E = 256 than 8K-value tiles. (A top-k
+    over packed int64 value-index keys was slower than arg-max.)"""
     BE = _next_pow2(E)
-    BC = min(_next_pow2(C), max(8, 4096 // BE))
-    BT = max(1, min(16, 8192 // (BE * BC)))
-    return BT, BE, BC
+    BC = min(_next_pow2(C), max(8, 1024 // BE))
+    return Tiles(max(1, min(16, 4096 // (BE * BC))), BE, BC, 4)
+
+
+def backward_tiles(E: int, C: int) -> Tiles:
+    """Whole (padded) chunks up to 64 values, ~4K-value tiles (same sweep)."""
+    BE = _next_pow2(E)
+    BC = min(_next_pow2(C), 64)
+    return Tiles(max(1, min(16, 4096 // (BE * BC))), BE, BC, 4)
+
+
+@functools.cache
+def _one(device: torch.device) -> torch.Tensor:
+    return torch.ones((), device=device)
 
 
 @functools.cache
@@ -287,10 +317,9 @@ class LocMoERouteFunction(torch.autograd.Function):
     ):  # fmt: skip
         T, H = x_TH.shape
         E, C = weight_EC.shape
-        BT, BE, BC = _tiles(E, C)
+        BT, BE, BC, warps, strips_per_sm = forward_tiles(E, C)
         dev = x_TH.device
-        # ~4 strips per SM: enough in flight, and few partial rows for the finalize to sum
-        programs_wanted = 4 * _num_sms(dev.index or 0) if dev.type == "cuda" else 4
+        programs_wanted = strips_per_sm * (_num_sms(dev.index or 0) if dev.type == "cuda" else 1)
         per_program = max(BT, math.ceil(math.ceil(T / programs_wanted) / BT) * BT)
         num_parts = max(1, math.ceil(T / per_program))
         probs = torch.empty(T, E, device=dev, dtype=torch.float32)
@@ -299,11 +328,9 @@ class LocMoERouteFunction(torch.autograd.Function):
         ws = torch.empty((num_parts + 1) * NUM_STATS * E + E + SUMMARY, device=dev)
         _route_fwd[(num_parts,)](
             x_TH, weight_EC, log_temperature, probs, routing_map, scores, ws,
-            T, per_program, H=H, E=E, C=C, K=topk, BT=BT, BE=BE, BC=BC,
+            T, per_program, H=H, E=E, C=C, K=topk, BT=BT, BE=BE, BC=BC, num_warps=warps,
         )  # fmt: skip
-        reduce_counts = (
-            tp_cp_group is not None and dist.get_world_size(tp_cp_group) > 1 and aux_factor
-        )
+        reduce_counts = tp_cp_group is not None and tp_cp_group.size() > 1 and aux_factor
         block = slots.block if slots is not None else ws
         lb = slots.lb_values if slots is not None and slots.lb_values is not None else ws
         column = slots.column if slots is not None else 0
@@ -326,6 +353,7 @@ class LocMoERouteFunction(torch.autograd.Function):
         ctx.x_dtype = x_TH.dtype
         ctx.with_loss = bool(aux_factor or locality_coeff)
         ctx.mark_non_differentiable(routing_map, ws)
+        ctx.set_materialize_grads(False)  # no zero [T, E] gradients for the map and workspace
         return probs, routing_map, ws
 
     @staticmethod
@@ -333,21 +361,21 @@ class LocMoERouteFunction(torch.autograd.Function):
         scores, routing_map, ws, weight_EC, log_temperature = ctx.saved_tensors
         T, E = scores.shape
         C = weight_EC.shape[1]
-        BT, BE, BC = _tiles(E, C)
+        BT, BE, BC, warps, _ = backward_tiles(E, C)
         dx = torch.empty(T, E * C, device=scores.device, dtype=ctx.x_dtype)
         g_loss = None
         if ctx.with_loss:
             g_loss = MoEAuxLossAutoScaler.main_loss_backward_scale
-            if g_loss is None:
-                g_loss = torch.ones((), device=scores.device)
+            if g_loss is None:  # what the scaler would create: 1
+                g_loss = _one(scores.device)
             elif g_loss.device != scores.device:
                 g_loss = g_loss.to(scores.device)
         _route_bwd[(triton.cdiv(T, BT),)](
-            g_probs if g_probs is not None else scores,
+            g_probs.contiguous() if g_probs is not None else scores,
             g_loss if g_loss is not None else ws,
             scores, routing_map, ws, ctx.coef_offset, weight_EC, log_temperature, dx, T,
             H=E * C, E=E, C=C, BT=BT, BE=BE, BC=BC,
-            HAS_GPROBS=g_probs is not None, HAS_GLOSS=g_loss is not None,
+            HAS_GPROBS=g_probs is not None, HAS_GLOSS=g_loss is not None, num_warps=warps,
         )  # fmt: skip
         return (dx,) + (None,) * 13
 
@@ -371,8 +399,8 @@ def route(
     ``LocMoERouteFunction``) and ``slots`` receive the metrics. ``loss_scale`` multiplies the
     attached loss (Megatron's per-token-loss factor)."""
     T = x_TH.shape[0]
-    group_size = 1 if tp_cp_group is None else dist.get_world_size(tp_cp_group)
-    total = T * group_size
+    # ProcessGroup.size(), not dist.get_world_size: that one costs ~30 us of Python per call
+    total = T * (1 if tp_cp_group is None else tp_cp_group.size())
     E = weight_EC.shape[0]
     aux_factor = locality_coeff = 0.0
     if with_losses:

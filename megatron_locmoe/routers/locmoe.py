@@ -162,11 +162,16 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
             and cfg.moe_router_topk_scaling_factor is None
         )
 
+    use_kernels = True
+    """Whether the fused path may take the Triton kernels (False: the compiled graph, e.g. to
+    compare the two in one process; LOCMOE_TRITON_ROUTER=0 does it for every router)."""
+
     def _kernels_apply(self, device: torch.device) -> bool:
         """The Triton kernels cover the paper's gate: fixed block weights, no bias, a fixed
         temperature, no capacity bound (the compiled graphs take the rest)."""
         return (
-            kernels.available(device)
+            self.use_kernels
+            and kernels.available(device)
             and self.locmoe.capacity_mode != "bound"
             and not isinstance(self.weight, torch.nn.Parameter)
             and self.grap_bias is None
@@ -211,9 +216,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
                 x_TH.device,
                 x_TH,
                 *gate,
-                self.expert_is_local,
-                self.capacity_delta,
-                self.capacity_ec_min,
+                *self._statistics_inputs(),
                 spec,
                 self.tp_cp_group,
                 with_losses,
@@ -258,6 +261,11 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         metrics.record_vector(self, metrics.ROUTER_METRICS, vector)
         return probs_TE, routing_map_TE
 
+    def _statistics_inputs(self):
+        """What the fused paths' loss and metric epilogues read besides the routing: the node
+        map and the capacity state (for the metrics)."""
+        return self.expert_is_local, self.capacity_delta, self.capacity_ec_min
+
     def _kernel_forward(self, x_TH, spec, with_losses: bool, loss_scale: float):
         """The Triton kernels: losses reach the gradient and metrics reach the tracker inside
         them (no scaler node, no record kernels)."""
@@ -275,9 +283,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
             x_TH,
             self.weight,
             self.grap_log_temperature,
-            self.expert_is_local,
-            self.capacity_delta,
-            self.capacity_ec_min,
+            *self._statistics_inputs(),
             spec,
             self.tp_cp_group,
             with_losses,
