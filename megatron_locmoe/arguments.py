@@ -75,10 +75,7 @@ def _transformer_view(args) -> SimpleNamespace:
 def validate_locmoe_args(args) -> LocMoEConfig:
     """Check the plugin flags against the rest of Megatron's arguments; raise ConfigError."""
     cfg = locmoe_config_from_args(args)
-    plugin = (
-        cfg.router_type != "megatron" or cfg.dispatcher != "alltoall" or cfg.experts == "grouped"
-    )
-    if not plugin:
+    if not cfg.changes_megatron(bool(getattr(args, "moe_grouped_gemm", False))):
         return cfg.validate()
     if args.num_experts is None:
         raise ConfigError(

@@ -89,6 +89,19 @@ class LocMoEConfig:
     devices_per_node: int | None = None
     """Ranks per node; default torchrun's LOCAL_WORLD_SIZE. Set it to simulate nodes."""
 
+    def wants_grouped_experts(self, moe_grouped_gemm: bool) -> bool:
+        """experts grouped, or auto with --moe-grouped-gemm."""
+        return self.experts == "grouped" or (self.experts == "auto" and moe_grouped_gemm)
+
+    def changes_megatron(self, moe_grouped_gemm: bool) -> bool:
+        """True when the plugin changes anything (default settings keep stock Megatron): the
+        one test the layer spec and the argument checks share."""
+        return (
+            self.router_type != "megatron"
+            or self.dispatcher != "alltoall"
+            or self.wants_grouped_experts(moe_grouped_gemm)
+        )
+
     def validate(self, transformer_config=None) -> "LocMoEConfig":
         """Raise ConfigError for an invalid value; returns self for chaining."""
         if self.router_type not in ROUTER_TYPES:

@@ -68,18 +68,13 @@ class LocMoELayer(MoELayer):
         )
 
 
-def wants_grouped_experts(locmoe: LocMoEConfig, moe_grouped_gemm: bool) -> bool:
-    """``locmoe.experts`` grouped, or auto with --moe-grouped-gemm."""
-    return locmoe.experts == "grouped" or (locmoe.experts == "auto" and moe_grouped_gemm)
-
-
 def experts_builder(stock_experts, locmoe: LocMoEConfig, moe_grouped_gemm: bool):
     """The spec's experts, with Megatron's per-expert loop (SequentialMLP) swapped for the
     grouped one when ``locmoe.experts`` asks for it (auto: when --moe-grouped-gemm is set but
     the spec could not give TE's grouped MLP). Any other experts module is kept; a loop over
     transformer-engine linears is TE's to group (--moe-grouped-gemm gives TEGroupedMLP)."""
     func = getattr(stock_experts, "func", None)
-    if not wants_grouped_experts(locmoe, moe_grouped_gemm) or func is not SequentialMLP:
+    if not locmoe.wants_grouped_experts(moe_grouped_gemm) or func is not SequentialMLP:
         return stock_experts
     submodules = stock_experts.keywords.get("submodules")
     local = (ColumnParallelLinear, RowParallelLinear)

@@ -94,9 +94,12 @@ def record_vector(module, names: tuple[str, ...], vector_K: torch.Tensor) -> Non
 def layer_slot(module) -> tuple[int, int] | None:
     """(0-based tracker column, tracker length) of a router or MoE layer (``config``,
     ``layer_number``, ``is_mtp_layer``), indexed as Megatron indexes its aux losses (MTP layers
-    after the decoder's); None before set_layer_number."""
+    after the decoder's); None before set_layer_number, and None for a training forward without
+    autograd: under activation recompute that forward runs again with autograd in the backward,
+    and recording both would count the layer twice (Megatron records its aux loss in the same
+    pass only)."""
     config, layer = module.config, module.layer_number
-    if layer is None:
+    if layer is None or (module.training and not torch.is_grad_enabled()):
         return None
     if module.is_mtp_layer:
         layer += config.num_layers

@@ -19,19 +19,14 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from megatron_locmoe.config import LocMoEConfig
-from megatron_locmoe.layer import LocMoELayer, locmoe_mlp_builder, wants_grouped_experts
+from megatron_locmoe.layer import LocMoELayer, locmoe_mlp_builder
 from megatron_locmoe.routers import attach_token_ids
 from megatron_locmoe.topology import get_topology
 
 
 def plugin_active(locmoe: LocMoEConfig, transformer_config=None) -> bool:
     """True when the plugin changes anything (default settings keep stock Megatron)."""
-    grouped_gemm = bool(getattr(transformer_config, "moe_grouped_gemm", False))
-    return (
-        locmoe.router_type != "megatron"
-        or locmoe.dispatcher != "alltoall"
-        or wants_grouped_experts(locmoe, grouped_gemm)
-    )
+    return locmoe.changes_megatron(bool(getattr(transformer_config, "moe_grouped_gemm", False)))
 
 
 def _padded_vocab(model_config) -> int:

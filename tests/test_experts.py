@@ -108,7 +108,7 @@ def test_experts_setting_selects_module_and_validates():
     from megatron.core.transformer.moe.experts import SequentialMLP
 
     from megatron_locmoe.experts import GroupedSequentialMLP
-    from megatron_locmoe.layer import experts_builder, wants_grouped_experts
+    from megatron_locmoe.layer import experts_builder
 
     stock = (
         build_moe_layer.__globals__["get_moe_module_spec_for_backend"](
@@ -124,7 +124,8 @@ def test_experts_setting_selects_module_and_validates():
         experts_builder(stock, LocMoEConfig(experts="grouped"), False).func is GroupedSequentialMLP
     )
     assert experts_builder(stock, LocMoEConfig(experts="loop"), True) is stock
-    assert not wants_grouped_experts(LocMoEConfig(), False)
+    assert not LocMoEConfig().wants_grouped_experts(False)
+    assert LocMoEConfig().changes_megatron(True) and not LocMoEConfig().changes_megatron(False)
     # a loop over other linears (transformer-engine's) is left alone, or refused when asked for
     other = functools.partial(
         stock.func,

@@ -103,3 +103,41 @@ def test_fused_router_equals_reference(cluster2, case):
         assert ref.keys() == fus.keys() and "load_balancing_loss" in ref
         for name in ref:
             assert fus[name] == pytest.approx(ref[name], rel=1e-5, abs=1e-7), name
+
+
+def recompute_job(ctx, fused: bool):
+    """Tracker values after a plain forward+backward and after the same under reentrant
+    activation checkpointing (forward without autograd, then again in the backward)."""
+    import torch.utils.checkpoint as checkpoint
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    from megatron_locmoe.routers import router_builder
+
+    ctx.topology()
+    config = moe_config(ep=2, num_moe_experts=E, hidden_size=H, moe_router_topk=2)
+    lm = LocMoEConfig(router_type="locmoe", fused_router=fused)
+    router = router_builder(lm)(config=config, pg_collection=get_default_pg_collection())
+    router.set_layer_number(1)
+    x = torch.randn(12, 3, H, generator=torch.Generator().manual_seed(50 + ctx.rank))
+    seen = []
+    for recompute in (False, True):
+        get_moe_metrics_tracker().clear()
+        xr = x.clone().requires_grad_(True)
+        if recompute:
+            probs, _ = checkpoint.checkpoint(router, xr, use_reentrant=True)
+        else:
+            probs, _ = router(xr)
+        probs.sum().backward()
+        seen.append({n: float(m.values[0]) for n, m in get_moe_metrics_tracker().metrics.items()})
+    return seen
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+def test_activation_recompute_records_metrics_once(cluster2, fused):
+    for plain, recomputed in cluster2.run(
+        recompute_job, fused, layout=ParallelLayout(devices_per_node=1, ep=2)
+    ):
+        assert plain.keys() == recomputed.keys() and "node_local_fraction" in plain
+        for name, value in plain.items():
+            assert recomputed[name] == pytest.approx(value, rel=1e-6, abs=1e-9), name
