@@ -317,9 +317,8 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path):
     micro-batch per rank per step, on one indexed dataset with byte tokens; anything else in
     the flags is refused here rather than silently ignored. ``--save`` / ``--save-interval`` /
     ``--load`` map to its torch_dist checkpoints; its per-step progress goes to
-    ``log_dir/progress.jsonl`` (tokens/s)."""
-    import torch.nn.functional as F
-
+    ``log_dir/progress.jsonl`` (tokens/s). The model is built from Megatron's own
+    TransformerConfig for the flags, so every model flag means what it means to pretrain_gpt."""
     from megatron_locmoe.arguments import locmoe_config_from_args
     from megatron_locmoe.data import VOCAB_SIZE
     from megatron_locmoe.simcluster import ParallelLayout
@@ -357,23 +356,10 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path):
         )
     if refuse:
         raise PresetError(f"run {run} on the CPU loop: " + "; ".join(refuse))
-    # the model flags the loop's config would otherwise take from its own defaults
-    overrides: dict[str, Any] = {
-        "ffn_hidden_size": args.ffn_hidden_size,
-        "moe_ffn_hidden_size": args.moe_ffn_hidden_size,
-        "gated_linear_unit": args.swiglu,
-        "activation_func": F.silu if args.swiglu else F.gelu,
-        "add_bias_linear": args.add_bias_linear,
-        "hidden_dropout": args.hidden_dropout,
-        "attention_dropout": args.attention_dropout,
-    }
-    if locmoe.router_type == "megatron":  # the plugin's routers use LocMoE's alpha instead
-        overrides.update(
-            moe_router_load_balancing_type=args.moe_router_load_balancing_type,
-            moe_aux_loss_coeff=args.moe_aux_loss_coeff,
-        )
-    if args.moe_expert_capacity_factor is not None:
-        overrides["moe_expert_capacity_factor"] = args.moe_expert_capacity_factor
+    from megatron.training.arguments import core_transformer_config_from_args
+
+    # the model is built from Megatron's own config for these flags, as pretrain_gpt builds it
+    transformer_config = core_transformer_config_from_args(args)
     wandb_dir = (args.wandb_save_dir or "wandb") if args.wandb_project else None
     settings = TrainSettings(
         data_prefix=args.data_path[0],
@@ -395,7 +381,7 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path):
         save_interval=args.save_interval or 0,
         load_dir=args.load,
         progress_path=str(log_dir / "progress.jsonl"),
-        transformer_overrides=overrides,
+        transformer_config=transformer_config,
     )
     layout = ParallelLayout(
         devices_per_node=devices_per_node,

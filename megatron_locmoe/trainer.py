@@ -14,10 +14,12 @@ data-parallel size and averaged over the expert-data-parallel group.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -54,6 +56,12 @@ class TrainSettings:
     load_dir: str | None = None
     """Resume from the latest checkpoint here (the run then continues to ``steps``)."""
     transformer_overrides: dict = field(default_factory=dict)
+    """Fields of the loop's own small config (``testing.moe_config``) to change."""
+    transformer_config: Any = None
+    """Megatron's TransformerConfig built from a command line
+    (``core_transformer_config_from_args``, as pretrain_gpt builds it): when set, the model
+    uses it, made CPU-ready, and ignores the loop's config and ``transformer_overrides``. The
+    launcher's CPU runs pass it, so every model flag means what it means to pretrain_gpt."""
     data_prefix_per_node: list[str] | None = None
     """One corpus prefix per (simulated) node, read by that node's ranks instead of
     ``data_prefix``: node-correlated data (a domain-sharded loader, as in PanGu-Sigma), without
@@ -69,8 +77,36 @@ def _model(settings: TrainSettings, ep: int):
     from megatron.core.models.gpt import GPTModel
 
     from megatron_locmoe.spec import check_and_connect, locmoe_block_spec
+
+    config = _transformer_config(settings, ep)
+    config.locmoe = settings.locmoe
+    spec = locmoe_block_spec(
+        SimpleNamespace(transformer=config, vocab_size=VOCAB_SIZE, should_pad_vocab=False)
+    )
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=VOCAB_SIZE,
+        max_sequence_length=settings.seq_length,
+    )
+    check_and_connect([model])
+    return model
+
+
+def _transformer_config(settings: TrainSettings, ep: int):
+    """Megatron's config from the command line (made CPU-ready: weights initialised on the
+    CPU), or the loop's small config with the settings' overrides."""
     from megatron_locmoe.testing import moe_config
 
+    if settings.transformer_config is not None:
+        config = copy.copy(settings.transformer_config)
+        if config.expert_model_parallel_size != ep:
+            raise ValueError(
+                f"the config's expert parallel size {config.expert_model_parallel_size} is not "
+                f"the cluster layout's {ep}"
+            )
+        config.use_cpu_initialization = True
+        return config
     overrides = dict(
         ep=ep,
         num_layers=settings.num_layers,
@@ -86,19 +122,7 @@ def _model(settings: TrainSettings, ep: int):
     if settings.locmoe.router_type == "switch":
         overrides.update(moe_expert_capacity_factor=1.0)
     overrides.update(settings.transformer_overrides)
-    config = moe_config(**overrides)
-    config.locmoe = settings.locmoe
-    spec = locmoe_block_spec(
-        SimpleNamespace(transformer=config, vocab_size=VOCAB_SIZE, should_pad_vocab=False)
-    )
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=spec,
-        vocab_size=VOCAB_SIZE,
-        max_sequence_length=settings.seq_length,
-    )
-    check_and_connect([model])
-    return model
+    return moe_config(**overrides)
 
 
 def _dataset(settings: TrainSettings, num_samples: int):

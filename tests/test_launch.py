@@ -701,32 +701,29 @@ def test_cpu_sim_flags_map_onto_the_cpu_loop(tmp_path):
     assert (settings.save_dir, settings.save_interval, settings.load_dir) == ("ckpt", 10, "ckpt")
     assert (settings.steps, settings.lr, settings.hidden_size) == (12, 1e-3, 32)
     assert settings.locmoe.router_type == "switch" and settings.locmoe.dispatcher == "hierarchical"
-    assert settings.transformer_overrides["moe_expert_capacity_factor"] == 1.25
-    assert settings.transformer_overrides["moe_ffn_hidden_size"] == 64
+    config = settings.transformer_config  # Megatron's own, from the flags
+    assert (config.moe_expert_capacity_factor, config.hidden_size) == (1.25, 32)
+    assert (config.moe_ffn_hidden_size, config.expert_model_parallel_size) == (64, 4)
     assert settings.progress_path == str(tmp_path / "cpu-sim" / "cpu-sim" / "progress.jsonl")
 
 
 def test_cpu_loop_honours_the_model_flags(tmp_path):
-    """The CPU loop's config takes activation, biases, dropout and Megatron's aux loss from the
-    flags, not from its own defaults (they were silently ignored before)."""
+    """The CPU loop's model is built from Megatron's TransformerConfig for the flags
+    (core_transformer_config_from_args), not from the loop's own defaults: activation, biases,
+    dropout, normalisation and Megatron's aux loss included."""
     import torch.nn.functional as F
 
     sets = ["swiglu=false", "disable-bias-linear=false", "hidden-dropout=0.2"]
-    sets += ["moe-router-type=megatron", "moe-aux-loss-coeff=0.0"]
+    sets += ["moe-router-type=megatron", "moe-aux-loss-coeff=0.0", "normalization=RMSNorm"]
     plan = _plan("cpu-sim", sets=sets, runs_dir=str(tmp_path))
     (rp,) = plan.runs
     settings, _ = launch.train_settings(rp.args, rp.name, 2, rp.log_dir)
-    o = settings.transformer_overrides
-    assert (o["gated_linear_unit"], o["activation_func"], o["add_bias_linear"]) == (
-        False,
-        F.gelu,
-        True,
-    )
-    assert (o["hidden_dropout"], o["attention_dropout"]) == (0.2, 0.0)
-    assert o["moe_aux_loss_coeff"] == 0.0
-    default = launch.train_settings(*_cpu_sim_run(tmp_path))[0].transformer_overrides
-    assert default["gated_linear_unit"] and not default["add_bias_linear"]
-    assert "moe_aux_loss_coeff" not in default  # locmoe: LocMoE's own alpha
+    c = settings.transformer_config
+    assert (c.gated_linear_unit, c.activation_func, c.add_bias_linear) == (False, F.gelu, True)
+    assert (c.hidden_dropout, c.attention_dropout, c.normalization) == (0.2, 0.0, "RMSNorm")
+    assert c.moe_aux_loss_coeff == 0.0
+    default = launch.train_settings(*_cpu_sim_run(tmp_path))[0].transformer_config
+    assert default.gated_linear_unit and not default.add_bias_linear
 
 
 def _cpu_sim_run(tmp_path):
