@@ -66,6 +66,31 @@ def init_single_process(device_type: str) -> torch.device:
     return device
 
 
+def moe_config(H: int, E: int, k: int, **overrides):
+    """The benchmarks' one-layer bf16 MoE TransformerConfig (local spec, fp32 routing,
+    Megatron's aux loss at 0.01, pre-softmax scores for top-1), plus ``overrides``."""
+    from megatron.core.transformer import TransformerConfig
+
+    kwargs = dict(
+        num_layers=1,
+        hidden_size=H,
+        num_attention_heads=8,
+        num_moe_experts=E,
+        moe_router_topk=k,
+        moe_router_pre_softmax=k == 1,
+        moe_token_dispatcher_type="alltoall",
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=0.01,
+        moe_router_dtype="fp32",
+        params_dtype=torch.bfloat16,
+        bf16=True,
+        add_bias_linear=False,
+        transformer_impl="local",
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
 def timed(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int, inner: int):
     """Median milliseconds per call of ``fn`` over ``repeats`` timings of ``inner`` calls each,
     after ``warmup`` calls (compilation, autotuning and allocator warm-up happen there)."""

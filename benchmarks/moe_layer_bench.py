@@ -28,27 +28,15 @@ import benchutil  # noqa: E402
 
 
 def _config(T, H, E, k, F_):
-    from megatron.core.transformer import TransformerConfig
-
-    return TransformerConfig(
-        num_layers=1,
-        hidden_size=H,
+    return benchutil.moe_config(
+        H,
+        E,
+        k,
         num_attention_heads=16,
-        num_moe_experts=E,
-        moe_router_topk=k,
-        moe_router_pre_softmax=k == 1,
         moe_ffn_hidden_size=F_,
-        moe_token_dispatcher_type="alltoall",
-        moe_router_load_balancing_type="aux_loss",
-        moe_aux_loss_coeff=0.01,
-        moe_router_dtype="fp32",
         gated_linear_unit=True,
         activation_func=F.silu,
         bias_activation_fusion=False,
-        add_bias_linear=False,
-        params_dtype=torch.bfloat16,
-        bf16=True,
-        transformer_impl="local",
     )
 
 

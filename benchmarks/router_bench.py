@@ -36,26 +36,7 @@ GROUPS = {16: (4, 1), 64: (8, 3), 256: (8, 4)}
 
 
 def _config(H, E, k, **overrides):
-    from megatron.core.transformer import TransformerConfig
-
-    kwargs = dict(
-        num_layers=1,
-        hidden_size=H,
-        num_attention_heads=8,
-        num_moe_experts=E,
-        moe_router_topk=k,
-        moe_router_pre_softmax=k == 1,
-        moe_ffn_hidden_size=128,
-        moe_router_load_balancing_type="aux_loss",
-        moe_aux_loss_coeff=0.01,
-        moe_router_dtype="fp32",
-        params_dtype=torch.bfloat16,
-        bf16=True,
-        add_bias_linear=False,
-        transformer_impl="local",
-    )
-    kwargs.update(overrides)
-    return TransformerConfig(**kwargs)
+    return benchutil.moe_config(H, E, k, **{"moe_ffn_hidden_size": 128, **overrides})
 
 
 def build_router(name: str, H: int, E: int, k: int, device):

@@ -452,14 +452,19 @@ def estimate(
     )
 
 
-def speedup_from_share(alltoall_share: float, comm_ratio: float) -> float:
-    """Step speed-up when the All-to-All, ``alltoall_share`` of the baseline's step, takes
-    ``comm_ratio`` times as long and nothing else changes: 1 / (1 - s (1 - r))."""
+def step_time_reduction(alltoall_share: float, comm_ratio: float) -> float:
+    """Share of the baseline's step time saved when its All-to-All, ``alltoall_share`` of the
+    step, takes ``comm_ratio`` times as long and nothing else changes: s (1 - r)."""
     if not 0.0 <= alltoall_share < 1.0:
         raise ValueError(f"All-to-All share {alltoall_share} must lie in [0, 1)")
     if comm_ratio < 0:
         raise ValueError(f"comm ratio {comm_ratio} must be non-negative")
-    return 1.0 / (1.0 - alltoall_share * (1.0 - comm_ratio))
+    return alltoall_share * (1.0 - comm_ratio)
+
+
+def share_needed(reduction: float, comm_ratio: float) -> float | None:
+    """The All-to-All share that would give ``reduction`` at ``comm_ratio`` (None if r >= 1)."""
+    return reduction / (1.0 - comm_ratio) if comm_ratio < 1.0 else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -601,15 +606,19 @@ def reproduction_table(
                     share, share_txt = paper_share, f"{paper_share:.1%} (paper)"
                 else:
                     share, share_txt = base.comm_share, f"{base.comm_share:.1%} (model, MoE only)"
-                reduction = share * (1.0 - r)
+                reduction = step_time_reduction(share, r)
                 speedup = PAPER_CLAIMS["speedup_64npu"].get(b) if npus == 64 else None
+                if r >= 1:
+                    needed = "impossible (r >= 1)"
                 if speedup is not None:
                     claim = 1.0 - 1.0 / speedup
                     claim_txt = f"{speedup:.2f}x = -{claim:.1%}"
-                    needed = f"{claim / (1 - r):.1%}" if r < 1 else "impossible (r >= 1)"
+                    if r < 1:
+                        needed = f"{share_needed(claim, r):.1%}"
                 else:
                     claim_txt = f"-{lo:.2%} .. -{hi:.2%}"
-                    needed = f"{lo / (1 - r):.1%} .. {hi / (1 - r):.1%}" if r < 1 else "impossible"
+                    if r < 1:
+                        needed = f"{share_needed(lo, r):.1%} .. {share_needed(hi, r):.1%}"
                 rows.append(
                     [
                         f"{nodes_total} x 8 = {npus}",

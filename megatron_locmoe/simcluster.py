@@ -127,23 +127,24 @@ def _worker_main(rank, world_size, port, jobs, results, timeout_s, scratch, log_
     _exit_with_parent()
     import torch.distributed as dist
 
-    from megatron_locmoe.device import BACKEND_FOR_DEVICE
+    from megatron_locmoe.device import BACKEND_FOR_DEVICE, DeviceChoice
 
     os.environ["LOCMOE_DEVICE"] = device
+    choice = DeviceChoice(device, BACKEND_FOR_DEVICE[device])
     if device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         torch.set_num_threads(1)  # several ranks share few cores
-        rank_device = torch.device("cpu")
+        rank_device = choice.torch_device()
     else:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)  # e.g. unpermute then sums with index_add
         accel = getattr(torch, device)
-        rank_device = torch.device(device, rank % accel.device_count())
+        rank_device = choice.torch_device(rank % accel.device_count())
         accel.set_device(rank_device)
     timeout = timedelta(seconds=timeout_s)
     try:
         dist.init_process_group(
-            BACKEND_FOR_DEVICE[device],
+            choice.backend,
             init_method=f"tcp://127.0.0.1:{port}",
             rank=rank,
             world_size=world_size,

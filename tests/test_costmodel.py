@@ -81,10 +81,12 @@ def test_estimate_by_hand():
     assert gated.t_expert == pytest.approx(1.5 * 2.4e-4)
 
 
-def test_speedup_from_share_by_hand():
-    assert cm.speedup_from_share(0.2, 0.5) == pytest.approx(1 / 0.9)
-    assert cm.speedup_from_share(0.3, 1.0) == pytest.approx(1.0)
-    assert cm.speedup_from_share(0.0, 0.0) == pytest.approx(1.0)
+def test_step_time_reduction_and_share_needed_by_hand():
+    assert cm.step_time_reduction(0.2, 0.5) == pytest.approx(0.1)
+    assert cm.step_time_reduction(0.3, 1.0) == pytest.approx(0.0)
+    assert cm.step_time_reduction(0.3, 1.5) == pytest.approx(-0.15)  # more traffic: slower
+    assert cm.share_needed(0.1, 0.5) == pytest.approx(0.2)
+    assert cm.share_needed(0.1, 1.0) is None
 
 
 def test_monotone_in_bytes_and_bandwidth():
@@ -262,7 +264,7 @@ def test_bad_input_is_refused(tmp_path):
     with pytest.raises(ValueError, match="nodes"):
         cm.estimate(_stats(), TOY, 0, WORK)
     with pytest.raises(ValueError, match="share"):
-        cm.speedup_from_share(1.0, 0.5)
+        cm.step_time_reduction(1.0, 0.5)
     bare = _fake_run(tmp_path, "bare", 1, False, 0.5, 0.5)
     rec = json.loads((bare / "run.json").read_text())
     del rec["hidden_element_bytes"]
