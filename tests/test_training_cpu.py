@@ -104,9 +104,12 @@ def test_resume_from_torch_dist_checkpoint_gives_identical_losses(
     assert resumed["metrics"]["capacity_delta"] == full["metrics"]["capacity_delta"]
 
 
-def test_fused_router_trains_like_the_reference(cluster_factory, corpus):
+@pytest.mark.parametrize("dispatcher", ["hierarchical", "alltoall"])
+def test_fused_router_trains_like_the_reference(cluster_factory, corpus, dispatcher):
     """LocMoE through the fused path (the Triton kernels, in Triton's interpreter here) inside
-    the training loop: the same losses and metrics, step by step, as the op-by-op path."""
+    the training loop: the same losses and metrics, step by step, as the op-by-op path, behind
+    the plugin's dispatcher and Megatron's (whose permutation hands the router a transposed,
+    non-contiguous probs gradient)."""
     cluster = cluster_factory(4)
     runs = {}
     for fused in (False, True):
@@ -114,7 +117,7 @@ def test_fused_router_trains_like_the_reference(cluster_factory, corpus):
             data_prefix=corpus,
             locmoe=LocMoEConfig(
                 router_type="locmoe",
-                dispatcher="hierarchical",
+                dispatcher=dispatcher,
                 fused_router=fused,
                 locality_loss_coeff=0.1,
             ),
