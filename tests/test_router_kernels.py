@@ -33,6 +33,8 @@ CASES = {
     "per_token_scale": (17, 64, 8, 2, torch.float32, dict(loss_scale=34.0)),
     "loss_grad_only": (17, 64, 8, 2, torch.float32, dict(probs_grad=False)),  # g_probs = 0
     "probs_grad_only": (17, 64, 8, 2, torch.float32, dict(loss_grad=False)),
+    # a transposed probs gradient, as Megatron's alltoall permutation hands it back
+    "noncontiguous_grad": (17, 64, 8, 2, torch.float32, dict(transposed_grad=True)),
 }
 
 
@@ -57,6 +59,9 @@ def test_kernels_equal_compiled_graph(case):
     gen = torch.Generator().manual_seed(sum(map(ord, case)))
     x = (torch.randn(T, H, generator=gen) * 2).to(dtype).to(DEVICE)
     g_TE = torch.randn(T, E, generator=gen).to(DEVICE)
+    if extra.pop("transposed_grad", False):
+        g_TE = g_TE.t().contiguous().t()  # same values, column-major
+        assert not g_TE.is_contiguous()
     weight = torch.full((E, H // E), E / H, device=DEVICE)
     log_t = torch.tensor(0.3, device=DEVICE)
     local = torch.arange(E, device=DEVICE) < E // 2
