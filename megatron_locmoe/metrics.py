@@ -113,9 +113,13 @@ def tracker_block(names: tuple[str, ...], num_layers: int, device) -> torch.Tens
     blocks = tracker.__dict__.setdefault("_locmoe_blocks", {})
     block, rows = blocks.get(names, (None, ()))
     entries = tracker.metrics
-    if block is not None and all(
-        entries.get(n) is not None and entries[n].values is row
-        for n, row in zip(names, rows, strict=True)
+    if (
+        block is not None
+        and block.device == torch.device(device)
+        and all(
+            entries.get(n) is not None and entries[n].values is row
+            for n, row in zip(names, rows, strict=True)
+        )
     ):
         return block
     block = torch.zeros(len(names), num_layers, device=device)
@@ -123,7 +127,7 @@ def tracker_block(names: tuple[str, ...], num_layers: int, device) -> torch.Tens
     for name, row in zip(names, rows, strict=True):
         old = entries.get(name)
         if old is not None and old.values.shape == row.shape:
-            row.copy_(old.values)
+            row.copy_(old.values)  # across devices too
         entries[name] = MetricEntry(values=row, needs_dp_avg=True)
     blocks[names] = (block, rows)
     return block
@@ -135,6 +139,8 @@ def megatron_entry(name: str, num_layers: int, device, reduce_group) -> torch.Te
     tracker = get_moe_metrics_tracker()
     tracker.ensure_initialized(name, num_layers, device)
     entry = tracker.metrics[name]
+    if entry.values.device != torch.device(device):  # e.g. pre-created elsewhere: the kernels
+        entry.values = entry.values.to(device)  # write through a pointer on their own device
     entry.reduce_group, entry.avg_group, entry.needs_dp_avg = reduce_group, None, True
     return entry.values
 

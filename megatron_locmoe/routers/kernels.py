@@ -51,6 +51,9 @@ INTERPRETED = HAVE_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
 way to run the kernels without a GPU."""
 
 
+MAX_EXPERTS = 1024
+"""Beyond this a token's expert row no longer fits a tile (the compiled graph takes over)."""
+
 DISABLED = os.environ.get("LOCMOE_TRITON_ROUTER", "1") == "0"
 """LOCMOE_TRITON_ROUTER=0 sends the fixed gate to the compiled graph instead (diagnostics)."""
 

@@ -172,6 +172,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         return (
             self.use_kernels
             and kernels.available(device)
+            and self.config.num_moe_experts <= kernels.MAX_EXPERTS
             and self.locmoe.capacity_mode != "bound"
             and not isinstance(self.weight, torch.nn.Parameter)
             and self.grap_bias is None
