@@ -1,30 +1,33 @@
-"""Triton kernels for the LocMoE router with the paper's fixed GrAP gate: three launches
-forward, one backward.
+"""Triton kernels for the LocMoE router with the paper's fixed GrAP gate: two launches forward
+(three with tensor/context parallelism), one backward.
 
-Why hand-written: at training shapes the router's arithmetic is a few microseconds of memory
+Why hand-written: at training shapes the router's arithmetic is tens of microseconds of memory
 traffic (read the tokens once, write their gradient once), while Megatron's TopKRouter and the
-op-by-op LocMoE path spend 1-2 ms launching ~50 kernels from Python, and even the
-torch.compile'd graph (``fused.route_with_losses``) spends ~0.5 ms in its wrapper launching
-~25 kernels. Here:
+op-by-op LocMoE path launch ~50 kernels per call from Python (1.4-5.2 ms forward+backward on
+an H200), and even the torch.compile'd graph (``fused.route_with_losses``) spends ~0.5 ms in
+its wrapper launching ~25 kernels. Here:
 
-- ``_route_fwd``: per program, a strip of tokens: GrAP (block means of the bf16 tokens, fp32
-  accumulation), softmax, top-k by repeated arg-max, then probs / routing map / scores and
-  this strip's per-expert partial sums (softmax mass, routed count, routed-with-nonzero-prob
-  count) into its own row of a partials buffer (no atomics, so results are deterministic);
-- ``_route_finalize`` (one program): sums the partials in program order, then the Switch-form
-  aux loss, the locality KL, the attached loss, the seven router metrics and, for the backward,
-  the per-expert coefficient d(attached loss)/d(score) (the same for every token);
+- ``_route_fwd``: per program, a strip of tokens (~4 strips per SM): GrAP (block means of the
+  bf16 tokens, fp32 accumulation), softmax, top-k by repeated arg-max (lowest index on ties),
+  then probs / routing map / scores and the strip's per-expert sums (softmax mass, routed
+  count, routed with prob > 0) into its own row of the workspace (no atomics: deterministic);
+- ``_route_finalize`` (one program): sums the rows in program order, then Megatron's
+  Switch-form aux loss, the locality KL, the attached loss, the per-expert coefficient
+  d(attached loss)/d(score) for the backward (the same for every token), and the seven router
+  metrics, which it adds straight into the metrics tracker's storage (and the aux loss into
+  Megatron's ``load_balancing_loss`` entry), as ``metrics.record_vector`` / Megatron's
+  ``record`` would; with TP/CP it runs again after the token counts' all-reduce;
 - ``_route_bwd``: dscore = g_probs on the map + g_loss * coef, softmax backward, and dx written
-  once as (dlogit * temperature) times the gate's block row.
-
-With tensor/context parallelism the token counts of the aux loss are summed over the group
-between two finalize launches (the second reads the reduced statistics).
+  once as (dlogit * temperature) times the gate's block row. g_loss is Megatron's
+  ``MoEAuxLossAutoScaler.main_loss_backward_scale``, what the scaler would give the attached
+  loss, so no scaler node is needed.
 
 Only the paper's setting takes this path (fixed block weights, no bias or learnable
-temperature, no capacity bound, no padding mask); ``LocMoERouter`` sends everything else to
-the compiled or reference path. ``tests/test_router_kernels.py`` runs these kernels in Triton's
-interpreter on the CPU against ``fused.route_with_losses``; benchmarks/router_bench.py checks
-them on the GPU.
+temperature, no capacity bound, no padding mask, E <= MAX_EXPERTS); ``LocMoERouter`` sends
+everything else to the compiled or reference path. ``tests/test_router_kernels.py`` runs the
+kernels in Triton's interpreter on the CPU (or on the GPU) against ``fused.route_with_losses``;
+tests/test_training_cpu.py trains with them; benchmarks/router_bench.py times and checks them
+on the GPU, benchmarks/router_kernel_tiles.py re-tunes their tiles.
 """
 
 from __future__ import annotations
