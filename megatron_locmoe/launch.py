@@ -356,10 +356,23 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path):
         )
     if refuse:
         raise PresetError(f"run {run} on the CPU loop: " + "; ".join(refuse))
-    from megatron.training.arguments import core_transformer_config_from_args
+    from megatron.training.argument_utils import gpt_config_from_args
 
-    # the model is built from Megatron's own config for these flags, as pretrain_gpt builds it
-    transformer_config = core_transformer_config_from_args(args)
+    from megatron_locmoe.spec import padded_vocab
+
+    # the model is built from Megatron's own configs for these flags, as pretrain_gpt builds it
+    gpt = gpt_config_from_args(args)
+    gpt_model_options = dict(
+        vocab_size=padded_vocab(gpt),
+        max_sequence_length=gpt.seq_length,
+        share_embeddings_and_output_weights=gpt.share_embeddings_and_output_weights,
+        position_embedding_type=gpt.position_embedding_type,
+        rotary_percent=gpt.rotary_percent,
+        rotary_base=gpt.rotary_base,
+        rope_scaling=gpt.rope_scaling,
+        seq_len_interpolation_factor=gpt.seq_len_interpolation_factor,
+        fp16_lm_cross_entropy=gpt.fp16_lm_cross_entropy,
+    )
     wandb_dir = (args.wandb_save_dir or "wandb") if args.wandb_project else None
     settings = TrainSettings(
         data_prefix=args.data_path[0],
@@ -381,7 +394,8 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path):
         save_interval=args.save_interval or 0,
         load_dir=args.load,
         progress_path=str(log_dir / "progress.jsonl"),
-        transformer_config=transformer_config,
+        transformer_config=gpt.transformer,
+        gpt_model_options=gpt_model_options,
     )
     layout = ParallelLayout(
         devices_per_node=devices_per_node,

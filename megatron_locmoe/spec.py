@@ -29,7 +29,7 @@ def plugin_active(locmoe: LocMoEConfig, transformer_config=None) -> bool:
     return locmoe.changes_megatron(bool(getattr(transformer_config, "moe_grouped_gemm", False)))
 
 
-def _padded_vocab(model_config) -> int:
+def padded_vocab(model_config) -> int:
     """Every id the embedding can see: the vocabulary padded as GPTModelBuilder pads it."""
     vocab = model_config.vocab_size
     if not getattr(model_config, "should_pad_vocab", False):
@@ -77,7 +77,7 @@ def locmoe_block_spec(model_config, vp_stage=None):
     if not plugin_active(locmoe, cfg):
         return block
     get_topology(locmoe.devices_per_node)  # collective on first call; cached afterwards
-    vocab = _padded_vocab(model_config)
+    vocab = padded_vocab(model_config)
     return with_locmoe_layers(
         block, locmoe, vocab, _token_counts(locmoe, vocab), moe_grouped_gemm=cfg.moe_grouped_gemm
     )

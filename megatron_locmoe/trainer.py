@@ -57,11 +57,15 @@ class TrainSettings:
     """Resume from the latest checkpoint here (the run then continues to ``steps``)."""
     transformer_overrides: dict = field(default_factory=dict)
     """Fields of the loop's own small config (``testing.moe_config``) to change."""
-    transformer_config: Any = None
+    transformer_config: Any = field(default=None, repr=False)
     """Megatron's TransformerConfig built from a command line
     (``core_transformer_config_from_args``, as pretrain_gpt builds it): when set, the model
     uses it, made CPU-ready, and ignores the loop's config and ``transformer_overrides``. The
     launcher's CPU runs pass it, so every model flag means what it means to pretrain_gpt."""
+    gpt_model_options: dict = field(default_factory=dict)
+    """GPTModel's own arguments from the command line (embedding tying, position embeddings,
+    padded vocabulary, maximum sequence length: ``gpt_model_options_from_args``); empty: the
+    loop's defaults."""
     data_prefix_per_node: list[str] | None = None
     """One corpus prefix per (simulated) node, read by that node's ranks instead of
     ``data_prefix``: node-correlated data (a domain-sharded loader, as in PanGu-Sigma), without
@@ -80,15 +84,14 @@ def _model(settings: TrainSettings, ep: int):
 
     config = _transformer_config(settings, ep)
     config.locmoe = settings.locmoe
+    options = {"vocab_size": VOCAB_SIZE, "max_sequence_length": settings.seq_length}
+    options.update(settings.gpt_model_options)
     spec = locmoe_block_spec(
-        SimpleNamespace(transformer=config, vocab_size=VOCAB_SIZE, should_pad_vocab=False)
+        SimpleNamespace(
+            transformer=config, vocab_size=options["vocab_size"], should_pad_vocab=False
+        )
     )
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=spec,
-        vocab_size=VOCAB_SIZE,
-        max_sequence_length=settings.seq_length,
-    )
+    model = GPTModel(config=config, transformer_layer_spec=spec, **options)
     check_and_connect([model])
     return model
 
@@ -188,7 +191,11 @@ def train_job(ctx, settings: TrainSettings) -> dict:
     tracker = get_moe_metrics_tracker()
     losses, reported = [], {}
     positions = torch.arange(settings.seq_length)[None].expand(mbs, -1)
-    start = checkpoint.load(model, opt, settings.load_dir) if settings.load_dir else 0
+    start = 0
+    if settings.load_dir and checkpoint.latest_iteration(settings.load_dir) is not None:
+        start = checkpoint.load(model, opt, settings.load_dir)
+    elif settings.load_dir and ctx.rank == 0:  # as Megatron's load_checkpoint: start afresh
+        print(f"no checkpoint under {settings.load_dir}: training from scratch", flush=True)
     for step in range(start, settings.steps):
         step_start = time.perf_counter()
         first = (step * dp_size + dp_rank) * mbs  # each data-parallel rank its own samples

@@ -729,3 +729,16 @@ def test_cpu_loop_honours_the_model_flags(tmp_path):
 def _cpu_sim_run(tmp_path):
     (rp,) = _plan("cpu-sim", runs_dir=str(tmp_path / "default")).runs
     return rp.args, rp.name, 2, rp.log_dir
+
+
+def test_cpu_loop_takes_gpt_model_flags(tmp_path):
+    """GPTModel's own flags reach the CPU loop as pretrain_gpt reads them (gpt_config_from_args):
+    embeddings tied unless untied, the padded vocabulary, the position-embedding length."""
+    settings = launch.train_settings(*_cpu_sim_run(tmp_path))[0]
+    o = settings.gpt_model_options
+    assert o["share_embeddings_and_output_weights"] and o["vocab_size"] == 384  # 257 -> x128
+    assert (o["max_sequence_length"], o["position_embedding_type"]) == (64, "learned_absolute")
+    sets = ["untie-embeddings-and-output-weights=true", "max-position-embeddings=128"]
+    (rp,) = _plan("cpu-sim", sets=sets, runs_dir=str(tmp_path / "untied")).runs
+    o = launch.train_settings(rp.args, rp.name, 2, rp.log_dir)[0].gpt_model_options
+    assert not o["share_embeddings_and_output_weights"] and o["max_sequence_length"] == 128
