@@ -49,9 +49,8 @@ ROUTERS = {
     "hash": "--moe-router-type hash --locmoe-experts grouped",
     "switch": "--moe-router-type switch --moe-expert-capacity-factor 1.0 --locmoe-experts grouped",
     "locmoe": "--moe-router-type locmoe --locmoe-fused-router --locmoe-experts grouped",
-    # the same, its fused path as the torch.compile'd graph instead of the Triton kernels
-    "locmoe_compiled": "--moe-router-type locmoe --locmoe-fused-router --locmoe-experts grouped",
 }
+ROUTERS["locmoe_compiled"] = ROUTERS["locmoe"]  # the fused path as the compiled graph (env)
 ROUTER_ENV = {"locmoe_compiled": {"LOCMOE_TRITON_ROUTER": "0"}}
 DEFAULT_ROUTERS = ["megatron_loop", "megatron", "hash", "switch", "locmoe"]
 TOKENS_PER_STEP = 32 * 512  # global batch x sequence length of MODEL_SIZE
@@ -87,7 +86,7 @@ def run(router: str, steps: int, log_interval: int, data: str, nproc: int, extra
         raise RuntimeError(f"{router} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     points = [(int(i), float(ms), float(loss)) for i, ms, loss in LINE.findall(proc.stdout)]
     steady = [ms for i, ms, _ in points if i > 2 * log_interval]  # skip warm-up windows
-    ms = sorted(steady)[len(steady) // 2] if steady else points[-1][1]
+    ms = statistics.median(steady) if steady else points[-1][1]
     return {
         "loss": {i: loss for i, _, loss in points},
         "ms_per_iter": ms,

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchutil  # noqa: E402
 
 
-def _config(T, H, E, k, F_):
+def _config(H, E, k, F_):
     return benchutil.moe_config(
         H,
         E,
@@ -40,34 +40,27 @@ def _config(T, H, E, k, F_):
     )
 
 
+LOCMOE = {
+    "megatron_local": None,  # Megatron's own layer: TopKRouter, per-expert loop
+    "plugin_megatron_grouped": dict(router_type="megatron", experts="grouped"),
+    "plugin_locmoe_grouped": dict(router_type="locmoe", experts="grouped", fused_router=True),
+}
+
+
 def build_layer(name: str, config, device):
-    from megatron.core.models.backends import LocalSpecProvider
-    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
-    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
-
-    from megatron_locmoe.config import LocMoEConfig
-    from megatron_locmoe.layer import locmoe_mlp_builder
-
-    spec = get_moe_module_spec_for_backend(
-        LocalSpecProvider(), num_experts=config.num_moe_experts, moe_grouped_gemm=False
-    )
-    if name == "plugin_megatron_grouped":
-        spec = locmoe_mlp_builder(spec, LocMoEConfig(router_type="megatron", experts="grouped"))
-    elif name == "plugin_locmoe_grouped":
-        lm = LocMoEConfig(router_type="locmoe", experts="grouped", fused_router=True)
-        spec = locmoe_mlp_builder(spec, lm)
-    elif name != "megatron_local":
-        raise ValueError(name)
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+    from megatron_locmoe.config import LocMoEConfig
+    from megatron_locmoe.testing import build_moe_layer
+
+    locmoe = LOCMOE[name]
     torch.manual_seed(7)  # same weights in every layer: reset the host RNG and Megatron's
     model_parallel_cuda_manual_seed(7)  # device RNG tracker (experts initialise under a fork)
-    layer = spec(config=config, pg_collection=get_default_pg_collection())
-    layer.set_layer_number(1)
+    layer = build_moe_layer(config, locmoe=LocMoEConfig(**locmoe) if locmoe else None)
     return layer.to(device)
 
 
-LAYERS = ["megatron_local", "plugin_megatron_grouped", "plugin_locmoe_grouped"]
+LAYERS = list(LOCMOE)
 
 
 def bench_layers(config, T, device, args) -> dict:
@@ -159,7 +152,7 @@ def bench_experts(config, T, device, args) -> dict:
             "fwd_of_peak": tf_f * 1e12 / peak if peak else None,
         }
     # the two grouped GEMMs alone, weights already stacked (what the kernel itself reaches)
-    from megatron_locmoe.experts import grouped_linear
+    from megatron_locmoe.experts import grouped_linear, grouped_mm_available
 
     w1, w2 = grouped._weights("linear_fc1").detach(), grouped._weights("linear_fc2").detach()
     offsets = counts.to(device=device, dtype=torch.int32).cumsum(0).to(torch.int32)
@@ -170,7 +163,7 @@ def bench_experts(config, T, device, args) -> dict:
             grouped_linear(tokens, w1, offsets)
             grouped_linear(h, w2, offsets)
 
-    if device.type == "cuda" or hasattr(torch, "_grouped_mm"):
+    if grouped_mm_available(device, tokens.dtype):
         ms_g = benchutil.timed(gemms, device, args.warmup, args.repeats, args.inner)
         rows["grouped_gemms_only"] = {
             "fwd_ms": ms_g,
@@ -197,7 +190,7 @@ def main() -> None:
     args = p.parse_args()
     T, H, E, k, F_ = (int(v) for v in args.shape.split(","))
     device = benchutil.init_single_process(args.device)
-    config = _config(T, H, E, k, F_)
+    config = _config(H, E, k, F_)
     result = benchutil.record(device, shape={"T": T, "H": H, "E": E, "k": k, "F": F_})
     print(
         f"card: {result['card']}  torch {result['torch']}  megatron-core {result['megatron_core']}"

@@ -34,8 +34,6 @@ def _candidates(E: int, C: int, strips: tuple[int, ...]):
 
 
 def sweep_shape(T, H, E, k, device) -> dict:
-    import triton
-
     from megatron_locmoe.routers import kernels
 
     C = H // E
@@ -54,24 +52,20 @@ def sweep_shape(T, H, E, k, device) -> dict:
         kernels.forward_tiles = builtin_fwd
         builtin_ms = benchutil.device_time(lambda: kernels.route(*args), device)
         result["forward_builtin"] = (builtin_ms, builtin_fwd(E, C)._asdict())
-        probs, routing_map, ws = kernels.route(*args)
-        dx = torch.empty_like(x)
-        one = torch.ones((), device=device)
+        xg = x.clone().requires_grad_(True)
+        probs = kernels.route(xg, *args[1:])[0]
 
-        def backward(t):
-            kernels._route_bwd[(triton.cdiv(T, t.BT),)](
-                g, one, probs, routing_map, ws, 0, router.weight, router.grap_log_temperature,
-                dx, T, H=H, E=E, C=C, BT=t.BT, BE=t.BE, BC=t.BC, HAS_GPROBS=True,
-                HAS_GLOSS=True, num_warps=t.num_warps,
-            )  # fmt: skip
+        def backward():  # the real backward (LocMoERouteFunction) with the tiles in force
+            probs.backward(g, retain_graph=True)
+            xg.grad = None
 
         for tiles in _candidates(E, C, (4,)):
-            ms = benchutil.device_time(lambda t=tiles: backward(t), device)
-            result["backward"].append((ms, tiles._asdict()))
-        bt = builtin_bwd(E, C)
+            kernels.backward_tiles = lambda E_, C_, t=tiles: t
+            result["backward"].append((benchutil.device_time(backward, device), tiles._asdict()))
+        kernels.backward_tiles = builtin_bwd
         result["backward_builtin"] = (
-            benchutil.device_time(lambda: backward(bt), device),
-            bt._asdict(),
+            benchutil.device_time(backward, device),
+            builtin_bwd(E, C)._asdict(),
         )
     finally:
         kernels.forward_tiles, kernels.backward_tiles = builtin_fwd, builtin_bwd

@@ -16,6 +16,20 @@ GRAP_MODES = ("fixed", "learnable")
 EXPERT_IMPLS = ("auto", "loop", "grouped")
 
 
+def grouped_experts_unsupported(transformer_config) -> list[str]:
+    """The settings the grouped experts (torch._grouped_mm) cannot run with; empty if none."""
+    tc = transformer_config
+    return [
+        why
+        for why, bad in (
+            ("expert linear biases (--disable-bias-linear)", tc.add_bias_linear),
+            ("fp8/fp4 (use transformer-engine's grouped MLP)", tc.fp8 or getattr(tc, "fp4", None)),
+            ("the TE activation module", getattr(tc, "use_te_activation_func", False)),
+        )
+        if bad
+    ]
+
+
 class ConfigError(ValueError):
     """An invalid LocMoE setting: the message names the value and what to change."""
 
@@ -48,9 +62,10 @@ class LocMoEConfig:
     """Learn that multiplier (as exp of a scalar parameter)."""
 
     fused_router: bool = False
-    """Route in one pass over the tokens (megatron_locmoe/routers/fused.py), compiled with
-    torch.compile on GPU/NPU: the same results as the reference path up to summation order,
-    several times faster. Padding masks, z-loss and top-k scaling use the reference path."""
+    """Route without Megatron's op-by-op helpers: on CUDA, Triton kernels for the fixed gate
+    (routers/kernels.py) and torch.compile'd graphs otherwise (routers/fused.py); eager graphs on
+    CPU/NPU. The same results as the reference path up to summation order. Padding masks,
+    z-loss and top-k scaling use the reference path."""
 
     # ---- capacity ----------------------------------------------------------------------------
     capacity_mode: Literal["none", "bound"] = "none"
@@ -88,6 +103,11 @@ class LocMoEConfig:
     # ---- topology ----------------------------------------------------------------------------
     devices_per_node: int | None = None
     """Ranks per node; default torchrun's LOCAL_WORLD_SIZE. Set it to simulate nodes."""
+
+    @property
+    def dedup_setting(self) -> bool | str:
+        """dispatcher_dedup as the dispatcher takes it (True, False or 'auto')."""
+        return {"on": True, "off": False}.get(self.dispatcher_dedup, self.dispatcher_dedup)
 
     def wants_grouped_experts(self, moe_grouped_gemm: bool) -> bool:
         """experts grouped, or auto with --moe-grouped-gemm."""
@@ -166,10 +186,11 @@ class LocMoEConfig:
                 f"--moe-token-dispatcher-type is {tc.moe_token_dispatcher_type!r}: set it to "
                 "alltoall (flex/DeepEP/HybridEP are their own hierarchical schemes)"
             )
-        if self.experts == "grouped" and (tc.add_bias_linear or tc.fp8 or tc.fp4):
+        unsupported = grouped_experts_unsupported(tc) if self.experts == "grouped" else []
+        if unsupported:
             raise ConfigError(
-                "grouped experts (torch._grouped_mm) have no linear biases and no fp8/fp4: pass "
-                "--disable-bias-linear and drop fp8/fp4, or use --locmoe-experts loop"
+                f"grouped experts (torch._grouped_mm) do not support {', '.join(unsupported)}: "
+                "pass --disable-bias-linear and drop fp8/fp4, or use --locmoe-experts loop"
             )
         if self.router_type == "megatron":
             return

@@ -277,8 +277,8 @@ class RoutingStats:
 
     @classmethod
     def from_run(cls, run) -> RoutingStats:
-        """From a demo run (``runlog.Run`` with run.json): the byte counts of the last quarter
-        of the steps, turned into copies with the dispatcher's per-copy sizes."""
+        """From a demo run (``runlog.Run`` with run.json): the byte counts of the last
+        TAIL_FRACTION of the steps, turned into copies with the dispatcher's per-copy sizes."""
         rec = run.record
         need = (
             "topk",
@@ -362,9 +362,10 @@ def uniform_local_share(num_experts: int, nodes: int) -> float:
 
 
 def copy_bytes(hidden_bytes: int, prob_bytes: int, dedup_width: int | None = None) -> int:
-    """Bytes of one token copy, dispatch + combine, as the dispatcher counts them: the hidden
-    row each way plus one prob (flat / hierarchical), or plus prob and mask of the copy's
-    scope of ``dedup_width`` experts (dedup)."""
+    """Bytes of one token copy, dispatch + combine: the hidden row each way plus one prob (flat
+    / hierarchical), or plus prob and mask of the copy's scope of ``dedup_width`` experts
+    (dedup). The dispatcher counts its traffic with it, so bytes logged by a run convert back
+    to copies exactly."""
     if dedup_width is None:
         return 2 * hidden_bytes + prob_bytes
     return 2 * hidden_bytes + 2 * dedup_width * prob_bytes
@@ -384,10 +385,6 @@ class StepEstimate:
     intra_bytes: float
     """Intra-node bytes one device sends per step (all MoE layers, 4 All-to-Alls each)."""
     inter_bytes: float
-    t_intra: float
-    """Bandwidth time of the intra-node bytes (s)."""
-    t_inter: float
-    t_latency: float
     t_comm: float
     """All-to-All time, before overlap."""
     t_expert: float
@@ -443,9 +440,6 @@ def estimate(
         node_local_fraction=p,
         intra_bytes=4 * L * v_intra,
         inter_bytes=4 * L * v_inter,
-        t_intra=4 * L * t_intra,
-        t_inter=4 * L * t_inter,
-        t_latency=4 * L * lat,
         t_comm=t_comm,
         t_expert=t_expert,
         t_moe=t_expert + t_comm - hidden,

@@ -202,6 +202,10 @@ def run_with_progress(cluster, settings, layout, desc: str, show_bar: bool | Non
 
 def run_record(run: DemoRun, args, settings, results, progress, domains, seconds) -> dict:
     """run.json: what the report and the cost model need besides the TensorBoard scalars."""
+    from types import SimpleNamespace
+
+    from megatron_locmoe.dispatcher import resolve_dedup
+
     step_seconds = [p["seconds"] for p in progress]
     steady = step_seconds[1:] or step_seconds  # the first step builds caches
     tokens_per_step = args.nodes * args.ranks_per_node * args.micro_batch_size * args.seq_length
@@ -214,7 +218,9 @@ def run_record(run: DemoRun, args, settings, results, progress, domains, seconds
         "locmoe": vars(settings.locmoe),
         "transformer_overrides": settings.transformer_overrides,
         "dispatcher": "hierarchical",
-        "dedup": run.topk > 1,  # the dispatcher's 'auto'
+        "dedup": resolve_dedup(
+            settings.locmoe.dedup_setting, SimpleNamespace(moe_router_topk=run.topk)
+        ),
         "nodes": args.nodes,
         "ranks_per_node": args.ranks_per_node,
         "num_experts": args.experts,

@@ -82,6 +82,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.moe.moe_utils import get_capacity, permute, unpermute
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
+from megatron_locmoe.costmodel import copy_bytes
 from megatron_locmoe.topology import Topology
 
 logger = logging.getLogger(__name__)
@@ -225,7 +226,7 @@ def traffic_from_counts(
     per_rank = c[:, :E].view(ep, ep, nle).sum(-1).view(N, L, N, L)  # [a, i, b, j] assignments
     tok_rank = c[:, E : E + ep].view(N, L, N, L)  # tokens of (a,i) with an expert on (b,j)
     tok_node = c[:, E + ep :].view(N, L, N)  # tokens of (a,i) with an expert on node b
-    copy_flat = 2 * hidden_bytes + prob_bytes  # one assignment, dispatch + combine
+    copy_flat = copy_bytes(hidden_bytes, prob_bytes)  # one assignment, dispatch + combine
 
     # every sender (a, i) at once, [N, L] each; einsum's repeated letters take diagonals
     total = per_rank.sum((2, 3))
@@ -238,8 +239,8 @@ def traffic_from_counts(
         columns = {"intra_node": (h1, copy_flat), "rail": (h2, copy_flat)}
         hier_intra, hier_inter = (h1 * copy_flat, h1), (h2 * copy_flat, h2)
     else:
-        row_rank = 2 * hidden_bytes + 2 * nle * prob_bytes
-        row_node = 2 * hidden_bytes + 2 * W * prob_bytes
+        row_rank = copy_bytes(hidden_bytes, prob_bytes, dedup_width=nle)
+        row_node = copy_bytes(hidden_bytes, prob_bytes, dedup_width=W)
         h1 = torch.einsum("aiaj->ai", tok_rank) - torch.einsum("aiai->ai", tok_rank)
         h2 = tok_node.sum(2) - torch.einsum("aia->ai", tok_node)
         # rows that rail peers (b, i) forward to (a, j), minus own-node tokens (hop 1 took them)
@@ -699,7 +700,7 @@ class HierarchicalAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         nle = self.num_local_experts
         per_rank = routing_map.sum(0).view(self.ep_size, nle).sum(-1).cpu()
         copies = int(per_rank.sum() - per_rank[self.ep_rank])
-        per_copy = 2 * hidden.shape[-1] * hidden.element_size() + probs.element_size()
+        per_copy = copy_bytes(hidden.shape[-1] * hidden.element_size(), probs.element_size())
         t = Traffic(intra_node_copies=copies, intra_node_bytes=copies * per_copy)
         self.last_traffic = DispatchTraffic(
             scheme="flat",

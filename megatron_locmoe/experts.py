@@ -29,6 +29,8 @@ from megatron.core.fusions.fused_bias_geglu import quick_gelu, weighted_bias_qui
 from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
 from megatron.core.transformer.moe.experts import SequentialMLP
 
+from megatron_locmoe.config import grouped_experts_unsupported
+
 PROJECTIONS = ("linear_fc1", "linear_fc2")
 
 GROUPED_MM_DTYPES_CUDA = (torch.bfloat16,)
@@ -58,16 +60,7 @@ class GroupedSequentialMLP(SequentialMLP):
 
     def __init__(self, num_local_experts, config, submodules, pg_collection=None, name=None):
         super().__init__(num_local_experts, config, submodules, pg_collection, name)
-        cfg = self.config
-        unsupported = [
-            why
-            for why, bad in (
-                ("expert linear biases (--disable-bias-linear)", cfg.add_bias_linear),
-                ("fp8/fp4 (use transformer-engine's grouped MLP)", cfg.fp8 or cfg.fp4),
-                ("the TE activation module", cfg.use_te_activation_func),
-            )
-            if bad
-        ]
+        unsupported = grouped_experts_unsupported(self.config)
         if unsupported:
             raise ValueError(
                 "grouped experts (torch._grouped_mm) do not support "
@@ -106,13 +99,20 @@ class GroupedSequentialMLP(SequentialMLP):
         self._rebind_views()
         return module
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs
+    ):
         """Loading goes through the experts' views (SequentialMLP's keys) into the stacked
-        weights; the stacked parameters themselves are not in the state dict."""
+        weights; the stacked parameters themselves are not in the state dict, so they are not
+        missing either."""
         self._rebind_views()
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs
+        )
         for proj in PROJECTIONS:
-            state_dict.setdefault(f"{prefix}{proj}_weight", self._weights(proj).detach())
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+            key = f"{prefix}{proj}_weight"
+            if key in missing_keys:
+                missing_keys.remove(key)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         """SequentialMLP's sharded state dict over the views (checkpoints load in place)."""

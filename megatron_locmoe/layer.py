@@ -22,8 +22,6 @@ from megatron_locmoe.experts import GroupedSequentialMLP
 from megatron_locmoe.routers import router_builder
 from megatron_locmoe.topology import current_topology
 
-_DEDUP = {"auto": "auto", "on": True, "off": False}
-
 
 class LocMoELayer(MoELayer):
     """MoELayer whose dispatcher follows ``locmoe.dispatcher``."""
@@ -43,9 +41,7 @@ class LocMoELayer(MoELayer):
         super().__init__(config, submodules, layer_number, pg_collection, is_mtp_layer, name)
         self.locmoe = locmoe
         if locmoe.dispatcher == "hierarchical":
-            use_hierarchical_dispatcher(
-                self, current_topology(), dedup=_DEDUP[locmoe.dispatcher_dedup]
-            )
+            use_hierarchical_dispatcher(self, current_topology(), dedup=locmoe.dedup_setting)
 
     def forward(self, hidden_states, *args, **kwargs):
         output = super().forward(hidden_states, *args, **kwargs)

@@ -64,7 +64,6 @@ def grouped_vs_loop_job(ctx, case: str, dispatcher: str):
             x_grad=x.grad,
             w_grads=_per_expert_grads(layer.experts),
             keys=sorted(layer.state_dict()),
-            tokens=layer.experts.local_experts[0].linear_fc1.weight.shape,
         )
     loop, grouped = out["loop"], out["grouped"]
     return dict(
@@ -105,15 +104,15 @@ def test_grouped_experts_with_hierarchical_dispatcher(cluster2):
 
 
 def test_experts_setting_selects_module_and_validates():
+    from megatron.core.models.backends import LocalSpecProvider
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
     from megatron.core.transformer.moe.experts import SequentialMLP
 
     from megatron_locmoe.experts import GroupedSequentialMLP
     from megatron_locmoe.layer import experts_builder
 
     stock = (
-        build_moe_layer.__globals__["get_moe_module_spec_for_backend"](
-            build_moe_layer.__globals__["LocalSpecProvider"](), num_experts=8
-        )
+        get_moe_module_spec_for_backend(LocalSpecProvider(), num_experts=8)
         .keywords["submodules"]
         .experts
     )

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from megatron.core.transformer.moe.moe_utils import switch_load_balancing_loss_func
 from torch.distributed import _functional_collectives as funcol
 
 from megatron_locmoe.metrics import load_cv, node_local_fraction
@@ -111,8 +112,8 @@ def routing_losses(
 ):
     """(attached loss, aux loss for the tracker, locality KL) of one micro-batch.
 
-    The aux loss is Megatron's switch_load_balancing_loss_func with the token counts summed over
-    the tensor/context-parallel group (a functional all-reduce: traceable, no grad), the
+    The aux loss is Megatron's switch_load_balancing_loss_func (pure torch, so it traces) with
+    the token counts summed over the tensor/context-parallel group (a functional all-reduce: traceable, no grad), the
     locality loss mu * KL(mean scores || D_l). Both reach the gradient through one scalar:
     Megatron's MoEAuxLossAutoScaler gives every attached loss the same d/dloss, so their sum
     attached once equals each attached on its own."""
@@ -124,9 +125,13 @@ def routing_losses(
         group_size = 1 if tp_cp_group is None else tp_cp_group.size()
         if group_size > 1:
             tokens_E = funcol.all_reduce(tokens_E, "sum", tp_cp_group)
-        total = T * group_size
-        aux = torch.sum(scores_TE.sum(0) * tokens_E) * (
-            E * spec.aux_coeff / (spec.topk * total * total)
+        aux = switch_load_balancing_loss_func(
+            probs=scores_TE,
+            tokens_per_expert=tokens_E,
+            total_num_tokens=T * group_size,
+            topk=spec.topk,
+            num_experts=E,
+            moe_aux_loss_coeff=spec.aux_coeff,
         )
         aux = aux * spec.aux_scale
         attached = attached + aux

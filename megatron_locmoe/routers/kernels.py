@@ -140,13 +140,13 @@ if HAVE_TRITON:
     def _route_finalize(
         ws_ptr, local_ptr, delta_ptr, ecmin_ptr, block_ptr, lb_ptr,
         num_parts, T, aux_factor, locality_coeff, locality_eps, loss_scale,
-        block_col, block_stride, lb_col, lb_scale,
+        column, block_stride, lb_scale,
         E: tl.constexpr, BE: tl.constexpr, BP: tl.constexpr, FROM_STATS: tl.constexpr,
         RECORD: tl.constexpr, RECORD_LB: tl.constexpr,
     ):  # fmt: skip
         """Workspace [partials P x 3E | stats 3E | coef E | out 9]: sums the partials into
         stats, writes coef and out = [attached loss, aux loss, metrics (7)]; with RECORD, adds
-        the metrics to column block_col of the tracker's [7, layers] block (and, RECORD_LB,
+        the metrics to column ``column`` of the tracker's [7, layers] block (and, RECORD_LB,
         aux * lb_scale to Megatron's load_balancing_loss entry), as metrics.record_vector and
         Megatron's router would."""
         part_ptr = ws_ptr
@@ -208,14 +208,14 @@ if HAVE_TRITON:
         tl.store(out_ptr + 7, delta)
         tl.store(out_ptr + 8, ec_min)
         if RECORD:
-            cell = block_ptr + block_col
+            cell = block_ptr + column
             tl.store(cell, tl.load(cell) + kl)
             tl.store(cell + block_stride, tl.load(cell + block_stride) + node_local)
             tl.store(cell + 2 * block_stride, tl.load(cell + 2 * block_stride) + cv)
             tl.store(cell + 5 * block_stride, tl.load(cell + 5 * block_stride) + delta)
             tl.store(cell + 6 * block_stride, tl.load(cell + 6 * block_stride) + ec_min)
         if RECORD_LB:
-            tl.store(lb_ptr + lb_col, tl.load(lb_ptr + lb_col) + aux * lb_scale)
+            tl.store(lb_ptr + column, tl.load(lb_ptr + column) + aux * lb_scale)
 
     @triton.jit
     def _route_bwd(
@@ -270,9 +270,8 @@ class Tiles(NamedTuple):
 
 def forward_tiles(E: int, C: int) -> Tiles:
     """Chunks of up to 1K values per token and ~4K-value tiles; ~4 token strips per SM (enough
-        in flight, and few partial rows for the finalize to sum). Chosen by a sweep on an H200
-        (benchmarks/router_bench.py shapes): 1.5x faster at E = 256 than 8K-value tiles. (A top-k
-    over packed int64 value-index keys was slower than arg-max.)"""
+    in flight, and few partial rows for the finalize to sum). Chosen by a sweep on an H200
+    (benchmarks/router_kernel_tiles.py): 1.5x faster at E = 256 than 8K-value tiles."""
     BE = _next_pow2(E)
     BC = min(_next_pow2(C), max(8, 1024 // BE))
     return Tiles(max(1, min(16, 4096 // (BE * BC))), BE, BC, 4)
@@ -297,8 +296,8 @@ def _num_sms(device_index: int) -> int:
 
 class TrackerSlots(NamedTuple):
     """Where the finalize kernel adds this layer's metrics: the [7, layers] block behind the
-    router metrics' tracker entries, Megatron's load_balancing_loss values (None: no aux loss
-    recorded) and the 0-based layer column."""
+    router metrics' tracker entries, Megatron's load_balancing_loss values (None when the
+    layer records no aux loss, as in eval or with alpha 0) and the 0-based layer column."""
 
     block: torch.Tensor
     lb_values: torch.Tensor | None
@@ -341,7 +340,7 @@ class LocMoERouteFunction(torch.autograd.Function):
         lb = slots.lb_values if slots is not None and slots.lb_values is not None else ws
         column = slots.column if slots is not None else 0
         args = (ws, expert_is_local_E, delta, ec_min, block, lb, num_parts, T, aux_factor,
-                locality_coeff, locality_eps, loss_scale, column, block.stride(0), column,
+                locality_coeff, locality_eps, loss_scale, column, block.stride(0),
                 lb_scale)  # fmt: skip
         BP = max(1, min(64, 4096 // BE))
         for second in (False, True) if reduce_counts else (False,):
@@ -413,8 +412,6 @@ def route(
         if spec.aux_coeff:
             aux_factor = spec.aux_scale * E * spec.aux_coeff / (spec.topk * total * total)
         locality_coeff = spec.locality_coeff
-    if slots is not None and not aux_factor:
-        slots = slots._replace(lb_values=None)  # Megatron records no aux loss then either
     return LocMoERouteFunction.apply(
         x_TH.contiguous(), weight_EC.contiguous(), log_temperature, expert_is_local_E,
         delta, ec_min, spec.topk, aux_factor, locality_coeff, spec.locality_eps, loss_scale,

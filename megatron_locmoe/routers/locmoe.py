@@ -19,6 +19,7 @@ import math
 
 import torch
 import torch.distributed as dist
+from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 from megatron.core.transformer.moe.moe_utils import (
     MoEAuxLossAutoScaler,
     compute_routing_scores_for_aux_loss,
@@ -208,9 +209,9 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         spec = self.loss_spec()
         # Megatron's calculate_per_token_loss factor on the attached losses (reference path)
         loss_scale = float(T * self.tp_cp_group.size()) if self.calculate_per_token_loss else 1.0
-        gate = (self.weight, self.grap_log_temperature, self.grap_bias)
         if self._kernels_apply(x_TH.device):
             return self._kernel_forward(x_TH, spec, with_losses, loss_scale)
+        gate = (self.weight, self.grap_log_temperature, self.grap_bias)
         if self.locmoe.capacity_mode != "bound":
             probs_TE, routing_map_TE, _, attached, aux, vector = fused.run(
                 fused.route_with_losses,
@@ -299,10 +300,14 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         slot = metrics.layer_slot(self)
         if slot is not None:
             column, num_layers = slot
-            values = metrics.megatron_entry(
-                metrics.LOAD_BALANCING_LOSS, num_layers, value.device, self.tp_cp_group
+            get_moe_metrics_tracker().record(
+                metrics.LOAD_BALANCING_LOSS,
+                value,
+                column + 1,
+                num_layers,
+                reduce_group=self.tp_cp_group,
+                needs_dp_avg=True,
             )
-            values[column] += value.detach()
 
     def _count_routing_step(self) -> None:
         self.routing_step += 1
