@@ -19,6 +19,9 @@ from megatron_locmoe.config import ConfigError, LocMoEConfig
 
 logger = logging.getLogger(__name__)
 
+ARGS_DEFAULTS = {"tokenizer_type": "NullTokenizer"}
+"""Megatron argument defaults of the plugin's pretrain_gpt (the launcher checks with them too)."""
+
 _FLAG_OVERRIDES = {"router_type": "moe_router_type"}
 
 

@@ -46,7 +46,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_locmoe.runlog import tail_length
+from megatron_locmoe.runlog import read_progress, tail_length
 
 DEFAULT_OUT = "runs/demo"
 DEFAULT_REPORT = "reports/router_comparison.html"
@@ -148,20 +148,6 @@ def _settings(run: DemoRun, args, domains: dict, run_dir: Path):
     )
 
 
-def _read_progress(path: Path) -> list[dict]:
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    out = []
-    for line in lines:
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written
-            break
-    return out
-
-
 def run_with_progress(cluster, settings, layout, desc: str, show_bar: bool | None = None):
     """``cluster.run(train_job)`` with a progress bar fed by the job's progress file."""
     from tqdm import tqdm
@@ -182,7 +168,7 @@ def run_with_progress(cluster, settings, layout, desc: str, show_bar: bool | Non
 
     def poll():
         while True:
-            lines = _read_progress(path)
+            lines = read_progress(path)
             if len(lines) > bar.n:
                 bar.update(len(lines) - bar.n)
                 bar.set_postfix(loss=f"{lines[-1]['loss']:.3f}", refresh=False)
@@ -197,7 +183,7 @@ def run_with_progress(cluster, settings, layout, desc: str, show_bar: bool | Non
         stop.set()
         poller.join()
         bar.close()
-    return results, _read_progress(path)
+    return results, read_progress(path)
 
 
 def run_record(run: DemoRun, args, settings, results, progress, domains, seconds) -> dict:

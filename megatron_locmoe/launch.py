@@ -394,6 +394,7 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path):
         save_interval=args.save_interval or 0,
         load_dir=args.load,
         progress_path=str(log_dir / "progress.jsonl"),
+        per_layer_logging=args.moe_per_layer_logging,
         transformer_config=gpt.transformer,
         gpt_model_options=gpt_model_options,
     )
@@ -407,6 +408,7 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path):
 
 def run_cpu(plan: Plan) -> dict[str, dict]:
     """Every run of a cpu preset in one simulated cluster (started once); the results."""
+    from megatron_locmoe.runlog import read_progress
     from megatron_locmoe.simcluster import SimCluster
     from megatron_locmoe.trainer import train_job
 
@@ -435,8 +437,7 @@ def run_cpu(plan: Plan) -> dict[str, dict]:
             shown = ("node_local_fraction", "inter_node_bytes", "intra_node_bytes", "load_cv")
             print("  " + "  ".join(f"{k} {metrics[k]:.4g}" for k in shown if k in metrics))
             res = {"loss": dict(enumerate(losses, first)), "metrics": metrics}
-            lines = progress.read_text().splitlines() if progress.exists() else []
-            seconds = [json.loads(line)["seconds"] for line in lines]
+            seconds = [p["seconds"] for p in read_progress(progress)]
             if seconds:  # first two steps are warm-up, as in the GPU logs' summary
                 steady = statistics.median(seconds[2:] or seconds)
                 res["ms_per_iteration"] = steady * 1000

@@ -390,6 +390,7 @@ def parse_with_megatron(
     Megatron's message.
     """
     from megatron_locmoe import adaptor
+    from megatron_locmoe.arguments import ARGS_DEFAULTS
     from megatron_locmoe.device import DeviceChoice
 
     registry = adaptor.REGISTRY
@@ -421,7 +422,7 @@ def parse_with_megatron(
                 msg = lines[-1] if lines else "argument error"
                 raise PresetError(f"Megatron's parser rejects {what}: {msg}") from None
             try:
-                return arguments.validate_args(args, {})
+                return arguments.validate_args(args, dict(ARGS_DEFAULTS))
             except RuntimeError as e:
                 if "NVIDIA" in str(e) or "CUDA" in str(e):
                     raise PresetError(

@@ -115,7 +115,9 @@ def main() -> None:
     )
     from megatron.training.arguments import parse_and_validate_args
 
-    args = parse_and_validate_args(args_defaults={"tokenizer_type": "NullTokenizer"})
+    from megatron_locmoe.arguments import ARGS_DEFAULTS
+
+    args = parse_and_validate_args(args_defaults=ARGS_DEFAULTS)
     model_config = gpt_config_from_args(args)  # the plugin's spec when it is active
     container = pretrain_cfg_container_from_args(args, model_config)
     pretrain(

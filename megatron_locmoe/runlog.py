@@ -161,3 +161,19 @@ def summary_rows(runs: list[Run]) -> list[dict]:
             }
         )
     return rows
+
+
+def read_progress(path) -> list[dict]:
+    """The JSON lines a training job appends per step (``TrainSettings.progress_path``), up to
+    a line still being written; [] before the file exists."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written
+            break
+    return out

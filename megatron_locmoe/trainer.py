@@ -224,7 +224,9 @@ def train_job(ctx, settings: TrainSettings) -> dict:
             writer=scalars,
             wandb_writer=wandb_run,
             track_names=["load_balancing_loss"],
-            num_layers=settings.num_layers,
+            num_layers=model.config.num_layers,  # as Megatron's training_log passes them
+            moe_layer_freq=model.config.moe_layer_freq,
+            mtp_num_layers=model.config.mtp_num_layers,
             force_initialize=True,
             per_layer_logging=settings.per_layer_logging,
         )
