@@ -477,6 +477,19 @@ def format_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(headers), sep, *(line(r) for r in rows)])
 
 
+def estimate_cells(e: StepEstimate) -> list[str]:
+    """node-local, inter / intra GB per device and step, All-to-All / expert / MoE ms: the
+    columns every table of estimates shows."""
+    return [
+        f"{e.node_local_fraction:.3f}",
+        f"{e.inter_bytes / 1e9:.3f}",
+        f"{e.intra_bytes / 1e9:.3f}",
+        f"{e.t_comm * 1e3:.2f}",
+        f"{e.t_expert * 1e3:.2f}",
+        f"{e.t_moe * 1e3:.2f}",
+    ]
+
+
 def estimates_table(
     stats: list[RoutingStats],
     cluster: Cluster,
@@ -494,12 +507,7 @@ def estimates_table(
             [
                 e.router,
                 f"{s.locality_gain:+.3f}",
-                f"{e.node_local_fraction:.3f}",
-                f"{e.inter_bytes / 1e9:.3f}",
-                f"{e.intra_bytes / 1e9:.3f}",
-                f"{e.t_comm * 1e3:.2f}",
-                f"{e.t_expert * 1e3:.2f}",
-                f"{e.t_moe * 1e3:.2f}",
+                *estimate_cells(e),
                 f"{e.comm_share:.1%}",
                 f"{base.t_moe / e.t_moe:.3f}",
             ]

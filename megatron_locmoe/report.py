@@ -21,7 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_locmoe.costmodel import CLUSTERS, WORKLOADS, RoutingStats, describe_cluster, estimate
+from megatron_locmoe.costmodel import (
+    CLUSTERS,
+    WORKLOADS,
+    RoutingStats,
+    describe_cluster,
+    estimate,
+    estimate_cells,
+)
 from megatron_locmoe.runlog import TAIL_FRACTION, Run, load_runs
 
 PLOTS = (
@@ -190,10 +197,12 @@ def _modeled_table_html(times) -> str:
             continue
         base = ests[0][1]
         rows = "".join(
-            f"<tr><td>{html.escape(r.label)}</td><td>{e.node_local_fraction:.3f}</td>"
-            f"<td>{e.inter_bytes / 1e9:.3f}</td><td>{e.intra_bytes / 1e9:.3f}</td>"
-            f"<td>{e.t_comm * 1e3:.2f}</td><td>{e.t_expert * 1e3:.2f}</td>"
-            f"<td>{e.t_moe * 1e3:.2f}</td><td>{base.t_moe / e.t_moe:.3f}</td></tr>"
+            "<tr>"
+            + "".join(
+                f"<td>{html.escape(c)}</td>"
+                for c in (r.label, *estimate_cells(e), f"{base.t_moe / e.t_moe:.3f}")
+            )
+            + "</tr>"
             for r, e in ests
         )
         parts.append(
