@@ -22,18 +22,16 @@ import benchutil  # noqa: E402
 import router_bench  # noqa: E402
 
 
-def _candidates(E: int, C: int, strips: tuple[int, ...]):
+def _candidates(E: int, C: int, warps: tuple[int, ...], strips: tuple[int, ...]):
     from megatron_locmoe.routers.kernels import Tiles, _next_pow2
 
     BE = _next_pow2(E)
-    for BC, BT, warps, s in itertools.product(
-        (8, 16, 32, 64), (1, 2, 4, 8, 16, 32), (4, 8), strips
-    ):
-        if BC <= _next_pow2(C) and 1024 <= BT * BE * BC <= 32768:
-            yield Tiles(BT, BE, BC, warps, s)
+    for BC, BT, w, s in itertools.product((8, 16, 32, 64), (1, 2, 4, 8, 16, 32), warps, strips):
+        if BC <= _next_pow2(C) and 1024 <= BT * BE * BC <= 16384:
+            yield Tiles(BT, BE, BC, w, s)
 
 
-def sweep_shape(T, H, E, k, device) -> dict:
+def sweep_shape(T, H, E, k, device, warps=(1, 2, 4, 8), strips=(2, 4, 8)) -> dict:
     from megatron_locmoe.routers import kernels
 
     C = H // E
@@ -45,11 +43,13 @@ def sweep_shape(T, H, E, k, device) -> dict:
     builtin_fwd, builtin_bwd = kernels.forward_tiles, kernels.backward_tiles
     result = {"shape": [T, H, E, k], "forward": [], "backward": []}
     try:
-        for tiles in _candidates(E, C, (2, 4, 8)):
+        for tiles in _candidates(E, C, warps, strips):
             kernels.forward_tiles = lambda E_, C_, t=tiles: t
+            kernels.forward_plan.cache_clear()  # the plan caches the tiles
             ms = benchutil.device_time(lambda: kernels.route(*args), device)
             result["forward"].append((ms, tiles._asdict()))
         kernels.forward_tiles = builtin_fwd
+        kernels.forward_plan.cache_clear()
         builtin_ms = benchutil.device_time(lambda: kernels.route(*args), device)
         result["forward_builtin"] = (builtin_ms, builtin_fwd(E, C)._asdict())
         xg = x.clone().requires_grad_(True)
@@ -59,7 +59,7 @@ def sweep_shape(T, H, E, k, device) -> dict:
             probs.backward(g, retain_graph=True)
             xg.grad = None
 
-        for tiles in _candidates(E, C, (4,)):
+        for tiles in _candidates(E, C, warps, (4,)):
             kernels.backward_tiles = lambda E_, C_, t=tiles: t
             result["backward"].append((benchutil.device_time(backward, device), tiles._asdict()))
         kernels.backward_tiles = builtin_bwd
@@ -69,6 +69,7 @@ def sweep_shape(T, H, E, k, device) -> dict:
         )
     finally:
         kernels.forward_tiles, kernels.backward_tiles = builtin_fwd, builtin_bwd
+        kernels.forward_plan.cache_clear()
     for key in ("forward", "backward"):
         result[key].sort(key=lambda row: row[0])
     return result
@@ -77,6 +78,8 @@ def sweep_shape(T, H, E, k, device) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default=None, help="T,H,E,k;T,H,E,k (default: router_bench's)")
+    p.add_argument("--warps", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--strips", type=int, nargs="+", default=[2, 4, 8], help="per SM (forward)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     shapes = router_bench.SHAPES
@@ -86,7 +89,7 @@ def main() -> None:
     record = benchutil.record(device, shapes=[])
     print(f"card: {record['card']}  torch {record['torch']}")
     for T, H, E, k in shapes:
-        res = sweep_shape(T, H, E, k, device)
+        res = sweep_shape(T, H, E, k, device, tuple(a.warps), tuple(a.strips))
         record["shapes"].append(res)
         print(f"\nT={T} H={H} E={E} top-{k}")
         for key in ("forward", "backward"):

@@ -8,6 +8,8 @@ at report time and averages over data-parallel ranks and MoE layers.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from megatron.core.transformer.moe.moe_logging import (
     MetricEntry,
@@ -111,25 +113,25 @@ def tracker_block(names: tuple[str, ...], num_layers: int, device) -> torch.Tens
     an entry is missing or was replaced (its values so far are carried over)."""
     tracker = get_moe_metrics_tracker()
     blocks = tracker.__dict__.setdefault("_locmoe_blocks", {})
-    block, rows = blocks.get(names, (None, ()))
+    block, owned = blocks.get(names, (None, ()))
     entries = tracker.metrics
+    # every layer and micro-batch asks: a C-level identity check that the entries are still
+    # the ones built here (Megatron replaces entries, never an entry's values)
     if (
         block is not None
+        and all(map(operator.is_, map(entries.get, names), owned))
         and block.device == torch.device(device)
-        and all(
-            entries.get(n) is not None and entries[n].values is row
-            for n, row in zip(names, rows, strict=True)
-        )
     ):
         return block
     block = torch.zeros(len(names), num_layers, device=device)
-    rows = tuple(block[i] for i in range(len(names)))
-    for name, row in zip(names, rows, strict=True):
+    owned = []
+    for name, row in zip(names, block, strict=True):
         old = entries.get(name)
         if old is not None and old.values.shape == row.shape:
             row.copy_(old.values)  # across devices too
         entries[name] = MetricEntry(values=row, needs_dp_avg=True)
-    blocks[names] = (block, rows)
+        owned.append(entries[name])
+    blocks[names] = (block, tuple(owned))
     return block
 
 

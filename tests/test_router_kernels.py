@@ -35,11 +35,14 @@ CASES = {
     "probs_grad_only": (17, 64, 8, 2, torch.float32, dict(loss_grad=False)),
     # a transposed probs gradient, as Megatron's alltoall permutation hands it back
     "noncontiguous_grad": (17, 64, 8, 2, torch.float32, dict(transposed_grad=True)),
+    # tokens 4 bytes off 16-byte alignment, after top2_fp32 compiled the aligned variant at
+    # the same shape: FastLaunch must not reuse it (on the GPU)
+    "misaligned_tokens": (37, 64, 8, 2, torch.float32, dict(misaligned=True)),
 }
 
 
 def _run(route, x, g_TE, with_probs_grad, loss_grad):
-    x = x.clone().requires_grad_(True)
+    x = x.detach().requires_grad_(True)  # a new leaf on the same storage (alignment kept)
     probs, routing_map, attached, aux, vector = route(x)
     loss = (probs * (g_TE if with_probs_grad else 0)).sum()
     if attached.requires_grad:  # the reference: the graph's attached loss, by hand
@@ -59,6 +62,10 @@ def test_kernels_equal_compiled_graph(case):
     gen = torch.Generator().manual_seed(sum(map(ord, case)))
     x = (torch.randn(T, H, generator=gen) * 2).to(dtype).to(DEVICE)
     g_TE = torch.randn(T, E, generator=gen).to(DEVICE)
+    if extra.pop("misaligned", False):
+        buffer = torch.empty(T * H + 1, dtype=dtype, device=DEVICE)
+        x = buffer[1:].view(T, H).copy_(x)
+        assert x.data_ptr() % 16
     if extra.pop("transposed_grad", False):
         g_TE = g_TE.t().contiguous().t()  # same values, column-major
         assert not g_TE.is_contiguous()
@@ -81,10 +88,14 @@ def test_kernels_equal_compiled_graph(case):
         )
         return probs, routing_map, attached * loss_scale, aux, vector
 
+    ticket = torch.zeros((), dtype=torch.int32, device=DEVICE)  # a router's, reused
+
     def kernel(xr):
         probs, routing_map, ws = kernels.route(
-            xr, weight, log_t, local, delta, ec_min, spec, None, with_losses, loss_scale
-        )
+            xr, weight, log_t, local, delta, ec_min, spec, None, with_losses, loss_scale,
+            ticket=ticket,
+        )  # fmt: skip
+        assert int(ticket) == 0, "the finishing program must reset the ticket"
         return (probs, routing_map, *kernels.summary(ws))
 
     ref = _run(reference, x, g_TE, with_probs_grad, loss_grad)

@@ -1,5 +1,5 @@
-"""Triton kernels for the LocMoE router with the paper's fixed GrAP gate: two launches forward
-(three with tensor/context parallelism), one backward.
+"""Triton kernels for the LocMoE router with the paper's fixed GrAP gate: one launch forward
+(two with tensor/context parallelism), one backward.
 
 Why hand-written: at training shapes the router's arithmetic is tens of microseconds of memory
 traffic (read the tokens once, write their gradient once), while Megatron's TopKRouter and the
@@ -10,17 +10,23 @@ its wrapper launching ~25 kernels. Here:
 - ``_route_fwd``: per program, a strip of tokens (~4 strips per SM): GrAP (block means of the
   bf16 tokens, fp32 accumulation), softmax, top-k by repeated arg-max (lowest index on ties),
   then probs / routing map / scores and the strip's per-expert sums (softmax mass, routed
-  count, routed with prob > 0) into its own row of the workspace (no atomics: deterministic);
-- ``_route_finalize`` (one program): sums the rows in program order, then Megatron's
+  count, routed with prob > 0) into its own row of the workspace; the last program to finish
+  (an atomic ticket; the sums themselves use no atomics, so results are deterministic) then
+  runs the finalize;
+- ``_finalize`` (that one program): sums the rows in program order, then Megatron's
   Switch-form aux loss, the locality KL, the attached loss, the per-expert coefficient
   d(attached loss)/d(score) for the backward (the same for every token), and the seven router
   metrics, which it adds straight into the metrics tracker's storage (and the aux loss into
   Megatron's ``load_balancing_loss`` entry), as ``metrics.record_vector`` / Megatron's
-  ``record`` would; with TP/CP it runs again after the token counts' all-reduce;
+  ``record`` would; with TP/CP, ``_route_finalize`` runs it again as its own launch after the
+  token counts' all-reduce;
 - ``_route_bwd``: dscore = g_probs on the map + g_loss * coef, softmax backward, and dx written
   once as (dlogit * temperature) times the gate's block row. g_loss is Megatron's
   ``MoEAuxLossAutoScaler.main_loss_backward_scale``, what the scaler would give the attached
   loss, so no scaler node is needed.
+
+The kernels are launched through ``launch.FastLaunch`` (Triton's per-call binding would cost
+about as much host time as the card spends at 8K tokens).
 
 Only the paper's setting takes this path (fixed block weights, no bias or learnable
 temperature, no capacity bound, no padding mask, E <= MAX_EXPERTS); ``LocMoERouter`` sends
@@ -40,6 +46,8 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+from megatron_locmoe.routers.launch import FastLaunch
 
 try:
     import triton
@@ -70,6 +78,8 @@ def available(device: torch.device) -> bool:
 
 NUM_STATS = 3  # per expert: softmax mass, routed count, routed with prob > 0 (kernels: "3 * E")
 NUM_METRICS = 7  # metrics.ROUTER_METRICS
+SUMMARY = 2 + NUM_METRICS
+"""The workspace's tail: attached loss, aux loss, the metric vector."""
 
 
 def _next_pow2(n: int) -> int:
@@ -80,11 +90,15 @@ if HAVE_TRITON:
 
     @triton.jit
     def _route_fwd(
-        x_ptr, w_ptr, logt_ptr, probs_ptr, map_ptr, scores_ptr, part_ptr,
-        T, tokens_per_program,
+        x_ptr, w_ptr, logt_ptr, probs_ptr, map_ptr, scores_ptr, ws_ptr, ticket_ptr,
+        T, tokens_per_program, num_parts, local_ptr, delta_ptr, ecmin_ptr, block_ptr, lb_ptr,
+        aux_factor, locality_coeff, locality_eps, loss_scale, column, block_stride, lb_scale,
         H: tl.constexpr, E: tl.constexpr, C: tl.constexpr, K: tl.constexpr,
-        BT: tl.constexpr, BE: tl.constexpr, BC: tl.constexpr,
+        BT: tl.constexpr, BE: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr,
+        FINALIZE: tl.constexpr, RECORD: tl.constexpr, RECORD_LB: tl.constexpr,
     ):  # fmt: skip
+        """With FINALIZE, the program that finishes last (a ticket counter, zero on entry and
+        reset by that program) runs the finalize itself: one launch for the whole forward."""
         pid = tl.program_id(0)
         e = tl.arange(0, BE)
         emask = e < E
@@ -131,13 +145,42 @@ if HAVE_TRITON:
             mass += tl.sum(tl.where(valid, scores, 0.0), axis=0)
             routed += tl.sum(tl.where(valid & chosen, 1.0, 0.0), axis=0)
             real += tl.sum(tl.where(valid & chosen & (scores > 0), 1.0, 0.0), axis=0)
-        base = part_ptr + pid * (3 * E)  # NUM_STATS rows
+        base = ws_ptr + pid * (3 * E)  # NUM_STATS rows
         tl.store(base + e, mass, mask=emask)
         tl.store(base + E + e, routed, mask=emask)
         tl.store(base + 2 * E + e, real, mask=emask)
+        if FINALIZE:
+            # every thread's row stores precede the ticket (barrier, then a release); the last
+            # program's acquire makes all rows visible to it
+            tl.debug_barrier()
+            ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
+            if ticket == num_parts - 1:
+                _finalize(
+                    ws_ptr, local_ptr, delta_ptr, ecmin_ptr, block_ptr, lb_ptr,
+                    num_parts, T, aux_factor, locality_coeff, locality_eps, loss_scale,
+                    column, block_stride, lb_scale,
+                    E, BE, BP, False, RECORD, RECORD_LB,
+                )  # fmt: skip
+                tl.store(ticket_ptr, 0)  # ready for the next launch
 
     @triton.jit
     def _route_finalize(
+        ws_ptr, local_ptr, delta_ptr, ecmin_ptr, block_ptr, lb_ptr,
+        num_parts, T, aux_factor, locality_coeff, locality_eps, loss_scale,
+        column, block_stride, lb_scale,
+        E: tl.constexpr, BE: tl.constexpr, BP: tl.constexpr, FROM_STATS: tl.constexpr,
+        RECORD: tl.constexpr, RECORD_LB: tl.constexpr,
+    ):  # fmt: skip
+        """The finalize as its own one-program launch (TP/CP: before and after the counts'
+        all-reduce)."""
+        _finalize(
+            ws_ptr, local_ptr, delta_ptr, ecmin_ptr, block_ptr, lb_ptr,
+            num_parts, T, aux_factor, locality_coeff, locality_eps, loss_scale,
+            column, block_stride, lb_scale, E, BE, BP, FROM_STATS, RECORD, RECORD_LB,
+        )  # fmt: skip
+
+    @triton.jit
+    def _finalize(
         ws_ptr, local_ptr, delta_ptr, ecmin_ptr, block_ptr, lb_ptr,
         num_parts, T, aux_factor, locality_coeff, locality_eps, loss_scale,
         column, block_stride, lb_scale,
@@ -168,9 +211,10 @@ if HAVE_TRITON:
                 rows = p0 + p
                 m2 = (rows < num_parts)[:, None] & emask[None, :]
                 offs = rows[:, None] * (3 * E) + e[None, :]
-                mass += tl.sum(tl.load(part_ptr + offs, mask=m2, other=0.0), axis=0)
-                routed += tl.sum(tl.load(part_ptr + offs + E, mask=m2, other=0.0), axis=0)
-                real += tl.sum(tl.load(part_ptr + offs + 2 * E, mask=m2, other=0.0), axis=0)
+                # .cg: L2, not L1 (rows written by other programs of the same launch)
+                mass += tl.sum(_load_cg(part_ptr + offs, m2), axis=0)
+                routed += tl.sum(_load_cg(part_ptr + offs + E, m2), axis=0)
+                real += tl.sum(_load_cg(part_ptr + offs + 2 * E, m2), axis=0)
             tl.store(stats_ptr + e, mass, mask=emask)
             tl.store(stats_ptr + E + e, routed, mask=emask)
             tl.store(stats_ptr + 2 * E + e, real, mask=emask)
@@ -218,6 +262,10 @@ if HAVE_TRITON:
             tl.store(lb_ptr + column, tl.load(lb_ptr + column) + aux * lb_scale)
 
     @triton.jit
+    def _load_cg(ptrs, mask):
+        return tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+
+    @triton.jit
     def _route_bwd(
         gprobs_ptr, gloss_ptr, scores_ptr, map_ptr, ws_ptr, coef_offset, w_ptr, logt_ptr, dx_ptr,
         T, H: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
@@ -256,6 +304,10 @@ if HAVE_TRITON:
             dx = draw[:, :, None] * wv[None, :, :]
             tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m3)
 
+    _launch_fwd = FastLaunch(_route_fwd, INTERPRETED)
+    _launch_bwd = FastLaunch(_route_bwd, INTERPRETED)
+    _launch_finalize = FastLaunch(_route_finalize, INTERPRETED)
+
 
 class Tiles(NamedTuple):
     """A kernel's launch shape: BT tokens x BE experts x BC chunk values per tile, warps per
@@ -269,19 +321,47 @@ class Tiles(NamedTuple):
 
 
 def forward_tiles(E: int, C: int) -> Tiles:
-    """Chunks of up to 1K values per token and ~4K-value tiles; ~4 token strips per SM (enough
-    in flight, and few partial rows for the finalize to sum). Chosen by a sweep on an H200
-    (benchmarks/router_kernel_tiles.py): 1.5x faster at E = 256 than 8K-value tiles."""
+    """Chunks of up to 1K values per token, ~4K-value tiles and two warps; ~4 token strips per
+    SM (enough in flight, and few partial rows for the finalize to sum). Chosen by sweeps on an
+    H200 (benchmarks/router_kernel_tiles.py): at E = 256 4K-value tiles are 1.5x faster than
+    8K-value ones, and two warps 1.55x faster than four (176 vs 273 us: the top-k's arg-max
+    reductions cross fewer warps)."""
     BE = _next_pow2(E)
     BC = min(_next_pow2(C), max(8, 1024 // BE))
-    return Tiles(max(1, min(16, 4096 // (BE * BC))), BE, BC, 4)
+    return Tiles(max(1, min(16, 4096 // (BE * BC))), BE, BC, 2)
 
 
+@functools.cache
 def backward_tiles(E: int, C: int) -> Tiles:
     """Whole (padded) chunks up to 64 values, ~4K-value tiles (same sweep)."""
     BE = _next_pow2(E)
     BC = min(_next_pow2(C), 64)
     return Tiles(max(1, min(16, 4096 // (BE * BC))), BE, BC, 4)
+
+
+class ForwardPlan(NamedTuple):
+    """The forward's launch geometry for T tokens: tiles, tokens per program, programs (one
+    statistics row each), the finalize's row block and the workspace's layout."""
+
+    tiles: Tiles
+    per_program: int
+    num_parts: int
+    BP: int
+    ws_numel: int
+    coef_offset: int
+
+
+@functools.cache
+def forward_plan(T: int, E: int, C: int, num_sms: int) -> ForwardPlan:
+    """Cached: the per-call arithmetic costs host time the router does not have (benchmarks
+    that patch forward_tiles clear the cache)."""
+    tiles = forward_tiles(E, C)
+    per_program = math.ceil(math.ceil(T / (tiles.strips_per_sm * num_sms)) / tiles.BT) * tiles.BT
+    per_program = max(tiles.BT, per_program)
+    num_parts = max(1, math.ceil(T / per_program))
+    coef_offset = (num_parts + 1) * NUM_STATS * E
+    BP = max(1, min(64, 4096 // tiles.BE))
+    return ForwardPlan(tiles, per_program, num_parts, BP, coef_offset + E + SUMMARY, coef_offset)
 
 
 @functools.cache
@@ -318,43 +398,47 @@ class LocMoERouteFunction(torch.autograd.Function):
     def forward(
         ctx, x_TH, weight_EC, log_temperature, expert_is_local_E, delta, ec_min,
         topk, aux_factor, locality_coeff, locality_eps, loss_scale, tp_cp_group, slots,
-        lb_scale,
+        lb_scale, ticket,
     ):  # fmt: skip
         T, H = x_TH.shape
         E, C = weight_EC.shape
-        BT, BE, BC, warps, strips_per_sm = forward_tiles(E, C)
         dev = x_TH.device
-        programs_wanted = strips_per_sm * (_num_sms(dev.index or 0) if dev.type == "cuda" else 1)
-        per_program = max(BT, math.ceil(math.ceil(T / programs_wanted) / BT) * BT)
-        num_parts = max(1, math.ceil(T / per_program))
+        plan = forward_plan(T, E, C, _num_sms(dev.index or 0) if dev.type == "cuda" else 1)
+        BT, BE, BC, warps, _ = plan.tiles
+        num_parts = plan.num_parts
         probs = torch.empty(T, E, device=dev, dtype=torch.float32)
         scores = torch.empty_like(probs)
         routing_map = torch.empty(T, E, device=dev, dtype=torch.bool)
-        ws = torch.empty((num_parts + 1) * NUM_STATS * E + E + SUMMARY, device=dev)
-        _route_fwd[(num_parts,)](
-            x_TH, weight_EC, log_temperature, probs, routing_map, scores, ws,
-            T, per_program, H=H, E=E, C=C, K=topk, BT=BT, BE=BE, BC=BC, num_warps=warps,
-        )  # fmt: skip
-        reduce_counts = tp_cp_group is not None and tp_cp_group.size() > 1 and aux_factor
+        ws = torch.empty(plan.ws_numel, device=dev)
+        if ticket is None:
+            ticket = torch.zeros((), device=dev, dtype=torch.int32)
+        reduce_counts = tp_cp_group is not None and aux_factor  # group given only if > 1 rank
         block = slots.block if slots is not None else ws
         lb = slots.lb_values if slots is not None and slots.lb_values is not None else ws
-        column = slots.column if slots is not None else 0
-        args = (ws, expert_is_local_E, delta, ec_min, block, lb, num_parts, T, aux_factor,
-                locality_coeff, locality_eps, loss_scale, column, block.stride(0),
-                lb_scale)  # fmt: skip
-        BP = max(1, min(64, 4096 // BE))
-        for second in (False, True) if reduce_counts else (False,):
-            if second:  # the aux loss's token counts, summed over the TP/CP group
-                stats = ws[num_parts * NUM_STATS * E :]
-                dist.all_reduce(stats[E : 2 * E], group=tp_cp_group)
-            last = second or not reduce_counts
-            _route_finalize[(1,)](
-                *args, E=E, BE=BE, BP=BP, FROM_STATS=second,
-                RECORD=last and slots is not None,
-                RECORD_LB=last and slots is not None and slots.lb_values is not None,
+        record = slots is not None
+        record_lb = record and slots.lb_values is not None
+        finalize = (delta, ec_min, block, lb, aux_factor, locality_coeff, locality_eps,
+                    loss_scale, slots.column if record else 0, block.stride(0), lb_scale)  # fmt: skip
+        BP = plan.BP
+        # the forward finalizes in its last program; with TP/CP the metrics and the loss wait
+        # for the token counts' all-reduce, then a one-program finalize launch
+        _launch_fwd(
+            (num_parts,), x_TH, weight_EC, log_temperature, probs, routing_map, scores, ws,
+            ticket, T, plan.per_program, num_parts, expert_is_local_E, *finalize,
+            H=H, E=E, C=C, K=topk, BT=BT, BE=BE, BC=BC, BP=BP, FINALIZE=True,
+            RECORD=record and not reduce_counts, RECORD_LB=record_lb and not reduce_counts,
+            num_warps=warps,
+        )  # fmt: skip
+        if reduce_counts:
+            stats = ws[num_parts * NUM_STATS * E :]
+            dist.all_reduce(stats[E : 2 * E], group=tp_cp_group)
+            _launch_finalize(
+                (1,), ws, expert_is_local_E, delta, ec_min, block, lb, num_parts, T, *finalize[4:],
+                E=E, BE=BE, BP=BP, FROM_STATS=True, RECORD=record, RECORD_LB=record_lb,
+                num_warps=4,
             )  # fmt: skip
         ctx.save_for_backward(scores, routing_map, ws, weight_EC, log_temperature)
-        ctx.coef_offset = (num_parts + 1) * NUM_STATS * E
+        ctx.coef_offset = plan.coef_offset
         ctx.x_dtype = x_TH.dtype
         ctx.with_loss = bool(aux_factor or locality_coeff)
         ctx.mark_non_differentiable(routing_map, ws)
@@ -375,18 +459,14 @@ class LocMoERouteFunction(torch.autograd.Function):
                 g_loss = _one(scores.device)
             elif g_loss.device != scores.device:
                 g_loss = g_loss.to(scores.device)
-        _route_bwd[(triton.cdiv(T, BT),)](
-            g_probs.contiguous() if g_probs is not None else scores,
+        _launch_bwd(
+            (-(-T // BT),), g_probs.contiguous() if g_probs is not None else scores,
             g_loss if g_loss is not None else ws,
             scores, routing_map, ws, ctx.coef_offset, weight_EC, log_temperature, dx, T,
             H=E * C, E=E, C=C, BT=BT, BE=BE, BC=BC,
             HAS_GPROBS=g_probs is not None, HAS_GLOSS=g_loss is not None, num_warps=warps,
         )  # fmt: skip
-        return (dx,) + (None,) * 13
-
-
-SUMMARY = 2 + NUM_METRICS
-"""The workspace's tail: attached loss, aux loss, the metric vector."""
+        return (dx,) + (None,) * 14
 
 
 def summary(ws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -398,22 +478,27 @@ def summary(ws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 def route(
     x_TH, weight_EC, log_temperature, expert_is_local_E, delta, ec_min, spec, tp_cp_group,
     with_losses: bool, loss_scale: float = 1.0, slots: TrackerSlots | None = None,
+    ticket: torch.Tensor | None = None,
 ):  # fmt: skip
     """The kernels' version of ``fused.route_with_losses`` for the fixed gate: (probs,
     routing_map, workspace); the attached loss reaches the gradient by itself (see
     ``LocMoERouteFunction``) and ``slots`` receive the metrics. ``loss_scale`` multiplies the
-    attached loss (Megatron's per-token-loss factor)."""
+    attached loss (Megatron's per-token-loss factor). ``ticket``: a zero int32 scalar the
+    forward may use and leaves zero (a router keeps one; its launches are stream-ordered),
+    else a fresh one per call."""
     T = x_TH.shape[0]
     # ProcessGroup.size(), not dist.get_world_size: that one costs ~30 us of Python per call
-    total = T * (1 if tp_cp_group is None else tp_cp_group.size())
+    group_size = 1 if tp_cp_group is None else tp_cp_group.size()
     E = weight_EC.shape[0]
     aux_factor = locality_coeff = 0.0
     if with_losses:
         if spec.aux_coeff:
+            total = T * group_size
             aux_factor = spec.aux_scale * E * spec.aux_coeff / (spec.topk * total * total)
         locality_coeff = spec.locality_coeff
     return LocMoERouteFunction.apply(
         x_TH.contiguous(), weight_EC.contiguous(), log_temperature, expert_is_local_E,
         delta, ec_min, spec.topk, aux_factor, locality_coeff, spec.locality_eps, loss_scale,
-        tp_cp_group, slots, 1.0 / spec.aux_coeff if spec.aux_coeff else 0.0,
+        tp_cp_group if group_size > 1 else None, slots,
+        1.0 / spec.aux_coeff if spec.aux_coeff else 0.0, ticket,
     )  # fmt: skip

@@ -62,6 +62,13 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         for p in (self.grap_bias, self.grap_log_temperature):
             if isinstance(p, torch.nn.Parameter):
                 p.sequence_parallel = config.sequence_parallel
+        self._kernel_gate = (  # what _kernels_apply needs besides the device, decided once
+            cfg.grap_mode != "learnable"
+            and not cfg.grap_bias
+            and not cfg.grap_learnable_temperature
+            and cfg.capacity_mode != "bound"
+            and E <= kernels.MAX_EXPERTS
+        )
         self.locality_on = (  # mu > 0 and this node hosts some but not all experts
             cfg.locality_loss_coeff > 0 and 0 < int(self.expert_is_local.sum()) < E
         )
@@ -70,6 +77,8 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         self.register_buffer("capacity_ec_min", torch.tensor(0.0, dtype=torch.float64))
         self.register_buffer("capacity_estimated_step", torch.tensor(-1, dtype=torch.long))
         self.register_buffer("routing_step", torch.tensor(0, dtype=torch.long))
+        # the Triton forward's finish-line counter (kernels.route), zero between launches
+        self.register_buffer("route_ticket", torch.zeros((), dtype=torch.int32), persistent=False)
         self._capacity_host: dict | None = None
 
     # ---- Megatron hooks ---------------------------------------------------------------------
@@ -170,15 +179,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
     def _kernels_apply(self, device: torch.device) -> bool:
         """The Triton kernels cover the paper's gate: fixed block weights, no bias, a fixed
         temperature, no capacity bound (the compiled graphs take the rest)."""
-        return (
-            self.use_kernels
-            and kernels.available(device)
-            and self.config.num_moe_experts <= kernels.MAX_EXPERTS
-            and self.locmoe.capacity_mode != "bound"
-            and not isinstance(self.weight, torch.nn.Parameter)
-            and self.grap_bias is None
-            and not isinstance(self.grap_log_temperature, torch.nn.Parameter)
-        )
+        return self.use_kernels and self._kernel_gate and kernels.available(device)
 
     def loss_spec(self) -> fused.LossSpec:
         """The fused path's loss settings: the reference path's _apply_aux_loss (with Megatron's
@@ -291,6 +292,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
             with_losses,
             loss_scale,
             slots,
+            self.route_ticket,
         )
         return probs_TE, routing_map_TE
 
