@@ -3,7 +3,9 @@ the expert GEMMs' TFLOP/s against the card's bf16 peak; all in one run on one ca
 
     python benchmarks/moe_layer_bench.py --out benchmarks/results/moe_layer_h100.json
 
-Layers (same weights, same tokens, EP = 1, alltoall dispatcher, bf16, SwiGLU experts):
+Layers (same weights, same tokens, EP = 1, alltoall dispatcher, bf16, SwiGLU experts with
+Megatron's fused weighted SwiGLU, pretrain_gpt's default with --swiglu; --no-activation-fusion
+for the eager one):
 - ``megatron_local``: Megatron's MoELayer from its local spec: TopKRouter (aux loss) and the
   per-expert loop (SequentialMLP) that Megatron uses without transformer-engine — the baseline;
 - ``plugin_megatron_grouped``: the plugin's layer with Megatron's router and grouped experts
@@ -27,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchutil  # noqa: E402
 
 
-def _config(H, E, k, F_):
+def _config(H, E, k, F_, activation_fusion: bool):
     return benchutil.moe_config(
         H,
         E,
@@ -36,7 +38,7 @@ def _config(H, E, k, F_):
         moe_ffn_hidden_size=F_,
         gated_linear_unit=True,
         activation_func=F.silu,
-        bias_activation_fusion=False,
+        bias_activation_fusion=activation_fusion,
     )
 
 
@@ -186,16 +188,29 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--inner", type=int, default=3)
+    p.add_argument(
+        "--no-activation-fusion",
+        dest="activation_fusion",
+        action="store_false",
+        help="eager SwiGLU and probability scaling in every layer (pretrain_gpt's "
+        "--no-bias-swiglu-fusion); by default all layers use Megatron's fused weighted SwiGLU, "
+        "as pretrain_gpt does with --swiglu",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args()
     T, H, E, k, F_ = (int(v) for v in args.shape.split(","))
     device = benchutil.init_single_process(args.device)
-    config = _config(H, E, k, F_)
-    result = benchutil.record(device, shape={"T": T, "H": H, "E": E, "k": k, "F": F_})
+    config = _config(H, E, k, F_, args.activation_fusion)
+    result = benchutil.record(
+        device,
+        shape={"T": T, "H": H, "E": E, "k": k, "F": F_},
+        activation_fusion=args.activation_fusion,
+    )
     print(
         f"card: {result['card']}  torch {result['torch']}  megatron-core {result['megatron_core']}"
     )
-    print(f"T={T} H={H} E={E} top-{k} F={F_} (SwiGLU, bf16, EP=1)")
+    fusion = "Megatron's fused weighted SwiGLU" if args.activation_fusion else "eager SwiGLU"
+    print(f"T={T} H={H} E={E} top-{k} F={F_} ({fusion}, bf16, EP=1)")
     result["experts"] = bench_experts(config, T, device, args)
     ex = result["experts"]
     print(f"\nexpert MLPs alone ({ex['assignments']} assignments; bitwise equal: {ex['bitwise']}):")

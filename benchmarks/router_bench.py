@@ -4,11 +4,17 @@
 
 Routers: Megatron's TopKRouter with its aux loss (the baseline) and with group-limited routing,
 the plugin's locmoe (reference path; fused path as one torch.compile'd graph; fused path on
-the Triton kernels, the default on CUDA), switch (top-1 only, by definition) and hash. Tokens
+the Triton kernels, the default on CUDA), switch (top-1 only, by definition), hash, and
+``autograd_floor``: no routing at all, only what every router pays in this harness (a module
+call, an autograd Function's forward and backward, the probs and dx allocations). Tokens
 are bf16 [T, 1, H]; routing math is fp32. The backward is driven by a random gradient on the
 routing probabilities (plus each router's losses). Times are medians over repeats of
-CUDA-event-timed loops after warm-up, the routers' samples interleaved (a busy host slows all
-alike); the floor is the bytes a router must move at the card's bandwidth: read x and write dx
+CUDA-event-timed loops after warm-up, two ways: "ms" with the routers' samples interleaved (a
+host whose speed drifts slows all alike) and "alone ms" with each router's samples back to
+back. Host-bound routers read slower interleaved: while the partner router's host-bound calls
+run, the card idles, and the next calls pay for it (a pure-Python host spin as the partner
+costs the fused router as much as Megatron's router does; a device-side sleep far less). The
+floor is the bytes a router must move at the card's bandwidth: read x and write dx
 once ([T, H] bf16 each), plus the [T, E] outputs. "device ms" is the card's own time per call
 with the host's launch overhead hidden (calls queued behind a device-side sleep): where it is
 far below "ms", the router is host-bound.
@@ -37,6 +43,29 @@ GROUPS = {16: (4, 1), 64: (8, 3), 256: (8, 4)}
 
 def _config(H, E, k, **overrides):
     return benchutil.moe_config(H, E, k, **{"moe_ffn_hidden_size": 128, **overrides})
+
+
+class AutogradFloor(torch.nn.Module):
+    """What any router pays in this harness: a module call, one autograd Function forward and
+    backward (the engine's round trip per ``backward()``), the probs and dx allocations."""
+
+    def __init__(self, num_experts: int):
+        super().__init__()
+        self.num_experts = num_experts
+
+    def forward(self, x):
+        return _Floor.apply(x, self.num_experts), None
+
+
+class _Floor(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, num_experts):
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        return x.new_empty(x.shape[0] * x.shape[1], num_experts, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.new_empty(ctx.x_shape, dtype=ctx.x_dtype), None
 
 
 def build_router(name: str, H: int, E: int, k: int, device):
@@ -68,6 +97,8 @@ def build_router(name: str, H: int, E: int, k: int, device):
             return None
         config = _config(H, E, k, moe_expert_capacity_factor=1.0)
         router = router_builder(LocMoEConfig(router_type="switch"))(config=config, pg_collection=pg)
+    elif name == "autograd_floor":
+        return AutogradFloor(E).to(device), None
     elif name == "hash":
         config = _config(H, E, k, moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0)
         router = router_builder(LocMoEConfig(router_type="hash"), vocab_size=50304)(
@@ -87,6 +118,7 @@ ROUTERS = [
     "locmoe_fused",
     "switch",
     "hash",
+    "autograd_floor",
 ]
 
 
@@ -134,6 +166,7 @@ def bench_shape(T, H, E, k, device, args) -> dict:
     rows, outputs = {}, {}
     for name, step in steps.items():
         ms, gpu_ms = times[name], benchutil.device_time(step, device)
+        alone_ms = benchutil.timed(step, device, args.warmup, args.repeats, args.inner)
         if name in args.profile:
             benchutil.profile(step, device, f"{name} T={T} H={H} E={E} k={k}")
         mem = benchutil.peak_memory_mb(step, device)
@@ -144,15 +177,17 @@ def bench_shape(T, H, E, k, device, args) -> dict:
             outputs[name] = (probs.detach(), routing_map, xr.grad.float())
         rows[name] = {
             "ms": ms,
+            "alone_ms": alone_ms,
             "device_ms": gpu_ms,
             "peak_mb": mem,
             "x_floor": ms / floor_ms if floor_ms else None,
             "device_x_floor": gpu_ms / floor_ms if floor_ms and gpu_ms else None,
         }
     del routers, steps
-    base = rows["megatron_aux"]["ms"]
+    base, base_alone = rows["megatron_aux"]["ms"], rows["megatron_aux"]["alone_ms"]
     for row in rows.values():
         row["vs_megatron"] = row["ms"] / base
+        row["alone_vs_megatron"] = row["alone_ms"] / base_alone
     check = {
         name: _agreement(outputs["locmoe"], outputs[name], T)
         for name in ("locmoe_compiled", "locmoe_fused")
@@ -186,8 +221,8 @@ def main() -> None:
         floor = f"{res['floor_ms'] * 1e3:.0f} us" if res["floor_ms"] else "n/a"
         print(f"\nT={T} H={H} E={E} top-{k}  (memory floor {floor})")
         print(
-            f"  {'router':<24}{'ms':>8}{'vs megatron':>13}{'x floor':>9}"
-            f"{'device ms':>11}{'x floor':>9}{'peak MB':>9}"
+            f"  {'router':<24}{'ms':>8}{'vs megatron':>13}{'alone ms':>10}{'vs megatron':>13}"
+            f"{'x floor':>9}{'device ms':>11}{'x floor':>9}{'peak MB':>9}"
         )
         for name, row in res["routers"].items():
             xf = f"{row['x_floor']:.1f}" if row["x_floor"] else "-"
@@ -195,8 +230,8 @@ def main() -> None:
             dxf = f"{row['device_x_floor']:.1f}" if row["device_x_floor"] else "-"
             mem = f"{row['peak_mb']:.0f}" if row["peak_mb"] is not None else "-"
             print(
-                f"  {name:<24}{row['ms']:>8.3f}{row['vs_megatron']:>13.3f}{xf:>9}"
-                f"{dev_ms:>11}{dxf:>9}{mem:>9}"
+                f"  {name:<24}{row['ms']:>8.3f}{row['vs_megatron']:>13.3f}{row['alone_ms']:>10.3f}"
+                f"{row['alone_vs_megatron']:>13.3f}{xf:>9}{dev_ms:>11}{dxf:>9}{mem:>9}"
             )
         for name, agreement in res["fused_check"].items():
             print(f"  {name} vs reference: {agreement}")
