@@ -52,6 +52,24 @@ def add_locmoe_args(parser):
     return parser
 
 
+def gpt_dataset_options(args) -> dict:
+    """GPTDatasetConfig's fields that come from the command line alone (not the blend or the
+    tokenizer), as Megatron-LM's pretrain_gpt reads them: shared by the plugin's pretrain_gpt
+    and the launcher's CPU loop, so --split, --eod-mask-loss, --reset-* and --data-cache-path
+    mean the same in both."""
+    return dict(
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        split=args.split,
+        path_to_cache=args.data_cache_path,
+        mmap_bin_files=args.mmap_bin_files,
+        reset_position_ids=args.reset_position_ids,
+        reset_attention_mask=args.reset_attention_mask,
+        eod_mask_loss=args.eod_mask_loss,
+        create_attention_mask=args.create_attention_mask_in_dataloader,
+    )
+
+
 def locmoe_config_from_args(args) -> LocMoEConfig:
     """The LocMoEConfig the parsed arguments describe."""
     return LocMoEConfig(

@@ -314,12 +314,13 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path):
     """Megatron's parsed arguments -> (TrainSettings, ParallelLayout) of the CPU loop.
 
     The CPU loop (megatron_locmoe.trainer) runs expert parallelism only, in float32, one
-    micro-batch per rank per step, on one indexed dataset with byte tokens; anything else in
-    the flags is refused here rather than silently ignored. ``--save`` / ``--save-interval`` /
+    micro-batch per rank per step, on one indexed dataset with byte tokens (Megatron's GPT
+    dataset with the flags' split, masks and cache; training split only: it does not
+    evaluate); anything else in the flags is refused here rather than silently ignored. ``--save`` / ``--save-interval`` /
     ``--load`` map to its torch_dist checkpoints; its per-step progress goes to
     ``log_dir/progress.jsonl`` (tokens/s). The model is built from Megatron's own
     TransformerConfig for the flags, so every model flag means what it means to pretrain_gpt."""
-    from megatron_locmoe.arguments import locmoe_config_from_args
+    from megatron_locmoe.arguments import gpt_dataset_options, locmoe_config_from_args
     from megatron_locmoe.data import VOCAB_SIZE
     from megatron_locmoe.simcluster import ParallelLayout
     from megatron_locmoe.trainer import TrainSettings
@@ -395,6 +396,7 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path):
         load_dir=args.load,
         progress_path=str(log_dir / "progress.jsonl"),
         per_layer_logging=args.moe_per_layer_logging,
+        dataset_options=gpt_dataset_options(args),
         transformer_config=gpt.transformer,
         gpt_model_options=gpt_model_options,
     )

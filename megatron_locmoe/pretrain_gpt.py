@@ -25,20 +25,14 @@ def _dataset_config(args):
     from megatron.training import get_tokenizer
     from megatron.training.utils import get_blend_and_blend_per_split
 
+    from megatron_locmoe.arguments import gpt_dataset_options
+
     blend, blend_per_split = get_blend_and_blend_per_split(args)
     return GPTDatasetConfig(
-        random_seed=args.seed,
-        sequence_length=args.seq_length,
         blend=blend,
         blend_per_split=blend_per_split,
-        split=args.split,
-        path_to_cache=args.data_cache_path,
-        mmap_bin_files=args.mmap_bin_files,
         tokenizer=get_tokenizer(),
-        reset_position_ids=args.reset_position_ids,
-        reset_attention_mask=args.reset_attention_mask,
-        eod_mask_loss=args.eod_mask_loss,
-        create_attention_mask=args.create_attention_mask_in_dataloader,
+        **gpt_dataset_options(args),
     )
 
 

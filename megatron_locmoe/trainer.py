@@ -72,6 +72,10 @@ class TrainSettings:
     which no router can keep more than 1/nodes of the assignments on the sender's node."""
     per_layer_logging: bool = False
     """Also log every metric per MoE layer (Megatron's names: ``moe/<name>_layer_<i>``)."""
+    dataset_options: dict = field(default_factory=dict)
+    """GPTDatasetConfig fields from a command line (``arguments.gpt_dataset_options``: --split,
+    --eod-mask-loss, --reset-position-ids, --reset-attention-mask, --data-cache-path); empty:
+    the whole corpus for training, every token in the loss."""
     progress_path: str | None = None
     """The logging rank appends one JSON line per step here (step, lm loss, seconds): progress
     bars and tokens/s for a driver that waits on the job."""
@@ -135,21 +139,42 @@ def _dataset(settings: TrainSettings, num_samples: int):
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
     from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
 
-    config = GPTDatasetConfig(
-        random_seed=settings.seed,
-        sequence_length=settings.seq_length,
-        blend=([settings.data_prefix], None),
+    options = dict(
         split="100,0,0",
-        tokenizer=NullTokenizer(vocab_size=VOCAB_SIZE),
+        path_to_cache=None,
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,
-        path_to_cache=None,
     )
-    train, _, _ = BlendedMegatronDatasetBuilder(
-        GPTDataset, [num_samples, 0, 0], lambda: True, config
+    options |= settings.dataset_options
+    options |= dict(random_seed=settings.seed, sequence_length=settings.seq_length)
+    config = GPTDatasetConfig(
+        blend=([settings.data_prefix], None),
+        tokenizer=NullTokenizer(vocab_size=VOCAB_SIZE),
+        **options,
+    )
+    train, _, _ = BlendedMegatronDatasetBuilder(  # the train split only: the loop does not
+        GPTDataset,
+        [num_samples, 0, 0],
+        lambda: True,
+        config,  # evaluate
     ).build()
     return train
+
+
+def _micro_batch(data, first: int, settings: TrainSettings):
+    """(tokens, labels, loss_mask, position_ids, attention_mask) of the micro-batch starting at
+    sample ``first``, as Megatron's GPT dataset makes them (attention mask only with
+    --reset-attention-mask: otherwise the model's causal mask is the same and cheaper)."""
+    batch = [data[first + i] for i in range(settings.micro_batch_size)]
+    tokens, labels, loss_mask, positions = (
+        torch.stack([b[key] for b in batch])
+        for key in ("tokens", "labels", "loss_mask", "position_ids")
+    )
+    mask = None
+    if settings.dataset_options.get("reset_attention_mask"):
+        mask = torch.stack([b["attention_mask"] for b in batch])
+    return tokens, labels, loss_mask, positions, mask
 
 
 def _sync_grads(model, dp_group, expt_dp_group, dp_size: int) -> None:
@@ -190,7 +215,6 @@ def train_job(ctx, settings: TrainSettings) -> dict:
     wandb_run = _wandb_run(settings) if ctx.rank == ctx.world_size - 1 else None
     tracker = get_moe_metrics_tracker()
     losses, reported = [], {}
-    positions = torch.arange(settings.seq_length)[None].expand(mbs, -1)
     start = 0
     if settings.load_dir and checkpoint.latest_iteration(settings.load_dir) is not None:
         start = checkpoint.load(model, opt, settings.load_dir)
@@ -199,11 +223,10 @@ def train_job(ctx, settings: TrainSettings) -> dict:
     for step in range(start, settings.steps):
         step_start = time.perf_counter()
         first = (step * dp_size + dp_rank) * mbs  # each data-parallel rank its own samples
-        batch = [data[first + i] for i in range(mbs)]
-        tokens = torch.stack([b["tokens"] for b in batch])
-        labels = torch.stack([b["labels"] for b in batch])
-        per_token = model(tokens, positions, None, labels=labels)
-        loss = per_token.float().mean()
+        tokens, labels, loss_mask, positions, mask = _micro_batch(data, first, settings)
+        per_token = model(tokens, positions, mask, labels=labels)
+        # Megatron's loss_func: the mean over the tokens the loss mask keeps
+        loss = (per_token.float() * loss_mask).sum() / loss_mask.sum().clamp_min(1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         _sync_grads(model, dp_group, expt_dp_group, dp_size)

@@ -742,3 +742,14 @@ def test_cpu_loop_takes_gpt_model_flags(tmp_path):
     (rp,) = _plan("cpu-sim", sets=sets, runs_dir=str(tmp_path / "untied")).runs
     o = launch.train_settings(rp.args, rp.name, 2, rp.log_dir)[0].gpt_model_options
     assert not o["share_embeddings_and_output_weights"] and o["max_sequence_length"] == 128
+
+
+def test_cpu_loop_takes_the_dataset_flags(tmp_path):
+    """--split, --eod-mask-loss, --reset-* and --data-cache-path reach the CPU loop's dataset
+    as they reach pretrain_gpt's (arguments.gpt_dataset_options), instead of being ignored."""
+    sets = ["split=90,10,0", "eod-mask-loss=true", "reset-attention-mask=true"]
+    sets += [f"data-cache-path={tmp_path / 'cache'}"]
+    (rp,) = _plan("cpu-sim", sets=sets, runs_dir=str(tmp_path)).runs
+    o = launch.train_settings(rp.args, rp.name, 2, rp.log_dir)[0].dataset_options
+    assert (o["split"], o["eod_mask_loss"], o["reset_attention_mask"]) == ("90,10,0", True, True)
+    assert (o["reset_position_ids"], o["path_to_cache"]) == (False, str(tmp_path / "cache"))
