@@ -18,8 +18,8 @@ its wrapper launching ~25 kernels. Here:
   d(attached loss)/d(score) for the backward (the same for every token), and the seven router
   metrics, which it adds straight into the metrics tracker's storage (and the aux loss into
   Megatron's ``load_balancing_loss`` entry), as ``metrics.record_vector`` / Megatron's
-  ``record`` would; with TP/CP, ``_route_finalize`` runs it again as its own launch after the
-  token counts' all-reduce;
+  ``record`` would; with TP/CP it is launched again on its own after the token counts'
+  all-reduce;
 - ``_route_bwd``: dscore = g_probs on the map + g_loss * coef, softmax backward, and dx written
   once as (dlogit * temperature) times the gate's block row. g_loss is Megatron's
   ``MoEAuxLossAutoScaler.main_loss_backward_scale``, what the scaler would give the attached
@@ -164,22 +164,6 @@ if HAVE_TRITON:
                 tl.store(ticket_ptr, 0)  # ready for the next launch
 
     @triton.jit
-    def _route_finalize(
-        ws_ptr, local_ptr, delta_ptr, ecmin_ptr, block_ptr, lb_ptr,
-        num_parts, T, aux_factor, locality_coeff, locality_eps, loss_scale,
-        column, block_stride, lb_scale,
-        E: tl.constexpr, BE: tl.constexpr, BP: tl.constexpr, FROM_STATS: tl.constexpr,
-        RECORD: tl.constexpr, RECORD_LB: tl.constexpr,
-    ):  # fmt: skip
-        """The finalize as its own one-program launch (TP/CP: before and after the counts'
-        all-reduce)."""
-        _finalize(
-            ws_ptr, local_ptr, delta_ptr, ecmin_ptr, block_ptr, lb_ptr,
-            num_parts, T, aux_factor, locality_coeff, locality_eps, loss_scale,
-            column, block_stride, lb_scale, E, BE, BP, FROM_STATS, RECORD, RECORD_LB,
-        )  # fmt: skip
-
-    @triton.jit
     def _finalize(
         ws_ptr, local_ptr, delta_ptr, ecmin_ptr, block_ptr, lb_ptr,
         num_parts, T, aux_factor, locality_coeff, locality_eps, loss_scale,
@@ -191,7 +175,8 @@ if HAVE_TRITON:
         stats, writes coef and out = [attached loss, aux loss, metrics (7)]; with RECORD, adds
         the metrics to column ``column`` of the tracker's [7, layers] block (and, RECORD_LB,
         aux * lb_scale to Megatron's load_balancing_loss entry), as metrics.record_vector and
-        Megatron's router would."""
+        Megatron's router would. Called by ``_route_fwd``'s last program, and launched on its
+        own (one program) for the second pass with TP/CP."""
         part_ptr = ws_ptr
         stats_ptr = ws_ptr + num_parts * (3 * E)
         coef_ptr = stats_ptr + 3 * E
@@ -306,7 +291,7 @@ if HAVE_TRITON:
 
     _launch_fwd = FastLaunch(_route_fwd, INTERPRETED)
     _launch_bwd = FastLaunch(_route_bwd, INTERPRETED)
-    _launch_finalize = FastLaunch(_route_finalize, INTERPRETED)
+    _launch_finalize = FastLaunch(_finalize, INTERPRETED)  # also a device function of _route_fwd
 
 
 class Tiles(NamedTuple):
