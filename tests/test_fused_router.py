@@ -3,7 +3,9 @@ routing map, aux and locality losses, capacity drops, the input gradient and the
 gate's gradients, on 2 ranks (2 simulated nodes, EP=2; one case with TP=2 and sequence
 parallelism) for top-1 to top-4, fixed and learnable GrAP, fp32 and bf16 tokens. Fixed-gate
 cases take the Triton kernels (in Triton's interpreter here), the others the eager form of the
-compiled graphs; benchmarks/router_bench.py compares both on the GPU."""
+compiled graphs; benchmarks/router_bench.py compares both on the GPU. With
+LOCMOE_TEST_DEVICE=cuda the same cases run on two GPUs over NCCL (kernels and compiled graphs
+for real)."""
 
 from __future__ import annotations
 
@@ -56,15 +58,18 @@ def fused_vs_reference_job(ctx, case: str):
         lm = LocMoEConfig(router_type="locmoe", fused_router=fused, **lm_overrides)
         torch.manual_seed(3)
         router = router_builder(lm)(config=config, pg_collection=get_default_pg_collection())
+        router = router.to(ctx.device)  # LOCMOE_TEST_DEVICE=cuda: one GPU per rank, NCCL
         router.set_layer_number(1)
         with torch.no_grad():  # make learnable gates non-trivial, identically for both
             for p in router.parameters():
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(9)) * 0.1)
+                noise = torch.randn(p.shape, generator=torch.Generator().manual_seed(9))
+                p.add_(noise.to(p.device) * 0.1)
         gen = torch.Generator().manual_seed(50 + ctx.rank)
-        x = (torch.randn(12, 3, H, generator=gen) * 2).to(dtype).requires_grad_(True)
+        x = (torch.randn(12, 3, H, generator=gen) * 2).to(ctx.device, dtype).requires_grad_(True)
         get_moe_metrics_tracker().clear()
         probs, routing_map = router(x)
-        (probs * torch.linspace(0, 1, probs.numel()).view_as(probs)).sum().backward()
+        weights = torch.linspace(0, 1, probs.numel(), device=probs.device).view_as(probs)
+        (probs * weights).sum().backward()
         tracked = get_moe_metrics_tracker().metrics
         out[fused] = dict(
             probs=probs.detach(),
@@ -118,8 +123,10 @@ def recompute_job(ctx, fused: bool):
     config = moe_config(ep=2, num_moe_experts=E, hidden_size=H, moe_router_topk=2)
     lm = LocMoEConfig(router_type="locmoe", fused_router=fused)
     router = router_builder(lm)(config=config, pg_collection=get_default_pg_collection())
+    router = router.to(ctx.device)
     router.set_layer_number(1)
     x = torch.randn(12, 3, H, generator=torch.Generator().manual_seed(50 + ctx.rank))
+    x = x.to(ctx.device)
     seen = []
     for recompute in (False, True):
         get_moe_metrics_tracker().clear()
