@@ -46,7 +46,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_locmoe.runlog import read_progress, tail_length
+from megatron_locmoe.runlog import read_progress, steady_step_seconds, tail_length
 
 DEFAULT_OUT = "runs/demo"
 DEFAULT_REPORT = "reports/router_comparison.html"
@@ -193,7 +193,7 @@ def run_record(run: DemoRun, args, settings, results, progress, domains, seconds
     from megatron_locmoe.dispatcher import resolve_dedup
 
     step_seconds = [p["seconds"] for p in progress]
-    steady = step_seconds[1:] or step_seconds  # the first step builds caches
+    steady = steady_step_seconds(step_seconds)
     tokens_per_step = args.nodes * args.ranks_per_node * args.micro_batch_size * args.seq_length
     return {
         "name": run.name,
@@ -225,7 +225,7 @@ def run_record(run: DemoRun, args, settings, results, progress, domains, seconds
         "domains": [d["name"] for d in domains["domains"]],
         "losses": results[0]["losses"],
         "step_seconds": step_seconds,
-        "tokens_per_second": tokens_per_step / (sum(steady) / len(steady)) if steady else None,
+        "tokens_per_second": tokens_per_step / steady if steady else None,
         "wall_seconds": seconds,
         "tensorboard_dir": "tensorboard",
     }

@@ -410,7 +410,7 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path):
 
 def run_cpu(plan: Plan) -> dict[str, dict]:
     """Every run of a cpu preset in one simulated cluster (started once); the results."""
-    from megatron_locmoe.runlog import read_progress
+    from megatron_locmoe.runlog import read_progress, steady_step_seconds
     from megatron_locmoe.simcluster import SimCluster
     from megatron_locmoe.trainer import train_job
 
@@ -439,9 +439,8 @@ def run_cpu(plan: Plan) -> dict[str, dict]:
             shown = ("node_local_fraction", "inter_node_bytes", "intra_node_bytes", "load_cv")
             print("  " + "  ".join(f"{k} {metrics[k]:.4g}" for k in shown if k in metrics))
             res = {"loss": dict(enumerate(losses, first)), "metrics": metrics}
-            seconds = [p["seconds"] for p in read_progress(progress)]
-            if seconds:  # first two steps are warm-up, as in the GPU logs' summary
-                steady = statistics.median(seconds[2:] or seconds)
+            steady = steady_step_seconds([p["seconds"] for p in read_progress(progress)])
+            if steady:
                 res["ms_per_iteration"] = steady * 1000
                 if rp.tokens_per_iteration:
                     res["tokens_per_s"] = rp.tokens_per_iteration / steady

@@ -68,3 +68,13 @@ def test_report_cli_and_errors(two_runs, tmp_path, capsys):
         report.main([str(tmp_path / "empty"), "-o", str(tmp_path / "x.html")])
     with pytest.raises(SystemExit):
         report.main([str(two_runs), "--workload", "nope"])
+
+
+def test_steady_step_time_skips_warm_up_and_outliers():
+    """The demo's and the launcher's tokens/s come from one step time: the median after the
+    two warm-up steps (a slow save step does not move it)."""
+    from megatron_locmoe.runlog import steady_step_seconds
+
+    assert steady_step_seconds([9.0, 5.0, 1.0, 1.2, 30.0, 1.1]) == pytest.approx(1.15)
+    assert steady_step_seconds([9.0, 5.0]) == 7.0  # too short: every step counts
+    assert steady_step_seconds([]) is None
