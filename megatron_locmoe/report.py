@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import html
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -29,17 +30,56 @@ from megatron_locmoe.costmodel import (
     estimate,
     estimate_cells,
 )
-from megatron_locmoe.runlog import TAIL_FRACTION, Run, load_runs
+from megatron_locmoe.runlog import TAIL_FRACTION, Run, load_runs, summary_rows
 
-PLOTS = (
-    "loss",
-    "node_local_fraction",
-    "inter_node_bytes",
-    "load_cv_per_layer",
-    "tokens_dropped",
-    "expert_capacity",
-    "modeled_step_time",
-)
+
+class LinePlot(NamedTuple):
+    """One metric over the steps, a line per run."""
+
+    tag: str
+    ylabel: str
+    """May name {bytes} / {drops}: their units (per token when every run's size is known)."""
+    title: str
+    heading: str
+    per: str | None = None
+    """Divide by each run's "token"s or "assignment"s per rank-step."""
+    dashed_tag: str | None = None
+    """A second series drawn dashed in the run's colour."""
+
+
+FIGURES = {
+    "loss": LinePlot(
+        "lm loss", "lm loss", "Training loss (same tokens for every run)", "Training loss"
+    ),
+    "node_local_fraction": LinePlot(
+        "node_local_fraction",
+        "node-local share of assignments",
+        "Assignments whose expert is on the token's node",
+        "Node-local fraction",
+    ),
+    "inter_node_bytes": LinePlot(
+        "inter_node_bytes",
+        "{bytes}",
+        "Inter-node bytes (solid: hierarchical dispatcher, dashed: flat All-to-All)",
+        "Inter-node bytes per token",
+        per="token",
+        dashed_tag="flat_inter_node_bytes",
+    ),
+    "load_cv_per_layer": None,  # bars, one group per MoE layer: _load_cv_per_layer
+    "tokens_dropped": LinePlot(
+        "tokens_dropped",
+        "{drops}",
+        "Dropped token-expert assignments",
+        "Drops",
+        per="assignment",
+    ),
+    "expert_capacity": LinePlot(
+        "expert_capacity", "tokens per expert (0: dropless)", "Expert capacity", "Capacity"
+    ),
+}
+"""The report's figures in page order (PNG names without .png)."""
+
+PLOTS = (*FIGURES, "modeled_step_time")
 """PNG names (without .png) a full report contains."""
 
 
@@ -154,40 +194,33 @@ def _modeled_plot(times, colors, path, workload_name):
     plt.close(fig)
 
 
+SUMMARY_COLUMNS = (
+    # (summary_rows key, header, format)
+    ("label", "run", "{}"),
+    ("k", "k", "{}"),
+    ("loss", "lm loss", "{:.3f}"),
+    ("node_local", "node-local", "{:.3f}"),
+    ("inter_bytes_per_token", "inter-node B/token", "{:.0f}"),
+    ("flat_inter_bytes_per_token", "flat inter-node B/token", "{:.0f}"),
+    ("load_cv", "load CV", "{:.2f}"),
+    ("dropped", "dropped", "{:.1%}"),
+    ("tokens_per_second", "tokens/s", "{:,.0f}"),
+)
+
+
 def _summary_table_html(runs: list[Run]) -> str:
-    head = (
-        "<tr><th>run</th><th>k</th><th>lm loss</th><th>node-local</th>"
-        "<th>inter-node B/token</th><th>flat inter-node B/token</th><th>load CV</th>"
-        "<th>dropped</th><th>tokens/s</th></tr>"
-    )
-    rows = []
-    for r in runs:
-        T = _per_token(r)
-        k = r.record.get("topk")
-
-        def cell(tag, fmt, div=1.0, r=r):
-            return fmt.format(r.tail_mean(tag) / div) if r.series(tag) is not None else "-"
-
-        tps = r.record.get("tokens_per_second")
-        rows.append(
-            "<tr>"
-            + "".join(
-                f"<td>{html.escape(str(c))}</td>"
-                for c in (
-                    r.label,
-                    k if k is not None else "-",
-                    cell("lm loss", "{:.3f}"),
-                    cell("node_local_fraction", "{:.3f}"),
-                    cell("inter_node_bytes", "{:.0f}", T or 1.0),
-                    cell("flat_inter_node_bytes", "{:.0f}", T or 1.0),
-                    cell("load_cv", "{:.2f}"),
-                    cell("tokens_dropped", "{:.1%}", (T * k) if T and k else 1.0),
-                    f"{tps:,.0f}" if tps else "-",
-                )
-            )
-            + "</tr>"
+    """runlog.summary_rows (the demo's table) as HTML; '-' where a run has no value."""
+    head = "".join(f"<th>{html.escape(title)}</th>" for _, title, _ in SUMMARY_COLUMNS)
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f"<td>{html.escape(fmt.format(row[key]) if row[key] is not None else '-')}</td>"
+            for key, _, fmt in SUMMARY_COLUMNS
         )
-    return f"<table>{head}{''.join(rows)}</table>"
+        + "</tr>"
+        for row in summary_rows(runs)
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def _modeled_table_html(times) -> str:
@@ -237,57 +270,19 @@ def build_report(runs: list[Run], out_html: str | Path, workload: str = "pangu-s
     sized = all(_per_token(r) for r in runs)
     bytes_unit = "B per token and MoE layer" if sized else "B per rank-step"
     drop_unit = "share of assignments" if sized else "per rank-step"
+    units = dict(bytes=bytes_unit, drops=drop_unit)
+    divisors = {"token": per_token, "assignment": per_assignment, None: None}
     made = {}
-    _line_plot(
-        runs,
-        colors,
-        "lm loss",
-        "lm loss",
-        "Training loss (same tokens for every run)",
-        png_dir / "loss.png",
-    )
-    made["loss"] = "Training loss"
-    _line_plot(
-        runs,
-        colors,
-        "node_local_fraction",
-        "node-local share of assignments",
-        "Assignments whose expert is on the token's node",
-        png_dir / "node_local_fraction.png",
-    )
-    made["node_local_fraction"] = "Node-local fraction"
-    _line_plot(
-        runs,
-        colors,
-        "inter_node_bytes",
-        bytes_unit,
-        "Inter-node bytes (solid: hierarchical dispatcher, dashed: flat All-to-All)",
-        png_dir / "inter_node_bytes.png",
-        scale=per_token,
-        dashed_tag="flat_inter_node_bytes",
-    )
-    made["inter_node_bytes"] = "Inter-node bytes per token"
-    _load_cv_per_layer(runs, colors, png_dir / "load_cv_per_layer.png")
-    made["load_cv_per_layer"] = "Load CV per layer"
-    _line_plot(
-        runs,
-        colors,
-        "tokens_dropped",
-        drop_unit,
-        "Dropped token-expert assignments",
-        png_dir / "tokens_dropped.png",
-        scale=per_assignment,
-    )
-    made["tokens_dropped"] = "Drops"
-    _line_plot(
-        runs,
-        colors,
-        "expert_capacity",
-        "tokens per expert (0: dropless)",
-        "Expert capacity",
-        png_dir / "expert_capacity.png",
-    )
-    made["expert_capacity"] = "Capacity"
+    for name, plot in FIGURES.items():
+        path = png_dir / f"{name}.png"
+        if plot is None:
+            _load_cv_per_layer(runs, colors, path)
+            made[name] = "Load CV per layer"
+            continue
+        ylabel = plot.ylabel.format(**units)
+        scale, dashed = divisors[plot.per], plot.dashed_tag
+        _line_plot(runs, colors, plot.tag, ylabel, plot.title, path, scale, dashed)
+        made[name] = plot.heading
     times = modeled_step_times(runs, workload)
     modeled = any(times.values())
     if modeled:

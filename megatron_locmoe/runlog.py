@@ -141,23 +141,28 @@ def load_runs(paths: list[str | Path]) -> list[Run]:
 
 
 def summary_rows(runs: list[Run]) -> list[dict]:
-    """The demo's table from the runs' logs (runs with run.json): tail means, bytes and drops
-    per token of a rank."""
+    """The demo's table from the runs' logs: tail means, bytes and drops per token of a rank
+    (per rank and step for runs without run.json, whose sizes are unknown); None where a run
+    did not log a metric."""
     rows = []
     for r in runs:
         rec = r.record
-        T = rec["tokens_per_rank_step"]
+        T, k = rec.get("tokens_per_rank_step"), rec.get("topk")
+
+        def tail(tag, div=1.0, r=r):
+            return r.tail_mean(tag) / div if r.series(tag) is not None else None
+
         rows.append(
             {
                 "run": r.name,
                 "label": r.label,
-                "k": rec["topk"],
-                "loss": r.tail_mean("lm loss"),
-                "node_local": r.tail_mean("node_local_fraction"),
-                "inter_bytes_per_token": r.tail_mean("inter_node_bytes") / T,
-                "flat_inter_bytes_per_token": r.tail_mean("flat_inter_node_bytes") / T,
-                "load_cv": r.tail_mean("load_cv"),
-                "dropped": r.tail_mean("tokens_dropped") / (T * rec["topk"]),
+                "k": k,
+                "loss": tail("lm loss"),
+                "node_local": tail("node_local_fraction"),
+                "inter_bytes_per_token": tail("inter_node_bytes", T or 1.0),
+                "flat_inter_bytes_per_token": tail("flat_inter_node_bytes", T or 1.0),
+                "load_cv": tail("load_cv"),
+                "dropped": tail("tokens_dropped", T * k if T and k else 1.0),
                 "tokens_per_second": rec.get("tokens_per_second"),
             }
         )

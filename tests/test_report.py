@@ -31,8 +31,14 @@ def two_runs(cluster8, tmp_path_factory):
 
 
 def test_report_has_every_plot(two_runs, tmp_path):
-    out = report.build_report(load_runs([two_runs]), tmp_path / "cmp.html")
+    from megatron_locmoe.runlog import summary_rows
+
+    runs = load_runs([two_runs])
+    out = report.build_report(runs, tmp_path / "cmp.html")
     page = out.read_text()
+    for row in summary_rows(runs):  # the demo's table, the same numbers
+        for cell in (f"{row['loss']:.3f}", f"{row['inter_bytes_per_token']:.0f}"):
+            assert f"<td>{cell}</td>" in page, cell
     for name in report.PLOTS:
         png = tmp_path / "cmp_png" / f"{name}.png"
         assert png.stat().st_size > 5_000, name  # a real figure
@@ -58,6 +64,7 @@ def test_report_from_bare_tensorboard_dirs(two_runs, tmp_path):
     for name in set(report.PLOTS) - {"modeled_step_time"}:
         assert (tmp_path / "bare_png" / f"{name}.png").exists(), name
     assert "No modeled step time" in page
+    assert "<td>-</td>" in page  # no run.json: no top-k, no tokens/s
 
 
 def test_report_cli_and_errors(two_runs, tmp_path, capsys):
