@@ -237,7 +237,7 @@ def traffic_from_counts(
         h1 = total - torch.einsum("aibi->ai", per_rank)  # all but those for my rail peers
         h2 = per_rank.sum((1, 2)) - torch.einsum("akaj->aj", per_rank)  # rail: node's off-node
         columns = {"intra_node": (h1, copy_flat), "rail": (h2, copy_flat)}
-        hier_intra, hier_inter = (h1 * copy_flat, h1), (h2 * copy_flat, h2)
+        hier_intra, hier_inter = (h1, h1 * copy_flat), (h2, h2 * copy_flat)  # (copies, bytes)
     else:
         row_rank = copy_bytes(hidden_bytes, prob_bytes, dedup_width=nle)
         row_node = copy_bytes(hidden_bytes, prob_bytes, dedup_width=W)
@@ -247,16 +247,13 @@ def traffic_from_counts(
         fan_aij = torch.einsum("biaj->aij", tok_rank) - torch.einsum("aiaj->aij", tok_rank)
         h3 = fan_aij.sum(-1) - torch.einsum("aii->ai", fan_aij)
         columns = {"intra_node": (h1, row_rank), "rail": (h2, row_node), "fan_out": (h3, row_rank)}
-        hier_intra, hier_inter = ((h1 + h3) * row_rank, h1 + h3), (h2 * row_node, h2)
+        hier_intra, hier_inter = (h1 + h3, (h1 + h3) * row_rank), (h2, h2 * row_node)
 
     def rows(*tensors):
         return zip(*(t.reshape(-1).tolist() for t in tensors), strict=True)
 
     flat = [Traffic(i, o, i * copy_flat, o * copy_flat) for i, o in rows(flat_intra, flat_inter)]
-    hier = [
-        Traffic(ic, oc, ib, ob)
-        for ib, ic, ob, oc in rows(hier_intra[0], hier_intra[1], hier_inter[0], hier_inter[1])
-    ]
+    hier = [Traffic(ic, oc, ib, ob) for ic, ib, oc, ob in rows(*hier_intra, *hier_inter)]
     names = list(columns)
     hops = [
         {name: (n, n * columns[name][1]) for name, n in zip(names, values, strict=True)}
