@@ -76,8 +76,6 @@ class GroupedSequentialMLP(SequentialMLP):
             for expert in self.local_experts:
                 del getattr(expert, proj).weight  # the Parameter; its slice view replaces it
         self._rebind_views()
-        self.register_state_dict_pre_hook(lambda module, *_: module._rebind_views())
-        self._register_state_dict_hook(_drop_stacked_keys)
 
     def _weights(self, proj: str) -> torch.Tensor:
         """The stacked weights of one projection: [E_local, out, in] (a Parameter)."""
@@ -98,6 +96,14 @@ class GroupedSequentialMLP(SequentialMLP):
         module = super()._apply(fn, *args, **kwargs)  # moves the views as separate tensors
         self._rebind_views()
         return module
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """SequentialMLP's keys only: the stacked parameters are left out, and the experts'
+        views, which the children save next, are rebound to them first."""
+        self._rebind_views()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for proj in PROJECTIONS:
+            destination.pop(f"{prefix}{proj}_weight", None)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs
@@ -180,10 +186,3 @@ class GroupedSequentialMLP(SequentialMLP):
             "grouped experts compute weight gradients in the backward pass; drop "
             "--delay-wgrad-compute or use the per-expert loop (--locmoe-experts loop)"
         )
-
-
-def _drop_stacked_keys(module, state_dict, prefix, local_metadata):
-    """state_dict() keeps SequentialMLP's keys only (the experts' views hold the weights)."""
-    for proj in PROJECTIONS:
-        state_dict.pop(f"{prefix}{proj}_weight", None)
-    return state_dict
