@@ -31,9 +31,10 @@ import copy
 import io
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -442,71 +443,104 @@ def parse_with_megatron(
             registry.revert()
 
 
+class CudaOnly(NamedTuple):
+    """A Megatron setting that needs CUDA-only code (TE, apex, CUDA kernels)."""
+
+    attr: str
+    is_cuda_only: Callable[[object], bool]
+    fix: str
+    """What to do instead, as an imperative."""
+    flags: tuple[str, ...] = ()
+    """Flags that set it whatever their value, refused before parsing (some make Megatron's
+    validate_args query the CUDA device)."""
+
+
 CUDA_ONLY = (
-    # (attribute, is it set to CUDA-only code?, what to do instead)
-    (
+    CudaOnly(
         "transformer_impl",
         lambda v: v != "local",
-        "--transformer-impl local (Transformer Engine is CUDA-only)",
+        "use --transformer-impl local (Transformer Engine is CUDA-only)",
     ),
-    ("moe_grouped_gemm", bool, "drop --moe-grouped-gemm (grouped GEMM kernels are CUDA-only)"),
-    (
+    CudaOnly(
+        "moe_grouped_gemm",
+        bool,
+        "drop --moe-grouped-gemm (TE's grouped GEMM, the grouped_gemm package or "
+        "torch._grouped_mm: CUDA kernels)",
+        ("--moe-grouped-gemm",),
+    ),
+    CudaOnly(
         "locmoe_experts",
         lambda v: v == "grouped",
-        "--locmoe-experts loop (torch._grouped_mm is a CUDA kernel)",
+        "use --locmoe-experts loop (torch._grouped_mm is a CUDA kernel)",
     ),
-    ("fp8", lambda v: v is not None, "drop --fp8-format (FP8 runs through Transformer Engine)"),
-    ("fp4", lambda v: v is not None, "drop --fp4-format (Transformer Engine)"),
-    (
+    CudaOnly(
+        "fp8",
+        lambda v: v is not None,
+        "drop --fp8-format (FP8 runs through Transformer Engine)",
+        ("--fp8-format",),
+    ),
+    CudaOnly(
+        "fp4", lambda v: v is not None, "drop --fp4-format (Transformer Engine)", ("--fp4-format",)
+    ),
+    CudaOnly(
         "masked_softmax_fusion",
         bool,
-        "--no-masked-softmax-fusion (Megatron's fused softmax is a CUDA kernel)",
+        "use --no-masked-softmax-fusion (Megatron's fused softmax is a CUDA kernel)",
     ),
-    (
+    CudaOnly(
         "gradient_accumulation_fusion",
         bool,
-        "--no-gradient-accumulation-fusion (apex's fused_weight_gradient_mlp_cuda)",
+        "use --no-gradient-accumulation-fusion (apex's fused_weight_gradient_mlp_cuda)",
     ),
-    (
+    CudaOnly(
         "no_persist_layer_norm",
         lambda v: not v,
-        "--no-persist-layer-norm (apex's persistent LayerNorm kernel)",
+        "use --no-persist-layer-norm (apex's persistent LayerNorm kernel)",
     ),
-    ("apply_rope_fusion", bool, "--no-rope-fusion (TE / apex fused RoPE)"),
-    ("moe_permute_fusion", bool, "drop --moe-permute-fusion (TE's fused permute)"),
-    ("moe_router_fusion", bool, "drop --moe-router-fusion (TE's fused router)"),
-    ("tp_comm_overlap", bool, "drop --tp-comm-overlap (TE userbuffers)"),
-    ("use_flash_attn", bool, "drop --use-flash-attn (the flash-attn CUDA package)"),
-    ("cuda_graph_impl", lambda v: v != "none", "--cuda-graph-impl none (CUDA graphs)"),
-    (
+    CudaOnly("apply_rope_fusion", bool, "use --no-rope-fusion (TE / apex fused RoPE)"),
+    CudaOnly(
+        "moe_permute_fusion",
+        bool,
+        "drop --moe-permute-fusion (TE's fused permute)",
+        ("--moe-permute-fusion",),
+    ),
+    CudaOnly(
+        "moe_router_fusion",
+        bool,
+        "drop --moe-router-fusion (TE's fused router)",
+        ("--moe-router-fusion",),
+    ),
+    CudaOnly(
+        "tp_comm_overlap", bool, "drop --tp-comm-overlap (TE userbuffers)", ("--tp-comm-overlap",)
+    ),
+    CudaOnly(
+        "use_flash_attn",
+        bool,
+        "drop --use-flash-attn (the flash-attn CUDA package)",
+        ("--use-flash-attn",),
+    ),
+    CudaOnly(
+        "cuda_graph_impl",
+        lambda v: v != "none",
+        "use --cuda-graph-impl none (CUDA graphs)",
+        ("--enable-cuda-graph", "--external-cuda-graph"),
+    ),
+    CudaOnly(
         "moe_token_dispatcher_type",
         lambda v: v == "flex",
-        "--moe-token-dispatcher-type alltoall (flex = DeepEP / HybridEP, CUDA-only)",
+        "use --moe-token-dispatcher-type alltoall (flex = DeepEP / HybridEP, CUDA-only)",
     ),
-    (
+    CudaOnly(
         "cross_entropy_fusion_impl",
         lambda v: v == "te",
-        "--cross-entropy-fusion-impl native (the te implementation is CUDA-only)",
+        "use --cross-entropy-fusion-impl native (the te implementation is CUDA-only)",
     ),
 )
-"""Megatron settings that need CUDA-only code (TE, apex, CUDA kernels), checked on the parsed
-namespace so that CUDA-only *defaults* are caught too, not only flags written in the preset."""
+"""Checked on the parsed namespace, so that CUDA-only *defaults* are caught too, not only flags
+written in the preset; the ``flags`` also before parsing."""
 
-
-CUDA_ONLY_FLAGS = {
-    "--moe-grouped-gemm": "drop it (TE's grouped GEMM, the grouped_gemm package or "
-    "torch._grouped_mm: CUDA kernels)",
-    "--fp8-format": "drop it (FP8 runs through Transformer Engine)",
-    "--fp4-format": "drop it (Transformer Engine)",
-    "--use-flash-attn": "drop it (the flash-attn CUDA package)",
-    "--tp-comm-overlap": "drop it (TE userbuffers)",
-    "--moe-permute-fusion": "drop it (TE's fused permute)",
-    "--moe-router-fusion": "drop it (TE's fused router)",
-    "--enable-cuda-graph": "drop it (CUDA graphs)",
-    "--external-cuda-graph": "drop it (CUDA graphs)",
-}
-"""Flags that need CUDA-only code whatever their value; refused in Ascend mode before parsing
-(some of them make Megatron's validate_args query the CUDA device)."""
+CUDA_ONLY_FLAGS = {flag: row.fix for row in CUDA_ONLY for flag in row.flags}
+"""Flag -> what to do instead, for the flags refused before parsing."""
 
 
 def cuda_only_flags(argv: list[str]) -> list[str]:
@@ -518,7 +552,7 @@ def cuda_only_flags(argv: list[str]) -> list[str]:
 def cuda_only_settings(args) -> list[str]:
     """What to change so that the parsed Megatron arguments run on Ascend NPUs (empty: fine)."""
     bad = []
-    for attr, is_cuda_only, fix in CUDA_ONLY:
+    for attr, is_cuda_only, fix, _ in CUDA_ONLY:
         if hasattr(args, attr) and is_cuda_only(getattr(args, attr)):
-            bad.append(f"{attr}={getattr(args, attr)!r}: use {fix}")
+            bad.append(f"{attr}={getattr(args, attr)!r}: {fix}")
     return bad
