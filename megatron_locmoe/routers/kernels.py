@@ -95,10 +95,10 @@ if HAVE_TRITON:
         aux_factor, locality_coeff, locality_eps, loss_scale, column, block_stride, lb_scale,
         H: tl.constexpr, E: tl.constexpr, C: tl.constexpr, K: tl.constexpr,
         BT: tl.constexpr, BE: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr,
-        FINALIZE: tl.constexpr, RECORD: tl.constexpr, RECORD_LB: tl.constexpr,
+        RECORD: tl.constexpr, RECORD_LB: tl.constexpr,
     ):  # fmt: skip
-        """With FINALIZE, the program that finishes last (a ticket counter, zero on entry and
-        reset by that program) runs the finalize itself: one launch for the whole forward."""
+        """The program that finishes last (a ticket counter, zero on entry and reset by that
+        program) runs the finalize itself: one launch for the whole forward."""
         pid = tl.program_id(0)
         e = tl.arange(0, BE)
         emask = e < E
@@ -149,19 +149,18 @@ if HAVE_TRITON:
         tl.store(base + e, mass, mask=emask)
         tl.store(base + E + e, routed, mask=emask)
         tl.store(base + 2 * E + e, real, mask=emask)
-        if FINALIZE:
-            # every thread's row stores precede the ticket (barrier, then a release); the last
-            # program's acquire makes all rows visible to it
-            tl.debug_barrier()
-            ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
-            if ticket == num_parts - 1:
-                _finalize(
-                    ws_ptr, local_ptr, delta_ptr, ecmin_ptr, block_ptr, lb_ptr,
-                    num_parts, T, aux_factor, locality_coeff, locality_eps, loss_scale,
-                    column, block_stride, lb_scale,
-                    E, BE, BP, False, RECORD, RECORD_LB,
-                )  # fmt: skip
-                tl.store(ticket_ptr, 0)  # ready for the next launch
+        # every thread's row stores precede the ticket (barrier, then a release); the last
+        # program's acquire makes all rows visible to it
+        tl.debug_barrier()
+        ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
+        if ticket == num_parts - 1:
+            _finalize(
+                ws_ptr, local_ptr, delta_ptr, ecmin_ptr, block_ptr, lb_ptr,
+                num_parts, T, aux_factor, locality_coeff, locality_eps, loss_scale,
+                column, block_stride, lb_scale,
+                E, BE, BP, False, RECORD, RECORD_LB,
+            )  # fmt: skip
+            tl.store(ticket_ptr, 0)  # ready for the next launch
 
     @triton.jit
     def _finalize(
@@ -410,7 +409,7 @@ class LocMoERouteFunction(torch.autograd.Function):
         _launch_fwd(
             (num_parts,), x_TH, weight_EC, log_temperature, probs, routing_map, scores, ws,
             ticket, T, plan.per_program, num_parts, expert_is_local_E, *finalize,
-            H=H, E=E, C=C, K=topk, BT=BT, BE=BE, BC=BC, BP=BP, FINALIZE=True,
+            H=H, E=E, C=C, K=topk, BT=BT, BE=BE, BC=BC, BP=BP,
             RECORD=record and not reduce_counts, RECORD_LB=record_lb and not reduce_counts,
             num_warps=warps,
         )  # fmt: skip
