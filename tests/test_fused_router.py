@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from megatron_locmoe.config import LocMoEConfig
+from megatron_locmoe.routers import kernels
 from megatron_locmoe.simcluster import ParallelLayout
 from megatron_locmoe.testing import moe_config
 
@@ -77,9 +78,11 @@ def fused_vs_reference_job(ctx, case: str):
             x_grad=x.grad.float(),
             grads={n: p.grad for n, p in router.named_parameters()},
             metrics={n: float(m.values[0]) for n, m in tracked.items()},
+            took_kernels=fused and router._kernels_apply(x.device),
         )
     ref, fus = out[False], out[True]
     return dict(
+        took_kernels=fus["took_kernels"],
         map_equal=torch.equal(ref["map"], fus["map"]),
         probs_diff=float((ref["probs"] - fus["probs"]).abs().max()),
         x_grad_diff=float((ref["x_grad"] - fus["x_grad"]).abs().max()),
@@ -96,7 +99,12 @@ def test_fused_router_equals_reference(cluster2, case):
         case,
         layout=LAYOUTS.get(case, ParallelLayout(devices_per_node=1, ep=2)),
     )
+    # the paper's fixed gate must take the Triton kernels (the interpreter on the CPU), not fall
+    # back silently to the graph; only LOCMOE_TRITON_ROUTER=0 turns them off
+    lm = CASES[case]["locmoe"]
+    fixed_gate = lm.get("grap_mode", "fixed") == "fixed" and lm.get("capacity_mode") != "bound"
     for r in results:
+        assert r["took_kernels"] == (fixed_gate and not kernels.DISABLED)
         assert r["map_equal"]
         assert r["probs_diff"] < 1e-6
         # bf16 tokens: the fused paths compute dx in fp32 in another order, then round it to

@@ -19,7 +19,14 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron_locmoe.routers import fused, kernels
 
 DEVICE = torch.device("cuda" if os.environ.get("LOCMOE_TEST_DEVICE") == "cuda" else "cpu")
-pytestmark = pytest.mark.skipif(not kernels.available(DEVICE), reason="no triton for this device")
+# no silent skip: without triton (or the interpreter on the CPU) these tests fail; only
+# LOCMOE_TRITON_ROUTER=0, which turns the kernels off everywhere, skips them
+pytestmark = pytest.mark.skipif(kernels.DISABLED, reason="LOCMOE_TRITON_ROUTER=0")
+
+
+def test_kernels_run_on_this_device():
+    assert kernels.available(DEVICE), f"no triton for {DEVICE} (the CPU needs TRITON_INTERPRET=1)"
+
 
 CASES = {
     # T, H, E, k, dtype, extra
