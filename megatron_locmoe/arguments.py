@@ -78,19 +78,9 @@ def locmoe_config_from_args(args) -> LocMoEConfig:
 
 
 def _transformer_view(args) -> SimpleNamespace:
-    """The TransformerConfig fields LocMoEConfig.validate reads, from Megatron's args."""
-    return SimpleNamespace(
-        num_moe_experts=args.num_experts,
-        moe_router_topk=args.moe_router_topk,
-        hidden_size=args.hidden_size,
-        moe_expert_capacity_factor=args.moe_expert_capacity_factor,
-        moe_router_num_groups=args.moe_router_num_groups,
-        moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity,
-        moe_token_dispatcher_type=args.moe_token_dispatcher_type,
-        add_bias_linear=args.add_bias_linear,
-        fp8=args.fp8,
-        fp4=getattr(args, "fp4", None),
-    )
+    """Megatron's args as the TransformerConfig LocMoEConfig.validate reads: the same names,
+    but for the expert count."""
+    return SimpleNamespace(**{**vars(args), "num_moe_experts": args.num_experts})
 
 
 def validate_locmoe_args(args) -> LocMoEConfig:

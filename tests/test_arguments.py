@@ -190,6 +190,10 @@ INVALID = [
         "drop --mtp-num-layers",
     ),
     (["--locmoe-experts", "grouped"], "pass --disable-bias-linear"),
+    (
+        ["--locmoe-experts", "grouped", "--disable-bias-linear", "--use-te-activation-func"],
+        "the TE activation module",
+    ),
 ]
 
 
