@@ -67,28 +67,27 @@ def init_single_process(device_type: str) -> torch.device:
 
 
 def moe_config(H: int, E: int, k: int, **overrides):
-    """The benchmarks' one-layer bf16 MoE TransformerConfig (local spec, fp32 routing,
-    Megatron's aux loss at 0.01, pre-softmax scores for top-1), plus ``overrides``."""
-    from megatron.core.transformer import TransformerConfig
+    """The benchmarks' one-layer bf16 MoE TransformerConfig: ``testing.moe_config`` (local
+    spec, fp32 routing, pre-softmax scores for top-1) on the device, with Megatron's aux loss at
+    0.01 and a plain GELU MLP unless ``overrides`` say otherwise."""
+    import torch.nn.functional as F
+
+    from megatron_locmoe.testing import moe_config as small_moe_config
 
     kwargs = dict(
-        num_layers=1,
         hidden_size=H,
         num_attention_heads=8,
         num_moe_experts=E,
         moe_router_topk=k,
-        moe_router_pre_softmax=k == 1,
-        moe_token_dispatcher_type="alltoall",
         moe_router_load_balancing_type="aux_loss",
         moe_aux_loss_coeff=0.01,
-        moe_router_dtype="fp32",
         params_dtype=torch.bfloat16,
         bf16=True,
-        add_bias_linear=False,
-        transformer_impl="local",
+        use_cpu_initialization=False,
+        gated_linear_unit=False,
+        activation_func=F.gelu,
     )
-    kwargs.update(overrides)
-    return TransformerConfig(**kwargs)
+    return small_moe_config(ep=1, **{**kwargs, **overrides})
 
 
 def timed(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int, inner: int):

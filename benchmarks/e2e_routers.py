@@ -86,11 +86,9 @@ def run(router: str, steps: int, log_interval: int, data: str, nproc: int, extra
         raise RuntimeError(f"{router} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     points = [(int(i), float(ms), float(loss)) for i, ms, loss in LINE.findall(proc.stdout)]
     steady = [ms for i, ms, _ in points if i > 2 * log_interval]  # skip warm-up windows
-    ms = statistics.median(steady) if steady else points[-1][1]
     return {
         "loss": {i: loss for i, _, loss in points},
-        "ms_per_iter": ms,
-        "tokens_per_s": TOKENS_PER_STEP / (ms / 1000),
+        "ms_per_iter": statistics.median(steady) if steady else points[-1][1],
         "wall_s": time.time() - t0,
     }
 

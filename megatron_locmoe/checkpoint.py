@@ -124,16 +124,14 @@ def save(model, optimizer, iteration: int, root: str | os.PathLike) -> Path:
     return path
 
 
-def load(model, optimizer, root: str | os.PathLike) -> int:
-    """Restore the latest iteration saved under ``root`` into model and optimizer; return it."""
+def load(model, optimizer, root: str | os.PathLike) -> int | None:
+    """Restore the latest iteration saved under ``root`` into model and optimizer; return it
+    (None when nothing was saved there: the caller starts afresh, as Megatron does)."""
     from megatron.core import dist_checkpointing
 
     iteration = latest_iteration(root)
     if iteration is None:
-        raise FileNotFoundError(
-            f"no {_paths(root)[0].name} under {root}: nothing to resume from; save first or "
-            "drop the load directory."
-        )
+        return None
     _, path = _paths(root, iteration)
     state = dist_checkpointing.load(_sharded_state(model, optimizer, iteration, True), str(path))
     model.load_state_dict(state["model"])

@@ -610,17 +610,18 @@ def reproduction_table(
                     share, share_txt = base.comm_share, f"{base.comm_share:.1%} (model, MoE only)"
                 reduction = step_time_reduction(share, r)
                 speedup = PAPER_CLAIMS["speedup_64npu"].get(b) if npus == 64 else None
-                if r >= 1:
-                    needed = "impossible (r >= 1)"
                 if speedup is not None:
-                    claim = 1.0 - 1.0 / speedup
-                    claim_txt = f"{speedup:.2f}x = -{claim:.1%}"
-                    if r < 1:
-                        needed = f"{share_needed(claim, r):.1%}"
+                    targets = [1.0 - 1.0 / speedup]
+                    claim_txt = f"{speedup:.2f}x = -{targets[0]:.1%}"
                 else:
+                    targets = [lo, hi]
                     claim_txt = f"-{lo:.2%} .. -{hi:.2%}"
-                    if r < 1:
-                        needed = f"{share_needed(lo, r):.1%} .. {share_needed(hi, r):.1%}"
+                shares = [share_needed(t, r) for t in targets]
+                needed = (
+                    " .. ".join(f"{x:.1%}" for x in shares)
+                    if shares[0] is not None
+                    else "impossible (r >= 1)"
+                )
                 rows.append(
                     [
                         f"{nodes_total} x 8 = {npus}",

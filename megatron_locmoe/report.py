@@ -40,7 +40,6 @@ class LinePlot(NamedTuple):
     ylabel: str
     """May name {bytes} / {drops}: their units (per token when every run's size is known)."""
     title: str
-    heading: str
     per: str | None = None
     """Divide by each run's "token"s or "assignment"s per rank-step."""
     dashed_tag: str | None = None
@@ -48,36 +47,40 @@ class LinePlot(NamedTuple):
 
 
 FIGURES = {
-    "loss": LinePlot(
-        "lm loss", "lm loss", "Training loss (same tokens for every run)", "Training loss"
+    # PNG name: (heading, plot; None: the per-layer load-CV bars of _load_cv_per_layer)
+    "loss": (
+        "Training loss",
+        LinePlot("lm loss", "lm loss", "Training loss (same tokens for every run)"),
     ),
-    "node_local_fraction": LinePlot(
-        "node_local_fraction",
-        "node-local share of assignments",
-        "Assignments whose expert is on the token's node",
+    "node_local_fraction": (
         "Node-local fraction",
+        LinePlot(
+            "node_local_fraction",
+            "node-local share of assignments",
+            "Assignments whose expert is on the token's node",
+        ),
     ),
-    "inter_node_bytes": LinePlot(
-        "inter_node_bytes",
-        "{bytes}",
-        "Inter-node bytes (solid: hierarchical dispatcher, dashed: flat All-to-All)",
+    "inter_node_bytes": (
         "Inter-node bytes per token",
-        per="token",
-        dashed_tag="flat_inter_node_bytes",
+        LinePlot(
+            "inter_node_bytes",
+            "{bytes}",
+            "Inter-node bytes (solid: hierarchical dispatcher, dashed: flat All-to-All)",
+            per="token",
+            dashed_tag="flat_inter_node_bytes",
+        ),
     ),
-    "load_cv_per_layer": None,  # bars, one group per MoE layer: _load_cv_per_layer
-    "tokens_dropped": LinePlot(
-        "tokens_dropped",
-        "{drops}",
-        "Dropped token-expert assignments",
+    "load_cv_per_layer": ("Load CV per layer", None),
+    "tokens_dropped": (
         "Drops",
-        per="assignment",
+        LinePlot("tokens_dropped", "{drops}", "Dropped token-expert assignments", per="assignment"),
     ),
-    "expert_capacity": LinePlot(
-        "expert_capacity", "tokens per expert (0: dropless)", "Expert capacity", "Capacity"
+    "expert_capacity": (
+        "Capacity",
+        LinePlot("expert_capacity", "tokens per expert (0: dropless)", "Expert capacity"),
     ),
 }
-"""The report's figures in page order (PNG names without .png)."""
+"""The report's figures in page order."""
 
 PLOTS = (*FIGURES, "modeled_step_time")
 """PNG names (without .png) a full report contains."""
@@ -272,17 +275,14 @@ def build_report(runs: list[Run], out_html: str | Path, workload: str = "pangu-s
     drop_unit = "share of assignments" if sized else "per rank-step"
     units = dict(bytes=bytes_unit, drops=drop_unit)
     divisors = {"token": per_token, "assignment": per_assignment, None: None}
-    made = {}
-    for name, plot in FIGURES.items():
+    for name, (_, plot) in FIGURES.items():
         path = png_dir / f"{name}.png"
         if plot is None:
             _load_cv_per_layer(runs, colors, path)
-            made[name] = "Load CV per layer"
             continue
         ylabel = plot.ylabel.format(**units)
         scale, dashed = divisors[plot.per], plot.dashed_tag
         _line_plot(runs, colors, plot.tag, ylabel, plot.title, path, scale, dashed)
-        made[name] = plot.heading
     times = modeled_step_times(runs, workload)
     modeled = any(times.values())
     if modeled:
@@ -291,7 +291,7 @@ def build_report(runs: list[Run], out_html: str | Path, workload: str = "pangu-s
     rel = png_dir.name
     figs = "".join(
         f'<h2>{html.escape(title)}</h2><img src="{rel}/{name}.png" alt="{html.escape(title)}">'
-        for name, title in made.items()
+        for name, (title, _) in FIGURES.items()
     )
     settings = "".join(
         f"<li><b>{html.escape(r.label)}</b> ({html.escape(str(r.path))}): "

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.moe.moe_layer import MoELayer
@@ -31,13 +30,17 @@ def plugin_active(locmoe: LocMoEConfig, transformer_config=None) -> bool:
 
 def padded_vocab(model_config) -> int:
     """Every id the embedding can see: the vocabulary padded as GPTModelBuilder pads it."""
+    from megatron.training.vocab_utils import calculate_padded_vocab_size
+
     vocab = model_config.vocab_size
     if not getattr(model_config, "should_pad_vocab", False):
         return vocab
-    multiple = model_config.make_vocab_size_divisible_by * (
-        model_config.transformer.tensor_model_parallel_size
+    return calculate_padded_vocab_size(
+        vocab,
+        model_config.make_vocab_size_divisible_by,
+        model_config.transformer.tensor_model_parallel_size,
+        logging_enabled=False,
     )
-    return math.ceil(vocab / multiple) * multiple
 
 
 def with_locmoe_layers(

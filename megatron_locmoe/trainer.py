@@ -7,7 +7,7 @@ MoE tracker into TensorBoard. It runs inside a SimCluster job (``train_job``); G
 ``megatron_locmoe.pretrain_gpt`` (Megatron's own loop) instead.
 
 Gradients follow Megatron's data-parallel semantics: the loss is the mean over this rank's
-tokens; dense parameters' grads are averaged over the data-parallel group; expert parameters,
+tokens that the loss mask keeps; dense parameters' grads are averaged over the data-parallel group; expert parameters,
 which already received every rank's tokens through the All-to-All, are divided by the same
 data-parallel size and averaged over the expert-data-parallel group.
 """
@@ -64,8 +64,8 @@ class TrainSettings:
     launcher's CPU runs pass it, so every model flag means what it means to pretrain_gpt."""
     gpt_model_options: dict = field(default_factory=dict)
     """GPTModel's own arguments from the command line (embedding tying, position embeddings,
-    padded vocabulary, maximum sequence length: ``gpt_model_options_from_args``); empty: the
-    loop's defaults."""
+    padded vocabulary, maximum sequence length), as ``launch.train_settings`` takes them from
+    Megatron's ``gpt_config_from_args``; empty: the loop's defaults."""
     data_prefix_per_node: list[str] | None = None
     """One corpus prefix per (simulated) node, read by that node's ranks instead of
     ``data_prefix``: node-correlated data (a domain-sharded loader, as in PanGu-Sigma), without
@@ -171,8 +171,8 @@ def _micro_batch(data, first: int, settings: TrainSettings):
         torch.stack([b[key] for b in batch])
         for key in ("tokens", "labels", "loss_mask", "position_ids")
     )
-    mask = None
-    if settings.dataset_options.get("reset_attention_mask"):
+    mask = None  # absent with --no-create-attention-mask-in-dataloader, as in pretrain_gpt
+    if settings.dataset_options.get("reset_attention_mask") and "attention_mask" in batch[0]:
         mask = torch.stack([b["attention_mask"] for b in batch])
     return tokens, labels, loss_mask, positions, mask
 
@@ -215,11 +215,11 @@ def train_job(ctx, settings: TrainSettings) -> dict:
     wandb_run = _wandb_run(settings) if ctx.rank == ctx.world_size - 1 else None
     tracker = get_moe_metrics_tracker()
     losses, reported = [], {}
-    start = 0
-    if settings.load_dir and checkpoint.latest_iteration(settings.load_dir) is not None:
-        start = checkpoint.load(model, opt, settings.load_dir)
-    elif settings.load_dir and ctx.rank == 0:  # as Megatron's load_checkpoint: start afresh
-        print(f"no checkpoint under {settings.load_dir}: training from scratch", flush=True)
+    start = checkpoint.load(model, opt, settings.load_dir) if settings.load_dir else 0
+    if start is None:  # as Megatron's load_checkpoint: start afresh
+        start = 0
+        if ctx.rank == 0:
+            print(f"no checkpoint under {settings.load_dir}: training from scratch", flush=True)
     for step in range(start, settings.steps):
         step_start = time.perf_counter()
         first = (step * dp_size + dp_rank) * mbs  # each data-parallel rank its own samples

@@ -696,7 +696,7 @@ def test_cpu_sim_flags_map_onto_the_cpu_loop(tmp_path):
     sets += ["global-batch-size=32"]
     plan = _plan("cpu-sim", sets=sets, nodes=4, runs_dir=str(tmp_path))
     (rp,) = plan.runs
-    settings, layout = launch.train_settings(rp.args, rp.name, 2, rp.log_dir)
+    settings, layout = rp.cpu_loop  # what run_cpu trains with
     assert (layout.devices_per_node, layout.ep) == (2, 4) and plan.world_size == 8
     assert (settings.save_dir, settings.save_interval, settings.load_dir) == ("ckpt", 10, "ckpt")
     assert (settings.steps, settings.lr, settings.hidden_size) == (12, 1e-3, 32)
@@ -717,30 +717,30 @@ def test_cpu_loop_honours_the_model_flags(tmp_path):
     sets += ["moe-router-type=megatron", "moe-aux-loss-coeff=0.0", "normalization=RMSNorm"]
     plan = _plan("cpu-sim", sets=sets, runs_dir=str(tmp_path))
     (rp,) = plan.runs
-    settings, _ = launch.train_settings(rp.args, rp.name, 2, rp.log_dir)
+    settings, _ = rp.cpu_loop
     c = settings.transformer_config
     assert (c.gated_linear_unit, c.activation_func, c.add_bias_linear) == (False, F.gelu, True)
     assert (c.hidden_dropout, c.attention_dropout, c.normalization) == (0.2, 0.0, "RMSNorm")
     assert c.moe_aux_loss_coeff == 0.0
-    default = launch.train_settings(*_cpu_sim_run(tmp_path))[0].transformer_config
+    default = _cpu_sim_run(tmp_path).cpu_loop[0].transformer_config
     assert default.gated_linear_unit and not default.add_bias_linear
 
 
 def _cpu_sim_run(tmp_path):
     (rp,) = _plan("cpu-sim", runs_dir=str(tmp_path / "default")).runs
-    return rp.args, rp.name, 2, rp.log_dir
+    return rp
 
 
 def test_cpu_loop_takes_gpt_model_flags(tmp_path):
     """GPTModel's own flags reach the CPU loop as pretrain_gpt reads them (gpt_config_from_args):
     embeddings tied unless untied, the padded vocabulary, the position-embedding length."""
-    settings = launch.train_settings(*_cpu_sim_run(tmp_path))[0]
+    settings = _cpu_sim_run(tmp_path).cpu_loop[0]
     o = settings.gpt_model_options
     assert o["share_embeddings_and_output_weights"] and o["vocab_size"] == 384  # 257 -> x128
     assert (o["max_sequence_length"], o["position_embedding_type"]) == (64, "learned_absolute")
     sets = ["untie-embeddings-and-output-weights=true", "max-position-embeddings=128"]
     (rp,) = _plan("cpu-sim", sets=sets, runs_dir=str(tmp_path / "untied")).runs
-    o = launch.train_settings(rp.args, rp.name, 2, rp.log_dir)[0].gpt_model_options
+    o = rp.cpu_loop[0].gpt_model_options
     assert not o["share_embeddings_and_output_weights"] and o["max_sequence_length"] == 128
 
 
@@ -750,6 +750,6 @@ def test_cpu_loop_takes_the_dataset_flags(tmp_path):
     sets = ["split=90,10,0", "eod-mask-loss=true", "reset-attention-mask=true"]
     sets += [f"data-cache-path={tmp_path / 'cache'}"]
     (rp,) = _plan("cpu-sim", sets=sets, runs_dir=str(tmp_path)).runs
-    o = launch.train_settings(rp.args, rp.name, 2, rp.log_dir)[0].dataset_options
+    o = rp.cpu_loop[0].dataset_options
     assert (o["split"], o["eod_mask_loss"], o["reset_attention_mask"]) == ("90,10,0", True, True)
     assert (o["reset_position_ids"], o["path_to_cache"]) == (False, str(tmp_path / "cache"))

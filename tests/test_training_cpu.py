@@ -181,9 +181,10 @@ def test_dataset_flags_shape_the_loops_batches(short_docs):
 def test_loop_trains_with_document_masks(cluster_factory, short_docs):
     """The attention mask of --reset-attention-mask goes through the model, and the masked loss
     is what the loop reports (2 steps, 2 ranks)."""
-    options = dict(eod_mask_loss=True, reset_position_ids=True, reset_attention_mask=True)
+    no_attention = dict(eod_mask_loss=True, reset_position_ids=True)
+    options = dict(no_attention, reset_attention_mask=True)
     runs = {}
-    for name, opts in (("masked", options), ("plain", {})):
+    for name, opts in (("masked", options), ("no_attention", no_attention), ("plain", {})):
         settings = TrainSettings(
             data_prefix=short_docs,
             locmoe=LocMoEConfig(router_type="locmoe"),
@@ -194,3 +195,4 @@ def test_loop_trains_with_document_masks(cluster_factory, short_docs):
         runs[name] = cluster_factory(2).run(train_job, settings, layout=layout)[0]["losses"]
     assert all(v == v and 3.0 < v < 8.0 for v in runs["masked"])  # finite, byte-level scale
     assert runs["masked"] != runs["plain"]
+    assert runs["masked"] != runs["no_attention"]  # the attention mask reached the model

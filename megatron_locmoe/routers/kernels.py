@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
+from megatron_locmoe.metrics import ROUTER_METRICS
 from megatron_locmoe.routers.launch import FastLaunch
 
 try:
@@ -77,7 +78,7 @@ def available(device: torch.device) -> bool:
 
 
 NUM_STATS = 3  # per expert: softmax mass, routed count, routed with prob > 0 (kernels: "3 * E")
-NUM_METRICS = 7  # metrics.ROUTER_METRICS
+NUM_METRICS = len(ROUTER_METRICS)  # the finalize writes them in that order
 SUMMARY = 2 + NUM_METRICS
 """The workspace's tail: attached loss, aux loss, the metric vector."""
 
