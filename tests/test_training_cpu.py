@@ -110,6 +110,11 @@ def test_fused_router_trains_like_the_reference(cluster_factory, corpus, dispatc
     the training loop: the same losses and metrics, step by step, as the op-by-op path, behind
     the plugin's dispatcher and Megatron's (whose permutation hands the router a transposed,
     non-contiguous probs gradient)."""
+    import torch
+
+    from megatron_locmoe.routers import kernels
+
+    assert kernels.DISABLED or kernels.available(torch.device("cpu")), "no kernels to train with"
     cluster = cluster_factory(4)
     runs = {}
     for fused in (False, True):
