@@ -31,16 +31,23 @@ MODEL_SIZE = (
     "--min-lr 3e-5 --lr-decay-style cosine --lr-warmup-iters 20 --eval-iters 0 "
     "--eval-interval 100000 --seed 1234"
 )
-TE_IMPL = "--transformer-impl transformer_engine"
+HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
+HAVE_APEX_WGRAD = importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+TE_IMPL = "--transformer-impl transformer_engine" + (
+    # the output layer is Megatron's own linear, whose fused weight-gradient accumulation needs
+    # apex (NGC containers have it; a bare TE install does not)
+    "" if HAVE_APEX_WGRAD else " --no-gradient-accumulation-fusion"
+)
 LOCAL_IMPL = (  # without TE and apex: the local spec and no apex fusions
     "--transformer-impl local --no-persist-layer-norm --no-masked-softmax-fusion "
     "--no-gradient-accumulation-fusion"
 )
-HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
 MODEL = f"{MODEL_SIZE} {TE_IMPL if HAVE_TE else LOCAL_IMPL}"
 """TE specs when transformer-engine is importable (NGC containers), the local spec otherwise.
 (Experts: --locmoe-experts picks the plugin's grouped MLP or Megatron's loop either way.)"""
 MEGATRON_AUX = "--moe-router-load-balancing-type aux_loss --moe-aux-loss-coeff 0.01"
+TE_FUSIONS = "--moe-grouped-gemm --moe-permute-fusion"
+"""TE's grouped expert GEMMs (TEGroupedMLP) and fused permutation: Megatron's fastest MoE path."""
 ROUTERS = {
     # Megatron's stock layer: its router and its per-expert loop (no TE, no grouped_gemm)
     "megatron_loop": f"--moe-router-type megatron {MEGATRON_AUX} --locmoe-experts loop",
@@ -49,27 +56,49 @@ ROUTERS = {
     "hash": "--moe-router-type hash --locmoe-experts grouped",
     "switch": "--moe-router-type switch --moe-expert-capacity-factor 1.0 --locmoe-experts grouped",
     "locmoe": "--moe-router-type locmoe --locmoe-fused-router --locmoe-experts grouped",
+    # under TE: Megatron's router with every TE fusion (router fusion: TE's fused top-k, score
+    # function and aux loss) -- the baseline production users run; the plugin's routers on
+    # TEGroupedMLP with the same fusions (locmoe: --moe-router-fusion gives its own fused path;
+    # hash has no gate to fuse), and locmoe on the plugin's grouped experts under TE
+    "megatron_te": f"--moe-router-type megatron {MEGATRON_AUX} {TE_FUSIONS} --moe-router-fusion",
+    "locmoe_te": f"--moe-router-type locmoe {TE_FUSIONS} --moe-router-fusion",
+    "locmoe_te_grouped": "--moe-router-type locmoe --moe-router-fusion --moe-permute-fusion "
+    "--locmoe-experts grouped",
+    "hash_te": f"--moe-router-type hash {TE_FUSIONS}",
+    "switch_te": "--moe-router-type switch --moe-expert-capacity-factor 1.0 "
+    f"{TE_FUSIONS} --moe-router-fusion",
 }
 ROUTERS["locmoe_compiled"] = ROUTERS["locmoe"]  # the fused path as the compiled graph (env)
 ROUTER_ENV = {"locmoe_compiled": {"LOCMOE_TRITON_ROUTER": "0"}}
-DEFAULT_ROUTERS = ["megatron_loop", "megatron", "hash", "switch", "locmoe"]
+TE_ROUTERS = [r for r in ROUTERS if r.endswith(("_te", "_te_grouped"))]
+DEFAULT_ROUTERS = (
+    ["megatron_te", "locmoe_te", "locmoe_te_grouped", "hash_te", "switch_te"]
+    if HAVE_TE
+    else ["megatron_loop", "megatron", "hash", "switch", "locmoe"]
+)
 TOKENS_PER_STEP = 32 * 512  # global batch x sequence length of MODEL_SIZE
-BASELINE = "megatron"
-"""Ratios are against Megatron's router on the same (grouped) experts."""
+BASELINE = "megatron_te" if HAVE_TE else "megatron"
+"""Ratios are against Megatron's fastest path where TE is there (its router with every TE
+fusion on TEGroupedMLP), else against its router on the same (grouped) experts."""
 LINE = re.compile(
     r"iteration\s+(\d+)/\s*\d+ .*?elapsed time per iteration \(ms\): ([\d.]+).*?lm loss: ([\d.E+-]+)"
 )
 
 
-def run(router: str, steps: int, log_interval: int, data: str, nproc: int, extra="") -> dict:
+def run(
+    router: str, steps: int, log_interval: int, data: str, nproc: int, extra="", model=MODEL
+) -> dict:
+    if router in TE_ROUTERS and not HAVE_TE:
+        raise SystemExit(f"{router} runs under transformer-engine, which is not installed here")
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",  # a free rendezvous port: runs may share a machine
         f"--nproc-per-node={nproc}",
         "-m",
         "megatron_locmoe.pretrain_gpt",
-        *MODEL.split(),
+        *model.split(),
         *ROUTERS[router].split(),
         "--train-iters",
         str(steps),
@@ -90,6 +119,7 @@ def run(router: str, steps: int, log_interval: int, data: str, nproc: int, extra
         "loss": {i: loss for i, _, loss in points},
         "ms_per_iter": statistics.median(steady) if steady else points[-1][1],
         "wall_s": time.time() - t0,
+        "stdout_tail": proc.stdout[-4000:],
     }
 
 
@@ -147,10 +177,11 @@ def main() -> None:
         for r in a.routers:  # saved after each run, so a cut-off call keeps what finished
             extra = (
                 f"--locmoe-hash-token-counts {a.hash_counts}"
-                if r == "hash" and a.hash_counts
+                if r.startswith("hash") and a.hash_counts
                 else ""
             )
             res = run(r, a.steps, a.log_interval, a.data, a.nproc, extra)
+            res.pop("stdout_tail")
             rounds.setdefault(r, []).append(res["ms_per_iter"])
             res["ms_per_iter_rounds"] = rounds[r]
             res["ms_per_iter"] = statistics.median(rounds[r])

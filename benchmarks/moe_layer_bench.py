@@ -1,17 +1,24 @@
-"""The whole MoE layer forward+backward, the plugin against Megatron-Core's local-spec layer, and
-the expert GEMMs' TFLOP/s against the card's bf16 peak; all in one run on one card.
+"""The whole MoE layer forward+backward, the plugin against Megatron-Core's layers, and the
+expert GEMMs' TFLOP/s against the card's bf16 peak; all in one run on one card.
 
-    python benchmarks/moe_layer_bench.py --out benchmarks/results/moe_layer_h100.json
+    python benchmarks/moe_layer_bench.py --out benchmarks/results/moe_layer_h200_te.json \
+        --shape "8192,2048,64,6,1408;8192,4096,16,1,16384"
 
 Layers (same weights, same tokens, EP = 1, alltoall dispatcher, bf16, SwiGLU experts with
 Megatron's fused weighted SwiGLU, pretrain_gpt's default with --swiglu; --no-activation-fusion
 for the eager one):
-- ``megatron_local``: Megatron's MoELayer from its local spec: TopKRouter (aux loss) and the
-  per-expert loop (SequentialMLP) that Megatron uses without transformer-engine — the baseline;
+- ``megatron_te`` (where transformer-engine is installed, the baseline): Megatron's strongest
+  layer, TE's spec with TEGroupedMLP, fused permutation and TE's fused router;
+- ``plugin_megatron_te``: the plugin's layer with Megatron's router under the same settings
+  (must equal ``megatron_te``);
+- ``plugin_locmoe_te`` / ``plugin_locmoe_grouped_te``: the fused LocMoE router on TEGroupedMLP /
+  on the plugin's grouped experts, under the same settings;
+- ``megatron_local`` (the baseline without TE): Megatron's layer from its local spec, TopKRouter
+  (aux loss) and the per-expert loop (SequentialMLP);
 - ``plugin_megatron_grouped``: the plugin's layer with Megatron's router and grouped experts
-  (isolates the expert path: its output must equal the baseline's bit for bit);
+  (isolates the expert path: its output must equal ``megatron_local``'s bit for bit);
 - ``plugin_locmoe_grouped``: the plugin's layer with the fused LocMoE router and grouped experts.
-Experts alone: the loop and the grouped module on the baseline's routing, forward and
+Experts alone: the loop and the grouped module on the local layer's routing, forward and
 forward+backward, FLOPs = 6 * assignments * H * F forward (SwiGLU: 2F up, F down), 3x that
 with the backward.
 """
@@ -19,6 +26,7 @@ with the backward.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -28,8 +36,17 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchutil  # noqa: E402
 
+HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
+TE_FUSIONS = dict(
+    transformer_impl="transformer_engine",
+    moe_grouped_gemm=True,
+    moe_permute_fusion=True,
+    moe_router_fusion=True,
+)
+"""Megatron's fastest MoE path: TE's spec (TEGroupedMLP), fused permutation, fused router."""
 
-def _config(H, E, k, F_, activation_fusion: bool):
+
+def _config(H, E, k, F_, activation_fusion: bool, te: bool = False):
     return benchutil.moe_config(
         H,
         E,
@@ -39,39 +56,68 @@ def _config(H, E, k, F_, activation_fusion: bool):
         gated_linear_unit=True,
         activation_func=F.silu,
         bias_activation_fusion=activation_fusion,
+        **(TE_FUSIONS if te else {}),
     )
 
 
-LOCMOE = {
-    "megatron_local": None,  # Megatron's own layer: TopKRouter, per-expert loop
-    "plugin_megatron_grouped": dict(router_type="megatron", experts="grouped"),
-    "plugin_locmoe_grouped": dict(router_type="locmoe", experts="grouped", fused_router=True),
+LAYERS = {
+    # name: (under TE's spec and fusions, plugin settings or None for Megatron's own layer)
+    "megatron_local": (False, None),  # Megatron's local layer: TopKRouter, per-expert loop
+    "plugin_megatron_grouped": (False, dict(router_type="megatron", experts="grouped")),
+    "plugin_locmoe_grouped": (
+        False,
+        dict(router_type="locmoe", experts="grouped", fused_router=True),
+    ),
+    # Megatron's strongest layer, the baseline where TE is installed
+    "megatron_te": (True, None),
+    # the plugin's layer with Megatron's router under TE: must equal megatron_te
+    "plugin_megatron_te": (True, dict(router_type="megatron")),
+    # the fused LocMoE router (--moe-router-fusion) on TEGroupedMLP, and on the plugin's
+    # grouped experts under TE's spec
+    "plugin_locmoe_te": (True, dict(router_type="locmoe")),
+    "plugin_locmoe_grouped_te": (True, dict(router_type="locmoe", experts="grouped")),
 }
+BASELINE = "megatron_te" if HAVE_TE else "megatron_local"
+EQUAL_PAIRS = [("megatron_local", "plugin_megatron_grouped"), ("megatron_te", "plugin_megatron_te")]
+"""Layers that compute the same function (same weights, same router): compared on output and
+input gradient."""
 
 
-def build_layer(name: str, config, device):
+def build_layer(name: str, configs: dict, device):
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from megatron_locmoe.config import LocMoEConfig
     from megatron_locmoe.testing import build_moe_layer
 
-    locmoe = LOCMOE[name]
+    te, locmoe = LAYERS[name]
     torch.manual_seed(7)  # same weights in every layer: reset the host RNG and Megatron's
     model_parallel_cuda_manual_seed(7)  # device RNG tracker (experts initialise under a fork)
-    layer = build_moe_layer(config, locmoe=LocMoEConfig(**locmoe) if locmoe else None)
+    layer = build_moe_layer(configs[te], locmoe=LocMoEConfig(**locmoe) if locmoe else None)
     return layer.to(device)
 
 
-LAYERS = list(LOCMOE)
+def _compare(a, b) -> dict:
+    (y0, g0), (y1, g1) = a, b
+    return {
+        "output_bitwise": bool(torch.equal(y0, y1)),
+        "x_grad_bitwise": bool(torch.equal(g0, g1)),
+        "output_max_rel_diff": float(
+            (y0.float() - y1.float()).abs().max() / y0.float().abs().max().clamp_min(1e-30)
+        ),
+        "x_grad_max_rel_diff": float(
+            (g0.float() - g1.float()).abs().max() / g0.float().abs().max().clamp_min(1e-30)
+        ),
+    }
 
 
-def bench_layers(config, T, device, args) -> dict:
+def bench_layers(configs: dict, T, device, args) -> dict:
+    config = configs[False]
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(T, 1, config.hidden_size, device=device, dtype=torch.bfloat16, generator=gen)
     dy = torch.randn_like(x)
     rows, outs = {}, {}
-    for name in LAYERS:
-        layer = build_layer(name, config, device)
+    for name in args.layers:
+        layer = build_layer(name, configs, device)
         xr = x.clone().requires_grad_(True)
 
         def step(layer=layer, xr=xr):
@@ -86,27 +132,25 @@ def bench_layers(config, T, device, args) -> dict:
         y, _ = layer(xr)
         y.backward(dy)
         outs[name] = (y.detach(), xr.grad.clone())
-        rows[name] = {"ms": ms, "peak_mb": mem}
+        rows[name] = {"ms": ms, "peak_mb": mem, "experts": type(layer.experts).__name__}
         del layer
-    base = rows["megatron_local"]["ms"]
+    base = rows[BASELINE]["ms"] if BASELINE in rows else rows["megatron_local"]["ms"]
+    local = rows.get("megatron_local", {}).get("ms")
     for row in rows.values():
-        row["vs_megatron"] = row["ms"] / base
-    (y0, g0), (y1, g1) = outs["megatron_local"], outs["plugin_megatron_grouped"]
-    check = {
-        "output_bitwise": bool(torch.equal(y0, y1)),
-        "x_grad_bitwise": bool(torch.equal(g0, g1)),
-        "x_grad_max_rel_diff": float(
-            (g0.float() - g1.float()).abs().max() / g0.float().abs().max().clamp_min(1e-30)
-        ),
+        row["vs_baseline"] = row["ms"] / base
+        row["vs_megatron_local"] = row["ms"] / local if local else None
+    checks = {
+        f"{a} vs {b}": _compare(outs[a], outs[b]) for a, b in EQUAL_PAIRS if a in outs and b in outs
     }
-    return {"layers": rows, "grouped_vs_loop_layer": check}
+    return {"baseline": BASELINE, "layers": rows, "equal_layers": checks}
 
 
-def bench_experts(config, T, device, args) -> dict:
+def bench_experts(configs: dict, T, device, args) -> dict:
     """Loop vs grouped experts on the same routed tokens (the baseline router's routing)."""
+    config = configs[False]
     from megatron_locmoe.experts import GroupedSequentialMLP
 
-    layer = build_layer("megatron_local", config, device)
+    layer = build_layer("megatron_local", configs, device)
     gen = torch.Generator(device=device).manual_seed(1)
     x = torch.randn(T, 1, config.hidden_size, device=device, dtype=torch.bfloat16, generator=gen)
     with torch.no_grad():
@@ -117,7 +161,7 @@ def bench_experts(config, T, device, args) -> dict:
     probs = torch.rand(n, device=device, dtype=torch.float32, generator=gen)
     dy = torch.randn_like(tokens)
     loop = layer.experts
-    plugin = build_layer("plugin_megatron_grouped", config, device)  # same seed: same weights
+    plugin = build_layer("plugin_megatron_grouped", configs, device)  # same seed: same weights
     assert isinstance(plugin.experts, GroupedSequentialMLP)
     grouped = plugin.experts
     H, F_ = config.hidden_size, config.moe_ffn_hidden_size
@@ -181,10 +225,58 @@ def bench_experts(config, T, device, args) -> dict:
     }
 
 
+def bench_shape(T, H, E, k, F_, device, args) -> dict:
+    configs = {False: _config(H, E, k, F_, args.activation_fusion)}
+    if HAVE_TE:
+        configs[True] = _config(H, E, k, F_, args.activation_fusion, te=True)
+    result = {"shape": {"T": T, "H": H, "E": E, "k": k, "F": F_}}
+    fusion = "Megatron's fused weighted SwiGLU" if args.activation_fusion else "eager SwiGLU"
+    print(f"\nT={T} H={H} E={E} top-{k} F={F_} ({fusion}, bf16, EP=1)")
+    result["experts"] = bench_experts(configs, T, device, args)
+    ex = result["experts"]
+    print(f"expert MLPs alone ({ex['assignments']} assignments; bitwise equal: {ex['bitwise']}):")
+    print(
+        f"  {'impl':<20}{'fwd ms':>9}{'fwd TFLOP/s':>13}{'fwd+bwd ms':>12}{'fwd+bwd TFLOP/s':>17}"
+    )
+    for name, row in ex["experts"].items():
+        fb = (
+            f"{row['fwd_bwd_ms']:>12.3f}{row['fwd_bwd_tflops']:>17.0f}"
+            if "fwd_bwd_ms" in row
+            else ""
+        )
+        print(f"  {name:<20}{row['fwd_ms']:>9.3f}{row['fwd_tflops']:>13.0f}{fb}")
+    result.update(bench_layers(configs, T, device, args))
+    print(f"whole MoE layer, forward+backward (baseline {result['baseline']}):")
+    print(
+        f"  {'layer':<26}{'experts':<22}{'ms':>9}{'vs baseline':>13}{'vs local':>10}{'peak MB':>9}"
+    )
+    for name, row in result["layers"].items():
+        mem = f"{row['peak_mb']:.0f}" if row["peak_mb"] is not None else "-"
+        local = f"{row['vs_megatron_local']:.3f}" if row["vs_megatron_local"] else "-"
+        print(
+            f"  {name:<26}{row['experts']:<22}{row['ms']:>9.3f}{row['vs_baseline']:>13.3f}"
+            f"{local:>10}{mem:>9}"
+        )
+    for pair, check in result["equal_layers"].items():
+        print(f"  {pair}: {check}")
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--shape", default="8192,2048,64,6,1408", help="T,H,E,k,F")
+    p.add_argument(
+        "--shape",
+        default="8192,2048,64,6,1408",
+        help="T,H,E,k,F; several separated by ';' (the paper's: 8192,4096,16,1,16384)",
+    )
+    p.add_argument(
+        "--layers",
+        nargs="+",
+        default=[name for name, (te, _) in LAYERS.items() if HAVE_TE or not te],
+        choices=list(LAYERS),
+        help="default: every layer this install can build (the TE ones need transformer-engine)",
+    )
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--inner", type=int, default=3)
@@ -198,40 +290,17 @@ def main() -> None:
     )
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    T, H, E, k, F_ = (int(v) for v in args.shape.split(","))
+    if not HAVE_TE and any(LAYERS[name][0] for name in args.layers):
+        raise SystemExit("the *_te layers need transformer-engine, which is not installed here")
     device = benchutil.init_single_process(args.device)
-    config = _config(H, E, k, F_, args.activation_fusion)
-    result = benchutil.record(
-        device,
-        shape={"T": T, "H": H, "E": E, "k": k, "F": F_},
-        activation_fusion=args.activation_fusion,
-    )
+    result = benchutil.record(device, activation_fusion=args.activation_fusion, shapes=[])
     print(
         f"card: {result['card']}  torch {result['torch']}  megatron-core {result['megatron_core']}"
     )
-    fusion = "Megatron's fused weighted SwiGLU" if args.activation_fusion else "eager SwiGLU"
-    print(f"T={T} H={H} E={E} top-{k} F={F_} ({fusion}, bf16, EP=1)")
-    result["experts"] = bench_experts(config, T, device, args)
-    ex = result["experts"]
-    print(f"\nexpert MLPs alone ({ex['assignments']} assignments; bitwise equal: {ex['bitwise']}):")
-    print(
-        f"  {'impl':<20}{'fwd ms':>9}{'fwd TFLOP/s':>13}{'fwd+bwd ms':>12}{'fwd+bwd TFLOP/s':>17}"
-    )
-    for name, row in ex["experts"].items():
-        fb = (
-            f"{row['fwd_bwd_ms']:>12.3f}{row['fwd_bwd_tflops']:>17.0f}"
-            if "fwd_bwd_ms" in row
-            else ""
-        )
-        print(f"  {name:<20}{row['fwd_ms']:>9.3f}{row['fwd_tflops']:>13.0f}{fb}")
-    result.update(bench_layers(config, T, device, args))
-    print("\nwhole MoE layer, forward+backward:")
-    print(f"  {'layer':<26}{'ms':>9}{'vs megatron':>13}{'peak MB':>9}")
-    for name, row in result["layers"].items():
-        mem = f"{row['peak_mb']:.0f}" if row["peak_mb"] is not None else "-"
-        print(f"  {name:<26}{row['ms']:>9.3f}{row['vs_megatron']:>13.3f}{mem:>9}")
-    print(f"  grouped vs loop layer: {result['grouped_vs_loop_layer']}")
-    benchutil.save(args.out, result)
+    for shape in args.shape.split(";"):
+        T, H, E, k, F_ = (int(v) for v in shape.split(","))
+        result["shapes"].append(bench_shape(T, H, E, k, F_, device, args))
+        benchutil.save(args.out, result)  # after each shape: a cut-off call keeps what finished
 
 
 if __name__ == "__main__":

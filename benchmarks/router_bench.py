@@ -2,7 +2,9 @@
 
     python benchmarks/router_bench.py --out benchmarks/results/router_h100.json
 
-Routers: Megatron's TopKRouter with its aux loss (the baseline) and with group-limited routing,
+Routers: Megatron's TopKRouter with its aux loss (the baseline), with transformer-engine's fused
+top-k, score function and aux loss (``--moe-router-fusion``; where TE is installed) and with
+group-limited routing,
 the plugin's locmoe (reference path; fused path as one torch.compile'd graph; fused path on
 the Triton kernels, the default on CUDA), switch (top-1 only, by definition), hash, and
 ``autograd_floor``: no routing at all, only what every router pays in this harness (a module
@@ -26,6 +28,7 @@ locality loss is computed as in a multi-node run; one process cannot host a real
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -80,6 +83,11 @@ def build_router(name: str, H: int, E: int, k: int, device):
     if name == "megatron_aux":
         config = _config(H, E, k)
         router = TopKRouter(config=config, pg_collection=pg)
+    elif name == "megatron_te_fused":
+        if importlib.util.find_spec("transformer_engine") is None:
+            return None
+        config = _config(H, E, k, moe_router_fusion=True)
+        router = TopKRouter(config=config, pg_collection=pg)
     elif name == "megatron_group_limited":
         groups, group_topk = GROUPS[E]
         config = _config(H, E, k, moe_router_num_groups=groups, moe_router_group_topk=group_topk)
@@ -112,6 +120,7 @@ def build_router(name: str, H: int, E: int, k: int, device):
 
 ROUTERS = [
     "megatron_aux",
+    "megatron_te_fused",
     "megatron_group_limited",
     "locmoe",
     "locmoe_compiled",
@@ -185,14 +194,20 @@ def bench_shape(T, H, E, k, device, args) -> dict:
         }
     del routers, steps
     base, base_alone = rows["megatron_aux"]["ms"], rows["megatron_aux"]["alone_ms"]
+    te_alone = rows.get("megatron_te_fused", {}).get("alone_ms")
     for row in rows.values():
         row["vs_megatron"] = row["ms"] / base
         row["alone_vs_megatron"] = row["alone_ms"] / base_alone
+        row["alone_vs_te_fused"] = row["alone_ms"] / te_alone if te_alone else None
     check = {
         name: _agreement(outputs["locmoe"], outputs[name], T)
         for name in ("locmoe_compiled", "locmoe_fused")
         if "locmoe" in outputs and name in outputs
     }
+    if "megatron_te_fused" in outputs:  # TE's fused router against Megatron's unfused one
+        check["megatron_te_fused"] = _agreement(
+            outputs["megatron_aux"], outputs["megatron_te_fused"], T
+        )
     return {"shape": [T, H, E, k], "floor_ms": floor_ms, "routers": rows, "fused_check": check}
 
 
@@ -222,16 +237,17 @@ def main() -> None:
         print(f"\nT={T} H={H} E={E} top-{k}  (memory floor {floor})")
         print(
             f"  {'router':<24}{'ms':>8}{'vs megatron':>13}{'alone ms':>10}{'vs megatron':>13}"
-            f"{'x floor':>9}{'device ms':>11}{'x floor':>9}{'peak MB':>9}"
+            f"{'x floor':>9}{'device ms':>11}{'x floor':>9}{'peak MB':>9}{'vs TE fused':>12}"
         )
         for name, row in res["routers"].items():
             xf = f"{row['x_floor']:.1f}" if row["x_floor"] else "-"
             dev_ms = f"{row['device_ms']:.3f}" if row["device_ms"] is not None else "-"
             dxf = f"{row['device_x_floor']:.1f}" if row["device_x_floor"] else "-"
             mem = f"{row['peak_mb']:.0f}" if row["peak_mb"] is not None else "-"
+            vs_te = f"{row['alone_vs_te_fused']:.3f}" if row["alone_vs_te_fused"] else "-"
             print(
                 f"  {name:<24}{row['ms']:>8.3f}{row['vs_megatron']:>13.3f}{row['alone_ms']:>10.3f}"
-                f"{row['alone_vs_megatron']:>13.3f}{xf:>9}{dev_ms:>11}{dxf:>9}{mem:>9}"
+                f"{row['alone_vs_megatron']:>13.3f}{xf:>9}{dev_ms:>11}{dxf:>9}{mem:>9}{vs_te:>12}"
             )
         for name, agreement in res["fused_check"].items():
             print(f"  {name} vs reference: {agreement}")

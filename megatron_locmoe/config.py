@@ -65,7 +65,8 @@ class LocMoEConfig:
     """Route without Megatron's op-by-op helpers: on CUDA, Triton kernels for the fixed gate
     (routers/kernels.py) and torch.compile'd graphs otherwise (routers/fused.py); eager graphs on
     CPU/NPU. The same results as the reference path up to summation order. Padding masks,
-    z-loss and top-k scaling use the reference path."""
+    z-loss and top-k scaling use the reference path. Megatron's --moe-router-fusion turns it
+    on for the locmoe router too (TE's fused top-k has no GrAP gate or locality loss)."""
 
     # ---- capacity ----------------------------------------------------------------------------
     capacity_mode: Literal["none", "bound"] = "none"
@@ -96,9 +97,11 @@ class LocMoEConfig:
 
     # ---- experts -----------------------------------------------------------------------------
     experts: Literal["auto", "loop", "grouped"] = "auto"
-    """Expert MLPs when the spec gives Megatron's per-expert loop (SequentialMLP: local spec, or
-    no transformer-engine). grouped: all local experts in two torch._grouped_mm GEMMs (same
-    parameters and results). loop: Megatron's loop. auto: grouped if --moe-grouped-gemm is set."""
+    """Expert MLPs. grouped: all local experts in two torch._grouped_mm GEMMs (the parameters
+    and results of Megatron's per-expert loop; under transformer-engine too, with plain expert
+    weights in place of TE's linears). loop: the spec's experts as Megatron builds them (its
+    per-expert loop, or TEGroupedMLP with TE and --moe-grouped-gemm). auto: with
+    --moe-grouped-gemm, TE's TEGroupedMLP where the spec has it, else grouped; without, loop."""
 
     # ---- topology ----------------------------------------------------------------------------
     devices_per_node: int | None = None
@@ -237,6 +240,11 @@ class LocMoEConfig:
             raise ConfigError(
                 "--moe-expert-capacity-factor with the locmoe router needs capacity_mode='bound' "
                 "(the factor is the ceiling of the bound); or remove the factor for dropless"
+            )
+        if self.router_type == "hash" and getattr(tc, "moe_router_fusion", False):
+            raise ConfigError(
+                "--moe-router-fusion fuses a gate's top-k, score function and aux loss; the hash "
+                "router has none of them (one table lookup per token): drop --moe-router-fusion"
             )
         if self.router_type == "hash" and tc.moe_expert_capacity_factor is not None:
             raise ConfigError(

@@ -21,6 +21,7 @@ input gradient differs only by the backward GEMM kernels' rounding (benchmarks/m
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
@@ -59,6 +60,12 @@ class GroupedSequentialMLP(SequentialMLP):
     """SequentialMLP whose experts run as two grouped GEMMs (same parameters and results)."""
 
     def __init__(self, num_local_experts, config, submodules, pg_collection=None, name=None):
+        if config.gradient_accumulation_fusion:
+            # TE's fused weight-gradient accumulation (on by default under TE) is a check in the
+            # local linears' constructor that needs apex; these linears never run (their weights
+            # become views), and the stacked weights' gradients reach Megatron's DDP as .grad.
+            config = copy.copy(config)
+            config.gradient_accumulation_fusion = False
         super().__init__(num_local_experts, config, submodules, pg_collection, name)
         unsupported = grouped_experts_unsupported(self.config)
         if unsupported:

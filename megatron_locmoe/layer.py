@@ -12,11 +12,12 @@ import dataclasses
 import functools
 
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from megatron_locmoe import metrics
-from megatron_locmoe.config import ConfigError, LocMoEConfig
+from megatron_locmoe.config import LocMoEConfig
 from megatron_locmoe.dispatcher import use_hierarchical_dispatcher
 from megatron_locmoe.experts import GroupedSequentialMLP
 from megatron_locmoe.routers import router_builder
@@ -65,23 +66,30 @@ class LocMoELayer(MoELayer):
 
 
 def experts_builder(stock_experts, locmoe: LocMoEConfig, moe_grouped_gemm: bool):
-    """The spec's experts, with Megatron's per-expert loop (SequentialMLP) swapped for the
-    grouped one when ``locmoe.experts`` asks for it (auto: when --moe-grouped-gemm is set but
-    the spec could not give TE's grouped MLP). Any other experts module is kept; a loop over
-    transformer-engine linears is TE's to group (--moe-grouped-gemm gives TEGroupedMLP)."""
+    """The spec's experts, or the plugin's grouped ones (``locmoe.experts``): asked for
+    (grouped), or auto where --moe-grouped-gemm asks for grouping and the spec could only give
+    Megatron's per-expert loop over local linears. TE's TEGroupedMLP stays under auto; grouped
+    replaces it, and any loop over TE linears, with plain local expert weights (same shapes and
+    initialisation), since torch._grouped_mm reads the weights directly."""
     func = getattr(stock_experts, "func", None)
-    if not locmoe.wants_grouped_experts(moe_grouped_gemm) or func is not SequentialMLP:
-        return stock_experts
-    submodules = stock_experts.keywords.get("submodules")
+    submodules = stock_experts.keywords.get("submodules") if func is not None else None
     local = (ColumnParallelLinear, RowParallelLinear)
-    if (getattr(submodules, "linear_fc1", None), getattr(submodules, "linear_fc2", None)) != local:
-        if locmoe.experts == "grouped":
-            raise ConfigError(
-                "--locmoe-experts grouped groups Megatron's local expert linears; with "
-                "transformer-engine use --moe-grouped-gemm (TEGroupedMLP) instead"
-            )
-        return stock_experts
-    return functools.partial(GroupedSequentialMLP, *stock_experts.args, **stock_experts.keywords)
+    spec_is_local_loop = (
+        func is SequentialMLP
+        and (
+            getattr(submodules, "linear_fc1", None),
+            getattr(submodules, "linear_fc2", None),
+        )
+        == local
+    )
+    if locmoe.experts == "grouped" or (
+        locmoe.experts == "auto" and moe_grouped_gemm and spec_is_local_loop
+    ):
+        return functools.partial(
+            GroupedSequentialMLP,
+            submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+        )
+    return stock_experts
 
 
 def locmoe_mlp_builder(

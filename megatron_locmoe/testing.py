@@ -51,19 +51,24 @@ def build_moe_layer(
     router=None,
     locmoe=None,
 ):
-    """Megatron's own MoELayer from its local spec (SequentialMLP experts); the router is
-    Megatron's TopKRouter unless ``router`` (a MoESubmodules.router builder) is given; with a
-    ``locmoe`` config the plugin's LocMoELayer (its router and dispatcher) instead."""
+    """Megatron's own MoELayer from the spec its config names: the local spec (SequentialMLP
+    experts), or with ``transformer_impl="transformer_engine"`` TE's (TEGroupedMLP with
+    ``moe_grouped_gemm``, a loop over TE linears without). The router is Megatron's TopKRouter
+    unless ``router`` (a MoESubmodules.router builder) is given; with a ``locmoe`` config the
+    plugin's LocMoELayer (its router, dispatcher and experts setting) instead."""
+    te = config.transformer_impl == "transformer_engine"
+    if te:
+        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
     spec = get_moe_module_spec_for_backend(
-        LocalSpecProvider(),
+        TESpecProvider() if te else LocalSpecProvider(),
         num_experts=config.num_moe_experts,
-        moe_grouped_gemm=False,
+        moe_grouped_gemm=te and config.moe_grouped_gemm,
         use_te_activation_func=False,
     )
     if locmoe is not None:
         from megatron_locmoe.layer import locmoe_mlp_builder
 
-        spec = locmoe_mlp_builder(spec, locmoe)
+        spec = locmoe_mlp_builder(spec, locmoe, moe_grouped_gemm=config.moe_grouped_gemm)
     elif router is not None:
         submodules = dataclasses.replace(spec.keywords["submodules"], router=router)
         spec = functools.partial(spec.func, submodules=submodules)

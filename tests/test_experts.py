@@ -22,6 +22,12 @@ CASES = {
     "probs_on_input_top1": dict(moe_router_topk=1, moe_apply_probs_on_input=True),
     "bf16_top2": dict(moe_router_topk=2, params_dtype=torch.bfloat16, bf16=True),
     "skewed_top1": dict(moe_router_topk=1, num_moe_experts=16, hidden_size=32),
+    "te_wgrad_fusion_flag_top2": dict(moe_router_topk=2),
+}
+GROUPED_ONLY = {
+    # TE's default (no apex here): the local linears' constructor would refuse it; the grouped
+    # experts never run those linears, so they must build and match the loop regardless
+    "te_wgrad_fusion_flag_top2": dict(gradient_accumulation_fusion=True),
 }
 
 
@@ -47,8 +53,11 @@ def grouped_vs_loop_job(ctx, case: str, dispatcher: str):
     out = {}
     for impl in ("loop", "grouped"):
         torch.manual_seed(11)  # identical weights for both implementations
+        impl_config = config
+        if impl == "grouped" and case in GROUPED_ONLY:
+            impl_config = dataclasses.replace(config, **GROUPED_ONLY[case])
         layer = build_moe_layer(
-            config,
+            impl_config,
             locmoe=LocMoEConfig(router_type="megatron", dispatcher=dispatcher, experts=impl),
         )
         gen = torch.Generator().manual_seed(100 + ctx.rank)
@@ -125,14 +134,25 @@ def test_experts_setting_selects_module_and_validates():
     assert experts_builder(stock, LocMoEConfig(experts="loop"), True) is stock
     assert not LocMoEConfig().wants_grouped_experts(False)
     assert LocMoEConfig().changes_megatron(True) and not LocMoEConfig().changes_megatron(False)
-    # a loop over other linears (transformer-engine's) is left alone, or refused when asked for
-    other = functools.partial(
+    # a loop over other linears (transformer-engine's) and any other experts module (TE's
+    # TEGroupedMLP) are left alone under auto; grouped replaces them with local expert weights
+    other_loop = functools.partial(
         stock.func,
         submodules=dataclasses.replace(stock.keywords["submodules"], linear_fc1=torch.nn.Linear),
     )
-    assert experts_builder(other, LocMoEConfig(experts="auto"), True) is other
-    with pytest.raises(ConfigError, match="use --moe-grouped-gemm"):
-        experts_builder(other, LocMoEConfig(experts="grouped"), False)
+    other_module = functools.partial(torch.nn.Identity)
+    for other in (other_loop, other_module):
+        assert experts_builder(other, LocMoEConfig(experts="auto"), True) is other
+        assert experts_builder(other, LocMoEConfig(experts="loop"), True) is other
+        grouped = experts_builder(other, LocMoEConfig(experts="grouped"), False)
+        assert grouped.func is GroupedSequentialMLP
+        assert (
+            grouped.keywords["submodules"].linear_fc1,
+            grouped.keywords["submodules"].linear_fc2,
+        ) == (
+            stock.keywords["submodules"].linear_fc1,
+            stock.keywords["submodules"].linear_fc2,
+        )
     with pytest.raises(ConfigError, match="--disable-bias-linear"):
         LocMoEConfig(experts="grouped").validate(moe_config(ep=1, add_bias_linear=True))
     with pytest.raises(ConfigError, match="experts='fast'"):

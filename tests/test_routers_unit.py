@@ -191,6 +191,7 @@ def test_hash_maps_balance(python_source_ids, E):
             "drops overflow at a capacity factor",
         ),
         (dict(router_type="hash"), dict(moe_expert_capacity_factor=1.0), "hash router is dropless"),
+        (dict(router_type="hash"), dict(moe_router_fusion=True), "drop --moe-router-fusion"),
         (
             dict(router_type="locmoe"),
             dict(moe_router_num_groups=2, moe_router_group_topk=1),
@@ -211,3 +212,27 @@ def test_valid_configs_pass():
         moe_config(ep=1, moe_expert_capacity_factor=1.25)
     )
     LocMoEConfig(router_type="megatron").validate(moe_config(ep=1, moe_router_topk=8))
+
+
+def fused_path_choice_job(ctx):
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    from megatron_locmoe.routers import router_builder
+
+    ctx.topology()
+    choices = []
+    for fusion, fused_router in ((False, False), (True, False), (False, True)):
+        tc = moe_config(ep=2, moe_router_fusion=fusion)
+        lm = LocMoEConfig(router_type="locmoe", fused_router=fused_router)
+        router = router_builder(lm)(config=tc, pg_collection=get_default_pg_collection())
+        choices.append(router._fused_applies(None))
+    return choices
+
+
+def test_moe_router_fusion_takes_the_locmoe_fused_path(cluster2):
+    """Megatron's --moe-router-fusion (TE's fused top-k, which has no GrAP gate) gives the
+    locmoe router its own fused path; without either flag it routes op by op."""
+    from megatron_locmoe.simcluster import ParallelLayout
+
+    results = cluster2.run(fused_path_choice_job, layout=ParallelLayout(devices_per_node=1, ep=2))
+    assert results == [[False, True, True]] * 2

@@ -166,7 +166,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         take the reference path."""
         cfg = self.config
         return (
-            self.locmoe.fused_router
+            (self.locmoe.fused_router or cfg.moe_router_fusion)
             and padding_mask is None
             and not cfg.moe_z_loss_coeff
             and cfg.moe_router_topk_scaling_factor is None

@@ -1,0 +1,205 @@
+"""The plugin under Transformer Engine on a GPU, as production users run it: TE's spec
+(``--transformer-impl transformer_engine``), TEGroupedMLP (``--moe-grouped-gemm``), TE's fused
+permutation and fused router, bf16.
+
+Selected by ``LOCMOE_TEST_DEVICE=cuda`` (with TE installed: ``tools/te_env.sh``); there a
+missing transformer-engine fails the tests instead of skipping them. The layer cases run on a
+one-GPU simulated cluster; the training cases through Megatron's ``pretrain()``
+(``benchmarks/e2e_routers.py``'s runner: ``python -m megatron_locmoe.pretrain_gpt`` on torchrun).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_locmoe.config import LocMoEConfig
+from megatron_locmoe.simcluster import ParallelLayout
+from megatron_locmoe.testing import build_moe_layer, moe_config
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(
+    os.environ.get("LOCMOE_TEST_DEVICE") != "cuda",
+    reason="GPU + transformer-engine tests: LOCMOE_TEST_DEVICE=cuda (README: GPU tests)",
+)
+SOLO = ParallelLayout(devices_per_node=1, ep=1)
+
+
+@pytest.fixture(scope="module")
+def e2e():
+    """The e2e harness, which must find transformer-engine (no silent fall-back to local)."""
+    import transformer_engine  # noqa: F401  (fails the test where TE is missing)
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import e2e_routers
+
+    assert e2e_routers.HAVE_TE and "transformer_engine" in e2e_routers.MODEL
+    return e2e_routers
+
+
+@pytest.fixture(scope="module")
+def cluster1(cluster_factory):
+    import transformer_engine  # noqa: F401
+
+    return cluster_factory(1)
+
+
+def te_config(**overrides):
+    """A small bf16 MoE config on TE's spec with every TE MoE fusion."""
+    kwargs = dict(
+        hidden_size=512,
+        num_attention_heads=8,
+        num_moe_experts=16,
+        moe_router_topk=2,
+        moe_ffn_hidden_size=256,
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=0.01,
+        params_dtype=torch.bfloat16,
+        bf16=True,
+        use_cpu_initialization=False,
+        transformer_impl="transformer_engine",
+        moe_grouped_gemm=True,
+        moe_permute_fusion=True,
+        moe_router_fusion=True,
+    )
+    return moe_config(ep=1, **{**kwargs, **overrides})
+
+
+def _run_layer(layer, x, dy):
+    x = x.clone().requires_grad_(True)
+    y, _ = layer(x)
+    y.backward(dy)
+    grads = {n: p.grad.detach().clone() for n, p in layer.named_parameters() if p.grad is not None}
+    return y.detach(), x.grad.detach(), grads
+
+
+def _rel(a, b) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
+
+
+def te_layer_equality_job(ctx, topk: int):
+    """Megatron's own TE MoE layer against the plugin's layer with Megatron's router: same
+    seed, so the same weights; outputs, input and weight gradients compared."""
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron.core.transformer.moe.experts import TEGroupedMLP
+
+    ctx.topology()
+    config = te_config(moe_router_topk=topk, moe_router_pre_softmax=topk == 1)
+    gen = torch.Generator(device=ctx.device).manual_seed(3)
+    x = torch.randn(1024, 2, config.hidden_size, device=ctx.device, generator=gen)
+    x, dy = x.bfloat16(), torch.randn_like(x).bfloat16()
+    runs = {}
+    for name, locmoe in (("megatron", None), ("plugin", LocMoEConfig(router_type="megatron"))):
+        torch.manual_seed(5)
+        model_parallel_cuda_manual_seed(5)
+        layer = build_moe_layer(config, locmoe=locmoe).to(ctx.device)
+        runs[name] = (type(layer).__name__, isinstance(layer.experts, TEGroupedMLP))
+        runs[name] += _run_layer(layer, x, dy)
+    (cls0, te0, y0, g0, w0), (cls1, te1, y1, g1, w1) = runs["megatron"], runs["plugin"]
+    return dict(
+        classes=(cls0, cls1),
+        te_grouped=(te0, te1),
+        same_params=sorted(w0) == sorted(w1),
+        y_rel=_rel(y1, y0),
+        x_grad_rel=_rel(g1, g0),
+        w_grad_rel=max(_rel(w1[n], w0[n]) for n in w0),
+        bitwise=torch.equal(y0, y1) and torch.equal(g0, g1),
+    )
+
+
+@pytest.mark.parametrize("topk", [1, 2])
+def test_plugin_layer_equals_megatron_te_layer(cluster1, topk):
+    (r,) = cluster1.run(te_layer_equality_job, topk, layout=SOLO)
+    assert r["classes"] == ("MoELayer", "LocMoELayer")
+    assert r["te_grouped"] == (True, True), "both layers must run TEGroupedMLP"
+    assert r["same_params"]
+    assert r["y_rel"] < 1e-2 and r["x_grad_rel"] < 1e-2 and r["w_grad_rel"] < 1e-2, r
+
+
+def grouped_under_te_job(ctx):
+    """The plugin's grouped experts (torch._grouped_mm) chosen under TE's spec compute what
+    TEGroupedMLP computes with the same expert weights, behind the fused LocMoE router."""
+    from megatron.core.transformer.moe.experts import TEGroupedMLP
+
+    from megatron_locmoe.experts import GroupedSequentialMLP
+
+    ctx.topology()
+    config = te_config(moe_router_topk=1, moe_router_pre_softmax=True)
+    te_layer = build_moe_layer(config, locmoe=LocMoEConfig(router_type="locmoe")).to(ctx.device)
+    grouped = build_moe_layer(
+        config, locmoe=LocMoEConfig(router_type="locmoe", experts="grouped")
+    ).to(ctx.device)
+    assert isinstance(te_layer.experts, TEGroupedMLP)
+    assert isinstance(grouped.experts, GroupedSequentialMLP)
+    with torch.no_grad():
+        for proj in ("linear_fc1", "linear_fc2"):
+            te_linear = getattr(te_layer.experts, proj)
+            stacked = grouped.experts._weights(proj)
+            for e in range(stacked.shape[0]):
+                stacked[e].copy_(getattr(te_linear, f"weight{e}"))
+    gen = torch.Generator(device=ctx.device).manual_seed(4)
+    x = torch.randn(2048, 1, config.hidden_size, device=ctx.device, generator=gen).bfloat16()
+    dy = torch.randn_like(x)
+    y0, g0, _ = _run_layer(te_layer, x, dy)
+    y1, g1, _ = _run_layer(grouped, x, dy)
+    return dict(y_rel=_rel(y1, y0), x_grad_rel=_rel(g1, g0))
+
+
+def test_grouped_experts_under_te_equal_te_grouped_mlp(cluster1):
+    (r,) = cluster1.run(grouped_under_te_job, layout=SOLO)
+    assert r["y_rel"] < 2e-2 and r["x_grad_rel"] < 2e-2, r
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The offline corpus (Python's documentation, byte tokens) as Megatron's indexed dataset."""
+    prefix = tmp_path_factory.mktemp("data") / "pydoc"
+    subprocess.run(
+        [sys.executable, "-m", "megatron_locmoe.data", "--out", str(prefix)],
+        check=True,
+        capture_output=True,
+    )
+    return f"--data-path {prefix} --tokenizer-type NullTokenizer --vocab-size 257"
+
+
+TRAIN_STEPS = 12
+
+
+@pytest.mark.parametrize(
+    "router", ["megatron_te", "locmoe_te", "locmoe_te_grouped", "hash_te", "switch_te"]
+)
+def test_every_router_trains_through_pretrain_under_te(e2e, corpus, router):
+    res = e2e.run(router, TRAIN_STEPS, 1, corpus, 1)
+    loss = res["loss"]
+    assert sorted(loss) == list(range(1, TRAIN_STEPS + 1))
+    assert all(v == v for v in loss.values()), loss  # no NaN
+    assert loss[TRAIN_STEPS] < loss[1] - 0.5, loss
+
+
+def test_torch_dist_checkpoint_under_te_resumes(e2e, corpus, tmp_path):
+    """Saved at the midpoint under TE (TEGroupedMLP's and TE's extra state included) and
+    resumed: the resumed run continues the uninterrupted one."""
+    steps, half = 16, 8
+    extra = "--deterministic-mode"
+    full = e2e.run("locmoe_te", steps, 1, corpus, 1, extra)
+    e2e.run(
+        "locmoe_te",
+        steps,
+        1,
+        corpus,
+        1,
+        f"{extra} --save {tmp_path} --save-interval {half} --exit-interval {half}",
+    )
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text().strip() == str(half)
+    resumed = e2e.run("locmoe_te", steps, 1, corpus, 1, f"{extra} --load {tmp_path}")
+    assert sorted(resumed["loss"]) == list(range(half + 1, steps + 1))
+    # the first resumed step runs the saved weights (before any update): the same loss
+    assert abs(resumed["loss"][half + 1] - full["loss"][half + 1]) < 1e-4, (resumed, full)
+    # the later ones also need the optimizer state and the schedule
+    for i in range(half + 2, steps + 1):
+        assert abs(resumed["loss"][i] - full["loss"][i]) < 5e-3, (i, resumed, full)
