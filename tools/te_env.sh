@@ -92,16 +92,32 @@ cmd_build() {  # foreground build; build-bg runs this under setsid
     "$TE_STAGE"/nvidia_cudnn_frontend-*.whl "$TE_STAGE"/pydantic*.whl
   tar -xzf "$TE_STAGE/$SDIST" -C "$src"
   local dir="$src/transformer_engine_torch-$TE_VERSION"
+  # cuDNN's and the CUDA libraries' headers from their pip packages (the extension includes
+  # cudnn.h, which no CUDA toolkit ships), after the toolkit's own
+  local headers
+  headers=$(python3 - <<'PY'
+import glob, os
+try:
+    import nvidia
+except ImportError:
+    raise SystemExit
+dirs = [d for root in nvidia.__path__ for d in sorted(glob.glob(os.path.join(root, "*", "include")))]
+dirs += [d for root in nvidia.__path__ for d in glob.glob(os.path.join(root, "cu13", "include"))]
+print(":".join(dirs))
+PY
+)
+  log "extra include path: ${headers:-none}"
   local start=$SECONDS
   log "building transformer_engine_torch $TE_VERSION (NVTE_CUDA_ARCHS=${NVTE_CUDA_ARCHS:-90})"
   (
     cd "$dir"
     # NVTE_PYTORCH_FORCE_BUILD: skip setup.py's download of a prebuilt wheel (no internet).
     # NVTE_WITH_NCCL_EP=0: the sdist carries no NCCL-EP headers; MoE dispatch here is Megatron's.
-    PYTHONPATH="$site_fe${PYTHONPATH:+:$PYTHONPATH}" NVTE_FRAMEWORK=pytorch \
+    CPATH="${headers}${CPATH:+:$CPATH}" PYTHONPATH="$site_fe${PYTHONPATH:+:$PYTHONPATH}" \
+      NVTE_FRAMEWORK=pytorch \
       NVTE_CUDA_ARCHS=${NVTE_CUDA_ARCHS:-90} NVTE_PYTORCH_FORCE_BUILD=TRUE NVTE_WITH_NCCL_EP=0 \
       MAX_JOBS=${MAX_JOBS:-$(nproc)} \
-      python3 -m pip wheel -q --no-build-isolation --no-deps --no-index -w "$TE_STAGE" .
+      python3 -m pip wheel --no-build-isolation --no-deps --no-index -w "$TE_STAGE" .
   )
   local whl
   whl=$(built_wheel)
@@ -116,7 +132,7 @@ cmd_build_bg() {
     log "build running (pid $(cat "$TE_STAGE/build.pid"))"; return
   fi
   rm -f "$TE_STAGE/build.rc"
-  setsid bash -c "'$0' build > '$TE_STAGE/build.log' 2>&1; echo \$? > '$TE_STAGE/build.rc'" \
+  setsid bash -c "bash '$0' build > '$TE_STAGE/build.log' 2>&1; echo \$? > '$TE_STAGE/build.rc'" \
     < /dev/null > /dev/null 2>&1 &
   echo $! > "$TE_STAGE/build.pid"
   log "build started in the background (log: $TE_STAGE/build.log)"
