@@ -22,10 +22,12 @@ input gradient differs only by the backward GEMM kernels' rounding (benchmarks/m
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 
 import torch
 import torch.nn.functional as F
+from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 from megatron.core.fusions.fused_bias_geglu import quick_gelu, weighted_bias_quick_geglu_impl
 from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
 from megatron.core.transformer.moe.experts import SequentialMLP
@@ -54,6 +56,44 @@ def grouped_linear(x_TI: torch.Tensor, weight_EOI: torch.Tensor, offsets_E: torc
 
     x [T, in], weight [E, out, in], offsets [E] int32 (cumulative token counts) -> [T, out]."""
     return torch._grouped_mm(x_TI, weight_EOI.transpose(-2, -1), offs=offsets_E)
+
+
+def _build_expert_shards(
+    module_prefix, suffix, keys, templates, key, stacked_EOI, replica_id, flattened_range
+):
+    """The per-expert sharded tensors of a stacked weight, or of an optimizer state shaped like
+    it. Megatron rewrites the factory's key after it is made (the block drops the layer index;
+    the optimizer prepends its own prefix) by replacing its leading part, so the experts' keys
+    get the same new leading part. An expert's own factory (SwiGLU's gate/up split of fc1) is
+    built here, since Megatron builds one level of factories."""
+    if flattened_range is not None:
+        raise NotImplementedError(
+            "grouped experts' checkpoints do not support flattened (distributed-optimizer) "
+            "shards yet: drop --use-distributed-optimizer or use --locmoe-experts loop"
+        )
+    assert key.endswith(suffix), (key, suffix)
+    leading = key[: len(key) - len(suffix)]
+    shards = {}
+    for e, (k, template) in enumerate(zip(keys, templates, strict=True)):
+        assert template.key.startswith(module_prefix), (template.key, module_prefix)
+        new_key = leading + template.key[len(module_prefix) :]
+        if isinstance(template, ShardedTensorFactory):
+            shards[k] = dataclasses.replace(template, key=new_key, data=stacked_EOI[e]).build()
+        else:
+            shards[k] = dataclasses.replace(
+                template, key=new_key, data=stacked_EOI[e], dtype=stacked_EOI.dtype
+            )
+    return shards
+
+
+def _merge_expert_shards(keys, templates, loaded: dict) -> torch.Tensor:
+    """The inverse of _build_expert_shards: the loaded per-expert tensors, stacked."""
+    return torch.stack(
+        [
+            t.merge_fn(loaded[k]) if isinstance(t, ShardedTensorFactory) else loaded[k]
+            for k, t in zip(keys, templates, strict=True)
+        ]
+    )
 
 
 class GroupedSequentialMLP(SequentialMLP):
@@ -116,9 +156,13 @@ class GroupedSequentialMLP(SequentialMLP):
         self, state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs
     ):
         """Loading goes through the experts' views (SequentialMLP's keys) into the stacked
-        weights; the stacked parameters themselves are not in the state dict, so they are not
-        missing either."""
+        weights. A torch_dist load hands the stacked weight itself (the sharded state dict's
+        factory merged it); its slices then stand in for the experts' keys."""
         self._rebind_views()
+        for proj in PROJECTIONS:
+            stacked = state_dict.get(f"{prefix}{proj}_weight")
+            for e in range(self.num_local_experts if stacked is not None else 0):
+                state_dict.setdefault(f"{prefix}local_experts.{e}.{proj}.weight", stacked[e])
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs
         )
@@ -128,9 +172,29 @@ class GroupedSequentialMLP(SequentialMLP):
                 missing_keys.remove(key)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        """SequentialMLP's sharded state dict over the views (checkpoints load in place)."""
+        """SequentialMLP's sharded tensors (its keys, shapes and offsets: checkpoints move
+        between the loop and the grouped experts), built from the stacked weights by one
+        factory per projection. The optimizer maps its state to the model's sharded tensors by
+        parameter, so the factory's data must be the stacked parameter: Adam's moments of it
+        are then saved under the loop's per-expert keys too."""
         self._rebind_views()
-        return super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        for proj in PROJECTIONS:
+            keys = [
+                f"{prefix}local_experts.{e}.{proj}.weight" for e in range(self.num_local_experts)
+            ]
+            templates = [sharded.pop(k).without_data() for k in keys]
+            name = f"{prefix}{proj}_weight"
+            sharded[name] = ShardedTensorFactory(
+                key=name,
+                data=self._weights(proj),
+                build_fn=functools.partial(
+                    _build_expert_shards, prefix, f"{proj}_weight", keys, templates
+                ),
+                merge_fn=functools.partial(_merge_expert_shards, keys, templates),
+                replica_id=templates[0].replica_id,
+            )
+        return sharded
 
     def _scaled_activation(self, h_TF: torch.Tensor, probs_T: torch.Tensor) -> torch.Tensor:
         """Activation times each token's routing probability, by the same code path Megatron's

@@ -63,8 +63,9 @@ def _checkpoint_keys(path) -> set[str]:
     return set(load_tensors_metadata(str(path)))
 
 
+@pytest.mark.parametrize("experts", ["loop", "grouped"])
 def test_resume_from_torch_dist_checkpoint_gives_identical_losses(
-    cluster_factory, corpus, tmp_path
+    cluster_factory, corpus, tmp_path, experts
 ):
     """Save at step 3 (Megatron torch_dist), resume: steps 4-6 equal the uninterrupted run
     bitwise (model, Adam state, RNG). LocMoE's delta is estimated on the first batch only, so a
@@ -78,6 +79,7 @@ def test_resume_from_torch_dist_checkpoint_gives_identical_losses(
         capacity_mode="bound",
         capacity_floor_factor=0.0,
         capacity_percentile=0.5,
+        experts=experts,  # grouped: Adam's moments of the stacked expert weights too
     )
 
     def run(**kw):
