@@ -194,9 +194,11 @@ def _with_locmoe_args(device: DeviceChoice) -> Callable:
 
     @functools.wraps(original)
     def add_megatron_arguments(parser):
-        from megatron_locmoe.arguments import add_locmoe_args
+        from megatron_locmoe.arguments import add_locmoe_args, mend_help_strings
 
-        return add_locmoe_args(original(parser))
+        parser = original(parser)
+        mend_help_strings(parser)
+        return add_locmoe_args(parser)
 
     return add_megatron_arguments
 
@@ -519,7 +521,8 @@ REGISTRY.register(
         why=(
             "adds --moe-router-type and the --locmoe-* flags to Megatron's own parser, so every "
             "entry point (pretrain_gpt.py, the plugin's runners) accepts them; looked up at call "
-            "time by parse_args."
+            "time by parse_args. Also escapes the bare '%' in Megatron's help of "
+            "--moe-paged-stash-buffer-size-factor-cuda, which makes --help crash."
         ),
         make=_with_locmoe_args,
         devices=ALL_DEVICES,

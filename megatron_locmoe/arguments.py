@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from types import SimpleNamespace
 
 from megatron.training.argument_utils import ArgumentGroupFactory
@@ -23,6 +24,8 @@ ARGS_DEFAULTS = {"tokenizer_type": "NullTokenizer"}
 """Megatron argument defaults of the plugin's pretrain_gpt (the launcher checks with them too)."""
 
 _FLAG_OVERRIDES = {"router_type": "moe_router_type"}
+_BARE_MEANS_ON = {"fused_router"}
+"""auto/on/off settings that were switches once: the bare flag keeps meaning on."""
 
 
 def dest(field_name: str) -> str:
@@ -41,7 +44,28 @@ class _LocMoEArgumentFactory(ArgumentGroupFactory):
         if kwargs.get("action") == "store_false":
             flag = "--no-" + flag[2:]
         kwargs["arg_names"] = [flag]
+        if attribute.name in _BARE_MEANS_ON:  # --locmoe-fused-router alone: on
+            kwargs.update(nargs="?", const="on")
         return kwargs
+
+
+_UNESCAPED_PERCENT = re.compile(r"%(?!%|\(\w+\)[a-z])")
+
+
+def mend_help_strings(parser) -> list[str]:
+    """Escape a bare '%' in any help string argparse cannot format (Megatron 0.19.2's help of
+    --moe-paged-stash-buffer-size-factor-cuda has one, so Megatron's own --help crashes);
+    returns the flags mended."""
+    mended = []
+    for action in parser._actions:
+        if not action.help or "%" not in action.help:
+            continue
+        try:
+            action.help % {**vars(action), "prog": parser.prog}
+        except (ValueError, TypeError, KeyError):
+            action.help = _UNESCAPED_PERCENT.sub("%%", action.help)
+            mended.extend(action.option_strings)
+    return mended
 
 
 def add_locmoe_args(parser):

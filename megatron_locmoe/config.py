@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 ROUTER_TYPES = ("megatron", "locmoe", "hash", "switch")
-DISPATCHERS = ("alltoall", "hierarchical")
+DISPATCHERS = ("auto", "alltoall", "hierarchical")
 DEDUP_MODES = ("auto", "on", "off")
-CAPACITY_MODES = ("none", "bound")
+CAPACITY_MODES = ("auto", "none", "bound")
+FUSED_ROUTER_MODES = ("auto", "on", "off")
 GRAP_MODES = ("fixed", "learnable")
 EXPERT_IMPLS = ("auto", "loop", "grouped")
 
@@ -61,17 +62,20 @@ class LocMoEConfig:
     grap_learnable_temperature: bool = False
     """Learn that multiplier (as exp of a scalar parameter)."""
 
-    fused_router: bool = False
-    """Route without Megatron's op-by-op helpers: on CUDA, Triton kernels for the fixed gate
-    (routers/kernels.py) and torch.compile'd graphs otherwise (routers/fused.py); eager graphs on
-    CPU/NPU. The same results as the reference path up to summation order. Padding masks,
-    z-loss and top-k scaling use the reference path. Megatron's --moe-router-fusion turns it
-    on for the locmoe router too (TE's fused top-k has no GrAP gate or locality loss)."""
+    fused_router: Literal["auto", "on", "off"] = "auto"
+    """LocMoE routing without Megatron's op-by-op helpers (on): on CUDA, Triton kernels for the
+    fixed gate (routers/kernels.py) and torch.compile'd graphs otherwise (routers/fused.py);
+    eager graphs on CPU/NPU. The same results as the reference path (off) up to summation
+    order; padding masks, z-loss and top-k scaling take the reference path. auto: on in CUDA
+    processes, off elsewhere. Megatron's --moe-router-fusion also turns it on (TE's fused
+    top-k has no GrAP gate or locality loss). The bare flag means on."""
 
     # ---- capacity ----------------------------------------------------------------------------
-    capacity_mode: Literal["none", "bound"] = "none"
+    capacity_mode: Literal["auto", "none", "bound"] = "auto"
     """none: dropless. bound: capacity from LocMoE's lower bound, clamped between the floor and
-    Megatron's --moe-expert-capacity-factor ceiling; overflow dropped by probability."""
+    Megatron's --moe-expert-capacity-factor ceiling; overflow dropped by probability. auto:
+    bound for the locmoe router when --moe-expert-capacity-factor is set (the paper's
+    method), else none."""
     capacity_floor_factor: float = 0.5
     """Floor of the bound capacity as a capacity factor: ceil(floor * T * k / n) tokens."""
     capacity_percentile: float = 0.05
@@ -88,9 +92,11 @@ class LocMoEConfig:
     PREFIX_counts.npy): the hash router then balances by frequency, not by id."""
 
     # ---- dispatcher --------------------------------------------------------------------------
-    dispatcher: Literal["alltoall", "hierarchical"] = "alltoall"
+    dispatcher: Literal["auto", "alltoall", "hierarchical"] = "auto"
     """alltoall: Megatron's flat All-to-All. hierarchical: first hop inside the node, second
-    between rail peers (falls back to flat, with an info log, when EP fits in one node)."""
+    between rail peers (falls back to flat, with an info log, when EP fits in one node). auto:
+    hierarchical for the plugin's routers when the EP group spans nodes and no setting rules
+    it out (e.g. --moe-permute-fusion), else alltoall; Megatron's own router keeps alltoall."""
     dispatcher_dedup: Literal["auto", "on", "off"] = "auto"
     """Per-node dedup of the hierarchical dispatcher: a token crosses to each remote node once.
     auto = on for top-k > 1 (top-1 has nothing to dedup and would only add metadata)."""
@@ -100,12 +106,24 @@ class LocMoEConfig:
     """Expert MLPs. grouped: all local experts in two torch._grouped_mm GEMMs (the parameters
     and results of Megatron's per-expert loop; under transformer-engine too, with plain expert
     weights in place of TE's linears). loop: the spec's experts as Megatron builds them (its
-    per-expert loop, or TEGroupedMLP with TE and --moe-grouped-gemm). auto: with
-    --moe-grouped-gemm, TE's TEGroupedMLP where the spec has it, else grouped; without, loop."""
+    per-expert loop, or TEGroupedMLP with TE and --moe-grouped-gemm). auto: TEGroupedMLP with
+    TE and --moe-grouped-gemm; else grouped for the plugin's routers (and for Megatron's with
+    --moe-grouped-gemm) where the model allows it; else loop."""
 
     # ---- topology ----------------------------------------------------------------------------
     devices_per_node: int | None = None
     """Ranks per node; default torchrun's LOCAL_WORLD_SIZE. Set it to simulate nodes."""
+
+    def __post_init__(self):
+        if isinstance(self.fused_router, bool):  # LocMoEConfig(fused_router=True) as before
+            self.fused_router = "on" if self.fused_router else "off"
+
+    def capacity_bound_applies(self, transformer_config) -> bool:
+        """capacity_mode bound, or auto for the locmoe router with a capacity factor."""
+        if self.capacity_mode != "auto":
+            return self.capacity_mode == "bound"
+        cf = getattr(transformer_config, "moe_expert_capacity_factor", None)
+        return self.router_type == "locmoe" and cf is not None
 
     @property
     def dedup_setting(self) -> bool | str:
@@ -121,7 +139,7 @@ class LocMoEConfig:
         one test the layer spec and the argument checks share."""
         return (
             self.router_type != "megatron"
-            or self.dispatcher != "alltoall"
+            or self.dispatcher == "hierarchical"
             or self.wants_grouped_experts(moe_grouped_gemm)
         )
 
@@ -146,6 +164,10 @@ class LocMoEConfig:
             raise ConfigError(f"experts={self.experts!r}; use one of {', '.join(EXPERT_IMPLS)}")
         if self.grap_temperature <= 0:
             raise ConfigError(f"grap_temperature={self.grap_temperature} must be positive")
+        if self.fused_router not in FUSED_ROUTER_MODES:
+            raise ConfigError(
+                f"fused_router={self.fused_router!r}; use one of {', '.join(FUSED_ROUTER_MODES)}"
+            )
         if self.capacity_mode not in CAPACITY_MODES:
             raise ConfigError(
                 f"capacity_mode={self.capacity_mode!r}; use one of {', '.join(CAPACITY_MODES)}"
@@ -214,7 +236,7 @@ class LocMoEConfig:
                 f"group-limited routing (--moe-router-num-groups {tc.moe_router_num_groups}) is "
                 f"a Megatron TopKRouter feature; use --moe-router-type megatron for it"
             )
-        if self.capacity_mode == "bound":
+        if self.capacity_bound_applies(tc):
             if self.router_type != "locmoe":
                 raise ConfigError(
                     f"capacity_mode='bound' is LocMoE's capacity; the {self.router_type} router "
@@ -238,8 +260,9 @@ class LocMoEConfig:
                 )
         elif self.router_type == "locmoe" and tc.moe_expert_capacity_factor is not None:
             raise ConfigError(
-                "--moe-expert-capacity-factor with the locmoe router needs capacity_mode='bound' "
-                "(the factor is the ceiling of the bound); or remove the factor for dropless"
+                "--moe-expert-capacity-factor with the locmoe router is the ceiling of LocMoE's "
+                "capacity bound, but --locmoe-capacity-mode is none (dropless): use auto or "
+                "bound, or remove the factor"
             )
         if self.router_type == "hash" and getattr(tc, "moe_router_fusion", False):
             raise ConfigError(

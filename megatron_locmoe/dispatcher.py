@@ -269,10 +269,25 @@ def traffic_from_counts(
 
 def check_supported(config) -> None:
     """Raise ValueError for settings the hierarchical dispatcher does not support."""
+    problems = unsupported_settings(config)
+    if problems:
+        raise ValueError(
+            "HierarchicalAlltoAllTokenDispatcher does not support: " + "; ".join(problems) + "."
+        )
+
+
+def unsupported_settings(config) -> list[str]:
+    """The settings of ``config`` the hierarchical dispatcher cannot run with, each with its
+    fix (empty when it can run)."""
     problems = []
     if config.moe_token_dispatcher_type == "flex":
         problems.append(
             "moe_token_dispatcher_type='flex' selects DeepEP/HybridEP; the hierarchical "
+            "dispatcher replaces the alltoall dispatcher: set moe_token_dispatcher_type='alltoall'"
+        )
+    elif config.moe_token_dispatcher_type != "alltoall":
+        problems.append(
+            f"moe_token_dispatcher_type={config.moe_token_dispatcher_type!r}; the hierarchical "
             "dispatcher replaces the alltoall dispatcher: set moe_token_dispatcher_type='alltoall'"
         )
     if config.moe_permute_fusion:
@@ -288,10 +303,7 @@ def check_supported(config) -> None:
         problems.append("moe_router_padding_for_quantization=True (fp8/fp4); set it to False")
     if getattr(config, "cuda_graph_impl", "none") != "none":
         problems.append(f"cuda_graph_impl={config.cuda_graph_impl!r}; set it to 'none'")
-    if problems:
-        raise ValueError(
-            "HierarchicalAlltoAllTokenDispatcher does not support: " + "; ".join(problems) + "."
-        )
+    return problems
 
 
 def resolve_dedup(dedup: bool | str, config) -> bool:

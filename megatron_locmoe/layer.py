@@ -13,19 +13,20 @@ import functools
 
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLPSubmodules
-from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from megatron_locmoe import metrics
 from megatron_locmoe.config import LocMoEConfig
 from megatron_locmoe.dispatcher import use_hierarchical_dispatcher
 from megatron_locmoe.experts import GroupedSequentialMLP
+from megatron_locmoe.resolve import layer_resolution
 from megatron_locmoe.routers import router_builder
 from megatron_locmoe.topology import current_topology
 
 
 class LocMoELayer(MoELayer):
-    """MoELayer whose dispatcher follows ``locmoe.dispatcher``."""
+    """MoELayer whose router, experts and dispatcher follow ``locmoe``, its ``auto`` settings
+    resolved for this model, node map and device (``megatron_locmoe.resolve``)."""
 
     def __init__(
         self,
@@ -38,7 +39,16 @@ class LocMoELayer(MoELayer):
         *,
         locmoe: LocMoEConfig,
     ):
-        locmoe.validate(config)
+        locmoe = layer_resolution(locmoe.validate(config), config).config
+        if submodules is not None:  # the router and experts of the resolved settings
+            router = submodules.router
+            if isinstance(router, functools.partial) and "locmoe" in router.keywords:
+                router = functools.partial(
+                    router.func, *router.args, **{**router.keywords, "locmoe": locmoe}
+                )
+            submodules = dataclasses.replace(
+                submodules, router=router, experts=experts_builder(submodules.experts, locmoe)
+            )
         super().__init__(config, submodules, layer_number, pg_collection, is_mtp_layer, name)
         self.locmoe = locmoe
         if locmoe.dispatcher == "hierarchical":
@@ -65,51 +75,30 @@ class LocMoELayer(MoELayer):
         )
 
 
-def experts_builder(stock_experts, locmoe: LocMoEConfig, moe_grouped_gemm: bool):
-    """The spec's experts, or the plugin's grouped ones (``locmoe.experts``): asked for
-    (grouped), or auto where --moe-grouped-gemm asks for grouping and the spec could only give
-    Megatron's per-expert loop over local linears. TE's TEGroupedMLP stays under auto; grouped
-    replaces it, and any loop over TE linears, with plain local expert weights (same shapes and
-    initialisation), since torch._grouped_mm reads the weights directly."""
-    func = getattr(stock_experts, "func", None)
-    submodules = stock_experts.keywords.get("submodules") if func is not None else None
-    local = (ColumnParallelLinear, RowParallelLinear)
-    spec_is_local_loop = (
-        func is SequentialMLP
-        and (
-            getattr(submodules, "linear_fc1", None),
-            getattr(submodules, "linear_fc2", None),
-        )
-        == local
+def experts_builder(stock_experts, locmoe: LocMoEConfig):
+    """The spec's experts, or with ``locmoe.experts == "grouped"`` the plugin's grouped ones
+    (``auto`` is resolved before: ``megatron_locmoe.resolve``). They replace Megatron's loop,
+    TE's TEGroupedMLP or a loop over TE linears alike, with plain local expert weights (same
+    shapes and initialisation as the loop's), since torch._grouped_mm reads the weights
+    directly."""
+    if locmoe.experts != "grouped":
+        return stock_experts
+    return functools.partial(
+        GroupedSequentialMLP,
+        submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
     )
-    if locmoe.experts == "grouped" or (
-        locmoe.experts == "auto" and moe_grouped_gemm and spec_is_local_loop
-    ):
-        return functools.partial(
-            GroupedSequentialMLP,
-            submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
-        )
-    return stock_experts
 
 
-def locmoe_mlp_builder(
-    stock_moe_mlp,
-    locmoe: LocMoEConfig,
-    vocab_size=None,
-    token_counts=None,
-    moe_grouped_gemm: bool = False,
-):
+def locmoe_mlp_builder(stock_moe_mlp, locmoe: LocMoEConfig, vocab_size=None, token_counts=None):
     """Turn Megatron's MoE MlpBuilder (``partial(MoELayer, submodules=MoESubmodules(...))``)
-    into the plugin's: LocMoELayer with the router of ``locmoe.router_type`` and the experts of
-    ``locmoe.experts``. A new object: Megatron shares one spec across all MoE layers, so it is
-    never modified in place."""
+    into the plugin's: LocMoELayer with the router of ``locmoe.router_type``; the layer
+    resolves the settings and picks its experts. A new object: Megatron shares one spec across
+    all MoE layers, so it is never modified in place."""
     func = getattr(stock_moe_mlp, "func", None)
     if not (isinstance(func, type) and issubclass(func, MoELayer)):
         raise TypeError(f"expected partial(MoELayer, submodules=...), got {stock_moe_mlp!r}")
     stock = stock_moe_mlp.keywords["submodules"]
     submodules = dataclasses.replace(
-        stock,
-        router=router_builder(locmoe, vocab_size=vocab_size, token_counts=token_counts),
-        experts=experts_builder(stock.experts, locmoe, moe_grouped_gemm),
+        stock, router=router_builder(locmoe, vocab_size=vocab_size, token_counts=token_counts)
     )
     return functools.partial(LocMoELayer, submodules=submodules, locmoe=locmoe)

@@ -14,11 +14,18 @@ from pathlib import Path
 
 from megatron_locmoe import adaptor
 
+USAGE = "usage: python -m megatron_locmoe.run PATH/pretrain_gpt.py [ARGS...]"
+
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(
+            f"{USAGE}\n\n{__doc__.strip()}\n\nThe script's own flags: PATH/pretrain_gpt.py --help"
+        )
+        return
     if not argv or not argv[0].endswith(".py"):
-        sys.exit("usage: python -m megatron_locmoe.run PATH/pretrain_gpt.py [ARGS...]")
+        sys.exit(USAGE)
     script = Path(argv[0]).resolve()
     if not script.is_file():
         sys.exit(f"megatron_locmoe.run: {script} does not exist")

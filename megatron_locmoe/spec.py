@@ -19,6 +19,7 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from megatron_locmoe.config import LocMoEConfig
 from megatron_locmoe.layer import LocMoELayer, locmoe_mlp_builder
+from megatron_locmoe.resolve import layer_resolution
 from megatron_locmoe.routers import attach_token_ids
 from megatron_locmoe.topology import get_topology
 
@@ -43,9 +44,7 @@ def padded_vocab(model_config) -> int:
     )
 
 
-def with_locmoe_layers(
-    block_spec, locmoe: LocMoEConfig, vocab_size=None, token_counts=None, moe_grouped_gemm=False
-):
+def with_locmoe_layers(block_spec, locmoe: LocMoEConfig, vocab_size=None, token_counts=None):
     """A copy of a decoder block spec whose MoE layers are LocMoELayers (others untouched).
 
     Megatron reuses one MoE layer spec for every MoE layer, so specs are copied, never
@@ -58,7 +57,7 @@ def with_locmoe_layers(
             and isinstance(mlp.func, type)
             and issubclass(mlp.func, MoELayer)
         ):
-            new_mlp = locmoe_mlp_builder(mlp, locmoe, vocab_size, token_counts, moe_grouped_gemm)
+            new_mlp = locmoe_mlp_builder(mlp, locmoe, vocab_size, token_counts)
             layer_spec = dataclasses.replace(
                 layer_spec, submodules=dataclasses.replace(layer_spec.submodules, mlp=new_mlp)
             )
@@ -79,11 +78,41 @@ def locmoe_block_spec(model_config, vp_stage=None):
     )
     if not plugin_active(locmoe, cfg):
         return block
-    get_topology(locmoe.devices_per_node)  # collective on first call; cached afterwards
+    topology = get_topology(locmoe.devices_per_node)  # collective on first call; then cached
+    announce(layer_resolution(locmoe, cfg), cfg, topology)
     vocab = padded_vocab(model_config)
-    return with_locmoe_layers(
-        block, locmoe, vocab, _token_counts(locmoe, vocab), moe_grouped_gemm=cfg.moe_grouped_gemm
-    )
+    return with_locmoe_layers(block, locmoe, vocab, _token_counts(locmoe, vocab))
+
+
+_ANNOUNCED: set[str] = set()
+
+
+def announce(resolution, transformer_config, topology) -> str:
+    """Print what the plugin does once per process on global rank 0 (every model chunk calls
+    the spec), and put it in the run's TensorBoard text and W&B config where those exist."""
+    import torch.distributed as dist
+
+    from megatron_locmoe.resolve import summary_fields, summary_text
+
+    text = summary_text(resolution, transformer_config, topology)
+    if text in _ANNOUNCED or (dist.is_initialized() and dist.get_rank() != 0):
+        return text
+    _ANNOUNCED.add(text)
+    print(text, flush=True)
+    try:
+        from megatron.training.global_vars import get_tensorboard_writer, get_wandb_writer
+    except ImportError:  # megatron.training is optional for megatron-core users
+        return text
+    writer = get_tensorboard_writer()
+    if writer is not None:
+        writer.add_text("locmoe", "<pre>" + text + "</pre>")
+    wandb = get_wandb_writer()
+    if wandb is not None:
+        wandb.config.update(
+            {"locmoe": summary_fields(resolution, transformer_config, topology)},
+            allow_val_change=True,
+        )
+    return text
 
 
 def _token_counts(locmoe: LocMoEConfig, vocab_size: int):

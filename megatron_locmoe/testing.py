@@ -68,7 +68,7 @@ def build_moe_layer(
     if locmoe is not None:
         from megatron_locmoe.layer import locmoe_mlp_builder
 
-        spec = locmoe_mlp_builder(spec, locmoe, moe_grouped_gemm=config.moe_grouped_gemm)
+        spec = locmoe_mlp_builder(spec, locmoe)
     elif router is not None:
         submodules = dataclasses.replace(spec.keywords["submodules"], router=router)
         spec = functools.partial(spec.func, submodules=submodules)

@@ -114,7 +114,15 @@ def test_defaults_keep_megatron_behaviour(megatron_args):
     parse, to_config = megatron_args
     config = to_config(parse())
     assert config.locmoe == LocMoEConfig()
-    assert config.locmoe.router_type == "megatron" and config.locmoe.dispatcher == "alltoall"
+    assert config.locmoe.router_type == "megatron" and not config.locmoe.changes_megatron(False)
+    # the auto settings resolve to stock Megatron's for its own router, on any node map
+    from types import SimpleNamespace
+
+    from megatron_locmoe.resolve import resolve
+
+    two_nodes = SimpleNamespace(spans_nodes=True, num_nodes=2, ranks_per_node=4, ep_size=8)
+    resolved = resolve(config.locmoe, config, two_nodes, "cuda").config
+    assert (resolved.dispatcher, resolved.experts) == ("alltoall", "loop")
 
 
 INVALID = [

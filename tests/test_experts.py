@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -119,6 +120,7 @@ def test_experts_setting_selects_module_and_validates():
 
     from megatron_locmoe.experts import GroupedSequentialMLP
     from megatron_locmoe.layer import experts_builder
+    from megatron_locmoe.resolve import resolve
 
     stock = (
         get_moe_module_spec_for_backend(LocalSpecProvider(), num_experts=8)
@@ -126,33 +128,38 @@ def test_experts_setting_selects_module_and_validates():
         .experts
     )
     assert stock.func is SequentialMLP
-    assert experts_builder(stock, LocMoEConfig(experts="auto"), False) is stock
-    assert experts_builder(stock, LocMoEConfig(experts="auto"), True).func is GroupedSequentialMLP
-    assert (
-        experts_builder(stock, LocMoEConfig(experts="grouped"), False).func is GroupedSequentialMLP
-    )
-    assert experts_builder(stock, LocMoEConfig(experts="loop"), True) is stock
-    assert not LocMoEConfig().wants_grouped_experts(False)
-    assert LocMoEConfig().changes_megatron(True) and not LocMoEConfig().changes_megatron(False)
-    # a loop over other linears (transformer-engine's) and any other experts module (TE's
-    # TEGroupedMLP) are left alone under auto; grouped replaces them with local expert weights
+    assert experts_builder(stock, LocMoEConfig(experts="grouped")).func is GroupedSequentialMLP
+    assert experts_builder(stock, LocMoEConfig(experts="loop")) is stock
+    # any other experts (a loop over TE linears, TEGroupedMLP) are replaced by grouped only
     other_loop = functools.partial(
         stock.func,
         submodules=dataclasses.replace(stock.keywords["submodules"], linear_fc1=torch.nn.Linear),
     )
-    other_module = functools.partial(torch.nn.Identity)
-    for other in (other_loop, other_module):
-        assert experts_builder(other, LocMoEConfig(experts="auto"), True) is other
-        assert experts_builder(other, LocMoEConfig(experts="loop"), True) is other
-        grouped = experts_builder(other, LocMoEConfig(experts="grouped"), False)
+    for other in (other_loop, functools.partial(torch.nn.Identity)):
+        assert experts_builder(other, LocMoEConfig(experts="loop")) is other
+        grouped = experts_builder(other, LocMoEConfig(experts="grouped"))
         assert grouped.func is GroupedSequentialMLP
-        assert (
-            grouped.keywords["submodules"].linear_fc1,
-            grouped.keywords["submodules"].linear_fc2,
-        ) == (
+        linears = grouped.keywords["submodules"]
+        assert (linears.linear_fc1, linears.linear_fc2) == (
             stock.keywords["submodules"].linear_fc1,
             stock.keywords["submodules"].linear_fc2,
         )
+
+    # auto: TEGroupedMLP under TE with --moe-grouped-gemm; grouped for the plugin's routers (and
+    # for Megatron's with --moe-grouped-gemm) where the model allows it; else Megatron's loop
+    def experts(router_type, **tc):
+        tc = dict(transformer_impl="local", moe_grouped_gemm=False, add_bias_linear=False) | tc
+        tc = SimpleNamespace(fp8=None, use_te_activation_func=False, **tc)
+        return resolve(LocMoEConfig(router_type=router_type), tc).config.experts
+
+    assert experts("locmoe") == "grouped"
+    assert experts("hash", moe_grouped_gemm=True) == "grouped"
+    assert experts("megatron") == "loop" and experts("megatron", moe_grouped_gemm=True) == "grouped"
+    assert experts("locmoe", transformer_impl="transformer_engine", moe_grouped_gemm=True) == "loop"
+    assert experts("locmoe", transformer_impl="transformer_engine") == "grouped"
+    assert experts("locmoe", add_bias_linear=True) == "loop"  # grouped cannot: no error either
+    assert not LocMoEConfig().wants_grouped_experts(False)
+    assert LocMoEConfig().changes_megatron(True) and not LocMoEConfig().changes_megatron(False)
     with pytest.raises(ConfigError, match="--disable-bias-linear"):
         LocMoEConfig(experts="grouped").validate(moe_config(ep=1, add_bias_linear=True))
     with pytest.raises(ConfigError, match="experts='fast'"):

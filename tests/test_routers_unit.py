@@ -180,10 +180,16 @@ def test_hash_maps_balance(python_source_ids, E):
         ),
         (dict(router_type="locmoe", capacity_mode="bound"), {}, "set --moe-expert-capacity-factor"),
         (
-            dict(router_type="locmoe"),
+            dict(router_type="locmoe", capacity_mode="none"),
             dict(moe_expert_capacity_factor=1.0),
-            "needs capacity_mode='bound'",
+            "--locmoe-capacity-mode is none",
         ),
+        (
+            dict(router_type="locmoe", capacity_mode="auto", capacity_floor_factor=2.0),
+            dict(moe_expert_capacity_factor=1.0),
+            "floor factor 2.0 is above the ceiling",
+        ),
+        (dict(fused_router="fast"), {}, "fused_router='fast'"),
         (dict(router_type="switch"), dict(moe_router_topk=2), "the switch router is top-1"),
         (
             dict(router_type="switch"),

@@ -46,7 +46,12 @@ class PluginRouterMixin:
         return self.locmoe.aux_loss_coeff if aux_loss_type == "aux_loss" else 0.0
 
     def _init_plugin(self, locmoe: LocMoEConfig | None) -> None:
-        self.locmoe = (locmoe or LocMoEConfig()).validate(self.config)
+        from megatron_locmoe.resolve import layer_resolution  # resolve imports the routers' config
+
+        # a layer hands its resolved settings; a router built alone resolves its own
+        self.locmoe = layer_resolution(
+            (locmoe or LocMoEConfig()).validate(self.config), self.config
+        ).config
         topo = current_topology()
         expert_nodes = torch.tensor(topo.expert_nodes(self.config.num_moe_experts))
         # [E] bool: experts hosted on this rank's node. Buffer so it follows .to(device).

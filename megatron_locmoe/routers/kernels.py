@@ -70,6 +70,18 @@ DISABLED = os.environ.get("LOCMOE_TRITON_ROUTER", "1") == "0"
 """LOCMOE_TRITON_ROUTER=0 sends the fixed gate to the compiled graph instead (diagnostics)."""
 
 
+def gate_applies(locmoe, num_experts: int) -> bool:
+    """Whether the kernels cover these (resolved) settings: the paper's gate (fixed block
+    weights, no bias, a fixed temperature), no capacity bound, at most MAX_EXPERTS experts."""
+    return (
+        locmoe.grap_mode != "learnable"
+        and not locmoe.grap_bias
+        and not locmoe.grap_learnable_temperature
+        and locmoe.capacity_mode != "bound"
+        and num_experts <= MAX_EXPERTS
+    )
+
+
 def available(device: torch.device) -> bool:
     """Whether the kernels can run on ``device``: CUDA with triton, or the interpreter on CPU."""
     if not HAVE_TRITON or DISABLED:

@@ -62,13 +62,8 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         for p in (self.grap_bias, self.grap_log_temperature):
             if isinstance(p, torch.nn.Parameter):
                 p.sequence_parallel = config.sequence_parallel
-        self._kernel_gate = (  # what _kernels_apply needs besides the device, decided once
-            cfg.grap_mode != "learnable"
-            and not cfg.grap_bias
-            and not cfg.grap_learnable_temperature
-            and cfg.capacity_mode != "bound"
-            and E <= kernels.MAX_EXPERTS
-        )
+        # what _kernels_apply needs besides the device, decided once
+        self._kernel_gate = kernels.gate_applies(cfg, E)
         self.locality_on = (  # mu > 0 and this node hosts some but not all experts
             cfg.locality_loss_coeff > 0 and 0 < int(self.expert_is_local.sum()) < E
         )
@@ -166,7 +161,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         take the reference path."""
         cfg = self.config
         return (
-            (self.locmoe.fused_router or cfg.moe_router_fusion)
+            self.locmoe.fused_router == "on"
             and padding_mask is None
             and not cfg.moe_z_loss_coeff
             and cfg.moe_router_topk_scaling_factor is None

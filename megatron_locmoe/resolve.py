@@ -1,0 +1,232 @@
+"""The plugin's ``auto`` settings made concrete, each with its reason, and the start-up summary.
+
+``--moe-router-type locmoe`` alone must give the whole method at the fast path's speed: the
+defaults that depend on the run (does expert parallelism leave the node? is this a CUDA
+process? is Transformer Engine's grouped MLP in the spec? is there a capacity factor?) are
+decided here, in one place. ``resolve`` is pure: the layer spec calls it once to print the
+summary, and every MoE layer calls it again to build its router, dispatcher and experts from
+the same answer. Explicit values are kept as given (their checks stay in LocMoEConfig and the
+argument validation); only ``auto`` is decided, and never to a value that would then fail.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from megatron_locmoe.config import LocMoEConfig, grouped_experts_unsupported
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """A LocMoEConfig with no ``auto`` left, and why each setting is what it is."""
+
+    config: LocMoEConfig
+    reasons: dict[str, str] = field(default_factory=dict)
+    """setting -> how it was decided (for ``auto`` settings: why it resolved as it did)."""
+
+
+def _plugin_router(locmoe: LocMoEConfig) -> bool:
+    return locmoe.router_type != "megatron"
+
+
+def _dispatcher(locmoe: LocMoEConfig, tc, topology) -> tuple[str, str]:
+    if locmoe.dispatcher != "auto":
+        return locmoe.dispatcher, "as given"
+    if not _plugin_router(locmoe):
+        return "alltoall", (
+            "auto: Megatron's own dispatcher with --moe-router-type megatron "
+            "(--locmoe-dispatcher hierarchical for the two-hop one)"
+        )
+    if topology is None or not topology.spans_nodes:
+        where = "one node" if topology is not None else "an unknown node map"
+        return "alltoall", f"auto: expert parallelism inside {where}, nothing crosses nodes"
+    from megatron_locmoe.dispatcher import unsupported_settings
+
+    blockers = unsupported_settings(tc)
+    if blockers:
+        return "alltoall", (
+            "auto: the two-hop dispatcher would suit this node map, but "
+            + "; ".join(blockers)
+            + " (flat All-to-All kept)"
+        )
+    return "hierarchical", (
+        f"auto: expert parallelism spans {topology.num_nodes} nodes: first hop inside the node"
+    )
+
+
+def _fused_router(locmoe: LocMoEConfig, tc, device_type: str | None) -> tuple[str, str]:
+    if locmoe.router_type != "locmoe":
+        return locmoe.fused_router, "as given (only the locmoe router has a fused path)"
+    if getattr(tc, "moe_router_fusion", False):
+        return "on", "--moe-router-fusion: the locmoe router's own fused path"
+    if locmoe.fused_router != "auto":
+        return locmoe.fused_router, "as given"
+    if device_type == "cuda":
+        return "on", "auto: CUDA: " + _fused_path(locmoe, tc)
+    return "off", f"auto: {device_type or 'unknown'} device: the reference path"
+
+
+def _fused_path(locmoe: LocMoEConfig, tc) -> str:
+    """Which fused path a CUDA process takes with these settings."""
+    from megatron_locmoe.routers import kernels
+
+    if not kernels.HAVE_TRITON:
+        return "one compiled graph (triton is not installed)"
+    if kernels.DISABLED:
+        return "one compiled graph (LOCMOE_TRITON_ROUTER=0)"
+    settled = dataclasses.replace(locmoe, capacity_mode=_capacity(locmoe, tc)[0])
+    if not kernels.gate_applies(settled, tc.num_moe_experts):
+        return "compiled graphs (the Triton kernels cover the fixed gate without capacity bound)"
+    return "the Triton kernels"
+
+
+def _experts(locmoe: LocMoEConfig, tc) -> tuple[str, str]:
+    if locmoe.experts != "auto":
+        return locmoe.experts, "as given"
+    te = getattr(tc, "transformer_impl", "local") == "transformer_engine"
+    grouped_gemm = bool(getattr(tc, "moe_grouped_gemm", False))
+    if te and grouped_gemm:
+        return "loop", "auto: --moe-grouped-gemm under transformer-engine: TEGroupedMLP"
+    unsupported = grouped_experts_unsupported(tc)
+    if not _plugin_router(locmoe) and not grouped_gemm:
+        return "loop", "auto: Megatron's experts with --moe-router-type megatron"
+    if unsupported:
+        return "loop", (
+            "auto: Megatron's per-expert loop, since grouped experts do not support "
+            + ", ".join(unsupported)
+        )
+    return "grouped", "auto: all local experts in two torch._grouped_mm GEMMs"
+
+
+def _capacity(locmoe: LocMoEConfig, tc) -> tuple[str, str]:
+    if locmoe.capacity_mode != "auto":
+        return locmoe.capacity_mode, "as given"
+    cf = getattr(tc, "moe_expert_capacity_factor", None)
+    if locmoe.router_type == "locmoe" and cf is not None:
+        return "bound", (
+            f"auto: --moe-expert-capacity-factor {cf}: LocMoE's lower bound, clamped below "
+            "that factor's capacity"
+        )
+    if locmoe.router_type == "locmoe":
+        return "none", "auto: no --moe-expert-capacity-factor: dropless"
+    return "none", f"auto: the {locmoe.router_type} router's own capacity handling"
+
+
+def resolve(locmoe: LocMoEConfig, tc, topology=None, device_type: str | None = None) -> Resolution:
+    """``locmoe`` with every ``auto`` decided for this model (``tc``, Megatron's
+    TransformerConfig or its parsed arguments), node map and device type."""
+    choices = {
+        "dispatcher": _dispatcher(locmoe, tc, topology),
+        "fused_router": _fused_router(locmoe, tc, device_type),
+        "experts": _experts(locmoe, tc),
+        "capacity_mode": _capacity(locmoe, tc),
+    }
+    config = dataclasses.replace(locmoe, **{name: value for name, (value, _) in choices.items()})
+    return Resolution(config, {name: why for name, (_, why) in choices.items()})
+
+
+def layer_resolution(locmoe: LocMoEConfig, tc) -> Resolution:
+    """``resolve`` for this process: the current topology (if one was built) and device."""
+    from megatron_locmoe.device import choose_device
+    from megatron_locmoe.topology import current_topology
+
+    return resolve(locmoe, tc, current_topology(), choose_device().type)
+
+
+# ---- the start-up summary ----------------------------------------------------------------
+
+
+def summary_fields(resolution: Resolution, tc, topology=None) -> dict:
+    """What the run does, as plain values (the W&B config and the TensorBoard text)."""
+    cfg, E, k = resolution.config, tc.num_moe_experts, tc.moe_router_topk
+    out: dict = {"router": cfg.router_type, "top_k": k, "num_experts": E}
+    if cfg.router_type == "locmoe":
+        out["gate"] = (
+            f"GrAP {cfg.grap_mode}"
+            + (", learnable bias" if cfg.grap_bias else "")
+            + (f", temperature {cfg.grap_temperature:g}" if cfg.grap_temperature != 1.0 else "")
+            + (", learnable temperature" if cfg.grap_learnable_temperature else "")
+        )
+    if cfg.router_type in ("locmoe", "switch"):
+        out["balance_loss"] = f"switch form, alpha {cfg.aux_loss_coeff:g}"
+    elif cfg.router_type == "megatron":
+        out["balance_loss"] = (
+            f"Megatron's {tc.moe_router_load_balancing_type}, coeff {tc.moe_aux_loss_coeff}"
+        )
+    if cfg.router_type == "locmoe":
+        out["locality_loss"] = (
+            f"mu {cfg.locality_loss_coeff:g}, smoothing {cfg.locality_smoothing:g}"
+            if cfg.locality_loss_coeff
+            else "off (mu 0)"
+        )
+    out["capacity"] = {
+        "bound": f"LocMoE's lower bound (percentile {cfg.capacity_percentile:g}, floor "
+        f"{cfg.capacity_floor_factor:g}, ceiling factor {tc.moe_expert_capacity_factor}, "
+        + (
+            f"re-estimated every {cfg.capacity_reestimate_interval} steps)"
+            if cfg.capacity_reestimate_interval
+            else "estimated on the first batch)"
+        ),
+        "none": "dropless"
+        if tc.moe_expert_capacity_factor is None
+        else f"capacity factor {tc.moe_expert_capacity_factor}, overflow dropped and counted",
+    }[cfg.capacity_mode]
+    out["dispatcher"] = cfg.dispatcher
+    if cfg.dispatcher == "hierarchical":
+        from megatron_locmoe.dispatcher import resolve_dedup
+
+        dedup = "on" if resolve_dedup(cfg.dedup_setting, tc) else "off"
+        out["dedup"] = dedup + (
+            f" (auto: top-{k}"
+            + (
+                ": a token crosses to each remote node once)"
+                if k > 1
+                else " sends one copy per node anyway)"
+            )
+            if cfg.dispatcher_dedup == "auto"
+            else " (as given)"
+        )
+    if topology is not None:
+        out["node_map"] = (
+            f"{topology.num_nodes} nodes x {topology.ranks_per_node} EP ranks "
+            f"(EP {topology.ep_size}, {E // topology.num_nodes} experts per node)"
+        )
+    out["fused_router"] = cfg.fused_router
+    out["expert_impl"] = _expert_impl(cfg, tc)
+    out["why"] = dict(resolution.reasons)
+    return out
+
+
+def _expert_impl(cfg: LocMoEConfig, tc) -> str:
+    if cfg.experts == "grouped":
+        return "GroupedSequentialMLP (torch._grouped_mm)"
+    te = getattr(tc, "transformer_impl", "local") == "transformer_engine"
+    if te and getattr(tc, "moe_grouped_gemm", False):
+        return "TEGroupedMLP"
+    return "SequentialMLP (Megatron's per-expert loop)"
+
+
+_REASON_OF = {"capacity": "capacity_mode", "expert_impl": "experts"}
+"""Summary lines whose reason is filed under the setting's own name."""
+
+
+def summary_text(resolution: Resolution, tc, topology=None) -> str:
+    """The start-up summary, one line per setting."""
+    fields = summary_fields(resolution, tc, topology)
+    why = fields.pop("why")
+    lines = ["LocMoE plugin:"]
+    for name, value in fields.items():
+        reason = why.get(_REASON_OF.get(name, name))
+        lines.append(f"  {name}: {value}" + (f"  [{reason}]" if reason else ""))
+    if topology is not None and not topology.spans_nodes:
+        lines.append(
+            "  note: the EP group sits inside one node: the locality loss and the two-hop "
+            "dispatcher have no effect on traffic here"
+        )
+    return "\n".join(lines)
+
+
+def summary_json(resolution: Resolution, tc, topology=None) -> str:
+    return json.dumps(summary_fields(resolution, tc, topology), indent=1, default=str)
