@@ -93,18 +93,22 @@ def demo_runs(mu: float) -> list[DemoRun]:
 # --------------------------------------------------------------------------------------------
 
 
-def prepare_domains(data_dir: Path, nodes: int, max_stdlib_files: int | None) -> dict:
+def prepare_domains(
+    data_dir: Path, nodes: int, max_stdlib_files: int | None, held_out_every: int = 0
+) -> dict:
     """Per-node domain datasets, built once and reused (``data_dir/manifest.json``)."""
     from megatron_locmoe import data
 
     manifest = data_dir / "manifest.json"
     key = {"nodes": nodes, "max_stdlib_files": max_stdlib_files}
+    if held_out_every:  # (the demo's key stays as it was: its caches stay valid)
+        key["held_out_every"] = held_out_every
     if manifest.exists():
         built = json.loads(manifest.read_text())
         files_ok = all(Path(f"{p}.bin").exists() for p in built["prefixes"])
         if built.get("key") == key and files_ok and Path(built["counts"]).exists():
             return built
-    built = data.build_domain_datasets(data_dir, nodes, max_stdlib_files)
+    built = data.build_domain_datasets(data_dir, nodes, max_stdlib_files, held_out_every)
     built["key"] = key
     manifest.write_text(json.dumps(built, indent=1))
     return built
@@ -115,7 +119,8 @@ def prepare_domains(data_dir: Path, nodes: int, max_stdlib_files: int | None) ->
 # --------------------------------------------------------------------------------------------
 
 
-def _settings(run: DemoRun, args, domains: dict, run_dir: Path):
+def train_settings(run: DemoRun, args, domains: dict, run_dir: Path):
+    """The TrainSettings of one demo run (the sweep reuses them)."""
     from megatron_locmoe.config import LocMoEConfig
     from megatron_locmoe.trainer import TrainSettings
 
@@ -356,7 +361,7 @@ def main(argv: list[str] | None = None, cluster=None) -> dict:
         for run in runs:
             run_dir = out / run.name
             run_dir.mkdir()
-            settings = _settings(run, args, domains, run_dir)
+            settings = train_settings(run, args, domains, run_dir)
             t_run = time.perf_counter()
             results, progress = run_with_progress(cluster, settings, layout, run.name, show_bar)
             seconds = time.perf_counter() - t_run
