@@ -378,6 +378,11 @@ def _panels(plt, n: int):
     return fig, list(axes.flat[:n])
 
 
+def _legend(ax, **kwargs) -> None:
+    if ax.get_legend_handles_labels()[0]:  # no empty legends (matplotlib warns)
+        ax.legend(**kwargs)
+
+
 def plot_sweep(rows: list[dict], png_dir: str | Path) -> list[str]:
     """Write the sweep's PNGs into ``png_dir``; return the names written."""
     plt = _plt()
@@ -421,7 +426,7 @@ def plot_sweep(rows: list[dict], png_dir: str | Path) -> list[str]:
         ax.set_xlabel("inter-node B per token and MoE layer (hierarchical)")
         ax.set_ylabel("held-out loss")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _legend(ax, fontsize=7)
     fig.tight_layout()
     fig.savefig(png_dir / "pareto.png", dpi=110)
     plt.close(fig)
@@ -448,7 +453,7 @@ def plot_sweep(rows: list[dict], png_dir: str | Path) -> list[str]:
     ax.set_ylabel("node-local share (last 20% of steps)")
     ax.set_title("LocMoE top-1, domain-sharded data")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend(ax, fontsize=7)
     fig.tight_layout()
     fig.savefig(png_dir / "node_local_vs_mu.png", dpi=110)
     plt.close(fig)
@@ -471,7 +476,7 @@ def plot_sweep(rows: list[dict], png_dir: str | Path) -> list[str]:
         ax.set_xlabel("step")
         ax.set_ylabel("node-local share")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, ncol=2)
+        _legend(ax, fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(png_dir / "node_local_curves.png", dpi=110)
     plt.close(fig)
@@ -513,7 +518,7 @@ def plot_sweep(rows: list[dict], png_dir: str | Path) -> list[str]:
     ax.set_ylabel("tokens per expert per rank and step")
     ax.set_title("Tokens per expert (busiest expert of each rank), LocMoE top-1 mu 0.1")
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=7)
+    _legend(ax, fontsize=7)
     fig.tight_layout()
     fig.savefig(png_dir / "tokens_per_expert.png", dpi=110)
     plt.close(fig)

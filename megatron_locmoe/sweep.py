@@ -103,7 +103,7 @@ def sweep_runs(layout: str) -> list[SweepRun]:
             "locmoe",
             1,
             locmoe={"locality_loss_coeff": 0.1, "node_target_share": NODE_TARGET},
-            priority=cheap,
+            priority=1 if layout == "16x1" else cheap,  # where the paper form loses most
         ),
         SweepRun("ctl-megatron", "control: Megatron top-1", "megatron", 1, "control", priority=p1),
         SweepRun(
