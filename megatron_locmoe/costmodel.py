@@ -589,6 +589,39 @@ def _without_drops(stats: RoutingStats) -> RoutingStats:
     )
 
 
+def claim_cells(
+    loc: StepEstimate, base: StepEstimate, baseline: str, npus: int, paper_share: float | None
+) -> list[str]:
+    """r, All-to-All share s, modeled step-time change s (1 - r), the paper's claim and the
+    share that would explain it, for LocMoE's and a baseline's estimates at ``npus`` devices
+    (s: the paper's measured share where given, else the model's share of the MoE time)."""
+    lo, hi = PAPER_CLAIMS["time_per_epoch_reduction"]
+    r = loc.t_comm / base.t_comm if base.t_comm else 1.0
+    if paper_share is not None:
+        share, share_txt = paper_share, f"{paper_share:.1%} (paper)"
+    else:
+        share, share_txt = base.comm_share, f"{base.comm_share:.1%} (model, MoE only)"
+    reduction = step_time_reduction(share, r)
+    speedup = PAPER_CLAIMS["speedup_64npu"].get(baseline) if npus == 64 else None
+    if speedup is not None:
+        targets = [1.0 - 1.0 / speedup]
+        claim_txt = f"{speedup:.2f}x = -{targets[0]:.1%}"
+    else:
+        targets = [lo, hi]
+        claim_txt = f"-{lo:.2%} .. -{hi:.2%}"
+    shares = [share_needed(t, r) for t in targets]
+    needed = (
+        " .. ".join(f"{x:.1%}" for x in shares) if shares[0] is not None else "impossible (r >= 1)"
+    )
+    return [
+        f"{r:.3f}",
+        share_txt,
+        f"-{reduction:.1%}" if reduction >= 0 else f"+{-reduction:.1%}",
+        claim_txt,
+        needed,
+    ]
+
+
 def reproduction_table(
     stats: list[RoutingStats],
     locmoe: str,
@@ -629,36 +662,13 @@ def reproduction_table(
             loc = estimate(by_name[locmoe], cluster, ep_nodes, workload)
             for b in baselines:
                 base = estimate(by_name[b], cluster, ep_nodes, workload)
-                r = loc.t_comm / base.t_comm if base.t_comm else 1.0
-                if paper_share is not None:
-                    share, share_txt = paper_share, f"{paper_share:.1%} (paper)"
-                else:
-                    share, share_txt = base.comm_share, f"{base.comm_share:.1%} (model, MoE only)"
-                reduction = step_time_reduction(share, r)
-                speedup = PAPER_CLAIMS["speedup_64npu"].get(b) if npus == 64 else None
-                if speedup is not None:
-                    targets = [1.0 - 1.0 / speedup]
-                    claim_txt = f"{speedup:.2f}x = -{targets[0]:.1%}"
-                else:
-                    targets = [lo, hi]
-                    claim_txt = f"-{lo:.2%} .. -{hi:.2%}"
-                shares = [share_needed(t, r) for t in targets]
-                needed = (
-                    " .. ".join(f"{x:.1%}" for x in shares)
-                    if shares[0] is not None
-                    else "impossible (r >= 1)"
-                )
                 rows.append(
                     [
                         f"{nodes_total} x 8 = {npus}",
                         reading,
                         f"{locmoe} vs {b}",
                         f"{base.node_local_fraction:.3f} -> {loc.node_local_fraction:.3f}",
-                        f"{r:.3f}",
-                        share_txt,
-                        f"-{reduction:.1%}" if reduction >= 0 else f"+{-reduction:.1%}",
-                        claim_txt,
-                        needed,
+                        *claim_cells(loc, base, b, npus, paper_share),
                     ]
                 )
     return format_table(
@@ -705,10 +715,12 @@ def sweep_reproduction_table(
         for r in rows
         if r["setting"] == setting
     }
-    lo, hi = PAPER_CLAIMS["time_per_epoch_reduction"]
     out = []
     for nodes_total in (8, 16, 32):
         npus = nodes_total * cluster.devices_per_node
+        paper_share = (  # the paper measured its share on its own cluster only
+            PAPER_CLAIMS["alltoall_share"].get(npus) if cluster.name == "ascend-910a" else None
+        )
         for ep_nodes in sorted({2, min(nodes_total, MAX_EP_NODES)}):
             if (ep_nodes, locmoe) not in at:
                 continue
@@ -717,36 +729,16 @@ def sweep_reproduction_table(
                 if (ep_nodes, b) not in at:
                     continue
                 base = estimate(at[ep_nodes, b], cluster, ep_nodes, workload)
-                r = loc.t_comm / base.t_comm if base.t_comm else 1.0
-                paper_share = (
-                    PAPER_CLAIMS["alltoall_share"].get(npus)
-                    if cluster.name == "ascend-910a"
-                    else None
-                )
-                if paper_share is not None:
-                    share, share_txt = paper_share, f"{paper_share:.1%} (paper)"
-                else:
-                    share, share_txt = base.comm_share, f"{base.comm_share:.1%} (model, MoE only)"
-                reduction = step_time_reduction(share, r)
-                speedup = PAPER_CLAIMS["speedup_64npu"].get(b) if npus == 64 else None
-                targets = [1.0 - 1.0 / speedup] if speedup else [lo, hi]
-                needed = [share_needed(t, r) for t in targets]
+                cells = claim_cells(loc, base, b, npus, paper_share)
                 out.append(
                     [
                         f"{nodes_total} x {cluster.devices_per_node} = {npus}",
                         f"EP 16 over {ep_nodes} nodes",
                         f"{locmoe} vs {b}",
                         f"{base.node_local_fraction:.3f} -> {loc.node_local_fraction:.3f}",
-                        f"{r:.3f}",
-                        share_txt,
-                        f"-{reduction:.1%}" if reduction >= 0 else f"+{-reduction:.1%}",
+                        *cells[:3],
                         f"{1 - loc.t_moe / base.t_moe:+.1%}",
-                        f"{speedup:.2f}x = -{targets[0]:.1%}"
-                        if speedup
-                        else f"-{lo:.2%} .. -{hi:.2%}",
-                        " .. ".join(f"{x:.1%}" for x in needed)
-                        if needed[0] is not None
-                        else "impossible (r >= 1)",
+                        *cells[3:],
                     ]
                 )
     if not out:

@@ -275,6 +275,19 @@ def format_summary(rows: list[dict]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The tiny model's sizes, learning rate and seed (the demo's and the sweep's)."""
+    p.add_argument("--experts", type=int, default=16)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden-size", type=int, default=64)
+    p.add_argument("--ffn-hidden-size", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--seq-length", type=int, default=64)
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=1234)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--nodes", type=int, default=2)
@@ -286,16 +299,8 @@ def parse_args(argv=None):
         help="comma-separated subset of the runs (default all): "
         + ", ".join(r.name for r in demo_runs(0.1)),
     )
-    p.add_argument("--experts", type=int, default=16)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--hidden-size", type=int, default=64)
-    p.add_argument("--ffn-hidden-size", type=int, default=128)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--seq-length", type=int, default=64)
-    p.add_argument("--micro-batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-3)
+    add_model_arguments(p)
     p.add_argument("--mu", type=float, default=0.1, help="LocMoE's locality-loss coefficient")
-    p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--out", default=DEFAULT_OUT, help="run directories (replaced)")
     p.add_argument("--report", default=DEFAULT_REPORT, help="HTML report path ('' for none)")
     p.add_argument("--data-dir", default=DEFAULT_DATA, help="per-node corpus domains (cached)")

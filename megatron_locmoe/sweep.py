@@ -472,6 +472,8 @@ def write_results(out: Path, results_path: Path, args, command: str) -> dict:
 
 
 def parse_args(argv=None):
+    from megatron_locmoe.demo import add_model_arguments
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
         "--layouts",
@@ -483,15 +485,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--eval-batches", type=int, default=8, help="held-out micro-batches per rank")
     p.add_argument("--held-out-every", type=int, default=20, help="every K-th document held out")
-    p.add_argument("--experts", type=int, default=16)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--hidden-size", type=int, default=64)
-    p.add_argument("--ffn-hidden-size", type=int, default=128)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--seq-length", type=int, default=64)
-    p.add_argument("--micro-batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=1234)
+    add_model_arguments(p)
     p.add_argument("--out", default=DEFAULT_OUT, help="run directories (finished runs kept)")
     p.add_argument("--results", default=DEFAULT_RESULTS, help="results JSON (plots beside it)")
     p.add_argument("--data-dir", default=DEFAULT_DATA, help="per-node-count corpora (cached)")
