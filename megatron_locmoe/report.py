@@ -260,8 +260,15 @@ img { max-width: 100%; border: 1px solid #ddd; margin: 0.5em 0; }
 """
 
 
-def build_report(runs: list[Run], out_html: str | Path, workload: str = "pangu-sigma") -> Path:
-    """Write the HTML page and its PNGs (``<stem>_png/`` beside it); return the page's path."""
+def build_report(
+    runs: list[Run],
+    out_html: str | Path,
+    workload: str = "pangu-sigma",
+    sweep_rows: list[dict] | None = None,
+) -> Path:
+    """Write the HTML page and its PNGs (``<stem>_png/`` beside it); return the page's path.
+    ``sweep_rows``: the locality sweep's results (``megatron_locmoe.sweep``), whose figures
+    the page then shows too."""
     if not runs:
         raise ValueError("no runs to report on")
     out_html = Path(out_html)
@@ -323,6 +330,13 @@ def build_report(runs: list[Run], out_html: str | Path, workload: str = "pangu-s
             "<p class='note'>No modeled step time: the runs have no run.json (written by "
             "megatron_locmoe.demo), so their sizes are unknown.</p>"
         )
+    sweep_html = ""
+    if sweep_rows:
+        plot_sweep(sweep_rows, png_dir)
+        sweep_html = "<h1>Locality sweep</h1>" + "".join(
+            f'<h2>{html.escape(title)}</h2><img src="{rel}/{name}.png" alt="{html.escape(title)}">'
+            for name, title in SWEEP_FIGURES.items()
+        )
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>LocMoE router comparison</title>
 <style>{_CSS}</style></head><body>
@@ -333,6 +347,7 @@ rank sends per MoE layer and step (dispatch + combine, forward), per token of th
 <ul>{settings}</ul>
 {figs}
 {model_html}
+{sweep_html}
 </body></html>
 """
     out_html.write_text(page)
@@ -536,8 +551,19 @@ def main(argv: list[str] | None = None) -> None:
         default="pangu-sigma",
         help="costmodel workload for the modeled step time",
     )
+    parser.add_argument(
+        "--sweep",
+        metavar="JSON",
+        help="the locality sweep's results file (benchmarks/results/locality_sweep.json): "
+        "add its figures",
+    )
     args = parser.parse_args(argv)
-    path = build_report(load_runs(args.runs), args.out, args.workload)
+    sweep_rows = None
+    if args.sweep:
+        import json
+
+        sweep_rows = json.loads(Path(args.sweep).read_text())["runs"]
+    path = build_report(load_runs(args.runs), args.out, args.workload, sweep_rows)
     print(f"report: {path} (plots in {path.parent / (path.stem + '_png')})")
 
 

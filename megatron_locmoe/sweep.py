@@ -30,6 +30,7 @@ import dataclasses
 import json
 import math
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -123,6 +124,15 @@ def sweep_runs(layout: str) -> list[SweepRun]:
             "control",
             locmoe={"locality_loss_coeff": 0.1, "node_target_share": NODE_TARGET},
             priority=p1,
+        ),
+        SweepRun(
+            "ctl-locmoe-node0.3",
+            "control: LocMoE top-1 + node target 0.3 (ours)",
+            "locmoe",
+            1,
+            "control",
+            locmoe={"locality_loss_coeff": 0.1, "node_target_share": 0.3},
+            priority=cheap if layout == "8x1" else 3,
         ),
         SweepRun("ctl-hash", "control: Hash top-1", "hash", 1, "control", priority=3),
     ]
@@ -306,7 +316,9 @@ def _expert_ranks(E: int, world: int) -> list[int]:
 def routing_summary(rec: dict) -> dict:
     """From the tail steps' routing counts: flat All-to-All copies per token (intra, inter),
     tokens per expert (received per step by the busiest and the mean expert, and the most one
-    rank sends to one expert) against the capacity factor reference."""
+    rank sends to one expert) against the capacity factor reference, and the CV of the
+    experts' received loads (the load each expert computes; ``load_cv`` is per source rank,
+    which a node-aware router makes uneven on purpose)."""
     counts = rec["tokens_per_expert"]  # [ranks][layers][E], summed over the tail steps
     steps, T, k = rec["routing_stats_steps"], rec["tokens_per_rank_step"], rec["topk"]
     world, G, E = len(counts), rec["ranks_per_node"], rec["num_experts"]
@@ -327,7 +339,9 @@ def routing_summary(rec: dict) -> dict:
     denom = world * layers * steps
     recv_max = sum(max(row) for row in received) / (layers * steps)
     recv_mean = sum(sum(row) / E for row in received) / (layers * steps)
+    cv = [statistics.pstdev(row) / max(statistics.fmean(row), 1e-30) for row in received]
     return {
+        "global_load_cv": statistics.fmean(cv),
         "flat_intra_copies_per_token": intra / denom / T,
         "flat_inter_copies_per_token": inter / denom / T,
         "tokens_per_expert_received_max": recv_max,

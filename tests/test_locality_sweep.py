@@ -22,7 +22,8 @@ FIELDS = {
     "inter_bytes_per_token", "intra_bytes_per_token", "flat_inter_bytes_per_token",
     "flat_intra_bytes_per_token", "load_cv", "dropped", "expert_capacity",
     "tokens_per_expert_received_max", "tokens_per_expert_received_mean",
-    "tokens_per_expert_sent_max", "capacity_cf_reference", "tokens_per_second", "wall_seconds",
+    "tokens_per_expert_sent_max", "capacity_cf_reference", "global_load_cv",
+    "tokens_per_second", "wall_seconds",
 }  # fmt: skip
 
 
@@ -69,6 +70,7 @@ def test_results_file_has_every_field(swept):
         assert T / E <= r["tokens_per_expert_sent_max"] <= T
         assert r["capacity_cf_reference"] == 18 and r["expert_capacity"] == 0
         assert r["dropped"] == 0 and r["load_cv"] >= 0 and r["tokens_per_second"] > 0
+        assert 0 <= r["global_load_cv"] < 4
     assert rows["megatron"]["setting"] == "domains"
     assert rows["ctl-locmoe-node0.5"]["setting"] == "control"
     assert rows["ctl-locmoe-node0.5"]["node_target_share"] == 0.5
@@ -112,3 +114,17 @@ def test_node_bias_raises_locality_in_the_control(cluster_factory, swept):
         )
         share[target] = local / sum(sum(map(sum, r)) for r in res[0]["tokens_per_expert"])
     assert share[0.0] < 0.45 and share[0.9] > 0.7, share
+
+
+def test_report_page_gains_the_sweep_figures(swept):
+    from megatron_locmoe import report
+    from megatron_locmoe.runlog import load_runs
+
+    rows = json.loads((swept / "sweep.json").read_text())["runs"]
+    page = report.build_report(
+        load_runs([swept / "runs" / "4x1"]), swept / "page.html", sweep_rows=rows
+    )
+    text = page.read_text()
+    for name, title in report.SWEEP_FIGURES.items():
+        assert f"page_png/{name}.png" in text and title in text
+        assert (swept / "page_png" / f"{name}.png").exists()
