@@ -5,6 +5,7 @@ raises the node-local share in the control, where the paper's form cannot."""
 
 from __future__ import annotations
 
+import html
 import json
 
 import pytest
@@ -126,5 +127,5 @@ def test_report_page_gains_the_sweep_figures(swept):
     )
     text = page.read_text()
     for name, title in report.SWEEP_FIGURES.items():
-        assert f"page_png/{name}.png" in text and title in text
+        assert f"page_png/{name}.png" in text and html.escape(title) in text
         assert (swept / "page_png" / f"{name}.png").exists()
