@@ -327,6 +327,8 @@ def routing_summary(rec: dict) -> dict:
     world, G, E = len(counts), rec["ranks_per_node"], rec["num_experts"]
     owner = _expert_ranks(E, world)
     layers = len(counts[0])
+    local = [0.0] * (world // G)  # per node: assignments to the node's own experts, and all
+    total = [0.0] * (world // G)
     intra = inter = 0.0
     sent_max = 0.0
     received = [[0.0] * E for _ in range(layers)]
@@ -334,6 +336,9 @@ def routing_summary(rec: dict) -> dict:
         for li, row in enumerate(per_layer):
             for e, c in enumerate(row):
                 received[li][e] += c
+                total[r // G] += c
+                if owner[e] // G == r // G:
+                    local[r // G] += c
                 if owner[e] // G != r // G:
                     inter += c
                 elif owner[e] != r:
@@ -344,6 +349,7 @@ def routing_summary(rec: dict) -> dict:
     recv_mean = sum(sum(row) / E for row in received) / (layers * steps)
     cv = [statistics.pstdev(row) / max(statistics.fmean(row), 1e-30) for row in received]
     return {
+        "node_local_per_node": [lo / max(t, 1.0) for lo, t in zip(local, total, strict=True)],
         "global_load_cv": statistics.fmean(cv),
         "flat_intra_copies_per_token": intra / denom / T,
         "flat_inter_copies_per_token": inter / denom / T,
@@ -446,6 +452,22 @@ def versions() -> dict:
     }
 
 
+def domain_distinctness(manifest: Path) -> list[dict]:
+    """Per domain of a built corpus: name, training tokens and KL(domain || the other domains)
+    of the byte distributions (nats; +0.5 smoothing): how much a token alone tells its node."""
+    import numpy as np
+
+    built = json.loads(manifest.read_text())
+    counts = [np.load(f"{p}_counts.npy").astype(np.float64) + 0.5 for p in built["prefixes"]]
+    total = sum(counts)
+    out = []
+    for d, c in zip(built["domains"], counts, strict=True):
+        p, q = c / c.sum(), (total - c) / (total - c).sum()
+        kl = float((p * np.log(p / q)).sum())
+        out.append({"name": d["name"], "tokens": d["tokens"], "kl_vs_rest": kl})
+    return out
+
+
 def collect(out: Path) -> list[dict]:
     """Summaries of every finished run under ``out`` (layout order, then sweep order)."""
     from megatron_locmoe.runlog import load_run
@@ -472,6 +494,11 @@ def write_results(out: Path, results_path: Path, args, command: str) -> dict:
             if k not in ("run", "layout")
         },
         "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "domains": {
+            str(n): domain_distinctness(m)
+            for n in sorted({LAYOUTS[lay][0] for lay in LAYOUTS})
+            if (m := Path(args.data_dir) / f"nodes{n}" / "manifest.json").exists()
+        },
         "runs": rows,
     }
     results_path.parent.mkdir(parents=True, exist_ok=True)

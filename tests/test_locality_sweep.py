@@ -24,6 +24,7 @@ FIELDS = {
     "flat_intra_bytes_per_token", "load_cv", "dropped", "expert_capacity",
     "tokens_per_expert_received_max", "tokens_per_expert_received_mean",
     "tokens_per_expert_sent_max", "capacity_cf_reference", "global_load_cv",
+    "node_local_per_node",
     "tokens_per_second", "wall_seconds",
 }  # fmt: skip
 
@@ -49,6 +50,9 @@ def test_results_file_has_every_field(swept):
     assert "locality_sweep" in data["command"] or "main(" in data["command"]
     assert {"torch", "megatron_core", "python", "git_commit"} <= set(data["versions"])
     assert data["settings"]["steps"] == 3 and data["settings"]["held_out_every"] == 20
+    domains = data["domains"]["4"]
+    assert [d["name"] for d in domains][0] == "topics" and len(domains) == 4
+    assert all(d["kl_vs_rest"] > 0 and d["tokens"] > 0 for d in domains)
     rows = {r["run"]: r for r in data["runs"]}
     assert set(rows) == set(RUNS)
     T, E, world = 4 * 64, 16, 4
@@ -72,6 +76,7 @@ def test_results_file_has_every_field(swept):
         assert r["capacity_cf_reference"] == 18 and r["expert_capacity"] == 0
         assert r["dropped"] == 0 and r["load_cv"] >= 0 and r["tokens_per_second"] > 0
         assert 0 <= r["global_load_cv"] < 4
+        assert sum(r["node_local_per_node"]) / 4 == pytest.approx(r["node_local"], abs=0.05)
     assert rows["megatron"]["setting"] == "domains"
     assert rows["ctl-locmoe-node0.5"]["setting"] == "control"
     assert rows["ctl-locmoe-node0.5"]["node_target_share"] == 0.5
