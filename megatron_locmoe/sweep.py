@@ -533,8 +533,14 @@ layer, dispatch + combine, fp32 hidden 64; rise: node-local share of the last 20
 minus the 20% before; max tokens/expert: the most one rank sends to one expert per step."""
 
 
-def format_tables(rows: list[dict]) -> str:
-    """One Markdown table per node count (domains, then control), from the results' rows."""
+DOC_COLUMNS = ("run", "eval_loss", "node_local", "locality_gain", "inter_bytes_per_token",
+               "load_cv", "global_load_cv", "dropped")  # fmt: skip
+"""The columns of the README's and docs' tables (``--tables --brief``)."""
+
+
+def format_tables(rows: list[dict], columns: tuple[str, ...] | None = None) -> str:
+    """One Markdown table per node count (domains, then control), from the results' rows;
+    ``columns``: a subset of TABLE_COLUMNS' keys (default all)."""
     from megatron_locmoe.costmodel import format_table
 
     parts = []
@@ -546,11 +552,12 @@ def format_tables(rows: list[dict]) -> str:
             f"{nodes} nodes x {first['ranks_per_node']} ranks ({first['layout']}), "
             f"{first['steps']} steps, blind node-local share {first['node_local_blind']:.4g}:\n"
         )
+        cols = [c for c in TABLE_COLUMNS if columns is None or c[0] in columns]
         cells = [
-            [fmt.format(r[key]) if r.get(key) is not None else "-" for key, _, fmt in TABLE_COLUMNS]
+            [fmt.format(r[key]) if r.get(key) is not None else "-" for key, _, fmt in cols]
             for r in rs
         ]
-        parts.append(format_table([h for _, h, _ in TABLE_COLUMNS], cells) + "\n")
+        parts.append(format_table([h for _, h, _ in cols], cells) + "\n")
     return "\n".join(parts)
 
 
@@ -582,6 +589,7 @@ def parse_args(argv=None):
     p.add_argument("--progress", choices=("auto", "on", "off"), default="auto")
     p.add_argument("--dry-run", action="store_true", help="list the runs to do and exit")
     p.add_argument("--tables", action="store_true", help="print the results file's tables and exit")
+    p.add_argument("--brief", action="store_true", help="with --tables: the docs' columns")
     args = p.parse_args(argv)
     layouts = args.layouts.split(",")
     bad = [x for x in layouts if x not in LAYOUTS]
@@ -630,7 +638,7 @@ def main(argv: list[str] | None = None, cluster=None) -> dict:
     args = parse_args(argv)
     if args.tables:
         rows = json.loads(Path(args.results).read_text())["runs"]
-        print(format_tables(rows))
+        print(format_tables(rows, DOC_COLUMNS if args.brief else None))
         return {"rows": rows}
     command = " ".join(["python", *sys.argv]) if argv is None else "main(" + repr(argv) + ")"
     out, results_path = Path(args.out), Path(args.results)
