@@ -90,7 +90,7 @@ def sweep_runs(layout: str) -> list[SweepRun]:
     runs = [
         SweepRun("megatron", "Megatron top-1 (aux loss)", "megatron", 1, priority=p1),
         SweepRun("hash", "Hash top-1", "hash", 1, priority=p1),
-        SweepRun("switch", "Switch top-1 (cf 1.0)", "switch", 1, priority=rest),
+        SweepRun("switch", "Switch top-1 (cf 1.0)", "switch", 1, priority=1 if main else 4),
         SweepRun(
             "locmoe-mu0.1",
             "LocMoE top-1 (mu 0.1)",
@@ -117,7 +117,7 @@ def sweep_runs(layout: str) -> list[SweepRun]:
             1,
             "control",
             locmoe={"locality_loss_coeff": 0.1},
-            priority=1 if layout == "8x1" else 3,
+            priority=1 if layout == "8x1" else 4,
         ),
         SweepRun(
             f"ctl-locmoe-node{NODE_TARGET:g}",
@@ -135,9 +135,16 @@ def sweep_runs(layout: str) -> list[SweepRun]:
             1,
             "control",
             locmoe={"locality_loss_coeff": 0.1, "node_target_share": 0.3},
-            priority=cheap if layout == "8x1" else 3,
+            priority=cheap if layout == "8x1" else 4,
         ),
-        SweepRun("ctl-hash", "control: Hash top-1", "hash", 1, "control", priority=3),
+        SweepRun(
+            "ctl-hash",
+            "control: Hash top-1",
+            "hash",
+            1,
+            "control",
+            priority=3 if layout == "8x1" else 4,
+        ),
     ]
     runs += [
         SweepRun(
@@ -146,7 +153,7 @@ def sweep_runs(layout: str) -> list[SweepRun]:
             "locmoe",
             1,
             locmoe={"locality_loss_coeff": mu},
-            priority=cheap if layout == "8x1" else 3,
+            priority=cheap if layout == "8x1" else 4,
         )
         for mu in MUS
         if mu != 0.1
@@ -160,7 +167,7 @@ def sweep_runs(layout: str) -> list[SweepRun]:
             1,
             locmoe={"locality_loss_coeff": 0.1, "capacity_mode": "bound"},
             overrides=capacity,
-            priority=cheap if layout == "8x1" else 3,
+            priority=cheap if layout == "8x1" else 4,
         ),
         SweepRun(
             f"locmoe-cf{CF_REFERENCE:g}",
@@ -173,19 +180,20 @@ def sweep_runs(layout: str) -> list[SweepRun]:
                 "capacity_floor_factor": CF_REFERENCE,  # floor = ceiling: a fixed capacity
             },
             overrides=capacity,
-            priority=cheap if layout == "8x1" else 3,
+            priority=cheap if layout == "8x1" else 4,
         ),
     ]
     if layout in ("2x4", "16x1"):  # top-2 at 2 and 16 nodes
+        top2 = 3 if layout == "2x4" else 4
         runs += [
-            SweepRun("megatron-top2", "Megatron top-2 (aux loss)", "megatron", 2, priority=4),
+            SweepRun("megatron-top2", "Megatron top-2 (aux loss)", "megatron", 2, priority=top2),
             SweepRun(
                 "node-limited-top2",
                 "Megatron top-2, node-limited (1 node/token)",
                 "megatron",
                 2,
                 node_limited=True,
-                priority=4,
+                priority=top2,
             ),
             SweepRun(
                 "locmoe-top2-mu0.1",
@@ -193,7 +201,7 @@ def sweep_runs(layout: str) -> list[SweepRun]:
                 "locmoe",
                 2,
                 locmoe={"locality_loss_coeff": 0.1},
-                priority=4,
+                priority=top2,
             ),
         ]
     return runs
