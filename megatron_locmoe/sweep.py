@@ -307,6 +307,20 @@ def run_one(cluster, run: SweepRun, args, layout: str, domains: dict, run_dir: P
     return record
 
 
+def _key_text(key: dict) -> str:
+    return json.dumps(key, sort_keys=True)
+
+
+def committed_rows(results_path: Path) -> dict[str, dict]:
+    """The rows of an existing results file by run key: runs finished elsewhere (a committed
+    results file in a fresh checkout, whose run directories are not committed) count as
+    done and stay in the file."""
+    if not results_path.exists():
+        return {}
+    rows = json.loads(results_path.read_text()).get("runs", [])
+    return {_key_text(r["sweep_key"]): r for r in rows if "sweep_key" in r}
+
+
 def is_done(run_dir: Path, key: dict) -> bool:
     path = run_dir / "run.json"
     if not path.exists():
@@ -389,6 +403,7 @@ def run_summary(run) -> dict:
     return {
         "run": run.name,
         "label": run.label,
+        "sweep_key": rec["sweep_key"],
         "layout": rec["layout"],
         "nodes": nodes,
         "ranks_per_node": rec["ranks_per_node"],
@@ -493,6 +508,13 @@ def collect(out: Path) -> list[dict]:
 
 def write_results(out: Path, results_path: Path, args, command: str) -> dict:
     rows = collect(out)
+    have = {_key_text(r["sweep_key"]) for r in rows}
+    kept = [r for k, r in committed_rows(results_path).items() if k not in have]
+    order = {
+        (lay, r.name): i
+        for i, (lay, r) in enumerate((a, b) for a in LAYOUTS for b in sweep_runs(a))
+    }
+    rows = sorted(rows + kept, key=lambda r: order.get((r["layout"], r["run"]), len(order)))
     data = {
         "command": command,
         "versions": versions(),
@@ -598,6 +620,11 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true", help="list the runs to do and exit")
     p.add_argument("--tables", action="store_true", help="print the results file's tables and exit")
     p.add_argument("--brief", action="store_true", help="with --tables: the docs' columns")
+    p.add_argument(
+        "--collect",
+        action="store_true",
+        help="rewrite the results file and plots from the finished runs and exit",
+    )
     args = p.parse_args(argv)
     layouts = args.layouts.split(",")
     bad = [x for x in layouts if x not in LAYOUTS]
@@ -651,14 +678,20 @@ def main(argv: list[str] | None = None, cluster=None) -> dict:
     command = " ".join(["python", *sys.argv]) if argv is None else "main(" + repr(argv) + ")"
     out, results_path = Path(args.out), Path(args.results)
     todo = planned(args)
+    committed = committed_rows(results_path)
     pending = [
-        (lay, r) for lay, r in todo if not is_done(out / lay / r.name, run_key(r, args, lay))
+        (lay, r)
+        for lay, r in todo
+        if not is_done(out / lay / r.name, run_key(r, args, lay))
+        and _key_text(json.loads(json.dumps(run_key(r, args, lay)))) not in committed
     ]
     print(
         f"locality sweep: {len(todo)} runs planned, {len(todo) - len(pending)} done, "
         f"{len(pending)} to run ({args.steps} steps each) -> {out}/, {results_path}",
         flush=True,
     )
+    if args.collect:
+        return write_results(out, results_path, args, command)
     if args.dry_run:
         for lay, r in pending:
             print(f"  p{r.priority} {lay:<5} {r.name}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import json
+import shutil
 
 import pytest
 
@@ -14,7 +15,7 @@ from megatron_locmoe import sweep
 
 RUNS = ["megatron", "ctl-locmoe-node0.5"]
 FIELDS = {
-    "run", "label", "layout", "nodes", "ranks_per_node", "setting", "router_type", "topk",
+    "run", "label", "sweep_key", "layout", "nodes", "ranks_per_node", "setting", "router_type", "topk",
     "locality_loss_coeff", "node_target_share", "capacity_mode", "node_limited", "steps",
     "num_experts", "hidden_size", "hidden_element_bytes", "prob_element_bytes",
     "tokens_per_rank_step", "dedup",
@@ -90,6 +91,10 @@ def test_sweep_resumes_without_rerunning(swept, cluster_factory, capsys):
     assert out["pending"] == []
     assert "2 done, 0 to run" in capsys.readouterr().out
     assert (swept / "runs" / "4x1" / "megatron" / "run.json").stat().st_mtime_ns == before
+    # a fresh checkout: the committed results file alone marks its runs done and keeps them
+    shutil.rmtree(swept / "runs" / "4x1" / "megatron")
+    out = sweep.main([*_argv(swept), "--dry-run"], cluster=cluster_factory(4))
+    assert out["pending"] == []
 
 
 def test_node_bias_raises_locality_in_the_control(cluster_factory, swept):
