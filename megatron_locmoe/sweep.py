@@ -690,7 +690,9 @@ def main(argv: list[str] | None = None, cluster=None) -> dict:
         f"{len(pending)} to run ({args.steps} steps each) -> {out}/, {results_path}",
         flush=True,
     )
-    if args.collect:
+    if args.collect:  # the command that ran the sweep stays the file's command
+        if results_path.exists():
+            command = json.loads(results_path.read_text()).get("command", command)
         return write_results(out, results_path, args, command)
     if args.dry_run:
         for lay, r in pending:
