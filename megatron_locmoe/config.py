@@ -50,6 +50,16 @@ class LocMoEConfig:
     """epsilon of the smoothed fully-local distribution D_l: (1-eps)/L on the L experts of the
     token's node, eps/(n-L) elsewhere (forward KL to an unsmoothed D_l is infinite)."""
 
+    node_target_share: float = 0.0
+    """Ours, after TA-MoE (arXiv 2302.09915), for loaders that give every node the same mixture
+    (where no router that sees only the token beats 1/nodes): target node-local share p* of
+    the locmoe router; 0 switches it off. A bias on the logits of the node's own experts is
+    adapted each training step towards p*, and the balance loss measures each rank's load
+    against the node-aware target (p* over the local experts, 1 - p* over the others) instead
+    of uniform; with the same p* on every node every expert gets the same load."""
+    node_bias_rate: float = 0.1
+    """Step size of that bias: bias += rate * (p* - this batch's node-local share) per step."""
+
     # ---- GrAP gate ---------------------------------------------------------------------------
     grap_mode: Literal["fixed", "learnable"] = "fixed"
     """fixed: logit i = mean of hidden chunk i (the paper). learnable: each expert owns d/n
@@ -154,6 +164,17 @@ class LocMoEConfig:
                 raise ConfigError(
                     f"{name}={getattr(self, name)} is negative; use 0 to switch the loss off"
                 )
+        if not 0 <= self.node_target_share < 1:
+            raise ConfigError(
+                f"node_target_share={self.node_target_share} must lie in [0, 1) (0: off)"
+            )
+        if self.node_bias_rate <= 0:
+            raise ConfigError(f"node_bias_rate={self.node_bias_rate} must be positive")
+        if self.node_target_share and self.router_type != "locmoe":
+            raise ConfigError(
+                f"node_target_share is a locmoe router option; the {self.router_type} router "
+                "has no node bias: use --moe-router-type locmoe or drop it"
+            )
         if not 0 < self.locality_smoothing < 1:
             raise ConfigError(
                 f"locality_smoothing={self.locality_smoothing} must lie in (0, 1) (e.g. 1e-3)"

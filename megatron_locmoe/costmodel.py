@@ -297,8 +297,35 @@ class RoutingStats:
                 f"run {run.name} has no {missing} in its run.json: the cost model needs a run "
                 "written by megatron_locmoe.demo (TensorBoard events alone hold no sizes)"
             )
-        N, G, E = rec["nodes"], rec["ranks_per_node"], rec["num_experts"]
         T = rec["tokens_per_rank_step"]
+        return cls._from_bytes(
+            run.name,
+            rec,
+            dropped_per_token=run.tail_mean("tokens_dropped") / T,
+            node_local=run.tail_mean("node_local_fraction"),
+            intra=run.tail_mean("intra_node_bytes") / T,
+            inter=run.tail_mean("inter_node_bytes") / T,
+            flat_inter=run.tail_mean("flat_inter_node_bytes") / T,
+        )
+
+    @classmethod
+    def from_sweep_row(cls, row: dict) -> RoutingStats:
+        """From one run of the locality sweep's results file (``megatron_locmoe.sweep``)."""
+        return cls._from_bytes(
+            row["run"],
+            row,
+            dropped_per_token=row["dropped"] * row["topk"],
+            node_local=row["node_local"],
+            intra=row["intra_bytes_per_token"],
+            inter=row["inter_bytes_per_token"],
+            flat_inter=row["flat_inter_bytes_per_token"],
+        )
+
+    @classmethod
+    def _from_bytes(cls, name, rec, dropped_per_token, node_local, intra, inter, flat_inter):
+        """Bytes per token (dispatch + combine) turned into copies with the dispatcher's
+        per-copy sizes (``copy_bytes``); ``rec``: the run's sizes."""
+        N, G, E = rec["nodes"], rec["ranks_per_node"], rec["num_experts"]
         hidden = rec["hidden_size"] * rec["hidden_element_bytes"]
         pb = rec["prob_element_bytes"]
         flat_copy = copy_bytes(hidden, pb)
@@ -307,15 +334,14 @@ class RoutingStats:
             inter_copy = copy_bytes(hidden, pb, dedup_width=E // N)
         else:
             intra_copy = inter_copy = flat_copy
-        dropped = run.tail_mean("tokens_dropped")
         return cls(
-            name=run.name,
+            name=name,
             topk=rec["topk"],
-            assignments_per_token=rec["topk"] - dropped / T,
-            node_local_fraction=run.tail_mean("node_local_fraction"),
-            intra_copies_per_token=run.tail_mean("intra_node_bytes") / intra_copy / T,
-            inter_copies_per_token=run.tail_mean("inter_node_bytes") / inter_copy / T,
-            flat_inter_copies_per_token=run.tail_mean("flat_inter_node_bytes") / flat_copy / T,
+            assignments_per_token=rec["topk"] - dropped_per_token,
+            node_local_fraction=node_local,
+            intra_copies_per_token=intra / intra_copy,
+            inter_copies_per_token=inter / inter_copy,
+            flat_inter_copies_per_token=flat_inter / flat_copy,
             nodes=N,
             devices_per_node=G,
             num_experts=E,
@@ -563,6 +589,39 @@ def _without_drops(stats: RoutingStats) -> RoutingStats:
     )
 
 
+def claim_cells(
+    loc: StepEstimate, base: StepEstimate, baseline: str, npus: int, paper_share: float | None
+) -> list[str]:
+    """r, All-to-All share s, modeled step-time change s (1 - r), the paper's claim and the
+    share that would explain it, for LocMoE's and a baseline's estimates at ``npus`` devices
+    (s: the paper's measured share where given, else the model's share of the MoE time)."""
+    lo, hi = PAPER_CLAIMS["time_per_epoch_reduction"]
+    r = loc.t_comm / base.t_comm if base.t_comm else 1.0
+    if paper_share is not None:
+        share, share_txt = paper_share, f"{paper_share:.1%} (paper)"
+    else:
+        share, share_txt = base.comm_share, f"{base.comm_share:.1%} (model, MoE only)"
+    reduction = step_time_reduction(share, r)
+    speedup = PAPER_CLAIMS["speedup_64npu"].get(baseline) if npus == 64 else None
+    if speedup is not None:
+        targets = [1.0 - 1.0 / speedup]
+        claim_txt = f"{speedup:.2f}x = -{targets[0]:.1%}"
+    else:
+        targets = [lo, hi]
+        claim_txt = f"-{lo:.2%} .. -{hi:.2%}"
+    shares = [share_needed(t, r) for t in targets]
+    needed = (
+        " .. ".join(f"{x:.1%}" for x in shares) if shares[0] is not None else "impossible (r >= 1)"
+    )
+    return [
+        f"{r:.3f}",
+        share_txt,
+        f"-{reduction:.1%}" if reduction >= 0 else f"+{-reduction:.1%}",
+        claim_txt,
+        needed,
+    ]
+
+
 def reproduction_table(
     stats: list[RoutingStats],
     locmoe: str,
@@ -603,36 +662,13 @@ def reproduction_table(
             loc = estimate(by_name[locmoe], cluster, ep_nodes, workload)
             for b in baselines:
                 base = estimate(by_name[b], cluster, ep_nodes, workload)
-                r = loc.t_comm / base.t_comm if base.t_comm else 1.0
-                if paper_share is not None:
-                    share, share_txt = paper_share, f"{paper_share:.1%} (paper)"
-                else:
-                    share, share_txt = base.comm_share, f"{base.comm_share:.1%} (model, MoE only)"
-                reduction = step_time_reduction(share, r)
-                speedup = PAPER_CLAIMS["speedup_64npu"].get(b) if npus == 64 else None
-                if speedup is not None:
-                    targets = [1.0 - 1.0 / speedup]
-                    claim_txt = f"{speedup:.2f}x = -{targets[0]:.1%}"
-                else:
-                    targets = [lo, hi]
-                    claim_txt = f"-{lo:.2%} .. -{hi:.2%}"
-                shares = [share_needed(t, r) for t in targets]
-                needed = (
-                    " .. ".join(f"{x:.1%}" for x in shares)
-                    if shares[0] is not None
-                    else "impossible (r >= 1)"
-                )
                 rows.append(
                     [
                         f"{nodes_total} x 8 = {npus}",
                         reading,
                         f"{locmoe} vs {b}",
                         f"{base.node_local_fraction:.3f} -> {loc.node_local_fraction:.3f}",
-                        f"{r:.3f}",
-                        share_txt,
-                        f"-{reduction:.1%}" if reduction >= 0 else f"+{-reduction:.1%}",
-                        claim_txt,
-                        needed,
+                        *claim_cells(loc, base, b, npus, paper_share),
                     ]
                 )
     return format_table(
@@ -648,6 +684,79 @@ def reproduction_table(
             "share needed",
         ],
         rows,
+    )
+
+
+MAX_EP_NODES = 16
+"""EP = 16 (one expert per device) spans at most 16 nodes: on 32 nodes of 8 each EP group
+holds one device of every other node, the rest of the cluster data-parallel replicas."""
+
+
+def sweep_reproduction_table(
+    rows: list[dict],
+    locmoe: str,
+    baselines: list[str],
+    setting: str = "domains",
+    cluster: Cluster | None = None,
+    workload: Workload | None = None,
+) -> str:
+    """The paper's claims against the model fed, at every node count, with the routing the
+    locality sweep measured at that node count (no locality carried over from elsewhere).
+
+    ``rows``: the sweep's results (``megatron_locmoe.sweep``). 16 experts, EP = 16 one per
+    device, spread over ``min(nodes, 16)`` nodes (8 nodes: 2 experts per node, the 8x1 runs;
+    16 and 32 nodes: 1 per node, the 16x1 runs), and, where the sweep has 2-node runs, over
+    2 nodes (the 2x4 runs; the other nodes data-parallel). Columns as ``reproduction_table``.
+    """
+    cluster = cluster or CLUSTERS["ascend-910a"]
+    workload = workload or WORKLOADS["pangu-sigma"]
+    at = {
+        (r["nodes"], r["run"]): _without_drops(RoutingStats.from_sweep_row(r))
+        for r in rows
+        if r["setting"] == setting
+    }
+    out = []
+    for nodes_total in (8, 16, 32):
+        npus = nodes_total * cluster.devices_per_node
+        paper_share = (  # the paper measured its share on its own cluster only
+            PAPER_CLAIMS["alltoall_share"].get(npus) if cluster.name == "ascend-910a" else None
+        )
+        for ep_nodes in sorted({2, min(nodes_total, MAX_EP_NODES)}):
+            if (ep_nodes, locmoe) not in at:
+                continue
+            loc = estimate(at[ep_nodes, locmoe], cluster, ep_nodes, workload)
+            for b in baselines:
+                if (ep_nodes, b) not in at:
+                    continue
+                base = estimate(at[ep_nodes, b], cluster, ep_nodes, workload)
+                cells = claim_cells(loc, base, b, npus, paper_share)
+                out.append(
+                    [
+                        f"{nodes_total} x {cluster.devices_per_node} = {npus}",
+                        f"EP 16 over {ep_nodes} nodes",
+                        f"{locmoe} vs {b}",
+                        f"{base.node_local_fraction:.3f} -> {loc.node_local_fraction:.3f}",
+                        *cells[:3],
+                        f"{1 - loc.t_moe / base.t_moe:+.1%}",
+                        *cells[3:],
+                    ]
+                )
+    if not out:
+        raise ValueError(f"no {setting} runs named {locmoe!r} with a baseline among {baselines}")
+    return format_table(
+        [
+            "NPUs",
+            "EP layout (measured there)",
+            "routers",
+            "node-local (base -> LocMoE)",
+            "A2A ratio r",
+            "A2A share s",
+            "modeled step time",
+            "MoE time saved (model)",
+            "paper",
+            "share needed",
+        ],
+        out,
     )
 
 
@@ -723,6 +832,12 @@ def main(argv: list[str] | None = None) -> None:
         metavar="RUN",
         help="print the reproduction table of docs/reproduction.md from these runs",
     )
+    parser.add_argument(
+        "--sweep",
+        metavar="JSON",
+        help="print the paper's claims against the locality sweep's results, measured at "
+        "every node count (ascend-910a and h100-dgx)",
+    )
     parser.add_argument("--locmoe", default="locmoe-top1", help="LocMoE run for --reproduce")
     parser.add_argument(
         "--baselines", default="hash,switch", help="comma-separated baseline runs for --reproduce"
@@ -741,6 +856,26 @@ def main(argv: list[str] | None = None) -> None:
         return
     from megatron_locmoe.runlog import load_runs
 
+    if args.sweep:
+        import json
+
+        rows = json.loads(open(args.sweep).read())["runs"]
+        pairs = (
+            ("domains", "locmoe-mu0.1", ["hash", "switch", "megatron"]),
+            ("domains", "locmoe-node0.5", ["hash", "switch", "megatron"]),
+            ("control", "ctl-locmoe-node0.5", ["ctl-megatron", "ctl-hash"]),
+        )
+        for cname in ("ascend-910a", "h100-dgx"):
+            for setting, loc, bases in pairs:
+                try:
+                    table = sweep_reproduction_table(
+                        rows, loc, bases, setting, CLUSTERS[cname], WORKLOADS["pangu-sigma"]
+                    )
+                except ValueError:
+                    continue  # not measured (yet)
+                print(f"\n{cname}, pangu-sigma workload, {setting}: {loc}\n")
+                print(table)
+        return
     if args.reproduce:
         runs = load_runs(args.reproduce)
         stats = [RoutingStats.from_run(r) for r in runs]

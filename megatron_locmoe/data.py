@@ -19,8 +19,15 @@ prose) - and ``build_domain_datasets`` writes one indexed dataset per domain for
 ``data_prefix_per_node``, plus the token counts of the whole corpus (the hash router's map must
 be the same on every node).
 
+Held-out data (``held_out_every=K``): every K-th document of the corpus (its place in the fixed
+corpus order, so the split does not depend on the number of domains) is held out of training
+and written per domain (``OUT/domain<k>_valid``) for an evaluation loss; the control
+``OUT/mixture`` (+ ``_valid``) is every domain's training (held-out) documents together, for a
+loader that gives every node the same mixture.
+
     python -m megatron_locmoe.data --out data/pydoc
     python -m megatron_locmoe.data --out data/domains --domains 2
+    python -m megatron_locmoe.data --out data/domains16 --domains 16 --held-out-every 20
 """
 
 from __future__ import annotations
@@ -123,25 +130,49 @@ def build_indexed_dataset(prefix: str | Path, max_stdlib_files: int | None = Non
 
 
 def build_domain_datasets(
-    out_dir: str | Path, num_domains: int, max_stdlib_files: int | None = None
+    out_dir: str | Path,
+    num_domains: int,
+    max_stdlib_files: int | None = None,
+    held_out_every: int = 0,
 ) -> dict:
     """One indexed dataset per domain (``OUT/domain<k>``, k in node order) and the token counts
     of all domains together (``OUT/all_counts.npy``, for the hash router).
 
-    Returns ``{"prefixes": [...], "counts": path, "domains": [stats with "name"], "tokens"}``.
+    Returns ``{"prefixes": [...], "counts": path, "domains": [stats with "name"], "tokens"}``;
+    with ``held_out_every`` K > 0 also ``"valid_prefixes"`` (each domain's held-out documents),
+    ``"mixture"`` and ``"mixture_valid"`` (the control: all domains' documents together).
     """
+    if held_out_every < 0 or held_out_every == 1:
+        raise ValueError(
+            f"held_out_every={held_out_every}: use 0 (no held-out data) or K >= 2 (every K-th "
+            "document held out)"
+        )
     out_dir = Path(out_dir)
-    stats = []
+    stats, valid, train_docs, valid_docs, index = [], [], [], [], 0
     for k, (name, docs) in enumerate(domain_shards(num_domains, max_stdlib_files).items()):
+        if held_out_every:
+            keep = [(index + i + 1) % held_out_every != 0 for i in range(len(docs))]
+            index += len(docs)
+            held = [d for d, t in zip(docs, keep, strict=True) if not t]
+            docs = [d for d, t in zip(docs, keep, strict=True) if t]
+            valid.append(write_documents(out_dir / f"domain{k}_valid", held)["prefix"])
+            train_docs += docs
+            valid_docs += held
         stats.append({"name": name, **write_documents(out_dir / f"domain{k}", docs)})
     counts = sum(np.load(f"{s['prefix']}_counts.npy") for s in stats)
     np.save(out_dir / "all_counts.npy", counts)
-    return {
+    built = {
         "prefixes": [s["prefix"] for s in stats],
         "counts": str(out_dir / "all_counts.npy"),
         "domains": stats,
         "tokens": int(counts.sum()),
     }
+    if held_out_every:
+        built["valid_prefixes"] = valid
+        built["mixture"] = write_documents(out_dir / "mixture", train_docs)["prefix"]
+        built["mixture_valid"] = write_documents(out_dir / "mixture_valid", valid_docs)["prefix"]
+        built["held_out_every"] = held_out_every
+    return built
 
 
 def write_documents(prefix: str | Path, docs: list[str]) -> dict:
@@ -175,9 +206,17 @@ def main(argv: list[str] | None = None) -> None:
         default=0,
         help="write this many per-node domain datasets into the --out directory instead",
     )
+    parser.add_argument(
+        "--held-out-every",
+        type=int,
+        default=0,
+        help="with --domains: hold every K-th document out (per-domain _valid sets, mixture)",
+    )
     args = parser.parse_args(argv)
     if args.domains:
-        built = build_domain_datasets(args.out, args.domains, args.max_stdlib_files)
+        built = build_domain_datasets(
+            args.out, args.domains, args.max_stdlib_files, args.held_out_every
+        )
         for d in built["domains"]:
             print(f"{d['prefix']}: {d['name']}, {d['documents']} documents, {d['tokens']:,} tokens")
         print(f"token counts of all domains -> {built['counts']}")

@@ -93,18 +93,22 @@ def demo_runs(mu: float) -> list[DemoRun]:
 # --------------------------------------------------------------------------------------------
 
 
-def prepare_domains(data_dir: Path, nodes: int, max_stdlib_files: int | None) -> dict:
+def prepare_domains(
+    data_dir: Path, nodes: int, max_stdlib_files: int | None, held_out_every: int = 0
+) -> dict:
     """Per-node domain datasets, built once and reused (``data_dir/manifest.json``)."""
     from megatron_locmoe import data
 
     manifest = data_dir / "manifest.json"
     key = {"nodes": nodes, "max_stdlib_files": max_stdlib_files}
+    if held_out_every:  # (the demo's key stays as it was: its caches stay valid)
+        key["held_out_every"] = held_out_every
     if manifest.exists():
         built = json.loads(manifest.read_text())
         files_ok = all(Path(f"{p}.bin").exists() for p in built["prefixes"])
         if built.get("key") == key and files_ok and Path(built["counts"]).exists():
             return built
-    built = data.build_domain_datasets(data_dir, nodes, max_stdlib_files)
+    built = data.build_domain_datasets(data_dir, nodes, max_stdlib_files, held_out_every)
     built["key"] = key
     manifest.write_text(json.dumps(built, indent=1))
     return built
@@ -115,7 +119,8 @@ def prepare_domains(data_dir: Path, nodes: int, max_stdlib_files: int | None) ->
 # --------------------------------------------------------------------------------------------
 
 
-def _settings(run: DemoRun, args, domains: dict, run_dir: Path):
+def train_settings(run: DemoRun, args, domains: dict, run_dir: Path):
+    """The TrainSettings of one demo run (the sweep reuses them)."""
     from megatron_locmoe.config import LocMoEConfig
     from megatron_locmoe.trainer import TrainSettings
 
@@ -270,6 +275,19 @@ def format_summary(rows: list[dict]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The tiny model's sizes, learning rate and seed (the demo's and the sweep's)."""
+    p.add_argument("--experts", type=int, default=16)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden-size", type=int, default=64)
+    p.add_argument("--ffn-hidden-size", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--seq-length", type=int, default=64)
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=1234)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--nodes", type=int, default=2)
@@ -281,16 +299,8 @@ def parse_args(argv=None):
         help="comma-separated subset of the runs (default all): "
         + ", ".join(r.name for r in demo_runs(0.1)),
     )
-    p.add_argument("--experts", type=int, default=16)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--hidden-size", type=int, default=64)
-    p.add_argument("--ffn-hidden-size", type=int, default=128)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--seq-length", type=int, default=64)
-    p.add_argument("--micro-batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-3)
+    add_model_arguments(p)
     p.add_argument("--mu", type=float, default=0.1, help="LocMoE's locality-loss coefficient")
-    p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--out", default=DEFAULT_OUT, help="run directories (replaced)")
     p.add_argument("--report", default=DEFAULT_REPORT, help="HTML report path ('' for none)")
     p.add_argument("--data-dir", default=DEFAULT_DATA, help="per-node corpus domains (cached)")
@@ -356,7 +366,7 @@ def main(argv: list[str] | None = None, cluster=None) -> dict:
         for run in runs:
             run_dir = out / run.name
             run_dir.mkdir()
-            settings = _settings(run, args, domains, run_dir)
+            settings = train_settings(run, args, domains, run_dir)
             t_run = time.perf_counter()
             results, progress = run_with_progress(cluster, settings, layout, run.name, show_bar)
             seconds = time.perf_counter() - t_run

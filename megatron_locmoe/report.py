@@ -260,8 +260,15 @@ img { max-width: 100%; border: 1px solid #ddd; margin: 0.5em 0; }
 """
 
 
-def build_report(runs: list[Run], out_html: str | Path, workload: str = "pangu-sigma") -> Path:
-    """Write the HTML page and its PNGs (``<stem>_png/`` beside it); return the page's path."""
+def build_report(
+    runs: list[Run],
+    out_html: str | Path,
+    workload: str = "pangu-sigma",
+    sweep_rows: list[dict] | None = None,
+) -> Path:
+    """Write the HTML page and its PNGs (``<stem>_png/`` beside it); return the page's path.
+    ``sweep_rows``: the locality sweep's results (``megatron_locmoe.sweep``), whose figures
+    the page then shows too."""
     if not runs:
         raise ValueError("no runs to report on")
     out_html = Path(out_html)
@@ -323,6 +330,13 @@ def build_report(runs: list[Run], out_html: str | Path, workload: str = "pangu-s
             "<p class='note'>No modeled step time: the runs have no run.json (written by "
             "megatron_locmoe.demo), so their sizes are unknown.</p>"
         )
+    sweep_html = ""
+    if sweep_rows:
+        plot_sweep(sweep_rows, png_dir)
+        sweep_html = "<h1>Locality sweep</h1>" + "".join(
+            f'<h2>{html.escape(title)}</h2><img src="{rel}/{name}.png" alt="{html.escape(title)}">'
+            for name, title in SWEEP_FIGURES.items()
+        )
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>LocMoE router comparison</title>
 <style>{_CSS}</style></head><body>
@@ -333,10 +347,198 @@ rank sends per MoE layer and step (dispatch + combine, forward), per token of th
 <ul>{settings}</ul>
 {figs}
 {model_html}
+{sweep_html}
 </body></html>
 """
     out_html.write_text(page)
     return out_html
+
+
+# --------------------------------------------------------------------------------------------
+# The locality sweep's figures (megatron_locmoe.sweep: one row per run of its results file)
+# --------------------------------------------------------------------------------------------
+
+SWEEP_FIGURES = {
+    "pareto": "Held-out loss against inter-node bytes per token (Pareto front per node count)",
+    "node_local_vs_mu": "Node-local share against LocMoE's locality coefficient mu",
+    "node_local_curves": "Node-local share over training (top-1, domains and control)",
+    "tokens_per_expert": "Tokens per expert with and without the capacity bound",
+}
+"""PNG name: heading, in page order."""
+
+
+def _by_nodes(rows: list[dict]) -> dict[int, list[dict]]:
+    out: dict[int, list[dict]] = {}
+    for r in rows:
+        out.setdefault(r["nodes"], []).append(r)
+    return dict(sorted(out.items()))
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both coordinates (lower is better), by x."""
+    front, best = [], float("inf")
+    for x, y in sorted(points):
+        if y < best:
+            front.append((x, y))
+            best = y
+    return front
+
+
+def _panels(plt, n: int):
+    cols = min(n, 2)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 4.2 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:n])
+
+
+def _legend(ax, **kwargs) -> None:
+    if ax.get_legend_handles_labels()[0]:  # no empty legends (matplotlib warns)
+        ax.legend(**kwargs)
+
+
+def plot_sweep(rows: list[dict], png_dir: str | Path) -> list[str]:
+    """Write the sweep's PNGs into ``png_dir``; return the names written."""
+    plt = _plt()
+    png_dir = Path(png_dir)
+    png_dir.mkdir(parents=True, exist_ok=True)
+    groups = _by_nodes(rows)
+    written = []
+    markers = {"domains": "o", "control": "s"}
+
+    fig, axes = _panels(plt, len(groups))
+    for ax, (nodes, rs) in zip(axes, groups.items(), strict=True):
+        for setting in ("domains", "control"):
+            for k in (1, 2):
+                pts = [r for r in rs if r["setting"] == setting and r["topk"] == k]
+                if not pts:
+                    continue
+                xy = [(r["inter_bytes_per_token"], r["eval_loss"]) for r in pts]
+                color = "C0" if setting == "domains" else "C3"
+                face = color if k == 1 else "none"
+                ax.scatter(
+                    *zip(*xy, strict=True),
+                    marker=markers[setting],
+                    edgecolors=color,
+                    facecolors=face,
+                    label=f"{setting}, top-{k}",
+                    zorder=3,
+                )
+                for r, (x, y) in zip(pts, xy, strict=True):
+                    ax.annotate(
+                        r["run"], (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points"
+                    )
+                front = pareto_front(xy)
+                ax.plot(
+                    *zip(*front, strict=True),
+                    color=color,
+                    lw=0.8,
+                    alpha=0.6,
+                    ls="-" if k == 1 else "--",
+                )
+        ax.set_title(f"{nodes} nodes")
+        ax.set_xlabel("inter-node B per token and MoE layer (hierarchical)")
+        ax.set_ylabel("held-out loss")
+        ax.grid(alpha=0.3)
+        _legend(ax, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png_dir / "pareto.png", dpi=110)
+    plt.close(fig)
+    written.append("pareto")
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for i, (nodes, rs) in enumerate(groups.items()):
+        pts = sorted(
+            (r["locality_loss_coeff"], r["node_local"])
+            for r in rs
+            if r["router_type"] == "locmoe"
+            and r["setting"] == "domains"
+            and r["topk"] == 1
+            and r["capacity_mode"] == "none"
+            and not r["node_target_share"]
+        )
+        if not pts:
+            continue
+        xs = [max(x, 1e-3) for x, _ in pts]  # mu = 0 drawn at 1e-3 on the log axis
+        ax.plot(xs, [y for _, y in pts], "o-", color=f"C{i}", label=f"{nodes} nodes")
+        ax.axhline(rs[0]["node_local_blind"], color=f"C{i}", ls=":", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("mu (0 drawn at 1e-3); dotted: a locality-blind router's 1/nodes")
+    ax.set_ylabel("node-local share (last 20% of steps)")
+    ax.set_title("LocMoE top-1, domain-sharded data")
+    ax.grid(alpha=0.3)
+    _legend(ax, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png_dir / "node_local_vs_mu.png", dpi=110)
+    plt.close(fig)
+    written.append("node_local_vs_mu")
+
+    fig, axes = _panels(plt, len(groups))
+    for ax, (nodes, rs) in zip(axes, groups.items(), strict=True):
+        for i, r in enumerate(x for x in rs if x["topk"] == 1):
+            ls = "-" if r["setting"] == "domains" else "--"
+            ax.plot(
+                range(1, len(r["node_local_curve"]) + 1),
+                r["node_local_curve"],
+                ls=ls,
+                lw=0.9,
+                color=f"C{i % 10}",
+                label=r["run"],
+            )
+        ax.axhline(rs[0]["node_local_blind"], color="k", ls=":", lw=0.8)
+        ax.set_title(f"{nodes} nodes (dashed: control; dotted: 1/nodes)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("node-local share")
+        ax.grid(alpha=0.3)
+        _legend(ax, fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(png_dir / "node_local_curves.png", dpi=110)
+    plt.close(fig)
+    written.append("node_local_curves")
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    names = [
+        n
+        for n, _ in sorted(
+            {
+                (r["run"], r["capacity_mode"])
+                for r in rows
+                if r["router_type"] == "locmoe"
+                and r["setting"] == "domains"
+                and r["topk"] == 1
+                and r["locality_loss_coeff"] == 0.1
+                and not r["node_target_share"]
+            }
+        )
+    ]
+    width = 0.8 / max(1, len(names) + 1)
+    xs = np.arange(len(groups))
+    for i, name in enumerate(names):
+        vals = [
+            next((r["tokens_per_expert_sent_max"] for r in rs if r["run"] == name), np.nan)
+            for rs in groups.values()
+        ]
+        ax.bar(
+            xs + i * width,
+            vals,
+            width=width,
+            color=f"C{i}",
+            label=f"{name}: max sent to one expert",
+        )
+    ref = [rs[0]["capacity_cf_reference"] for rs in groups.values()]
+    ax.bar(xs + len(names) * width, ref, width=width, color="0.6", label="capacity at cf 1.1")
+    ax.set_xticks(xs + width * len(names) / 2)
+    ax.set_xticklabels([f"{n} nodes" for n in groups])
+    ax.set_ylabel("tokens per expert per rank and step")
+    ax.set_title("Tokens per expert (busiest expert of each rank), LocMoE top-1 mu 0.1")
+    ax.grid(alpha=0.3, axis="y")
+    _legend(ax, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png_dir / "tokens_per_expert.png", dpi=110)
+    plt.close(fig)
+    written.append("tokens_per_expert")
+    return written
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -349,8 +551,19 @@ def main(argv: list[str] | None = None) -> None:
         default="pangu-sigma",
         help="costmodel workload for the modeled step time",
     )
+    parser.add_argument(
+        "--sweep",
+        metavar="JSON",
+        help="the locality sweep's results file (benchmarks/results/locality_sweep.json): "
+        "add its figures",
+    )
     args = parser.parse_args(argv)
-    path = build_report(load_runs(args.runs), args.out, args.workload)
+    sweep_rows = None
+    if args.sweep:
+        import json
+
+        sweep_rows = json.loads(Path(args.sweep).read_text())["runs"]
+    path = build_report(load_runs(args.runs), args.out, args.workload, sweep_rows)
     print(f"report: {path} (plots in {path.parent / (path.stem + '_png')})")
 
 

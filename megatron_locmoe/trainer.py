@@ -79,6 +79,15 @@ class TrainSettings:
     progress_path: str | None = None
     """The logging rank appends one JSON line per step here (step, lm loss, seconds): progress
     bars and tokens/s for a driver that waits on the job."""
+    eval_prefix: str | None = None
+    """Held-out corpus: after training, ``eval_batches`` micro-batches per rank are evaluated
+    (no gradients, eval mode) and their mean loss returned as ``eval_loss``."""
+    eval_prefix_per_node: list[str] | None = None
+    """One held-out prefix per node, read by that node's ranks instead of ``eval_prefix``."""
+    eval_batches: int = 0
+    routing_stats_steps: int = 0
+    """Count every router's token-expert assignments (after drops) over the last this many
+    training steps: ``tokens_per_expert`` [ranks][layers][E] in the results (0: off)."""
 
 
 def _model(settings: TrainSettings, ep: int):
@@ -220,7 +229,9 @@ def train_job(ctx, settings: TrainSettings) -> dict:
         start = 0
         if ctx.rank == 0:
             print(f"no checkpoint under {settings.load_dir}: training from scratch", flush=True)
+    counts = _RoutingCounts(model, settings.num_experts)
     for step in range(start, settings.steps):
+        counts.active = step >= settings.steps - settings.routing_stats_steps
         step_start = time.perf_counter()
         first = (step * dp_size + dp_rank) * mbs  # each data-parallel rank its own samples
         tokens, labels, loss_mask, positions, mask = _micro_batch(data, first, settings)
@@ -267,7 +278,79 @@ def train_job(ctx, settings: TrainSettings) -> dict:
         writer.close()
     if wandb_run is not None:
         wandb_run.finish()
-    return {"losses": losses, "first_step": start + 1, "metrics": reported}
+    counts.active = False
+    out = {"losses": losses, "first_step": start + 1, "metrics": reported}
+    if settings.routing_stats_steps:
+        out["tokens_per_expert"] = counts.gathered()
+    if settings.eval_batches:
+        out.update(_evaluate(ctx, model, settings, dp_group, dp_size, dp_rank))
+        tracker.clear()  # the evaluation's router metrics belong to no training step
+    counts.remove()
+    return out
+
+
+class _RoutingCounts:
+    """Forward hooks on the model's routers summing the assignments they keep (routing map
+    and a positive probability: padding slots carry 0) per MoE layer and expert, while active."""
+
+    def __init__(self, model, num_experts: int):
+        from megatron.core.transformer.moe.router import Router
+
+        routers = [m for m in model.modules() if isinstance(m, Router)]
+        self.layers = {id(m): i for i, m in enumerate(routers)}
+        self.sums = torch.zeros(len(routers), num_experts, dtype=torch.float64)
+        self.steps = set()
+        self.active = False
+        self.handles = [m.register_forward_hook(self._hook) for m in routers]
+
+    def _hook(self, module, args, output):
+        if self.active and module.training and torch.is_grad_enabled():
+            probs_TE, routing_map_TE = output
+            kept = (routing_map_TE & (probs_TE > 0)).sum(0).double().cpu()
+            self.sums[self.layers[id(module)]] += kept
+
+    def gathered(self) -> list:
+        """[ranks][layers][E] summed counts (an all-gather: every rank must call)."""
+        parts = [torch.zeros_like(self.sums) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, self.sums)
+        return [p.tolist() for p in parts]
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+@torch.no_grad()
+def _evaluate(ctx, model, settings: TrainSettings, dp_group, dp_size: int, dp_rank: int) -> dict:
+    """Mean held-out loss over ``eval_batches`` micro-batches per rank (each data-parallel rank
+    its own samples, its node's corpus with ``eval_prefix_per_node``) and every rank's mean."""
+    samples = settings.eval_batches * settings.micro_batch_size * dp_size
+    if settings.eval_prefix_per_node:
+        data = _node_dataset(
+            ctx,
+            replace(settings, data_prefix_per_node=settings.eval_prefix_per_node),
+            samples,
+        )
+    elif settings.eval_prefix:
+        data = _dataset(replace(settings, data_prefix=settings.eval_prefix), samples)
+    else:
+        raise ValueError("eval_batches is set but no eval_prefix / eval_prefix_per_node")
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    for b in range(settings.eval_batches):
+        first = (b * dp_size + dp_rank) * settings.micro_batch_size
+        tokens, labels, loss_mask, positions, mask = _micro_batch(data, first, settings)
+        per_token = model(tokens, positions, mask, labels=labels)
+        total += torch.stack([(per_token.double() * loss_mask).sum(), loss_mask.sum().double()])
+    model.train()
+    per_rank = [torch.zeros_like(total) for _ in range(dist.get_world_size())]
+    dist.all_gather(per_rank, total)
+    mine = total.clone()
+    dist.all_reduce(mine, group=dp_group)
+    return {
+        "eval_loss": float(mine[0] / mine[1].clamp_min(1)),
+        "eval_loss_per_rank": [float(t[0] / t[1].clamp_min(1)) for t in per_rank],
+    }
 
 
 def _node_dataset(ctx, settings: TrainSettings, num_samples: int):

@@ -274,3 +274,37 @@ def test_bad_input_is_refused(tmp_path):
     with pytest.raises(ValueError, match="no run named"):
         cm.reproduction_table([_stats(name="x")], "locmoe-top1", ["hash"])
     assert math.isfinite(cm.estimate(_stats(), TOY, 2, WORK).t_moe)
+
+
+def _sweep_row(run, nodes, node_local, setting="domains"):
+    """A locality-sweep results row (megatron_locmoe.sweep) of a top-1 run, 1 rank per node."""
+    copy = cm.copy_bytes(64 * 4, 4)
+    return {
+        "run": run, "setting": setting, "nodes": nodes, "ranks_per_node": 1, "topk": 1,
+        "num_experts": 16, "hidden_size": 64, "hidden_element_bytes": 4,
+        "prob_element_bytes": 4, "dedup": False, "dropped": 0.25, "node_local": node_local,
+        "intra_bytes_per_token": 0.0, "inter_bytes_per_token": 0.75 * (1 - node_local) * copy,
+        "flat_inter_bytes_per_token": 0.75 * (1 - node_local) * copy,
+    }  # fmt: skip
+
+
+def test_sweep_rows_give_the_statistic_measured_at_each_node_count():
+    """from_sweep_row turns bytes back into copies; the sweep table takes each node count's
+    own measurement (8 nodes: 0.5 local, 16 nodes: 0.3), never one carried over."""
+    s = cm.RoutingStats.from_sweep_row(_sweep_row("locmoe", 8, 0.5))
+    assert s.assignments_per_token == pytest.approx(0.75)
+    assert s.inter_copies_per_token == pytest.approx(0.75 * 0.5)
+    assert (s.nodes, s.devices_per_node, s.num_experts) == (8, 1, 16)
+    rows = [
+        _sweep_row("hash", 8, 0.125),
+        _sweep_row("locmoe", 8, 0.5),
+        _sweep_row("hash", 16, 0.0625),
+        _sweep_row("locmoe", 16, 0.3),
+    ]
+    table = cm.sweep_reproduction_table(rows, "locmoe", ["hash"])
+    lines = [line for line in table.splitlines() if "locmoe vs hash" in line]
+    assert len(lines) == 3  # 8, 16 and 32 nodes (EP 16 over 16 of them)
+    assert "0.125 -> 0.500" in lines[0] and "EP 16 over 8 nodes" in lines[0]
+    assert all("0.062 -> 0.300" in line and "over 16 nodes" in line for line in lines[1:])
+    with pytest.raises(ValueError, match="no control runs"):
+        cm.sweep_reproduction_table(rows, "locmoe", ["hash"], setting="control")

@@ -70,3 +70,28 @@ def test_domain_shards_are_per_node_datasets(tmp_path):
     assert not any("site-packages" in str(p) for p in data.stdlib_files())
     with pytest.raises(ValueError, match="at least 2"):
         data.domain_shards(1)
+
+
+def test_held_out_split_and_control_mixture(tmp_path):
+    """Every K-th document of the corpus order is held out, whatever the number of domains;
+    the control's mixture holds every domain's training (held-out) documents."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    whole = data.documents(max_stdlib_files=30)
+    built = {
+        n: data.build_domain_datasets(tmp_path / f"n{n}", n, 30, held_out_every=5) for n in (2, 3)
+    }
+    for b in built.values():
+        train = sum(len(IndexedDataset(p)) for p in b["prefixes"])
+        valid = sum(len(IndexedDataset(p)) for p in b["valid_prefixes"])
+        assert valid == len(whole) // 5 and train + valid == len(whole)
+        assert len(IndexedDataset(b["mixture"])) == train
+        assert len(IndexedDataset(b["mixture_valid"])) == valid
+        held = IndexedDataset(b["mixture_valid"])
+        text = bytes(held[0][:-1].astype(np.uint8)).decode("utf-8")
+        assert text == whole[4]  # the 5th document of the corpus
+    # the same held-out documents for 2 and 3 domains
+    a, c = (IndexedDataset(built[n]["mixture_valid"]) for n in (2, 3))
+    assert all(np.array_equal(a[i], c[i]) for i in range(len(a)))
+    with pytest.raises(ValueError, match="held_out_every"):
+        data.build_domain_datasets(tmp_path / "bad", 2, 30, held_out_every=1)

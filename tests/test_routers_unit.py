@@ -173,6 +173,9 @@ def test_hash_maps_balance(python_source_ids, E):
         (dict(locality_smoothing=0.0), {}, "locality_smoothing=0.0 must lie in (0, 1)"),
         (dict(grap_temperature=0.0), {}, "grap_temperature=0.0 must be positive"),
         (dict(capacity_reestimate_interval=-2), {}, "capacity_reestimate_interval=-2"),
+        (dict(router_type="locmoe", node_target_share=1.0), {}, "node_target_share=1.0 must"),
+        (dict(router_type="locmoe", node_bias_rate=0.0), {}, "node_bias_rate=0.0 must be"),
+        (dict(router_type="hash", node_target_share=0.5), {}, "a locmoe router option"),
         (
             dict(router_type="locmoe", capacity_mode="bound", capacity_floor_factor=2.0),
             dict(moe_expert_capacity_factor=1.0),

@@ -67,6 +67,13 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         self.locality_on = (  # mu > 0 and this node hosts some but not all experts
             cfg.locality_loss_coeff > 0 and 0 < int(self.expert_is_local.sum()) < E
         )
+        L = int(self.expert_is_local.sum())
+        self.node_bias_on = cfg.node_target_share > 0 and 0 < L < E  # ours (config docstring)
+        if self.node_bias_on:  # saved in checkpoints; only then, so other state dicts keep keys
+            self.register_buffer("node_bias", torch.tensor(0.0))
+            p = cfg.node_target_share  # balance-loss weights 1 / (E t_i): t = node-aware target
+            t_E = torch.where(self.expert_is_local, p / L, (1.0 - p) / (E - L))
+            self.register_buffer("node_aux_weight", 1.0 / (E * t_E), persistent=False)
         # Capacity state, saved in checkpoints: delta, ec_min and the training step they came from.
         self.register_buffer("capacity_delta", torch.tensor(-1.0, dtype=torch.float64))
         self.register_buffer("capacity_ec_min", torch.tensor(0.0, dtype=torch.float64))
@@ -165,6 +172,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
             and padding_mask is None
             and not cfg.moe_z_loss_coeff
             and cfg.moe_router_topk_scaling_factor is None
+            and not self.node_bias_on
         )
 
     use_kernels = True
@@ -317,6 +325,8 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
             padding_mask = padding_mask.reshape(-1)
         raw_TE = self.grap_raw(input).view(-1, E)
         logits_TE = self.logits_from_raw(raw_TE)
+        if self.node_bias_on:
+            logits_TE = logits_TE + self.node_bias * self.expert_is_local
         logits_TE = self.apply_z_loss(logits_TE, padding_mask=padding_mask)
         probs_TE, routing_map_TE = topk_routing_with_score_function(
             logits_TE, k, use_pre_softmax=True, score_function="softmax"
@@ -335,12 +345,16 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
             map_aux_TE, scores_TE = compute_routing_scores_for_aux_loss(
                 logits_TE, k, "softmax", padding_mask=padding_mask
             )
+            # with the node bias, sum f_i P_i / (E t_i): balanced against the node-aware target
+            aux_scores_TE = scores_TE * self.node_aux_weight if self.node_bias_on else scores_TE
             probs_TE = self._apply_aux_loss(
-                probs_TE, scores_TE, map_aux_TE, with_padding_mask=padding_mask is not None
+                probs_TE, aux_scores_TE, map_aux_TE, with_padding_mask=padding_mask is not None
             )
             probs_TE, locality = self._apply_locality_loss(probs_TE, scores_TE, padding_mask)
             if cfg.capacity_mode == "bound":
                 self._count_routing_step()
+            if self.node_bias_on:
+                self._step_node_bias(routing_map_TE)
         self.record_routing_metrics(
             probs_TE,
             routing_map_TE,
@@ -351,6 +365,13 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
             self.capacity_ec_min,
         )
         return probs_TE, routing_map_TE
+
+    @torch.no_grad()
+    def _step_node_bias(self, routing_map_TE: torch.Tensor) -> None:
+        """bias += rate * (p* - node-local share of this batch): on the device, no host sync."""
+        share = metrics.node_local_fraction(routing_map_TE, self.expert_is_local)
+        cfg = self.locmoe
+        self.node_bias.add_(cfg.node_bias_rate * (cfg.node_target_share - share.float()))
 
     def _apply_locality_loss(self, probs_TE, scores_TE, padding_mask):
         """Attach mu * KL(D_c || D_l) to the probs (Megatron's aux-loss autograd scaler)."""
