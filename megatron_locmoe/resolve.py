@@ -76,6 +76,8 @@ def _fused_path(locmoe: LocMoEConfig, tc) -> str:
         return "one compiled graph (triton is not installed)"
     if kernels.DISABLED:
         return "one compiled graph (LOCMOE_TRITON_ROUTER=0)"
+    if locmoe.node_target_share:
+        return "the reference path (the node-target bias has no fused path)"
     settled = dataclasses.replace(locmoe, capacity_mode=_capacity(locmoe, tc)[0])
     if not kernels.gate_applies(settled, tc.num_moe_experts):
         return "compiled graphs (the Triton kernels cover the fixed gate without capacity bound)"
@@ -160,6 +162,10 @@ def summary_fields(resolution: Resolution, tc, topology=None) -> dict:
             f"mu {cfg.locality_loss_coeff:g}, smoothing {cfg.locality_smoothing:g}"
             if cfg.locality_loss_coeff
             else "off (mu 0)"
+        )
+    if cfg.node_target_share:
+        out["node_target"] = (
+            f"node-local share {cfg.node_target_share:g} (bias rate {cfg.node_bias_rate:g}; ours)"
         )
     out["capacity"] = {
         "bound": f"LocMoE's lower bound (percentile {cfg.capacity_percentile:g}, floor "
