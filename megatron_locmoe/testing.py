@@ -50,12 +50,14 @@ def build_moe_layer(
     pg_collection: ProcessGroupCollection | None = None,
     router=None,
     locmoe=None,
+    vocab_size: int | None = None,
 ):
     """Megatron's own MoELayer from the spec its config names: the local spec (SequentialMLP
     experts), or with ``transformer_impl="transformer_engine"`` TE's (TEGroupedMLP with
     ``moe_grouped_gemm``, a loop over TE linears without). The router is Megatron's TopKRouter
     unless ``router`` (a MoESubmodules.router builder) is given; with a ``locmoe`` config the
-    plugin's LocMoELayer (its router, dispatcher and experts setting) instead."""
+    plugin's LocMoELayer (its router, dispatcher and experts setting; the hash router maps
+    ``vocab_size`` token ids) instead."""
     te = config.transformer_impl == "transformer_engine"
     if te:
         from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
@@ -68,7 +70,7 @@ def build_moe_layer(
     if locmoe is not None:
         from megatron_locmoe.layer import locmoe_mlp_builder
 
-        spec = locmoe_mlp_builder(spec, locmoe)
+        spec = locmoe_mlp_builder(spec, locmoe, vocab_size=vocab_size)
     elif router is not None:
         submodules = dataclasses.replace(spec.keywords["submodules"], router=router)
         spec = functools.partial(spec.func, submodules=submodules)

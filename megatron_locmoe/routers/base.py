@@ -36,6 +36,8 @@ class PluginRouterMixin:
     """Node map and routing metrics for a TopKRouter subclass."""
 
     locmoe: LocMoEConfig
+    probs_have_grad = True
+    """Whether the probabilities carry a gradient (hash routing's are constants)."""
     uses_locmoe_alpha = True
     """Switch-form balance loss with LocMoE's alpha (locmoe, switch); Megatron's own otherwise."""
 
@@ -56,6 +58,28 @@ class PluginRouterMixin:
         expert_nodes = torch.tensor(topo.expert_nodes(self.config.num_moe_experts))
         # [E] bool: experts hosted on this rank's node. Buffer so it follows .to(device).
         self.register_buffer("expert_is_local", expert_nodes == topo.node, persistent=False)
+
+    def route_no_tokens(self, input: torch.Tensor):
+        """Routing for a rank with no tokens this forward (an empty micro-batch or shard):
+        empty probs and map, still on the autograd graph of ``input`` (its gradient is empty
+        too), no losses (no token to balance) and no metrics (nothing to average). The
+        tensor/context-parallel peers of such a rank have no tokens either (those splits are
+        even), so skipping their collectives is safe; collectives over wider groups are run by
+        ``_no_token_collectives`` with zero contributions, so no peer waits."""
+        E = self.config.num_moe_experts
+        probs_TE = input.new_zeros(0, E, dtype=torch.float32)
+        if self.probs_have_grad and torch.is_grad_enabled():
+            # on the graph exactly where the token path's probs would be: the dispatcher's
+            # backward then runs the same collectives on this rank as on its peers
+            for source in (input, *self.parameters()):
+                if source.requires_grad:
+                    probs_TE = probs_TE + source.sum().float() * 0
+        routing_map_TE = torch.zeros(0, E, dtype=torch.bool, device=input.device)
+        self._no_token_collectives(routing_map_TE)
+        return probs_TE, routing_map_TE
+
+    def _no_token_collectives(self, routing_map_TE: torch.Tensor) -> None:
+        """The token path's collectives over groups wider than tensor/context parallelism."""
 
     def record_routing_metrics(
         self,

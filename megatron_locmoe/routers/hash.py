@@ -60,6 +60,8 @@ def frequency_balanced_hash_table(
 class HashRouter(PluginRouterMixin, TopKRouter):
     """Routes each token by a fixed balanced hash of its id (MoESubmodules.router)."""
 
+    probs_have_grad = False
+
     def __init__(
         self,
         config,
@@ -129,6 +131,8 @@ class HashRouter(PluginRouterMixin, TopKRouter):
 
     def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None):
         """[S, B, H] -> probs [T, E] (1/k on the k hashed experts), routing_map [T, E]."""
+        if input.numel() == 0:
+            return self.route_no_tokens(input)
         E, k = self.config.num_moe_experts, self.topk
         # ids were looked up in the same vocabulary by the embedding: no range check (a host sync)
         ids_T = self._ids_for_input(input).to(self.hash_table.device)

@@ -136,18 +136,21 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
 
     @torch.no_grad()
     def estimate_capacity_bound(self, input_TH, raw_TE, routing_map_TE) -> None:
-        """delta from this batch (averaged over the tp-dp-cp group), then ec_min."""
-        expert_T = raw_TE.masked_fill(~routing_map_TE, -math.inf).argmax(-1)
-        cos_T = self.gate_row_cosines(input_TH, raw_TE, expert_T)
-        delta = torch.tensor(
-            [bound.estimate_delta(cos_T, self.locmoe.capacity_percentile), 1.0],
-            dtype=torch.float64,
-            device=raw_TE.device,
-        )
+        """delta from this batch (averaged over the tp-dp-cp group's ranks that have tokens),
+        then ec_min; a rank without tokens contributes nothing but joins the all-reduce."""
+        if raw_TE.shape[0]:
+            expert_T = raw_TE.masked_fill(~routing_map_TE, -math.inf).argmax(-1)
+            cos_T = self.gate_row_cosines(input_TH, raw_TE, expert_T)
+            local = [bound.estimate_delta(cos_T, self.locmoe.capacity_percentile), 1.0]
+        else:
+            local = [0.0, 0.0]
+        delta = torch.tensor(local, dtype=torch.float64, device=raw_TE.device)
         group = self.tp_dp_cp_group
         if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
             dist.all_reduce(delta, group=group)
         host = self._host_state()
+        if delta[1].item() == 0:  # no rank had tokens: nothing to estimate from yet
+            return
         value = delta[0].item() / delta[1].item()
         host["ec_min"] = bound.ec_min(self.config.hidden_size, self.config.num_moe_experts, value)
         host["estimated"] = host["step"]
@@ -199,6 +202,8 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
 
     def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None):
         """[S, B, H] -> probs [T, E] (fp32, zero off the map), routing_map [T, E] bool."""
+        if input.numel() == 0:
+            return self.route_no_tokens(input)
         if self._fused_applies(padding_mask):
             return self._fused_forward(input)
         return self._reference_forward(input, padding_mask)
@@ -266,6 +271,18 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
             probs_TE = MoEAuxLossAutoScaler.apply(probs_TE, attached)
         metrics.record_vector(self, metrics.ROUTER_METRICS, vector)
         return probs_TE, routing_map_TE
+
+    def _no_token_collectives(self, routing_map_TE: torch.Tensor) -> None:
+        """The capacity estimate all-reduces over the tp-dp-cp group when it is due, and the
+        step counter that decides when must stay in step with the other ranks."""
+        if self.locmoe.capacity_mode != "bound":
+            return
+        if self._capacity_due():
+            E = self.config.num_moe_experts
+            empty_TE = routing_map_TE.new_zeros(0, E, dtype=torch.float32)
+            self.estimate_capacity_bound(empty_TE[:, :0], empty_TE, routing_map_TE)
+        if self.training and torch.is_grad_enabled():
+            self._count_routing_step()
 
     def _statistics_inputs(self):
         """What the fused paths' loss and metric epilogues read besides the routing: the node

@@ -24,6 +24,26 @@ class _MeasuredTopKRouter(PluginRouterMixin, TopKRouter):
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
         self._init_plugin(locmoe or LocMoEConfig(router_type=self.default_router_type))
 
+    def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        if input.numel() == 0:  # Megatron's gating and aux loss fail on an empty rank
+            return self.route_no_tokens(input)
+        return super().forward(input, padding_mask=padding_mask)
+
+    def _no_token_collectives(self, routing_map_TE: torch.Tensor) -> None:
+        """Megatron's global aux loss reduces tokens per expert over the tp-dp-cp group:
+        take part with zeros and count the step, as the token path does."""
+        if not (self.training and torch.is_grad_enabled()):
+            return
+        if self.get_aux_loss_coeff("global_aux_loss") == 0:
+            return
+        from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+
+        tokens_E = reduce_from_tensor_model_parallel_region(
+            routing_map_TE.sum(dim=0), self.tp_dp_cp_group
+        )
+        self.global_tokens_per_expert += tokens_E
+        self.ga_steps += 1
+
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
         probs_TE, routing_map_TE = super().routing(logits, padding_mask=padding_mask)
         T, E = routing_map_TE.shape
