@@ -110,14 +110,17 @@ def _transformer_view(args) -> SimpleNamespace:
 def validate_locmoe_args(args) -> LocMoEConfig:
     """Check the plugin flags against the rest of Megatron's arguments; raise ConfigError."""
     cfg = locmoe_config_from_args(args)
-    if not cfg.changes_megatron(bool(getattr(args, "moe_grouped_gemm", False))):
-        return cfg.validate()
+    changes = cfg.changes_megatron(bool(getattr(args, "moe_grouped_gemm", False)))
     if args.num_experts is None:
-        raise ConfigError(
-            f"--moe-router-type {cfg.router_type} / --locmoe-dispatcher {cfg.dispatcher} need "
-            "an MoE model: set --num-experts"
-        )
-    cfg.validate(_transformer_view(args))
+        if changes:
+            raise ConfigError(
+                f"--moe-router-type {cfg.router_type} / --locmoe-dispatcher {cfg.dispatcher} "
+                "need an MoE model: set --num-experts"
+            )
+        return cfg.validate()
+    cfg.validate(_transformer_view(args))  # the model's own MoE settings too (top-k >= 1, ...)
+    if not changes:
+        return cfg
     if cfg.dispatcher == "hierarchical":
         for flag, on in (
             ("--moe-permute-fusion", args.moe_permute_fusion),
@@ -140,6 +143,10 @@ def validate_locmoe_args(args) -> LocMoEConfig:
             f"router while the decoder uses {cfg.router_type}: drop --mtp-num-layers"
         )
     if cfg.router_type == "hash":
+        if cfg.hash_token_counts:  # before any process starts, not at model build
+            from megatron_locmoe.routers.hash import load_token_counts
+
+            load_token_counts(cfg.hash_token_counts, getattr(args, "vocab_size", None))
         if args.pipeline_model_parallel_size > 1:
             raise ConfigError(
                 "the hash router routes by input token ids, which only the first pipeline stage "

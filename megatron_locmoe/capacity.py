@@ -107,6 +107,12 @@ def estimate_delta(cosines: torch.Tensor, percentile: float) -> float:
     return min(max(q, 0.0), 1.0)
 
 
+def floor_capacity(floor_factor: float, num_tokens: int, topk: int, num_experts: int) -> int:
+    """The bound's floor in tokens per expert, a capacity factor rounded up as Megatron's
+    capacity is: ceil(factor * T * k / E)."""
+    return math.ceil(floor_factor * num_tokens * topk / num_experts)
+
+
 def clamp_capacity(ec: float, floor: int, ceiling: int) -> int:
     """C = clamp(ceil(ec_min), floor, ceiling) tokens per expert."""
     if floor > ceiling:

@@ -49,11 +49,36 @@ def latest_iteration(root: str | os.PathLike) -> int | None:
 
 
 def _rng_state() -> object:
-    """This rank's RNG state as a ShardedObject (one entry per rank)."""
+    """This rank's RNG states as a ShardedObject (one entry per rank), as Megatron's
+    checkpoints keep them: torch's default generator (hidden dropout, initialisation) and
+    Megatron's model-parallel tracker (attention and expert dropout forks), plus Python's and
+    numpy's."""
+    import random
+
+    import numpy as np
+    from megatron.core import tensor_parallel
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    return ShardedObject("rng_state", {"torch": torch.get_rng_state()}, (world,), (rank,))
+    state = {
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+    return ShardedObject("rng_state", state, (world,), (rank,))
+
+
+def _restore_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
 
 
 def _init_adam_state(optimizer: torch.optim.Optimizer) -> None:
@@ -136,5 +161,5 @@ def load(model, optimizer, root: str | os.PathLike) -> int | None:
     state = dist_checkpointing.load(_sharded_state(model, optimizer, iteration, True), str(path))
     model.load_state_dict(state["model"])
     _load_optimizer_state(optimizer, state["optimizer"])
-    torch.set_rng_state(state["rng_state"]["torch"])
+    _restore_rng_state(state["rng_state"])
     return int(state["iteration"])

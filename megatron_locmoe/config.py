@@ -5,7 +5,8 @@ invalid value raises ConfigError naming the value and the fix; field docstrings 
 help when the Megatron adaptor turns the fields into ``--locmoe-*`` flags.
 """
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 from typing import Literal
 
 ROUTER_TYPES = ("megatron", "locmoe", "hash", "switch")
@@ -161,6 +162,13 @@ class LocMoEConfig:
             raise ConfigError(
                 f"router type {self.router_type!r} is unknown; use one of {', '.join(ROUTER_TYPES)}"
             )
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(
+                    f"{f.name}={value} is not a finite number; give a value such as "
+                    f"{f.default!r} (the default)"
+                )
         for name in ("aux_loss_coeff", "locality_loss_coeff"):
             if getattr(self, name) < 0:
                 raise ConfigError(
@@ -224,6 +232,8 @@ class LocMoEConfig:
         n, k = tc.num_moe_experts, tc.moe_router_topk
         if n is None:
             raise ConfigError("the model has no experts: set --num-experts")
+        if k < 1:
+            raise ConfigError(f"--moe-router-topk {k}: every token needs at least 1 expert")
         if k > n:
             raise ConfigError(
                 f"--moe-router-topk {k} is larger than the number of experts {n}; use at most {n}"

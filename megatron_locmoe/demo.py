@@ -51,6 +51,8 @@ from megatron_locmoe.runlog import read_progress, steady_step_seconds, tail_leng
 DEFAULT_OUT = "runs/demo"
 DEFAULT_REPORT = "reports/router_comparison.html"
 DEFAULT_DATA = "data/domains"
+OUT_MARKER = ".megatron-locmoe-demo"
+"""Written into --out: the demo replaces a directory only if it finds this in it."""
 
 
 @dataclass(frozen=True)
@@ -301,7 +303,9 @@ def parse_args(argv=None):
     )
     add_model_arguments(p)
     p.add_argument("--mu", type=float, default=0.1, help="LocMoE's locality-loss coefficient")
-    p.add_argument("--out", default=DEFAULT_OUT, help="run directories (replaced)")
+    p.add_argument(
+        "--out", default=DEFAULT_OUT, help="run directories (replaced if the demo wrote them)"
+    )
     p.add_argument("--report", default=DEFAULT_REPORT, help="HTML report path ('' for none)")
     p.add_argument("--data-dir", default=DEFAULT_DATA, help="per-node corpus domains (cached)")
     p.add_argument("--max-stdlib-files", type=int, default=None, help="smaller corpus (tests)")
@@ -318,6 +322,14 @@ def parse_args(argv=None):
     if args.hidden_size % args.experts:
         p.error(
             f"--hidden-size {args.hidden_size}: LocMoE's GrAP gate needs a multiple of --experts"
+        )
+    out = Path(args.out)
+    if out.exists() and (
+        not out.is_dir() or (any(out.iterdir()) and not (out / OUT_MARKER).exists())
+    ):
+        p.error(
+            f"--out {out} exists and was not written by the demo (no {OUT_MARKER} in it); "
+            "the demo replaces its --out directory: choose a new or empty one"
         )
     known = {r.name: r for r in demo_runs(args.mu)}
     if args.routers:
@@ -340,9 +352,10 @@ def main(argv: list[str] | None = None, cluster=None) -> dict:
         wanted = args.routers.split(",")
         runs = [r for r in runs if r.name in wanted]
     out = Path(args.out)
-    if out.exists():
+    if out.exists():  # parse_args checked: empty, or the demo's own (it has the marker)
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    (out / OUT_MARKER).write_text("written by python -m megatron_locmoe.demo; replaced by it\n")
     world = args.nodes * args.ranks_per_node
     print(
         f"LocMoE router comparison: {args.nodes} simulated nodes x {args.ranks_per_node} ranks "

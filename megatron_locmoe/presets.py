@@ -31,6 +31,7 @@ import copy
 import io
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -373,6 +374,20 @@ clusters), 0 (not a CUDA architecture) for npu and cpu. The launcher runs on log
 without a GPU, where the real query fails."""
 
 
+def _failed_check(error: BaseException) -> str:
+    """An exception's message, or for a bare ``assert`` (Megatron has many) the failing line
+    and where it is, so the user sees which check failed."""
+    message = str(error).strip()
+    if message:
+        return message
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return type(error).__name__
+    frame = frames[-1]
+    where = f"{os.path.basename(frame.filename)}:{frame.lineno}"
+    return f"{type(error).__name__} at {where}: {(frame.line or '').strip()}"
+
+
 def parse_with_megatron(
     argv: list[str],
     world_size: int,
@@ -435,7 +450,7 @@ def parse_with_megatron(
             except (AssertionError, ValueError, TypeError) as e:
                 raise PresetError(
                     f"Megatron's validation rejects {what} on {world_size} devices "
-                    f"({devices_per_node} per node): {e or type(e).__name__}"
+                    f"({devices_per_node} per node): {_failed_check(e)}"
                 ) from None
     finally:
         sys.argv, arguments.get_device_arch_version = saved_argv, saved_arch

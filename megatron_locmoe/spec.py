@@ -122,12 +122,9 @@ def _token_counts(locmoe: LocMoEConfig, vocab_size: int):
     import numpy as np
     import torch
 
-    counts = np.load(locmoe.hash_token_counts)
-    if counts.size > vocab_size:
-        raise ValueError(
-            f"{locmoe.hash_token_counts} counts {counts.size} token ids, more than the model's "
-            f"vocabulary of {vocab_size}: it belongs to another tokenizer"
-        )
+    from megatron_locmoe.routers.hash import load_token_counts
+
+    counts = load_token_counts(locmoe.hash_token_counts, vocab_size)
     return torch.from_numpy(np.pad(counts, (0, vocab_size - counts.size)))
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 
 import pytest
@@ -204,6 +205,13 @@ INVALID = [
         "drop --mtp-num-layers",
     ),
     (["--locmoe-experts", "grouped"], "pass --disable-bias-linear"),
+    # before any process starts: top-k of Megatron's own router, non-finite floats, files
+    (["--moe-router-topk", "0"], "every token needs at least 1 expert"),
+    (["--moe-router-type", "locmoe", "--locmoe-locality-loss-coeff", "nan"], "not a finite"),
+    (
+        ["--moe-router-type", "hash", "--locmoe-hash-token-counts", "/nonexistent/c.npy"],
+        "/nonexistent/c.npy: no such file",
+    ),
     (
         ["--locmoe-experts", "grouped", "--disable-bias-linear", "--use-te-activation-func"],
         "the TE activation module",
@@ -241,3 +249,22 @@ def test_tensor_parallel_args_validate_without_a_cuda_device(megatron_args, monk
     monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     args = parse("--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "4")
     assert args.tensor_model_parallel_size == 2
+
+
+def test_hash_counts_file_is_checked_at_parse_time(megatron_args, tmp_path):
+    import numpy as np
+
+    parse, _ = megatron_args
+    flags = ["--moe-router-type", "hash", "--locmoe-hash-token-counts"]
+    bad = {
+        "text.npy": (lambda p: p.write_text("not numpy"), "not a .npy array"),
+        "2d.npy": (lambda p: np.save(p, np.ones((2, 3))), "of shape (2, 3)"),
+        "neg.npy": (lambda p: np.save(p, np.array([1, -1])), "finite and >= 0"),
+        "big.npy": (lambda p: np.save(p, np.ones(10**6)), "belongs to another tokenizer"),
+    }
+    for name, (write, message) in bad.items():
+        write(tmp_path / name)
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            parse(*flags, str(tmp_path / name))
+    np.save(tmp_path / "ok.npy", np.arange(100))
+    parse(*flags, str(tmp_path / "ok.npy"))

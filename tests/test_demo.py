@@ -82,3 +82,25 @@ def test_demo_refuses_bad_arguments():
         demo.parse_args(["--routers", "megatron,nope"])
     with pytest.raises(SystemExit):
         demo.parse_args(["--experts", "12"])
+
+
+def test_demo_never_deletes_a_directory_it_did_not_write(tmp_path, capsys):
+    """A mistyped --out (a home directory, say) is refused before anything is deleted."""
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--out", str(precious)])
+    assert "was not written by the demo" in capsys.readouterr().err
+    assert (precious / "thesis.tex").read_text() == "years of work"
+    file_out = tmp_path / "a_file"
+    file_out.write_text("x")
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--out", str(file_out)])
+    (tmp_path / "empty").mkdir()
+    demo.parse_args(["--out", str(tmp_path / "empty")])  # empty: fine
+    marked = tmp_path / "earlier_demo"
+    marked.mkdir()
+    (marked / demo.OUT_MARKER).write_text("")
+    (marked / "megatron").mkdir()
+    demo.parse_args(["--out", str(marked)])  # the demo's own: replaced

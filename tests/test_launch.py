@@ -257,6 +257,12 @@ BAD = [
     (dict(config="h100-1node", sets=["nodes=two"]), "nodes takes an integer"),
     (dict(config="h100-1node", sets=["device=tpu"]), "device 'tpu'; use one of cuda, npu, cpu"),
     (dict(config="h100-1node", sets=["oops"]), "write KEY=VALUE"),
+    # Megatron's bare asserts: the failing check's line, not an empty message
+    (
+        dict(config="cpu-sim", sets=["save=/tmp/locmoe-never-written"]),
+        "AssertionError at arguments.py:",
+    ),
+    (dict(config="cpu-sim", sets=["num-attention-heads=3"]), "AssertionError at "),
 ]
 
 

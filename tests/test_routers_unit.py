@@ -45,6 +45,13 @@ def test_ec_min_paper_numbers():
     assert capacity.ec_min(4096, 8, 0.0) == pytest.approx(1 / 8)
 
 
+def test_floor_capacity_rounds_up():
+    # the floor decides a fractional capacity: 0.5 * 36 * 1 / 8 = 2.25 tokens -> 3
+    assert capacity.floor_capacity(0.5, 36, 1, 8) == 3
+    assert capacity.floor_capacity(0.5, 32, 1, 8) == 2
+    assert capacity.floor_capacity(1.0, 36, 2, 8) == 9
+
+
 def test_clamp_capacity():
     assert capacity.clamp_capacity(2.3, floor=10, ceiling=100) == 10
     assert capacity.clamp_capacity(57.2, floor=10, ceiling=100) == 58
@@ -193,6 +200,9 @@ def test_hash_maps_balance(python_source_ids, E):
             "floor factor 2.0 is above the ceiling",
         ),
         (dict(fused_router="fast"), {}, "fused_router='fast'"),
+        (dict(locality_loss_coeff=float("nan")), {}, "locality_loss_coeff=nan is not a finite"),
+        (dict(grap_temperature=float("inf")), {}, "grap_temperature=inf is not a finite"),
+        (dict(router_type="locmoe"), dict(moe_router_topk=0), "--moe-router-topk 0: every"),
         (dict(router_type="switch"), dict(moe_router_topk=2), "the switch router is top-1"),
         (
             dict(router_type="switch"),

@@ -16,10 +16,13 @@ recompute of MoE layers are rejected with a clear error.
 
 from __future__ import annotations
 
+import os
+
+import numpy as np
 import torch
 from megatron.core.transformer.moe.router import TopKRouter
 
-from megatron_locmoe.config import LocMoEConfig
+from megatron_locmoe.config import ConfigError, LocMoEConfig
 from megatron_locmoe.routers.base import PluginRouterMixin
 
 
@@ -55,6 +58,34 @@ def frequency_balanced_hash_table(
         loads[e] += counts[v]
         owned[e] += 1
     return table
+
+
+def load_token_counts(path: str, vocab_size: int | None = None) -> np.ndarray:
+    """The corpus count of every token id (``megatron_locmoe.data`` writes PREFIX_counts.npy),
+    checked: a readable .npy, one non-negative count per id, no more ids than the vocabulary
+    (``vocab_size``, when known) has. Read at parse time and again at model build."""
+    fix = "give the PREFIX_counts.npy that python -m megatron_locmoe.data wrote for this corpus"
+    if not os.path.isfile(path):
+        raise ConfigError(f"--locmoe-hash-token-counts {path}: no such file; {fix}")
+    try:
+        counts = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"--locmoe-hash-token-counts {path}: not a .npy array ({e}); {fix}"
+        ) from None
+    if counts.ndim != 1 or counts.size == 0 or not np.issubdtype(counts.dtype, np.number):
+        raise ConfigError(
+            f"--locmoe-hash-token-counts {path}: expected one count per token id, got an array "
+            f"of shape {counts.shape} and type {counts.dtype}; {fix}"
+        )
+    if (counts < 0).any() or not np.isfinite(counts).all():
+        raise ConfigError(f"--locmoe-hash-token-counts {path}: counts must be finite and >= 0")
+    if vocab_size is not None and counts.size > vocab_size:
+        raise ConfigError(
+            f"--locmoe-hash-token-counts {path} counts {counts.size} token ids, more than the "
+            f"model's vocabulary of {vocab_size}: it belongs to another tokenizer"
+        )
+    return counts
 
 
 class HashRouter(PluginRouterMixin, TopKRouter):

@@ -162,7 +162,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         """C = clamp(ceil(ec_min), floor, ceiling) for this batch's T tokens."""
         k, E = self.topk, self.config.num_moe_experts
         ceiling = get_capacity(num_tokens * k, E, self.config.moe_expert_capacity_factor)
-        floor = math.ceil(self.locmoe.capacity_floor_factor * num_tokens * k / E)
+        floor = bound.floor_capacity(self.locmoe.capacity_floor_factor, num_tokens, k, E)
         return bound.clamp_capacity(self._host_state()["ec_min"], min(floor, ceiling), ceiling)
 
     # ---- routing ----------------------------------------------------------------------------
