@@ -8,6 +8,7 @@ Megatron's ``validate_args``, so a bad combination fails at parse time with its 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -26,6 +27,25 @@ ARGS_DEFAULTS = {"tokenizer_type": "NullTokenizer"}
 _FLAG_OVERRIDES = {"router_type": "moe_router_type"}
 _BARE_MEANS_ON = {"fused_router"}
 """auto/on/off settings that were switches once: the bare flag keeps meaning on."""
+
+
+_FILES_TO_COME: frozenset[str] = frozenset()
+
+
+@contextlib.contextmanager
+def files_written_before_training(paths):
+    """Validate as if ``paths`` existed: a step before training writes them (the launcher's
+    data step); the model build checks them again once they are there."""
+    global _FILES_TO_COME
+    saved, _FILES_TO_COME = _FILES_TO_COME, frozenset(os.path.abspath(p) for p in paths)
+    try:
+        yield
+    finally:
+        _FILES_TO_COME = saved
+
+
+def _written_before_training(path: str) -> bool:
+    return os.path.abspath(path) in _FILES_TO_COME and not os.path.exists(path)
 
 
 def dest(field_name: str) -> str:
@@ -143,7 +163,8 @@ def validate_locmoe_args(args) -> LocMoEConfig:
             f"router while the decoder uses {cfg.router_type}: drop --mtp-num-layers"
         )
     if cfg.router_type == "hash":
-        if cfg.hash_token_counts:  # before any process starts, not at model build
+        if cfg.hash_token_counts and not _written_before_training(cfg.hash_token_counts):
+            # before any process starts, not at model build
             from megatron_locmoe.routers.hash import load_token_counts
 
             load_token_counts(cfg.hash_token_counts, getattr(args, "vocab_size", None))

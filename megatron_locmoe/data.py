@@ -124,6 +124,15 @@ def encode(text: str) -> np.ndarray:
     return np.append(np.frombuffer(text.encode("utf-8"), dtype=np.uint8), EOD).astype(np.uint16)
 
 
+DATASET_SUFFIXES = ("_counts.npy", ".bin", ".idx")
+"""The files of one dataset PREFIX, in the order a writer renames them into place (index last)."""
+
+
+def dataset_files(prefix: str | Path) -> list[str]:
+    """The paths :func:`build_indexed_dataset` writes for ``prefix``."""
+    return [f"{prefix}{suffix}" for suffix in DATASET_SUFFIXES]
+
+
 def build_indexed_dataset(prefix: str | Path, max_stdlib_files: int | None = None) -> dict:
     """Write PREFIX.bin / PREFIX.idx (Megatron's format) and PREFIX_counts.npy; return stats."""
     return write_documents(prefix, documents(max_stdlib_files))

@@ -285,9 +285,15 @@ def build_plan(opts: Options) -> Plan:
                 f"{what} runs on Ascend NPUs, but these flags need CUDA-only code: "
                 + "; ".join(bad_flags)
             )
+        if preset.prepare_data:
+            plan.data_prefix = flag_value(argv, "--data-path")
+            if not plan.data_prefix:
+                raise PresetError(f"{what}: prepare_data needs --data-path PREFIX in the flags")
         if opts.check or preset.device == "cpu":  # the CPU loop is built from the namespace
             env = node_env(plan, plan.node_ranks[0])
-            rp.args = parse_with_megatron(argv, nodes * dpn, dpn, what, env, preset.device)
+            rp.args = parse_with_megatron(
+                argv, nodes * dpn, dpn, what, env, preset.device, _data_step_files(plan)
+            )
             if preset.device == "npu":
                 bad = cuda_only_settings(rp.args)
                 if bad:
@@ -298,11 +304,17 @@ def build_plan(opts: Options) -> Plan:
         if preset.device == "cpu":  # refuses what the CPU loop cannot do, now
             rp.cpu_loop = train_settings(rp.args, run, dpn, rp.log_dir)
         plan.runs.append(rp)
-        if preset.prepare_data:
-            plan.data_prefix = flag_value(argv, "--data-path")
-            if not plan.data_prefix:
-                raise PresetError(f"{what}: prepare_data needs --data-path PREFIX in the flags")
     return plan
+
+
+def _data_step_files(plan: Plan) -> list[str]:
+    """Files the plan's data step (:func:`prepare_data`) writes before training starts: the
+    parse-time checks of files the flags name wait for them rather than refuse the plan."""
+    if not plan.data_prefix:
+        return []
+    from megatron_locmoe.data import dataset_files
+
+    return dataset_files(plan.data_prefix)
 
 
 # --------------------------------------------------------------------------------------------
@@ -485,16 +497,16 @@ def prepare_data(plan: Plan) -> None:
 
     Every node builds its own copy when it has none (the corpus is deterministic, so copies on
     a shared file system are identical); files are renamed into place, index last."""
-    prefix = plan.data_prefix
-    if not prefix or (Path(f"{prefix}.bin").exists() and Path(f"{prefix}.idx").exists()):
-        return
-    from megatron_locmoe.data import build_indexed_dataset
+    from megatron_locmoe.data import build_indexed_dataset, dataset_files
 
+    prefix = plan.data_prefix
+    if not prefix or all(Path(f).exists() for f in dataset_files(prefix)):
+        return
     print(f"[launch] building the offline corpus at {prefix}", flush=True)
     tmp = f"{prefix}.tmp{os.getpid()}"
     build_indexed_dataset(tmp)
-    for suffix in ("_counts.npy", ".bin", ".idx"):
-        os.replace(f"{tmp}{suffix}", f"{prefix}{suffix}")
+    for src, dst in zip(dataset_files(tmp), dataset_files(prefix), strict=True):
+        os.replace(src, dst)
 
 
 def run_logged(cmd: NodeCommand, log_path: Path) -> int:

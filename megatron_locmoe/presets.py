@@ -32,7 +32,7 @@ import io
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -395,6 +395,7 @@ def parse_with_megatron(
     what: str = "the generated command",
     env: dict[str, str] | None = None,
     device: str = "cuda",
+    files_to_come: Sequence[str] = (),
 ):
     """Megatron's ``parse_args`` + ``validate_args`` (plugin flags included) on ``argv``.
 
@@ -402,11 +403,12 @@ def parse_with_megatron(
     environment ``env``, in this process: the adaptor's argument patches are applied for the
     call (CPU device choice: only the parser patches matter here) and reverted afterwards
     unless they were already applied; the GPU-architecture query answers for ``device``
-    (:data:`DEVICE_ARCH`). Returns the validated namespace; raises PresetError with
-    Megatron's message.
+    (:data:`DEVICE_ARCH`); ``files_to_come`` are written by a step before training (the
+    launcher's data step), so the checks of the files the flags name pass them over. Returns
+    the validated namespace; raises PresetError with Megatron's message.
     """
     from megatron_locmoe import adaptor
-    from megatron_locmoe.arguments import ARGS_DEFAULTS
+    from megatron_locmoe.arguments import ARGS_DEFAULTS, files_written_before_training
     from megatron_locmoe.device import DeviceChoice
 
     registry = adaptor.REGISTRY
@@ -426,6 +428,7 @@ def parse_with_megatron(
     try:
         with (
             _environ(**{**(env or {}), **ranks}),
+            files_written_before_training(files_to_come),
             contextlib.redirect_stdout(out),
             contextlib.redirect_stderr(err),
         ):

@@ -11,8 +11,9 @@ on every rank and returns the per-rank results.
 No hangs: every collective has a timeout (gloo raises after ``collective_timeout_s``), a job
 that does not answer within ``job_timeout_s`` gets its ranks' Python stacks dumped
 (faulthandler) and the cluster killed, and any rank's failure is raised with that rank's
-traceback. After a failure the processes are restarted for the next job (a timed-out gloo
-group cannot be reused).
+traceback first. Ranks still silent ``fail_grace_s`` after a rank failed (waiting for it in a
+collective) are stopped then, not after their collective timeout. After a failure the
+processes are restarted for the next job (a timed-out gloo group cannot be reused).
 
 Ranks are ordinary (non-daemon) processes, because Megatron's torch_dist checkpoint writer
 starts a multiprocessing Manager, which daemon processes may not do. A rank therefore watches
@@ -234,6 +235,8 @@ class SimCluster:
     collective_timeout_s: float = 90.0
     job_timeout_s: float = 600.0
     startup_timeout_s: float = 300.0
+    fail_grace_s: float = 5.0
+    """After one rank fails, how long the others may take to answer before they are stopped."""
     _procs: list = field(default_factory=list, repr=False)
     _jobs: list = field(default_factory=list, repr=False)
     _results: Any = field(default=None, repr=False)
@@ -343,14 +346,17 @@ class SimCluster:
                 continue  # a late answer of an earlier, failed job
             answers[rank] = (ok, payload)
             if not ok:
-                # the other ranks will fail their collectives within the collective timeout
-                deadline = min(deadline, time.monotonic() + self.collective_timeout_s + 30)
+                # ranks failing on their own answer within the grace; the rest are most likely
+                # blocked in a collective with the failed rank: stopped, not waited out
+                deadline = min(deadline, time.monotonic() + self.fail_grace_s)
         failures = {r: tb for r, (ok, tb) in sorted(answers.items()) if not ok}
         if failures:
             raise ClusterJobError(_describe_failures(what, failures))
         return [answers[r][1] for r in range(self.world_size)]
 
     def _raise_hung(self, what, answers, dead, timeout_s) -> None:
+        """Stop the ranks that did not answer (their Python stacks go to the message) and
+        raise: the root cause first (dead ranks, then ranks' exceptions, else the timeout)."""
         missing = [r for r in range(self.world_size) if r not in answers]
         for r in missing:
             if self._procs[r].is_alive():
@@ -364,10 +370,23 @@ class SimCluster:
                 text = "(no log)"
             stacks.append(f"--- rank {r} ---\n{text}")
         failed = {r: tb for r, (ok, tb) in answers.items() if not ok}
-        reason = f"ranks {dead} died" if dead else f"no answer within {timeout_s:.0f} s"
-        msg = f"{what}: {reason}; ranks {missing} did not answer.\n" + "\n".join(stacks)
-        for r, tb in sorted(failed.items())[:1]:
-            msg += f"\n--- rank {r} raised ---\n{tb}"
+        stopped = [r for r in missing if r not in dead]
+        parts = []
+        if dead:  # a dead rank is the root cause of its peers' broken collectives
+            codes = ", ".join(f"rank {r}: exit code {self._procs[r].exitcode}" for r in dead)
+            parts.append(f"{what}: ranks {dead} died ({codes})")
+        if failed:
+            parts.append(_describe_failures(what, failed))
+        if not parts:
+            parts.append(f"{what}: no answer within {timeout_s:.0f} s")
+        if stopped:
+            why = (
+                " (most likely waiting for the failed rank in a collective)"
+                if failed or dead
+                else ""
+            )
+            parts.append(f"ranks {stopped} had not answered and were stopped{why}")
+        msg = "\n".join(parts) + f"\nlogs of ranks {missing[:2]}:\n" + "\n".join(stacks)
         self._kill()
         raise ClusterJobError(msg)
 

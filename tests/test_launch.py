@@ -174,6 +174,18 @@ def test_overrides_from_the_command_line():
     assert plan.runs[0].commands[1].env["HCCL_BUFFSIZE"] == "400"
 
 
+def test_files_the_data_step_writes_may_be_missing_others_may_not(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no data/: the preset's data step writes data/pydoc*
+    plan = _plan("router-sweep", runs=["hash"])
+    assert plan.runs[0].args.locmoe_hash_token_counts == "data/pydoc_counts.npy"
+    with pytest.raises(PresetError, match="other_counts.npy: no such file"):
+        _plan(
+            "router-sweep",
+            runs=["hash"],
+            sets=["sweep.hash.locmoe-hash-token-counts=other_counts.npy"],
+        )
+
+
 def test_slurm_rendezvous_and_master_addr_from_environment(monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "gpu-a01")
     opts = launch.parse_options(["--config", "h100-2node", "--rdzv-id", "77", "--node-rank", "1"])

@@ -1,0 +1,59 @@
+"""The simulated cluster fails fast and together: one rank's exception stops its peers (which
+wait for it in a collective) within seconds, with that exception first; a dead rank is named;
+the cluster runs the next job afterwards."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_locmoe.simcluster import ClusterJobError, ParallelLayout
+
+LAYOUT = ParallelLayout(devices_per_node=2, ep=1)
+
+
+def one_rank_raises_job(ctx):
+    if ctx.rank == 2:
+        raise RuntimeError("shard 2 is truncated")
+    dist.all_reduce(torch.ones(1))  # the peers wait here for rank 2
+    return ctx.rank
+
+
+def one_rank_dies_job(ctx):
+    if ctx.rank == 1:
+        os._exit(3)
+    dist.all_reduce(torch.ones(1))
+    return ctx.rank
+
+
+def healthy_job(ctx):
+    t = torch.ones(1) * ctx.rank
+    dist.all_reduce(t)
+    return float(t)
+
+
+def test_one_failing_rank_stops_the_others_fast(cluster_factory):
+    cluster = cluster_factory(4)
+    t0 = time.monotonic()
+    with pytest.raises(ClusterJobError) as e:
+        cluster.run(one_rank_raises_job, layout=LAYOUT)
+    elapsed = time.monotonic() - t0
+    message = str(e.value)
+    assert message.index("shard 2 is truncated") < message.index("were stopped"), message
+    assert "ranks [0, 1, 3] had not answered" in message, message
+    assert "failed on rank 2" in message.splitlines()[0]
+    assert elapsed < cluster.fail_grace_s + 20 < cluster.collective_timeout_s, elapsed
+    assert cluster.run(healthy_job, layout=LAYOUT) == [6.0] * 4  # restarted, usable
+
+
+def test_a_dead_rank_is_named(cluster_factory):
+    cluster = cluster_factory(4)
+    with pytest.raises(ClusterJobError) as e:
+        cluster.run(one_rank_dies_job, layout=LAYOUT)
+    first = str(e.value).splitlines()[0]
+    assert "ranks [1] died (rank 1: exit code 3)" in first, str(e.value)
+    assert cluster.run(healthy_job, layout=LAYOUT) == [6.0] * 4
