@@ -2,7 +2,7 @@
 
 Counts, not times, on the CPU in one process. Routing comes from Megatron-Core's own TopKRouter
 (softmax, aux loss, trained for a few steps on the aux loss alone so it is balanced the way
-training balances it); the bytes come from ``megatron_locmoe.dispatcher.traffic_from_counts``,
+training balances it); the bytes come from ``megatron_locmoe.dispatch.traffic.traffic_from_counts``,
 the function the dispatcher itself uses, fed with the real routing maps of every simulated EP
 rank (``source_counts``). No collective runs.
 
@@ -83,7 +83,7 @@ def make_router(topk: int, aux_steps: int, states: torch.Tensor):
 
 def traffic(routing_map: torch.Tensor, nodes: int, tokens: int) -> dict[str, float]:
     """Inter/intra bytes per token of the three schemes for one routing ``[EP*T, E]``."""
-    from megatron_locmoe.dispatcher import source_counts, traffic_from_counts
+    from megatron_locmoe.dispatch.traffic import source_counts, traffic_from_counts
 
     ep = nodes * GPUS_PER_NODE
     counts = torch.stack(

@@ -141,22 +141,6 @@ def validate_locmoe_args(args) -> LocMoEConfig:
     cfg.validate(_transformer_view(args))  # the model's own MoE settings too (top-k >= 1, ...)
     if not changes:
         return cfg
-    if cfg.dispatcher == "hierarchical":
-        for flag, on in (
-            ("--moe-permute-fusion", args.moe_permute_fusion),
-            ("--overlap-moe-expert-parallel-comm", args.overlap_moe_expert_parallel_comm),
-            ("--moe-shared-expert-overlap", args.moe_shared_expert_overlap),
-        ):
-            if on:
-                raise ConfigError(
-                    f"{flag} drives Megatron's own dispatcher internals; it cannot be combined "
-                    "with --locmoe-dispatcher hierarchical: remove it"
-                )
-        if getattr(args, "cuda_graph_impl", "none") != "none":
-            raise ConfigError(
-                "--locmoe-dispatcher hierarchical does not support CUDA graphs: "
-                "use --cuda-graph-impl none"
-            )
     if cfg.router_type != "megatron" and getattr(args, "mtp_num_layers", None):
         raise ConfigError(
             "multi-token-prediction layers are built from stock specs and would keep Megatron's "

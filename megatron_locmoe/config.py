@@ -238,12 +238,12 @@ class LocMoEConfig:
             raise ConfigError(
                 f"--moe-router-topk {k} is larger than the number of experts {n}; use at most {n}"
             )
-        if self.dispatcher == "hierarchical" and tc.moe_token_dispatcher_type != "alltoall":
-            raise ConfigError(
-                f"the hierarchical dispatcher replaces Megatron's alltoall dispatcher, but "
-                f"--moe-token-dispatcher-type is {tc.moe_token_dispatcher_type!r}: set it to "
-                "alltoall (flex/DeepEP/HybridEP are their own hierarchical schemes)"
-            )
+        if self.dispatcher == "hierarchical":
+            from megatron_locmoe.dispatch.dispatcher import unsupported_settings
+
+            refused = unsupported_settings(tc)
+            if refused:
+                raise ConfigError("; ".join(r.as_flag() for r in refused))
         unsupported = grouped_experts_unsupported(tc) if self.experts == "grouped" else []
         if unsupported:
             raise ConfigError(

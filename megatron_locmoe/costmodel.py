@@ -52,6 +52,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, replace
 
+from megatron_locmoe.dispatch.traffic import copy_bytes
+
 # --------------------------------------------------------------------------------------------
 # Hardware and workload
 # --------------------------------------------------------------------------------------------
@@ -385,16 +387,6 @@ def uniform_local_share(num_experts: int, nodes: int) -> float:
     """Node-local share a locality-blind router gets: the experts of a node that hosts any (at
     least 1; experts are spread evenly) over all experts."""
     return max(1.0, num_experts / nodes) / num_experts
-
-
-def copy_bytes(hidden_bytes: int, prob_bytes: int, dedup_width: int | None = None) -> int:
-    """Bytes of one token copy, dispatch + combine: the hidden row each way plus one prob (flat
-    / hierarchical), or plus prob and mask of the copy's scope of ``dedup_width`` experts
-    (dedup). The dispatcher counts its traffic with it, so bytes logged by a run convert back
-    to copies exactly."""
-    if dedup_width is None:
-        return 2 * hidden_bytes + prob_bytes
-    return 2 * hidden_bytes + 2 * dedup_width * prob_bytes
 
 
 # --------------------------------------------------------------------------------------------

@@ -197,7 +197,7 @@ def run_record(run: DemoRun, args, settings, results, progress, domains, seconds
     """run.json: what the report and the cost model need besides the TensorBoard scalars."""
     from types import SimpleNamespace
 
-    from megatron_locmoe.dispatcher import resolve_dedup
+    from megatron_locmoe.dispatch.dispatcher import resolve_dedup
 
     step_seconds = [p["seconds"] for p in progress]
     steady = steady_step_seconds(step_seconds)

@@ -17,7 +17,7 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from megatron_locmoe import metrics
 from megatron_locmoe.config import LocMoEConfig
-from megatron_locmoe.dispatcher import use_hierarchical_dispatcher
+from megatron_locmoe.dispatch.dispatcher import use_hierarchical_dispatcher
 from megatron_locmoe.experts import GroupedSequentialMLP
 from megatron_locmoe.resolve import layer_resolution
 from megatron_locmoe.routers import router_builder

@@ -42,13 +42,13 @@ def _dispatcher(locmoe: LocMoEConfig, tc, topology) -> tuple[str, str]:
     if topology is None or not topology.spans_nodes:
         where = "one node" if topology is not None else "an unknown node map"
         return "alltoall", f"auto: expert parallelism inside {where}, nothing crosses nodes"
-    from megatron_locmoe.dispatcher import unsupported_settings
+    from megatron_locmoe.dispatch.dispatcher import unsupported_settings
 
     blockers = unsupported_settings(tc)
     if blockers:
         return "alltoall", (
             "auto: the two-hop dispatcher would suit this node map, but "
-            + "; ".join(blockers)
+            + "; ".join(b.as_setting() for b in blockers)
             + " (flat All-to-All kept)"
         )
     return "hierarchical", (
@@ -181,7 +181,7 @@ def summary_fields(resolution: Resolution, tc, topology=None) -> dict:
     }[cfg.capacity_mode]
     out["dispatcher"] = cfg.dispatcher
     if cfg.dispatcher == "hierarchical":
-        from megatron_locmoe.dispatcher import resolve_dedup
+        from megatron_locmoe.dispatch.dispatcher import resolve_dedup
 
         dedup = "on" if resolve_dedup(cfg.dedup_setting, tc) else "off"
         out["dedup"] = dedup + (

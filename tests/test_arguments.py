@@ -176,7 +176,7 @@ INVALID = [
             "64",
             "--moe-shared-expert-overlap",
         ],
-        "--moe-shared-expert-overlap drives",
+        "--moe-shared-expert-overlap (it overlaps inside Megatron's own dispatcher) cannot be combined",
     ),
     (
         ["--moe-router-type", "locmoe", "--locmoe-devices-per-node", "3"],

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megatron_locmoe import costmodel as cm
-from megatron_locmoe.dispatcher import source_counts, traffic_from_counts
+from megatron_locmoe.dispatch.traffic import source_counts, traffic_from_counts
 from megatron_locmoe.runlog import load_runs, write_run_record
 
 # a made-up cluster with round numbers: 4 devices per node, 100 GB/s + 1 us inside, 10 GB/s +

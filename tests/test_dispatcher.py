@@ -150,7 +150,7 @@ def _traffic_dict(t) -> dict:
 def _run_case(ctx, topo, *, topk, dedup, capacity=None, experts=8, skew=False, uneven=False):
     from megatron.core import parallel_state
 
-    from megatron_locmoe.dispatcher import use_hierarchical_dispatcher
+    from megatron_locmoe.dispatch.dispatcher import use_hierarchical_dispatcher
 
     ep, tp = ctx.layout.ep, ctx.layout.tp
     etp = ctx.layout.etp or tp
@@ -281,7 +281,7 @@ def dispatcher_cases(ctx, cases: list[dict]) -> list[dict]:
 
 
 def unsupported_settings(ctx) -> list[str]:
-    from megatron_locmoe.dispatcher import use_hierarchical_dispatcher
+    from megatron_locmoe.dispatch.dispatcher import use_hierarchical_dispatcher
 
     topo = ctx.topology()
     messages = []
@@ -450,5 +450,5 @@ def test_unsupported_settings_raise(cluster8):
     for m in messages:
         assert len(m) == 3
         assert "moe_permute_fusion" in m[0] and "set it to False" in m[0]
-        assert "moe_token_dispatcher_type='alltoall'" in m[1]
+        assert "moe_token_dispatcher_type='flex'" in m[1] and "set it to 'alltoall'" in m[1]
         assert "overlap_moe_expert_parallel_comm" in m[2]

@@ -13,7 +13,7 @@ from megatron_locmoe.testing import build_moe_layer, moe_config
 
 
 def layer_dispatcher_job(ctx):
-    from megatron_locmoe.dispatcher import HierarchicalAlltoAllTokenDispatcher
+    from megatron_locmoe.dispatch.dispatcher import HierarchicalAlltoAllTokenDispatcher
 
     ctx.topology()
     config = moe_config(ep=2, moe_router_topk=2)

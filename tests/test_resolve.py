@@ -133,7 +133,7 @@ def resolved_model_job(ctx, router_type: str, tc_overrides: dict):
 
     from megatron.core.models.gpt import GPTModel
 
-    from megatron_locmoe.dispatcher import HierarchicalAlltoAllTokenDispatcher
+    from megatron_locmoe.dispatch.dispatcher import HierarchicalAlltoAllTokenDispatcher
     from megatron_locmoe.experts import GroupedSequentialMLP
     from megatron_locmoe.layer import LocMoELayer
     from megatron_locmoe.spec import locmoe_block_spec

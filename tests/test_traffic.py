@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_locmoe.dispatcher import Traffic, traffic_from_counts
+from megatron_locmoe.dispatch.traffic import Traffic, traffic_from_counts
 
 
 def _reference(counts, N, L, E, dedup, hidden_bytes, prob_bytes):
