@@ -714,8 +714,11 @@ def main(argv: list[str] | None = None, cluster=None) -> dict:
                     if held is not None:
                         held.close()
                     t0 = time.perf_counter()
-                    held = SimCluster(
-                        world, collective_timeout_s=600.0, job_timeout_s=4 * 3600.0
+                    held = SimCluster(  # 16 ranks on 2 loaded cores start slowly
+                        world,
+                        collective_timeout_s=600.0,
+                        job_timeout_s=4 * 3600.0,
+                        startup_timeout_s=1800.0,
                     ).start()
                     print(f"  {world} ranks up in {time.perf_counter() - t0:.0f} s", flush=True)
                 use = held
