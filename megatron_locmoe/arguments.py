@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 from megatron.training.argument_utils import ArgumentGroupFactory
 
-from megatron_locmoe.config import ConfigError, LocMoEConfig
+from megatron_locmoe.config import ConfigError, LocMoEConfig, router_names
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,8 @@ class _LocMoEArgumentFactory(ArgumentGroupFactory):
         kwargs["arg_names"] = [flag]
         if attribute.name in _BARE_MEANS_ON:  # --locmoe-fused-router alone: on
             kwargs.update(nargs="?", const="on")
+        if attribute.name == "router_type":
+            kwargs["choices"] = router_names()
         return kwargs
 
 
@@ -152,16 +154,6 @@ def validate_locmoe_args(args) -> LocMoEConfig:
             from megatron_locmoe.routers.hash import load_token_counts
 
             load_token_counts(cfg.hash_token_counts, getattr(args, "vocab_size", None))
-        if args.pipeline_model_parallel_size > 1:
-            raise ConfigError(
-                "the hash router routes by input token ids, which only the first pipeline stage "
-                "receives: use --pipeline-model-parallel-size 1 with --moe-router-type hash"
-            )
-        if "moe" in (args.recompute_modules or []) and args.recompute_granularity == "selective":
-            raise ConfigError(
-                "the hash router cannot replay token ids under MoE activation recompute: remove "
-                "'moe' from --recompute-modules"
-            )
     _check_topology_args(args, cfg)
     return cfg
 

@@ -7,15 +7,7 @@ help when the Megatron adaptor turns the fields into ``--locmoe-*`` flags.
 
 import math
 from dataclasses import dataclass, fields
-from typing import Literal
-
-ROUTER_TYPES = ("megatron", "locmoe", "hash", "switch")
-DISPATCHERS = ("auto", "alltoall", "hierarchical")
-DEDUP_MODES = ("auto", "on", "off")
-CAPACITY_MODES = ("auto", "none", "bound")
-FUSED_ROUTER_MODES = ("auto", "on", "off")
-GRAP_MODES = ("fixed", "learnable")
-EXPERT_IMPLS = ("auto", "loop", "grouped")
+from typing import Literal, get_args, get_origin
 
 
 def grouped_experts_unsupported(transformer_config) -> list[str]:
@@ -32,14 +24,22 @@ def grouped_experts_unsupported(transformer_config) -> list[str]:
     ]
 
 
+def router_names() -> tuple[str, ...]:
+    """The router types, from the routers' registry (the one list)."""
+    from megatron_locmoe.routers import ROUTERS
+
+    return tuple(ROUTERS)
+
+
 class ConfigError(ValueError):
     """An invalid LocMoE setting: the message names the value and what to change."""
 
 
 @dataclass
 class LocMoEConfig:
-    router_type: Literal["megatron", "locmoe", "hash", "switch"] = "megatron"
-    """Router of every MoE layer: Megatron's TopKRouter (default), LocMoE, Hash Layers, Switch."""
+    router_type: str = "megatron"
+    """Router of every MoE layer, a key of megatron_locmoe.routers.ROUTERS: megatron
+    (Megatron's TopKRouter, the default), locmoe, hash (Hash Layers), switch."""
 
     # ---- losses -------------------------------------------------------------------------------
     aux_loss_coeff: float = 0.01
@@ -158,12 +158,15 @@ class LocMoEConfig:
 
     def validate(self, transformer_config=None) -> "LocMoEConfig":
         """Raise ConfigError for an invalid value; returns self for chaining."""
-        if self.router_type not in ROUTER_TYPES:
+        names = router_names()
+        if self.router_type not in names:
             raise ConfigError(
-                f"router type {self.router_type!r} is unknown; use one of {', '.join(ROUTER_TYPES)}"
+                f"router type {self.router_type!r} is unknown; use one of {', '.join(names)}"
             )
         for f in fields(self):
             value = getattr(self, f.name)
+            if get_origin(f.type) is Literal and value not in get_args(f.type):
+                raise ConfigError(f"{f.name}={value!r}; use one of {', '.join(get_args(f.type))}")
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(
                     f"{f.name}={value} is not a finite number; give a value such as "
@@ -189,20 +192,8 @@ class LocMoEConfig:
             raise ConfigError(
                 f"locality_smoothing={self.locality_smoothing} must lie in (0, 1) (e.g. 1e-3)"
             )
-        if self.grap_mode not in GRAP_MODES:
-            raise ConfigError(f"grap_mode={self.grap_mode!r}; use one of {', '.join(GRAP_MODES)}")
-        if self.experts not in EXPERT_IMPLS:
-            raise ConfigError(f"experts={self.experts!r}; use one of {', '.join(EXPERT_IMPLS)}")
         if self.grap_temperature <= 0:
             raise ConfigError(f"grap_temperature={self.grap_temperature} must be positive")
-        if self.fused_router not in FUSED_ROUTER_MODES:
-            raise ConfigError(
-                f"fused_router={self.fused_router!r}; use one of {', '.join(FUSED_ROUTER_MODES)}"
-            )
-        if self.capacity_mode not in CAPACITY_MODES:
-            raise ConfigError(
-                f"capacity_mode={self.capacity_mode!r}; use one of {', '.join(CAPACITY_MODES)}"
-            )
         if not 0 < self.capacity_percentile < 1:
             raise ConfigError(
                 f"capacity_percentile={self.capacity_percentile} must lie in (0, 1) (e.g. 0.05)"
@@ -213,14 +204,6 @@ class LocMoEConfig:
             raise ConfigError(
                 f"capacity_reestimate_interval={self.capacity_reestimate_interval} is negative; "
                 "use 0 to estimate once or K > 0 to re-estimate every K steps"
-            )
-        if self.dispatcher not in DISPATCHERS:
-            raise ConfigError(
-                f"dispatcher={self.dispatcher!r}; use one of {', '.join(DISPATCHERS)}"
-            )
-        if self.dispatcher_dedup not in DEDUP_MODES:
-            raise ConfigError(
-                f"dispatcher_dedup={self.dispatcher_dedup!r}; use one of {', '.join(DEDUP_MODES)}"
             )
         if self.devices_per_node is not None and self.devices_per_node < 1:
             raise ConfigError(f"devices_per_node={self.devices_per_node} must be at least 1")
@@ -250,59 +233,6 @@ class LocMoEConfig:
                 f"grouped experts (torch._grouped_mm) do not support {', '.join(unsupported)}: "
                 "pass --disable-bias-linear and drop fp8/fp4, or use --locmoe-experts loop"
             )
-        if self.router_type == "megatron":
-            return
-        if self.router_type == "locmoe" and tc.hidden_size % n:
-            raise ConfigError(
-                f"GrAP splits the hidden size {tc.hidden_size} into {n} equal chunks, one per "
-                f"expert: choose --hidden-size divisible by {n} or a number of experts dividing it"
-            )
-        if self.router_type == "switch" and k != 1:
-            raise ConfigError(f"the switch router is top-1; got --moe-router-topk {k}, use 1")
-        if self.router_type == "switch" and tc.moe_expert_capacity_factor is None:
-            raise ConfigError(
-                "the switch router drops overflow at a capacity factor: set "
-                "--moe-expert-capacity-factor (the Switch Transformer used 1.0-1.25)"
-            )
-        if tc.moe_router_num_groups:
-            raise ConfigError(
-                f"group-limited routing (--moe-router-num-groups {tc.moe_router_num_groups}) is "
-                f"a Megatron TopKRouter feature; use --moe-router-type megatron for it"
-            )
-        if self.capacity_bound_applies(tc):
-            if self.router_type != "locmoe":
-                raise ConfigError(
-                    f"capacity_mode='bound' is LocMoE's capacity; the {self.router_type} router "
-                    "uses --moe-expert-capacity-factor"
-                )
-            cf = tc.moe_expert_capacity_factor
-            if cf is None:
-                raise ConfigError(
-                    "capacity_mode='bound' clamps the bound below the capacity-factor ceiling: "
-                    "set --moe-expert-capacity-factor (e.g. 1.0)"
-                )
-            if self.capacity_floor_factor > cf:
-                raise ConfigError(
-                    f"capacity floor factor {self.capacity_floor_factor} is above the ceiling "
-                    f"--moe-expert-capacity-factor {cf}; lower the floor or raise the ceiling"
-                )
-            if tc.moe_pad_expert_input_to_capacity:
-                raise ConfigError(
-                    "capacity_mode='bound' changes capacity per batch, which padding to the "
-                    "capacity-factor capacity cannot follow: drop --moe-pad-expert-input-to-capacity"
-                )
-        elif self.router_type == "locmoe" and tc.moe_expert_capacity_factor is not None:
-            raise ConfigError(
-                "--moe-expert-capacity-factor with the locmoe router is the ceiling of LocMoE's "
-                "capacity bound, but --locmoe-capacity-mode is none (dropless): use auto or "
-                "bound, or remove the factor"
-            )
-        if self.router_type == "hash" and getattr(tc, "moe_router_fusion", False):
-            raise ConfigError(
-                "--moe-router-fusion fuses a gate's top-k, score function and aux loss; the hash "
-                "router has none of them (one table lookup per token): drop --moe-router-fusion"
-            )
-        if self.router_type == "hash" and tc.moe_expert_capacity_factor is not None:
-            raise ConfigError(
-                "the hash router is dropless by construction; remove --moe-expert-capacity-factor"
-            )
+        from megatron_locmoe.routers import ROUTERS
+
+        ROUTERS[self.router_type].check_model(self, tc)

@@ -19,7 +19,7 @@ from megatron_locmoe import metrics
 from megatron_locmoe.config import LocMoEConfig
 from megatron_locmoe.dispatch.dispatcher import use_hierarchical_dispatcher
 from megatron_locmoe.experts import GroupedSequentialMLP
-from megatron_locmoe.resolve import layer_resolution
+from megatron_locmoe.resolve import Resolution, settled
 from megatron_locmoe.routers import router_builder
 from megatron_locmoe.topology import current_topology
 
@@ -37,14 +37,15 @@ class LocMoELayer(MoELayer):
         is_mtp_layer=False,
         name=None,
         *,
-        locmoe: LocMoEConfig,
+        locmoe: LocMoEConfig | Resolution,
     ):
-        locmoe = layer_resolution(locmoe.validate(config), config).config
+        resolution = settled(locmoe, config)
+        locmoe = resolution.config
         if submodules is not None:  # the router and experts of the resolved settings
             router = submodules.router
             if isinstance(router, functools.partial) and "locmoe" in router.keywords:
                 router = functools.partial(
-                    router.func, *router.args, **{**router.keywords, "locmoe": locmoe}
+                    router.func, *router.args, **{**router.keywords, "locmoe": resolution}
                 )
             submodules = dataclasses.replace(
                 submodules, router=router, experts=experts_builder(submodules.experts, locmoe)
@@ -89,7 +90,9 @@ def experts_builder(stock_experts, locmoe: LocMoEConfig):
     )
 
 
-def locmoe_mlp_builder(stock_moe_mlp, locmoe: LocMoEConfig, vocab_size=None, token_counts=None):
+def locmoe_mlp_builder(
+    stock_moe_mlp, locmoe: LocMoEConfig | Resolution, vocab_size=None, token_counts=None
+):
     """Turn Megatron's MoE MlpBuilder (``partial(MoELayer, submodules=MoESubmodules(...))``)
     into the plugin's: LocMoELayer with the router of ``locmoe.router_type``; the layer
     resolves the settings and picks its experts. A new object: Megatron shares one spec across

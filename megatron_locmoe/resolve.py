@@ -3,9 +3,9 @@
 ``--moe-router-type locmoe`` alone must give the whole method at the fast path's speed: the
 defaults that depend on the run (does expert parallelism leave the node? is this a CUDA
 process? is Transformer Engine's grouped MLP in the spec? is there a capacity factor?) are
-decided here, in one place. ``resolve`` is pure: the layer spec calls it once to print the
-summary, and every MoE layer calls it again to build its router, dispatcher and experts from
-the same answer. Explicit values are kept as given (their checks stay in LocMoEConfig and the
+decided here, in one place. ``resolve`` is pure: the layer spec calls it once, prints the
+summary and hands the answer to every MoE layer, which builds its router, dispatcher and
+experts from it (``settled``). Explicit values are kept as given (their checks stay in LocMoEConfig and the
 argument validation); only ``auto`` is decided, and never to a value that would then fail.
 """
 
@@ -135,6 +135,15 @@ def layer_resolution(locmoe: LocMoEConfig, tc) -> Resolution:
     from megatron_locmoe.topology import current_topology
 
     return resolve(locmoe, tc, current_topology(), choose_device().type)
+
+
+def settled(locmoe: LocMoEConfig | Resolution, tc) -> Resolution:
+    """What a layer or router builds from. The spec validates and resolves once and hands the
+    Resolution down (layer, router, experts take it as it is); a bare LocMoEConfig (a layer or
+    router built directly) is validated against ``tc`` and resolved here."""
+    if isinstance(locmoe, Resolution):
+        return locmoe
+    return layer_resolution(locmoe.validate(tc), tc)
 
 
 # ---- the start-up summary ----------------------------------------------------------------

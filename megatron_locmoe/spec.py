@@ -19,7 +19,7 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from megatron_locmoe.config import LocMoEConfig
 from megatron_locmoe.layer import LocMoELayer, locmoe_mlp_builder
-from megatron_locmoe.resolve import layer_resolution
+from megatron_locmoe.resolve import Resolution, layer_resolution
 from megatron_locmoe.routers import attach_token_ids
 from megatron_locmoe.topology import get_topology
 
@@ -44,7 +44,9 @@ def padded_vocab(model_config) -> int:
     )
 
 
-def with_locmoe_layers(block_spec, locmoe: LocMoEConfig, vocab_size=None, token_counts=None):
+def with_locmoe_layers(
+    block_spec, locmoe: LocMoEConfig | Resolution, vocab_size=None, token_counts=None
+):
     """A copy of a decoder block spec whose MoE layers are LocMoELayers (others untouched).
 
     Megatron reuses one MoE layer spec for every MoE layer, so specs are copied, never
@@ -79,9 +81,10 @@ def locmoe_block_spec(model_config, vp_stage=None):
     if not plugin_active(locmoe, cfg):
         return block
     topology = get_topology(locmoe.devices_per_node)  # collective on first call; then cached
-    announce(layer_resolution(locmoe, cfg), cfg, topology)
+    resolution = layer_resolution(locmoe.validate(cfg), cfg)  # once, for every MoE layer
+    announce(resolution, cfg, topology)
     vocab = padded_vocab(model_config)
-    return with_locmoe_layers(block, locmoe, vocab, _token_counts(locmoe, vocab))
+    return with_locmoe_layers(block, resolution, vocab, _token_counts(locmoe, vocab))
 
 
 _ANNOUNCED: set[str] = set()

@@ -9,25 +9,23 @@ from __future__ import annotations
 
 from functools import partial
 
-from megatron_locmoe.config import ROUTER_TYPES, ConfigError, LocMoEConfig
+from megatron_locmoe.config import ConfigError, LocMoEConfig
 from megatron_locmoe.routers.hash import HashRouter, attach_token_ids
 from megatron_locmoe.routers.locmoe import LocMoERouter
 from megatron_locmoe.routers.switch import MegatronRouter, SwitchRouter
 
-ROUTERS = {
-    "megatron": MegatronRouter,
-    "locmoe": LocMoERouter,
-    "hash": HashRouter,
-    "switch": SwitchRouter,
-}
-assert tuple(ROUTERS) == ROUTER_TYPES
+ROUTERS = {cls.name: cls for cls in (MegatronRouter, LocMoERouter, HashRouter, SwitchRouter)}
+"""The one list of routers: ``--moe-router-type`` takes its keys (the first is the default)."""
 
 
-def router_builder(locmoe: LocMoEConfig, vocab_size: int | None = None, token_counts=None):
-    """MoESubmodules.router for ``locmoe.router_type`` (hash: vocabulary size and, for the
-    frequency-balanced map, the corpus token counts)."""
-    locmoe.validate()
-    cls = ROUTERS[locmoe.router_type]
+def router_builder(locmoe, vocab_size: int | None = None, token_counts=None):
+    """MoESubmodules.router for the router type of ``locmoe`` (a LocMoEConfig, or the spec's
+    Resolution, handed on as it is); hash: vocabulary size and, for the frequency-balanced
+    map, the corpus token counts."""
+    cfg = getattr(locmoe, "config", locmoe)
+    if isinstance(locmoe, LocMoEConfig):
+        cfg.validate()  # the router type at least; the model's settings when the router is built
+    cls = ROUTERS[cfg.router_type]
     if cls is HashRouter:
         if vocab_size is None:
             raise ConfigError("the hash router maps token ids: give it the vocabulary size")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from megatron_locmoe import metrics
-from megatron_locmoe.config import LocMoEConfig
+from megatron_locmoe.config import ConfigError, LocMoEConfig
 from megatron_locmoe.routers import fused
 from megatron_locmoe.topology import current_topology
 
@@ -35,11 +35,34 @@ def drop_to_capacity(
 class PluginRouterMixin:
     """Node map and routing metrics for a TopKRouter subclass."""
 
+    name: str
+    """The ``--moe-router-type`` that selects this router (the registry's key)."""
     locmoe: LocMoEConfig
     probs_have_grad = True
     """Whether the probabilities carry a gradient (hash routing's are constants)."""
     uses_locmoe_alpha = True
     """Switch-form balance loss with LocMoE's alpha (locmoe, switch); Megatron's own otherwise."""
+
+    @classmethod
+    def check_model(cls, locmoe: LocMoEConfig, tc) -> None:
+        """Raise ConfigError for model settings this router cannot run with. ``tc`` is a
+        TransformerConfig or Megatron's parsed arguments (same names): the parse-time check and
+        the model build run this one function."""
+        if tc.moe_router_num_groups:
+            raise ConfigError(
+                f"group-limited routing (--moe-router-num-groups {tc.moe_router_num_groups}) is "
+                f"a Megatron TopKRouter feature; use --moe-router-type megatron for it"
+            )
+        if locmoe.capacity_bound_applies(tc):
+            cls.check_capacity_bound(locmoe, tc)
+
+    @classmethod
+    def check_capacity_bound(cls, locmoe: LocMoEConfig, tc) -> None:
+        """capacity_mode bound applies: only the locmoe router has that capacity."""
+        raise ConfigError(
+            f"capacity_mode='bound' is LocMoE's capacity; the {cls.name} router uses "
+            "--moe-expert-capacity-factor"
+        )
 
     def get_aux_loss_coeff(self, aux_loss_type: str) -> float:
         """LocMoE's alpha for Megatron's Switch-form ``aux_loss``; its seq/global variants off."""
@@ -47,13 +70,12 @@ class PluginRouterMixin:
             return super().get_aux_loss_coeff(aux_loss_type)
         return self.locmoe.aux_loss_coeff if aux_loss_type == "aux_loss" else 0.0
 
-    def _init_plugin(self, locmoe: LocMoEConfig | None) -> None:
-        from megatron_locmoe.resolve import layer_resolution  # resolve imports the routers' config
+    def _init_plugin(self, locmoe) -> None:
+        """``locmoe``: the layer's Resolution, or a LocMoEConfig (or None) for a router built
+        on its own, which then validates and resolves its settings itself."""
+        from megatron_locmoe.resolve import settled  # resolve imports the routers' config
 
-        # a layer hands its resolved settings; a router built alone resolves its own
-        self.locmoe = layer_resolution(
-            (locmoe or LocMoEConfig()).validate(self.config), self.config
-        ).config
+        self.locmoe = settled(locmoe or LocMoEConfig(router_type=self.name), self.config).config
         topo = current_topology()
         expert_nodes = torch.tensor(topo.expert_nodes(self.config.num_moe_experts))
         # [E] bool: experts hosted on this rank's node. Buffer so it follows .to(device).

@@ -91,7 +91,31 @@ def load_token_counts(path: str, vocab_size: int | None = None) -> np.ndarray:
 class HashRouter(PluginRouterMixin, TopKRouter):
     """Routes each token by a fixed balanced hash of its id (MoESubmodules.router)."""
 
+    name = "hash"
     probs_have_grad = False
+
+    @classmethod
+    def check_model(cls, locmoe: LocMoEConfig, tc) -> None:
+        super().check_model(locmoe, tc)
+        if getattr(tc, "moe_router_fusion", False):
+            raise ConfigError(
+                "--moe-router-fusion fuses a gate's top-k, score function and aux loss; the hash "
+                "router has none of them (one table lookup per token): drop --moe-router-fusion"
+            )
+        if tc.moe_expert_capacity_factor is not None:
+            raise ConfigError(
+                "the hash router is dropless by construction; remove --moe-expert-capacity-factor"
+            )
+        if tc.pipeline_model_parallel_size > 1:
+            raise ConfigError(
+                "the hash router routes by input token ids, which only the first pipeline stage "
+                "receives: use --pipeline-model-parallel-size 1 with --moe-router-type hash"
+            )
+        if "moe" in (tc.recompute_modules or []) and tc.recompute_granularity == "selective":
+            raise ConfigError(
+                "the hash router reads this forward's token ids, which activation recompute of "
+                "MoE layers would replay out of order: remove 'moe' from --recompute-modules"
+            )
 
     def __init__(
         self,
@@ -104,15 +128,7 @@ class HashRouter(PluginRouterMixin, TopKRouter):
         token_counts=None,
     ):
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
-        self._init_plugin(locmoe or LocMoEConfig(router_type="hash"))
-        if (
-            "moe" in (config.recompute_modules or [])
-            and config.recompute_granularity == "selective"
-        ):
-            raise ValueError(
-                "the hash router reads this forward's token ids, which activation recompute of "
-                "MoE layers would replay out of order: remove 'moe' from --recompute-modules"
-            )
+        self._init_plugin(locmoe or LocMoEConfig(router_type=self.name))
         del self.weight, self.bias  # no parameters: Hash Layers learn nothing in the router
         self.weight = self.bias = None
         self.vocab_size = vocab_size

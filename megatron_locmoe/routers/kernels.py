@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
+from megatron_locmoe import metrics
 from megatron_locmoe.metrics import ROUTER_METRICS
 from megatron_locmoe.routers.launch import FastLaunch
 
@@ -100,6 +101,14 @@ def _next_pow2(n: int) -> int:
 
 
 if HAVE_TRITON:
+    # each metric's slot in ROUTER_METRICS, so the finalize files them by name
+    SLOT_LOCALITY: tl.constexpr = tl.constexpr(ROUTER_METRICS.index(metrics.LOCALITY_LOSS))
+    SLOT_NODE_LOCAL: tl.constexpr = tl.constexpr(ROUTER_METRICS.index(metrics.NODE_LOCAL_FRACTION))
+    SLOT_LOAD_CV: tl.constexpr = tl.constexpr(ROUTER_METRICS.index(metrics.LOAD_CV))
+    SLOT_DROPPED: tl.constexpr = tl.constexpr(ROUTER_METRICS.index(metrics.TOKENS_DROPPED))
+    SLOT_CAPACITY: tl.constexpr = tl.constexpr(ROUTER_METRICS.index(metrics.EXPERT_CAPACITY))
+    SLOT_DELTA: tl.constexpr = tl.constexpr(ROUTER_METRICS.index(metrics.CAPACITY_DELTA))
+    SLOT_EC_MIN: tl.constexpr = tl.constexpr(ROUTER_METRICS.index(metrics.CAPACITY_EC_MIN))
 
     @triton.jit
     def _route_fwd(
@@ -183,9 +192,9 @@ if HAVE_TRITON:
         E: tl.constexpr, BE: tl.constexpr, BP: tl.constexpr, FROM_STATS: tl.constexpr,
         RECORD: tl.constexpr, RECORD_LB: tl.constexpr,
     ):  # fmt: skip
-        """Workspace [partials P x 3E | stats 3E | coef E | out 9]: sums the partials into
-        stats, writes coef and out = [attached loss, aux loss, metrics (7)]; with RECORD, adds
-        the metrics to column ``column`` of the tracker's [7, layers] block (and, RECORD_LB,
+        """Workspace [partials P x 3E | stats 3E | coef E | out 2 + metrics]: sums the partials into
+        stats, writes coef and out = [attached loss, aux loss, metrics]; with RECORD, adds
+        the metrics to column ``column`` of the tracker's [metrics, layers] block (and, RECORD_LB,
         aux * lb_scale to Megatron's load_balancing_loss entry), as metrics.record_vector and
         Megatron's router would. Called by ``_route_fwd``'s last program, and launched on its
         own (one program) for the second pass with TP/CP."""
@@ -240,23 +249,28 @@ if HAVE_TRITON:
         ec_min = tl.minimum(tl.load(ecmin_ptr), 1e30).to(tl.float32)
         tl.store(out_ptr + 0, attached)
         tl.store(out_ptr + 1, aux)
-        # metrics, in ROUTER_METRICS order; tokens dropped and capacity are 0 on this path
-        tl.store(out_ptr + 2, kl)
-        tl.store(out_ptr + 3, node_local)
-        tl.store(out_ptr + 4, cv)
-        tl.store(out_ptr + 5, 0.0)
-        tl.store(out_ptr + 6, 0.0)
-        tl.store(out_ptr + 7, delta)
-        tl.store(out_ptr + 8, ec_min)
-        if RECORD:
+        # the metrics, each in its ROUTER_METRICS slot; no drops and no capacity on this path
+        metric_ptr = out_ptr + 2
+        tl.store(metric_ptr + SLOT_LOCALITY, kl)
+        tl.store(metric_ptr + SLOT_NODE_LOCAL, node_local)
+        tl.store(metric_ptr + SLOT_LOAD_CV, cv)
+        tl.store(metric_ptr + SLOT_DROPPED, 0.0)
+        tl.store(metric_ptr + SLOT_CAPACITY, 0.0)
+        tl.store(metric_ptr + SLOT_DELTA, delta)
+        tl.store(metric_ptr + SLOT_EC_MIN, ec_min)
+        if RECORD:  # the tracker's [metrics, layers] block, row = slot
             cell = block_ptr + column
-            tl.store(cell, tl.load(cell) + kl)
-            tl.store(cell + block_stride, tl.load(cell + block_stride) + node_local)
-            tl.store(cell + 2 * block_stride, tl.load(cell + 2 * block_stride) + cv)
-            tl.store(cell + 5 * block_stride, tl.load(cell + 5 * block_stride) + delta)
-            tl.store(cell + 6 * block_stride, tl.load(cell + 6 * block_stride) + ec_min)
+            _accumulate(cell + SLOT_LOCALITY * block_stride, kl)
+            _accumulate(cell + SLOT_NODE_LOCAL * block_stride, node_local)
+            _accumulate(cell + SLOT_LOAD_CV * block_stride, cv)
+            _accumulate(cell + SLOT_DELTA * block_stride, delta)
+            _accumulate(cell + SLOT_EC_MIN * block_stride, ec_min)
         if RECORD_LB:
             tl.store(lb_ptr + column, tl.load(lb_ptr + column) + aux * lb_scale)
+
+    @triton.jit
+    def _accumulate(ptr, value):
+        tl.store(ptr, tl.load(ptr) + value)
 
     @triton.jit
     def _load_cg(ptrs, mask):
@@ -372,7 +386,7 @@ def _num_sms(device_index: int) -> int:
 
 
 class TrackerSlots(NamedTuple):
-    """Where the finalize kernel adds this layer's metrics: the [7, layers] block behind the
+    """Where the finalize kernel adds this layer's metrics: the [metrics, layers] block behind the
     router metrics' tracker entries, Megatron's load_balancing_loss values (None when the
     layer records no aux loss, as in eval or with alpha 0) and the 0-based layer column."""
 

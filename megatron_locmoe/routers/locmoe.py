@@ -30,7 +30,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_locmoe import capacity as bound
 from megatron_locmoe import metrics
-from megatron_locmoe.config import LocMoEConfig
+from megatron_locmoe.config import ConfigError, LocMoEConfig
 from megatron_locmoe.routers import fused, kernels
 from megatron_locmoe.routers.base import PluginRouterMixin, drop_to_capacity
 from megatron_locmoe.routers.fused import locality_kl
@@ -39,9 +39,46 @@ from megatron_locmoe.routers.fused import locality_kl
 class LocMoERouter(PluginRouterMixin, TopKRouter):
     """LocMoE routing as a Megatron-Core router (MoESubmodules.router)."""
 
+    name = "locmoe"
+
+    @classmethod
+    def check_model(cls, locmoe: LocMoEConfig, tc) -> None:
+        n = tc.num_moe_experts
+        if tc.hidden_size % n:
+            raise ConfigError(
+                f"GrAP splits the hidden size {tc.hidden_size} into {n} equal chunks, one per "
+                f"expert: choose --hidden-size divisible by {n} or a number of experts dividing it"
+            )
+        super().check_model(locmoe, tc)
+        if not locmoe.capacity_bound_applies(tc) and tc.moe_expert_capacity_factor is not None:
+            raise ConfigError(
+                "--moe-expert-capacity-factor with the locmoe router is the ceiling of LocMoE's "
+                "capacity bound, but --locmoe-capacity-mode is none (dropless): use auto or "
+                "bound, or remove the factor"
+            )
+
+    @classmethod
+    def check_capacity_bound(cls, locmoe: LocMoEConfig, tc) -> None:
+        cf = tc.moe_expert_capacity_factor
+        if cf is None:
+            raise ConfigError(
+                "capacity_mode='bound' clamps the bound below the capacity-factor ceiling: "
+                "set --moe-expert-capacity-factor (e.g. 1.0)"
+            )
+        if locmoe.capacity_floor_factor > cf:
+            raise ConfigError(
+                f"capacity floor factor {locmoe.capacity_floor_factor} is above the ceiling "
+                f"--moe-expert-capacity-factor {cf}; lower the floor or raise the ceiling"
+            )
+        if tc.moe_pad_expert_input_to_capacity:
+            raise ConfigError(
+                "capacity_mode='bound' changes capacity per batch, which padding to the "
+                "capacity-factor capacity cannot follow: drop --moe-pad-expert-input-to-capacity"
+            )
+
     def __init__(self, config, pg_collection=None, is_mtp_layer=False, *, locmoe=None):
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
-        self._init_plugin(locmoe or LocMoEConfig(router_type="locmoe"))
+        self._init_plugin(locmoe or LocMoEConfig(router_type=self.name))
         E, H = config.num_moe_experts, config.hidden_size
         cfg = self.locmoe
         # GrAP replaces Megatron's dense [E, H] gate (and its bias) by [E, H/E] block weights.

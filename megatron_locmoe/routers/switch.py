@@ -11,18 +11,16 @@ import torch
 from megatron.core.transformer.moe.moe_utils import get_capacity
 from megatron.core.transformer.moe.router import TopKRouter
 
-from megatron_locmoe.config import LocMoEConfig
+from megatron_locmoe.config import ConfigError, LocMoEConfig
 from megatron_locmoe.routers.base import PluginRouterMixin
 
 
 class _MeasuredTopKRouter(PluginRouterMixin, TopKRouter):
     """TopKRouter routing plus the plugin's metrics (dropped = top-k picks that were removed)."""
 
-    default_router_type = "megatron"
-
     def __init__(self, config, pg_collection=None, is_mtp_layer=False, *, locmoe=None):
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
-        self._init_plugin(locmoe or LocMoEConfig(router_type=self.default_router_type))
+        self._init_plugin(locmoe or LocMoEConfig(router_type=self.name))
 
     def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None):
         if input.numel() == 0:  # Megatron's gating and aux loss fail on an empty rank
@@ -59,10 +57,28 @@ class _MeasuredTopKRouter(PluginRouterMixin, TopKRouter):
 class MegatronRouter(_MeasuredTopKRouter):
     """Megatron-Core's TopKRouter, unchanged, with the plugin's metrics (router type megatron)."""
 
+    name = "megatron"
     uses_locmoe_alpha = False
+
+    @classmethod
+    def check_model(cls, locmoe: LocMoEConfig, tc) -> None:
+        """Megatron's own router takes every setting Megatron takes."""
 
 
 class SwitchRouter(_MeasuredTopKRouter):
     """Top-1 softmax with LocMoE's alpha for the Switch-form loss and a capacity factor."""
 
-    default_router_type = "switch"
+    name = "switch"
+
+    @classmethod
+    def check_model(cls, locmoe: LocMoEConfig, tc) -> None:
+        if tc.moe_router_topk != 1:
+            raise ConfigError(
+                f"the switch router is top-1; got --moe-router-topk {tc.moe_router_topk}, use 1"
+            )
+        if tc.moe_expert_capacity_factor is None:
+            raise ConfigError(
+                "the switch router drops overflow at a capacity factor: set "
+                "--moe-expert-capacity-factor (the Switch Transformer used 1.0-1.25)"
+            )
+        super().check_model(locmoe, tc)
