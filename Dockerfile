@@ -37,7 +37,7 @@ COPY docker/entrypoint.sh /usr/local/bin/locmoe-entrypoint
 # NGC's pip constraints keep its torch; megatron-core 0.19.2 comes from PyPI.
 RUN pip install -e ".[wandb]" \
  && megatron-locmoe-patch /opt/Megatron-LM \
- && python -m megatron_locmoe.data --out data/pydoc \
+ && python -m megatron_locmoe.sim.data --out data/pydoc \
  && python -m megatron_locmoe.launch --config router-sweep --entry "${LOCMOE_ENTRY}" --dry-run
 
 ENTRYPOINT ["locmoe-entrypoint"]

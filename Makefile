@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m megatron_locmoe.demo
+	$(PY) -m megatron_locmoe.analysis.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -72,7 +72,7 @@ def moe_config(H: int, E: int, k: int, **overrides):
     0.01 and a plain GELU MLP unless ``overrides`` say otherwise."""
     import torch.nn.functional as F
 
-    from megatron_locmoe.testing import moe_config as small_moe_config
+    from megatron_locmoe.sim.testing import moe_config as small_moe_config
 
     kwargs = dict(
         hidden_size=H,

@@ -58,7 +58,7 @@ def make_router(topk: int, aux_steps: int, states: torch.Tensor):
     """Megatron's TopKRouter with aux loss, trained ``aux_steps`` SGD steps on the aux loss."""
     from megatron.core.transformer.moe.router import TopKRouter
 
-    from megatron_locmoe.testing import moe_config, solo_pg_collection
+    from megatron_locmoe.sim.testing import moe_config, solo_pg_collection
 
     config = moe_config(
         ep=1,

@@ -4,7 +4,7 @@ through ``python -m megatron_locmoe.pretrain_gpt`` (Megatron's pretrain()), same
 Prints and saves (JSON) the lm loss at fixed steps and tokens/s per router, with each router's
 throughput as a ratio to Megatron's own router measured in the same run.
 
-    python -m megatron_locmoe.data --out data/pydoc
+    python -m megatron_locmoe.sim.data --out data/pydoc
     python benchmarks/e2e_routers.py --steps 300 --out benchmarks/results/e2e_h100.json \
         --data "--data-path data/pydoc --tokenizer-type NullTokenizer --vocab-size 257" \
         --hash-counts data/pydoc_counts.npy

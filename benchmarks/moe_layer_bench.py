@@ -87,7 +87,7 @@ def build_layer(name: str, configs: dict, device):
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from megatron_locmoe.config import LocMoEConfig
-    from megatron_locmoe.testing import build_moe_layer
+    from megatron_locmoe.sim.testing import build_moe_layer
 
     te, locmoe = LAYERS[name]
     torch.manual_seed(7)  # same weights in every layer: reset the host RNG and Megatron's

@@ -36,7 +36,7 @@ COPY patches ./patches
 COPY docker/entrypoint.sh /usr/local/bin/locmoe-entrypoint
 
 RUN pip install -e ".[wandb]" \
- && python -m megatron_locmoe.data --out data/pydoc
+ && python -m megatron_locmoe.sim.data --out data/pydoc
 
 ENTRYPOINT ["locmoe-entrypoint"]
 CMD ["ascend-910b-2node", "--dry-run", "--master-addr", "127.0.0.1"]

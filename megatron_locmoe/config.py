@@ -1,6 +1,6 @@
 """LocMoE settings in one dataclass, validated against Megatron's TransformerConfig.
 
-Interpretations where the paper is silent (DESIGN.md §1) are recorded beside each field. Every
+Interpretations where the paper is silent (docs/design.md §1) are recorded beside each field. Every
 invalid value raises ConfigError naming the value and the fix; field docstrings double as CLI
 help when the Megatron adaptor turns the fields into ``--locmoe-*`` flags.
 """
@@ -101,7 +101,7 @@ class LocMoEConfig:
     hash_seed: int = 1234
     """Seed of the fixed random balanced token-id -> expert map (same on every rank)."""
     hash_token_counts: str | None = None
-    """Path of a .npy with the corpus count of every token id (megatron_locmoe.data writes
+    """Path of a .npy with the corpus count of every token id (megatron_locmoe.sim.data writes
     PREFIX_counts.npy): the hash router then balances by frequency, not by id."""
 
     # ---- dispatcher --------------------------------------------------------------------------

@@ -15,8 +15,8 @@ under expert parallelism (Megatron skips their TP collectives: the dispatcher do
 expert-tensor-parallel shards group the same way.
 
 Numerics equal Megatron's per-expert path (same GEMM inputs and the MLP's own activation
-code): bitwise on the CPU (tests/test_experts.py); on the H100 the forward is bitwise and the
-input gradient differs only by the backward GEMM kernels' rounding (benchmarks/moe_layer_bench.py).
+code): bitwise on the CPU (tests/test_experts.py); on GPUs the forward is bitwise and the
+input gradient differs only by the backward GEMM kernels' rounding (docs/performance.md).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ if os.environ.get("LOCMOE_TEST_DEVICE", "cpu") == "cpu":
 
 import pytest  # noqa: E402
 
-from megatron_locmoe.simcluster import SimCluster  # noqa: E402
+from megatron_locmoe.sim.cluster import SimCluster  # noqa: E402
 
 _CLUSTERS: dict[int, SimCluster] = {}
 

@@ -24,7 +24,7 @@ def registry():
 
 def test_every_patch_names_an_existing_megatron_object():
     for target in REGISTRY.patches:
-        module, attrs = adaptor._split_module(target)
+        module, attrs = adaptor.registry._split_module(target)
         obj = module
         for name in attrs:
             obj = getattr(obj, name)  # raises if Megatron renamed it

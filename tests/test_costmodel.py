@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from megatron_locmoe import costmodel as cm
+from megatron_locmoe.analysis import costmodel as cm
+from megatron_locmoe.analysis.runlog import load_runs, write_run_record
 from megatron_locmoe.dispatch.traffic import source_counts, traffic_from_counts
-from megatron_locmoe.runlog import load_runs, write_run_record
 
 # a made-up cluster with round numbers: 4 devices per node, 100 GB/s + 1 us inside, 10 GB/s +
 # 10 us between nodes, 100 TFLOP/s experts
@@ -277,7 +277,7 @@ def test_bad_input_is_refused(tmp_path):
 
 
 def _sweep_row(run, nodes, node_local, setting="domains"):
-    """A locality-sweep results row (megatron_locmoe.sweep) of a top-1 run, 1 rank per node."""
+    """A locality-sweep results row (megatron_locmoe.analysis.sweep) of a top-1 run, 1 rank per node."""
     copy = cm.copy_bytes(64 * 4, 4)
     return {
         "run": run, "setting": setting, "nodes": nodes, "ranks_per_node": 1, "topk": 1,

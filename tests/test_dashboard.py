@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_locmoe import dashboard, data
+from megatron_locmoe.analysis import dashboard
 from megatron_locmoe.config import LocMoEConfig
 from megatron_locmoe.metrics import PLUGIN_METRICS
-from megatron_locmoe.simcluster import ParallelLayout
-from megatron_locmoe.trainer import TrainSettings, train_job
+from megatron_locmoe.sim import data
+from megatron_locmoe.sim.cluster import ParallelLayout
+from megatron_locmoe.sim.trainer import TrainSettings, train_job
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from megatron_locmoe import data
+from megatron_locmoe.sim import data
 
 
 def test_corpus_round_trips_through_megatron(tmp_path):

@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from megatron_locmoe import demo
-from megatron_locmoe.runlog import load_runs
+from megatron_locmoe.analysis import demo
+from megatron_locmoe.analysis.runlog import load_runs
 
 RUNS = ["megatron", "megatron-node-limited", "locmoe-top2", "hash", "switch", "locmoe-top1"]
 

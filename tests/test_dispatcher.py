@@ -22,8 +22,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_locmoe.simcluster import ParallelLayout
-from megatron_locmoe.testing import build_moe_layer, moe_config
+from megatron_locmoe.sim.cluster import ParallelLayout
+from megatron_locmoe.sim.testing import build_moe_layer, moe_config
 
 SEQ, BATCH = 12, 2
 

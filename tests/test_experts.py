@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron_locmoe.config import ConfigError, LocMoEConfig
-from megatron_locmoe.simcluster import ParallelLayout
-from megatron_locmoe.testing import build_moe_layer, moe_config
+from megatron_locmoe.sim.cluster import ParallelLayout
+from megatron_locmoe.sim.testing import build_moe_layer, moe_config
 
 CASES = {
     "swiglu_top2": dict(moe_router_topk=2),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_locmoe.routers.launch import FastLaunch
+from megatron_locmoe.routers.fast_launch import FastLaunch
 
 
 class FakeJit:

@@ -14,8 +14,8 @@ import torch
 
 from megatron_locmoe.config import LocMoEConfig
 from megatron_locmoe.routers import kernels
-from megatron_locmoe.simcluster import ParallelLayout
-from megatron_locmoe.testing import moe_config
+from megatron_locmoe.sim.cluster import ParallelLayout
+from megatron_locmoe.sim.testing import moe_config
 
 E, H = 8, 64
 CASES = {

@@ -8,8 +8,8 @@ import dataclasses
 import torch
 
 from megatron_locmoe.config import LocMoEConfig
-from megatron_locmoe.simcluster import ParallelLayout
-from megatron_locmoe.testing import moe_config
+from megatron_locmoe.sim.cluster import ParallelLayout
+from megatron_locmoe.sim.testing import moe_config
 
 VOCAB, SEQ, BATCH = 128, 16, 2
 

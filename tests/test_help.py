@@ -15,13 +15,13 @@ ENTRIES = {
     # (its help also prints the flag whose help string needed mending)
     "megatron_locmoe.run": "PATH/pretrain_gpt.py",
     "megatron_locmoe.launch": "usage:",
-    "megatron_locmoe.demo": "usage:",
-    "megatron_locmoe.report": "usage:",
-    "megatron_locmoe.costmodel": "usage:",
-    "megatron_locmoe.dashboard": "usage:",
+    "megatron_locmoe.analysis.demo": "usage:",
+    "megatron_locmoe.analysis.report": "usage:",
+    "megatron_locmoe.analysis.costmodel": "usage:",
+    "megatron_locmoe.analysis.dashboard": "usage:",
     "megatron_locmoe.patch_megatron_lm": "usage:",
     "megatron_locmoe.adaptor": "usage:",
-    "megatron_locmoe.data": "usage:",
+    "megatron_locmoe.sim.data": "usage:",
 }
 
 

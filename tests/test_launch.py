@@ -18,15 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from megatron_locmoe import launch
-from megatron_locmoe.launch import Options, build_plan, main
-from megatron_locmoe.patch_megatron_lm import MEGATRON_LM_TAG, patch_megatron_lm
-from megatron_locmoe.presets import (
+from megatron_locmoe.launch import cli as launch
+from megatron_locmoe.launch.cli import Options, build_plan, main
+from megatron_locmoe.launch.presets import (
     CUDA_ONLY_FLAGS,
     PresetError,
     cuda_only_settings,
     load_preset,
 )
+from megatron_locmoe.patch_megatron_lm import MEGATRON_LM_TAG, patch_megatron_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml"))
@@ -677,7 +677,7 @@ def test_readme_cluster_commands_are_the_checked_ones(monkeypatch):
 
 
 def test_cpu_sim_trains_through_the_launcher(tmp_path, capsys):
-    from megatron_locmoe import data
+    from megatron_locmoe.sim import data
 
     prefix = tmp_path / "pydoc"
     data.build_indexed_dataset(prefix, max_stdlib_files=0)  # help topics only: fast

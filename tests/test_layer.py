@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from megatron_locmoe.config import ConfigError, LocMoEConfig
-from megatron_locmoe.simcluster import ParallelLayout
-from megatron_locmoe.testing import build_moe_layer, moe_config
+from megatron_locmoe.sim.cluster import ParallelLayout
+from megatron_locmoe.sim.testing import build_moe_layer, moe_config
 
 
 def layer_dispatcher_job(ctx):

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from megatron_locmoe import sweep
+from megatron_locmoe.analysis import sweep
 
 RUNS = ["megatron", "ctl-locmoe-node0.5"]
 FIELDS = {
@@ -103,8 +103,8 @@ def test_node_bias_raises_locality_in_the_control(cluster_factory, swept):
     from dataclasses import replace
 
     from megatron_locmoe.config import LocMoEConfig
-    from megatron_locmoe.simcluster import ParallelLayout
-    from megatron_locmoe.trainer import TrainSettings, train_job
+    from megatron_locmoe.sim.cluster import ParallelLayout
+    from megatron_locmoe.sim.trainer import TrainSettings, train_job
 
     mixture = str(swept / "data" / "nodes4" / "mixture")
     base = TrainSettings(
@@ -128,8 +128,8 @@ def test_node_bias_raises_locality_in_the_control(cluster_factory, swept):
 
 
 def test_report_page_gains_the_sweep_figures(swept):
-    from megatron_locmoe import report
-    from megatron_locmoe.runlog import load_runs
+    from megatron_locmoe.analysis import report
+    from megatron_locmoe.analysis.runlog import load_runs
 
     rows = json.loads((swept / "sweep.json").read_text())["runs"]
     page = report.build_report(

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatron_locmoe.simcluster import ParallelLayout
-from megatron_locmoe.testing import (
+from megatron_locmoe.sim.cluster import ParallelLayout
+from megatron_locmoe.sim.testing import (
     build_moe_layer,
     gather_expert_weights,
     moe_config,

@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from megatron_locmoe import demo, report
-from megatron_locmoe.runlog import find_run_dirs, load_runs
+from megatron_locmoe.analysis import demo, report
+from megatron_locmoe.analysis.runlog import find_run_dirs, load_runs
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def two_runs(cluster8, tmp_path_factory):
 
 
 def test_report_has_every_plot(two_runs, tmp_path):
-    from megatron_locmoe.runlog import summary_rows
+    from megatron_locmoe.analysis.runlog import summary_rows
 
     runs = load_runs([two_runs])
     out = report.build_report(runs, tmp_path / "cmp.html")
@@ -80,7 +80,7 @@ def test_report_cli_and_errors(two_runs, tmp_path, capsys):
 def test_steady_step_time_skips_warm_up_and_outliers():
     """The demo's and the launcher's tokens/s come from one step time: the median after the
     two warm-up steps (a slow save step does not move it)."""
-    from megatron_locmoe.runlog import steady_step_seconds
+    from megatron_locmoe.analysis.runlog import steady_step_seconds
 
     assert steady_step_seconds([9.0, 5.0, 1.0, 1.2, 30.0, 1.1]) == pytest.approx(1.15)
     assert steady_step_seconds([9.0, 5.0]) == 7.0  # too short: every step counts

@@ -11,8 +11,8 @@ import pytest
 
 from megatron_locmoe.config import LocMoEConfig
 from megatron_locmoe.resolve import resolve, summary_fields, summary_text
-from megatron_locmoe.simcluster import ParallelLayout
-from megatron_locmoe.testing import moe_config
+from megatron_locmoe.sim.cluster import ParallelLayout
+from megatron_locmoe.sim.testing import moe_config
 
 
 def nodes(n: int, per_node: int = 2):

@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_locmoe.config import LocMoEConfig
-from megatron_locmoe.simcluster import ParallelLayout
-from megatron_locmoe.testing import build_moe_layer, moe_config
+from megatron_locmoe.sim.cluster import ParallelLayout
+from megatron_locmoe.sim.testing import build_moe_layer, moe_config
 
 LAYOUT = ParallelLayout(devices_per_node=4, ep=8)
 E, H, VOCAB = 16, 32, 1000

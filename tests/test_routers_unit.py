@@ -20,7 +20,7 @@ from megatron_locmoe.config import ConfigError, LocMoEConfig
 from megatron_locmoe.routers.base import drop_to_capacity
 from megatron_locmoe.routers.hash import balanced_hash_table, frequency_balanced_hash_table
 from megatron_locmoe.routers.locmoe import locality_kl
-from megatron_locmoe.testing import moe_config
+from megatron_locmoe.sim.testing import moe_config
 
 # ---- capacity bound -----------------------------------------------------------------------
 
@@ -39,7 +39,7 @@ def test_ec_min_matches_scipy(d, n, delta):
 
 
 def test_ec_min_paper_numbers():
-    # DESIGN.md: d=4096, n=8 gives ~2.3 tokens at delta=0.03 and ~9e8 at delta=0.1
+    # docs/design.md 1.3: d=4096, n=8 gives ~2.3 tokens at delta=0.03 and ~9e8 at delta=0.1
     assert capacity.ec_min(4096, 8, 0.03) == pytest.approx(2.279, abs=1e-3)
     assert 8e8 < capacity.ec_min(4096, 8, 0.1) < 1e9
     assert capacity.ec_min(4096, 8, 0.0) == pytest.approx(1 / 8)
@@ -251,7 +251,7 @@ def fused_path_choice_job(ctx):
 def test_moe_router_fusion_takes_the_locmoe_fused_path(cluster2):
     """Megatron's --moe-router-fusion (TE's fused top-k, which has no GrAP gate) gives the
     locmoe router its own fused path; without either flag it routes op by op."""
-    from megatron_locmoe.simcluster import ParallelLayout
+    from megatron_locmoe.sim.cluster import ParallelLayout
 
     results = cluster2.run(fused_path_choice_job, layout=ParallelLayout(devices_per_node=1, ep=2))
     assert results == [[False, True, True]] * 2

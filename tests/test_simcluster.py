@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_locmoe.simcluster import ClusterJobError, ParallelLayout
+from megatron_locmoe.sim.cluster import ClusterJobError, ParallelLayout
 
 LAYOUT = ParallelLayout(devices_per_node=2, ep=1)
 

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from megatron_locmoe.config import LocMoEConfig
-from megatron_locmoe.simcluster import ParallelLayout
-from megatron_locmoe.testing import build_moe_layer, moe_config
+from megatron_locmoe.sim.cluster import ParallelLayout
+from megatron_locmoe.sim.testing import build_moe_layer, moe_config
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(
@@ -160,7 +160,7 @@ def corpus(tmp_path_factory):
     """The offline corpus (Python's documentation, byte tokens) as Megatron's indexed dataset."""
     prefix = tmp_path_factory.mktemp("data") / "pydoc"
     subprocess.run(
-        [sys.executable, "-m", "megatron_locmoe.data", "--out", str(prefix)],
+        [sys.executable, "-m", "megatron_locmoe.sim.data", "--out", str(prefix)],
         check=True,
         capture_output=True,
     )

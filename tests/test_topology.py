@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_locmoe.simcluster import ParallelLayout
+from megatron_locmoe.sim.cluster import ParallelLayout
 from megatron_locmoe.topology import TopologyError, layout_ep_groups, resolve_devices_per_node
 
 NUM_EXPERTS = 16

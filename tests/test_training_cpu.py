@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_locmoe import data
 from megatron_locmoe.config import LocMoEConfig
 from megatron_locmoe.metrics import PLUGIN_METRICS
-from megatron_locmoe.simcluster import ParallelLayout
-from megatron_locmoe.trainer import TrainSettings, train_job
+from megatron_locmoe.sim import data
+from megatron_locmoe.sim.cluster import ParallelLayout
+from megatron_locmoe.sim.trainer import TrainSettings, train_job
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +162,7 @@ def test_dataset_flags_shape_the_loops_batches(short_docs):
     batches as Megatron's GPT dataset makes them, and --split picks its training documents."""
     import torch
 
-    from megatron_locmoe.trainer import _dataset, _micro_batch
+    from megatron_locmoe.sim.trainer import _dataset, _micro_batch
 
     options = dict(eod_mask_loss=True, reset_position_ids=True, reset_attention_mask=True)
     settings = TrainSettings(data_prefix=short_docs, locmoe=LocMoEConfig(), dataset_options=options)

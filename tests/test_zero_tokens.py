@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from megatron_locmoe.config import LocMoEConfig
-from megatron_locmoe.simcluster import ParallelLayout
-from megatron_locmoe.testing import build_moe_layer, moe_config
+from megatron_locmoe.sim.cluster import ParallelLayout
+from megatron_locmoe.sim.testing import build_moe_layer, moe_config
 
 LAYOUT = ParallelLayout(devices_per_node=2, ep=4)
 E, H, T, VOCAB = 8, 16, 6, 100

@@ -61,10 +61,10 @@ def frequency_balanced_hash_table(
 
 
 def load_token_counts(path: str, vocab_size: int | None = None) -> np.ndarray:
-    """The corpus count of every token id (``megatron_locmoe.data`` writes PREFIX_counts.npy),
+    """The corpus count of every token id (``megatron_locmoe.sim.data`` writes PREFIX_counts.npy),
     checked: a readable .npy, one non-negative count per id, no more ids than the vocabulary
     (``vocab_size``, when known) has. Read at parse time and again at model build."""
-    fix = "give the PREFIX_counts.npy that python -m megatron_locmoe.data wrote for this corpus"
+    fix = "give the PREFIX_counts.npy that python -m megatron_locmoe.sim.data wrote for this corpus"
     if not os.path.isfile(path):
         raise ConfigError(f"--locmoe-hash-token-counts {path}: no such file; {fix}")
     try:

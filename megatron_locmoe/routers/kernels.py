@@ -3,9 +3,9 @@
 
 Why hand-written: at training shapes the router's arithmetic is tens of microseconds of memory
 traffic (read the tokens once, write their gradient once), while Megatron's TopKRouter and the
-op-by-op LocMoE path launch ~50 kernels per call from Python (1.4-5.2 ms forward+backward on
-an H200), and even the torch.compile'd graph (``fused.route_with_losses``) spends ~0.5 ms in
-its wrapper launching ~25 kernels. Here:
+op-by-op LocMoE path launch tens of kernels per call from Python, and even the
+torch.compile'd graph (``fused.route_with_losses``) spends most of its time in its wrapper
+launching them (docs/performance.md has the numbers). Here:
 
 - ``_route_fwd``: per program, a strip of tokens (~4 strips per SM): GrAP (block means of the
   bf16 tokens, fp32 accumulation), softmax, top-k by repeated arg-max (lowest index on ties),
@@ -15,7 +15,7 @@ its wrapper launching ~25 kernels. Here:
   runs the finalize;
 - ``_finalize`` (that one program): sums the rows in program order, then Megatron's
   Switch-form aux loss, the locality KL, the attached loss, the per-expert coefficient
-  d(attached loss)/d(score) for the backward (the same for every token), and the seven router
+  d(attached loss)/d(score) for the backward (the same for every token), and the router
   metrics, which it adds straight into the metrics tracker's storage (and the aux loss into
   Megatron's ``load_balancing_loss`` entry), as ``metrics.record_vector`` / Megatron's
   ``record`` would; with TP/CP it is launched again on its own after the token counts'
@@ -49,7 +49,7 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 from megatron_locmoe import metrics
 from megatron_locmoe.metrics import ROUTER_METRICS
-from megatron_locmoe.routers.launch import FastLaunch
+from megatron_locmoe.routers.fast_launch import FastLaunch
 
 try:
     import triton
@@ -333,10 +333,9 @@ class Tiles(NamedTuple):
 
 def forward_tiles(E: int, C: int) -> Tiles:
     """Chunks of up to 1K values per token, ~4K-value tiles and two warps; ~4 token strips per
-    SM (enough in flight, and few partial rows for the finalize to sum). Chosen by sweeps on an
-    H200 (benchmarks/router_kernel_tiles.py): at E = 256 4K-value tiles are 1.5x faster than
-    8K-value ones, and two warps 1.55x faster than four (176 vs 273 us: the top-k's arg-max
-    reductions cross fewer warps)."""
+    SM (enough in flight, and few partial rows for the finalize to sum). Chosen by sweeps
+    (benchmarks/router_kernel_tiles.py): smaller tiles and two warps win at large E, because
+    the top-k's arg-max reductions then cross fewer warps."""
     BE = _next_pow2(E)
     BC = min(_next_pow2(C), max(8, 1024 // BE))
     return Tiles(max(1, min(16, 4096 // (BE * BC))), BE, BC, 2)
@@ -498,7 +497,7 @@ def route(
     forward may use and leaves zero (a router keeps one; its launches are stream-ordered),
     else a fresh one per call."""
     T = x_TH.shape[0]
-    # ProcessGroup.size(), not dist.get_world_size: that one costs ~30 us of Python per call
+    # ProcessGroup.size(), not dist.get_world_size: that one runs much more Python per call
     group_size = 1 if tp_cp_group is None else tp_cp_group.size()
     E = weight_EC.shape[0]
     aux_factor = locality_coeff = 0.0

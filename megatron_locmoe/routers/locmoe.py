@@ -6,7 +6,7 @@ W[i, j] = E/d for j in chunk i. Rows have disjoint supports, so the gate is orth
 construction (the capacity theorem needs it) and nothing is learnt by default: the routing
 losses train the model through the token activations (the router input is never detached).
 
-Interpretations (DESIGN.md §1): optional learnable block-diagonal weights (still orthogonal),
+Interpretations (docs/design.md §1): optional learnable block-diagonal weights (still orthogonal),
 bias and temperature; softmax scores; top-k with k = 1 reproducing the paper and the expert
 output scaled by the chosen probability; the locality loss uses this rank's mean routing
 probabilities as D_c; delta is averaged over the tensor/data/context-parallel group so every

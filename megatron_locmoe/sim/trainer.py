@@ -24,9 +24,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_locmoe import checkpoint
 from megatron_locmoe.config import LocMoEConfig
-from megatron_locmoe.data import VOCAB_SIZE
+from megatron_locmoe.sim import checkpoint
+from megatron_locmoe.sim.data import VOCAB_SIZE
 
 
 @dataclass
@@ -112,7 +112,7 @@ def _model(settings: TrainSettings, ep: int):
 def _transformer_config(settings: TrainSettings, ep: int):
     """Megatron's config from the command line (made CPU-ready: weights initialised on the
     CPU), or the loop's small config with the settings' overrides."""
-    from megatron_locmoe.testing import moe_config
+    from megatron_locmoe.sim.testing import moe_config
 
     if settings.transformer_config is not None:
         config = copy.copy(settings.transformer_config)

@@ -31,7 +31,7 @@ Decisions (why):
 Every run logs Megatron's MoE metrics and the plugin's to TensorBoard (``OUT/<run>/
 tensorboard``) and to W&B in offline mode (``OUT/wandb``), writes ``OUT/<run>/run.json``
 (settings, loss curve, step times) and the demo ends with a table and an HTML report
-(``python -m megatron_locmoe.report``).
+(``python -m megatron_locmoe.analysis.report``).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_locmoe.runlog import read_progress, steady_step_seconds, tail_length
+from megatron_locmoe.analysis.runlog import read_progress, steady_step_seconds, tail_length
 
 DEFAULT_OUT = "runs/demo"
 DEFAULT_REPORT = "reports/router_comparison.html"
@@ -99,7 +99,7 @@ def prepare_domains(
     data_dir: Path, nodes: int, max_stdlib_files: int | None, held_out_every: int = 0
 ) -> dict:
     """Per-node domain datasets, built once and reused (``data_dir/manifest.json``)."""
-    from megatron_locmoe import data
+    from megatron_locmoe.sim import data
 
     manifest = data_dir / "manifest.json"
     key = {"nodes": nodes, "max_stdlib_files": max_stdlib_files}
@@ -124,7 +124,7 @@ def prepare_domains(
 def train_settings(run: DemoRun, args, domains: dict, run_dir: Path):
     """The TrainSettings of one demo run (the sweep reuses them)."""
     from megatron_locmoe.config import LocMoEConfig
-    from megatron_locmoe.trainer import TrainSettings
+    from megatron_locmoe.sim.trainer import TrainSettings
 
     extra = dict(run.locmoe)
     if run.router_type == "hash":
@@ -159,7 +159,7 @@ def run_with_progress(cluster, settings, layout, desc: str, show_bar: bool | Non
     """``cluster.run(train_job)`` with a progress bar fed by the job's progress file."""
     from tqdm import tqdm
 
-    from megatron_locmoe.trainer import train_job
+    from megatron_locmoe.sim.trainer import train_job
 
     path = Path(settings.progress_path)
     path.unlink(missing_ok=True)
@@ -244,7 +244,7 @@ def run_record(run: DemoRun, args, settings, results, progress, domains, seconds
 
 
 def format_summary(rows: list[dict]) -> str:
-    from megatron_locmoe.costmodel import format_table
+    from megatron_locmoe.analysis.costmodel import format_table
 
     headers = [
         "router",
@@ -343,8 +343,8 @@ def main(argv: list[str] | None = None, cluster=None) -> dict:
     """Run the comparison; ``cluster``: an already started SimCluster of the same size to use
     (tests share one) instead of starting one."""
     args = parse_args(argv)
-    from megatron_locmoe.runlog import load_runs, summary_rows, write_run_record
-    from megatron_locmoe.simcluster import ParallelLayout, SimCluster
+    from megatron_locmoe.analysis.runlog import load_runs, summary_rows, write_run_record
+    from megatron_locmoe.sim.cluster import ParallelLayout, SimCluster
 
     t_start = time.perf_counter()
     runs = demo_runs(args.mu)
@@ -355,7 +355,9 @@ def main(argv: list[str] | None = None, cluster=None) -> dict:
     if out.exists():  # parse_args checked: empty, or the demo's own (it has the marker)
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    (out / OUT_MARKER).write_text("written by python -m megatron_locmoe.demo; replaced by it\n")
+    (out / OUT_MARKER).write_text(
+        "written by python -m megatron_locmoe.analysis.demo; replaced by it\n"
+    )
     world = args.nodes * args.ranks_per_node
     print(
         f"LocMoE router comparison: {args.nodes} simulated nodes x {args.ranks_per_node} ranks "
@@ -403,7 +405,7 @@ def main(argv: list[str] | None = None, cluster=None) -> dict:
     print(format_summary(rows))
     report_path = None
     if args.report:
-        from megatron_locmoe.report import build_report
+        from megatron_locmoe.analysis.report import build_report
 
         report_path = build_report(loaded, args.report)
     print(f"\nruns: {out}/ (TensorBoard: tensorboard --logdir {out})")

@@ -1,7 +1,7 @@
 """An HTML page with PNG plots comparing routers, from the runs' logged metrics.
 
-    python -m megatron_locmoe.report runs/demo -o reports/router_comparison.html
-    python -m megatron_locmoe.report runs/demo/hash runs/demo/locmoe-top1 -o reports/two.html
+    python -m megatron_locmoe.analysis.report runs/demo -o reports/router_comparison.html
+    python -m megatron_locmoe.analysis.report runs/demo/hash runs/demo/locmoe-top1 -o reports/two.html
 
 RUNS are run directories (TensorBoard event files of ``trainer.train_job``, plus the demo's
 ``run.json``) or a directory of them. Decided: the report reads the TensorBoard events, not
@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from megatron_locmoe.costmodel import (
+from megatron_locmoe.analysis.costmodel import (
     CLUSTERS,
     WORKLOADS,
     RoutingStats,
@@ -30,7 +30,7 @@ from megatron_locmoe.costmodel import (
     estimate,
     estimate_cells,
 )
-from megatron_locmoe.runlog import TAIL_FRACTION, Run, load_runs, summary_rows
+from megatron_locmoe.analysis.runlog import TAIL_FRACTION, Run, load_runs, summary_rows
 
 
 class LinePlot(NamedTuple):
@@ -267,7 +267,7 @@ def build_report(
     sweep_rows: list[dict] | None = None,
 ) -> Path:
     """Write the HTML page and its PNGs (``<stem>_png/`` beside it); return the page's path.
-    ``sweep_rows``: the locality sweep's results (``megatron_locmoe.sweep``), whose figures
+    ``sweep_rows``: the locality sweep's results (``megatron_locmoe.analysis.sweep``), whose figures
     the page then shows too."""
     if not runs:
         raise ValueError("no runs to report on")
@@ -317,7 +317,7 @@ def build_report(
         model_html = (
             f'<h2>Modeled MoE time per step</h2><img src="{rel}/modeled_step_time.png" '
             f'alt="modeled step time">{_modeled_table_html(times)}'
-            "<p class='note'>alpha-beta model (megatron_locmoe/costmodel.py): each run's measured "
+            "<p class='note'>alpha-beta model (megatron_locmoe/analysis/costmodel.py): each run's measured "
             "copies per token (its own top-k, drops and dedup) scaled to the "
             f"<code>{html.escape(workload)}</code> workload, EP over the runs' nodes; where a "
             "preset's node size differs from the run's, copies are extrapolated by locality "
@@ -328,7 +328,7 @@ def build_report(
     else:
         model_html = (
             "<p class='note'>No modeled step time: the runs have no run.json (written by "
-            "megatron_locmoe.demo), so their sizes are unknown.</p>"
+            "megatron_locmoe.analysis.demo), so their sizes are unknown.</p>"
         )
     sweep_html = ""
     if sweep_rows:
@@ -355,7 +355,7 @@ rank sends per MoE layer and step (dispatch + combine, forward), per token of th
 
 
 # --------------------------------------------------------------------------------------------
-# The locality sweep's figures (megatron_locmoe.sweep: one row per run of its results file)
+# The locality sweep's figures (megatron_locmoe.analysis.sweep: one row per run of its results file)
 # --------------------------------------------------------------------------------------------
 
 SWEEP_FIGURES = {

@@ -2,7 +2,7 @@
 
 LocMoE's paper runs 16 experts, top-1, on 8 / 16 / 32 nodes, where a locality-blind router
 keeps only 1/8 .. 1/32 of the assignments on the token's node. This sweep trains the demo's
-tiny GPT-MoE (``megatron_locmoe.demo``: its settings, trainer and run records) with 16 experts
+tiny GPT-MoE (``megatron_locmoe.analysis.demo``: its settings, trainer and run records) with 16 experts
 and EP over every rank on layouts 2x4, 4x2, 8x1 and 16x1 (nodes x ranks per node), in two
 data settings:
 
@@ -70,7 +70,7 @@ class SweepRun:
 
     @property
     def demo_run(self):
-        from megatron_locmoe.demo import DemoRun
+        from megatron_locmoe.analysis.demo import DemoRun
 
         return DemoRun(
             self.name, self.label, self.router_type, self.topk, self.locmoe, self.node_limited
@@ -248,8 +248,8 @@ def run_key(run: SweepRun, args, layout: str) -> dict:
 def settings_for(run: SweepRun, args, layout: str, domains: dict, run_dir: Path):
     """The demo's TrainSettings for ``run``, with this setting's data, held-out data and the
     routing counts of the tail steps."""
-    from megatron_locmoe.demo import train_settings
-    from megatron_locmoe.runlog import tail_length
+    from megatron_locmoe.analysis.demo import train_settings
+    from megatron_locmoe.analysis.runlog import tail_length
 
     nodes, rpn = LAYOUTS[layout]
     s = train_settings(run.demo_run, _demo_args(args, nodes, rpn), domains, run_dir)
@@ -272,9 +272,9 @@ def settings_for(run: SweepRun, args, layout: str, domains: dict, run_dir: Path)
 
 def run_one(cluster, run: SweepRun, args, layout: str, domains: dict, run_dir: Path, bar: bool):
     """Train one run and write its run.json (the demo's record plus the sweep's fields)."""
-    from megatron_locmoe.demo import run_record, run_with_progress
-    from megatron_locmoe.runlog import write_run_record
-    from megatron_locmoe.simcluster import ParallelLayout
+    from megatron_locmoe.analysis.demo import run_record, run_with_progress
+    from megatron_locmoe.analysis.runlog import write_run_record
+    from megatron_locmoe.sim.cluster import ParallelLayout
 
     nodes, rpn = LAYOUTS[layout]
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -384,8 +384,8 @@ def routing_summary(rec: dict) -> dict:
 
 def run_summary(run) -> dict:
     """One run's entry of the results file (``runlog.Run`` of a sweep run)."""
-    from megatron_locmoe.costmodel import copy_bytes, uniform_local_share
-    from megatron_locmoe.runlog import summary_rows, tail_length
+    from megatron_locmoe.analysis.costmodel import copy_bytes, uniform_local_share
+    from megatron_locmoe.analysis.runlog import summary_rows, tail_length
 
     rec = run.record
     row = summary_rows([run])[0]
@@ -493,7 +493,7 @@ def domain_distinctness(manifest: Path) -> list[dict]:
 
 def collect(out: Path) -> list[dict]:
     """Summaries of every finished run under ``out`` (layout order, then sweep order)."""
-    from megatron_locmoe.runlog import load_run
+    from megatron_locmoe.analysis.runlog import load_run
 
     rows = []
     for layout in LAYOUTS:
@@ -534,7 +534,7 @@ def write_results(out: Path, results_path: Path, args, command: str) -> dict:
     results_path.parent.mkdir(parents=True, exist_ok=True)
     results_path.write_text(json.dumps(data, indent=1))
     if rows and args.plots:
-        from megatron_locmoe.report import plot_sweep
+        from megatron_locmoe.analysis.report import plot_sweep
 
         plot_sweep(rows, results_path.parent / f"{results_path.stem}_png")
     return data
@@ -571,7 +571,7 @@ DOC_COLUMNS = ("run", "eval_loss", "node_local", "locality_gain", "inter_bytes_p
 def format_tables(rows: list[dict], columns: tuple[str, ...] | None = None) -> str:
     """One Markdown table per node count (domains, then control), from the results' rows;
     ``columns``: a subset of TABLE_COLUMNS' keys (default all)."""
-    from megatron_locmoe.costmodel import format_table
+    from megatron_locmoe.analysis.costmodel import format_table
 
     parts = []
     for nodes in sorted({r["nodes"] for r in rows}):
@@ -597,7 +597,7 @@ def format_tables(rows: list[dict], columns: tuple[str, ...] | None = None) -> s
 
 
 def parse_args(argv=None):
-    from megatron_locmoe.demo import add_model_arguments
+    from megatron_locmoe.analysis.demo import add_model_arguments
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
@@ -667,8 +667,8 @@ def main(argv: list[str] | None = None, cluster=None) -> dict:
     layouts of its size (tests)."""
     from tqdm import tqdm
 
-    from megatron_locmoe.demo import prepare_domains
-    from megatron_locmoe.simcluster import SimCluster
+    from megatron_locmoe.analysis.demo import prepare_domains
+    from megatron_locmoe.sim.cluster import SimCluster
 
     args = parse_args(argv)
     if args.tables:

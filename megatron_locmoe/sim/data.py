@@ -25,9 +25,9 @@ and written per domain (``OUT/domain<k>_valid``) for an evaluation loss; the con
 ``OUT/mixture`` (+ ``_valid``) is every domain's training (held-out) documents together, for a
 loader that gives every node the same mixture.
 
-    python -m megatron_locmoe.data --out data/pydoc
-    python -m megatron_locmoe.data --out data/domains --domains 2
-    python -m megatron_locmoe.data --out data/domains16 --domains 16 --held-out-every 20
+    python -m megatron_locmoe.sim.data --out data/pydoc
+    python -m megatron_locmoe.sim.data --out data/domains --domains 2
+    python -m megatron_locmoe.sim.data --out data/domains16 --domains 16 --held-out-every 20
 """
 
 from __future__ import annotations

@@ -42,9 +42,9 @@ latencies and achieved matmul throughputs are assumptions where not measured (ea
 lists them). Peak bandwidths make every time a lower bound; relative comparisons between
 routers on one preset are what this model is for.
 
-    python -m megatron_locmoe.costmodel --cluster ascend-910a --nodes 2 --traffic runs/demo
-    python -m megatron_locmoe.costmodel --list
-    python -m megatron_locmoe.costmodel --reproduce runs/demo   # docs/reproduction.md's table
+    python -m megatron_locmoe.analysis.costmodel --cluster ascend-910a --nodes 2 --traffic runs/demo
+    python -m megatron_locmoe.analysis.costmodel --list
+    python -m megatron_locmoe.analysis.costmodel --reproduce runs/demo   # docs/reproduction.md's table
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ CLUSTERS: dict[str, Cluster] = {
                 "direction per GPU (NVIDIA DGX H100 user guide, "
                 "https://docs.nvidia.com/dgx/dgxh100-user-guide/introduction-to-dgxh100.html)",
                 "expert throughput 510 TFLOP/s: torch._grouped_mm, bf16, E=64 top-6 H=2048 "
-                "F=1408 SwiGLU, measured on one H100 by this project (DESIGN.md section 4)",
+                "F=1408 SwiGLU, measured on one H100 by this project (docs/performance.md)",
             ),
             assumptions=(
                 "latency per message 2 us on NVLink, 5 us on InfiniBand (typical NCCL "
@@ -297,7 +297,7 @@ class RoutingStats:
         if missing:
             raise ValueError(
                 f"run {run.name} has no {missing} in its run.json: the cost model needs a run "
-                "written by megatron_locmoe.demo (TensorBoard events alone hold no sizes)"
+                "written by megatron_locmoe.analysis.demo (TensorBoard events alone hold no sizes)"
             )
         T = rec["tokens_per_rank_step"]
         return cls._from_bytes(
@@ -312,7 +312,7 @@ class RoutingStats:
 
     @classmethod
     def from_sweep_row(cls, row: dict) -> RoutingStats:
-        """From one run of the locality sweep's results file (``megatron_locmoe.sweep``)."""
+        """From one run of the locality sweep's results file (``megatron_locmoe.analysis.sweep``)."""
         return cls._from_bytes(
             row["run"],
             row,
@@ -563,7 +563,7 @@ PAPER_CLAIMS = {
     "speedup_64npu": {"hash": 1.15, "switch": 1.29},
     "alltoall_share": {128: 0.181, 256: 0.287},
 }
-"""LocMoE (arXiv 2401.13920) section 4, as recorded in DESIGN.md section 1.4: time per epoch
+"""LocMoE (arXiv 2401.13920) section 4, as recorded in docs/design.md section 1.4: time per epoch
 -12.68% to -22.24% against hash and switch routers (over its 64-256 NPU settings), 1.15x /
 1.29x step speed-up against hash / switch at 64 NPUs, All-to-All 18.1% / 28.7% of the step at
 128 / 256 NPUs."""
@@ -695,7 +695,7 @@ def sweep_reproduction_table(
     """The paper's claims against the model fed, at every node count, with the routing the
     locality sweep measured at that node count (no locality carried over from elsewhere).
 
-    ``rows``: the sweep's results (``megatron_locmoe.sweep``). 16 experts, EP = 16 one per
+    ``rows``: the sweep's results (``megatron_locmoe.analysis.sweep``). 16 experts, EP = 16 one per
     device, spread over ``min(nodes, 16)`` nodes (8 nodes: 2 experts per node, the 8x1 runs;
     16 and 32 nodes: 1 per node, the 16x1 runs), and, where the sweep has 2-node runs, over
     2 nodes (the 2x4 runs; the other nodes data-parallel). Columns as ``reproduction_table``.
@@ -755,7 +755,7 @@ def sweep_reproduction_table(
 def measured_table(runs, names: list[str]) -> str:
     """Loss and routing of the named runs (``runlog.Run``), means over the runs' last steps:
     the loss-parity and equal-fan-out comparisons of docs/reproduction.md."""
-    from megatron_locmoe.runlog import summary_rows
+    from megatron_locmoe.analysis.runlog import summary_rows
 
     by_name = {r.name: r for r in runs}
     missing = [n for n in names if n not in by_name]
@@ -804,7 +804,7 @@ def main(argv: list[str] | None = None) -> None:
         "--traffic",
         nargs="+",
         metavar="RUN",
-        help="run directories written by megatron_locmoe.demo (or the demo's output directory)",
+        help="run directories written by megatron_locmoe.analysis.demo (or the demo's output directory)",
     )
     parser.add_argument(
         "--workload",
@@ -846,7 +846,7 @@ def main(argv: list[str] | None = None) -> None:
         for w in WORKLOADS.values():
             print(f"  {w.name}: {w.source}")
         return
-    from megatron_locmoe.runlog import load_runs
+    from megatron_locmoe.analysis.runlog import load_runs
 
     if args.sweep:
         import json

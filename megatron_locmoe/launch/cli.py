@@ -6,7 +6,7 @@
 Run it once on every node (``launch/slurm.sbatch`` does that with srun). Before anything
 starts it checks the preset against the cluster (layout arithmetic, then the whole command
 through Megatron's own parser and ``validate_args`` with the plugin flags; see
-:mod:`megatron_locmoe.presets`), so a wrong node count or a typo fails on the login node with
+:mod:`megatron_locmoe.launch.presets`), so a wrong node count or a typo fails on the login node with
 a message saying what to change. ``--dry-run`` prints, for every node (or the one given by
 ``--node-rank``), the exact environment and command and starts nothing.
 
@@ -27,8 +27,8 @@ Per device kind:
   eager; settings that need CUDA-only code (TE, apex, grouped GEMM, FP8, CUDA graphs) are
   refused on the parsed arguments. MindSpeed is not used: it pins its own Megatron versions.
 - ``cpu``: Megatron's ``pretrain()`` is not a CPU target, so the launcher trains in this
-  process's simulated cluster instead (``megatron_locmoe.simcluster.SimCluster``, gloo, nodes
-  x devices-per-node ranks) with ``megatron_locmoe.trainer``: the parsed Megatron arguments
+  process's simulated cluster instead (``megatron_locmoe.sim.cluster.SimCluster``, gloo, nodes
+  x devices-per-node ranks) with ``megatron_locmoe.sim.trainer``: the parsed Megatron arguments
   are mapped onto ``TrainSettings`` (model sizes, router and ``--locmoe-*`` flags, steps,
   batch, lr, seed, TensorBoard / W&B dirs, ``--save`` / ``--load`` checkpoints); flags that
   loop cannot honour are refused.
@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from megatron_locmoe.presets import (
+from megatron_locmoe.launch.presets import (
     Preset,
     PresetError,
     apply_override,
@@ -312,7 +312,7 @@ def _data_step_files(plan: Plan) -> list[str]:
     parse-time checks of files the flags name wait for them rather than refuse the plan."""
     if not plan.data_prefix:
         return []
-    from megatron_locmoe.data import dataset_files
+    from megatron_locmoe.sim.data import dataset_files
 
     return dataset_files(plan.data_prefix)
 
@@ -325,7 +325,7 @@ def _data_step_files(plan: Plan) -> list[str]:
 def train_settings(args, run: str, devices_per_node: int, log_dir: Path):
     """Megatron's parsed arguments -> (TrainSettings, ParallelLayout) of the CPU loop.
 
-    The CPU loop (megatron_locmoe.trainer) runs expert parallelism only, in float32, one
+    The CPU loop (megatron_locmoe.sim.trainer) runs expert parallelism only, in float32, one
     micro-batch per rank per step, on one indexed dataset with byte tokens (Megatron's GPT
     dataset with the flags' split, masks and cache; training split only: it does not
     evaluate); anything else in the flags is refused here rather than silently ignored. ``--save`` / ``--save-interval`` /
@@ -333,9 +333,9 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path):
     ``log_dir/progress.jsonl`` (tokens/s). The model is built from Megatron's own
     TransformerConfig for the flags, so every model flag means what it means to pretrain_gpt."""
     from megatron_locmoe.arguments import gpt_dataset_options, locmoe_config_from_args
-    from megatron_locmoe.data import VOCAB_SIZE
-    from megatron_locmoe.simcluster import ParallelLayout
-    from megatron_locmoe.trainer import TrainSettings
+    from megatron_locmoe.sim.cluster import ParallelLayout
+    from megatron_locmoe.sim.data import VOCAB_SIZE
+    from megatron_locmoe.sim.trainer import TrainSettings
 
     world = args.world_size
     refuse = []
@@ -350,7 +350,7 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path):
         refuse.append("--bf16/--fp16: the CPU loop trains in float32, drop it")
     if args.mock_data or not args.data_path or len(args.data_path) != 1:
         refuse.append(
-            "give one --data-path PREFIX (python -m megatron_locmoe.data --out PREFIX writes it)"
+            "give one --data-path PREFIX (python -m megatron_locmoe.sim.data --out PREFIX writes it)"
         )
     if args.vocab_size != VOCAB_SIZE:
         refuse.append(f"--vocab-size {args.vocab_size}: the corpus has byte tokens, use 257")
@@ -422,9 +422,9 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path):
 
 def run_cpu(plan: Plan) -> dict[str, dict]:
     """Every run of a cpu preset in one simulated cluster (started once); the results."""
-    from megatron_locmoe.runlog import read_progress, steady_step_seconds
-    from megatron_locmoe.simcluster import SimCluster
-    from megatron_locmoe.trainer import train_job
+    from megatron_locmoe.analysis.runlog import read_progress, steady_step_seconds
+    from megatron_locmoe.sim.cluster import SimCluster
+    from megatron_locmoe.sim.trainer import train_job
 
     results = {}
     print(
@@ -497,7 +497,7 @@ def prepare_data(plan: Plan) -> None:
 
     Every node builds its own copy when it has none (the corpus is deterministic, so copies on
     a shared file system are identical); files are renamed into place, index last."""
-    from megatron_locmoe.data import build_indexed_dataset, dataset_files
+    from megatron_locmoe.sim.data import build_indexed_dataset, dataset_files
 
     prefix = plan.data_prefix
     if not prefix or all(Path(f).exists() for f in dataset_files(prefix)):
@@ -612,13 +612,13 @@ def describe(plan: Plan, opts: Options) -> str:
     if plan.data_prefix:
         lines.append(
             f"# before the first run, on each node where {plan.data_prefix}.bin is missing: "
-            f"python -m megatron_locmoe.data --out {plan.data_prefix}"
+            f"python -m megatron_locmoe.sim.data --out {plan.data_prefix}"
         )
     for i, rp in enumerate(plan.runs, 1):
         lines.append(f"# run {rp.name} ({i} of {len(plan.runs)}), logs in {rp.log_dir}/")
         if p.device == "cpu":
             lines.append(
-                "# device cpu: trained in this process's SimCluster with megatron_locmoe.trainer "
+                "# device cpu: trained in this process's SimCluster with megatron_locmoe.sim.trainer "
                 "(Megatron's pretrain() is not a CPU target); the Megatron flags it stands for:"
             )
             settings, layout = rp.cpu_loop

@@ -43,9 +43,9 @@ DEVICES = ("cuda", "npu", "cpu")
 """Device kinds a preset can target; the collective backend follows (nccl / hccl / gloo)."""
 
 DATA_RECIPES = ("pydoc",)
-"""``prepare_data`` values: ``pydoc`` is the offline corpus of megatron_locmoe.data."""
+"""``prepare_data`` values: ``pydoc`` is the offline corpus of megatron_locmoe.sim.data."""
 
-_REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+_REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 _SCALAR_KEYS = ("description", "device", "nodes", "devices_per_node", "entry", "prepare_data")
 _KEYS = {*_SCALAR_KEYS, "node_counts", "env", "megatron", "sweep"}
 DEFAULT_ENTRY = "megatron_locmoe.pretrain_gpt"

@@ -1,8 +1,8 @@
 """A W&B workspace for comparing routers, built with wandb-workspaces.
 
-    python -m megatron_locmoe.dashboard --entity E --project P            # saves it (network)
-    python -m megatron_locmoe.dashboard --entity E --project P --dry-run  # prints the panels
-    python -m megatron_locmoe.dashboard --entity E --project P --check runs/demo/wandb
+    python -m megatron_locmoe.analysis.dashboard --entity E --project P            # saves it (network)
+    python -m megatron_locmoe.analysis.dashboard --entity E --project P --dry-run  # prints the panels
+    python -m megatron_locmoe.analysis.dashboard --entity E --project P --check runs/demo/wandb
 
 Every panel plots metrics under exactly the names the runs log: Megatron's MoE tracker writes
 the plugin's metrics (``metrics.PLUGIN_METRICS``) and Megatron's ``load_balancing_loss`` under

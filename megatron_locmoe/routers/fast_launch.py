@@ -1,12 +1,12 @@
 """Launching the router's Triton kernels with little host time.
 
 Why: ``kernel[grid](*args)`` binds every argument in Python, specializes each one, hashes a
-cache key and checks the kernel's globals on every call: ~30 us per launch on the H200 hosts
-we measured, where the router's whole card time at 8K tokens is ~65 us. ``FastLaunch`` keys
+cache key and checks the kernel's globals on every call, host time of the order of the
+router's whole card time at training shapes (docs/performance.md). ``FastLaunch`` keys
 the compiled kernel on what Triton specializes our kinds of arguments on (each tensor's dtype
 and 16-byte alignment, each int's width, divisibility by 16 and whether it is 1, the
 constexprs and warps) and calls the compiled kernel's launcher with the current raw stream,
-as Triton does after its lookup (~10 us there). The first call with a new key goes through
+as Triton does after its lookup. The first call with a new key goes through
 ``kernel[grid]`` (which compiles), and so does every call under Triton's interpreter or with
 a launch hook installed (profilers).
 """

@@ -1,0 +1,3 @@
+from megatron_locmoe.adaptor.patches import main
+
+main()

@@ -1,0 +1,158 @@
+"""What Megatron-Core's CUDA calls mean on the CPU and on Ascend NPUs.
+
+Megatron-Core's MoE path calls ``torch.cuda`` directly (streams, events, ``current_device()``
+for allocations). On CUDA nothing is replaced. On the CPU (simulated clusters, tests) and on
+NPU, the affected Megatron modules see a device shim in place of ``torch.cuda`` (no-op streams
+on the CPU, ``torch.npu`` on NPU), and a few functions that hard-code CUDA get device-agnostic
+versions. ``patches.py`` says where each one goes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from megatron_locmoe.adaptor.registry import resolve
+from megatron_locmoe.device import DeviceChoice
+
+
+class _HostStream:
+    """A stream on the CPU: work is already ordered, so waiting and recording do nothing."""
+
+    def wait_stream(self, stream: Any) -> None:
+        return None
+
+    def wait_event(self, event: Any) -> None:
+        return None
+
+    def record_event(self, event: Any = None) -> _HostEvent:
+        return event if event is not None else _HostEvent()
+
+    def synchronize(self) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+
+class _HostEvent:
+    """An event on the CPU: always complete."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def record(self, stream: Any = None) -> None:
+        return None
+
+    def wait(self, stream: Any = None) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+
+_HOST_STREAM = _HostStream()
+
+
+class HostCudaShim(types.SimpleNamespace):
+    """Stands in for ``torch.cuda`` inside Megatron modules when the device is the CPU.
+
+    Streams and events become no-ops (CPU work is synchronous); ``current_device()`` names the
+    CPU so Megatron's allocations land there; the device RNG is the host RNG (so Megatron's
+    RNG tracker forks it). Anything else falls through to ``torch.cuda``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            Stream=lambda *a, **k: _HostStream(),
+            Event=_HostEvent,
+            current_stream=lambda *a, **k: _HOST_STREAM,
+            default_stream=lambda *a, **k: _HOST_STREAM,
+            stream=lambda s=None: contextlib.nullcontext(),
+            current_device=lambda: "cpu",
+            synchronize=lambda *a, **k: None,
+            is_current_stream_capturing=lambda: False,
+            is_available=lambda: False,
+            get_rng_state=lambda *a, **k: torch.get_rng_state(),
+            set_rng_state=lambda state, *a, **k: torch.set_rng_state(state),
+            manual_seed=torch.manual_seed,
+            manual_seed_all=torch.manual_seed,
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch.cuda, name)
+
+
+def accelerator_shim(device: DeviceChoice) -> Any:
+    """What ``torch.cuda`` must mean inside Megatron on this device."""
+    if device.type == "cpu":
+        return HostCudaShim()
+    if device.type == "npu":
+        return torch.npu  # registered by torch_npu; same API surface as torch.cuda
+    return torch.cuda
+
+
+def maybe_move_tensor_to_cpu(tensor: Any, as_numpy: bool = False, record_stream: bool = False):
+    """Device-agnostic ``moe_utils.maybe_move_tensor_to_cpu``.
+
+    Megatron's version only moves CUDA tensors and honours ``as_numpy`` only for them, so on the
+    CPU the alltoall dispatcher's split sizes stay tensors and ``all_to_all_single`` rejects
+    them; on NPU (``is_cuda`` is False) nothing moves at all.
+    """
+    if not torch.is_tensor(tensor):
+        return tensor
+    if tensor.device.type != "cpu":
+        cpu_tensor = tensor.to("cpu", non_blocking=True)
+        if record_stream:
+            tensor.record_stream(torch.accelerator.current_stream(tensor.device))
+        tensor = cpu_tensor
+    return tensor.numpy() if as_numpy else tensor
+
+
+def eager_original(target: str) -> Callable[[DeviceChoice], Callable]:
+    """A ``make`` that returns the uncompiled function behind a ``@jit_fuser`` target."""
+
+    def make(device: DeviceChoice) -> Callable:
+        obj = resolve(target)
+        return getattr(obj, "_torchdynamo_orig_callable", obj)
+
+    return make
+
+
+def host_get_rng_state(device="cuda", clone=False, graph_safe=False) -> torch.Tensor:
+    """``random._get_cuda_rng_state`` on the CPU: the host generator's state."""
+    return torch.get_rng_state()
+
+
+def host_set_rng_state(new_state: torch.Tensor, device=-1, graph_safe=False) -> None:
+    """``random._set_cuda_rng_state`` on the CPU: set the host generator's state."""
+    torch.set_rng_state(new_state)
+
+
+def causal_mask_factory(device: DeviceChoice) -> Callable[[int], torch.Tensor]:
+    """``transformer.utils.get_default_causal_mask`` on this process's device (cached).
+
+    An index-less device ("npu") means the current device, as Megatron's "cuda" literal does,
+    so every rank gets its mask on its own accelerator."""
+    target = torch.device(device.type)
+
+    @functools.lru_cache(maxsize=32)
+    def get_default_causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq, device=target), diagonal=1).bool()
+
+    return get_default_causal_mask
+
+
+def no_cuda_arch() -> int:
+    """Not a CUDA architecture: 0 is below every arch Megatron tests for (8 Ampere, 9 Hopper,
+    10 Blackwell), so its pre-Blackwell rules (CUDA_DEVICE_MAX_CONNECTIONS=1 with TP/CP > 1)
+    apply, as the launcher sets them."""
+    return 0

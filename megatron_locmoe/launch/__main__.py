@@ -1,0 +1,3 @@
+from megatron_locmoe.launch.cli import main
+
+raise SystemExit(main())
