@@ -1,13 +1,11 @@
 """End-to-end router comparison on one machine: the same small GPT-MoE trained with each router
 through ``python -m megatron_locmoe.pretrain_gpt`` (Megatron's pretrain()), same steps and data.
+The model, the corpus and the routers are the router-sweep preset's (configs/router-sweep.yaml).
 
 Prints and saves (JSON) the lm loss at fixed steps and tokens/s per router, with each router's
 throughput as a ratio to Megatron's own router measured in the same run.
 
-    python -m megatron_locmoe.sim.data --out data/pydoc
-    python benchmarks/e2e_routers.py --steps 300 --out benchmarks/results/e2e_h100.json \
-        --data "--data-path data/pydoc --tokenizer-type NullTokenizer --vocab-size 257" \
-        --hash-counts data/pydoc_counts.npy
+    python benchmarks/e2e_routers.py --steps 300 --out benchmarks/results/e2e_h100.json
 """
 
 from __future__ import annotations
@@ -23,52 +21,52 @@ import subprocess
 import sys
 import time
 
-MODEL_SIZE = (
-    "--num-layers 8 --hidden-size 512 --num-attention-heads 8 --seq-length 512 "
-    "--max-position-embeddings 512 --micro-batch-size 8 --global-batch-size 32 --num-experts 16 "
-    "--moe-router-topk 1 --moe-router-pre-softmax --moe-token-dispatcher-type alltoall "
-    "--swiglu --disable-bias-linear --bf16 --lr 3e-4 "
-    "--min-lr 3e-5 --lr-decay-style cosine --lr-warmup-iters 20 --eval-iters 0 "
-    "--eval-interval 100000 --seed 1234"
-)
+from megatron_locmoe.launch.presets import load_preset, megatron_argv
+
+PRESET = load_preset("router-sweep")
+"""The model, the data and the four routers: configs/router-sweep.yaml, which the launcher runs
+too (``python -m megatron_locmoe.launch --config router-sweep``). This file adds only the
+variants below and the measurement."""
+RUN_CONTROL = ("train-iters", "log-interval", "tensorboard-dir")
+"""Set per call by this benchmark."""
+DATA_KEYS = ("data-path", "tokenizer-type", "vocab-size")
 HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
 HAVE_APEX_WGRAD = importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
-TE_IMPL = "--transformer-impl transformer_engine" + (
+TE_IMPL = {
+    "transformer-impl": "transformer_engine",
+    "no-persist-layer-norm": None,
+    "no-masked-softmax-fusion": None,
     # the output layer is Megatron's own linear, whose fused weight-gradient accumulation needs
     # apex (NGC containers have it; a bare TE install does not)
-    "" if HAVE_APEX_WGRAD else " --no-gradient-accumulation-fusion"
-)
-LOCAL_IMPL = (  # without TE and apex: the local spec and no apex fusions
-    "--transformer-impl local --no-persist-layer-norm --no-masked-softmax-fusion "
-    "--no-gradient-accumulation-fusion"
-)
-MODEL = f"{MODEL_SIZE} {TE_IMPL if HAVE_TE else LOCAL_IMPL}"
-"""TE specs when transformer-engine is importable (NGC containers), the local spec otherwise.
-(Experts: --locmoe-experts picks the plugin's grouped MLP or Megatron's loop either way.)"""
-MEGATRON_AUX = "--moe-router-load-balancing-type aux_loss --moe-aux-loss-coeff 0.01"
-TE_FUSIONS = "--moe-grouped-gemm --moe-permute-fusion"
-"""TE's grouped expert GEMMs (TEGroupedMLP) and fused permutation: Megatron's fastest MoE path."""
-ROUTERS = {
+    "no-gradient-accumulation-fusion": None if HAVE_APEX_WGRAD else True,
+}
+"""TE specs when transformer-engine is importable (NGC containers); else the preset's local
+spec. (Experts: --locmoe-experts picks the plugin's grouped MLP or Megatron's loop either way.)"""
+TE_FUSIONS = {"moe-grouped-gemm": True, "moe-permute-fusion": True, "locmoe-experts": None}
+"""TE's grouped expert GEMMs (TEGroupedMLP; the experts' auto setting picks it) and fused
+permutation: Megatron's fastest MoE path."""
+ROUTER_FUSION = {"moe-router-fusion": True, "locmoe-fused-router": None}
+VARIANTS = {  # name -> (the preset's run it starts from, flags changed on top of it)
     # Megatron's stock layer: its router and its per-expert loop (no TE, no grouped_gemm)
-    "megatron_loop": f"--moe-router-type megatron {MEGATRON_AUX} --locmoe-experts loop",
-    # the four routers on the plugin's layer with grouped experts (same expert code for all)
-    "megatron": f"--moe-router-type megatron {MEGATRON_AUX} --locmoe-experts grouped",
-    "hash": "--moe-router-type hash --locmoe-experts grouped",
-    "switch": "--moe-router-type switch --moe-expert-capacity-factor 1.0 --locmoe-experts grouped",
-    "locmoe": "--moe-router-type locmoe --locmoe-fused-router --locmoe-experts grouped",
+    "megatron_loop": ("megatron", {"locmoe-experts": "loop"}),
+    # the preset's four routers on the plugin's layer with grouped experts (same expert code)
+    "megatron": ("megatron", {}),
+    "hash": ("hash", {}),
+    "switch": ("switch", {}),
+    "locmoe": ("locmoe", {}),
     # under TE: Megatron's router with every TE fusion (router fusion: TE's fused top-k, score
     # function and aux loss) -- the baseline production users run; the plugin's routers on
     # TEGroupedMLP with the same fusions (locmoe: --moe-router-fusion gives its own fused path;
     # hash has no gate to fuse), and locmoe on the plugin's grouped experts under TE
-    "megatron_te": f"--moe-router-type megatron {MEGATRON_AUX} {TE_FUSIONS} --moe-router-fusion",
-    "locmoe_te": f"--moe-router-type locmoe {TE_FUSIONS} --moe-router-fusion",
-    "locmoe_te_grouped": "--moe-router-type locmoe --moe-router-fusion --moe-permute-fusion "
-    "--locmoe-experts grouped",
-    "hash_te": f"--moe-router-type hash {TE_FUSIONS}",
-    "switch_te": "--moe-router-type switch --moe-expert-capacity-factor 1.0 "
-    f"{TE_FUSIONS} --moe-router-fusion",
+    "megatron_te": ("megatron", {**TE_FUSIONS, **ROUTER_FUSION}),
+    "locmoe_te": ("locmoe", {**TE_FUSIONS, **ROUTER_FUSION}),
+    "locmoe_te_grouped": ("locmoe", {**ROUTER_FUSION, "moe-permute-fusion": True}),
+    "hash_te": ("hash", TE_FUSIONS),
+    "switch_te": ("switch", {**TE_FUSIONS, **ROUTER_FUSION}),
+    # the fused path as the compiled graph (environment below)
+    "locmoe_compiled": ("locmoe", {}),
 }
-ROUTERS["locmoe_compiled"] = ROUTERS["locmoe"]  # the fused path as the compiled graph (env)
+ROUTERS = list(VARIANTS)
 ROUTER_ENV = {"locmoe_compiled": {"LOCMOE_TRITON_ROUTER": "0"}}
 TE_ROUTERS = [r for r in ROUTERS if r.endswith(("_te", "_te_grouped"))]
 DEFAULT_ROUTERS = (
@@ -76,18 +74,45 @@ DEFAULT_ROUTERS = (
     if HAVE_TE
     else ["megatron_loop", "megatron", "hash", "switch", "locmoe"]
 )
-TOKENS_PER_STEP = 32 * 512  # global batch x sequence length of MODEL_SIZE
+_BASE = {k: v for k, v in PRESET.megatron.items() if k not in RUN_CONTROL + DATA_KEYS}
+_BASE.update(TE_IMPL if HAVE_TE else {})
+MODEL = " ".join(megatron_argv({k: v for k, v in _BASE.items() if k != "locmoe-experts"}))
+"""The model's flags as one string (recorded with the results)."""
+PRESET_DATA = " ".join(megatron_argv({k: PRESET.megatron[k] for k in DATA_KEYS}))
+TOKENS_PER_STEP = PRESET.megatron["global-batch-size"] * PRESET.megatron["seq-length"]
 BASELINE = "megatron_te" if HAVE_TE else "megatron"
 """Ratios are against Megatron's fastest path where TE is there (its router with every TE
 fusion on TEGroupedMLP), else against its router on the same (grouped) experts."""
+
+
+def router_argv(router: str, data: str | None = None) -> list[str]:
+    """The model and router flags of ``router``: its preset run with the variant's changes.
+    ``data`` replaces the preset's corpus (the preset's hash token counts then go too: they
+    count another corpus)."""
+    run_name, changes = VARIANTS[router]
+    flags = {**_BASE, **PRESET.sweep[run_name], **changes}
+    if data is not None:
+        flags.pop("locmoe-hash-token-counts", None)
+    return megatron_argv(flags)
+
+
+def ensure_preset_data() -> None:
+    """Build the preset's offline corpus if it is missing (as the launcher's data step does)."""
+    from megatron_locmoe.sim.data import build_indexed_dataset, dataset_files
+
+    prefix = PRESET.megatron["data-path"]
+    if not all(os.path.exists(f) for f in dataset_files(prefix)):
+        print(f"building the offline corpus at {prefix}", flush=True)
+        build_indexed_dataset(prefix)
+
+
 LINE = re.compile(
     r"iteration\s+(\d+)/\s*\d+ .*?elapsed time per iteration \(ms\): ([\d.]+).*?lm loss: ([\d.E+-]+)"
 )
 
 
-def run(
-    router: str, steps: int, log_interval: int, data: str, nproc: int, extra="", model=MODEL
-) -> dict:
+def run(router: str, steps: int, log_interval: int, data: str | None, nproc: int, extra="") -> dict:
+    """Train ``router`` for ``steps`` on ``data`` (flags; None: the preset's corpus)."""
     if router in TE_ROUTERS and not HAVE_TE:
         raise SystemExit(f"{router} runs under transformer-engine, which is not installed here")
     cmd = [
@@ -98,13 +123,12 @@ def run(
         f"--nproc-per-node={nproc}",
         "-m",
         "megatron_locmoe.pretrain_gpt",
-        *model.split(),
-        *ROUTERS[router].split(),
+        *router_argv(router, data),
         "--train-iters",
         str(steps),
         "--log-interval",
         str(log_interval),
-        *data.split(),
+        *(PRESET_DATA if data is None else data).split(),
         *extra.split(),
     ]
     env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", PYTHONUNBUFFERED="1")
@@ -136,11 +160,18 @@ def main() -> None:
         "median, so a host whose speed drifts between runs does not bias the ratios",
     )
     p.add_argument(
-        "--data", default="--mock-data --tokenizer-type NullTokenizer --vocab-size 32000"
+        "--data",
+        default=None,
+        help="data flags instead of the preset's corpus, e.g. '--mock-data --tokenizer-type "
+        "NullTokenizer --vocab-size 32000'",
     )
     p.add_argument("--nproc", type=int, default=1)
     p.add_argument("--out", default=None)
-    p.add_argument("--hash-counts", default="", help="PREFIX_counts.npy for the hash router")
+    p.add_argument(
+        "--hash-counts",
+        default="",
+        help="PREFIX_counts.npy for the hash router with --data (the preset's corpus has its own)",
+    )
     p.add_argument(
         "--append",
         action="store_true",
@@ -157,7 +188,8 @@ def main() -> None:
         "megatron_core": megatron.core.__version__,
         "command": " ".join(sys.argv),
         "model": MODEL,
-        "data": a.data,
+        "preset": str(PRESET.path),
+        "data": a.data or PRESET_DATA,
         "results": {},
     }
     if a.append and a.out and os.path.exists(a.out):
@@ -171,6 +203,8 @@ def main() -> None:
         )
         previous["command"].append(record["command"])
         record = previous
+    if a.data is None:
+        ensure_preset_data()
     results = record["results"]
     rounds: dict[str, list[float]] = {}
     for _ in range(a.rounds):

@@ -771,3 +771,30 @@ def test_cpu_loop_takes_the_dataset_flags(tmp_path):
     o = rp.cpu_loop[0].dataset_options
     assert (o["split"], o["eod_mask_loss"], o["reset_attention_mask"]) == ("90,10,0", True, True)
     assert (o["reset_position_ids"], o["path_to_cache"]) == (False, str(tmp_path / "cache"))
+
+
+# --------------------------------------------------------------------------------------------
+# One description per run: the end-to-end benchmark trains the router-sweep preset's runs
+# --------------------------------------------------------------------------------------------
+
+
+def test_e2e_benchmark_trains_the_router_sweep_presets_runs(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import e2e_routers
+
+    if e2e_routers.HAVE_TE:
+        pytest.skip("with transformer-engine the benchmark swaps the preset's local spec for TE's")
+    plan = _plan("router-sweep", check=False)
+    control = {f"--{k}" for k in e2e_routers.RUN_CONTROL + e2e_routers.DATA_KEYS}
+    for rp in plan.runs:
+        flags, skip = [], False
+        for i, tok in enumerate(rp.flags):  # the launcher's argv without run control and data
+            if skip:
+                skip = False
+                continue
+            if tok in control:
+                skip = i + 1 < len(rp.flags) and not rp.flags[i + 1].startswith("--")
+                continue
+            flags.append(tok)
+        assert e2e_routers.router_argv(rp.name) == flags, rp.name
+    assert {name for name, _ in e2e_routers.VARIANTS.values()} == {rp.name for rp in plan.runs}
