@@ -57,3 +57,40 @@ def test_a_dead_rank_is_named(cluster_factory):
     first = str(e.value).splitlines()[0]
     assert "ranks [1] died (rank 1: exit code 3)" in first, str(e.value)
     assert cluster.run(healthy_job, layout=LAYOUT) == [6.0] * 4
+
+
+_CHILDREN = []
+
+
+def start_child_job(ctx):
+    """A rank starts a process of its own, as Megatron's checkpoint writer starts a Manager."""
+    import multiprocessing
+
+    child = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(600,))
+    child.start()
+    _CHILDREN.append(child)  # keep it referenced: it lives until the rank goes
+    return child.pid
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie waiting for its parent counts as gone
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+@pytest.mark.parametrize("how", ["killed", "closed"])
+def test_ranks_take_what_they_started_with_them(cluster_factory, how):
+    cluster = cluster_factory(2)
+    pids = cluster.run(start_child_job, layout=LAYOUT)
+    assert all(_alive(p) for p in pids)
+    if how == "killed":  # as after a hung job or at the driver's exit
+        cluster._kill()
+    else:
+        cluster.close()
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in pids), f"orphaned rank children: {pids}"

@@ -16,8 +16,10 @@ collective) are stopped then, not after their collective timeout. After a failur
 processes are restarted for the next job (a timed-out gloo group cannot be reused).
 
 Ranks are ordinary (non-daemon) processes, because Megatron's torch_dist checkpoint writer
-starts a multiprocessing Manager, which daemon processes may not do. A rank therefore watches
-its parent and exits when the driver dies, and the driver kills its ranks at interpreter exit.
+starts a multiprocessing Manager, which daemon processes may not do. A rank therefore runs in a
+process group of its own and watches its parent: when the driver dies the rank kills its group
+(itself and whatever it started, such as that Manager), and the driver kills every rank's group
+when it stops the cluster or exits, so nothing is left orphaned.
 """
 
 from __future__ import annotations
@@ -104,7 +106,8 @@ def _destroy_subgroups(dist) -> None:
 
 
 def _exit_with_parent() -> None:
-    """Exit this rank when the driver process is gone (ranks are not daemons)."""
+    """Exit this rank, with every process it started, when the driver is gone (ranks are not
+    daemons, and what they start, such as the checkpoint writer's Manager, is not either)."""
     from multiprocessing.connection import wait
 
     parent = mp.parent_process()
@@ -113,9 +116,22 @@ def _exit_with_parent() -> None:
 
     def watch() -> None:
         wait([parent.sentinel])
-        os._exit(1)
+        os.killpg(0, signal.SIGKILL)  # this rank's process group: the rank and its children
 
     threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def _kill_groups(procs) -> None:
+    """SIGKILL every rank's process group: the rank and what it started (a rank that has
+    exited may have left children in it). A rank still in start-up has no group yet."""
+    for p in procs:
+        if p.pid is None:
+            continue
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):  # no group (yet), or already gone
+            if p.is_alive():
+                p.kill()
 
 
 def _worker_main(rank, world_size, port, jobs, results, timeout_s, scratch, log_path, device):
@@ -125,6 +141,7 @@ def _worker_main(rank, world_size, port, jobs, results, timeout_s, scratch, log_
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
     faulthandler.register(signal.SIGUSR1, file=log, all_threads=True)
+    os.setpgid(0, 0)  # a group of its own, so the rank goes with everything it started
     _exit_with_parent()
     import torch.distributed as dist
 
@@ -281,8 +298,7 @@ class SimCluster:
                 q.put(None)
         for p in self._procs:
             p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
+        _kill_groups(self._procs)
         self._procs, self._jobs = [], []
         atexit.unregister(self._kill)
 
@@ -391,9 +407,7 @@ class SimCluster:
         raise ClusterJobError(msg)
 
     def _kill(self) -> None:
-        for p in self._procs:
-            if p.is_alive():
-                p.kill()
+        _kill_groups(self._procs)
         for p in self._procs:
             p.join(timeout=5)
         self._procs, self._jobs = [], []
