@@ -5,6 +5,9 @@ in W&B offline run files."""
 
 from __future__ import annotations
 
+import math
+import time
+
 import pytest
 
 from megatron_locmoe.config import LocMoEConfig
@@ -207,3 +210,24 @@ def test_loop_trains_with_document_masks(cluster_factory, short_docs):
     assert all(v == v and 3.0 < v < 8.0 for v in runs["masked"])  # finite, byte-level scale
     assert runs["masked"] != runs["plain"]
     assert runs["masked"] != runs["no_attention"]  # the attention mask reached the model
+
+
+def test_a_non_finite_loss_stops_every_rank_with_the_step(cluster_factory, corpus):
+    """A learning rate of 1e30 makes the weights huge after one step: step 2's loss is not
+    finite. Every rank stops at once with the step (none waits out a collective timeout);
+    with the check off, the loop trains on, as Megatron's does."""
+    from megatron_locmoe.sim.cluster import ClusterJobError
+
+    cluster = cluster_factory(2)
+    layout = ParallelLayout(devices_per_node=1, ep=2)
+    settings = TrainSettings(
+        data_prefix=corpus, locmoe=LocMoEConfig(router_type="locmoe"), steps=3, lr=1e30
+    )
+    t0 = time.monotonic()
+    with pytest.raises(ClusterJobError) as e:
+        cluster.run(train_job, settings, layout=layout)
+    assert "step 2: the loss or a gradient is not finite on ranks [0, 1]" in str(e.value)
+    assert time.monotonic() - t0 < cluster.collective_timeout_s
+    settings.check_for_nan_in_loss_and_grad = False
+    losses = cluster.run(train_job, settings, layout=layout)[0]["losses"]
+    assert len(losses) == 3 and not math.isfinite(losses[-1])

@@ -408,6 +408,7 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path):
         load_dir=args.load,
         progress_path=str(log_dir / "progress.jsonl"),
         per_layer_logging=args.moe_per_layer_logging,
+        check_for_nan_in_loss_and_grad=args.check_for_nan_in_loss_and_grad,
         dataset_options=gpt_dataset_options(args),
         transformer_config=gpt.transformer,
         gpt_model_options=gpt_model_options,

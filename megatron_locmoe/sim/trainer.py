@@ -85,6 +85,9 @@ class TrainSettings:
     eval_prefix_per_node: list[str] | None = None
     """One held-out prefix per node, read by that node's ranks instead of ``eval_prefix``."""
     eval_batches: int = 0
+    check_for_nan_in_loss_and_grad: bool = True
+    """Stop every rank, naming the step, the ranks and the first bad tensor, when the loss or a
+    gradient is not finite (Megatron's --check-for-nan-in-loss-and-grad; default on there too)."""
     routing_stats_steps: int = 0
     """Count every router's token-expert assignments (after drops) over the last this many
     training steps: ``tokens_per_expert`` [ranks][layers][E] in the results (0: off)."""
@@ -198,6 +201,28 @@ def _sync_grads(model, dp_group, expt_dp_group, dp_size: int) -> None:
             dist.all_reduce(p.grad, group=dp_group, op=dist.ReduceOp.AVG)
 
 
+def _check_finite(model, loss: torch.Tensor, step: int) -> None:
+    """Raise on every rank together (one all-reduce of a per-rank flag, so no rank waits for a
+    peer that stopped) when this rank's loss or a gradient is not finite."""
+    bad = None if torch.isfinite(loss).all() else f"the loss is {float(loss)}"
+    if bad is None:
+        for name, p in model.named_parameters():
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                bad = f"the gradient of {name} is not finite"
+                break
+    flags = torch.zeros(dist.get_world_size())
+    flags[dist.get_rank()] = bad is not None
+    dist.all_reduce(flags)
+    if flags.any():
+        ranks = flags.nonzero().flatten().tolist()
+        raise FloatingPointError(
+            f"step {step + 1}: the loss or a gradient is not finite on ranks {ranks}"
+            + (f" (here: {bad})" if bad else "")
+            + "; lower --lr, add warm-up or gradient clipping, or pass "
+            "--no-check-for-nan-in-loss-and-grad to train on regardless"
+        )
+
+
 def train_job(ctx, settings: TrainSettings) -> dict:
     """SimCluster job: train ``settings.steps`` steps; return the loss curve and last metrics."""
     from megatron.core import parallel_state
@@ -241,6 +266,8 @@ def train_job(ctx, settings: TrainSettings) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         _sync_grads(model, dp_group, expt_dp_group, dp_size)
+        if settings.check_for_nan_in_loss_and_grad:
+            _check_finite(model, loss.detach(), step)
         opt.step()
         if (
             settings.save_dir
