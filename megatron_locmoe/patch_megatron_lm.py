@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -63,11 +65,21 @@ def patch_megatron_lm(root: Path) -> bool:
     path = Path(root) / TARGET
     if not path.is_file():
         raise PatchError(f"{path} does not exist: give the root of a Megatron-LM checkout")
-    source = path.read_text()
+    try:
+        source = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PatchError(f"{path} is not UTF-8 text ({e}): not Megatron-LM's {TARGET}") from None
     patched = patch_source(source, path)
     if patched == source:
         return False
-    path.write_text(patched)
+    # next to it, then renamed over it: an interrupted patch leaves the script as it was
+    tmp = path.with_name(f".{path.name}.locmoe-{os.getpid()}")
+    try:
+        tmp.write_text(patched, encoding="utf-8")
+        shutil.copymode(path, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return True
 
 

@@ -54,6 +54,30 @@ def test_unknown_file_refused(tmp_path, capsys):
     assert main([str(tmp_path / "nowhere")]) == 2
 
 
+def test_patch_keeps_mode_and_leaves_the_script_whole_when_interrupted(checkout, monkeypatch):
+    script = checkout / "pretrain_gpt.py"
+    script.chmod(0o755)
+    original = script.read_text()
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt  # the rename never happens
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        patch_megatron_lm(checkout)
+    assert script.read_text() == original  # untouched, and no temporary file left beside it
+    assert sorted(p.name for p in checkout.iterdir()) == ["pretrain_gpt.py"]
+    monkeypatch.undo()
+    assert patch_megatron_lm(checkout) is True
+    assert script.stat().st_mode & 0o777 == 0o755
+
+
+def test_non_utf8_file_refused(tmp_path, capsys):
+    (tmp_path / "pretrain_gpt.py").write_bytes(b"\xff\xfe not python")
+    assert main([str(tmp_path)]) == 2
+    assert "is not UTF-8 text" in capsys.readouterr().err
+
+
 def _run(cmd, cwd):
     env = dict(
         os.environ,

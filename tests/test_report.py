@@ -85,3 +85,38 @@ def test_steady_step_time_skips_warm_up_and_outliers():
     assert steady_step_seconds([9.0, 5.0, 1.0, 1.2, 30.0, 1.1]) == pytest.approx(1.15)
     assert steady_step_seconds([9.0, 5.0]) == 7.0  # too short: every step counts
     assert steady_step_seconds([]) is None
+
+
+@pytest.mark.parametrize(
+    "tool, argv, message",
+    [
+        ("report", ["{missing}", "-o", "{tmp}/r.html"], "no such run directory"),
+        ("report", ["{bad}", "-o", "{tmp}/r.html"], "run.json is not a run record (not UTF-8 JSON"),
+        ("costmodel", ["--nodes", "2", "--traffic", "{bad}"], "is not a run record"),
+        ("costmodel", ["--sweep", "{bad}/run.json"], "is not a locality sweep's results file"),
+        (
+            "dashboard",
+            ["--entity", "E", "--project", "p", "--check", "{missing}", "--dry-run"],
+            "no W&B run files",
+        ),
+    ],
+)
+def test_tools_refuse_bad_input_in_one_line(tmp_path, tool, argv, message):
+    """A bad path or a damaged file gives one line naming it, exit status 2, no traceback."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "run.json").write_bytes(b"\xff\xfe not json")
+    fill = {"missing": str(tmp_path / "nowhere"), "bad": str(bad), "tmp": str(tmp_path)}
+    argv = [a.format(**fill) for a in argv]
+    proc = subprocess.run(
+        [sys.executable, "-m", f"megatron_locmoe.analysis.{tool}", *argv],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ": error: " in ln]
+    assert len(errors) == 1 and message in errors[0], proc.stderr

@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, replace
 
+from megatron_locmoe.analysis.errors import read_json, require_keys, run_tool
 from megatron_locmoe.dispatch.traffic import copy_bytes
 
 # --------------------------------------------------------------------------------------------
@@ -849,9 +850,9 @@ def main(argv: list[str] | None = None) -> None:
     from megatron_locmoe.analysis.runlog import load_runs
 
     if args.sweep:
-        import json
-
-        rows = json.loads(open(args.sweep).read())["runs"]
+        results = read_json(args.sweep, "a locality sweep's results file")
+        require_keys(results, ("runs",), args.sweep, "a locality sweep's results file")
+        rows = results["runs"]
         pairs = (
             ("domains", "locmoe-mu0.1", ["hash", "switch", "megatron"]),
             ("domains", "locmoe-node0.5", ["hash", "switch", "megatron"]),
@@ -927,4 +928,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_tool(main))

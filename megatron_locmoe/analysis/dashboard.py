@@ -20,6 +20,7 @@ import struct
 from pathlib import Path
 
 from megatron_locmoe import metrics
+from megatron_locmoe.analysis.errors import run_tool
 
 LM_LOSS = "lm loss"
 """The trainer's (and Megatron's training_log's) name for the language-model loss."""
@@ -204,4 +205,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_tool(main))

@@ -30,6 +30,7 @@ from megatron_locmoe.analysis.costmodel import (
     estimate,
     estimate_cells,
 )
+from megatron_locmoe.analysis.errors import read_json, require_keys, run_tool
 from megatron_locmoe.analysis.runlog import TAIL_FRACTION, Run, load_runs, summary_rows
 
 
@@ -560,12 +561,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     sweep_rows = None
     if args.sweep:
-        import json
-
-        sweep_rows = json.loads(Path(args.sweep).read_text())["runs"]
+        results = read_json(args.sweep, "a locality sweep's results file")
+        require_keys(results, ("runs",), args.sweep, "a locality sweep's results file")
+        sweep_rows = results["runs"]
     path = build_report(load_runs(args.runs), args.out, args.workload, sweep_rows)
     print(f"report: {path} (plots in {path.parent / (path.stem + '_png')})")
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_tool(main))

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_locmoe.analysis.errors import read_json
+
 RUN_FILE = "run.json"
 TAIL_FRACTION = 0.2
 """Steady-state statistics are means over this last fraction of a run's steps."""
@@ -123,11 +125,17 @@ class Run:
 
 def load_run(path: str | Path) -> Run:
     path = Path(path)
-    record = json.loads((path / RUN_FILE).read_text()) if (path / RUN_FILE).exists() else {}
+    record = (
+        read_json(path / RUN_FILE, "a run record", "rerun the run or remove the file")
+        if (path / RUN_FILE).exists()
+        else {}
+    )
     logdir = path / record["tensorboard_dir"] if "tensorboard_dir" in record else path
     scalars = read_scalars(logdir)
     if not scalars:
-        raise FileNotFoundError(f"{logdir}: no TensorBoard scalars")
+        raise FileNotFoundError(
+            f"{logdir}: no TensorBoard scalars (a run directory holds its event files)"
+        )
     return Run(path=path, name=record.get("name", path.name), record=record, scalars=scalars)
 
 
