@@ -94,3 +94,40 @@ def test_ranks_take_what_they_started_with_them(cluster_factory, how):
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(_alive(p) for p in pids), f"orphaned rank children: {pids}"
+
+
+def resume_point_job(ctx, roots):
+    from megatron_locmoe.sim import checkpoint
+
+    return checkpoint.agreed_iteration(roots[ctx.rank])
+
+
+def test_ranks_resume_from_one_checkpoint_or_none(cluster_factory, tmp_path):
+    """Every rank reads the tracker file; ranks that see different iterations (a save still in
+    progress, per-node directories) all stop with both values instead of training apart."""
+    cluster = cluster_factory(2)
+    roots = []
+    for rank, text in enumerate(("20", "10")):
+        root = tmp_path / f"node{rank}"
+        root.mkdir()
+        (root / "latest_checkpointed_iteration.txt").write_text(text)
+        roots.append(str(root))
+    with pytest.raises(ClusterJobError, match="between iteration 10 and iteration 20"):
+        cluster.run(resume_point_job, roots, layout=LAYOUT)
+    assert cluster.run(resume_point_job, [roots[0], roots[0]], layout=LAYOUT) == [20, 20]
+    empty = [str(tmp_path / "none")] * 2
+    assert cluster.run(resume_point_job, empty, layout=LAYOUT) == [None, None]
+    with pytest.raises(ClusterJobError, match="between nothing and iteration 20"):
+        cluster.run(resume_point_job, [roots[0], empty[0]], layout=LAYOUT)
+
+
+def load_job(ctx, root):
+    from megatron_locmoe.sim import checkpoint
+
+    return checkpoint.load(None, None, root)  # refused before the model is touched
+
+
+def test_a_tracker_without_its_iteration_is_refused(cluster_factory, tmp_path):
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("5")
+    with pytest.raises(ClusterJobError, match="names iteration 5, but .*iter_0000005 is missing"):
+        cluster_factory(2).run(load_job, str(tmp_path), layout=LAYOUT)

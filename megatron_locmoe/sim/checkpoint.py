@@ -48,6 +48,27 @@ def latest_iteration(root: str | os.PathLike) -> int | None:
     return int(text)
 
 
+def agreed_iteration(root: str | os.PathLike) -> int | None:
+    """``latest_iteration`` as every rank reads it, the same on all or an error on all (one
+    all-reduce): ranks that resumed from different iterations would train on silently apart."""
+    mine = latest_iteration(root)
+    value = -1 if mine is None else mine
+    bounds = torch.tensor([value, -value], dtype=torch.long)
+    dist.all_reduce(bounds, op=dist.ReduceOp.MAX)
+    highest, lowest = int(bounds[0]), -int(bounds[1])
+    if highest != lowest:
+
+        def name(v):
+            return "nothing" if v < 0 else f"iteration {v}"
+
+        raise RuntimeError(
+            f"ranks disagree on the checkpoint to resume under {root}: between {name(lowest)} "
+            f"and {name(highest)} (this rank: {name(value)}); a save still in progress, or "
+            "nodes that see different directories: give every node the same --load directory"
+        )
+    return mine
+
+
 def _rng_state() -> object:
     """This rank's RNG states as a ShardedObject (one entry per rank), as Megatron's
     checkpoints keep them: torch's default generator (hidden dropout, initialisation) and
@@ -154,10 +175,15 @@ def load(model, optimizer, root: str | os.PathLike) -> int | None:
     (None when nothing was saved there: the caller starts afresh, as Megatron does)."""
     from megatron.core import dist_checkpointing
 
-    iteration = latest_iteration(root)
+    iteration = agreed_iteration(root)
     if iteration is None:
         return None
     _, path = _paths(root, iteration)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{_paths(root)[0]} names iteration {iteration}, but {path} is missing: the save "
+            "did not finish or the directory was moved; restore it or point --load elsewhere"
+        )
     state = dist_checkpointing.load(_sharded_state(model, optimizer, iteration, True), str(path))
     model.load_state_dict(state["model"])
     _load_optimizer_state(optimizer, state["optimizer"])
