@@ -95,3 +95,26 @@ def test_held_out_split_and_control_mixture(tmp_path):
     assert all(np.array_equal(a[i], c[i]) for i in range(len(a)))
     with pytest.raises(ValueError, match="held_out_every"):
         data.build_domain_datasets(tmp_path / "bad", 2, 30, held_out_every=1)
+
+
+def test_damaged_datasets_are_refused_before_training(tmp_path):
+    """What Megatron's loader would fail on deep inside (or read past the end of) is refused
+    up front, naming the file; a sound dataset gives its document count."""
+    prefix = tmp_path / "c"
+    stats = data.write_documents(prefix, ["alpha beta", "gamma", "delta epsilon zeta"])
+    assert data.check_indexed_dataset(prefix) == stats["documents"] == 3
+    whole = (tmp_path / "c.bin").read_bytes()
+
+    (tmp_path / "c.bin").write_bytes(whole[:-5])  # an incomplete copy
+    with pytest.raises(data.CorpusError, match=r"c.bin holds \d+ bytes, its index c.idx describes"):
+        data.check_indexed_dataset(prefix)
+    (tmp_path / "c.bin").write_bytes(whole)
+    idx = (tmp_path / "c.idx").read_bytes()
+    (tmp_path / "c.idx").write_bytes(b"not an index" + idx[12:])
+    with pytest.raises(data.CorpusError, match="is not a Megatron dataset index"):
+        data.check_indexed_dataset(prefix)
+    (tmp_path / "c.idx").write_bytes(idx[:40])
+    with pytest.raises(data.CorpusError, match="c.idx is truncated"):
+        data.check_indexed_dataset(prefix)
+    with pytest.raises(data.CorpusError, match="nowhere.idx: no such file"):
+        data.check_indexed_dataset(tmp_path / "nowhere")

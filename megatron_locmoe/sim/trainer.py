@@ -151,6 +151,9 @@ def _dataset(settings: TrainSettings, num_samples: int):
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
     from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
 
+    from megatron_locmoe.sim.data import check_indexed_dataset
+
+    check_indexed_dataset(settings.data_prefix)  # a clear error, not one deep in the loader
     options = dict(
         split="100,0,0",
         path_to_cache=None,
