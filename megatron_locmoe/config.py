@@ -123,6 +123,12 @@ class LocMoEConfig:
     TE and --moe-grouped-gemm; else grouped for the plugin's routers (and for Megatron's with
     --moe-grouped-gemm) where the model allows it; else loop."""
 
+    # ---- checks ------------------------------------------------------------------------------
+    check_router_input: bool = False
+    """Stop with the layer and the rank when a router's input holds a non-finite value (one
+    NaN token otherwise turns that rank's whole input gradient into NaN). A debugging switch:
+    one host sync per router call."""
+
     # ---- topology ----------------------------------------------------------------------------
     devices_per_node: int | None = None
     """Ranks per node; default torchrun's LOCAL_WORLD_SIZE. Set it to simulate nodes."""

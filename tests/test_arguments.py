@@ -83,6 +83,7 @@ def test_every_flag_parses_and_lands_in_transformer_config(megatron_args):
         "--locmoe-experts",
         "grouped",
         "--disable-bias-linear",
+        "--locmoe-check-router-input",
         "--locmoe-devices-per-node",
         "4",
     )
@@ -107,6 +108,7 @@ def test_every_flag_parses_and_lands_in_transformer_config(megatron_args):
         dispatcher="hierarchical",
         dispatcher_dedup="on",
         experts="grouped",
+        check_router_input=True,
         devices_per_node=4,
     )
     config = to_config(args)

@@ -81,6 +81,33 @@ class PluginRouterMixin:
         # [E] bool: experts hosted on this rank's node. Buffer so it follows .to(device).
         self.register_buffer("expert_is_local", expert_nodes == topo.node, persistent=False)
 
+    def check_input(self, input: torch.Tensor) -> None:
+        """With ``check_router_input``: refuse a non-finite input, naming layer and ranks, on
+        every rank of the pipeline stage together (one all-reduce over the tp-dp-cp group,
+        whose ranks all run this layer now, as Megatron's global aux loss does), so no peer
+        waits for the failed rank in the dispatcher. Runs on ranks without tokens too."""
+        if not self.locmoe.check_router_input:
+            return
+        bad_T = ~torch.isfinite(input).reshape(-1, input.shape[-1]).all(-1)
+        mine = int(bad_T.sum())
+        total = torch.tensor([mine], dtype=torch.long, device=input.device)
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.all_reduce(total, group=self.tp_dp_cp_group)
+        if int(total) == 0:
+            return
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        where = (
+            f"{mine} of {bad_T.numel()} router input tokens on rank {rank} are not finite "
+            f"(first: token {int(bad_T.nonzero()[0])})"
+            if mine
+            else f"router inputs on other ranks are not finite ({int(total)} tokens; rank {rank}'s are finite)"
+        )
+        raise FloatingPointError(
+            f"MoE layer {self.layer_number}: {where}; the layers before this router produced them"
+        )
+
     def route_no_tokens(self, input: torch.Tensor):
         """Routing for a rank with no tokens this forward (an empty micro-batch or shard):
         empty probs and map, still on the autograd graph of ``input`` (its gradient is empty

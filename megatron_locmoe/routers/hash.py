@@ -178,6 +178,7 @@ class HashRouter(PluginRouterMixin, TopKRouter):
 
     def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None):
         """[S, B, H] -> probs [T, E] (1/k on the k hashed experts), routing_map [T, E]."""
+        self.check_input(input)
         if input.numel() == 0:
             return self.route_no_tokens(input)
         E, k = self.config.num_moe_experts, self.topk

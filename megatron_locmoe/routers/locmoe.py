@@ -239,6 +239,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
 
     def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None):
         """[S, B, H] -> probs [T, E] (fp32, zero off the map), routing_map [T, E] bool."""
+        self.check_input(input)
         if input.numel() == 0:
             return self.route_no_tokens(input)
         if self._fused_applies(padding_mask):

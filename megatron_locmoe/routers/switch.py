@@ -23,6 +23,7 @@ class _MeasuredTopKRouter(PluginRouterMixin, TopKRouter):
         self._init_plugin(locmoe or LocMoEConfig(router_type=self.name))
 
     def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        self.check_input(input)
         if input.numel() == 0:  # Megatron's gating and aux loss fail on an empty rank
             return self.route_no_tokens(input)
         return super().forward(input, padding_mask=padding_mask)

@@ -164,10 +164,81 @@ def save(model, optimizer, iteration: int, root: str | os.PathLike) -> Path:
     dist.barrier()
     dist_checkpointing.save(_sharded_state(model, optimizer, iteration, False), str(path))
     dist.barrier()
-    if dist.get_rank() == 0:
+    if dist.get_rank() == 0:  # the files are all written: their checksums, then the tracker
+        _write_checksums(path)
         tracker.write_text(str(iteration))
     dist.barrier()
     return path
+
+
+CHECKSUMS = "locmoe_checksums.json"
+"""SHA-256 of every file of an iteration, written by ``save`` after the files."""
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_checksums(path: Path) -> None:
+    import json
+
+    sums = {
+        f.name: _sha256(f) for f in sorted(path.iterdir()) if f.is_file() and f.name != CHECKSUMS
+    }
+    tmp = path / f".{CHECKSUMS}.tmp"
+    tmp.write_text(json.dumps(sums, indent=1))
+    os.replace(tmp, path / CHECKSUMS)
+
+
+def _verify_checksums(path: Path) -> None:
+    """Every rank checks a share of the files against ``save``'s checksums; a damaged or
+    missing file stops all ranks, named, before anything is read into the model."""
+    import json
+
+    manifest = path / CHECKSUMS
+    bad: list[str] = []
+    if manifest.is_file():
+        sums = json.loads(manifest.read_text())
+        rank, world = dist.get_rank(), dist.get_world_size()
+        for i, (name, digest) in enumerate(sorted(sums.items())):
+            if i % world != rank:
+                continue
+            f = path / name
+            if not f.is_file():
+                bad.append(f"{name} is missing")
+            elif _sha256(f) != digest:
+                bad.append(f"{name} does not match its checksum")
+    count = torch.tensor([len(bad)])
+    dist.all_reduce(count)
+    if int(count):
+        mine = f" (this rank: {'; '.join(bad)})" if bad else ""
+        raise RuntimeError(
+            f"checkpoint {path} is damaged: {int(count)} file(s) fail the checksums written at "
+            f"save{mine}; resume from an earlier iteration or a good copy"
+        )
+
+
+def _all_ranks_succeed(action: str, fn):
+    """Run ``fn`` on every rank; if it fails on any, every rank raises (the others would
+    otherwise start training and wait for that rank in their first collective)."""
+    error = None
+    try:
+        result = fn()
+    except Exception as e:  # noqa: BLE001 - re-raised below, on this rank and the others
+        error = e
+    failed = torch.tensor([0 if error is None else 1])
+    dist.all_reduce(failed)
+    if error is not None:
+        raise error
+    if int(failed):
+        raise RuntimeError(f"{action} failed on {int(failed)} other rank(s); see their errors")
+    return result
 
 
 def load(model, optimizer, root: str | os.PathLike) -> int | None:
@@ -179,13 +250,24 @@ def load(model, optimizer, root: str | os.PathLike) -> int | None:
     if iteration is None:
         return None
     _, path = _paths(root, iteration)
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"{_paths(root)[0]} names iteration {iteration}, but {path} is missing: the save "
-            "did not finish or the directory was moved; restore it or point --load elsewhere"
-        )
-    state = dist_checkpointing.load(_sharded_state(model, optimizer, iteration, True), str(path))
-    model.load_state_dict(state["model"])
-    _load_optimizer_state(optimizer, state["optimizer"])
-    _restore_rng_state(state["rng_state"])
-    return int(state["iteration"])
+
+    def find() -> None:
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"{_paths(root)[0]} names iteration {iteration}, but {path} is missing: the "
+                "save did not finish or the directory was moved; restore it or point --load "
+                "elsewhere"
+            )
+
+    _all_ranks_succeed(f"opening {path}", find)
+    _verify_checksums(path)
+
+    def restore() -> int:
+        sharded = _sharded_state(model, optimizer, iteration, True)
+        state = dist_checkpointing.load(sharded, str(path))
+        model.load_state_dict(state["model"])
+        _load_optimizer_state(optimizer, state["optimizer"])
+        _restore_rng_state(state["rng_state"])
+        return int(state["iteration"])
+
+    return _all_ranks_succeed(f"loading {path}", restore)

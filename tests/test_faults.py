@@ -1,0 +1,103 @@
+"""Faults, each bounded in time, with the message it must give: a damaged or truncated
+checkpoint shard, a non-finite router input. (A rank that dies or raises while its peers wait:
+tests/test_simcluster.py; ranks without tokens: tests/test_zero_tokens.py; a non-finite loss:
+tests/test_training_cpu.py.)"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from megatron_locmoe.config import LocMoEConfig
+from megatron_locmoe.sim import data
+from megatron_locmoe.sim.cluster import ClusterJobError, ParallelLayout
+from megatron_locmoe.sim.testing import build_moe_layer, moe_config
+from megatron_locmoe.sim.trainer import TrainSettings, train_job
+
+LAYOUT = ParallelLayout(devices_per_node=1, ep=2)
+BOUND_S = 60.0
+"""Every fault fails this fast (the collective timeout is 90 s: no rank waits it out)."""
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    prefix = tmp_path_factory.mktemp("faults") / "pydoc"
+    data.build_indexed_dataset(prefix, max_stdlib_files=0)
+    return str(prefix)
+
+
+def _saved_checkpoint(cluster, corpus, root):
+    settings = TrainSettings(
+        data_prefix=corpus,
+        locmoe=LocMoEConfig(router_type="locmoe"),
+        steps=2,
+        save_interval=2,
+        save_dir=str(root),
+    )
+    cluster.run(train_job, settings, layout=LAYOUT)
+    shards = sorted((root / "iter_0000002").glob("*.distcp"))
+    assert shards, "torch_dist wrote no shard files"
+    return settings, shards
+
+
+def _damage(shard, how):
+    raw = bytearray(shard.read_bytes())
+    if how == "corrupted":  # 4 KiB overwritten in the middle, the size unchanged
+        mid = len(raw) // 2
+        raw[mid : mid + 4096] = bytes(4096)
+    else:  # truncated to half
+        raw = raw[: len(raw) // 2]
+    shard.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("how", ["corrupted", "truncated"])
+def test_a_damaged_shard_stops_every_rank_before_training(cluster_factory, corpus, tmp_path, how):
+    cluster = cluster_factory(2)
+    settings, shards = _saved_checkpoint(cluster, corpus, tmp_path / "ckpt")
+    _damage(shards[-1], how)
+    settings.steps, settings.load_dir, settings.save_interval = 4, settings.save_dir, 0
+    t0 = time.monotonic()
+    with pytest.raises(ClusterJobError) as e:
+        cluster.run(train_job, settings, layout=LAYOUT)
+    assert time.monotonic() - t0 < BOUND_S
+    message = str(e.value)
+    assert "iter_0000002 is damaged: 1 file(s) fail the checksums written at save" in message
+    assert f"{shards[-1].name} does not match its checksum" in message
+
+
+def nan_input_job(ctx, router_type, check):
+    from megatron_locmoe.routers import router_builder
+
+    ctx.topology()
+    lm = LocMoEConfig(router_type=router_type, check_router_input=check)
+    config = moe_config(ep=2, num_moe_experts=4, hidden_size=16, moe_router_topk=1)
+    if router_type == "switch":
+        config.moe_expert_capacity_factor = 1.0
+    layer = build_moe_layer(config, router=router_builder(lm)).to(ctx.device)
+    x = torch.randn(6, 2, 16, device=ctx.device, requires_grad=True)
+    if ctx.rank == 1:
+        x.data[3, 1, 5] = float("nan")
+    try:
+        out, _ = layer(x)
+        out.sum().backward()
+    except FloatingPointError as e:
+        return str(e)
+    return bool(torch.isfinite(x.grad).all())
+
+
+@pytest.mark.parametrize("router_type", ["locmoe", "switch", "megatron"])
+def test_a_nan_router_input_is_named_when_checked(cluster_factory, router_type):
+    cluster = cluster_factory(2)
+    t0 = time.monotonic()
+    checked = cluster.run(nan_input_job, router_type, True, layout=LAYOUT)
+    assert time.monotonic() - t0 < BOUND_S
+    # both ranks stop in the router (rank 0 would otherwise wait for rank 1 in the dispatcher)
+    assert "1 of 12 router input tokens on rank 1 are not finite (first: token 7)" in checked[1]
+    assert (
+        "router inputs on other ranks are not finite (1 tokens; rank 0's are finite)"
+        in (checked[0])
+    )
+    unchecked = cluster.run(nan_input_job, router_type, False, layout=LAYOUT)
+    assert unchecked[1] is False  # silently NaN: what the check is for
