@@ -240,6 +240,20 @@ def test_cli_prints_per_router_estimates(tmp_path, capsys):
     assert "1.15x" in out and "18.1% (paper)" in out and "Loss parity" in out
 
 
+def test_cli_refuses_a_bad_node_count_or_baseline(tmp_path):
+    from megatron_locmoe.analysis.errors import InputError
+
+    _fake_run(tmp_path, "hash", 1, False, inter_copies=0.5, intra_copies=0.375, local=0.5)
+    base = ["--cluster", "ascend-910a", "--traffic", str(tmp_path)]
+    with pytest.raises(InputError, match="--nodes 0: the EP group spans at least 1 node"):
+        cm.main([*base, "--nodes", "0"])
+    with pytest.raises(InputError, match="--baseline switch is none of the runs given \\(hash\\)"):
+        cm.main([*base, "--baseline", "switch"])
+    (tmp_path / "hash" / "run.json").write_text("{}")  # a record without the sizes
+    with pytest.raises(InputError, match="has no .* in its run.json"):
+        cm.main(base)
+
+
 def test_presets_cite_sources():
     for c in cm.CLUSTERS.values():
         assert c.sources and c.assumptions, c.name

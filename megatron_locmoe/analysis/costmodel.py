@@ -52,7 +52,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, replace
 
-from megatron_locmoe.analysis.errors import read_json, require_keys, run_tool
+from megatron_locmoe.analysis.errors import InputError, read_json, require_keys, run_tool
 from megatron_locmoe.dispatch.traffic import copy_bytes
 
 # --------------------------------------------------------------------------------------------
@@ -296,7 +296,7 @@ class RoutingStats:
         )
         missing = [k for k in need if k not in rec]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"run {run.name} has no {missing} in its run.json: the cost model needs a run "
                 "written by megatron_locmoe.analysis.demo (TensorBoard events alone hold no sizes)"
             )
@@ -908,6 +908,13 @@ def main(argv: list[str] | None = None) -> None:
         if v is not None
     }
     workload = replace(workload, **changes)
+    if args.nodes is not None and args.nodes < 1:
+        raise InputError(f"--nodes {args.nodes}: the EP group spans at least 1 node")
+    routers = [st.name for st in stats]
+    if args.baseline is not None and args.baseline not in routers:
+        raise InputError(
+            f"--baseline {args.baseline} is none of the runs given ({', '.join(routers)})"
+        )
     nodes = args.nodes or stats[0].nodes
     print(describe_cluster(cluster))
     print(
