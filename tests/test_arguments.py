@@ -135,6 +135,10 @@ def test_defaults_keep_megatron_behaviour(megatron_args):
 
 
 INVALID = [
+    (  # Megatron's own router: its validation misses this, its first forward then fails
+        ["--moe-router-topk", "2", "--moe-router-num-groups", "8", "--moe-router-group-topk", "1"],
+        "--moe-router-topk 2 experts cannot come from --moe-router-group-topk 1 of 8 groups of 1",
+    ),
     (
         ["--moe-router-type", "locmoe", "--moe-router-topk", "9"],
         "larger than the number of experts",

@@ -19,7 +19,8 @@ run.json + TensorBoard); a finished run with the same settings is skipped, so th
 resumes where it stopped. ``benchmarks/locality_sweep.py`` is the command.
 
 Decided: node-limited routing (groups = nodes, one group per token) only runs at top-2: at
-top-1 a token's one expert is on one node anyway, so it is Megatron's aux-loss router exactly.
+top-1 a token's one expert is on one node anyway, so it is Megatron's aux-loss router exactly;
+and only where one node holds two experts (not at 16 nodes x 16 experts).
 """
 
 from __future__ import annotations
@@ -647,6 +648,12 @@ def parse_args(argv=None):
     return args
 
 
+def _feasible(run: SweepRun, experts: int, nodes: int) -> bool:
+    """Node-limited top-k needs k experts on one node: at 16 nodes x 16 experts a node holds
+    one, so that run does not exist there (Megatron's top-2 router is the baseline)."""
+    return not run.node_limited or experts // nodes >= run.topk
+
+
 def planned(args) -> list[tuple[str, SweepRun]]:
     """(layout, run) to do, by priority, then world size (one cluster per size at a time,
     the cheap 8-rank layouts first)."""
@@ -655,7 +662,9 @@ def planned(args) -> list[tuple[str, SweepRun]]:
         (lay, r)
         for lay in args.layouts
         for r in sweep_runs(lay)
-        if r.priority <= args.priority and (wanted is None or r.name in wanted)
+        if r.priority <= args.priority
+        and (wanted is None or r.name in wanted)
+        and _feasible(r, args.experts, LAYOUTS[lay][0])
     ]
     world = lambda lay: LAYOUTS[lay][0] * LAYOUTS[lay][1]  # noqa: E731
     order = {lay: i for i, lay in enumerate(LAYOUTS)}

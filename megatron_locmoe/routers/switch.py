@@ -63,7 +63,16 @@ class MegatronRouter(_MeasuredTopKRouter):
 
     @classmethod
     def check_model(cls, locmoe: LocMoEConfig, tc) -> None:
-        """Megatron's own router takes every setting Megatron takes."""
+        """Megatron's own router takes every setting Megatron takes, but for one its
+        validation misses (its group-limited top-k then fails inside the first forward)."""
+        groups, limit = tc.moe_router_num_groups, tc.moe_router_group_topk
+        if groups and limit and tc.moe_router_topk > limit * (tc.num_moe_experts // groups):
+            raise ConfigError(
+                f"--moe-router-topk {tc.moe_router_topk} experts cannot come from "
+                f"--moe-router-group-topk {limit} of {groups} groups of "
+                f"{tc.num_moe_experts // groups} experts: raise --moe-router-group-topk or use "
+                "fewer groups"
+            )
 
 
 class SwitchRouter(_MeasuredTopKRouter):
