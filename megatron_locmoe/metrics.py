@@ -26,6 +26,8 @@ TOKENS_DROPPED = "tokens_dropped"
 EXPERT_CAPACITY = "expert_capacity"
 CAPACITY_DELTA = "capacity_delta"
 CAPACITY_EC_MIN = "capacity_ec_min"
+"""LocMoE's lower bound on expert capacity, in tokens; inf where the bound exceeds every
+capacity (the tail probability underflows), never a stand-in number."""
 
 ROUTER_METRICS = (
     LOCALITY_LOSS,

@@ -16,6 +16,7 @@ import pytest
 import torch
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
+from megatron_locmoe.metrics import CAPACITY_EC_MIN, ROUTER_METRICS
 from megatron_locmoe.routers import fused, kernels
 
 DEVICE = torch.device("cuda" if os.environ.get("LOCMOE_TEST_DEVICE") == "cuda" else "cpu")
@@ -80,7 +81,8 @@ def test_kernels_equal_compiled_graph(case):
     log_t = torch.tensor(0.3, device=DEVICE)
     local = torch.arange(E, device=DEVICE) < E // 2
     delta = torch.tensor(0.2, dtype=torch.float64, device=DEVICE)
-    ec_min = torch.tensor(3e31, dtype=torch.float64, device=DEVICE)
+    # an unbounded capacity bound: logged as inf on both paths, not as a stand-in number
+    ec_min = torch.tensor(float("inf"), dtype=torch.float64, device=DEVICE)
     spec = fused.LossSpec(
         topk=k,
         aux_coeff=0.01,
@@ -117,6 +119,8 @@ def test_kernels_equal_compiled_graph(case):
     assert got[2] == pytest.approx(ref[2], rel=1e-5, abs=1e-8)
     assert got[3] == pytest.approx(ref[3], rel=1e-5, abs=1e-8)
     assert torch.allclose(got[4], ref[4], rtol=1e-5, atol=1e-7), (got[4], ref[4])
+    slot = ROUTER_METRICS.index(CAPACITY_EC_MIN)
+    assert got[4][slot] == ref[4][slot] == float("inf")
     scale = ref[5].abs().max()
     assert float(scale) > 0  # the gradient was exercised
     tol = 1e-5 if dtype == torch.float32 else 2**-7  # bf16: dx rounds to one ulp either way

@@ -246,7 +246,7 @@ if HAVE_TRITON:
         dev = tl.where(emask, real - mean_load, 0.0)
         cv = tl.sqrt(tl.sum(dev * dev, axis=0) / E) / tl.maximum(mean_load, 1e-30)
         delta = tl.maximum(tl.load(delta_ptr), 0.0).to(tl.float32)
-        ec_min = tl.minimum(tl.load(ecmin_ptr), 1e30).to(tl.float32)
+        ec_min = tl.load(ecmin_ptr).to(tl.float32)  # inf when the bound exceeds any capacity
         tl.store(out_ptr + 0, attached)
         tl.store(out_ptr + 1, aux)
         # the metrics, each in its ROUTER_METRICS slot; no drops and no capacity on this path
