@@ -1,11 +1,10 @@
-"""Faults, each bounded in time, with the message it must give: a damaged or truncated
+"""Faults, each with the message it must give and every rank failing on its own (none left
+waiting for a peer): a damaged or truncated
 checkpoint shard, a non-finite router input. (A rank that dies or raises while its peers wait:
 tests/test_simcluster.py; ranks without tokens: tests/test_zero_tokens.py; a non-finite loss:
 tests/test_training_cpu.py.)"""
 
 from __future__ import annotations
-
-import time
 
 import pytest
 import torch
@@ -17,8 +16,6 @@ from megatron_locmoe.sim.testing import build_moe_layer, moe_config
 from megatron_locmoe.sim.trainer import TrainSettings, train_job
 
 LAYOUT = ParallelLayout(devices_per_node=1, ep=2)
-BOUND_S = 60.0
-"""Every fault fails this fast (the collective timeout is 90 s: no rank waits it out)."""
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +55,10 @@ def test_a_damaged_shard_stops_every_rank_before_training(cluster_factory, corpu
     settings, shards = _saved_checkpoint(cluster, corpus, tmp_path / "ckpt")
     _damage(shards[-1], how)
     settings.steps, settings.load_dir, settings.save_interval = 4, settings.save_dir, 0
-    t0 = time.monotonic()
     with pytest.raises(ClusterJobError) as e:
         cluster.run(train_job, settings, layout=LAYOUT)
-    assert time.monotonic() - t0 < BOUND_S
     message = str(e.value)
+    assert "were stopped" not in message  # every rank raised itself; none was left waiting
     assert "iter_0000002 is damaged: 1 file(s) fail the checksums written at save" in message
     assert f"{shards[-1].name} does not match its checksum" in message
 
@@ -90,9 +86,8 @@ def nan_input_job(ctx, router_type, check):
 @pytest.mark.parametrize("router_type", ["locmoe", "switch", "megatron"])
 def test_a_nan_router_input_is_named_when_checked(cluster_factory, router_type):
     cluster = cluster_factory(2)
-    t0 = time.monotonic()
+    # both ranks return (a rank left waiting in the dispatcher would fail the job instead)
     checked = cluster.run(nan_input_job, router_type, True, layout=LAYOUT)
-    assert time.monotonic() - t0 < BOUND_S
     # both ranks stop in the router (rank 0 would otherwise wait for rank 1 in the dispatcher)
     assert "1 of 12 router input tokens on rank 1 are not finite (first: token 7)" in checked[1]
     assert (

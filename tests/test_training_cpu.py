@@ -6,7 +6,6 @@ in W&B offline run files."""
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 
@@ -223,11 +222,10 @@ def test_a_non_finite_loss_stops_every_rank_with_the_step(cluster_factory, corpu
     settings = TrainSettings(
         data_prefix=corpus, locmoe=LocMoEConfig(router_type="locmoe"), steps=3, lr=1e30
     )
-    t0 = time.monotonic()
     with pytest.raises(ClusterJobError) as e:
         cluster.run(train_job, settings, layout=layout)
     assert "step 2: the loss or a gradient is not finite on ranks [0, 1]" in str(e.value)
-    assert time.monotonic() - t0 < cluster.collective_timeout_s
+    assert "were stopped" not in str(e.value)  # every rank raised itself; none was waiting
     settings.check_for_nan_in_loss_and_grad = False
     losses = cluster.run(train_job, settings, layout=layout)[0]["losses"]
     assert len(losses) == 3 and not math.isfinite(losses[-1])
