@@ -46,6 +46,9 @@ TE_FUSIONS = {"moe-grouped-gemm": True, "moe-permute-fusion": True, "locmoe-expe
 """TE's grouped expert GEMMs (TEGroupedMLP; the experts' auto setting picks it) and fused
 permutation: Megatron's fastest MoE path."""
 ROUTER_FUSION = {"moe-router-fusion": True, "locmoe-fused-router": None}
+GRAPHS = {"cuda-graph-impl": "transformer_engine", "cuda-graph-modules": ["attn", "moe_router"]}
+"""Megatron's per-layer CUDA graphs through TE: attention and the router captured, dispatch
+and experts eager (their split sizes change per step)."""
 VARIANTS = {  # name -> (the preset's run it starts from, flags changed on top of it)
     # Megatron's stock layer: its router and its per-expert loop (no TE, no grouped_gemm)
     "megatron_loop": ("megatron", {"locmoe-experts": "loop"}),
@@ -54,6 +57,8 @@ VARIANTS = {  # name -> (the preset's run it starts from, flags changed on top o
     "hash": ("hash", {}),
     "switch": ("switch", {}),
     "locmoe": ("locmoe", {}),
+    # `--moe-router-type locmoe` and nothing else of the plugin's: its auto defaults (issue 19)
+    "locmoe_alone": ("locmoe", {"locmoe-fused-router": None, "locmoe-experts": None}),
     # under TE: Megatron's router with every TE fusion (router fusion: TE's fused top-k, score
     # function and aux loss) -- the baseline production users run; the plugin's routers on
     # TEGroupedMLP with the same fusions (locmoe: --moe-router-fusion gives its own fused path;
@@ -63,12 +68,19 @@ VARIANTS = {  # name -> (the preset's run it starts from, flags changed on top o
     "locmoe_te_grouped": ("locmoe", {**ROUTER_FUSION, "moe-permute-fusion": True}),
     "hash_te": ("hash", TE_FUSIONS),
     "switch_te": ("switch", {**TE_FUSIONS, **ROUTER_FUSION}),
+    # the same with attention and router in CUDA graphs (the host's launches gone there)
+    "megatron_te_graphed": ("megatron", {**TE_FUSIONS, **ROUTER_FUSION, **GRAPHS}),
+    "locmoe_te_graphed": ("locmoe", {**TE_FUSIONS, **ROUTER_FUSION, **GRAPHS}),
+    "locmoe_te_grouped_graphed": (
+        "locmoe",
+        {**ROUTER_FUSION, "moe-permute-fusion": True, **GRAPHS},
+    ),
     # the fused path as the compiled graph (environment below)
     "locmoe_compiled": ("locmoe", {}),
 }
 ROUTERS = list(VARIANTS)
 ROUTER_ENV = {"locmoe_compiled": {"LOCMOE_TRITON_ROUTER": "0"}}
-TE_ROUTERS = [r for r in ROUTERS if r.endswith(("_te", "_te_grouped"))]
+TE_ROUTERS = [r for r in ROUTERS if "_te" in r]
 DEFAULT_ROUTERS = (
     ["megatron_te", "locmoe_te", "locmoe_te_grouped", "hash_te", "switch_te"]
     if HAVE_TE

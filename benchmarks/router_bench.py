@@ -19,7 +19,9 @@ costs the fused router as much as Megatron's router does; a device-side sleep fa
 floor is the bytes a router must move at the card's bandwidth: read x and write dx
 once ([T, H] bf16 each), plus the [T, E] outputs. "device ms" is the card's own time per call
 with the host's launch overhead hidden (calls queued behind a device-side sleep): where it is
-far below "ms", the router is host-bound.
+far below "ms", the router is host-bound. "<router>_graphed" rows (CUDA; ``--graphed``) are the
+same forward+backward captured once in a CUDA graph and replayed, as Megatron's CUDA graphs
+(``--cuda-graph-modules moe_router``) would run it: the host's launch cost gone.
 
 The locmoe routers run with half of the experts marked as remote (two simulated nodes), so the
 locality loss is computed as in a multi-node run; one process cannot host a real second node.
@@ -130,6 +132,9 @@ ROUTERS = [
     "autograd_floor",
 ]
 
+GRAPHED = ["megatron_aux", "megatron_te_fused", "locmoe_fused"]
+"""Routers also timed as one replayed CUDA graph (forward and backward)."""
+
 
 def _agreement(reference, fused, T: int) -> dict:
     """How far a fused path's (probs, map, dx) are from the reference path's."""
@@ -144,6 +149,37 @@ def _agreement(reference, fused, T: int) -> dict:
             (g0_same - g1_same).abs().max() / g0_same.abs().max().clamp_min(1e-30)
         ),
     }
+
+
+def graphed_row(name, H, E, k, x, grad_TE, outputs, device, args) -> dict:
+    """``name``'s forward+backward captured in one CUDA graph and replayed: what the router
+    costs when Megatron's CUDA graphs (``--cuda-graph-modules moe_router``) take the host out.
+    A fresh router (its tracker writes and buffers inside the graph); its replayed outputs are
+    compared with the eager call's."""
+    router, _ = build_router(name, H, E, k, device)
+    xr = x.clone().requires_grad_(True)
+    out: list[torch.Tensor] = []
+
+    def step():
+        probs, routing_map = router(xr)
+        probs.backward(grad_TE)
+        out[:] = [probs.detach(), routing_map, xr.grad]
+        xr.grad = None
+
+    try:
+        replay = benchutil.cuda_graphed(step, device)
+    except RuntimeError as e:  # a router that cannot be captured: say why, keep the others
+        print(f"  {name}: CUDA-graph capture failed: {str(e).splitlines()[0]}")
+        return {"graph_error": str(e).splitlines()[0]}
+    ms = benchutil.timed(replay, device, args.warmup, args.repeats, args.inner)
+    replay()
+    torch.cuda.synchronize(device)
+    row = {"ms": ms, "alone_ms": ms, "device_ms": benchutil.device_time(replay, device)}
+    row.update(peak_mb=None, x_floor=None, device_x_floor=None)
+    if name in outputs:
+        T = x.shape[0]
+        row["graph_check"] = _agreement(outputs[name], (out[0], out[1], out[2].float()), T)
+    return row
 
 
 def bench_shape(T, H, E, k, device, args) -> dict:
@@ -192,10 +228,15 @@ def bench_shape(T, H, E, k, device, args) -> dict:
             "x_floor": ms / floor_ms if floor_ms else None,
             "device_x_floor": gpu_ms / floor_ms if floor_ms and gpu_ms else None,
         }
+    for name in args.graphed:
+        if name in steps and device.type == "cuda":
+            rows[f"{name}_graphed"] = graphed_row(name, H, E, k, x, grad_TE, outputs, device, args)
     del routers, steps
     base, base_alone = rows["megatron_aux"]["ms"], rows["megatron_aux"]["alone_ms"]
     te_alone = rows.get("megatron_te_fused", {}).get("alone_ms")
     for row in rows.values():
+        if "ms" not in row:
+            continue
         row["vs_megatron"] = row["ms"] / base
         row["alone_vs_megatron"] = row["alone_ms"] / base_alone
         row["alone_vs_te_fused"] = row["alone_ms"] / te_alone if te_alone else None
@@ -216,6 +257,12 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--inner", type=int, default=10)
+    p.add_argument(
+        "--graphed",
+        nargs="*",
+        default=GRAPHED,
+        help="routers also timed captured in a CUDA graph (CUDA only; none: --graphed)",
+    )
     p.add_argument("--profile", nargs="*", default=[], help="routers to profile (op table)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -237,6 +284,9 @@ def main() -> None:
             f"{'x floor':>9}{'device ms':>11}{'x floor':>9}{'peak MB':>9}{'vs TE fused':>12}"
         )
         for name, row in res["routers"].items():
+            if "ms" not in row:
+                print(f"  {name:<24}capture failed: {row['graph_error']}")
+                continue
             xf = f"{row['x_floor']:.1f}" if row["x_floor"] else "-"
             dev_ms = f"{row['device_ms']:.3f}" if row["device_ms"] is not None else "-"
             dxf = f"{row['device_x_floor']:.1f}" if row["device_x_floor"] else "-"
@@ -248,6 +298,9 @@ def main() -> None:
             )
         for name, agreement in res["fused_check"].items():
             print(f"  {name} vs reference: {agreement}")
+        for name, row in res["routers"].items():
+            if "graph_check" in row:
+                print(f"  {name} vs eager: {row['graph_check']}")
     benchutil.save(args.out, result)
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.cuda_graphs import is_graph_capturing
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
@@ -57,7 +58,8 @@ class LocMoELayer(MoELayer):
 
     def forward(self, hidden_states, *args, **kwargs):
         output = super().forward(hidden_states, *args, **kwargs)
-        self._record_traffic(hidden_states.device)
+        if not is_graph_capturing():  # a partial capture (moe_router) returns before dispatch
+            self._record_traffic(hidden_states.device)
         return output
 
     def _record_traffic(self, device) -> None:

@@ -125,3 +125,68 @@ def test_kernels_equal_compiled_graph(case):
     assert float(scale) > 0  # the gradient was exercised
     tol = 1e-5 if dtype == torch.float32 else 2**-7  # bf16: dx rounds to one ulp either way
     assert float((ref[5] - got[5]).abs().max() / scale) <= tol
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs: LOCMOE_TEST_DEVICE=cuda")
+def test_kernels_replay_in_cuda_graph():
+    """Forward and backward captured once replay what eager calls give for new token values
+    written into the captured input (nothing is baked in on the host at capture), add their
+    metrics to the tracker block once per replay, and leave the ticket zero: what Megatron's
+    CUDA graphs (``--cuda-graph-modules moe_router``) need from the router."""
+    T, H, E, k = 96, 128, 8, 2
+    weight = torch.full((E, H // E), E / H, device=DEVICE)
+    log_t = torch.tensor(0.3, device=DEVICE)
+    local = torch.arange(E, device=DEVICE) < E // 2
+    delta = torch.tensor(0.2, dtype=torch.float64, device=DEVICE)
+    ec_min = torch.tensor(5.0, dtype=torch.float64, device=DEVICE)
+    spec = fused.LossSpec(topk=k, aux_coeff=0.01, aux_scale=1.0, locality_coeff=0.1,
+                          locality_eps=0.05)  # fmt: skip
+    ticket = torch.zeros((), dtype=torch.int32, device=DEVICE)
+    gen = torch.Generator().manual_seed(11)
+    inputs = [(torch.randn(T, H, generator=gen) * 2).to(DEVICE) for _ in range(3)]
+    g_TE = torch.randn(T, E, generator=gen).to(DEVICE)
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.7, device=DEVICE))
+
+    def step(x, block, lb):
+        probs, routing_map, ws = kernels.route(
+            x, weight, log_t, local, delta, ec_min, spec, None, True, 1.0,
+            kernels.TrackerSlots(block, lb, 0), ticket,
+        )  # fmt: skip
+        (probs * g_TE).sum().backward()
+        grad, x.grad = x.grad, None
+        return probs.detach(), routing_map, grad
+
+    def fresh():
+        return torch.zeros(len(ROUTER_METRICS), 1, device=DEVICE), torch.zeros(1, device=DEVICE)
+
+    try:
+        eager = []
+        for values in inputs[1:]:
+            block, lb = fresh()
+            eager.append((step(values.clone().requires_grad_(True), block, lb), block, lb))
+        x = inputs[0].clone().requires_grad_(True)
+        block, lb = fresh()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):  # compile and warm up outside the capture
+                step(x, block, lb)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = step(x, block, lb)
+        for (want, want_block, want_lb), values in zip(eager, inputs[1:], strict=True):
+            with torch.no_grad():
+                x.copy_(values)
+            block.zero_(), lb.zero_()
+            graph.replay()
+            graph.replay()  # two micro-batches: the metrics add up, the outputs are the same
+            torch.cuda.synchronize()
+            assert int(ticket) == 0
+            assert torch.equal(captured[1], want[1]), "routing maps differ"
+            assert (captured[0] - want[0]).abs().max() < 1e-6
+            assert float((captured[2] - want[2]).abs().max() / want[2].abs().max()) < 1e-5
+            assert torch.allclose(block, 2 * want_block, rtol=1e-5, atol=1e-7), (block, want_block)
+            assert torch.allclose(lb, 2 * want_lb, rtol=1e-5) and float(want_lb) > 0
+    finally:
+        MoEAuxLossAutoScaler.main_loss_backward_scale = None

@@ -155,6 +155,61 @@ def test_grouped_experts_under_te_equal_te_grouped_mlp(cluster1):
     assert r["y_rel"] < 2e-2 and r["x_grad_rel"] < 2e-2, r
 
 
+ZERO_TOKEN_ROUTERS = {
+    "megatron": dict(router_type="megatron"),
+    "locmoe": dict(router_type="locmoe", fused_router="on"),
+    "locmoe_bound": dict(router_type="locmoe", capacity_mode="bound"),
+    "hash": dict(router_type="hash"),
+    "switch": dict(router_type="switch"),
+}
+
+
+def zero_token_job(ctx, router: str, te: bool):
+    """A rank with no tokens on the GPU (an empty micro-batch), under TE's spec (TEGroupedMLP,
+    fused permute and router) or the local spec (the plugin's grouped experts): forward and
+    backward give empty outputs and gradients, and no recorded metric is NaN."""
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    ctx.topology()
+    lm = ZERO_TOKEN_ROUTERS[router]
+    capacity = dict(moe_expert_capacity_factor=1.0) if router in ("locmoe_bound", "switch") else {}
+    fusions = dict(moe_router_fusion=router in ("megatron", "locmoe", "switch"))
+    if not te:
+        fusions = dict(
+            transformer_impl="local",
+            moe_grouped_gemm=False,
+            moe_permute_fusion=False,
+            moe_router_fusion=False,
+        )
+    config = te_config(moe_router_topk=1, **capacity, **fusions)
+    locmoe = LocMoEConfig(**lm, experts="auto" if te else "grouped")
+    get_moe_metrics_tracker().clear()
+    layer = build_moe_layer(config, locmoe=locmoe, vocab_size=257).to(ctx.device)
+    layer.set_layer_number(1)
+    if router == "hash":
+        layer.router.set_token_ids(torch.zeros(1, 0, dtype=torch.long, device=ctx.device))
+    x = torch.zeros(0, 1, config.hidden_size, device=ctx.device, dtype=torch.bfloat16)
+    x.requires_grad_(True)
+    y, _ = layer(x)
+    y.sum().backward()
+    torch.cuda.synchronize()
+    tracked = [m.values for m in get_moe_metrics_tracker().metrics.values() if m.values is not None]
+    return dict(
+        experts=type(layer.experts).__name__,
+        shapes=(tuple(y.shape), tuple(x.grad.shape)),
+        finite=all(bool(torch.isfinite(v).all()) for v in tracked),
+    )
+
+
+@pytest.mark.parametrize("te", [True, False], ids=["te", "local"])
+@pytest.mark.parametrize("router", list(ZERO_TOKEN_ROUTERS))
+def test_rank_without_tokens_on_the_gpu(cluster1, router, te):
+    (r,) = cluster1.run(zero_token_job, router, te, layout=SOLO)
+    assert r["shapes"] == ((0, 1, 512), (0, 1, 512)), r
+    assert r["finite"], r
+    assert r["experts"] == ("TEGroupedMLP" if te else "GroupedSequentialMLP"), r
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """The offline corpus (Python's documentation, byte tokens) as Megatron's indexed dataset."""
