@@ -141,6 +141,8 @@ def _agreement(reference, fused, T: int) -> dict:
     (p0, m0, g0), (p1, m1, g1) = reference, fused
     same_T = (m0 == m1).all(-1)  # tokens routed to the same experts by both paths
     g0_same, g1_same = g0.view(T, -1)[same_T], g1.view(T, -1)[same_T]
+    if not same_T.any():
+        return {"map_equal": False, "tokens_rerouted": T}
     return {
         "map_equal": bool(torch.equal(m0, m1)),
         "tokens_rerouted": int((~same_T).sum()),
@@ -151,12 +153,13 @@ def _agreement(reference, fused, T: int) -> dict:
     }
 
 
-def graphed_row(name, H, E, k, x, grad_TE, outputs, device, args) -> dict:
+def graphed_row(name, eager_router, H, E, k, x, grad_TE, outputs, device, args) -> dict:
     """``name``'s forward+backward captured in one CUDA graph and replayed: what the router
     costs when Megatron's CUDA graphs (``--cuda-graph-modules moe_router``) take the host out.
     A fresh router (its tracker writes and buffers inside the graph); its replayed outputs are
     compared with the eager call's."""
     router, _ = build_router(name, H, E, k, device)
+    router.load_state_dict(eager_router.state_dict())  # the same gate as the eager row's
     xr = x.clone().requires_grad_(True)
     out: list[torch.Tensor] = []
 
@@ -230,7 +233,7 @@ def bench_shape(T, H, E, k, device, args) -> dict:
         }
     for name in args.graphed:
         if name in steps and device.type == "cuda":
-            rows[f"{name}_graphed"] = graphed_row(name, H, E, k, x, grad_TE, outputs, device, args)
+            rows[f"{name}_graphed"] = graphed_row(name, routers[name], H, E, k, x, grad_TE, outputs, device, args)
     del routers, steps
     base, base_alone = rows["megatron_aux"]["ms"], rows["megatron_aux"]["alone_ms"]
     te_alone = rows.get("megatron_te_fused", {}).get("alone_ms")
