@@ -233,7 +233,9 @@ def bench_shape(T, H, E, k, device, args) -> dict:
         }
     for name in args.graphed:
         if name in steps and device.type == "cuda":
-            rows[f"{name}_graphed"] = graphed_row(name, routers[name], H, E, k, x, grad_TE, outputs, device, args)
+            rows[f"{name}_graphed"] = graphed_row(
+                name, routers[name], H, E, k, x, grad_TE, outputs, device, args
+            )
     del routers, steps
     base, base_alone = rows["megatron_aux"]["ms"], rows["megatron_aux"]["alone_ms"]
     te_alone = rows.get("megatron_te_fused", {}).get("alone_ms")

@@ -48,6 +48,26 @@ def _written_before_training(path: str) -> bool:
     return os.path.abspath(path) in _FILES_TO_COME and not os.path.exists(path)
 
 
+def check_data_args(args) -> None:
+    """The indexed datasets ``--data-path`` (a blend: weights and prefixes) and the per-split
+    paths name, checked as Megatron's loader will read them (``sim.data.check_indexed_dataset``):
+    raises CorpusError naming the file. Those a step before training writes are passed over."""
+    if getattr(args, "mock_data", False):
+        return
+    from megatron_locmoe.sim.data import check_indexed_dataset
+
+    for name in ("data_path", "train_data_path", "valid_data_path", "test_data_path"):
+        for entry in getattr(args, name, None) or []:
+            try:
+                float(entry)  # a blend weight
+                continue
+            except ValueError:
+                pass
+            if all(_written_before_training(f"{entry}.{ext}") for ext in ("bin", "idx")):
+                continue
+            check_indexed_dataset(entry)
+
+
 def dest(field_name: str) -> str:
     """argparse dest of a LocMoEConfig field: ``moe_router_type`` or ``locmoe_<field>``."""
     return _FLAG_OVERRIDES.get(field_name, f"locmoe_{field_name}")

@@ -45,15 +45,10 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
     from megatron.training import get_args
     from megatron.training.utils import is_first_or_last_pipeline_stage
 
-    args = get_args()
-    if not args.mock_data:
-        from megatron_locmoe.sim.data import check_indexed_dataset
+    from megatron_locmoe.arguments import check_data_args
 
-        for entry in args.data_path or []:  # a blend: weights and prefixes
-            try:
-                float(entry)
-            except ValueError:
-                check_indexed_dataset(entry)
+    args = get_args()
+    check_data_args(args)  # a clear error naming the file, not one deep in the loader
     dataset_type = MockGPTDataset if args.mock_data else GPTDataset
     return BlendedMegatronDatasetBuilder(
         dataset_type,

@@ -186,6 +186,21 @@ def test_files_the_data_step_writes_may_be_missing_others_may_not(tmp_path, monk
         )
 
 
+def test_a_damaged_corpus_is_refused_before_any_process_starts(tmp_path, monkeypatch):
+    from megatron_locmoe.sim.data import build_indexed_dataset
+
+    monkeypatch.chdir(tmp_path)
+    build_indexed_dataset(tmp_path / "c")
+    plan = _plan("router-sweep", runs=["megatron"], sets=[f"data-path={tmp_path}/c"])
+    assert plan.runs[0].args.data_path == [f"{tmp_path}/c"]
+    with open(tmp_path / "c.bin", "r+b") as f:
+        f.truncate(f.seek(0, 2) // 2)
+    with pytest.raises(PresetError, match=r"c.bin holds \d+ bytes, its index c.idx describes"):
+        _plan("router-sweep", runs=["megatron"], sets=[f"data-path={tmp_path}/c"])
+    # a missing corpus is the preset's data step's to write (it builds what is missing)
+    _plan("router-sweep", runs=["megatron"], sets=[f"data-path={tmp_path}/nowhere"])
+
+
 def test_slurm_rendezvous_and_master_addr_from_environment(monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "gpu-a01")
     opts = launch.parse_options(["--config", "h100-2node", "--rdzv-id", "77", "--node-rank", "1"])

@@ -408,8 +408,13 @@ def parse_with_megatron(
     the validated namespace; raises PresetError with Megatron's message.
     """
     from megatron_locmoe import adaptor
-    from megatron_locmoe.arguments import ARGS_DEFAULTS, files_written_before_training
+    from megatron_locmoe.arguments import (
+        ARGS_DEFAULTS,
+        check_data_args,
+        files_written_before_training,
+    )
     from megatron_locmoe.device import DeviceChoice
+    from megatron_locmoe.sim.data import CorpusError
 
     registry = adaptor.REGISTRY
     applied_here = registry.device is None
@@ -441,7 +446,11 @@ def parse_with_megatron(
                 msg = lines[-1] if lines else "argument error"
                 raise PresetError(f"Megatron's parser rejects {what}: {msg}") from None
             try:
-                return arguments.validate_args(args, dict(ARGS_DEFAULTS))
+                args = arguments.validate_args(args, dict(ARGS_DEFAULTS))
+                check_data_args(args)  # before any process starts
+                return args
+            except CorpusError as e:
+                raise PresetError(f"{what}: {e}") from None
             except RuntimeError as e:
                 if "NVIDIA" in str(e) or "CUDA" in str(e):
                     raise PresetError(
