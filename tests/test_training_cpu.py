@@ -6,6 +6,7 @@ in W&B offline run files."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -229,3 +230,81 @@ def test_a_non_finite_loss_stops_every_rank_with_the_step(cluster_factory, corpu
     settings.check_for_nan_in_loss_and_grad = False
     losses = cluster.run(train_job, settings, layout=layout)[0]["losses"]
     assert len(losses) == 3 and not math.isfinite(losses[-1])
+
+
+def test_the_launchers_cpu_runs_take_megatrons_optimizer_and_schedule(
+    cluster_factory, corpus, tmp_path
+):
+    """The cpu-sim preset with warm-up, cosine decay, weight decay and clipping: each step's
+    learning rate is Megatron's schedule for those flags (linear warm-up from 0, then cosine to
+    --min-lr), and the clipped norm is the global one: the same on every rank, although each
+    rank holds other experts."""
+    from megatron_locmoe.launch.cli import Options, build_plan
+
+    lr, min_lr, steps, warmup = 2e-3, 2e-4, 6, 2
+    sets = [f"data-path={corpus}", f"train-iters={steps}", f"lr={lr}", f"min-lr={min_lr}"]
+    sets += [f"lr-warmup-iters={warmup}", "lr-decay-style=cosine", "weight-decay=0.1"]
+    sets += ["clip-grad=0.05"]
+    plan = build_plan(Options(config="cpu-sim", sets=sets, runs_dir=str(tmp_path)))
+    settings, layout = plan.runs[0].cpu_loop
+    assert settings.optimizer.clip_grad == 0.05
+    results = cluster_factory(4).run(train_job, settings, layout=layout)
+    expected = []
+    for i in range(steps):  # Megatron steps the schedule after each iteration
+        if i <= warmup:
+            expected.append(lr * i / warmup)
+        else:
+            ratio = (i - warmup) / (steps - warmup)
+            expected.append(min_lr + (lr - min_lr) * 0.5 * (math.cos(math.pi * ratio) + 1))
+    for r in results:
+        assert r["lr"] == pytest.approx(expected, rel=1e-12, abs=1e-15), r["lr"]
+        assert r["grad_norm"] == results[0]["grad_norm"]  # one global norm
+    assert min(results[0]["grad_norm"]) > 0.05  # clipping was active at every step
+    # stopped at step 3 (as --exit-interval does) and resumed: the schedule goes on from there
+    ckpt = str(tmp_path / "ckpt")
+    cluster = cluster_factory(4)
+    cluster.run(
+        train_job, replace(settings, steps=3, save_dir=ckpt, save_interval=3), layout=layout
+    )
+    resumed = cluster.run(train_job, replace(settings, load_dir=ckpt), layout=layout)[0]
+    assert resumed["lr"] == results[0]["lr"][3:]
+    assert resumed["losses"] == results[0]["losses"][3:]
+
+
+def clip_job(ctx, max_norm: float):
+    """The loop's clipping on a real model's gradients: afterwards the norm of all gradients
+    of the model (expert ones gathered from every rank) is max_norm."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_locmoe.sim import trainer
+
+    ctx.topology()
+    settings = TrainSettings(data_prefix="", locmoe=LocMoEConfig(dispatcher="hierarchical"))
+    torch.manual_seed(0)
+    model = trainer._model(settings, ctx.layout.ep)
+    tokens = torch.randint(0, 257, (2, 16), generator=torch.Generator().manual_seed(ctx.rank))
+    positions = torch.arange(16).expand(2, 16)
+    loss = model(tokens, positions, None, labels=tokens).float().mean()
+    loss.backward()
+    before = trainer._clip_grads(model, max_norm)
+    group = parallel_state.get_expert_model_parallel_group()
+    sq = {"dense": torch.zeros((), dtype=torch.float64), "expert": torch.zeros(())}
+    sq["expert"] = sq["expert"].double()
+    for p in model.parameters():
+        if p.grad is not None:
+            key = "expert" if getattr(p, "allreduce", True) is False else "dense"
+            sq[key] += p.grad.double().pow(2).sum()
+    parts = [torch.zeros((), dtype=torch.float64) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, sq["expert"], group=group)
+    return before, float((sq["dense"] + sum(parts)).sqrt())
+
+
+def test_clipping_uses_the_global_norm(cluster_factory):
+    results = cluster_factory(4).run(
+        clip_job, 0.01, layout=ParallelLayout(devices_per_node=2, ep=4)
+    )
+    assert all(before > 0.01 for before, _ in results)
+    for _, after in results:
+        assert after == pytest.approx(0.01, rel=1e-5)

@@ -29,9 +29,10 @@ Per device kind:
 - ``cpu``: Megatron's ``pretrain()`` is not a CPU target, so the launcher trains in this
   process's simulated cluster instead (``megatron_locmoe.sim.cluster.SimCluster``, gloo, nodes
   x devices-per-node ranks) with ``megatron_locmoe.sim.trainer``: the parsed Megatron arguments
-  are mapped onto ``TrainSettings`` (model sizes, router and ``--locmoe-*`` flags, steps,
-  batch, lr, seed, TensorBoard / W&B dirs, ``--save`` / ``--load`` checkpoints); flags that
-  loop cannot honour are refused.
+  are mapped onto ``TrainSettings`` (Megatron's TransformerConfig and GPT options for the
+  flags, router and ``--locmoe-*`` flags, steps, batch, seed, Megatron's optimizer and
+  learning-rate schedule, TensorBoard / W&B dirs, ``--save`` / ``--load`` checkpoints); flags
+  that loop cannot honour are refused.
 
 A preset with a ``sweep`` runs its entries one after another (e.g. one training per router)
 and ends with a table of tokens/s and lm loss per run, also written to
@@ -331,7 +332,9 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path):
     evaluate); anything else in the flags is refused here rather than silently ignored. ``--save`` / ``--save-interval`` /
     ``--load`` map to its torch_dist checkpoints; its per-step progress goes to
     ``log_dir/progress.jsonl`` (tokens/s). The model is built from Megatron's own
-    TransformerConfig for the flags, so every model flag means what it means to pretrain_gpt."""
+    TransformerConfig for the flags, and the optimizer and schedule are Megatron's for them
+    (:func:`optimizer_settings`), so every model and optimizer flag means what it means to
+    pretrain_gpt."""
     from megatron_locmoe.arguments import gpt_dataset_options, locmoe_config_from_args
     from megatron_locmoe.sim.cluster import ParallelLayout
     from megatron_locmoe.sim.data import VOCAB_SIZE
@@ -361,6 +364,12 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path):
         )
     if args.num_experts is None:
         refuse.append("--num-experts is missing: the CPU loop trains an MoE model")
+    if args.optimizer != "adam":
+        refuse.append(f"--optimizer {args.optimizer}: the CPU loop runs adam (AdamW), use adam")
+    if args.train_iters is None:
+        refuse.append("--train-samples: the CPU loop counts iterations, give --train-iters")
+    if args.decoupled_lr is not None:
+        refuse.append("--decoupled-lr: the CPU loop has one learning rate for every parameter")
     locmoe = locmoe_config_from_args(args)
     if locmoe.devices_per_node not in (None, devices_per_node):
         refuse.append(
@@ -412,6 +421,7 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path):
         dataset_options=gpt_dataset_options(args),
         transformer_config=gpt.transformer,
         gpt_model_options=gpt_model_options,
+        optimizer=optimizer_settings(args),
     )
     layout = ParallelLayout(
         devices_per_node=devices_per_node,
@@ -419,6 +429,42 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path):
         etp=args.expert_tensor_parallel_size,
     )
     return settings, layout
+
+
+def optimizer_settings(args):
+    """The optimizer and learning-rate schedule Megatron's pretrain() builds from ``args``
+    (``get_optimizer_param_scheduler``, iteration-based), for the CPU loop."""
+    from megatron_locmoe.sim.trainer import OptimizerSettings
+
+    gbs = args.global_batch_size
+    decay_steps = (args.lr_decay_iters or args.train_iters) * gbs
+    if args.lr_warmup_fraction is not None:
+        warmup_steps = args.lr_warmup_fraction * decay_steps
+    else:
+        warmup_steps = args.lr_warmup_iters * gbs
+    wsd = args.lr_wsd_decay_iters
+    scheduler = dict(
+        init_lr=args.lr_warmup_init,
+        max_lr=args.lr,
+        min_lr=args.min_lr,
+        lr_warmup_steps=warmup_steps,
+        lr_decay_steps=decay_steps,
+        lr_decay_style=args.lr_decay_style,
+        start_wd=args.start_weight_decay,
+        end_wd=args.end_weight_decay,
+        wd_incr_steps=args.train_iters * gbs,
+        wd_incr_style=args.weight_decay_incr_style,
+        wsd_decay_steps=None if wsd is None else wsd * gbs,
+        lr_wsd_decay_style=args.lr_wsd_decay_style,
+    )
+    return OptimizerSettings(
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        adam_eps=args.adam_eps,
+        clip_grad=args.clip_grad,
+        scheduler=scheduler,
+        samples_per_step=gbs,
+    )
 
 
 def run_cpu(plan: Plan) -> dict[str, dict]:

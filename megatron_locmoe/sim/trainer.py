@@ -29,6 +29,25 @@ from megatron_locmoe.sim import checkpoint
 from megatron_locmoe.sim.data import VOCAB_SIZE
 
 
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """Megatron's optimizer and schedule as the CPU loop applies them (``launch.cli`` builds
+    them from the flags): AdamW, which is what Megatron's ``adam`` is without TE or apex; no
+    weight decay on biases and 1-D parameters (Megatron's default parameter groups); clipping
+    by the global gradient norm over the dense and the expert parameters; Megatron's own
+    OptimizerParamScheduler, stepped by the global batch after every iteration."""
+
+    adam_beta1: float
+    adam_beta2: float
+    adam_eps: float
+    clip_grad: float
+    """Largest global gradient norm (0: no clipping)."""
+    scheduler: dict
+    """OptimizerParamScheduler's arguments besides the optimizer."""
+    samples_per_step: int
+    """The scheduler's increment per iteration: the global batch."""
+
+
 @dataclass
 class TrainSettings:
     """One run of the loop (every rank gets the same settings)."""
@@ -91,6 +110,9 @@ class TrainSettings:
     routing_stats_steps: int = 0
     """Count every router's token-expert assignments (after drops) over the last this many
     training steps: ``tokens_per_expert`` [ranks][layers][E] in the results (0: off)."""
+    optimizer: OptimizerSettings | None = None
+    """Megatron's optimizer flags (the launcher's CPU runs pass them); None: AdamW at the
+    constant ``lr``, no weight decay, no clipping (the demo's, the sweep's and the tests' runs)."""
 
 
 def _model(settings: TrainSettings, ep: int):
@@ -204,6 +226,55 @@ def _sync_grads(model, dp_group, expt_dp_group, dp_size: int) -> None:
             dist.all_reduce(p.grad, group=dp_group, op=dist.ReduceOp.AVG)
 
 
+def _optimizer(model, settings: TrainSettings):
+    """(optimizer, Megatron's scheduler or None) for ``settings.optimizer``."""
+    o = settings.optimizer
+    if o is None:
+        return torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0), None
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if name.endswith(".bias") or p.dim() == 1 else decay).append(p)
+    groups = [
+        {"params": params, "wd_mult": mult}
+        for params, mult in ((decay, 1.0), (no_decay, 0.0))
+        if params
+    ]
+    betas = (o.adam_beta1, o.adam_beta2)
+    opt = torch.optim.AdamW(groups, lr=0.0, betas=betas, eps=o.adam_eps, weight_decay=0.0)
+    return opt, OptimizerParamScheduler(opt, **o.scheduler)  # sets each group's lr and decay
+
+
+def _clip_grads(model, max_norm: float) -> float:
+    """Megatron's clip_grad_norm: the L2 norm of every gradient of the model (the expert
+    parameters' summed over the expert-parallel group, whose ranks hold different experts;
+    the dense ones are the same on every rank after the data-parallel average), and the
+    gradients scaled by max_norm / (norm + 1e-6) where that is below 1. Returns the norm."""
+    from megatron.core import parallel_state
+
+    dense = torch.zeros((), dtype=torch.float64)
+    expert = torch.zeros((), dtype=torch.float64)
+    for p in model.parameters():
+        if p.grad is not None:
+            sq = p.grad.double().pow(2).sum()
+            if getattr(p, "allreduce", True) is False:
+                expert += sq
+            else:
+                dense += sq
+    group = parallel_state.get_expert_model_parallel_group()
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(expert, group=group)
+    norm = float((dense + expert).sqrt())
+    coeff = max_norm / (norm + 1.0e-6)
+    if max_norm > 0 and coeff < 1.0:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(coeff)
+    return norm
+
+
 def _check_finite(model, loss: torch.Tensor, step: int) -> None:
     """Raise on every rank together (one all-reduce of a per-rank flag, so no rank waits for a
     peer that stopped) when this rank's loss or a gradient is not finite."""
@@ -237,7 +308,7 @@ def train_job(ctx, settings: TrainSettings) -> dict:
     dp_group = parallel_state.get_data_parallel_group()
     expt_dp_group = parallel_state.get_expert_data_parallel_group()
     dp_size, dp_rank = dist.get_world_size(dp_group), dist.get_rank(dp_group)
-    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
+    opt, scheduler = _optimizer(model, settings)
     mbs = settings.micro_batch_size
     samples = settings.steps * mbs * dp_size
     if settings.data_prefix_per_node:
@@ -257,6 +328,9 @@ def train_job(ctx, settings: TrainSettings) -> dict:
         start = 0
         if ctx.rank == 0:
             print(f"no checkpoint under {settings.load_dir}: training from scratch", flush=True)
+    if scheduler is not None and start:  # the schedule where the checkpoint's run left it
+        scheduler.step(start * settings.optimizer.samples_per_step)
+    applied_lr, grad_norms = [], []
     counts = _RoutingCounts(model, settings.num_experts)
     for step in range(start, settings.steps):
         counts.active = step >= settings.steps - settings.routing_stats_steps
@@ -271,7 +345,12 @@ def train_job(ctx, settings: TrainSettings) -> dict:
         _sync_grads(model, dp_group, expt_dp_group, dp_size)
         if settings.check_for_nan_in_loss_and_grad:
             _check_finite(model, loss.detach(), step)
+        if scheduler is not None:
+            grad_norms.append(_clip_grads(model, settings.optimizer.clip_grad))
+            applied_lr.append(opt.param_groups[0]["lr"])
         opt.step()
+        if scheduler is not None:
+            scheduler.step(settings.optimizer.samples_per_step)
         if (
             settings.save_dir
             and settings.save_interval
@@ -310,6 +389,8 @@ def train_job(ctx, settings: TrainSettings) -> dict:
         wandb_run.finish()
     counts.active = False
     out = {"losses": losses, "first_step": start + 1, "metrics": reported}
+    if scheduler is not None:
+        out.update(lr=applied_lr, grad_norm=grad_norms)
     if settings.routing_stats_steps:
         out["tokens_per_expert"] = counts.gathered()
     if settings.eval_batches:
