@@ -77,11 +77,13 @@ def test_byte_counts_follow_the_routing(demo_out):
 
 def test_demo_refuses_bad_arguments():
     with pytest.raises(SystemExit):
-        demo.parse_args(["--nodes", "1"])
+        demo.parse_args(["--set", "nodes=1"])
     with pytest.raises(SystemExit):
-        demo.parse_args(["--routers", "megatron,nope"])
+        demo.parse_args(["--routers", "megatron,nowhere"])
     with pytest.raises(SystemExit):
-        demo.parse_args(["--experts", "12"])
+        demo.parse_args(["--config", "router-sweep"])  # not a CPU preset
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--set", "sweep.nowhere.lr=1"])
 
 
 def test_demo_never_deletes_a_directory_it_did_not_write(tmp_path, capsys):
@@ -104,3 +106,42 @@ def test_demo_never_deletes_a_directory_it_did_not_write(tmp_path, capsys):
     (marked / demo.OUT_MARKER).write_text("")
     (marked / "megatron").mkdir()
     demo.parse_args(["--out", str(marked)])  # the demo's own: replaced
+
+
+def test_the_demo_preset_trains_what_the_sweeps_runs_train(cluster8, tmp_path):
+    """configs/demo.yaml through the launcher's CPU path (Megatron's TransformerConfig, GPT
+    options and optimizer for the flags) trains bitwise what the locality sweep's own run
+    table trains on the loop's config, on the same data: the two descriptions of a run agree,
+    so the sweep's committed results and the demo's table measure the same model."""
+    import dataclasses
+
+    from megatron_locmoe.analysis import sweep
+    from megatron_locmoe.launch.cli import Options, build_plan
+    from megatron_locmoe.sim.trainer import train_job
+
+    domains = demo.prepare_domains(tmp_path / "data", 2, 40, held_out_every=20)
+    args = sweep.parse_args(["--steps", "3"])
+    pairs = {
+        "locmoe-mu0.1": "locmoe-top1",
+        "switch": "switch",
+        "node-limited-top2": "megatron-node-limited",
+    }
+    sets = [f"data-path=[{', '.join(domains['prefixes'])}]", "train-iters=3"]
+    plan = build_plan(
+        Options(config="demo", sets=sets, runs=list(pairs.values()), runs_dir=str(tmp_path))
+    )
+    by_name = {rp.name: rp for rp in plan.runs}
+    sweep_runs = {r.name: r for r in sweep.sweep_runs("2x4")}
+    for sweep_name, demo_name in pairs.items():
+        ours = sweep.settings_for(
+            sweep_runs[sweep_name], args, "2x4", domains, tmp_path / sweep_name
+        )
+        settings, layout = by_name[demo_name].cpu_loop
+        theirs = dataclasses.replace(settings, tensorboard_dir=None, progress_path=None)
+        ours = dataclasses.replace(  # (no held-out evaluation: it runs after training)
+            ours, tensorboard_dir=None, progress_path=None, eval_batches=0
+        )
+        a = cluster8.run(train_job, ours, layout=layout)[0]
+        b = cluster8.run(train_job, theirs, layout=layout)[0]
+        assert a["losses"] == b["losses"], (sweep_name, a["losses"], b["losses"])
+        assert a["metrics"] == b["metrics"], sweep_name

@@ -48,6 +48,7 @@ def _plan(name, nodes=None, **kw):
 def test_the_presets_the_issue_asks_for():
     assert set(PRESETS) == {
         "cpu-sim",
+        "demo",
         "h100-1node",
         "h100-2node",
         "h100-8node",
@@ -65,6 +66,7 @@ def test_the_presets_the_issue_asks_for():
     assert (m["num-experts"], m["moe-router-topk"], m["num-layers"]) == (16, 1, 8)
     assert set(pangu.sweep) == {"hash", "switch", "locmoe"}  # the paper's routers
     assert set(load_preset("router-sweep").sweep) == {"megatron", "hash", "switch", "locmoe"}
+    assert len(load_preset("demo").sweep) == 6  # make demo's runs
 
 
 @pytest.mark.parametrize("name, nodes", CASES, ids=[f"{n}-{k}nodes" for n, k in CASES])
@@ -199,6 +201,20 @@ def test_a_damaged_corpus_is_refused_before_any_process_starts(tmp_path, monkeyp
         _plan("router-sweep", runs=["megatron"], sets=[f"data-path={tmp_path}/c"])
     # a missing corpus is the preset's data step's to write (it builds what is missing)
     _plan("router-sweep", runs=["megatron"], sets=[f"data-path={tmp_path}/nowhere"])
+
+
+def test_per_node_domains_need_one_prefix_per_node(tmp_path):
+    plan = _plan("demo", runs=["hash"], runs_dir=str(tmp_path))
+    assert plan.domain_prefixes == ["data/domains/domain0", "data/domains/domain1"]
+    settings, _ = plan.runs[0].cpu_loop
+    assert settings.data_prefix_per_node == plan.domain_prefixes  # node k reads the k-th
+    with pytest.raises(PresetError, match="one prefix per node, in node order"):
+        _plan("demo", sets=["data-path=[d/domain1, d/domain0]"], runs_dir=str(tmp_path))
+    with pytest.raises(PresetError, match="--data-path data/domains/domain0 .*/domain3 "):
+        four = ["expert-model-parallel-size=16", "global-batch-size=64"]
+        _plan("demo", nodes=4, sets=four, runs_dir=str(tmp_path))
+    with pytest.raises(PresetError, match="only the CPU loop reads that way"):
+        _plan("demo", sets=["device=cuda"], runs_dir=str(tmp_path))
 
 
 def test_slurm_rendezvous_and_master_addr_from_environment(monkeypatch):

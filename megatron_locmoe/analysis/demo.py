@@ -1,8 +1,9 @@
 """`make demo`: the routers compared on a simulated 2-node x 4-rank cluster (CPU, gloo).
 
-A tiny GPT-MoE (Megatron-Core's GPTModel with the plugin's MoE layers, 16 experts, expert
-parallelism EP = 8 across both nodes) trains on Python's documentation with every router, on
-the same tokens in the same order:
+The runs are the CPU preset ``configs/demo.yaml`` (the launcher trains the same ones with
+``python -m megatron_locmoe.launch --config demo``): a tiny GPT-MoE (Megatron-Core's GPTModel
+with the plugin's MoE layers, 16 experts, expert parallelism EP = 8 across both nodes) trained
+on Python's documentation with every router, on the same tokens in the same order:
 
     megatron               Megatron's TopKRouter, top-2, aux loss 0.01
     megatron-node-limited  the same with group-limited routing, one group per node and one
@@ -14,19 +15,10 @@ the same tokens in the same order:
     switch                 Switch Transformer, top-1, capacity factor 1.0, overflow dropped
     locmoe-top1            LocMoE, top-1: the paper's setting, against hash and switch
 
-Decisions (why):
-
-* Node-correlated data. Each simulated node reads its own domain of the corpus (node 0 the
-  language reference, node 1 the standard library's docstrings; ``data.domain_shards``), as a
-  domain-sharded loader does (PanGu-Sigma). With the same distribution on every rank no
-  router can keep more than 1/nodes of the assignments on the sender's node on average.
-* Every router uses the hierarchical dispatcher, so every run's intra-/inter-node bytes are
-  counted the same way (its flat-All-to-All count is logged next to it). The dispatcher sends
-  exactly what the flat one sends for top-1 and per-node deduplicated copies for top-2 (a
-  token crosses to each remote node once), which is what node-limited routing is compared on.
-* Locality loss mu = 0.1 for LocMoE (the paper gives no value; the plugin's default 0.01
-  barely moves the node-local share in 100 steps of this model), learning rate 1e-3 (at 3e-3
-  the learned gates of megatron and switch collapse onto one or two experts).
+The preset says why each setting is what it is (per-node data domains, the hierarchical
+dispatcher for every run, mu 0.1, lr 1e-3). This module adds what a comparison needs around
+the trainings: the domains built once under ``--data-dir`` (with their names), progress bars,
+a run record per run, the table and the HTML report.
 
 Every run logs Megatron's MoE metrics and the plugin's to TensorBoard (``OUT/<run>/
 tensorboard``) and to W&B in offline mode (``OUT/wandb``), writes ``OUT/<run>/run.json``
@@ -38,56 +30,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import shutil
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_locmoe.analysis.runlog import read_progress, steady_step_seconds, tail_length
+from megatron_locmoe.launch.presets import PresetError, apply_override, load_preset
 
 DEFAULT_OUT = "runs/demo"
 DEFAULT_REPORT = "reports/router_comparison.html"
 DEFAULT_DATA = "data/domains"
 OUT_MARKER = ".megatron-locmoe-demo"
 """Written into --out: the demo replaces a directory only if it finds this in it."""
-
-
-@dataclass(frozen=True)
-class DemoRun:
-    """One router configuration of the comparison."""
-
-    name: str
-    label: str
-    router_type: str
-    topk: int
-    locmoe: dict = field(default_factory=dict)
-    """LocMoEConfig fields besides router_type and dispatcher."""
-    node_limited: bool = False
-    """Megatron's group-limited routing with one group per node, one group per token."""
-
-
-def demo_runs(mu: float) -> list[DemoRun]:
-    return [
-        DemoRun("megatron", "Megatron top-2 (aux loss)", "megatron", 2),
-        DemoRun(
-            "megatron-node-limited",
-            "Megatron top-2, node-limited (1 node/token)",
-            "megatron",
-            2,
-            node_limited=True,
-        ),
-        DemoRun(
-            "locmoe-top2", f"LocMoE top-2 (mu {mu:g})", "locmoe", 2, {"locality_loss_coeff": mu}
-        ),
-        DemoRun("hash", "Hash top-1", "hash", 1),
-        DemoRun("switch", "Switch top-1 (capacity 1.0)", "switch", 1),
-        DemoRun(
-            "locmoe-top1", f"LocMoE top-1 (mu {mu:g})", "locmoe", 1, {"locality_loss_coeff": mu}
-        ),
-    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,40 +77,6 @@ def prepare_domains(
 # --------------------------------------------------------------------------------------------
 # Running
 # --------------------------------------------------------------------------------------------
-
-
-def train_settings(run: DemoRun, args, domains: dict, run_dir: Path):
-    """The TrainSettings of one demo run (the sweep reuses them)."""
-    from megatron_locmoe.config import LocMoEConfig
-    from megatron_locmoe.sim.trainer import TrainSettings
-
-    extra = dict(run.locmoe)
-    if run.router_type == "hash":
-        extra["hash_token_counts"] = domains["counts"]
-    overrides = {"moe_ffn_hidden_size": args.ffn_hidden_size}
-    if run.node_limited:
-        overrides.update(moe_router_num_groups=args.nodes, moe_router_group_topk=1)
-    return TrainSettings(
-        data_prefix=domains["prefixes"][0],
-        data_prefix_per_node=list(domains["prefixes"]),
-        locmoe=LocMoEConfig(router_type=run.router_type, dispatcher="hierarchical", **extra),
-        steps=args.steps,
-        seq_length=args.seq_length,
-        micro_batch_size=args.micro_batch_size,
-        num_layers=args.layers,
-        hidden_size=args.hidden_size,
-        num_attention_heads=args.heads,
-        num_experts=args.experts,
-        topk=run.topk,
-        lr=args.lr,
-        seed=args.seed,
-        tensorboard_dir=str(run_dir / "tensorboard"),
-        wandb_dir=None if args.no_wandb else str(run_dir.parent / "wandb"),
-        run_name=run.name,
-        transformer_overrides=overrides,
-        per_layer_logging=True,
-        progress_path=str(run_dir / "progress.jsonl"),
-    )
 
 
 def run_with_progress(cluster, settings, layout, desc: str, show_bar: bool | None = None):
@@ -193,49 +117,81 @@ def run_with_progress(cluster, settings, layout, desc: str, show_bar: bool | Non
     return results, read_progress(path)
 
 
-def run_record(run: DemoRun, args, settings, results, progress, domains, seconds) -> dict:
-    """run.json: what the report and the cost model need besides the TensorBoard scalars."""
+def run_record(meta: dict, settings, results, progress, domain_names, seconds) -> dict:
+    """run.json: what the report and the cost model need besides the TensorBoard scalars.
+    ``meta``: the run's name, label, router, top-k, node-limited flag, layout and sizes."""
     from types import SimpleNamespace
 
     from megatron_locmoe.dispatch.dispatcher import resolve_dedup
 
     step_seconds = [p["seconds"] for p in progress]
     steady = steady_step_seconds(step_seconds)
-    tokens_per_step = args.nodes * args.ranks_per_node * args.micro_batch_size * args.seq_length
+    m = meta
+    tokens_per_step = m["nodes"] * m["ranks_per_node"] * m["micro_batch_size"] * m["seq_length"]
     return {
-        "name": run.name,
-        "label": run.label,
-        "router_type": run.router_type,
-        "topk": run.topk,
-        "node_limited": run.node_limited,
+        **{k: m[k] for k in ("name", "label", "router_type", "topk", "node_limited")},
         "locmoe": vars(settings.locmoe),
         "transformer_overrides": settings.transformer_overrides,
         "dispatcher": "hierarchical",
         "dedup": resolve_dedup(
-            settings.locmoe.dedup_setting, SimpleNamespace(moe_router_topk=run.topk)
+            settings.locmoe.dedup_setting, SimpleNamespace(moe_router_topk=m["topk"])
         ),
-        "nodes": args.nodes,
-        "ranks_per_node": args.ranks_per_node,
-        "num_experts": args.experts,
-        "num_layers": args.layers,
-        "hidden_size": args.hidden_size,
-        "ffn_hidden_size": args.ffn_hidden_size,
+        **{k: m[k] for k in ("nodes", "ranks_per_node", "num_experts", "num_layers")},
+        **{k: m[k] for k in ("hidden_size", "ffn_hidden_size")},
         "hidden_element_bytes": 4,  # fp32 activations on the CPU
         "prob_element_bytes": 4,
-        "seq_length": args.seq_length,
-        "micro_batch_size": args.micro_batch_size,
-        "tokens_per_rank_step": args.micro_batch_size * args.seq_length,
+        "seq_length": m["seq_length"],
+        "micro_batch_size": m["micro_batch_size"],
+        "tokens_per_rank_step": m["micro_batch_size"] * m["seq_length"],
         "tokens_per_step": tokens_per_step,
-        "steps": args.steps,
-        "lr": args.lr,
-        "seed": args.seed,
-        "domains": [d["name"] for d in domains["domains"]],
+        **{k: m[k] for k in ("steps", "lr", "seed")},
+        "domains": list(domain_names),
         "losses": results[0]["losses"],
         "step_seconds": step_seconds,
         "tokens_per_second": tokens_per_step / steady if steady else None,
         "wall_seconds": seconds,
         "tensorboard_dir": "tensorboard",
     }
+
+
+def run_meta(rp, plan) -> dict:
+    """``run_record``'s ``meta`` of a preset run, from Megatron's parsed arguments."""
+    a = rp.args
+    return dict(
+        name=rp.name,
+        label=run_label(a),
+        router_type=a.moe_router_type,
+        topk=a.moe_router_topk,
+        node_limited=bool(a.moe_router_num_groups),
+        nodes=plan.nodes,
+        ranks_per_node=plan.devices_per_node,
+        num_experts=a.num_experts,
+        num_layers=a.num_layers,
+        hidden_size=a.hidden_size,
+        ffn_hidden_size=a.moe_ffn_hidden_size,
+        seq_length=a.seq_length,
+        micro_batch_size=a.micro_batch_size,
+        steps=a.train_iters,
+        lr=a.lr,
+        seed=a.seed,
+    )
+
+
+ROUTER_NAMES = {"megatron": "Megatron", "locmoe": "LocMoE", "hash": "Hash", "switch": "Switch"}
+
+
+def run_label(a) -> str:
+    """The table's name of a run, from its flags: router, top-k and what sets it apart."""
+    label = f"{ROUTER_NAMES.get(a.moe_router_type, a.moe_router_type)} top-{a.moe_router_topk}"
+    if a.moe_router_num_groups:
+        return f"{label}, node-limited ({a.moe_router_group_topk} node/token)"
+    if a.moe_router_type == "megatron" and a.moe_aux_loss_coeff:
+        return f"{label} (aux loss)"
+    if a.moe_router_type == "locmoe":
+        return f"{label} (mu {a.locmoe_locality_loss_coeff:g})"
+    if a.moe_router_type == "switch" and a.moe_expert_capacity_factor is not None:
+        return f"{label} (capacity {a.moe_expert_capacity_factor:g})"
+    return label
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,32 +233,22 @@ def format_summary(rows: list[dict]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """The tiny model's sizes, learning rate and seed (the demo's and the sweep's)."""
-    p.add_argument("--experts", type=int, default=16)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--hidden-size", type=int, default=64)
-    p.add_argument("--ffn-hidden-size", type=int, default=128)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--seq-length", type=int, default=64)
-    p.add_argument("--micro-batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=1234)
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--nodes", type=int, default=2)
-    p.add_argument("--ranks-per-node", type=int, default=4)
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--config", default="demo", help="the CPU preset that describes the runs")
     p.add_argument(
-        "--routers",
-        default=None,
-        help="comma-separated subset of the runs (default all): "
-        + ", ".join(r.name for r in demo_runs(0.1)),
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change the preset (as the launcher's --set: a Megatron flag, sweep.RUN.FLAG, ...)",
     )
-    add_model_arguments(p)
-    p.add_argument("--mu", type=float, default=0.1, help="LocMoE's locality-loss coefficient")
+    p.add_argument("--steps", type=int, default=None, help="training steps (the preset's: 100)")
+    p.add_argument("--routers", default=None, help="comma-separated subset of the runs")
+    p.add_argument(
+        "--mu", type=float, default=None, help="LocMoE's locality coefficient (the preset's: 0.1)"
+    )
     p.add_argument(
         "--out", default=DEFAULT_OUT, help="run directories (replaced if the demo wrote them)"
     )
@@ -312,17 +258,6 @@ def parse_args(argv=None):
     p.add_argument("--no-wandb", action="store_true", help="TensorBoard only")
     p.add_argument("--progress", choices=("auto", "on", "off"), default="auto")
     args = p.parse_args(argv)
-    if args.nodes < 2:
-        p.error(f"--nodes {args.nodes}: the comparison is about crossing nodes; use 2 or more")
-    if args.experts % (args.nodes * args.ranks_per_node):
-        p.error(
-            f"--experts {args.experts} must be a multiple of the EP size "
-            f"{args.nodes} x {args.ranks_per_node} = {args.nodes * args.ranks_per_node}"
-        )
-    if args.hidden_size % args.experts:
-        p.error(
-            f"--hidden-size {args.hidden_size}: LocMoE's GrAP gate needs a multiple of --experts"
-        )
     out = Path(args.out)
     if out.exists() and (
         not out.is_dir() or (any(out.iterdir()) and not (out / OUT_MARKER).exists())
@@ -331,12 +266,42 @@ def parse_args(argv=None):
             f"--out {out} exists and was not written by the demo (no {OUT_MARKER} in it); "
             "the demo replaces its --out directory: choose a new or empty one"
         )
-    known = {r.name: r for r in demo_runs(args.mu)}
-    if args.routers:
-        unknown = [n for n in args.routers.split(",") if n not in known]
-        if unknown:
-            p.error(f"unknown runs {unknown}; choose from {', '.join(known)}")
+    try:
+        args.preset = preset_with(args)
+    except PresetError as e:
+        p.error(str(e))
+    if args.preset.device != "cpu" or args.preset.nodes < 2:
+        p.error(
+            f"--config {args.config}: the demo compares routers across simulated nodes: a cpu "
+            f"preset with 2 or more nodes (this one: {args.preset.device}, "
+            f"{args.preset.nodes} node(s))"
+        )
+    known = list(args.preset.sweep)
+    args.runs = args.routers.split(",") if args.routers else None
+    unknown = [n for n in args.runs or [] if n not in known]
+    if unknown:
+        p.error(f"unknown runs {unknown}; choose from {', '.join(known)}")
     return args
+
+
+def preset_with(args):
+    """The preset with the demo's options applied: its steps, mu, and the per-node corpus
+    domains under --data-dir (the data step builds them there)."""
+    preset = load_preset(args.config)
+    for item in args.sets:
+        preset = apply_override(preset, item)
+    data_dir = Path(args.data_dir)
+    changes = {"data-path": [str(data_dir / f"domain{k}") for k in range(preset.nodes)]}
+    if args.steps is not None:
+        changes["train-iters"] = args.steps
+    for key, value in changes.items():
+        preset.megatron[key] = value
+    for flags in preset.sweep.values():
+        if "locmoe-hash-token-counts" in flags:
+            flags["locmoe-hash-token-counts"] = str(data_dir / "all_counts.npy")
+        if args.mu is not None and flags.get("moe-router-type") == "locmoe":
+            flags["locmoe-locality-loss-coeff"] = args.mu
+    return preset
 
 
 def main(argv: list[str] | None = None, cluster=None) -> dict:
@@ -344,63 +309,73 @@ def main(argv: list[str] | None = None, cluster=None) -> dict:
     (tests share one) instead of starting one."""
     args = parse_args(argv)
     from megatron_locmoe.analysis.runlog import load_runs, summary_rows, write_run_record
-    from megatron_locmoe.sim.cluster import ParallelLayout, SimCluster
+    from megatron_locmoe.launch.cli import Options, build_plan, prepare_data
+    from megatron_locmoe.sim.cluster import SimCluster
 
     t_start = time.perf_counter()
-    runs = demo_runs(args.mu)
-    if args.routers:
-        wanted = args.routers.split(",")
-        runs = [r for r in runs if r.name in wanted]
     out = Path(args.out)
+    preset = args.preset
+    nodes, rpn = preset.nodes, preset.devices_per_node
+    # the domains first (cached, with their names); the plan's data step then finds them
+    domains = prepare_domains(Path(args.data_dir), nodes, args.max_stdlib_files)
+    plan = build_plan(Options(config=str(preset.path), runs=args.runs, runs_dir=str(out)), preset)
+    prepare_data(plan)
     if out.exists():  # parse_args checked: empty, or the demo's own (it has the marker)
         shutil.rmtree(out)
     out.mkdir(parents=True)
     (out / OUT_MARKER).write_text(
         "written by python -m megatron_locmoe.analysis.demo; replaced by it\n"
     )
-    world = args.nodes * args.ranks_per_node
+    first = plan.runs[0]
+    a = first.args
+    world = plan.world_size
     print(
-        f"LocMoE router comparison: {args.nodes} simulated nodes x {args.ranks_per_node} ranks "
-        f"(CPU, gloo), EP={world}, {args.experts} experts, {args.layers} MoE layers, hidden "
-        f"{args.hidden_size}, {args.steps} steps x {world * args.micro_batch_size} sequences of "
-        f"{args.seq_length} byte tokens",
+        f"LocMoE router comparison (preset {preset.name}): {nodes} simulated nodes x {rpn} "
+        f"ranks (CPU, gloo), EP={a.expert_model_parallel_size}, {a.num_experts} experts, "
+        f"{a.num_layers} MoE layers, hidden {a.hidden_size}, {a.train_iters} steps x "
+        f"{a.global_batch_size} sequences of {a.seq_length} byte tokens",
         flush=True,
     )
-    domains = prepare_domains(Path(args.data_dir), args.nodes, args.max_stdlib_files)
     for k, d in enumerate(domains["domains"]):
         print(f"  node {k} reads {d['name']} ({d['tokens']:,} tokens)")
     show_bar = {"auto": None, "on": True, "off": False}[args.progress]
-    layout = ParallelLayout(devices_per_node=args.ranks_per_node, ep=world)
     if cluster is not None and cluster.world_size != world:
         raise ValueError(
             f"the given cluster has {cluster.world_size} ranks, the demo needs {world}"
         )
+    names = [d["name"] for d in domains["domains"]]
     t0 = time.perf_counter()
     with SimCluster(world) if cluster is None else contextlib.nullcontext(cluster) as cluster:
         print(f"  {world} ranks up in {time.perf_counter() - t0:.0f} s", flush=True)
-        for run in runs:
-            run_dir = out / run.name
+        for rp in plan.runs:
+            run_dir = out / rp.name
             run_dir.mkdir()
-            settings = train_settings(run, args, domains, run_dir)
-            t_run = time.perf_counter()
-            results, progress = run_with_progress(cluster, settings, layout, run.name, show_bar)
-            seconds = time.perf_counter() - t_run
-            write_run_record(
-                run_dir, run_record(run, args, settings, results, progress, domains, seconds)
+            settings, layout = rp.cpu_loop
+            settings = dataclasses.replace(  # the run's outputs under --out
+                settings,
+                tensorboard_dir=str(run_dir / "tensorboard"),
+                wandb_dir=None if args.no_wandb else str(out / "wandb"),
+                run_name=rp.name,
+                progress_path=str(run_dir / "progress.jsonl"),
             )
+            t_run = time.perf_counter()
+            results, progress = run_with_progress(cluster, settings, layout, rp.name, show_bar)
+            seconds = time.perf_counter() - t_run
+            record = run_record(run_meta(rp, plan), settings, results, progress, names, seconds)
+            write_run_record(run_dir, record)
             losses = results[0]["losses"]
             print(
-                f"  {run.name:<22} {len(losses)} steps in {seconds:4.0f} s, "
+                f"  {rp.name:<22} {len(losses)} steps in {seconds:4.0f} s, "
                 f"lm loss {losses[0]:.2f} -> {losses[-1]:.2f}",
                 flush=True,
             )
-    loaded = load_runs([out / r.name for r in runs])
+    loaded = load_runs([out / rp.name for rp in plan.runs])
     rows = summary_rows(loaded)
     (out / "summary.json").write_text(json.dumps(rows, indent=1))
     print(
-        f"\nmeans over the last {tail_length(args.steps)} steps; inter-node bytes per token and "
-        "MoE layer, dispatch + combine, sent by the hierarchical dispatcher (fp32, hidden "
-        f"{args.hidden_size}); tokens/s of the whole simulated cluster on this CPU\n"
+        f"\nmeans over the last {tail_length(a.train_iters)} steps; inter-node bytes per token "
+        "and MoE layer, dispatch + combine, sent by the hierarchical dispatcher (fp32, hidden "
+        f"{a.hidden_size}); tokens/s of the whole simulated cluster on this CPU\n"
     )
     print(format_summary(rows))
     report_path = None

@@ -2,7 +2,8 @@
 
 LocMoE's paper runs 16 experts, top-1, on 8 / 16 / 32 nodes, where a locality-blind router
 keeps only 1/8 .. 1/32 of the assignments on the token's node. This sweep trains the demo's
-tiny GPT-MoE (``megatron_locmoe.analysis.demo``: its settings, trainer and run records) with 16 experts
+tiny GPT-MoE (``configs/demo.yaml``; the runs here are built on the CPU loop's own config,
+which trains bitwise what the preset's flags give: tests/test_demo.py) with 16 experts
 and EP over every rank on layouts 2x4, 4x2, 8x1 and 16x1 (nodes x ranks per node), in two
 data settings:
 
@@ -68,14 +69,6 @@ class SweepRun:
     overrides: dict = field(default_factory=dict)
     """TransformerConfig fields (capacity factor)."""
     priority: int = 1
-
-    @property
-    def demo_run(self):
-        from megatron_locmoe.analysis.demo import DemoRun
-
-        return DemoRun(
-            self.name, self.label, self.router_type, self.topk, self.locmoe, self.node_limited
-        )
 
 
 def _mu(mu: float) -> str:
@@ -213,13 +206,6 @@ def sweep_runs(layout: str) -> list[SweepRun]:
 # --------------------------------------------------------------------------------------------
 
 
-def _demo_args(args, nodes: int, ranks_per_node: int) -> argparse.Namespace:
-    """The demo's argument namespace for one layout (what demo.train_settings reads)."""
-    return argparse.Namespace(
-        **{**vars(args), "nodes": nodes, "ranks_per_node": ranks_per_node, "no_wandb": True}
-    )
-
-
 def run_key(run: SweepRun, args, layout: str) -> dict:
     """What makes a finished run reusable: the same run, layout, sizes and data."""
     return {
@@ -247,13 +233,39 @@ def run_key(run: SweepRun, args, layout: str) -> dict:
 
 
 def settings_for(run: SweepRun, args, layout: str, domains: dict, run_dir: Path):
-    """The demo's TrainSettings for ``run``, with this setting's data, held-out data and the
-    routing counts of the tail steps."""
-    from megatron_locmoe.analysis.demo import train_settings
+    """The CPU loop's TrainSettings for ``run`` (the loop's own config and optimizer, as every
+    committed run of the sweep was trained; the demo's model sizes), with this setting's data,
+    held-out data and the routing counts of the tail steps."""
     from megatron_locmoe.analysis.runlog import tail_length
+    from megatron_locmoe.config import LocMoEConfig
+    from megatron_locmoe.sim.trainer import TrainSettings
 
-    nodes, rpn = LAYOUTS[layout]
-    s = train_settings(run.demo_run, _demo_args(args, nodes, rpn), domains, run_dir)
+    extra = dict(run.locmoe)
+    if run.router_type == "hash":
+        extra["hash_token_counts"] = domains["counts"]
+    overrides = {"moe_ffn_hidden_size": args.ffn_hidden_size}
+    if run.node_limited:
+        overrides.update(moe_router_num_groups=LAYOUTS[layout][0], moe_router_group_topk=1)
+    s = TrainSettings(
+        data_prefix=domains["prefixes"][0],
+        data_prefix_per_node=list(domains["prefixes"]),
+        locmoe=LocMoEConfig(router_type=run.router_type, dispatcher="hierarchical", **extra),
+        steps=args.steps,
+        seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch_size,
+        num_layers=args.layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.heads,
+        num_experts=args.experts,
+        topk=run.topk,
+        lr=args.lr,
+        seed=args.seed,
+        tensorboard_dir=str(run_dir / "tensorboard"),
+        run_name=run.name,
+        transformer_overrides=overrides,
+        per_layer_logging=True,
+        progress_path=str(run_dir / "progress.jsonl"),
+    )
     if run.setting == "control":
         data = dict(
             data_prefix=domains["mixture"],
@@ -286,8 +298,26 @@ def run_one(cluster, run: SweepRun, args, layout: str, domains: dict, run_dir: P
     t0 = time.perf_counter()
     results, progress = run_with_progress(cluster, settings, par, f"{layout} {run.name}", bar)
     seconds = time.perf_counter() - t0
-    demo_args = _demo_args(args, nodes, rpn)
-    record = run_record(run.demo_run, demo_args, settings, results, progress, domains, seconds)
+    meta = dict(
+        name=run.name,
+        label=run.label,
+        router_type=run.router_type,
+        topk=run.topk,
+        node_limited=run.node_limited,
+        nodes=nodes,
+        ranks_per_node=rpn,
+        num_experts=args.experts,
+        num_layers=args.layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch_size,
+        steps=args.steps,
+        lr=args.lr,
+        seed=args.seed,
+    )
+    names = [d["name"] for d in domains["domains"]]
+    record = run_record(meta, settings, results, progress, names, seconds)
     first = results[0]
     record.update(
         setting=run.setting,
@@ -597,9 +627,20 @@ def format_tables(rows: list[dict], columns: tuple[str, ...] | None = None) -> s
 # --------------------------------------------------------------------------------------------
 
 
-def parse_args(argv=None):
-    from megatron_locmoe.analysis.demo import add_model_arguments
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The tiny model's sizes, learning rate and seed (configs/demo.yaml's)."""
+    p.add_argument("--experts", type=int, default=16)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden-size", type=int, default=64)
+    p.add_argument("--ffn-hidden-size", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--seq-length", type=int, default=64)
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=1234)
 
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
         "--layouts",

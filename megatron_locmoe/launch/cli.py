@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import os
 import re
@@ -51,6 +52,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,6 +159,8 @@ class Plan:
     runs_dir: Path
     data_prefix: str | None = None
     """Where prepare_data builds the offline corpus when it is missing."""
+    domain_prefixes: list[str] = field(default_factory=list)
+    """With prepare_data pydoc-domains: node k's corpus (DIR/domain<k>), built when missing."""
 
     @property
     def world_size(self) -> int:
@@ -246,9 +250,10 @@ def torchrun_argv(opts: Options, plan: Plan, node_rank: int, entry: list[str], f
     return argv + entry + flags
 
 
-def build_plan(opts: Options) -> Plan:
-    """Read the preset, apply the overrides, check everything; raise PresetError."""
-    preset = load_preset(opts.config)
+def build_plan(opts: Options, preset: Preset | None = None) -> Plan:
+    """Read the preset (or take ``preset``, already read), apply the overrides, check
+    everything; raise PresetError."""
+    preset = preset if preset is not None else load_preset(opts.config)
     for item in opts.sets:
         preset = apply_override(preset, item)
     if opts.entry:
@@ -286,7 +291,9 @@ def build_plan(opts: Options) -> Plan:
                 f"{what} runs on Ascend NPUs, but these flags need CUDA-only code: "
                 + "; ".join(bad_flags)
             )
-        if preset.prepare_data:
+        if preset.prepare_data == "pydoc-domains":
+            plan.domain_prefixes = _domain_prefixes(argv, nodes, what)
+        elif preset.prepare_data:
             plan.data_prefix = flag_value(argv, "--data-path")
             if not plan.data_prefix:
                 raise PresetError(f"{what}: prepare_data needs --data-path PREFIX in the flags")
@@ -303,19 +310,37 @@ def build_plan(opts: Options) -> Plan:
                         + "; ".join(bad)
                     )
         if preset.device == "cpu":  # refuses what the CPU loop cannot do, now
-            rp.cpu_loop = train_settings(rp.args, run, dpn, rp.log_dir)
+            per_node = preset.prepare_data == "pydoc-domains"
+            rp.cpu_loop = train_settings(rp.args, run, dpn, rp.log_dir, per_node)
         plan.runs.append(rp)
     return plan
+
+
+def _domain_prefixes(argv: list[str], nodes: int, what: str) -> list[str]:
+    """The per-node prefixes --data-path names for the pydoc-domains data step: DIR/domain0 ..
+    DIR/domain<nodes-1>, in node order."""
+    tokens = argv[len(argv) - argv[::-1].index("--data-path") :] if "--data-path" in argv else []
+    prefixes = list(itertools.takewhile(lambda t: not t.startswith("--"), tokens))
+    root = Path(prefixes[0]).parent if prefixes else Path("data/domains")
+    want = [str(root / f"domain{k}") for k in range(nodes)]
+    if [str(Path(p)) for p in prefixes] != want:
+        raise PresetError(
+            f"{what}: prepare_data pydoc-domains writes one corpus per node: give "
+            f"--data-path {' '.join(want)} (one prefix per node, in node order)"
+        )
+    return want
 
 
 def _data_step_files(plan: Plan) -> list[str]:
     """Files the plan's data step (:func:`prepare_data`) writes before training starts: the
     parse-time checks of files the flags name wait for them rather than refuse the plan."""
-    if not plan.data_prefix:
-        return []
     from megatron_locmoe.sim.data import dataset_files
 
-    return dataset_files(plan.data_prefix)
+    if plan.domain_prefixes:
+        root = Path(plan.domain_prefixes[0]).parent
+        files = [f for p in plan.domain_prefixes for f in dataset_files(p)]
+        return files + [str(root / "all_counts.npy")]
+    return dataset_files(plan.data_prefix) if plan.data_prefix else []
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,7 +348,7 @@ def _data_step_files(plan: Plan) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def train_settings(args, run: str, devices_per_node: int, log_dir: Path):
+def train_settings(args, run: str, devices_per_node: int, log_dir: Path, per_node: bool = False):
     """Megatron's parsed arguments -> (TrainSettings, ParallelLayout) of the CPU loop.
 
     The CPU loop (megatron_locmoe.sim.trainer) runs expert parallelism only, in float32, one
@@ -351,7 +376,10 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path):
             refuse.append(f"{flag} {size}: the CPU loop runs expert parallelism only, use 1")
     if args.bf16 or args.fp16:
         refuse.append("--bf16/--fp16: the CPU loop trains in float32, drop it")
-    if args.mock_data or not args.data_path or len(args.data_path) != 1:
+    nodes = world // devices_per_node
+    if per_node and len(args.data_path or []) != nodes:
+        refuse.append(f"give one --data-path prefix per node ({nodes})")
+    elif not per_node and (args.mock_data or not args.data_path or len(args.data_path) != 1):
         refuse.append(
             "give one --data-path PREFIX (python -m megatron_locmoe.sim.data --out PREFIX writes it)"
         )
@@ -422,6 +450,7 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path):
         transformer_config=gpt.transformer,
         gpt_model_options=gpt_model_options,
         optimizer=optimizer_settings(args),
+        data_prefix_per_node=list(args.data_path) if per_node else None,
     )
     layout = ParallelLayout(
         devices_per_node=devices_per_node,
@@ -546,6 +575,9 @@ def prepare_data(plan: Plan) -> None:
     a shared file system are identical); files are renamed into place, index last."""
     from megatron_locmoe.sim.data import build_indexed_dataset, dataset_files
 
+    if plan.domain_prefixes:
+        _prepare_domains(plan.domain_prefixes)
+        return
     prefix = plan.data_prefix
     if not prefix or all(Path(f).exists() for f in dataset_files(prefix)):
         return
@@ -554,6 +586,23 @@ def prepare_data(plan: Plan) -> None:
     build_indexed_dataset(tmp)
     for src, dst in zip(dataset_files(tmp), dataset_files(prefix), strict=True):
         os.replace(src, dst)
+
+
+def _prepare_domains(prefixes: list[str]) -> None:
+    """One corpus domain per node under the prefixes' directory, built (into a scratch
+    directory, then renamed into place, indexes last) when any file is missing."""
+    from megatron_locmoe.sim.data import build_domain_datasets, dataset_files
+
+    root = Path(prefixes[0]).parent
+    files = [Path(f) for p in prefixes for f in dataset_files(p)] + [root / "all_counts.npy"]
+    if all(f.exists() for f in files):
+        return
+    print(f"[launch] building {len(prefixes)} per-node corpus domains in {root}", flush=True)
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        build_domain_datasets(tmp, len(prefixes))
+        for f in sorted(files, key=lambda f: f.suffix == ".idx"):
+            os.replace(Path(tmp) / f.name, f)
 
 
 def run_logged(cmd: NodeCommand, log_path: Path) -> int:

@@ -42,8 +42,12 @@ import yaml
 DEVICES = ("cuda", "npu", "cpu")
 """Device kinds a preset can target; the collective backend follows (nccl / hccl / gloo)."""
 
-DATA_RECIPES = ("pydoc",)
-"""``prepare_data`` values: ``pydoc`` is the offline corpus of megatron_locmoe.sim.data."""
+DATA_RECIPES = ("pydoc", "pydoc-domains")
+"""``prepare_data`` values: ``pydoc`` is the offline corpus of megatron_locmoe.sim.data;
+``pydoc-domains`` the same corpus split into one domain per node
+(``data.build_domain_datasets``: ``--data-path DIR/domain0 ... DIR/domain<nodes-1>``, plus
+``DIR/all_counts.npy``), node k's ranks reading the k-th, as a domain-sharded loader would
+(CPU presets: the simulated cluster's loop)."""
 
 _REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 _SCALAR_KEYS = ("description", "device", "nodes", "devices_per_node", "entry", "prepare_data")
@@ -177,6 +181,11 @@ def check_preset(preset: Preset, where: str | None = None) -> None:
     if preset.prepare_data is not None and preset.prepare_data not in DATA_RECIPES:
         raise PresetError(
             f"{where}: prepare_data {preset.prepare_data!r}; use one of {', '.join(DATA_RECIPES)}"
+        )
+    if preset.prepare_data == "pydoc-domains" and preset.device != "cpu":
+        raise PresetError(
+            f"{where}: prepare_data pydoc-domains gives each node its own corpus, which only "
+            "the CPU loop reads that way (pretrain_gpt would blend them): use pydoc"
         )
     for key in preset.megatron:
         if not isinstance(key, str) or key.startswith("-"):
