@@ -38,6 +38,14 @@ def test_demo_prints_table_and_report(demo_out, capsys):
     assert result["report"] == tmp / "report.html" and result["report"].exists()
     summary = json.loads((tmp / "runs" / "summary.json").read_text())
     assert [r["run"] for r in summary] == RUNS
+    assert [r["label"] for r in summary] == [  # the README's table, from the preset's flags
+        "Megatron top-2 (aux loss)",
+        "Megatron top-2, node-limited (1 node/token)",
+        "LocMoE top-2 (mu 0.1)",
+        "Hash top-1",
+        "Switch top-1 (capacity 1.0)",
+        "LocMoE top-1 (mu 0.1)",
+    ]
     for row in summary:
         assert 0.0 <= row["node_local"] <= 1.0
         assert row["loss"] < 6.0 and row["tokens_per_second"] > 0

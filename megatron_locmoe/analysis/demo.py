@@ -190,7 +190,7 @@ def run_label(a) -> str:
     if a.moe_router_type == "locmoe":
         return f"{label} (mu {a.locmoe_locality_loss_coeff:g})"
     if a.moe_router_type == "switch" and a.moe_expert_capacity_factor is not None:
-        return f"{label} (capacity {a.moe_expert_capacity_factor:g})"
+        return f"{label} (capacity {a.moe_expert_capacity_factor})"
     return label
 
 
