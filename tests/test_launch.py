@@ -780,6 +780,15 @@ def _cpu_sim_run(tmp_path):
     return rp
 
 
+def test_cpu_loop_exits_where_megatron_would_and_refuses_evaluation(tmp_path):
+    (rp,) = _plan("cpu-sim", sets=["exit-interval=4"], runs_dir=str(tmp_path)).runs
+    assert rp.cpu_loop[0].exit_interval == 4
+    with pytest.raises(PresetError, match="the CPU loop does not evaluate; use --split 100,0,0"):
+        _plan("cpu-sim", sets=["split=90,10,0", "eval-iters=5"], runs_dir=str(tmp_path))
+    with pytest.raises(PresetError, match="--exit-duration-in-mins: the CPU loop stops by"):
+        _plan("cpu-sim", sets=["exit-duration-in-mins=5"], runs_dir=str(tmp_path))
+
+
 def test_cpu_loop_takes_gpt_model_flags(tmp_path):
     """GPTModel's own flags reach the CPU loop as pretrain_gpt reads them (gpt_config_from_args):
     embeddings tied unless untied, the padded vocabulary, the position-embedding length."""
@@ -796,7 +805,7 @@ def test_cpu_loop_takes_gpt_model_flags(tmp_path):
 def test_cpu_loop_takes_the_dataset_flags(tmp_path):
     """--split, --eod-mask-loss, --reset-* and --data-cache-path reach the CPU loop's dataset
     as they reach pretrain_gpt's (arguments.gpt_dataset_options), instead of being ignored."""
-    sets = ["split=90,10,0", "eod-mask-loss=true", "reset-attention-mask=true"]
+    sets = ["split=90,10,0", "eval-iters=0", "eod-mask-loss=true", "reset-attention-mask=true"]
     sets += [f"data-cache-path={tmp_path / 'cache'}"]
     (rp,) = _plan("cpu-sim", sets=sets, runs_dir=str(tmp_path)).runs
     o = rp.cpu_loop[0].dataset_options

@@ -260,12 +260,13 @@ def test_the_launchers_cpu_runs_take_megatrons_optimizer_and_schedule(
         assert r["lr"] == pytest.approx(expected, rel=1e-12, abs=1e-15), r["lr"]
         assert r["grad_norm"] == results[0]["grad_norm"]  # one global norm
     assert min(results[0]["grad_norm"]) > 0.05  # clipping was active at every step
-    # stopped at step 3 (as --exit-interval does) and resumed: the schedule goes on from there
+    # stopped at step 3 by --exit-interval (saved first) and resumed: the schedule goes on
     ckpt = str(tmp_path / "ckpt")
     cluster = cluster_factory(4)
-    cluster.run(
-        train_job, replace(settings, steps=3, save_dir=ckpt, save_interval=3), layout=layout
+    stopped = cluster.run(
+        train_job, replace(settings, exit_interval=3, save_dir=ckpt), layout=layout
     )
+    assert stopped[0]["losses"] == results[0]["losses"][:3]
     resumed = cluster.run(train_job, replace(settings, load_dir=ckpt), layout=layout)[0]
     assert resumed["lr"] == results[0]["lr"][3:]
     assert resumed["losses"] == results[0]["losses"][3:]

@@ -398,6 +398,17 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path, per_nod
         refuse.append("--train-samples: the CPU loop counts iterations, give --train-iters")
     if args.decoupled_lr is not None:
         refuse.append("--decoupled-lr: the CPU loop has one learning rate for every parameter")
+    if args.exit_duration_in_mins:
+        refuse.append(
+            "--exit-duration-in-mins: the CPU loop stops by iterations, use --exit-interval"
+        )
+    shares = [float(v) for v in re.findall(r"[.0-9]+", args.split or "100")]  # as Megatron's
+    valid_share = shares[1] if len(shares) > 1 else 0.0
+    if args.eval_iters and valid_share > 0:
+        refuse.append(
+            f"--split {args.split} with --eval-iters {args.eval_iters}: the CPU loop does not "
+            "evaluate; use --split 100,0,0 or --eval-iters 0"
+        )
     locmoe = locmoe_config_from_args(args)
     if locmoe.devices_per_node not in (None, devices_per_node):
         refuse.append(
@@ -443,6 +454,7 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path, per_nod
         save_dir=args.save,
         save_interval=args.save_interval or 0,
         load_dir=args.load,
+        exit_interval=args.exit_interval or 0,
         progress_path=str(log_dir / "progress.jsonl"),
         per_layer_logging=args.moe_per_layer_logging,
         check_for_nan_in_loss_and_grad=args.check_for_nan_in_loss_and_grad,

@@ -74,6 +74,9 @@ class TrainSettings:
     """Save after every this many steps (0: never)."""
     load_dir: str | None = None
     """Resume from the latest checkpoint here (the run then continues to ``steps``)."""
+    exit_interval: int = 0
+    """Stop after the first step divisible by this, saving first when ``save_dir`` is set
+    (Megatron's --exit-interval; 0: run to ``steps``)."""
     transformer_overrides: dict = field(default_factory=dict)
     """Fields of the loop's own small config (``testing.moe_config``) to change."""
     transformer_config: Any = field(default=None, repr=False)
@@ -351,11 +354,9 @@ def train_job(ctx, settings: TrainSettings) -> dict:
         opt.step()
         if scheduler is not None:
             scheduler.step(settings.optimizer.samples_per_step)
-        if (
-            settings.save_dir
-            and settings.save_interval
-            and (step + 1) % settings.save_interval == 0
-        ):
+        saving = settings.save_interval and (step + 1) % settings.save_interval == 0
+        exiting = settings.exit_interval and (step + 1) % settings.exit_interval == 0
+        if settings.save_dir and (saving or exiting):
             checkpoint.save(model, opt, step + 1, settings.save_dir)
         mean = loss.detach().clone()
         dist.all_reduce(mean, group=dp_group, op=dist.ReduceOp.AVG)
@@ -383,6 +384,8 @@ def train_job(ctx, settings: TrainSettings) -> dict:
             line = {"step": step + 1, "loss": losses[-1], "seconds": seconds}
             with open(settings.progress_path, "a") as f:
                 f.write(json.dumps(line) + "\n")
+        if exiting:
+            break
     if writer is not None:
         writer.close()
     if wandb_run is not None:
