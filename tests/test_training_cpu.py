@@ -309,3 +309,73 @@ def test_clipping_uses_the_global_norm(cluster_factory):
     assert all(before > 0.01 for before, _ in results)
     for _, after in results:
         assert after == pytest.approx(0.01, rel=1e-5)
+
+
+def gradient_check_job(ctx):
+    """The synchronised gradients against finite differences of the global loss (the mean of
+    every rank's loss) along them: expert and dense parameters separately. EP 2 on 4 ranks,
+    so every expert has two replicas (expert-data-parallel size 2)."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_locmoe.sim import trainer
+
+    ctx.topology()
+    overrides = dict(moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0)
+    settings = TrainSettings(
+        data_prefix="",
+        locmoe=LocMoEConfig(router_type="megatron", dispatcher="hierarchical"),
+        transformer_overrides=overrides,
+    )
+    torch.manual_seed(0)
+    model = trainer._model(settings, ctx.layout.ep)
+    gen = torch.Generator().manual_seed(ctx.rank)
+    tokens = torch.randint(0, 257, (2, 16), generator=gen)
+    positions = torch.arange(16).expand(2, 16)
+
+    def global_loss():
+        loss = model(tokens, positions, None, labels=tokens).float().mean()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean, op=dist.ReduceOp.AVG)
+        return loss, float(mean)
+
+    loss, _ = global_loss()
+    loss.backward()
+    dp_group = parallel_state.get_data_parallel_group()
+    edp_group = parallel_state.get_expert_data_parallel_group()
+    trainer._sync_grads(model, dp_group, edp_group, dist.get_world_size(dp_group))
+    out = {"edp": dist.get_world_size(edp_group)}
+    for kind, is_expert in (("expert", True), ("dense", False)):
+        params = [
+            p for p in model.parameters() if (getattr(p, "allreduce", True) is False) == is_expert
+        ]
+        grads = [p.grad.detach().clone() for p in params]
+        sq = torch.stack([g.double().pow(2).sum() for g in grads]).sum()
+        if is_expert:  # distinct experts live on the EP ranks; replicas hold the same value
+            dist.all_reduce(sq, group=parallel_state.get_expert_model_parallel_group())
+        norm = float(sq.sqrt())
+        eps = 2e-2  # fp32 losses: a step large enough that rounding stays below 1%
+        values = []
+        for sign in (1.0, -1.0):
+            with torch.no_grad():
+                for p, g in zip(params, grads, strict=True):
+                    p.add_(g, alpha=sign * eps / norm)
+                values.append(global_loss()[1])
+                for p, g in zip(params, grads, strict=True):
+                    p.sub_(g, alpha=sign * eps / norm)
+        out[kind] = (norm, (values[0] - values[1]) / (2 * eps))  # the two should agree
+    return out
+
+
+def test_synchronised_gradients_are_the_global_losss(cluster_factory):
+    """With replicated experts (EP 2 of 4 ranks) each replica's gradient holds other ranks'
+    tokens: summed over the replicas, as Megatron's DDP does (averaging them halved it)."""
+    results = cluster_factory(4).run(
+        gradient_check_job, layout=ParallelLayout(devices_per_node=2, ep=2)
+    )
+    for r in results:
+        assert r["edp"] == 2
+        for kind in ("expert", "dense"):
+            norm, slope = r[kind]
+            assert slope == pytest.approx(norm, rel=0.02), (kind, norm, slope)

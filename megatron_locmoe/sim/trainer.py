@@ -218,13 +218,18 @@ def _micro_batch(data, first: int, settings: TrainSettings):
 
 
 def _sync_grads(model, dp_group, expt_dp_group, dp_size: int) -> None:
+    """The gradient of the mean of every data-parallel rank's loss, as Megatron's DDP makes
+    it: dense gradients averaged over the data-parallel group; an expert's gradient, which
+    already holds the contributions of every rank of its EP group (the All-to-All's
+    backward), scaled by 1 / data-parallel size and *summed* over the replicas of that expert
+    (the expert-data-parallel group), since each replica saw other ranks' tokens."""
     for p in model.parameters():
         if p.grad is None:
             continue
         if getattr(p, "allreduce", True) is False:  # expert parameters (Megatron's tag)
             p.grad /= dp_size
             if dist.get_world_size(expt_dp_group) > 1:
-                dist.all_reduce(p.grad, group=expt_dp_group, op=dist.ReduceOp.AVG)
+                dist.all_reduce(p.grad, group=expt_dp_group, op=dist.ReduceOp.SUM)
         elif dp_size > 1:
             dist.all_reduce(p.grad, group=dp_group, op=dist.ReduceOp.AVG)
 
