@@ -142,7 +142,14 @@ class LocMoEConfig:
         if self.capacity_mode != "auto":
             return self.capacity_mode == "bound"
         cf = getattr(transformer_config, "moe_expert_capacity_factor", None)
-        return self.router_type == "locmoe" and cf is not None
+        return self.router_class.has_capacity_bound and cf is not None
+
+    @property
+    def router_class(self):
+        """The router class ``router_type`` names (megatron_locmoe.routers.ROUTERS)."""
+        from megatron_locmoe.routers import ROUTERS
+
+        return ROUTERS[self.router_type]
 
     @property
     def dedup_setting(self) -> bool | str:
@@ -189,10 +196,13 @@ class LocMoEConfig:
             )
         if self.node_bias_rate <= 0:
             raise ConfigError(f"node_bias_rate={self.node_bias_rate} must be positive")
-        if self.node_target_share and self.router_type != "locmoe":
+        if self.node_target_share and not self.router_class.has_locality_loss:
+            from megatron_locmoe.routers import ROUTERS
+
+            having = ", ".join(n for n, c in ROUTERS.items() if c.has_locality_loss)
             raise ConfigError(
-                f"node_target_share is a locmoe router option; the {self.router_type} router "
-                "has no node bias: use --moe-router-type locmoe or drop it"
+                f"node_target_share is a {having} router option; the {self.router_type} "
+                f"router has no node bias: use --moe-router-type {having} or drop it"
             )
         if not 0 < self.locality_smoothing < 1:
             raise ConfigError(

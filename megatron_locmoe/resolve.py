@@ -57,8 +57,8 @@ def _dispatcher(locmoe: LocMoEConfig, tc, topology) -> tuple[str, str]:
 
 
 def _fused_router(locmoe: LocMoEConfig, tc, device_type: str | None) -> tuple[str, str]:
-    if locmoe.router_type != "locmoe":
-        return locmoe.fused_router, "as given (only the locmoe router has a fused path)"
+    if not locmoe.router_class.has_fused_path:
+        return locmoe.fused_router, f"as given (the {locmoe.router_type} router has no fused path)"
     if getattr(tc, "moe_router_fusion", False):
         return "on", "--moe-router-fusion: the locmoe router's own fused path"
     if locmoe.fused_router != "auto":
@@ -106,12 +106,13 @@ def _capacity(locmoe: LocMoEConfig, tc) -> tuple[str, str]:
     if locmoe.capacity_mode != "auto":
         return locmoe.capacity_mode, "as given"
     cf = getattr(tc, "moe_expert_capacity_factor", None)
-    if locmoe.router_type == "locmoe" and cf is not None:
+    bound = locmoe.router_class.has_capacity_bound
+    if bound and cf is not None:
         return "bound", (
             f"auto: --moe-expert-capacity-factor {cf}: LocMoE's lower bound, clamped below "
             "that factor's capacity"
         )
-    if locmoe.router_type == "locmoe":
+    if bound:
         return "none", "auto: no --moe-expert-capacity-factor: dropless"
     return "none", f"auto: the {locmoe.router_type} router's own capacity handling"
 
@@ -153,20 +154,21 @@ def summary_fields(resolution: Resolution, tc, topology=None) -> dict:
     """What the run does, as plain values (the W&B config and the TensorBoard text)."""
     cfg, E, k = resolution.config, tc.num_moe_experts, tc.moe_router_topk
     out: dict = {"router": cfg.router_type, "top_k": k, "num_experts": E}
-    if cfg.router_type == "locmoe":
+    router = cfg.router_class
+    if router.has_grap_gate:
         out["gate"] = (
             f"GrAP {cfg.grap_mode}"
             + (", learnable bias" if cfg.grap_bias else "")
             + (f", temperature {cfg.grap_temperature:g}" if cfg.grap_temperature != 1.0 else "")
             + (", learnable temperature" if cfg.grap_learnable_temperature else "")
         )
-    if cfg.router_type in ("locmoe", "switch"):
+    if router.uses_locmoe_alpha and router.probs_have_grad:
         out["balance_loss"] = f"switch form, alpha {cfg.aux_loss_coeff:g}"
     elif cfg.router_type == "megatron":
         out["balance_loss"] = (
             f"Megatron's {tc.moe_router_load_balancing_type}, coeff {tc.moe_aux_loss_coeff}"
         )
-    if cfg.router_type == "locmoe":
+    if router.has_locality_loss:
         out["locality_loss"] = (
             f"mu {cfg.locality_loss_coeff:g}, smoothing {cfg.locality_smoothing:g}"
             if cfg.locality_loss_coeff

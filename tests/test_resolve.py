@@ -94,6 +94,27 @@ def test_auto_capacity(router, cf, expected):
     r.config.validate(locmoe_tc(moe_expert_capacity_factor=cf))
 
 
+def test_a_routers_capabilities_decide_its_auto_settings(monkeypatch):
+    """The auto rules ask the router class what it has (no router name is spelled in them):
+    a router registered with LocMoE's capacity bound and fused path gets them too."""
+    from megatron_locmoe import routers
+    from megatron_locmoe.routers.switch import SwitchRouter
+
+    class BoundedSwitch(SwitchRouter):
+        name = "bounded_switch"
+        has_capacity_bound = has_fused_path = True
+
+    monkeypatch.setitem(routers.ROUTERS, BoundedSwitch.name, BoundedSwitch)
+    lm = LocMoEConfig.__new__(LocMoEConfig)  # router_type outside the Literal: no validation
+    lm.__dict__.update(vars(LocMoEConfig()), router_type=BoundedSwitch.name)
+    tc = locmoe_tc(moe_expert_capacity_factor=1.0)
+    r = resolve(lm, tc, device_type="cuda")
+    assert (r.config.capacity_mode, r.config.fused_router) == ("bound", "on")
+    assert lm.capacity_bound_applies(tc)
+    plain = resolve(LocMoEConfig(router_type="switch"), tc, device_type="cuda")
+    assert (plain.config.capacity_mode, plain.config.fused_router) == ("none", "auto")
+
+
 def test_resolution_is_idempotent_and_leaves_no_auto():
     tc = locmoe_tc(moe_expert_capacity_factor=1.25)
     first = resolve(LocMoEConfig(router_type="locmoe"), tc, nodes(2), "cuda").config

@@ -42,6 +42,15 @@ class PluginRouterMixin:
     """Whether the probabilities carry a gradient (hash routing's are constants)."""
     uses_locmoe_alpha = True
     """Switch-form balance loss with LocMoE's alpha (locmoe, switch); Megatron's own otherwise."""
+    has_grap_gate = False
+    """LocMoE's GrAP gate (its --locmoe-grap-* settings apply)."""
+    has_locality_loss = False
+    """LocMoE's locality loss and the node target (--locmoe-locality-loss-coeff, ...)."""
+    has_fused_path = False
+    """A fused routing path (--locmoe-fused-router, --moe-router-fusion's own path)."""
+    has_capacity_bound = False
+    """LocMoE's capacity lower bound (--locmoe-capacity-mode bound; auto with a capacity
+    factor)."""
 
     @classmethod
     def check_model(cls, locmoe: LocMoEConfig, tc) -> None:

@@ -40,6 +40,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
     """LocMoE routing as a Megatron-Core router (MoESubmodules.router)."""
 
     name = "locmoe"
+    has_grap_gate = has_locality_loss = has_fused_path = has_capacity_bound = True
 
     @classmethod
     def check_model(cls, locmoe: LocMoEConfig, tc) -> None:
