@@ -54,18 +54,16 @@ def check_data_args(args) -> None:
     raises CorpusError naming the file. Those a step before training writes are passed over."""
     if getattr(args, "mock_data", False):
         return
+    from megatron.core.datasets.utils import get_blend_from_list
+
     from megatron_locmoe.sim.data import check_indexed_dataset
 
     for name in ("data_path", "train_data_path", "valid_data_path", "test_data_path"):
-        for entry in getattr(args, name, None) or []:
-            try:
-                float(entry)  # a blend weight
+        blend = get_blend_from_list(getattr(args, name, None))  # Megatron's reading of it
+        for prefix in blend[0] if blend else []:
+            if all(_written_before_training(f"{prefix}.{ext}") for ext in ("bin", "idx")):
                 continue
-            except ValueError:
-                pass
-            if all(_written_before_training(f"{entry}.{ext}") for ext in ("bin", "idx")):
-                continue
-            check_indexed_dataset(entry)
+            check_indexed_dataset(prefix)
 
 
 def dest(field_name: str) -> str:

@@ -310,7 +310,7 @@ def build_plan(opts: Options, preset: Preset | None = None) -> Plan:
                         + "; ".join(bad)
                     )
         if preset.device == "cpu":  # refuses what the CPU loop cannot do, now
-            per_node = preset.prepare_data == "pydoc-domains"
+            per_node = bool(plan.domain_prefixes)  # node k reads the k-th prefix
             rp.cpu_loop = train_settings(rp.args, run, dpn, rp.log_dir, per_node)
         plan.runs.append(rp)
     return plan

@@ -170,9 +170,12 @@ def check_indexed_dataset(prefix: str | Path) -> int:
             )
         if sequences == 0:
             return 0
-        lengths = np.frombuffer(stream.read(sequences * 4), dtype=np.int32)
-        pointers = np.frombuffer(stream.read(sequences * 8), dtype=np.int64)
-    expected = int(pointers[-1]) + int(lengths[-1]) * itemsize
+        # only the last sequence's length and pointer: O(1) reads, however large the index
+        stream.seek(34 + (sequences - 1) * 4)
+        (last_length,) = struct.unpack("<i", stream.read(4))
+        stream.seek(34 + sequences * 4 + (sequences - 1) * 8)
+        (last_pointer,) = struct.unpack("<q", stream.read(8))
+    expected = last_pointer + last_length * itemsize
     if binf.stat().st_size != expected:
         raise CorpusError(
             f"{binf} holds {binf.stat().st_size} bytes, its index {idx.name} describes "
