@@ -39,7 +39,8 @@ class ConfigError(ValueError):
 class LocMoEConfig:
     router_type: str = "megatron"
     """Router of every MoE layer, a key of megatron_locmoe.routers.ROUTERS: megatron
-    (Megatron's TopKRouter, the default), locmoe, hash (Hash Layers), switch."""
+    (Megatron's TopKRouter, the default), locmoe, locmoe_plus (LocMoE+'s affinity routing and
+    adaptive capacity), hash (Hash Layers), switch."""
 
     # ---- losses -------------------------------------------------------------------------------
     aux_loss_coeff: float = 0.01
@@ -93,9 +94,19 @@ class LocMoEConfig:
     """Floor of the bound capacity as a capacity factor: ceil(floor * T * k / n) tokens."""
     capacity_percentile: float = 0.05
     """delta = this percentile of cos(token, gate row of its expert) over routed tokens."""
-    capacity_reestimate_interval: int = 0
-    """0: estimate delta on the first batch and keep it (LocMoE). K > 0: every K steps
-    (LocMoE+, where the bound falls as features cluster)."""
+    capacity_reestimate_interval: int | None = None
+    """K: 0 estimates delta on the first batch and keeps it; K > 0 re-estimates every K training
+    steps (the bound falls as features cluster). Default: the router's (locmoe 0, as the paper;
+    locmoe_plus 100, a choice: the paper re-estimates but gives no interval)."""
+
+    # ---- LocMoE+ (router locmoe_plus) ------------------------------------------------------
+    plus_capacity_multiplier: float = 2.0
+    """m of the adaptive capacity C = clamp(ceil(m * C*), floor, ceiling), C* being LocMoE's
+    bound at the measured delta: LocMoE+'s Corollary 6 needs C >= 2 C* for expert choice."""
+    plus_affinity_threshold: float = 0.0
+    """Token choice of locmoe_plus: 0 takes each token's top-k experts by affinity; t in (0, 1]
+    takes the fewest of them whose gate values sum to at least t (our reading of the paper's
+    threshold on the cumulative affinity, which it gives no value for)."""
 
     # ---- hash router -------------------------------------------------------------------------
     hash_seed: int = 1234
@@ -196,14 +207,6 @@ class LocMoEConfig:
             )
         if self.node_bias_rate <= 0:
             raise ConfigError(f"node_bias_rate={self.node_bias_rate} must be positive")
-        if self.node_target_share and not self.router_class.has_locality_loss:
-            from megatron_locmoe.routers import ROUTERS
-
-            having = ", ".join(n for n, c in ROUTERS.items() if c.has_locality_loss)
-            raise ConfigError(
-                f"node_target_share is a {having} router option; the {self.router_type} "
-                f"router has no node bias: use --moe-router-type {having} or drop it"
-            )
         if not 0 < self.locality_smoothing < 1:
             raise ConfigError(
                 f"locality_smoothing={self.locality_smoothing} must lie in (0, 1) (e.g. 1e-3)"
@@ -216,16 +219,47 @@ class LocMoEConfig:
             )
         if self.capacity_floor_factor < 0:
             raise ConfigError(f"capacity_floor_factor={self.capacity_floor_factor} is negative")
-        if self.capacity_reestimate_interval < 0:
+        if self.capacity_reestimate_interval is not None and self.capacity_reestimate_interval < 0:
             raise ConfigError(
                 f"capacity_reestimate_interval={self.capacity_reestimate_interval} is negative; "
                 "use 0 to estimate once or K > 0 to re-estimate every K steps"
             )
+        if self.plus_capacity_multiplier < 1:
+            raise ConfigError(
+                f"plus_capacity_multiplier={self.plus_capacity_multiplier} asks less than the "
+                "bound C* itself; use at least 1 (the paper: 2)"
+            )
+        if not 0 <= self.plus_affinity_threshold <= 1:
+            raise ConfigError(
+                f"plus_affinity_threshold={self.plus_affinity_threshold} must lie in [0, 1] "
+                "(0: plain top-k; e.g. 0.5)"
+            )
+        self._check_router_owns_settings()
         if self.devices_per_node is not None and self.devices_per_node < 1:
             raise ConfigError(f"devices_per_node={self.devices_per_node} must be at least 1")
         if transformer_config is not None:
             self._validate_against(transformer_config)
         return self
+
+    def _check_router_owns_settings(self) -> None:
+        """A setting only some routers read, changed for another router, is a mistake: say so."""
+        from megatron_locmoe.routers import ROUTERS
+
+        owned = (
+            ("has_locality_loss", "node_target_share"),
+            ("has_affinity_routing", "plus_capacity_multiplier"),
+            ("has_affinity_routing", "plus_affinity_threshold"),
+        )
+        defaults = {f.name: f.default for f in fields(self)}
+        for capability, name in owned:
+            if getattr(self, name) == defaults[name] or getattr(self.router_class, capability):
+                continue
+            having = " or ".join(n for n, c in ROUTERS.items() if getattr(c, capability))
+            raise ConfigError(
+                f"{name} is a {having} router option; the {self.router_type} router does not "
+                f"read it: use --moe-router-type {having} or drop --locmoe-"
+                + name.replace("_", "-")
+            )
 
     def _validate_against(self, tc) -> None:
         n, k = tc.num_moe_experts, tc.moe_router_topk

@@ -28,6 +28,10 @@ CAPACITY_DELTA = "capacity_delta"
 CAPACITY_EC_MIN = "capacity_ec_min"
 """LocMoE's lower bound on expert capacity, in tokens; inf where the bound exceeds every
 capacity (the tail probability underflows), never a stand-in number."""
+EXPERT_CHOICE = "expert_choice"
+"""1 where the capacity schedule is in its expert-choice phase (locmoe_plus: the adaptive
+capacity binds below the capacity-factor ceiling), 0 otherwise (token choice at the ceiling, or
+no schedule); the layer average is the share of layers in that phase."""
 
 ROUTER_METRICS = (
     LOCALITY_LOSS,
@@ -37,6 +41,7 @@ ROUTER_METRICS = (
     EXPERT_CAPACITY,
     CAPACITY_DELTA,
     CAPACITY_EC_MIN,
+    EXPERT_CHOICE,
 )
 """Names every plugin router records (plus Megatron's load_balancing_loss)."""
 

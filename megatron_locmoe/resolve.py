@@ -117,6 +117,15 @@ def _capacity(locmoe: LocMoEConfig, tc) -> tuple[str, str]:
     return "none", f"auto: the {locmoe.router_type} router's own capacity handling"
 
 
+def _reestimate_interval(locmoe: LocMoEConfig) -> tuple[int, str]:
+    if locmoe.capacity_reestimate_interval is not None:
+        return locmoe.capacity_reestimate_interval, "as given"
+    K = locmoe.router_class.default_reestimate_interval
+    return K, f"default of the {locmoe.router_type} router" + (
+        f": every {K} steps" if K else ": once, on the first batch"
+    )
+
+
 def resolve(locmoe: LocMoEConfig, tc, topology=None, device_type: str | None = None) -> Resolution:
     """``locmoe`` with every ``auto`` decided for this model (``tc``, Megatron's
     TransformerConfig or its parsed arguments), node map and device type."""
@@ -125,6 +134,7 @@ def resolve(locmoe: LocMoEConfig, tc, topology=None, device_type: str | None = N
         "fused_router": _fused_router(locmoe, tc, device_type),
         "experts": _experts(locmoe, tc),
         "capacity_mode": _capacity(locmoe, tc),
+        "capacity_reestimate_interval": _reestimate_interval(locmoe),
     }
     config = dataclasses.replace(locmoe, **{name: value for name, (value, _) in choices.items()})
     return Resolution(config, {name: why for name, (_, why) in choices.items()})
@@ -178,8 +188,19 @@ def summary_fields(resolution: Resolution, tc, topology=None) -> dict:
         out["node_target"] = (
             f"node-local share {cfg.node_target_share:g} (bias rate {cfg.node_bias_rate:g}; ours)"
         )
+    if router.has_affinity_routing:
+        threshold = cfg.plus_affinity_threshold
+        out["token_choice"] = f"top-{k} by affinity cos(token, GrAP row)" + (
+            f", the fewest whose gate values sum to {threshold:g}" if threshold else ""
+        )
+    asked = (
+        f"clamp({cfg.plus_capacity_multiplier:g} C*, floor, ceiling): LocMoE+'s expert choice "
+        "by affinity below the ceiling, token choice at it; C* = "
+        if router.has_affinity_routing
+        else ""
+    )
     out["capacity"] = {
-        "bound": f"LocMoE's lower bound (percentile {cfg.capacity_percentile:g}, floor "
+        "bound": asked + f"LocMoE's lower bound (percentile {cfg.capacity_percentile:g}, floor "
         f"{cfg.capacity_floor_factor:g}, ceiling factor {tc.moe_expert_capacity_factor}, "
         + (
             f"re-estimated every {cfg.capacity_reestimate_interval} steps)"

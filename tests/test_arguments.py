@@ -44,7 +44,7 @@ def test_every_flag_parses_and_lands_in_transformer_config(megatron_args):
     parse, to_config = megatron_args
     args = parse(
         "--moe-router-type",
-        "locmoe",
+        "locmoe_plus",  # the router that reads every setting but the hash router's
         "--locmoe-aux-loss-coeff",
         "0.02",
         "--locmoe-locality-loss-coeff",
@@ -72,6 +72,10 @@ def test_every_flag_parses_and_lands_in_transformer_config(megatron_args):
         "0.1",
         "--locmoe-capacity-reestimate-interval",
         "50",
+        "--locmoe-plus-capacity-multiplier",
+        "3.0",
+        "--locmoe-plus-affinity-threshold",
+        "0.5",
         "--locmoe-hash-seed",
         "7",
         "--locmoe-hash-token-counts",
@@ -88,7 +92,7 @@ def test_every_flag_parses_and_lands_in_transformer_config(megatron_args):
         "4",
     )
     expected = LocMoEConfig(
-        router_type="locmoe",
+        router_type="locmoe_plus",
         aux_loss_coeff=0.02,
         locality_loss_coeff=0.3,
         locality_smoothing=0.01,
@@ -103,6 +107,8 @@ def test_every_flag_parses_and_lands_in_transformer_config(megatron_args):
         capacity_floor_factor=0.25,
         capacity_percentile=0.1,
         capacity_reestimate_interval=50,
+        plus_capacity_multiplier=3.0,
+        plus_affinity_threshold=0.5,
         hash_seed=7,
         hash_token_counts="data/pydoc_counts.npy",
         dispatcher="hierarchical",

@@ -32,6 +32,25 @@ CASES = {
     # tensor + sequence parallel: the aux loss's token counts are summed over the TP group
     # (a functional all-reduce in the fused graph); per-token loss scaling on top
     "top2_tp2_per_token": dict(topk=2, locmoe=dict(), tp=2, calculate_per_token_loss=True),
+    # LocMoE+: affinity routing, drops by affinity at the adaptive capacity (compiled graphs)
+    "plus_top1": dict(
+        topk=1,
+        router="locmoe_plus",
+        locmoe=dict(capacity_floor_factor=0.25),
+        moe_expert_capacity_factor=1.1,
+    ),
+    "plus_top2_learnable_threshold": dict(
+        topk=2,
+        router="locmoe_plus",
+        locmoe=dict(
+            grap_mode="learnable",
+            grap_bias=True,
+            grap_temperature=8.0,
+            plus_affinity_threshold=0.35,
+            locality_loss_coeff=0.3,
+        ),
+        moe_expert_capacity_factor=1.5,
+    ),
 }
 LAYOUTS = {"top2_tp2_per_token": ParallelLayout(devices_per_node=1, ep=2, tp=2, etp=1)}
 
@@ -45,6 +64,7 @@ def fused_vs_reference_job(ctx, case: str):
     ctx.topology()
     kw = dict(CASES[case])
     topk, dtype = kw.pop("topk"), kw.pop("dtype", torch.float32)
+    router_type = kw.pop("router", "locmoe")
     lm_overrides = kw.pop("locmoe")
     config = moe_config(
         ep=2,
@@ -56,7 +76,7 @@ def fused_vs_reference_job(ctx, case: str):
     )
     out = {}
     for fused in (False, True):
-        lm = LocMoEConfig(router_type="locmoe", fused_router=fused, **lm_overrides)
+        lm = LocMoEConfig(router_type=router_type, fused_router=fused, **lm_overrides)
         torch.manual_seed(3)
         router = router_builder(lm)(config=config, pg_collection=get_default_pg_collection())
         router = router.to(ctx.device)  # LOCMOE_TEST_DEVICE=cuda: one GPU per rank, NCCL
@@ -102,7 +122,11 @@ def test_fused_router_equals_reference(cluster2, case):
     # the paper's fixed gate must take the Triton kernels (the interpreter on the CPU), not fall
     # back silently to the graph; only LOCMOE_TRITON_ROUTER=0 turns them off
     lm = CASES[case]["locmoe"]
-    fixed_gate = lm.get("grap_mode", "fixed") == "fixed" and lm.get("capacity_mode") != "bound"
+    fixed_gate = (
+        lm.get("grap_mode", "fixed") == "fixed"
+        and lm.get("capacity_mode") != "bound"
+        and CASES[case].get("router", "locmoe") == "locmoe"
+    )
     for r in results:
         assert r["took_kernels"] == (fixed_gate and not kernels.DISABLED)
         assert r["map_equal"]

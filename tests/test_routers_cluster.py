@@ -53,12 +53,13 @@ def every_router_job(ctx):
         "locmoe_bound": dict(
             topk=1, moe_expert_capacity_factor=1.0, locmoe=dict(capacity_mode="bound")
         ),
+        "locmoe+plus_top2": dict(topk=2, moe_expert_capacity_factor=1.1),
         "hash": dict(topk=1),
         "switch": dict(topk=1, moe_expert_capacity_factor=1.0),
     }
     for name, kw in cases.items():
         get_moe_metrics_tracker().clear()
-        router_type = name.split("_")[0]
+        router_type = name.split("_")[0].replace("+", "_")
         layer, config = _layer(ctx, router_type, **kw)
         x = torch.randn(8, 2, H, generator=gen, requires_grad=True)
         ids = torch.randint(0, VOCAB, (2, 8), generator=gen)
@@ -106,6 +107,10 @@ def test_every_router_runs_in_megatron_moe_layer(cluster8):
         assert 0 < bound["capacity_delta"] < 1 and bound["capacity_ec_min"] > 0
         assert bound["expert_capacity"] > 0
         assert r["switch"]["recorded"]["expert_capacity"] == 1  # ceil(16 tokens / 16 experts)
+        plus = r["locmoe+plus_top2"]
+        assert plus["aux"] > 0 and plus["recorded"]["locality_loss"] > 0
+        assert 0 < plus["recorded"]["capacity_delta"] < 1
+        assert plus["recorded"]["expert_capacity"] <= 3  # ceil(1.1 * 16 * 2 / 16), the ceiling
 
 
 def grap_job(ctx):

@@ -182,7 +182,54 @@ def test_hash_maps_balance(python_source_ids, E):
         (dict(capacity_reestimate_interval=-2), {}, "capacity_reestimate_interval=-2"),
         (dict(router_type="locmoe", node_target_share=1.0), {}, "node_target_share=1.0 must"),
         (dict(router_type="locmoe", node_bias_rate=0.0), {}, "node_bias_rate=0.0 must be"),
-        (dict(router_type="hash", node_target_share=0.5), {}, "a locmoe router option"),
+        (dict(router_type="hash", node_target_share=0.5), {}, "a locmoe or locmoe_plus router"),
+        # LocMoE+: its own settings, and the model settings it cannot run with
+        (dict(router_type="locmoe_plus"), {}, "set --moe-expert-capacity-factor (the paper's"),
+        (
+            dict(router_type="locmoe_plus", capacity_mode="none"),
+            dict(moe_expert_capacity_factor=1.1),
+            "switches off LocMoE+'s adaptive capacity",
+        ),
+        (
+            dict(router_type="locmoe_plus"),
+            dict(moe_expert_capacity_factor=1.1, moe_router_topk=9),
+            "--moe-router-topk 9 is larger than the number of experts 8",
+        ),
+        (
+            dict(router_type="locmoe_plus", capacity_floor_factor=1.5),
+            dict(moe_expert_capacity_factor=1.1),
+            "floor factor 1.5 is above the ceiling --moe-expert-capacity-factor 1.1",
+        ),
+        (
+            dict(router_type="locmoe_plus", capacity_reestimate_interval=-1),
+            dict(moe_expert_capacity_factor=1.1),
+            "capacity_reestimate_interval=-1 is negative",
+        ),
+        (
+            dict(router_type="locmoe_plus", plus_capacity_multiplier=0.5),
+            dict(moe_expert_capacity_factor=1.1),
+            "plus_capacity_multiplier=0.5 asks less than the bound",
+        ),
+        (
+            dict(router_type="locmoe_plus", plus_affinity_threshold=1.5),
+            dict(moe_expert_capacity_factor=1.1),
+            "plus_affinity_threshold=1.5 must lie in [0, 1]",
+        ),
+        (
+            dict(router_type="locmoe_plus"),
+            dict(moe_expert_capacity_factor=1.1, moe_router_topk_scaling_factor=2.0),
+            "the locmoe_plus gate value is the softmax",
+        ),
+        (
+            dict(router_type="locmoe_plus"),
+            dict(moe_expert_capacity_factor=1.1, hidden_size=20),
+            "hidden size 20 into 8 equal chunks",
+        ),
+        (
+            dict(router_type="locmoe", plus_capacity_multiplier=3.0),
+            {},
+            "plus_capacity_multiplier is a locmoe_plus router option; the locmoe router",
+        ),
         (
             dict(router_type="locmoe", capacity_mode="bound", capacity_floor_factor=2.0),
             dict(moe_expert_capacity_factor=1.0),
@@ -231,6 +278,9 @@ def test_valid_configs_pass():
         moe_config(ep=1, moe_expert_capacity_factor=1.25)
     )
     LocMoEConfig(router_type="megatron").validate(moe_config(ep=1, moe_router_topk=8))
+    LocMoEConfig(router_type="locmoe_plus", plus_affinity_threshold=0.5).validate(
+        moe_config(ep=1, moe_expert_capacity_factor=1.1, moe_router_topk=2)
+    )
 
 
 def fused_path_choice_job(ctx):

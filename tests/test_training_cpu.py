@@ -32,7 +32,7 @@ def _tensorboard_tags(logdir) -> set[str]:
     return set(acc.Tags()["scalars"])
 
 
-@pytest.mark.parametrize("router_type", ["megatron", "locmoe", "hash", "switch"])
+@pytest.mark.parametrize("router_type", ["megatron", "locmoe", "locmoe_plus", "hash", "switch"])
 def test_training_reduces_loss_and_logs_metrics(cluster_factory, corpus, tmp_path, router_type):
     cluster = cluster_factory(4)
     settings = TrainSettings(
@@ -50,7 +50,7 @@ def test_training_reduces_loss_and_logs_metrics(cluster_factory, corpus, tmp_pat
     metrics = results[-1]["metrics"]
     assert set(PLUGIN_METRICS) <= set(metrics)
     assert metrics["inter_node_bytes"] > 0 and metrics["intra_node_bytes"] > 0
-    if router_type == "switch":
+    if router_type in ("switch", "locmoe_plus"):
         assert metrics["expert_capacity"] > 0
     tags = _tensorboard_tags(tmp_path / "tb")
     assert {"lm loss", *PLUGIN_METRICS} <= tags
@@ -66,23 +66,28 @@ def _checkpoint_keys(path) -> set[str]:
     return set(load_tensors_metadata(str(path)))
 
 
-@pytest.mark.parametrize("experts", ["loop", "grouped"])
+@pytest.mark.parametrize(
+    "router_type, experts", [("locmoe", "loop"), ("locmoe", "grouped"), ("locmoe_plus", "loop")]
+)
 def test_resume_from_torch_dist_checkpoint_gives_identical_losses(
-    cluster_factory, corpus, tmp_path, experts
+    cluster_factory, corpus, tmp_path, router_type, experts
 ):
     """Save at step 3 (Megatron torch_dist), resume: steps 4-6 equal the uninterrupted run
     bitwise (model, Adam state, RNG). LocMoE's delta is estimated on the first batch only, so a
     resume that lost the router's state would re-estimate it from step 4's batch (checked: a
-    load without the capacity buffers reports delta 0.117 instead of 0.188)."""
+    load without the capacity buffers reports delta 0.117 instead of 0.188). LocMoE+
+    re-estimates every 2 steps here, so the resumed run must re-estimate at step 4 (the
+    schedule's step counter comes from the checkpoint) and not at its own first step."""
     cluster = cluster_factory(4)
     layout = ParallelLayout(devices_per_node=2, ep=4)
     locmoe = LocMoEConfig(
-        router_type="locmoe",
+        router_type=router_type,
         dispatcher="hierarchical",
         capacity_mode="bound",
         capacity_floor_factor=0.0,
         capacity_percentile=0.5,
         experts=experts,  # grouped: Adam's moments of the stacked expert weights too
+        capacity_reestimate_interval=2 if router_type == "locmoe_plus" else None,
     )
 
     def run(**kw):

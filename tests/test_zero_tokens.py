@@ -35,6 +35,13 @@ ROUTERS = {
     "locmoe_bound": dict(
         locmoe=dict(router_type="locmoe", capacity_mode="bound"), moe_expert_capacity_factor=1.0
     ),
+    "locmoe_plus": dict(
+        locmoe=dict(router_type="locmoe_plus", fused_router="off", capacity_reestimate_interval=1),
+        moe_expert_capacity_factor=1.1,
+    ),
+    "locmoe_plus_fused": dict(
+        locmoe=dict(router_type="locmoe_plus", fused_router="on"), moe_expert_capacity_factor=1.1
+    ),
     "hash": dict(locmoe=dict(router_type="hash")),
     "switch": dict(locmoe=dict(router_type="switch"), moe_expert_capacity_factor=1.0),
 }
@@ -104,7 +111,7 @@ def test_rank_without_tokens(cluster_factory, case):
         assert r["shapes"] == ((tokens, 1, H), (tokens, 1, H)), (rank, r)
         assert r["equal"], (case, rank)
         assert r["finite"], (case, rank)
-    if case == "locmoe_bound":  # estimated from the ranks with tokens, the same everywhere
+    if case in ("locmoe_bound", "locmoe_plus", "locmoe_plus_fused"):  # estimated from the ranks with tokens, the same everywhere
         deltas = {r["delta"] for r in results}
         assert len(deltas) == 1 and all(0 < d < 1 for d in next(iter(deltas))), deltas
 

@@ -12,9 +12,13 @@ from functools import partial
 from megatron_locmoe.config import ConfigError, LocMoEConfig
 from megatron_locmoe.routers.hash import HashRouter, attach_token_ids
 from megatron_locmoe.routers.locmoe import LocMoERouter
+from megatron_locmoe.routers.locmoe_plus import LocMoEPlusRouter
 from megatron_locmoe.routers.switch import MegatronRouter, SwitchRouter
 
-ROUTERS = {cls.name: cls for cls in (MegatronRouter, LocMoERouter, HashRouter, SwitchRouter)}
+ROUTERS = {
+    cls.name: cls
+    for cls in (MegatronRouter, LocMoERouter, LocMoEPlusRouter, HashRouter, SwitchRouter)
+}
 """The one list of routers: ``--moe-router-type`` takes its keys (the first is the default)."""
 
 
@@ -36,6 +40,7 @@ def router_builder(locmoe, vocab_size: int | None = None, token_counts=None):
 __all__ = [
     "ROUTERS",
     "HashRouter",
+    "LocMoEPlusRouter",
     "LocMoERouter",
     "MegatronRouter",
     "SwitchRouter",

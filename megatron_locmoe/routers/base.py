@@ -16,16 +16,21 @@ from megatron_locmoe.topology import current_topology
 
 
 def drop_to_capacity(
-    probs_TE: torch.Tensor, routing_map_TE: torch.Tensor, capacity: int
+    probs_TE: torch.Tensor,
+    routing_map_TE: torch.Tensor,
+    capacity: int,
+    priority_TE: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Keep at most ``capacity`` tokens per expert, the highest-probability ones.
+    """Keep at most ``capacity`` tokens per expert: those of highest ``priority`` (default: the
+    probability, Megatron's drop policy ``probs``; locmoe_plus ranks by affinity).
 
     Returns (probs, routing_map, dropped) with dropped = number of assignments removed.
     """
     T = routing_map_TE.shape[0]
     if capacity >= T:
         return probs_TE, routing_map_TE, routing_map_TE.new_zeros((), dtype=torch.long)
-    masked = probs_TE.masked_fill(~routing_map_TE, -1.0)  # unrouted never beat routed (probs >= 0)
+    priority_TE = probs_TE if priority_TE is None else priority_TE
+    masked = priority_TE.masked_fill(~routing_map_TE, -torch.inf)  # unrouted never beat routed
     top_idx_CE = masked.topk(capacity, dim=0, sorted=False).indices
     keep_TE = torch.zeros_like(routing_map_TE).scatter(0, top_idx_CE, True) & routing_map_TE
     dropped = routing_map_TE.sum() - keep_TE.sum()
@@ -51,6 +56,13 @@ class PluginRouterMixin:
     has_capacity_bound = False
     """LocMoE's capacity lower bound (--locmoe-capacity-mode bound; auto with a capacity
     factor)."""
+    has_affinity_routing = False
+    """LocMoE+'s affinity routing and adaptive capacity (its --locmoe-plus-* settings)."""
+    default_reestimate_interval = 0
+    """K of the capacity re-estimate when --locmoe-capacity-reestimate-interval is not given."""
+    default_capacity_factor: float | None = None
+    """The capacity factor the simulated cluster's loop gives this router when the run names
+    none (routers that need one: switch 1.0, locmoe_plus 1.1, the papers' baselines)."""
 
     @classmethod
     def check_model(cls, locmoe: LocMoEConfig, tc) -> None:
@@ -148,6 +160,7 @@ class PluginRouterMixin:
         locality_loss: torch.Tensor | None = None,
         delta: torch.Tensor | None = None,
         ec_min: torch.Tensor | None = None,
+        expert_choice: bool = False,
     ) -> None:
         """Record the full metric set (zeros where a metric does not apply to this router) with
         one tracker write; the vector comes from one compiled graph on CUDA."""
@@ -163,5 +176,6 @@ class PluginRouterMixin:
             zero if locality_loss is None else locality_loss,
             zero if delta is None else delta,
             zero if ec_min is None else ec_min,
+            expert_choice,
         )
         metrics.record_vector(self, metrics.ROUTER_METRICS, vector)

@@ -72,6 +72,7 @@ def router_metric_vector(
     locality_loss: torch.Tensor,
     delta: torch.Tensor,
     ec_min: torch.Tensor,
+    expert_choice: bool = False,
 ) -> torch.Tensor:
     """The plugin's router metrics (``metrics.ROUTER_METRICS`` order) as one fp32 vector, so a
     layer records them with one tracker write."""
@@ -84,6 +85,7 @@ def router_metric_vector(
         torch.full((), capacity, dtype=torch.float64, device=probs_TE.device),
         delta.detach().double().clamp_min(0.0),
         ec_min.detach().double(),  # inf when the bound exceeds any capacity: logged as inf
+        torch.full((), float(expert_choice), dtype=torch.float64, device=probs_TE.device),
     )
     return torch.stack(values).float()
 

@@ -109,6 +109,7 @@ if HAVE_TRITON:
     SLOT_CAPACITY: tl.constexpr = tl.constexpr(ROUTER_METRICS.index(metrics.EXPERT_CAPACITY))
     SLOT_DELTA: tl.constexpr = tl.constexpr(ROUTER_METRICS.index(metrics.CAPACITY_DELTA))
     SLOT_EC_MIN: tl.constexpr = tl.constexpr(ROUTER_METRICS.index(metrics.CAPACITY_EC_MIN))
+    SLOT_EXPERT_CHOICE: tl.constexpr = tl.constexpr(ROUTER_METRICS.index(metrics.EXPERT_CHOICE))
 
     @triton.jit
     def _route_fwd(
@@ -258,6 +259,7 @@ if HAVE_TRITON:
         tl.store(metric_ptr + SLOT_CAPACITY, 0.0)
         tl.store(metric_ptr + SLOT_DELTA, delta)
         tl.store(metric_ptr + SLOT_EC_MIN, ec_min)
+        tl.store(metric_ptr + SLOT_EXPERT_CHOICE, 0.0)
         if RECORD:  # the tracker's [metrics, layers] block, row = slot
             cell = block_ptr + column
             _accumulate(cell + SLOT_LOCALITY * block_stride, kl)

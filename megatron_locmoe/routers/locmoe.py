@@ -172,17 +172,22 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
             return True
         return self.training and K > 0 and host["step"] - host["estimated"] >= K
 
+    def routed_cosines(self, input_TH, gate_TE, routing_map_TE) -> torch.Tensor:
+        """cos(token, gate row of its first routed expert), [T]: what delta is estimated from.
+        ``gate_TE`` is the gate's output the routing ranked (here W x)."""
+        expert_T = gate_TE.masked_fill(~routing_map_TE, -math.inf).argmax(-1)
+        return self.gate_row_cosines(input_TH, gate_TE, expert_T)
+
     @torch.no_grad()
-    def estimate_capacity_bound(self, input_TH, raw_TE, routing_map_TE) -> None:
+    def estimate_capacity_bound(self, input_TH, gate_TE, routing_map_TE) -> None:
         """delta from this batch (averaged over the tp-dp-cp group's ranks that have tokens),
         then ec_min; a rank without tokens contributes nothing but joins the all-reduce."""
-        if raw_TE.shape[0]:
-            expert_T = raw_TE.masked_fill(~routing_map_TE, -math.inf).argmax(-1)
-            cos_T = self.gate_row_cosines(input_TH, raw_TE, expert_T)
+        if gate_TE.shape[0]:
+            cos_T = self.routed_cosines(input_TH, gate_TE, routing_map_TE)
             local = [bound.estimate_delta(cos_T, self.locmoe.capacity_percentile), 1.0]
         else:
             local = [0.0, 0.0]
-        delta = torch.tensor(local, dtype=torch.float64, device=raw_TE.device)
+        delta = torch.tensor(local, dtype=torch.float64, device=gate_TE.device)
         group = self.tp_dp_cp_group
         if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
             dist.all_reduce(delta, group=group)
@@ -196,12 +201,22 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         self.capacity_ec_min.fill_(host["ec_min"])
         self.capacity_estimated_step.fill_(host["estimated"])
 
-    def capacity_for(self, num_tokens: int) -> int:
-        """C = clamp(ceil(ec_min), floor, ceiling) for this batch's T tokens."""
+    capacity_multiplier = 1.0
+    """C* times this is the capacity asked of the bound (locmoe_plus: 2, the paper's 2C*)."""
+
+    def capacity_ceiling(self, num_tokens: int) -> int:
+        """The capacity-factor capacity the bound never exceeds."""
         k, E = self.topk, self.config.num_moe_experts
-        ceiling = get_capacity(num_tokens * k, E, self.config.moe_expert_capacity_factor)
+        return get_capacity(num_tokens * k, E, self.config.moe_expert_capacity_factor)
+
+    def capacity_for(self, num_tokens: int) -> int:
+        """C = clamp(ceil(m * ec_min), floor, ceiling) for this batch's T tokens (m: the
+        capacity multiplier)."""
+        k, E = self.topk, self.config.num_moe_experts
+        ceiling = self.capacity_ceiling(num_tokens)
         floor = bound.floor_capacity(self.locmoe.capacity_floor_factor, num_tokens, k, E)
-        return bound.clamp_capacity(self._host_state()["ec_min"], min(floor, ceiling), ceiling)
+        asked = self.capacity_multiplier * self._host_state()["ec_min"]
+        return bound.clamp_capacity(asked, min(floor, ceiling), ceiling)
 
     # ---- routing ----------------------------------------------------------------------------
     def _fused_applies(self, padding_mask) -> bool:
@@ -272,12 +287,14 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
                 with_losses,
             )
         else:
-            raw_TE, probs_TE, routing_map_TE, scores_TE = fused.route(x_TH, *gate, self.topk)
+            gate_TE, probs_TE, routing_map_TE, scores_TE = self.fused_route(x_TH, gate)
             if self._capacity_due():
-                self.estimate_capacity_bound(x_TH, raw_TE, routing_map_TE)
+                self.estimate_capacity_bound(x_TH, gate_TE, routing_map_TE)
             capacity = self.capacity_for(T)
             map_aux_TE = routing_map_TE
-            probs_TE, routing_map_TE, dropped = drop_to_capacity(probs_TE, routing_map_TE, capacity)
+            probs_TE, routing_map_TE, dropped = drop_to_capacity(
+                probs_TE, routing_map_TE, capacity, self.drop_priority(probs_TE, gate_TE)
+            )
             attached = aux = kl = probs_TE.new_zeros(())
             if with_losses:
                 attached, aux, kl = fused.run(
@@ -301,6 +318,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
                 kl,
                 self.capacity_delta,
                 self.capacity_ec_min,
+                capacity < self.capacity_ceiling(T),
             )
         if with_losses and spec.aux_coeff:
             self._record_aux_loss(aux / spec.aux_coeff)
@@ -310,6 +328,16 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
             probs_TE = MoEAuxLossAutoScaler.apply(probs_TE, attached)
         metrics.record_vector(self, metrics.ROUTER_METRICS, vector)
         return probs_TE, routing_map_TE
+
+    def fused_route(self, x_TH: torch.Tensor, gate: tuple):
+        """Gate, scores and token choice of the capacity path, compiled on CUDA: (what the
+        routing ranked [T, E], probs, routing map, aux-loss scores)."""
+        return fused.route(x_TH, *gate, self.topk)
+
+    def drop_priority(self, probs_TE: torch.Tensor, gate_TE: torch.Tensor) -> torch.Tensor:
+        """What the capacity drop ranks an expert's tokens by: the probability (Megatron's
+        drop policy ``probs``)."""
+        return probs_TE
 
     def _no_token_collectives(self, routing_map_TE: torch.Tensor) -> None:
         """The capacity estimate all-reduces over the tp-dp-cp group when it is due, and the
@@ -376,31 +404,29 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
 
     def _reference_forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None):
         """Through Megatron's helpers, op by op (padding masks, z-loss, top-k scaling)."""
-        E, k, cfg = self.config.num_moe_experts, self.topk, self.locmoe
+        cfg = self.locmoe
         if padding_mask is not None:
             padding_mask = padding_mask.reshape(-1)
-        raw_TE = self.grap_raw(input).view(-1, E)
-        logits_TE = self.logits_from_raw(raw_TE)
+        gate_TE, logits_TE = self.reference_gate(input)
         if self.node_bias_on:
             logits_TE = logits_TE + self.node_bias * self.expert_is_local
         logits_TE = self.apply_z_loss(logits_TE, padding_mask=padding_mask)
-        probs_TE, routing_map_TE = topk_routing_with_score_function(
-            logits_TE, k, use_pre_softmax=True, score_function="softmax"
-        )
+        probs_TE, routing_map_TE = self.token_choice(logits_TE)
         T = routing_map_TE.shape[0]
 
-        dropped, capacity = routing_map_TE.new_zeros((), dtype=torch.long), 0
+        dropped, capacity, expert_choice = routing_map_TE.new_zeros((), dtype=torch.long), 0, False
         if cfg.capacity_mode == "bound":
             if self._capacity_due():
-                self.estimate_capacity_bound(input.reshape(T, -1), raw_TE, routing_map_TE)
+                self.estimate_capacity_bound(input.reshape(T, -1), gate_TE, routing_map_TE)
             capacity = self.capacity_for(T)
-            probs_TE, routing_map_TE, dropped = drop_to_capacity(probs_TE, routing_map_TE, capacity)
+            expert_choice = capacity < self.capacity_ceiling(T)
+            probs_TE, routing_map_TE, dropped = drop_to_capacity(
+                probs_TE, routing_map_TE, capacity, self.drop_priority(probs_TE, gate_TE)
+            )
 
         locality = torch.zeros((), device=probs_TE.device)
         if self.training and torch.is_grad_enabled():
-            map_aux_TE, scores_TE = compute_routing_scores_for_aux_loss(
-                logits_TE, k, "softmax", padding_mask=padding_mask
-            )
+            map_aux_TE, scores_TE = self.aux_routing(logits_TE, padding_mask)
             # with the node bias, sum f_i P_i / (E t_i): balanced against the node-aware target
             aux_scores_TE = scores_TE * self.node_aux_weight if self.node_bias_on else scores_TE
             probs_TE = self._apply_aux_loss(
@@ -419,8 +445,26 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
             locality.detach(),
             self.capacity_delta,
             self.capacity_ec_min,
+            expert_choice,
         )
         return probs_TE, routing_map_TE
+
+    def reference_gate(self, input: torch.Tensor):
+        """(what the routing ranks [T, E], the logits [T, E]) of the reference path."""
+        raw_TE = self.grap_raw(input).view(-1, self.config.num_moe_experts)
+        return raw_TE, self.logits_from_raw(raw_TE)
+
+    def aux_routing(self, logits_TE: torch.Tensor, padding_mask):
+        """(routing map, scores) the balance and locality losses see: Megatron's."""
+        return compute_routing_scores_for_aux_loss(
+            logits_TE, self.topk, "softmax", padding_mask=padding_mask
+        )
+
+    def token_choice(self, logits_TE: torch.Tensor):
+        """Top-k of the softmax (pre-softmax routing, as the paper): (probs, routing map)."""
+        return topk_routing_with_score_function(
+            logits_TE, self.topk, use_pre_softmax=True, score_function="softmax"
+        )
 
     @torch.no_grad()
     def _step_node_bias(self, routing_map_TE: torch.Tensor) -> None:

@@ -79,6 +79,7 @@ class SwitchRouter(_MeasuredTopKRouter):
     """Top-1 softmax with LocMoE's alpha for the Switch-form loss and a capacity factor."""
 
     name = "switch"
+    default_capacity_factor = 1.0
 
     @classmethod
     def check_model(cls, locmoe: LocMoEConfig, tc) -> None:

@@ -163,8 +163,9 @@ def _transformer_config(settings: TrainSettings, ep: int):
     )
     if settings.locmoe.router_type == "megatron":
         overrides.update(moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.01)
-    if settings.locmoe.router_type == "switch":
-        overrides.update(moe_expert_capacity_factor=1.0)
+    cf = settings.locmoe.router_class.default_capacity_factor
+    if cf is not None:
+        overrides.update(moe_expert_capacity_factor=cf)
     overrides.update(settings.transformer_overrides)
     return moe_config(**overrides)
 

@@ -1,0 +1,131 @@
+"""The LocMoE+ router (Expert-Token Resonance, arXiv 2406.00023): affinity routing from token
+choice to expert choice, with an adaptive capacity.
+
+Affinity of token t and expert i: cos(x_t, w_i), w_i the expert's GrAP row (not W x: rows of
+learnable block weights differ in norm). Token choice takes each token's top-k experts by
+affinity; expert choice keeps, of the tokens routed to an expert, the C of highest affinity and
+drops (and counts) the rest. C = clamp(ceil(m C*), floor, ceiling): C* is LocMoE's bound at the
+measured delta (the paper's Remark 7), m = 2 (Corollary 6: expert choice needs C >= 2 C* once
+features cluster), re-estimated every K steps. While features are isotropic C* is large and the
+clamp holds C at the capacity-factor ceiling, token choice at the baseline's capacity; once
+m C* falls below the ceiling the experts' choice binds (metric ``expert_choice``).
+
+Interpretations (docs/design.md §1.6): the gate value scaling an expert's output is the
+softmax of temperature * affinity (+ the optional GrAP bias, which then enters token choice);
+the threshold on the cumulative affinity reads the gate values top-p style; delta is the
+percentile of each token's largest routed affinity; losses, floor and ceiling are LocMoE's.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.moe.moe_utils import compute_routing_scores_for_aux_loss
+
+from megatron_locmoe.config import ConfigError, LocMoEConfig
+from megatron_locmoe.routers import fused
+from megatron_locmoe.routers.locmoe import LocMoERouter
+
+
+def grap_affinity(x_TH: torch.Tensor, weight_EC: torch.Tensor) -> torch.Tensor:
+    """cos(x_t, w_i) for the block gate, fp32: [T, H], [E, H/E] -> [T, E] (0 for a zero token)."""
+    T, H = x_TH.shape
+    E = weight_EC.shape[0]
+    x = x_TH.float()
+    raw_TE = (x.reshape(T, E, H // E) * weight_EC.float()).sum(-1)
+    norms_TE = x.norm(dim=-1, keepdim=True).clamp_min(1e-30) * weight_EC.float().norm(dim=-1)
+    return raw_TE / norms_TE
+
+
+def threshold_choice(probs_TE: torch.Tensor, routing_map_TE: torch.Tensor, threshold: float):
+    """Of each token's routed experts, the fewest highest-gate-value ones whose values sum to at
+    least ``threshold`` (the first always stays); 0: all of them. Returns (probs, map)."""
+    if threshold <= 0:
+        return probs_TE, routing_map_TE
+    sorted_TE, order_TE = probs_TE.sort(dim=-1, descending=True)  # routed first: probs > 0
+    keep_sorted_TE = (sorted_TE.cumsum(-1) - sorted_TE) < threshold
+    keep_TE = torch.zeros_like(routing_map_TE).scatter(1, order_TE, keep_sorted_TE)
+    keep_TE &= routing_map_TE
+    return probs_TE * keep_TE, keep_TE
+
+
+def affinity_route(x_TH, weight_EC, log_temperature, bias_E, topk: int, threshold: float):
+    """Affinity, gate values and token choice in one pass over the tokens (compiled on CUDA):
+    (affinity [T, E], probs [T, E] zero off the map, routing map [T, E], aux-loss scores)."""
+    affinity_TE = grap_affinity(x_TH, weight_EC)
+    logits_TE = affinity_TE * log_temperature.exp()
+    if bias_E is not None:
+        logits_TE = logits_TE + bias_E
+    scores_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
+    top_p_TK, top_i_TK = torch.topk(scores_TE, k=topk, dim=-1)
+    probs_TE = torch.zeros_like(scores_TE).scatter(1, top_i_TK, top_p_TK)
+    routing_map_TE = torch.zeros_like(scores_TE, dtype=torch.bool).scatter(1, top_i_TK, True)
+    probs_TE, routing_map_TE = threshold_choice(probs_TE, routing_map_TE, threshold)
+    return affinity_TE, probs_TE, routing_map_TE, scores_TE
+
+
+class LocMoEPlusRouter(LocMoERouter):
+    """LocMoE+ routing as a Megatron-Core router: LocMoE's gate, losses and capacity machinery
+    with affinity in place of W x, drops by affinity and the capacity asked at m C*."""
+
+    name = "locmoe_plus"
+    has_affinity_routing = True
+    default_reestimate_interval = 100
+    default_capacity_factor = 1.1
+
+    @classmethod
+    def check_model(cls, locmoe: LocMoEConfig, tc) -> None:
+        if tc.moe_expert_capacity_factor is None:
+            raise ConfigError(
+                "the locmoe_plus router keeps an adaptive capacity below the capacity-factor "
+                "capacity: set --moe-expert-capacity-factor (the paper's baseline: 1.1)"
+            )
+        if locmoe.capacity_mode == "none":
+            raise ConfigError(
+                "--locmoe-capacity-mode none switches off LocMoE+'s adaptive capacity, which is "
+                "the method: use auto or bound (for the capacity-factor baseline, "
+                "--moe-router-type switch or megatron)"
+            )
+        if tc.moe_router_topk_scaling_factor is not None:
+            raise ConfigError(
+                "--moe-router-topk-scaling-factor: the locmoe_plus gate value is the softmax "
+                "of the affinities, unscaled; drop the flag"
+            )
+        super().check_model(locmoe, tc)
+
+    @property
+    def capacity_multiplier(self) -> float:
+        return self.locmoe.plus_capacity_multiplier
+
+    # ---- the hooks of LocMoE's capacity paths ----------------------------------------------
+    def fused_route(self, x_TH: torch.Tensor, gate: tuple):
+        weight, log_temperature, bias = gate
+        threshold = self.locmoe.plus_affinity_threshold
+        return fused.run(
+            affinity_route, x_TH.device, x_TH, weight, log_temperature, bias, self.topk, threshold
+        )
+
+    def reference_gate(self, input: torch.Tensor):
+        affinity_TE = grap_affinity(input.reshape(-1, self.config.hidden_size), self.weight)
+        return affinity_TE, self.logits_from_raw(affinity_TE)
+
+    def token_choice(self, logits_TE: torch.Tensor):
+        probs_TE, routing_map_TE = super().token_choice(logits_TE)
+        return threshold_choice(probs_TE, routing_map_TE, self.locmoe.plus_affinity_threshold)
+
+    def aux_routing(self, logits_TE: torch.Tensor, padding_mask):
+        """The balance loss counts the token-choice assignments (threshold applied)."""
+        map_TE, scores_TE = compute_routing_scores_for_aux_loss(
+            logits_TE, self.topk, "softmax", padding_mask=padding_mask
+        )
+        threshold = self.locmoe.plus_affinity_threshold
+        if threshold > 0:
+            _, map_TE = threshold_choice(scores_TE * map_TE, map_TE, threshold)
+        return map_TE, scores_TE
+
+    def drop_priority(self, probs_TE: torch.Tensor, gate_TE: torch.Tensor) -> torch.Tensor:
+        """Expert choice: an expert keeps the tokens of highest affinity."""
+        return gate_TE
+
+    def routed_cosines(self, input_TH, gate_TE, routing_map_TE) -> torch.Tensor:
+        """Each token's largest routed affinity (already a cosine)."""
+        return gate_TE.masked_fill(~routing_map_TE, -torch.inf).amax(-1)
