@@ -57,6 +57,7 @@ VARIANTS = {  # name -> (the preset's run it starts from, flags changed on top o
     "hash": ("hash", {}),
     "switch": ("switch", {}),
     "locmoe": ("locmoe", {}),
+    "locmoe_plus": ("locmoe_plus", {}),
     # `--moe-router-type locmoe` and nothing else of the plugin's: its auto defaults (issue 19)
     "locmoe_alone": ("locmoe", {"locmoe-fused-router": None, "locmoe-experts": None}),
     # under TE: Megatron's router with every TE fusion (router fusion: TE's fused top-k, score
@@ -68,6 +69,7 @@ VARIANTS = {  # name -> (the preset's run it starts from, flags changed on top o
     "locmoe_te_grouped": ("locmoe", {**ROUTER_FUSION, "moe-permute-fusion": True}),
     "hash_te": ("hash", TE_FUSIONS),
     "switch_te": ("switch", {**TE_FUSIONS, **ROUTER_FUSION}),
+    "locmoe_plus_te": ("locmoe_plus", {**TE_FUSIONS, **ROUTER_FUSION}),
     # the same with attention and router in CUDA graphs (the host's launches gone there)
     "megatron_te_graphed": ("megatron", {**TE_FUSIONS, **ROUTER_FUSION, **GRAPHS}),
     "locmoe_te_graphed": ("locmoe", {**TE_FUSIONS, **ROUTER_FUSION, **GRAPHS}),
@@ -82,9 +84,9 @@ ROUTERS = list(VARIANTS)
 ROUTER_ENV = {"locmoe_compiled": {"LOCMOE_TRITON_ROUTER": "0"}}
 TE_ROUTERS = [r for r in ROUTERS if "_te" in r]
 DEFAULT_ROUTERS = (
-    ["megatron_te", "locmoe_te", "locmoe_te_grouped", "hash_te", "switch_te"]
+    ["megatron_te", "locmoe_te", "locmoe_te_grouped", "hash_te", "switch_te", "locmoe_plus_te"]
     if HAVE_TE
-    else ["megatron_loop", "megatron", "hash", "switch", "locmoe"]
+    else ["megatron_loop", "megatron", "hash", "switch", "locmoe", "locmoe_plus"]
 )
 _BASE = {k: v for k, v in PRESET.megatron.items() if k not in RUN_CONTROL + DATA_KEYS}
 _BASE.update(TE_IMPL if HAVE_TE else {})

@@ -94,6 +94,19 @@ def build_router(name: str, H: int, E: int, k: int, device):
         groups, group_topk = GROUPS[E]
         config = _config(H, E, k, moe_router_num_groups=groups, moe_router_group_topk=group_topk)
         router = TopKRouter(config=config, pg_collection=pg)
+    elif name in CAPACITY_ROUTERS:
+        config = _config(H, E, k, moe_expert_capacity_factor=1.1)
+        router_type = "locmoe_plus" if name.startswith("locmoe_plus") else "locmoe"
+        lm = LocMoEConfig(
+            router_type=router_type,
+            fused_router="off" if name.endswith("reference") else "on",
+            capacity_mode="bound",
+            capacity_reestimate_interval=100,  # both re-estimate, as LocMoE+ does by default
+        )
+        router = router_builder(lm)(config=config, pg_collection=pg)
+        remote = torch.arange(E) >= E // 2  # two simulated nodes: see the module docstring
+        router.expert_is_local.copy_(~remote)
+        router.locality_on = True
     elif name in ("locmoe", "locmoe_fused", "locmoe_compiled"):
         config = _config(H, E, k)
         lm = LocMoEConfig(router_type="locmoe", fused_router=name != "locmoe")
@@ -120,6 +133,11 @@ def build_router(name: str, H: int, E: int, k: int, device):
     return router.to(device), config
 
 
+CAPACITY_ROUTERS = ("locmoe_bound", "locmoe_plus", "locmoe_plus_reference")
+"""Capacity factor 1.1 (LocMoE+'s baseline) as the ceiling, re-estimated every 100 calls: LocMoE's
+bound on its fused path (compiled graphs: the Triton kernels have no capacity), LocMoE+ on its
+fused path and on its reference path (the agreement check's baseline)."""
+
 ROUTERS = [
     "megatron_aux",
     "megatron_te_fused",
@@ -127,6 +145,9 @@ ROUTERS = [
     "locmoe",
     "locmoe_compiled",
     "locmoe_fused",
+    "locmoe_bound",
+    "locmoe_plus",
+    "locmoe_plus_reference",
     "switch",
     "hash",
     "autograd_floor",
@@ -246,9 +267,13 @@ def bench_shape(T, H, E, k, device, args) -> dict:
         row["alone_vs_megatron"] = row["alone_ms"] / base_alone
         row["alone_vs_te_fused"] = row["alone_ms"] / te_alone if te_alone else None
     check = {
-        name: _agreement(outputs["locmoe"], outputs[name], T)
-        for name in ("locmoe_compiled", "locmoe_fused")
-        if "locmoe" in outputs and name in outputs
+        name: _agreement(outputs[reference], outputs[name], T)
+        for reference, name in (
+            ("locmoe", "locmoe_compiled"),
+            ("locmoe", "locmoe_fused"),
+            ("locmoe_plus_reference", "locmoe_plus"),
+        )
+        if reference in outputs and name in outputs
     }
 
     return {"shape": [T, H, E, k], "floor_ms": floor_ms, "routers": rows, "fused_check": check}

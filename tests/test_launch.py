@@ -65,7 +65,7 @@ def test_the_presets_the_issue_asks_for():
     m = pangu.megatron
     assert (m["num-experts"], m["moe-router-topk"], m["num-layers"]) == (16, 1, 8)
     assert set(pangu.sweep) == {"hash", "switch", "locmoe"}  # the paper's routers
-    assert set(load_preset("router-sweep").sweep) == {"megatron", "hash", "switch", "locmoe"}
+    assert set(load_preset("router-sweep").sweep) == {"megatron", "hash", "switch", "locmoe", "locmoe_plus"}
     assert len(load_preset("demo").sweep) == 6  # make demo's runs
 
 
@@ -79,7 +79,7 @@ def test_every_preset_and_node_count_parses_with_megatron(name, nodes):
     for rp in plan.runs:
         args = rp.args  # Megatron's validated namespace (parse_args + validate_args)
         assert args is not None and args.world_size == nodes * dpn
-        assert args.moe_router_type in ("megatron", "locmoe", "hash", "switch")
+        assert args.moe_router_type in ("megatron", "locmoe", "locmoe_plus", "hash", "switch")
         if preset.sweep:
             assert args.moe_router_type == preset.sweep[rp.name].get("moe-router-type", "megatron")
         if preset.device == "cpu":
@@ -138,7 +138,7 @@ def test_dry_run_prints_each_nodes_exact_command(capsys):
 
 def test_sweep_runs_are_ordered_and_selectable():
     plan = _plan("router-sweep")
-    assert [r.name for r in plan.runs] == ["megatron", "hash", "switch", "locmoe"]
+    assert [r.name for r in plan.runs] == ["megatron", "hash", "switch", "locmoe", "locmoe_plus"]
     hash_run = plan.runs[1]
     assert hash_run.args.locmoe_hash_token_counts == "data/pydoc_counts.npy"
     assert plan.runs[2].args.moe_expert_capacity_factor == 1.0
@@ -360,7 +360,7 @@ def test_sweep_runs_one_training_per_router_and_summarises(tmp_path, monkeypatch
     assert launch.execute(plan) == 0
     out = capsys.readouterr().out
     summary = json.loads((tmp_path / "runs" / "router-sweep" / "summary.json").read_text())
-    assert list(summary) == ["megatron", "hash", "switch", "locmoe"]
+    assert list(summary) == ["megatron", "hash", "switch", "locmoe", "locmoe_plus"]
     for run, res in summary.items():
         log = (tmp_path / "runs" / "router-sweep" / run / "node0.log").read_text()
         assert "args: -m torch.distributed.run" in log and f"--moe-router-type {run}" in log

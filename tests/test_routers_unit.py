@@ -226,6 +226,15 @@ def test_hash_maps_balance(python_source_ids, E):
             "hidden size 20 into 8 equal chunks",
         ),
         (
+            dict(router_type="locmoe_plus"),
+            dict(
+                moe_expert_capacity_factor=1.1,
+                cuda_graph_impl="transformer_engine",
+                cuda_graph_modules=["attn", "moe_router"],
+            ),
+            "replays would keep the first capacity",
+        ),
+        (
             dict(router_type="locmoe", plus_capacity_multiplier=3.0),
             {},
             "plus_capacity_multiplier is a locmoe_plus router option; the locmoe router",

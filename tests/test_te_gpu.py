@@ -161,6 +161,7 @@ ZERO_TOKEN_ROUTERS = {
     "locmoe_bound": dict(router_type="locmoe", capacity_mode="bound"),
     "hash": dict(router_type="hash"),
     "switch": dict(router_type="switch"),
+    "locmoe_plus": dict(router_type="locmoe_plus"),
 }
 
 
@@ -172,8 +173,9 @@ def zero_token_job(ctx, router: str, te: bool):
 
     ctx.topology()
     lm = ZERO_TOKEN_ROUTERS[router]
-    capacity = dict(moe_expert_capacity_factor=1.0) if router in ("locmoe_bound", "switch") else {}
-    fusions = dict(moe_router_fusion=router in ("megatron", "locmoe", "switch"))
+    bounded = ("locmoe_bound", "switch", "locmoe_plus")
+    capacity = dict(moe_expert_capacity_factor=1.0) if router in bounded else {}
+    fusions = dict(moe_router_fusion=router in ("megatron", "locmoe", "switch", "locmoe_plus"))
     if not te:
         fusions = dict(
             transformer_impl="local",
@@ -226,7 +228,8 @@ TRAIN_STEPS = 12
 
 
 @pytest.mark.parametrize(
-    "router", ["megatron_te", "locmoe_te", "locmoe_te_grouped", "hash_te", "switch_te"]
+    "router",
+    ["megatron_te", "locmoe_te", "locmoe_te_grouped", "hash_te", "switch_te", "locmoe_plus_te"],
 )
 def test_every_router_trains_through_pretrain_under_te(e2e, corpus, router):
     res = e2e.run(router, TRAIN_STEPS, 1, corpus, 1, "--lr-warmup-iters 2")

@@ -36,6 +36,20 @@ from megatron_locmoe.routers.base import PluginRouterMixin, drop_to_capacity
 from megatron_locmoe.routers.fused import locality_kl
 
 
+def _graphs_capture_router(tc) -> bool:
+    """Whether Megatron's CUDA graphs (``--cuda-graph-impl``) capture the router's forward."""
+    impl = getattr(tc, "cuda_graph_impl", "none")
+    if impl in (None, "none"):
+        return False
+    modules = getattr(tc, "cuda_graph_modules", None)
+    if impl == "full_iteration" or not modules or modules == "full":
+        return True  # the whole iteration, or the whole layer
+    names = {
+        str(getattr(m, "name", m)) for m in ([modules] if isinstance(modules, str) else modules)
+    }
+    return bool(names & {"moe", "moe_router", "moe_preprocess"})
+
+
 class LocMoERouter(PluginRouterMixin, TopKRouter):
     """LocMoE routing as a Megatron-Core router (MoESubmodules.router)."""
 
@@ -75,6 +89,15 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
             raise ConfigError(
                 "capacity_mode='bound' changes capacity per batch, which padding to the "
                 "capacity-factor capacity cannot follow: drop --moe-pad-expert-input-to-capacity"
+            )
+        K = locmoe.capacity_reestimate_interval
+        K = cls.default_reestimate_interval if K is None else K
+        if K > 0 and _graphs_capture_router(tc):
+            raise ConfigError(
+                f"the capacity is re-estimated every {K} steps, on the host, but "
+                "--cuda-graph-impl captures the router, whose replays would keep the first "
+                "capacity: leave moe_router/moe_preprocess/moe out of --cuda-graph-modules, or "
+                "set --locmoe-capacity-reestimate-interval 0"
             )
 
     def __init__(self, config, pg_collection=None, is_mtp_layer=False, *, locmoe=None):
