@@ -16,6 +16,7 @@ from megatron_locmoe.adaptor.registry import REGISTRY, Patch, resolve
 from megatron_locmoe.adaptor.shims import (
     accelerator_shim,
     causal_mask_factory,
+    device_literal_factory,
     eager_original,
     host_get_rng_state,
     host_set_rng_state,
@@ -169,6 +170,17 @@ REGISTRY.register(
     )
 )
 
+REGISTRY.register(
+    Patch(
+        target="megatron.core.pipeline_parallel.schedules.torch.zeros",
+        why=(
+            "every forward-backward schedule (no pipelining, 1F1B, interleaved) counts the "
+            "micro-batches' tokens in torch.zeros([], device='cuda') (a literal): allocated on "
+            "this process's device instead."
+        ),
+        make=device_literal_factory("zeros"),
+    )
+)
 
 REGISTRY.register(
     Patch(

@@ -156,3 +156,23 @@ def no_cuda_arch() -> int:
     10 Blackwell), so its pre-Blackwell rules (CUDA_DEVICE_MAX_CONNECTIONS=1 with TP/CP > 1)
     apply, as the launcher sets them."""
     return 0
+
+
+def device_literal_factory(name: str) -> Callable[[DeviceChoice], Callable]:
+    """A ``make`` for ``torch.<name>`` (a factory such as ``zeros``) inside one Megatron module
+    that reads the literal ``device="cuda"`` as this process's device, as a CUDA process reads
+    it as its current device; other devices pass through."""
+
+    def make(device: DeviceChoice) -> Callable:
+        factory = getattr(torch, name)
+        target = torch.device(device.type)
+
+        @functools.wraps(factory)
+        def on_this_device(*args: Any, device: Any = None, **kwargs: Any) -> torch.Tensor:
+            if device == "cuda":
+                device = target
+            return factory(*args, device=device, **kwargs)
+
+        return on_this_device
+
+    return make

@@ -170,6 +170,7 @@ def _worker_main(rank, world_size, port, jobs, results, timeout_s, scratch, log_
         )
         from megatron.core import parallel_state, tensor_parallel
         from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
+        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
         from megatron_locmoe import adaptor
         from megatron_locmoe.metrics import install_metrics_tracker
@@ -192,6 +193,9 @@ def _worker_main(rank, world_size, port, jobs, results, timeout_s, scratch, log_
             _destroy_subgroups(dist)
             destroy_moe_metrics_tracker()  # entries are sized by the last job's layer count
             install_metrics_tracker()
+            # the aux-loss scale a job's backward outside Megatron's schedules created (0-d)
+            # would clash with the schedules' set_loss_scale (shape [1]) in the next job
+            MoEAuxLossAutoScaler.main_loss_backward_scale = None
             parallel_state.initialize_model_parallel(
                 tensor_model_parallel_size=layout.tp,
                 pipeline_model_parallel_size=layout.pp,
