@@ -296,7 +296,7 @@ BAD = [
     ),
     (dict(config="router-sweep", runs=["gshard"]), "has no run gshard: its sweep runs are"),
     (dict(config="cpu-sim", sets=["bf16=true"]), "the CPU loop trains in float32"),
-    (dict(config="cpu-sim", sets=["global-batch-size=32"]), "use 16"),
+    (dict(config="cpu-sim", sets=["global-batch-size=24"]), "not a multiple of micro batch 4"),
     (dict(config="h100-1node", sets=["nodes=two"]), "nodes takes an integer"),
     (dict(config="h100-1node", sets=["device=tpu"]), "device 'tpu'; use one of cuda, npu, cpu"),
     (dict(config="h100-1node", sets=["oops"]), "write KEY=VALUE"),
@@ -754,6 +754,24 @@ def test_cpu_sim_flags_map_onto_the_cpu_loop(tmp_path):
     assert (config.moe_expert_capacity_factor, config.hidden_size) == (1.25, 32)
     assert (config.moe_ffn_hidden_size, config.expert_model_parallel_size) == (64, 4)
     assert settings.progress_path == str(tmp_path / "cpu-sim" / "cpu-sim" / "progress.jsonl")
+
+
+def test_cpu_loop_takes_pipeline_layouts_and_refuses_tensor_parallelism(tmp_path, monkeypatch):
+    """PP (with virtual stages) maps onto the CPU loop's layout, micro-batches accumulating up
+    to the global batch; TP and CP are still refused, with the flag to drop."""
+    sets = ["pipeline-model-parallel-size=2", "num-virtual-stages-per-pipeline-rank=2"]
+    sets += ["num-layers=4", "expert-model-parallel-size=2", "global-batch-size=16"]
+    settings, layout = _plan("cpu-sim", sets=sets, runs_dir=str(tmp_path)).runs[0].cpu_loop
+    assert (layout.pp, layout.vp, layout.ep) == (2, 2, 2)
+    assert settings.global_batch_size == 16  # 2 micro-batches of 4 x data-parallel size 2
+    config = settings.transformer_config
+    assert (config.pipeline_model_parallel_size, config.virtual_pipeline_model_parallel_size) == (
+        2,
+        2,
+    )
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")  # Megatron's own check for TP
+    with pytest.raises(PresetError, match="--tensor-model-parallel-size 2: the CPU loop runs"):
+        _plan("cpu-sim", sets=["tensor-model-parallel-size=2", "expert-model-parallel-size=2"])
 
 
 def test_cpu_loop_honours_the_model_flags(tmp_path):

@@ -294,7 +294,7 @@ def clip_job(ctx, max_norm: float):
     positions = torch.arange(16).expand(2, 16)
     loss = model(tokens, positions, None, labels=tokens).float().mean()
     loss.backward()
-    before = trainer._clip_grads(model, max_norm)
+    before = trainer._clip_grads([model], max_norm)
     group = parallel_state.get_expert_model_parallel_group()
     sq = {"dense": torch.zeros((), dtype=torch.float64), "expert": torch.zeros(())}
     sq["expert"] = sq["expert"].double()

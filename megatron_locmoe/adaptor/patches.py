@@ -16,11 +16,13 @@ from megatron_locmoe.adaptor.registry import REGISTRY, Patch, resolve
 from megatron_locmoe.adaptor.shims import (
     accelerator_shim,
     causal_mask_factory,
+    device_literal_factory,
     eager_original,
     host_get_rng_state,
     host_set_rng_state,
     maybe_move_tensor_to_cpu,
     no_cuda_arch,
+    tied_embedding_setup_on_host,
 )
 from megatron_locmoe.device import DeviceChoice
 
@@ -131,6 +133,11 @@ _ACCELERATOR_CALLS = {
         "FileSystemWriterAsync.preload_tensors (every torch_dist save, sync or async) calls "
         "torch.cuda.synchronize() after staging tensors to the host."
     ),
+    "megatron.core.pipeline_parallel.p2p_communication": (
+        "P2PCommunicator allocates the tensors it receives from the neighbouring pipeline "
+        "stages (and their shapes) on torch.cuda.current_device() and calls "
+        "torch.cuda.synchronize() after batched isend/irecv."
+    ),
     "megatron.core.dist_checkpointing.strategies.state_dict_saver": (
         "save_state_dict_async_finalize all-reduces its write-failure flag from a tensor on "
         "torch.cuda.current_device() (every torch_dist save). Not adapted: the fully-parallel "
@@ -169,6 +176,33 @@ REGISTRY.register(
     )
 )
 
+REGISTRY.register(
+    Patch(
+        target="megatron.core.pipeline_parallel.schedules.torch.zeros",
+        why=(
+            "every forward-backward schedule (no pipelining, 1F1B, interleaved) counts the "
+            "micro-batches' tokens in torch.zeros([], device='cuda') (a literal): allocated on "
+            "this process's device instead."
+        ),
+        make=device_literal_factory("zeros"),
+    )
+)
+
+REGISTRY.register(
+    Patch(
+        target=(
+            "megatron.core.models.common.language_module.language_module.LanguageModule"
+            ".setup_embeddings_and_output_layer"
+        ),
+        why=(
+            "with pipeline parallelism and tied embeddings it copies the embedding to the GPU "
+            "(weight.data.cuda()) before all-reducing it over the embedding group; on the CPU "
+            "the same all-reduce runs on the weight where it lives."
+        ),
+        make=tied_embedding_setup_on_host,
+        devices=frozenset({"cpu"}),
+    )
+)
 
 REGISTRY.register(
     Patch(

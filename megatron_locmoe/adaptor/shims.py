@@ -156,3 +156,61 @@ def no_cuda_arch() -> int:
     10 Blackwell), so its pre-Blackwell rules (CUDA_DEVICE_MAX_CONNECTIONS=1 with TP/CP > 1)
     apply, as the launcher sets them."""
     return 0
+
+
+def device_literal_factory(name: str) -> Callable[[DeviceChoice], Callable]:
+    """A ``make`` for ``torch.<name>`` (a factory such as ``zeros``) inside one Megatron module
+    that reads the literal ``device="cuda"`` as this process's device, as a CUDA process reads
+    it as its current device; other devices pass through."""
+
+    def make(device: DeviceChoice) -> Callable:
+        factory = getattr(torch, name)
+        target = torch.device(device.type)
+
+        @functools.wraps(factory)
+        def on_this_device(*args: Any, device: Any = None, **kwargs: Any) -> torch.Tensor:
+            if device == "cuda":
+                device = target
+            return factory(*args, device=device, **kwargs)
+
+        return on_this_device
+
+    return make
+
+
+_TIED_SETUP = (
+    "megatron.core.models.common.language_module.language_module.LanguageModule"
+    ".setup_embeddings_and_output_layer"
+)
+
+
+def tied_embedding_setup_on_host(device: DeviceChoice) -> Callable:
+    """``LanguageModule.setup_embeddings_and_output_layer`` without its ``weight.data.cuda()``.
+
+    The original runs with ``init_model_with_meta_device`` set for the call, which skips only
+    its final copy-to-GPU and all-reduce; that all-reduce (the first stage's embedding into the
+    last stage's zeroed copy over the embedding group) then runs here on the CPU weight."""
+    import torch.distributed as dist
+
+    original = resolve(_TIED_SETUP)
+
+    @functools.wraps(original)
+    def setup_embeddings_and_output_layer(self) -> None:
+        config = self.config
+        on_meta = config.init_model_with_meta_device
+        config.init_model_with_meta_device = True
+        try:
+            original(self)
+        finally:
+            config.init_model_with_meta_device = on_meta
+        tied = self.share_embeddings_and_output_weights or getattr(config, "mtp_num_layers", 0)
+        if (
+            tied
+            and config.pipeline_model_parallel_size > 1
+            and not on_meta
+            and dist.is_initialized()
+            and self._is_in_embd_group()
+        ):
+            dist.all_reduce(self.shared_embedding_or_output_weight().data, group=self.embd_group)
+
+    return setup_embeddings_and_output_layer

@@ -351,8 +351,9 @@ def _data_step_files(plan: Plan) -> list[str]:
 def train_settings(args, run: str, devices_per_node: int, log_dir: Path, per_node: bool = False):
     """Megatron's parsed arguments -> (TrainSettings, ParallelLayout) of the CPU loop.
 
-    The CPU loop (megatron_locmoe.sim.trainer) runs expert parallelism only, in float32, one
-    micro-batch per rank per step, on one indexed dataset with byte tokens (Megatron's GPT
+    The CPU loop (megatron_locmoe.sim.trainer) runs expert and pipeline parallelism (with
+    virtual stages), in float32, through Megatron's forward-backward schedules (micro-batches
+    accumulated up to the global batch), on one indexed dataset with byte tokens (Megatron's GPT
     dataset with the flags' split, masks and cache; training split only: it does not
     evaluate); anything else in the flags is refused here rather than silently ignored. ``--save`` / ``--save-interval`` /
     ``--load`` map to its torch_dist checkpoints; its per-step progress goes to
@@ -369,11 +370,12 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path, per_nod
     refuse = []
     for flag, size in (
         ("--tensor-model-parallel-size", args.tensor_model_parallel_size),
-        ("--pipeline-model-parallel-size", args.pipeline_model_parallel_size),
         ("--context-parallel-size", args.context_parallel_size),
     ):
         if size != 1:
-            refuse.append(f"{flag} {size}: the CPU loop runs expert parallelism only, use 1")
+            refuse.append(
+                f"{flag} {size}: the CPU loop runs expert and pipeline parallelism only, use 1"
+            )
     if args.bf16 or args.fp16:
         refuse.append("--bf16/--fp16: the CPU loop trains in float32, drop it")
     nodes = world // devices_per_node
@@ -385,10 +387,11 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path, per_nod
         )
     if args.vocab_size != VOCAB_SIZE:
         refuse.append(f"--vocab-size {args.vocab_size}: the corpus has byte tokens, use 257")
-    if args.global_batch_size != args.micro_batch_size * world:
+    dp = world // args.pipeline_model_parallel_size
+    if args.global_batch_size % (args.micro_batch_size * dp):
         refuse.append(
-            f"--global-batch-size {args.global_batch_size}: the CPU loop does one micro-batch "
-            f"per rank per step, use {args.micro_batch_size * world}"
+            f"--global-batch-size {args.global_batch_size}: not a multiple of micro batch "
+            f"{args.micro_batch_size} x data-parallel size {dp}"
         )
     if args.num_experts is None:
         refuse.append("--num-experts is missing: the CPU loop trains an MoE model")
@@ -441,6 +444,7 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path, per_nod
         steps=args.train_iters,
         seq_length=args.seq_length,
         micro_batch_size=args.micro_batch_size,
+        global_batch_size=args.global_batch_size,
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
         num_attention_heads=args.num_attention_heads,
@@ -468,6 +472,8 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path, per_nod
         devices_per_node=devices_per_node,
         ep=args.expert_model_parallel_size,
         etp=args.expert_tensor_parallel_size,
+        pp=args.pipeline_model_parallel_size,
+        vp=args.virtual_pipeline_model_parallel_size,
     )
     return settings, layout
 

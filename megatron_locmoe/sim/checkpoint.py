@@ -7,7 +7,10 @@ ec_min, the step they came from, the routing step — are persistent buffers in 
 state sharded like the parameters it belongs to (Megatron's own helpers, as its FP32Optimizer
 does; that class itself allocates on ``device='cuda'``), and each rank's RNG state,
 written with the torch_dist strategy into ``DIR/iter_XXXXXXX`` next to Megatron's
-``latest_checkpointed_iteration.txt`` tracker file.
+``latest_checkpointed_iteration.txt`` tracker file. Under pipeline parallelism each rank
+holds its stage's model chunks (``model``, or ``model0``, ``model1``, ... with virtual stages,
+as Megatron names them); the sharded keys are global (layer and expert offsets), so a
+checkpoint loads into any pipeline and expert layout.
 """
 
 from __future__ import annotations
@@ -144,25 +147,40 @@ def _load_optimizer_state(optimizer, state: dict) -> None:
     optimizer.load_state_dict(state)
 
 
-def _sharded_state(model, optimizer, iteration: int, is_loading: bool) -> dict:
-    model_sd = model.sharded_state_dict()
-    return {
-        "model": model_sd,
-        "optimizer": _sharded_optimizer_state(optimizer, model_sd, is_loading),
+def _model_state(chunks: list) -> dict:
+    """This rank's model chunks' sharded state dicts under Megatron's names."""
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
+def _load_model_state(chunks: list, state: dict) -> None:
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(state["model"])
+    else:
+        for i, chunk in enumerate(chunks):
+            chunk.load_state_dict(state[f"model{i}"])
+
+
+def _sharded_state(chunks: list, optimizer, iteration: int, is_loading: bool) -> dict:
+    models = _model_state(chunks)
+    return models | {
+        "optimizer": _sharded_optimizer_state(optimizer, models, is_loading),
         "iteration": iteration,
         "rng_state": _rng_state(),
     }
 
 
-def save(model, optimizer, iteration: int, root: str | os.PathLike) -> Path:
-    """Write the model, optimizer and RNG state of ``iteration`` (collective over all ranks)."""
+def save(chunks: list, optimizer, iteration: int, root: str | os.PathLike) -> Path:
+    """Write the model chunks, optimizer and RNG state of ``iteration`` (collective over all
+    ranks)."""
     from megatron.core import dist_checkpointing
 
     tracker, path = _paths(root, iteration)
     if dist.get_rank() == 0:
         path.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    dist_checkpointing.save(_sharded_state(model, optimizer, iteration, False), str(path))
+    dist_checkpointing.save(_sharded_state(chunks, optimizer, iteration, False), str(path))
     dist.barrier()
     if dist.get_rank() == 0:  # the files are all written: their checksums, then the tracker
         _write_checksums(path)
@@ -241,14 +259,8 @@ def _all_ranks_succeed(action: str, fn):
     return result
 
 
-def load(model, optimizer, root: str | os.PathLike) -> int | None:
-    """Restore the latest iteration saved under ``root`` into model and optimizer; return it
-    (None when nothing was saved there: the caller starts afresh, as Megatron does)."""
-    from megatron.core import dist_checkpointing
-
-    iteration = agreed_iteration(root)
-    if iteration is None:
-        return None
+def _checked_path(root: str | os.PathLike, iteration: int) -> Path:
+    """The iteration's directory, present and matching its checksums on every rank."""
     _, path = _paths(root, iteration)
 
     def find() -> None:
@@ -261,13 +273,44 @@ def load(model, optimizer, root: str | os.PathLike) -> int | None:
 
     _all_ranks_succeed(f"opening {path}", find)
     _verify_checksums(path)
+    return path
+
+
+def load(chunks: list, optimizer, root: str | os.PathLike) -> int | None:
+    """Restore the latest iteration saved under ``root`` into the model chunks and optimizer;
+    return it (None when nothing was saved there: the caller starts afresh, as Megatron does)."""
+    from megatron.core import dist_checkpointing
+
+    iteration = agreed_iteration(root)
+    if iteration is None:
+        return None
+    path = _checked_path(root, iteration)
 
     def restore() -> int:
-        sharded = _sharded_state(model, optimizer, iteration, True)
+        sharded = _sharded_state(chunks, optimizer, iteration, True)
         state = dist_checkpointing.load(sharded, str(path))
-        model.load_state_dict(state["model"])
+        _load_model_state(chunks, state)
         _load_optimizer_state(optimizer, state["optimizer"])
         _restore_rng_state(state["rng_state"])
         return int(state["iteration"])
 
     return _all_ranks_succeed(f"loading {path}", restore)
+
+
+def load_model_weights(chunks: list, root: str | os.PathLike) -> int:
+    """Only the model weights of the latest iteration under ``root``, from any pipeline,
+    virtual-stage and expert layout (Megatron's --finetune); returns the iteration read."""
+    from megatron.core import dist_checkpointing
+
+    iteration = agreed_iteration(root)
+    if iteration is None:
+        raise FileNotFoundError(f"no checkpoint under {root} to take the model weights from")
+    path = _checked_path(root, iteration)
+
+    def restore() -> None:
+        models = _model_state(chunks)
+        state = dist_checkpointing.load(models, str(path))
+        _load_model_state(chunks, state)
+
+    _all_ranks_succeed(f"loading the model weights of {path}", restore)
+    return iteration

@@ -55,11 +55,16 @@ class ParallelLayout:
     etp: int | None = None
     cp: int = 1
     order: str = "tp-cp-ep-dp-pp"
+    vp: int | None = None
+    """Virtual pipeline stages (model chunks) per pipeline rank; None: one chunk, no
+    interleaving (Megatron's --num-virtual-stages-per-pipeline-rank)."""
 
     def describe(self) -> str:
         etp = self.etp if self.etp is not None else self.tp
+        vp = f" vp{self.vp}" if self.vp is not None else ""
         return (
-            f"{self.devices_per_node}/node tp{self.tp} cp{self.cp} ep{self.ep} etp{etp} pp{self.pp}"
+            f"{self.devices_per_node}/node tp{self.tp} cp{self.cp} ep{self.ep} etp{etp} "
+            f"pp{self.pp}{vp}"
         )
 
 
@@ -170,6 +175,7 @@ def _worker_main(rank, world_size, port, jobs, results, timeout_s, scratch, log_
         )
         from megatron.core import parallel_state, tensor_parallel
         from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
+        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
         from megatron_locmoe import adaptor
         from megatron_locmoe.metrics import install_metrics_tracker
@@ -192,9 +198,13 @@ def _worker_main(rank, world_size, port, jobs, results, timeout_s, scratch, log_
             _destroy_subgroups(dist)
             destroy_moe_metrics_tracker()  # entries are sized by the last job's layer count
             install_metrics_tracker()
+            # the aux-loss scale a job's backward outside Megatron's schedules created (0-d)
+            # would clash with the schedules' set_loss_scale (shape [1]) in the next job
+            MoEAuxLossAutoScaler.main_loss_backward_scale = None
             parallel_state.initialize_model_parallel(
                 tensor_model_parallel_size=layout.tp,
                 pipeline_model_parallel_size=layout.pp,
+                virtual_pipeline_model_parallel_size=layout.vp,
                 context_parallel_size=layout.cp,
                 expert_model_parallel_size=layout.ep,
                 expert_tensor_parallel_size=layout.etp,

@@ -15,6 +15,7 @@ data-parallel size and averaged over the expert-data-parallel group.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import time
 from dataclasses import dataclass, field, replace
@@ -62,6 +63,10 @@ class TrainSettings:
     num_attention_heads: int = 4
     num_experts: int = 8
     topk: int = 1
+    global_batch_size: int | None = None
+    """Samples per step over all data-parallel ranks; each rank accumulates gradients over
+    global / (micro batch x data-parallel size) micro-batches (Megatron's --global-batch-size).
+    None: one micro-batch per data-parallel rank."""
     lr: float = 3e-3
     seed: int = 1234
     tensorboard_dir: str | None = None
@@ -74,6 +79,10 @@ class TrainSettings:
     """Save after every this many steps (0: never)."""
     load_dir: str | None = None
     """Resume from the latest checkpoint here (the run then continues to ``steps``)."""
+    init_weights_dir: str | None = None
+    """Start from the model weights of the latest checkpoint here, saved under any parallel
+    layout (torch_dist reshards), with a fresh optimizer at step 0: Megatron's --load with
+    --finetune --no-load-optim --no-load-rng. Ignored when ``load_dir`` holds a checkpoint."""
     exit_interval: int = 0
     """Stop after the first step divisible by this, saving first when ``save_dir`` is set
     (Megatron's --exit-interval; 0: run to ``steps``)."""
@@ -118,41 +127,77 @@ class TrainSettings:
     constant ``lr``, no weight decay, no clipping (the demo's, the sweep's and the tests' runs)."""
 
 
-def _model(settings: TrainSettings, ep: int):
+def _model(settings: TrainSettings, ep: int, vp_stage: int | None = None, config=None):
+    """This pipeline rank's model chunk ``vp_stage`` (None: its only chunk): Megatron's GPTModel
+    with the plugin's block spec for the chunk's layers, the embedding on the first stage and
+    the output layer and loss on the last (Megatron's get_model). Chunks share one ``config``
+    (the schedule reads the first chunk's)."""
+    from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
     from megatron_locmoe.spec import check_and_connect, locmoe_block_spec
 
-    config = _transformer_config(settings, ep)
-    config.locmoe = settings.locmoe
+    if config is None:
+        config = _transformer_config(settings, ep)
+        config.locmoe = settings.locmoe
     options = {"vocab_size": VOCAB_SIZE, "max_sequence_length": settings.seq_length}
     options.update(settings.gpt_model_options)
     spec = locmoe_block_spec(
         SimpleNamespace(
             transformer=config, vocab_size=options["vocab_size"], should_pad_vocab=False
-        )
+        ),
+        vp_stage=vp_stage,
     )
-    model = GPTModel(config=config, transformer_layer_spec=spec, **options)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        vp_stage=vp_stage,
+        **options,
+    )
     check_and_connect([model])
     return model
+
+
+def _model_chunks(settings: TrainSettings, ep: int) -> list:
+    """Every model chunk of this pipeline rank, in order (one without virtual stages)."""
+    from megatron.core import parallel_state
+
+    config = _transformer_config(settings, ep)
+    config.locmoe = settings.locmoe
+    vp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    if vp is None:
+        return [_model(settings, ep, config=config)]
+    return [_model(settings, ep, vp_stage=i, config=config) for i in range(vp)]
 
 
 def _transformer_config(settings: TrainSettings, ep: int):
     """Megatron's config from the command line (made CPU-ready: weights initialised on the
     CPU), or the loop's small config with the settings' overrides."""
+    from megatron.core import parallel_state
+
     from megatron_locmoe.sim.testing import moe_config
 
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    vp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     if settings.transformer_config is not None:
         config = copy.copy(settings.transformer_config)
-        if config.expert_model_parallel_size != ep:
-            raise ValueError(
-                f"the config's expert parallel size {config.expert_model_parallel_size} is not "
-                f"the cluster layout's {ep}"
-            )
+        for name, theirs, ours in (
+            ("expert parallel size", config.expert_model_parallel_size, ep),
+            ("pipeline parallel size", config.pipeline_model_parallel_size, pp),
+            ("virtual pipeline size", config.virtual_pipeline_model_parallel_size, vp),
+        ):
+            if theirs != ours:
+                raise ValueError(f"the config's {name} {theirs} is not the cluster layout's {ours}")
         config.use_cpu_initialization = True
+        config.pipeline_dtype = config.pipeline_dtype or config.params_dtype
         return config
     overrides = dict(
         ep=ep,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vp,
+        pipeline_dtype=torch.float32,
         num_layers=settings.num_layers,
         hidden_size=settings.hidden_size,
         num_attention_heads=settings.num_attention_heads,
@@ -218,6 +263,113 @@ def _micro_batch(data, first: int, settings: TrainSettings):
     return tokens, labels, loss_mask, positions, mask
 
 
+def _num_microbatches(settings: TrainSettings, dp_size: int) -> int:
+    """Micro-batches per rank and step for the global batch (Megatron's calculator)."""
+    per_pass = settings.micro_batch_size * dp_size
+    global_batch = settings.global_batch_size or per_pass
+    if global_batch % per_pass:
+        raise ValueError(
+            f"global batch {global_batch} is not a multiple of micro batch "
+            f"{settings.micro_batch_size} x data-parallel size {dp_size}"
+        )
+    return global_batch // per_pass
+
+
+def _step_batches(data, settings: TrainSettings, step: int, num_microbatches: int, dp):
+    """This rank's micro-batches of ``step`` in Megatron's pretraining-sampler order: micro-batch
+    m is the m-th slice of micro batch x data-parallel size samples of the global batch, and
+    data-parallel rank r takes its r-th micro batch of that slice. ``dp`` = (size, rank)."""
+    dp_size, dp_rank = dp
+    mbs = settings.micro_batch_size
+    return [
+        _micro_batch(data, ((step * num_microbatches + m) * dp_size + dp_rank) * mbs, settings)
+        for m in range(num_microbatches)
+    ]
+
+
+def _forward_step(data_iterator, model):
+    """Megatron's forward_step_func for every stage and chunk: the next micro-batch through
+    ``model``. Every chunk reads the tokens (the hash router's ids reach every stage through
+    the model's pre-hook); only the first stage embeds them, only the last computes the loss."""
+    tokens, labels, loss_mask, positions, mask = next(data_iterator)
+    output = model(tokens, positions, mask, labels=labels)
+    return output, functools.partial(_loss_func, loss_mask)
+
+
+def _loss_func(loss_mask, per_token):
+    """pretrain_gpt's loss_func: (sum of the kept tokens' losses, their count, the micro-batch
+    mean for logging); the schedule divides the sum by the count and the micro-batches."""
+    total = (per_token.float() * loss_mask).sum()
+    count = loss_mask.sum().to(torch.int)
+    return total, count, {"lm loss": (total / count.clamp(min=1)).detach()}
+
+
+def _eval_step(data_iterator, model):
+    """forward_step_func of the evaluation: the held-out loss sum and token count (float64)."""
+    tokens, labels, loss_mask, positions, mask = next(data_iterator)
+    output = model(tokens, positions, mask, labels=labels)
+
+    def sums(per_token):
+        kept = torch.stack([(per_token.double() * loss_mask).sum(), loss_mask.sum().double()])
+        return kept[0].float(), loss_mask.sum().to(torch.int), {"sums": kept}
+
+    return output, sums
+
+
+def _run_schedule(chunks, settings: TrainSettings, batches: list, forward_only: bool) -> list:
+    """``batches`` through Megatron's forward-backward schedule for this layout (no pipelining,
+    1F1B, or interleaved with virtual stages); gradients accumulate over the micro-batches and
+    are finalized by ``config.finalize_model_grads_func``. Returns what the last stage's loss
+    function reported per micro-batch (empty elsewhere)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    return get_forward_backward_func()(
+        forward_step_func=_eval_step if forward_only else _forward_step,
+        data_iterator=[iter(batches) for _ in chunks],  # each chunk reads every micro-batch
+        model=chunks,
+        num_microbatches=len(batches),
+        seq_length=settings.seq_length,
+        micro_batch_size=settings.micro_batch_size,
+        forward_only=forward_only,
+    )
+
+
+def _from_last_stage(value: torch.Tensor) -> torch.Tensor:
+    """``value`` as the last pipeline stage holds it, on every stage (in place)."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_pipeline_model_parallel_group()
+    if dist.get_world_size(group) > 1:
+        src = parallel_state.get_pipeline_model_parallel_last_rank()
+        dist.broadcast(value, src=src, group=group)
+    return value
+
+
+def _finalize_grads(chunks, num_tokens=None, pg_collection=None, force_all_reduce=False) -> None:
+    """``config.finalize_model_grads_func``: Megatron's finalize_model_grads without its DDP
+    buffers. Each chunk's gradients synchronised over data parallelism (``_sync_grads``), then
+    the two copies of a tied embedding (the first stage's input embedding, the last stage's
+    output layer) summed over the embedding group, so both apply the same update."""
+    from megatron.core import parallel_state
+
+    dp_group = parallel_state.get_data_parallel_group()
+    expt_dp_group = parallel_state.get_expert_data_parallel_group()
+    for chunk in chunks:
+        _sync_grads(chunk, dp_group, expt_dp_group, dist.get_world_size(dp_group))
+    group = parallel_state.get_embedding_group(check_initialized=False)
+    if group is None or dist.get_world_size(group) == 1:
+        return
+    if dist.get_rank() not in dist.get_process_group_ranks(group):
+        return
+    first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+    chunk = chunks[0] if first else chunks[-1]
+    if chunk.share_embeddings_and_output_weights:
+        weight = chunk.shared_embedding_or_output_weight()
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        dist.all_reduce(weight.grad, group=group)
+
+
 def _sync_grads(model, dp_group, expt_dp_group, dp_size: int) -> None:
     """The gradient of the mean of every data-parallel rank's loss, as Megatron's DDP makes
     it: dense gradients averaged over the data-parallel group; an expert's gradient, which
@@ -235,15 +387,20 @@ def _sync_grads(model, dp_group, expt_dp_group, dp_size: int) -> None:
             dist.all_reduce(p.grad, group=dp_group, op=dist.ReduceOp.AVG)
 
 
-def _optimizer(model, settings: TrainSettings):
-    """(optimizer, Megatron's scheduler or None) for ``settings.optimizer``."""
+def _named_parameters(chunks):
+    return [(name, p) for chunk in chunks for name, p in chunk.named_parameters()]
+
+
+def _optimizer(chunks, settings: TrainSettings):
+    """(optimizer, Megatron's scheduler or None) for ``settings.optimizer``, over every chunk."""
     o = settings.optimizer
+    params = [p for _, p in _named_parameters(chunks)]
     if o is None:
-        return torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0), None
+        return torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0), None
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for name, p in _named_parameters(chunks):
         if p.requires_grad:
             (no_decay if name.endswith(".bias") or p.dim() == 1 else decay).append(p)
     groups = [
@@ -256,40 +413,47 @@ def _optimizer(model, settings: TrainSettings):
     return opt, OptimizerParamScheduler(opt, **o.scheduler)  # sets each group's lr and decay
 
 
-def _clip_grads(model, max_norm: float) -> float:
+def _clip_grads(chunks, max_norm: float) -> float:
     """Megatron's clip_grad_norm: the L2 norm of every gradient of the model (the expert
     parameters' summed over the expert-parallel group, whose ranks hold different experts;
-    the dense ones are the same on every rank after the data-parallel average), and the
+    the dense ones are the same on every rank after the data-parallel average; both summed
+    over the pipeline stages, the tied embedding's last-stage copy not counted twice), and the
     gradients scaled by max_norm / (norm + 1e-6) where that is below 1. Returns the norm."""
     from megatron.core import parallel_state
 
+    params = [p for _, p in _named_parameters(chunks) if p.grad is not None]
     dense = torch.zeros((), dtype=torch.float64)
     expert = torch.zeros((), dtype=torch.float64)
-    for p in model.parameters():
-        if p.grad is not None:
-            sq = p.grad.double().pow(2).sum()
-            if getattr(p, "allreduce", True) is False:
-                expert += sq
-            else:
-                dense += sq
+    for p in params:
+        if getattr(p, "shared", False):  # Megatron's mark of the copy
+            continue
+        sq = p.grad.double().pow(2).sum()
+        if getattr(p, "allreduce", True) is False:
+            expert += sq
+        else:
+            dense += sq
     group = parallel_state.get_expert_model_parallel_group()
     if dist.get_world_size(group) > 1:
         dist.all_reduce(expert, group=group)
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    if dist.get_world_size(pp_group) > 1:
+        both = torch.stack([dense, expert])
+        dist.all_reduce(both, group=pp_group)
+        dense, expert = both[0], both[1]
     norm = float((dense + expert).sqrt())
     coeff = max_norm / (norm + 1.0e-6)
     if max_norm > 0 and coeff < 1.0:
-        for p in model.parameters():
-            if p.grad is not None:
-                p.grad.mul_(coeff)
+        for p in params:
+            p.grad.mul_(coeff)
     return norm
 
 
-def _check_finite(model, loss: torch.Tensor, step: int) -> None:
+def _check_finite(chunks, loss: torch.Tensor, step: int) -> None:
     """Raise on every rank together (one all-reduce of a per-rank flag, so no rank waits for a
-    peer that stopped) when this rank's loss or a gradient is not finite."""
+    peer that stopped) when the step's loss or one of this rank's gradients is not finite."""
     bad = None if torch.isfinite(loss).all() else f"the loss is {float(loss)}"
     if bad is None:
-        for name, p in model.named_parameters():
+        for name, p in _named_parameters(chunks):
             if p.grad is not None and not torch.isfinite(p.grad).all():
                 bad = f"the gradient of {name} is not finite"
                 break
@@ -307,19 +471,21 @@ def _check_finite(model, loss: torch.Tensor, step: int) -> None:
 
 
 def train_job(ctx, settings: TrainSettings) -> dict:
-    """SimCluster job: train ``settings.steps`` steps; return the loss curve and last metrics."""
+    """SimCluster job: train ``settings.steps`` steps; return the loss curve and last metrics
+    (the same on every rank: the loss comes from the last pipeline stage)."""
     from megatron.core import parallel_state
     from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 
     ctx.topology()
     torch.manual_seed(settings.seed)
-    model = _model(settings, ctx.layout.ep)
+    chunks = _model_chunks(settings, ctx.layout.ep)
+    config = chunks[0].config
+    config.finalize_model_grads_func = _finalize_grads
     dp_group = parallel_state.get_data_parallel_group()
-    expt_dp_group = parallel_state.get_expert_data_parallel_group()
     dp_size, dp_rank = dist.get_world_size(dp_group), dist.get_rank(dp_group)
-    opt, scheduler = _optimizer(model, settings)
-    mbs = settings.micro_batch_size
-    samples = settings.steps * mbs * dp_size
+    num_microbatches = _num_microbatches(settings, dp_size)
+    opt, scheduler = _optimizer(chunks, settings)
+    samples = settings.steps * num_microbatches * settings.micro_batch_size * dp_size
     if settings.data_prefix_per_node:
         data = _node_dataset(ctx, settings, samples)
     else:
@@ -332,30 +498,30 @@ def train_job(ctx, settings: TrainSettings) -> dict:
     wandb_run = _wandb_run(settings) if ctx.rank == ctx.world_size - 1 else None
     tracker = get_moe_metrics_tracker()
     losses, reported = [], {}
-    start = checkpoint.load(model, opt, settings.load_dir) if settings.load_dir else 0
+    start = checkpoint.load(chunks, opt, settings.load_dir) if settings.load_dir else 0
     if start is None:  # as Megatron's load_checkpoint: start afresh
         start = 0
         if ctx.rank == 0:
             print(f"no checkpoint under {settings.load_dir}: training from scratch", flush=True)
+    if not start and settings.init_weights_dir:
+        checkpoint.load_model_weights(chunks, settings.init_weights_dir)
     if scheduler is not None and start:  # the schedule where the checkpoint's run left it
         scheduler.step(start * settings.optimizer.samples_per_step)
     applied_lr, grad_norms = [], []
-    counts = _RoutingCounts(model, settings.num_experts)
+    counts = _RoutingCounts(chunks, settings.num_experts)
+    last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     for step in range(start, settings.steps):
         counts.active = step >= settings.steps - settings.routing_stats_steps
         step_start = time.perf_counter()
-        first = (step * dp_size + dp_rank) * mbs  # each data-parallel rank its own samples
-        tokens, labels, loss_mask, positions, mask = _micro_batch(data, first, settings)
-        per_token = model(tokens, positions, mask, labels=labels)
-        # Megatron's loss_func: the mean over the tokens the loss mask keeps
-        loss = (per_token.float() * loss_mask).sum() / loss_mask.sum().clamp_min(1)
+        batches = _step_batches(data, settings, step, num_microbatches, (dp_size, dp_rank))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        _sync_grads(model, dp_group, expt_dp_group, dp_size)
+        outputs = _run_schedule(chunks, settings, batches, forward_only=False)
+        # this rank's loss: the mean of its micro-batches' (the last stage holds them)
+        local = torch.stack([o["lm loss"] for o in outputs]).mean() if last_stage else None
         if settings.check_for_nan_in_loss_and_grad:
-            _check_finite(model, loss.detach(), step)
+            _check_finite(chunks, local if last_stage else torch.zeros(()), step)
         if scheduler is not None:
-            grad_norms.append(_clip_grads(model, settings.optimizer.clip_grad))
+            grad_norms.append(_clip_grads(chunks, settings.optimizer.clip_grad))
             applied_lr.append(opt.param_groups[0]["lr"])
         opt.step()
         if scheduler is not None:
@@ -363,20 +529,20 @@ def train_job(ctx, settings: TrainSettings) -> dict:
         saving = settings.save_interval and (step + 1) % settings.save_interval == 0
         exiting = settings.exit_interval and (step + 1) % settings.exit_interval == 0
         if settings.save_dir and (saving or exiting):
-            checkpoint.save(model, opt, step + 1, settings.save_dir)
-        mean = loss.detach().clone()
+            checkpoint.save(chunks, opt, step + 1, settings.save_dir)
+        mean = local.clone() if last_stage else torch.zeros(())
         dist.all_reduce(mean, group=dp_group, op=dist.ReduceOp.AVG)
-        losses.append(float(mean))
+        losses.append(float(_from_last_stage(mean)))
         scalars = _CollectingWriter(writer)
         tracker.report(
-            1.0,
+            1.0 / num_microbatches,  # the tracker sums the micro-batches' values
             step + 1,
             writer=scalars,
             wandb_writer=wandb_run,
             track_names=["load_balancing_loss"],
-            num_layers=model.config.num_layers,  # as Megatron's training_log passes them
-            moe_layer_freq=model.config.moe_layer_freq,
-            mtp_num_layers=model.config.mtp_num_layers,
+            num_layers=config.num_layers,  # as Megatron's training_log passes them
+            moe_layer_freq=config.moe_layer_freq,
+            mtp_num_layers=config.mtp_num_layers,
             force_initialize=True,
             per_layer_logging=settings.per_layer_logging,
         )
@@ -403,7 +569,7 @@ def train_job(ctx, settings: TrainSettings) -> dict:
     if settings.routing_stats_steps:
         out["tokens_per_expert"] = counts.gathered()
     if settings.eval_batches:
-        out.update(_evaluate(ctx, model, settings, dp_group, dp_size, dp_rank))
+        out.update(_evaluate(ctx, chunks, settings, dp_group, dp_size, dp_rank))
         tracker.clear()  # the evaluation's router metrics belong to no training step
     counts.remove()
     return out
@@ -413,10 +579,10 @@ class _RoutingCounts:
     """Forward hooks on the model's routers summing the assignments they keep (routing map
     and a positive probability: padding slots carry 0) per MoE layer and expert, while active."""
 
-    def __init__(self, model, num_experts: int):
+    def __init__(self, chunks, num_experts: int):
         from megatron.core.transformer.moe.router import Router
 
-        routers = [m for m in model.modules() if isinstance(m, Router)]
+        routers = [m for chunk in chunks for m in chunk.modules() if isinstance(m, Router)]
         self.layers = {id(m): i for i, m in enumerate(routers)}
         self.sums = torch.zeros(len(routers), num_experts, dtype=torch.float64)
         self.steps = set()
@@ -441,9 +607,10 @@ class _RoutingCounts:
 
 
 @torch.no_grad()
-def _evaluate(ctx, model, settings: TrainSettings, dp_group, dp_size: int, dp_rank: int) -> dict:
+def _evaluate(ctx, chunks, settings: TrainSettings, dp_group, dp_size: int, dp_rank: int) -> dict:
     """Mean held-out loss over ``eval_batches`` micro-batches per rank (each data-parallel rank
-    its own samples, its node's corpus with ``eval_prefix_per_node``) and every rank's mean."""
+    its own samples, its node's corpus with ``eval_prefix_per_node``) through the forward-only
+    schedule, and every rank's mean (a data-parallel rank's as its last stage computed it)."""
     samples = settings.eval_batches * settings.micro_batch_size * dp_size
     if settings.eval_prefix_per_node:
         data = _node_dataset(
@@ -455,14 +622,19 @@ def _evaluate(ctx, model, settings: TrainSettings, dp_group, dp_size: int, dp_ra
         data = _dataset(replace(settings, data_prefix=settings.eval_prefix), samples)
     else:
         raise ValueError("eval_batches is set but no eval_prefix / eval_prefix_per_node")
-    model.eval()
+    batches = [
+        _micro_batch(data, (b * dp_size + dp_rank) * settings.micro_batch_size, settings)
+        for b in range(settings.eval_batches)
+    ]
+    for chunk in chunks:
+        chunk.eval()
+    outputs = _run_schedule(chunks, settings, batches, forward_only=True)
+    for chunk in chunks:
+        chunk.train()
     total = torch.zeros(2, dtype=torch.float64)
-    for b in range(settings.eval_batches):
-        first = (b * dp_size + dp_rank) * settings.micro_batch_size
-        tokens, labels, loss_mask, positions, mask = _micro_batch(data, first, settings)
-        per_token = model(tokens, positions, mask, labels=labels)
-        total += torch.stack([(per_token.double() * loss_mask).sum(), loss_mask.sum().double()])
-    model.train()
+    for o in outputs:  # the last stage's; zeros elsewhere until the broadcast
+        total += o["sums"]
+    _from_last_stage(total)
     per_rank = [torch.zeros_like(total) for _ in range(dist.get_world_size())]
     dist.all_gather(per_rank, total)
     mine = total.clone()
