@@ -12,7 +12,15 @@ import pytest
 from megatron_locmoe.analysis import demo
 from megatron_locmoe.analysis.runlog import load_runs
 
-RUNS = ["megatron", "megatron-node-limited", "locmoe-top2", "hash", "switch", "locmoe-top1"]
+RUNS = [
+    "megatron",
+    "megatron-node-limited",
+    "locmoe-top2",
+    "hash",
+    "switch",
+    "locmoe-top1",
+    "locmoe-plus-top1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +53,7 @@ def test_demo_prints_table_and_report(demo_out, capsys):
         "Hash top-1",
         "Switch top-1 (capacity 1.0)",
         "LocMoE top-1 (mu 0.1)",
+        "LocMoE+ top-1 (mu 0.1, capacity <= 1.1)",
     ]
     for row in summary:
         assert 0.0 <= row["node_local"] <= 1.0
@@ -81,6 +90,11 @@ def test_byte_counts_follow_the_routing(demo_out):
     # node-limited: one node per token, so fewer inter-node copies than unrestricted top-2
     assert m("megatron-node-limited", "inter_node_bytes") < m("megatron", "inter_node_bytes")
     assert m("switch", "expert_capacity") > 0 and m("hash", "tokens_dropped") == 0
+    # LocMoE+: top-1, so its bytes follow the flat All-to-All's too; its capacity stays at or
+    # below the cf 1.1 ceiling (ceil(1.1 * 256 tokens / 16 experts) = 18 per rank-step)
+    plus = "locmoe-plus-top1"
+    assert m(plus, "inter_node_bytes") == pytest.approx(m(plus, "flat_inter_node_bytes"))
+    assert 0 < m(plus, "expert_capacity") <= 18
 
 
 def test_demo_refuses_bad_arguments():

@@ -65,8 +65,14 @@ def test_the_presets_the_issue_asks_for():
     m = pangu.megatron
     assert (m["num-experts"], m["moe-router-topk"], m["num-layers"]) == (16, 1, 8)
     assert set(pangu.sweep) == {"hash", "switch", "locmoe"}  # the paper's routers
-    assert set(load_preset("router-sweep").sweep) == {"megatron", "hash", "switch", "locmoe", "locmoe_plus"}
-    assert len(load_preset("demo").sweep) == 6  # make demo's runs
+    assert set(load_preset("router-sweep").sweep) == {
+        "megatron",
+        "hash",
+        "switch",
+        "locmoe",
+        "locmoe_plus",
+    }
+    assert len(load_preset("demo").sweep) == 7  # make demo's runs
 
 
 @pytest.mark.parametrize("name, nodes", CASES, ids=[f"{n}-{k}nodes" for n, k in CASES])

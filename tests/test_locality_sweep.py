@@ -22,7 +22,7 @@ FIELDS = {
     "train_loss", "eval_loss", "eval_loss_per_node", "node_local", "node_local_blind",
     "locality_gain", "node_local_rise_last_window", "node_local_curve",
     "inter_bytes_per_token", "intra_bytes_per_token", "flat_inter_bytes_per_token",
-    "flat_intra_bytes_per_token", "load_cv", "dropped", "expert_capacity",
+    "flat_intra_bytes_per_token", "load_cv", "dropped", "expert_capacity", "expert_choice",
     "tokens_per_expert_received_max", "tokens_per_expert_received_mean",
     "tokens_per_expert_sent_max", "capacity_cf_reference", "global_load_cv",
     "node_local_per_node",

@@ -111,7 +111,11 @@ def test_rank_without_tokens(cluster_factory, case):
         assert r["shapes"] == ((tokens, 1, H), (tokens, 1, H)), (rank, r)
         assert r["equal"], (case, rank)
         assert r["finite"], (case, rank)
-    if case in ("locmoe_bound", "locmoe_plus", "locmoe_plus_fused"):  # estimated from the ranks with tokens, the same everywhere
+    if case in (
+        "locmoe_bound",
+        "locmoe_plus",
+        "locmoe_plus_fused",
+    ):  # estimated from the ranks with tokens, the same everywhere
         deltas = {r["delta"] for r in results}
         assert len(deltas) == 1 and all(0 < d < 1 for d in next(iter(deltas))), deltas
 

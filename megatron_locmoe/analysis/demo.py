@@ -14,6 +14,7 @@ on Python's documentation with every router, on the same tokens in the same orde
     hash                   Hash Layers, top-1, frequency-balanced map of the corpus
     switch                 Switch Transformer, top-1, capacity factor 1.0, overflow dropped
     locmoe-top1            LocMoE, top-1: the paper's setting, against hash and switch
+    locmoe-plus-top1       LocMoE+, top-1: affinity routing, adaptive capacity below cf 1.1
 
 The preset says why each setting is what it is (per-node data domains, the hierarchical
 dispatcher for every run, mu 0.1, lr 1e-3). This module adds what a comparison needs around
@@ -177,7 +178,13 @@ def run_meta(rp, plan) -> dict:
     )
 
 
-ROUTER_NAMES = {"megatron": "Megatron", "locmoe": "LocMoE", "hash": "Hash", "switch": "Switch"}
+ROUTER_NAMES = {
+    "megatron": "Megatron",
+    "locmoe": "LocMoE",
+    "locmoe_plus": "LocMoE+",
+    "hash": "Hash",
+    "switch": "Switch",
+}
 
 
 def run_label(a) -> str:
@@ -189,6 +196,11 @@ def run_label(a) -> str:
         return f"{label} (aux loss)"
     if a.moe_router_type == "locmoe":
         return f"{label} (mu {a.locmoe_locality_loss_coeff:g})"
+    if a.moe_router_type == "locmoe_plus":
+        return (
+            f"{label} (mu {a.locmoe_locality_loss_coeff:g}, capacity <= "
+            f"{a.moe_expert_capacity_factor})"
+        )
     if a.moe_router_type == "switch" and a.moe_expert_capacity_factor is not None:
         return f"{label} (capacity {a.moe_expert_capacity_factor})"
     return label
@@ -299,7 +311,7 @@ def preset_with(args):
     for flags in preset.sweep.values():
         if "locmoe-hash-token-counts" in flags:
             flags["locmoe-hash-token-counts"] = str(data_dir / "all_counts.npy")
-        if args.mu is not None and flags.get("moe-router-type") == "locmoe":
+        if args.mu is not None and flags.get("moe-router-type") in ("locmoe", "locmoe_plus"):
             flags["locmoe-locality-loss-coeff"] = args.mu
     return preset
 

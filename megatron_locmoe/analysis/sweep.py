@@ -177,6 +177,28 @@ def sweep_runs(layout: str) -> list[SweepRun]:
             priority=cheap if layout == "8x1" else 4,
         ),
     ]
+    if layout == "8x1":  # LocMoE+ at the paper's node count, against cf 1.1 and LocMoE
+        plus = {"locality_loss_coeff": 0.1}
+        runs += [
+            SweepRun(
+                "locmoe_plus",
+                f"LocMoE+ top-1 (mu 0.1), adaptive capacity (ceiling cf {CF_REFERENCE:g}, K 100)",
+                "locmoe_plus",
+                1,
+                locmoe=plus,
+                overrides=capacity,
+                priority=1,
+            ),
+            SweepRun(
+                "locmoe_plus-k20",
+                f"LocMoE+ top-1 (mu 0.1), adaptive capacity (ceiling cf {CF_REFERENCE:g}, K 20)",
+                "locmoe_plus",
+                1,
+                locmoe={**plus, "capacity_reestimate_interval": 20},
+                overrides=capacity,
+                priority=1,
+            ),
+        ]
     if layout in ("2x4", "16x1"):  # top-2 at 2 and 16 nodes
         top2 = 3 if layout == "2x4" else 4
         runs += [
@@ -442,7 +464,9 @@ def run_summary(run) -> dict:
         "router_type": rec["router_type"],
         "topk": rec["topk"],
         "locality_loss_coeff": (
-            rec["locmoe"]["locality_loss_coeff"] if rec["router_type"] == "locmoe" else None
+            rec["locmoe"]["locality_loss_coeff"]
+            if rec["router_type"] in ("locmoe", "locmoe_plus")
+            else None
         ),
         "node_target_share": rec["locmoe"].get("node_target_share", 0.0),
         "capacity_mode": rec["locmoe"]["capacity_mode"],
@@ -472,6 +496,10 @@ def run_summary(run) -> dict:
         "load_cv": row["load_cv"],
         "dropped": row["dropped"],
         "expert_capacity": run.tail_mean("expert_capacity"),
+        # share of layer-steps in LocMoE+'s expert-choice phase (runs before the metric: None)
+        "expert_choice": (
+            run.tail_mean("expert_choice") if "expert_choice" in run.scalars else None
+        ),
         **{k: v for k, v in routing.items() if not k.startswith("flat_")},
         "tokens_per_second": rec["tokens_per_second"],
         "wall_seconds": rec["wall_seconds"],
