@@ -198,6 +198,15 @@ def sweep_runs(layout: str) -> list[SweepRun]:
                 overrides=capacity,
                 priority=1,
             ),
+            SweepRun(  # where 2 C* itself decides (the default floor holds it at 0.5 here)
+                "locmoe_plus-floor0.25",
+                f"LocMoE+ top-1 (mu 0.1), adaptive capacity (floor 0.25, ceiling cf {CF_REFERENCE:g})",
+                "locmoe_plus",
+                1,
+                locmoe={**plus, "capacity_reestimate_interval": 20, "capacity_floor_factor": 0.25},
+                overrides=capacity,
+                priority=2,
+            ),
         ]
     if layout in ("2x4", "16x1"):  # top-2 at 2 and 16 nodes
         top2 = 3 if layout == "2x4" else 4
