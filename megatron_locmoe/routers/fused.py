@@ -55,6 +55,43 @@ def grap_softmax_topk(
     return raw_TE, probs_TE, routing_map_TE, scores_TE
 
 
+def grap_affinity(x_TH: torch.Tensor, weight_EC: torch.Tensor) -> torch.Tensor:
+    """cos(x_t, w_i) for the block gate, fp32: [T, H], [E, H/E] -> [T, E] (0 for a zero token)."""
+    T, H = x_TH.shape
+    E = weight_EC.shape[0]
+    x = x_TH.float()
+    raw_TE = (x.reshape(T, E, H // E) * weight_EC.float()).sum(-1)
+    norms_TE = x.norm(dim=-1, keepdim=True).clamp_min(1e-30) * weight_EC.float().norm(dim=-1)
+    return raw_TE / norms_TE
+
+
+def threshold_choice(probs_TE: torch.Tensor, routing_map_TE: torch.Tensor, threshold: float):
+    """Of each token's routed experts, the fewest highest-gate-value ones whose values sum to at
+    least ``threshold`` (the first always stays); 0: all of them. Returns (probs, map)."""
+    if threshold <= 0:
+        return probs_TE, routing_map_TE
+    sorted_TE, order_TE = probs_TE.sort(dim=-1, descending=True)  # routed first: probs > 0
+    keep_sorted_TE = (sorted_TE.cumsum(-1) - sorted_TE) < threshold
+    keep_TE = torch.zeros_like(routing_map_TE).scatter(1, order_TE, keep_sorted_TE)
+    keep_TE &= routing_map_TE
+    return probs_TE * keep_TE, keep_TE
+
+
+def affinity_route(x_TH, weight_EC, log_temperature, bias_E, topk: int, threshold: float):
+    """Affinity, gate values and token choice in one pass over the tokens (compiled on CUDA):
+    (affinity [T, E], probs [T, E] zero off the map, routing map [T, E], aux-loss scores)."""
+    affinity_TE = grap_affinity(x_TH, weight_EC)
+    logits_TE = affinity_TE * log_temperature.exp()
+    if bias_E is not None:
+        logits_TE = logits_TE + bias_E
+    scores_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
+    top_p_TK, top_i_TK = torch.topk(scores_TE, k=topk, dim=-1)
+    probs_TE = torch.zeros_like(scores_TE).scatter(1, top_i_TK, top_p_TK)
+    routing_map_TE = torch.zeros_like(scores_TE, dtype=torch.bool).scatter(1, top_i_TK, True)
+    probs_TE, routing_map_TE = threshold_choice(probs_TE, routing_map_TE, threshold)
+    return affinity_TE, probs_TE, routing_map_TE, scores_TE
+
+
 def locality_kl(mean_probs_E: torch.Tensor, local_E: torch.Tensor, eps: float) -> torch.Tensor:
     """KL(D_c || D_l) with D_l = (1-eps)/L on the L local experts and eps/(E-L) elsewhere."""
     E, L = local_E.numel(), local_E.sum().to(mean_probs_E.dtype)  # L stays on the device
@@ -82,12 +119,19 @@ def router_metric_vector(
         node_local_fraction(real_TE, expert_is_local_E),
         load_cv(real_TE.sum(0)),
         dropped.double(),
-        torch.full((), capacity, dtype=torch.float64, device=probs_TE.device),
+        _scalar(capacity, probs_TE.device),
         delta.detach().double().clamp_min(0.0),
         ec_min.detach().double(),  # inf when the bound exceeds any capacity: logged as inf
-        torch.full((), float(expert_choice), dtype=torch.float64, device=probs_TE.device),
+        _scalar(expert_choice, probs_TE.device),
     )
     return torch.stack(values).float()
+
+
+def _scalar(value, device) -> torch.Tensor:
+    """A python number or a 0-d tensor as a float64 0-d tensor on ``device``."""
+    if torch.is_tensor(value):
+        return value.to(torch.float64)
+    return torch.full((), float(value), dtype=torch.float64, device=device)
 
 
 @dataclass(frozen=True)
@@ -162,6 +206,51 @@ def route_with_losses(
         probs_TE, routing_map_TE, expert_is_local_E, dropped, 0, kl, delta, ec_min
     )
     return probs_TE, routing_map_TE, raw_TE, attached, aux, vec
+
+
+def drop_by_rank(probs_TE, routing_map_TE, priority_TE, capacity):
+    """``base.drop_to_capacity`` with the capacity a 0-d tensor: each expert's tokens ranked by
+    ``priority`` (a stable sort per column), the first ``capacity`` kept. No top-k with a
+    data-dependent k, so one compiled graph serves every capacity the schedule picks.
+    Returns (probs, routing_map, dropped)."""
+    T = routing_map_TE.shape[0]
+    masked_TE = priority_TE.masked_fill(~routing_map_TE, -torch.inf)
+    order_TE = masked_TE.argsort(dim=0, descending=True, stable=True)
+    position_T1 = torch.arange(T, device=order_TE.device).unsqueeze(1)
+    rank_TE = torch.empty_like(order_TE).scatter_(0, order_TE, position_T1.expand_as(order_TE))
+    keep_TE = routing_map_TE & (rank_TE < capacity)
+    dropped = routing_map_TE.sum() - keep_TE.sum()
+    return probs_TE * keep_TE, keep_TE, dropped
+
+
+def capacity_route_with_losses(
+    x_TH, weight_EC, log_temperature, bias_E, expert_is_local_E, delta, ec_min, capacity,
+    spec: LossSpec, tp_cp_group, with_losses: bool, affinity: bool, threshold: float,
+    expert_choice: bool,
+):  # fmt: skip
+    """The capacity path's whole forward in one graph, for steps that do not re-estimate: gate
+    and token choice (LocMoE's W x, or LocMoE+'s affinity with ``affinity``), the drop at
+    ``capacity`` (a 0-d tensor) ranked by probability (LocMoE) or affinity (LocMoE+), the
+    losses over the token-choice assignments and the metric vector of what was kept.
+    Returns (probs, routing_map, attached loss, aux loss, metric vector)."""
+    if affinity:
+        gate_TE, probs_TE, map_TE, scores_TE = affinity_route(
+            x_TH, weight_EC, log_temperature, bias_E, spec.topk, threshold
+        )
+    else:
+        gate_TE, probs_TE, map_TE, scores_TE = grap_softmax_topk(
+            x_TH, weight_EC, log_temperature, bias_E, spec.topk
+        )
+    priority_TE = gate_TE if affinity else probs_TE
+    kept_TE, kept_map_TE, dropped = drop_by_rank(probs_TE, map_TE, priority_TE, capacity)
+    attached = aux = kl = probs_TE.new_zeros(())
+    if with_losses:
+        attached, aux, kl = routing_losses(scores_TE, map_TE, expert_is_local_E, spec, tp_cp_group)
+    vec = router_metric_vector(
+        kept_TE, kept_map_TE, expert_is_local_E, dropped, capacity, kl, delta, ec_min,
+        expert_choice,
+    )  # fmt: skip
+    return kept_TE, kept_map_TE, attached, aux, vec
 
 
 @functools.cache

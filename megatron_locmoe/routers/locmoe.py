@@ -143,6 +143,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         # the Triton forward's finish-line counter (kernels.route), zero between launches
         self.register_buffer("route_ticket", torch.zeros((), dtype=torch.int32), persistent=False)
         self._capacity_host: dict | None = None
+        self._capacity_tensors: dict = {}
 
     # ---- Megatron hooks ---------------------------------------------------------------------
     def reset_parameters(self):
@@ -286,9 +287,10 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         return self._reference_forward(input, padding_mask)
 
     def _fused_forward(self, input: torch.Tensor):
-        """The whole routing step in Triton kernels (the paper's gate), one compiled graph (other
-        gates) or two (the capacity drop between them); one loss attachment and one metric
-        write per layer."""
+        """The whole routing step in Triton kernels (the paper's gate, dropless), else one
+        compiled graph (other gates; a capacity on steps without a re-estimate) or three (the
+        re-estimate between gate and drop); one loss attachment and one metric write per
+        layer."""
         x_TH = input.reshape(-1, self.config.hidden_size)
         T = x_TH.shape[0]
         with_losses = self.training and torch.is_grad_enabled()
@@ -309,10 +311,27 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
                 self.tp_cp_group,
                 with_losses,
             )
-        else:
+        elif not self._capacity_due():  # a step without re-estimate: one graph
+            capacity = self.capacity_for(T)
+            probs_TE, routing_map_TE, attached, aux, vector = fused.run(
+                fused.capacity_route_with_losses,
+                x_TH.device,
+                x_TH,
+                *gate,
+                *self._statistics_inputs(),
+                self._capacity_tensor(capacity, x_TH.device),
+                spec,
+                self.tp_cp_group,
+                with_losses,
+                self.has_affinity_routing,
+                self.locmoe.plus_affinity_threshold,
+                capacity < self.capacity_ceiling(T),
+            )
+            if with_losses:
+                self._count_routing_step()
+        else:  # the re-estimate reads this batch between the gate and the drop
             gate_TE, probs_TE, routing_map_TE, scores_TE = self.fused_route(x_TH, gate)
-            if self._capacity_due():
-                self.estimate_capacity_bound(x_TH, gate_TE, routing_map_TE)
+            self.estimate_capacity_bound(x_TH, gate_TE, routing_map_TE)
             capacity = self.capacity_for(T)
             map_aux_TE = routing_map_TE
             probs_TE, routing_map_TE, dropped = drop_to_capacity(
@@ -351,6 +370,13 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
             probs_TE = MoEAuxLossAutoScaler.apply(probs_TE, attached)
         metrics.record_vector(self, metrics.ROUTER_METRICS, vector)
         return probs_TE, routing_map_TE
+
+    def _capacity_tensor(self, capacity: int, device: torch.device) -> torch.Tensor:
+        """The capacity as a 0-d device tensor, made once per value (no copy per call)."""
+        key = (capacity, device)
+        if key not in self._capacity_tensors:
+            self._capacity_tensors[key] = torch.tensor(capacity, device=device)
+        return self._capacity_tensors[key]
 
     def fused_route(self, x_TH: torch.Tensor, gate: tuple):
         """Gate, scores and token choice of the capacity path, compiled on CUDA: (what the

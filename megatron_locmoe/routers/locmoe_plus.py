@@ -23,44 +23,8 @@ from megatron.core.transformer.moe.moe_utils import compute_routing_scores_for_a
 
 from megatron_locmoe.config import ConfigError, LocMoEConfig
 from megatron_locmoe.routers import fused
+from megatron_locmoe.routers.fused import affinity_route, grap_affinity, threshold_choice
 from megatron_locmoe.routers.locmoe import LocMoERouter
-
-
-def grap_affinity(x_TH: torch.Tensor, weight_EC: torch.Tensor) -> torch.Tensor:
-    """cos(x_t, w_i) for the block gate, fp32: [T, H], [E, H/E] -> [T, E] (0 for a zero token)."""
-    T, H = x_TH.shape
-    E = weight_EC.shape[0]
-    x = x_TH.float()
-    raw_TE = (x.reshape(T, E, H // E) * weight_EC.float()).sum(-1)
-    norms_TE = x.norm(dim=-1, keepdim=True).clamp_min(1e-30) * weight_EC.float().norm(dim=-1)
-    return raw_TE / norms_TE
-
-
-def threshold_choice(probs_TE: torch.Tensor, routing_map_TE: torch.Tensor, threshold: float):
-    """Of each token's routed experts, the fewest highest-gate-value ones whose values sum to at
-    least ``threshold`` (the first always stays); 0: all of them. Returns (probs, map)."""
-    if threshold <= 0:
-        return probs_TE, routing_map_TE
-    sorted_TE, order_TE = probs_TE.sort(dim=-1, descending=True)  # routed first: probs > 0
-    keep_sorted_TE = (sorted_TE.cumsum(-1) - sorted_TE) < threshold
-    keep_TE = torch.zeros_like(routing_map_TE).scatter(1, order_TE, keep_sorted_TE)
-    keep_TE &= routing_map_TE
-    return probs_TE * keep_TE, keep_TE
-
-
-def affinity_route(x_TH, weight_EC, log_temperature, bias_E, topk: int, threshold: float):
-    """Affinity, gate values and token choice in one pass over the tokens (compiled on CUDA):
-    (affinity [T, E], probs [T, E] zero off the map, routing map [T, E], aux-loss scores)."""
-    affinity_TE = grap_affinity(x_TH, weight_EC)
-    logits_TE = affinity_TE * log_temperature.exp()
-    if bias_E is not None:
-        logits_TE = logits_TE + bias_E
-    scores_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
-    top_p_TK, top_i_TK = torch.topk(scores_TE, k=topk, dim=-1)
-    probs_TE = torch.zeros_like(scores_TE).scatter(1, top_i_TK, top_p_TK)
-    routing_map_TE = torch.zeros_like(scores_TE, dtype=torch.bool).scatter(1, top_i_TK, True)
-    probs_TE, routing_map_TE = threshold_choice(probs_TE, routing_map_TE, threshold)
-    return affinity_TE, probs_TE, routing_map_TE, scores_TE
 
 
 class LocMoEPlusRouter(LocMoERouter):
