@@ -45,14 +45,20 @@ def grap_softmax_topk(
     T, H = x_TH.shape
     E = weight_EC.shape[0]
     raw_TE = (x_TH.reshape(T, E, H // E).float() * weight_EC.float()).sum(-1)
-    logits_TE = raw_TE * log_temperature.exp()
+    return (raw_TE, *softmax_topk(raw_TE, log_temperature, bias_E, topk))
+
+
+def softmax_topk(gate_TE, log_temperature, bias_E, topk: int):
+    """Temperature, optional bias, softmax and top-k of a gate's output: (probs zero off the
+    map, routing map, the full softmax as the aux-loss scores), all [T, E]."""
+    logits_TE = gate_TE * log_temperature.exp()
     if bias_E is not None:
         logits_TE = logits_TE + bias_E
     scores_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
     top_p_TK, top_i_TK = torch.topk(scores_TE, k=topk, dim=-1)
     probs_TE = torch.zeros_like(scores_TE).scatter(1, top_i_TK, top_p_TK)
     routing_map_TE = torch.zeros_like(scores_TE, dtype=torch.bool).scatter(1, top_i_TK, True)
-    return raw_TE, probs_TE, routing_map_TE, scores_TE
+    return probs_TE, routing_map_TE, scores_TE
 
 
 def grap_affinity(x_TH: torch.Tensor, weight_EC: torch.Tensor) -> torch.Tensor:
@@ -81,13 +87,7 @@ def affinity_route(x_TH, weight_EC, log_temperature, bias_E, topk: int, threshol
     """Affinity, gate values and token choice in one pass over the tokens (compiled on CUDA):
     (affinity [T, E], probs [T, E] zero off the map, routing map [T, E], aux-loss scores)."""
     affinity_TE = grap_affinity(x_TH, weight_EC)
-    logits_TE = affinity_TE * log_temperature.exp()
-    if bias_E is not None:
-        logits_TE = logits_TE + bias_E
-    scores_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
-    top_p_TK, top_i_TK = torch.topk(scores_TE, k=topk, dim=-1)
-    probs_TE = torch.zeros_like(scores_TE).scatter(1, top_i_TK, top_p_TK)
-    routing_map_TE = torch.zeros_like(scores_TE, dtype=torch.bool).scatter(1, top_i_TK, True)
+    probs_TE, routing_map_TE, scores_TE = softmax_topk(affinity_TE, log_temperature, bias_E, topk)
     probs_TE, routing_map_TE = threshold_choice(probs_TE, routing_map_TE, threshold)
     return affinity_TE, probs_TE, routing_map_TE, scores_TE
 
