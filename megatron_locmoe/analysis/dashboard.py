@@ -61,6 +61,7 @@ def sections_spec(num_layers: int) -> list[tuple[str, list[tuple[str, list[str]]
                 ("expert capacity (0 = dropless)", [m.EXPERT_CAPACITY]),
                 ("capacity bound ec_min", [m.CAPACITY_EC_MIN]),
                 ("capacity delta", [m.CAPACITY_DELTA]),
+                ("expert-choice phase (share of layers; locmoe_plus)", [m.EXPERT_CHOICE]),
             ],
         ),
         (
