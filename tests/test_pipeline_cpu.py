@@ -6,7 +6,9 @@ under PP 2 resumes bitwise.
 
 The comparison starts every layout from one model-only checkpoint (saved under PP 1, loaded
 into the stages: torch_dist reshards layers and experts) and routes with Megatron's TopKRouter
-without aux loss, whose choice depends on the token alone, not on where experts live."""
+without aux loss, whose choice depends on the token alone, not on where experts live; the hash
+router (the same, by token id) trains PP 1's loss under PP 2 from its own start, in the CPU loop
+and through megatron_locmoe.pretrain_gpt's forward_step, whose middle stages read the tokens."""
 
 from __future__ import annotations
 
@@ -14,10 +16,14 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
+import torch.distributed as dist
 
+from megatron_locmoe import pretrain_gpt
 from megatron_locmoe.config import LocMoEConfig
-from megatron_locmoe.sim import data
-from megatron_locmoe.sim.cluster import ParallelLayout
+from megatron_locmoe.routers.hash import MissingTokenIdsError
+from megatron_locmoe.sim import checkpoint, data, trainer
+from megatron_locmoe.sim.cluster import ClusterJobError, ParallelLayout
 from megatron_locmoe.sim.trainer import OptimizerSettings, TrainSettings, train_job
 
 JOB_TIMEOUT_S = 240  # every job is a few seconds; a hang fails the test instead of waiting
@@ -99,8 +105,7 @@ def test_pipeline_stages_train_the_same_loss_as_one_stage(cluster8, corpus, star
     """PP 2 and PP 2 x VP 2 (1F1B and interleaved schedules, p2p over gloo, gradients
     accumulated over 2 micro-batches, the tied embedding's grads summed over the embedding
     group) against PP 1. (Checked: without the embedding group's sum, step 2 differs by 5e-3.)
-    The hash router is not here: it refuses PP > 1 (routers/hash.py), as pretrain_gpt feeds
-    the token ids to the first stage only."""
+    The hash router has its own test below (its start has no router weights)."""
     settings = _settings(corpus, "megatron", init_weights_dir=start)
     reference = _run(cluster8, settings, PP1)[0]
     assert len(reference["losses"]) == 3 and min(reference["grad_norm"]) > OPTIMIZER.clip_grad
@@ -124,3 +129,96 @@ def test_a_pipeline_checkpoint_resumes_bitwise(cluster8, corpus, start, tmp_path
     assert resumed["first_step"] == 3
     assert resumed["losses"] == full["losses"][2:]
     assert resumed["metrics"] == full["metrics"]
+
+
+# ---- the hash router under PP: every stage that hosts hash routers gets the token ids -------
+
+
+@pytest.fixture(scope="module")
+def hash_start(cluster8, corpus, tmp_path_factory):
+    """A model-only starting point for the hash router (no router weights), saved under PP 1."""
+    root = tmp_path_factory.mktemp("hash_start")
+    settings = _settings(corpus, "hash", steps=1, save_interval=1, save_dir=str(root))
+    cluster8.run(train_job, settings, layout=PP1, timeout_s=JOB_TIMEOUT_S)
+    return str(root)
+
+
+def test_hash_router_trains_the_same_loss_under_pipeline_stages(cluster8, corpus, hash_start):
+    """The hash router routes by token id wherever its experts live, so PP 2 (each stage's
+    chunk gets the micro-batch's tokens from the CPU loop) and PP 2 x VP 2 (the middle chunks
+    too) train PP 1's loss curve. Broken delivery fails loudly: MissingTokenIdsError."""
+    settings = _settings(corpus, "hash", init_weights_dir=hash_start)
+    reference = _run(cluster8, settings, PP1)[0]
+    assert reference["losses"][-1] < reference["losses"][0]
+    for layout in (PP2, PP2_VP2):
+        out = _run(cluster8, settings, layout)[0]
+        for key in ("losses", "grad_norm"):
+            np.testing.assert_allclose(out[key], reference[key], rtol=1e-5, err_msg=key)
+
+
+def _megatron_lm_forward_step(data_iterator, model):
+    """Megatron-LM's batch rule (tokens on the first and last stage only), for the error."""
+    from megatron.core.utils import get_attr_wrapped_model
+
+    vp_stage = get_attr_wrapped_model(model, "vp_stage")
+    tokens, labels, loss_mask, mask, positions = pretrain_gpt.get_batch(data_iterator, vp_stage)
+    output = model(tokens, positions, mask, labels=labels, loss_mask=loss_mask)
+    return output, lambda out: pretrain_gpt.loss_func(loss_mask, out)
+
+
+def pretrain_gpt_eval_job(ctx, settings: TrainSettings, megatron_lm_batches: bool = False):
+    """The loss of one global batch (the first training step's samples) through the plugin entry's
+    own forward_step and get_batch (what pretrain() calls) in Megatron's forward-only
+    schedule, on this layout's model chunks from the settings' starting weights."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    ctx.topology()
+    torch.manual_seed(settings.seed)
+    chunks = trainer._model_chunks(settings, ctx.layout.ep)
+    checkpoint.load_model_weights(chunks, settings.init_weights_dir)
+    for chunk in chunks:
+        chunk.eval()
+    dp_group = parallel_state.get_data_parallel_group()
+    dp_size, dp_rank = dist.get_world_size(dp_group), dist.get_rank(dp_group)
+    mbs = settings.micro_batch_size
+    num_microbatches = trainer._num_microbatches(settings, dp_size)  # one global batch
+    samples = trainer._dataset(settings, num_microbatches * mbs * dp_size)
+    keys = ("tokens", "labels", "loss_mask", "position_ids")  # Megatron's GPT dataset's keys
+    batches = []
+    for m in range(num_microbatches):
+        first = (m * dp_size + dp_rank) * mbs
+        items = [samples[first + i] for i in range(mbs)]
+        batches.append({k: torch.stack([item[k] for item in items]) for k in keys})
+    step = _megatron_lm_forward_step if megatron_lm_batches else pretrain_gpt.forward_step
+    with torch.no_grad():
+        outputs = get_forward_backward_func()(
+            forward_step_func=step,
+            data_iterator=[iter(batches) for _ in chunks],
+            model=chunks,
+            num_microbatches=num_microbatches,
+            seq_length=settings.seq_length,
+            micro_batch_size=mbs,
+            forward_only=True,
+        )
+    total = torch.zeros(2, dtype=torch.float64)  # (loss sum, tokens) of this rank's batches
+    for o in outputs:  # the last stage's
+        total += o["lm loss"].double()
+    trainer._from_last_stage(total)
+    dist.all_reduce(total, group=dp_group)
+    return float(total[0] / total[1])
+
+
+def test_pretrain_gpt_hands_token_ids_to_every_hash_stage(cluster8, corpus, hash_start):
+    """megatron_locmoe.pretrain_gpt's forward_step under PP 2 x VP 2, whose middle chunks
+    (rank 0's second, rank 1's first) get no batch from Megatron's rule: with the hash router
+    they read the tokens, and the loss equals PP 1's; with Megatron-LM's rule (tokens on the
+    first and last stage only) the middle chunks' routers raise MissingTokenIdsError."""
+    settings = _settings(corpus, "hash", init_weights_dir=hash_start)
+    run = dict(timeout_s=JOB_TIMEOUT_S)
+    reference = cluster8.run(pretrain_gpt_eval_job, settings, layout=PP1, **run)
+    staged = cluster8.run(pretrain_gpt_eval_job, settings, layout=PP2_VP2, **run)
+    assert len(set(reference)) == len(set(staged)) == 1  # every rank the same
+    np.testing.assert_allclose(staged[0], reference[0], rtol=1e-6)
+    with pytest.raises(ClusterJobError, match=MissingTokenIdsError.__name__):
+        cluster8.run(pretrain_gpt_eval_job, settings, True, layout=PP2_VP2, **run)
