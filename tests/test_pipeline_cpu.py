@@ -222,3 +222,58 @@ def test_pretrain_gpt_hands_token_ids_to_every_hash_stage(cluster8, corpus, hash
     np.testing.assert_allclose(staged[0], reference[0], rtol=1e-6)
     with pytest.raises(ClusterJobError, match=MissingTokenIdsError.__name__):
         cluster8.run(pretrain_gpt_eval_job, settings, True, layout=PP2_VP2, **run)
+
+
+# ---- every router under PP, EP across nodes: the hierarchical dispatcher does inter-node work --
+
+# 4 simulated nodes x 2 ranks. Megatron's order (tp-cp-ep-dp-pp) puts PP outermost, so stage 0
+# is ranks 0-3 (nodes 0, 1) and stage 1 ranks 4-7 (nodes 2, 3): each EP group of 4 spans 2 nodes
+PP2_EP_ACROSS_NODES = ParallelLayout(devices_per_node=2, ep=4, pp=2)
+
+ROUTERS_UNDER_PP = {  # the placement-dependent routers, each with its own losses and capacity
+    "locmoe": {},
+    "locmoe_plus": dict(moe_expert_capacity_factor=1.1),
+    "switch": dict(moe_expert_capacity_factor=1.0),
+    "megatron": dict(moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.01),
+}
+
+
+def ep_groups_job(ctx):
+    """This rank's expert-parallel group (global ranks)."""
+    from megatron.core import parallel_state
+
+    ctx.topology()
+    return dist.get_process_group_ranks(parallel_state.get_expert_model_parallel_group())
+
+
+@pytest.mark.parametrize("router_type", list(ROUTERS_UNDER_PP))
+def test_every_router_trains_under_pipeline_stages_with_ep_across_nodes(
+    cluster8, corpus, router_type, record_property
+):
+    """PP 2 + EP 4 on 4 nodes x 2 ranks, from scratch (AdamW at a constant lr): 4 steps train
+    without error and the loss falls; the losses and the plugin's metrics (the last stage's
+    loss, the metrics averaged over the stages' layers) are identical on every rank; the
+    hierarchical dispatcher sends bytes between nodes. These routers depend on where experts
+    live (capacity, locality loss, aux loss), so no loss equality with PP 1 is claimed."""
+    layout = PP2_EP_ACROSS_NODES
+    groups = cluster8.run(ep_groups_job, layout=layout, timeout_s=JOB_TIMEOUT_S)
+    nodes = [{r // layout.devices_per_node for r in g} for g in groups]
+    assert all(len(n) == 2 for n in nodes), groups  # every EP group spans 2 nodes
+    settings = replace(
+        _settings(corpus, router_type, steps=4),
+        transformer_overrides=ROUTERS_UNDER_PP[router_type],
+        optimizer=None,
+    )
+    results = cluster8.run(train_job, settings, layout=layout, timeout_s=JOB_TIMEOUT_S)
+    for r in results:
+        assert r["losses"] == results[0]["losses"]
+        assert r["metrics"] == results[0]["metrics"]
+    losses, metrics = results[0]["losses"], results[0]["metrics"]
+    record_property("losses", losses)  # the numbers, in --junitxml
+    record_property("metrics", metrics)
+    assert len(losses) == 4 and losses[-1] < losses[0], losses
+    assert metrics["inter_node_bytes"] > 0 and metrics["intra_node_bytes"] > 0, metrics
+    if router_type == "megatron":
+        assert metrics["load_balancing_loss"] > 0
+    if router_type == "locmoe":
+        assert metrics["locality_loss"] > 0
