@@ -8,7 +8,10 @@ work. Launch it with torchrun like Megatron-LM's script.
 
 Batches: every rank of the first and last pipeline stage reads the dataset itself (same seed,
 same order on every tensor-parallel rank), so no tensor-parallel broadcast is needed; context
-parallelism slices the batch with Megatron's own helper.
+parallelism slices the batch with Megatron's own helper. With ``--moe-router-type hash`` the
+other stages read it too and take the tokens only: the hash router routes by token id on every
+stage that hosts MoE layers, and the sampler (by data-parallel rank) gives each stage of a
+pipeline the same samples in the same order.
 """
 
 from __future__ import annotations
@@ -18,6 +21,14 @@ from functools import partial
 import torch
 
 from megatron_locmoe import adaptor
+
+
+def _reads_data(vp_stage, args) -> bool:
+    """Whether this stage (chunk ``vp_stage``) builds the datasets: the first and last stage
+    (embedding, loss), and with the hash router every stage (its token ids)."""
+    from megatron.training.utils import is_first_or_last_pipeline_stage
+
+    return is_first_or_last_pipeline_stage(vp_stage) or args.moe_router_type == "hash"
 
 
 def _dataset_config(args):
@@ -43,7 +54,6 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
     )
     from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
     from megatron.training import get_args
-    from megatron.training.utils import is_first_or_last_pipeline_stage
 
     from megatron_locmoe.arguments import check_data_args
 
@@ -53,7 +63,7 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
     return BlendedMegatronDatasetBuilder(
         dataset_type,
         train_val_test_num_samples,
-        lambda: is_first_or_last_pipeline_stage(vp_stage),
+        lambda: _reads_data(vp_stage, args),
         _dataset_config(args),
     ).build()
 
@@ -61,17 +71,23 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
 train_valid_test_datasets_provider.is_distributed = True
 
 
-def get_batch(data_iterator, vp_stage=None):
-    """(tokens, labels, loss_mask, attention_mask, position_ids) on this rank's device."""
+BATCH_KEYS = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids")
+
+
+def get_batch(data_iterator, vp_stage=None, needs_token_ids=False):
+    """(tokens, labels, loss_mask, attention_mask, position_ids) on this rank's device; on a
+    middle stage all None, or the tokens alone when ``needs_token_ids`` (hash routers)."""
     from megatron.core import parallel_state
     from megatron.core.utils import get_batch_on_this_cp_rank
     from megatron.training.utils import is_first_or_last_pipeline_stage
 
+    keys = BATCH_KEYS
     if not is_first_or_last_pipeline_stage(vp_stage):
-        return None, None, None, None, None
-    device = torch.device(torch.accelerator.current_accelerator() or "cpu")
+        if not needs_token_ids:
+            return None, None, None, None, None
+        keys = ("tokens",)  # Megatron's middle stages see no masks or positions: keep that
+    device = torch.device(torch.accelerator.current_accelerator(check_available=True) or "cpu")
     batch = next(data_iterator)
-    keys = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids")
     batch = {
         k: batch[k].to(device, non_blocking=True) if batch.get(k) is not None else None
         for k in keys
@@ -80,7 +96,7 @@ def get_batch(data_iterator, vp_stage=None):
         batch = get_batch_on_this_cp_rank(
             batch, is_hybrid_cp=False, cp_group=parallel_state.get_context_parallel_group()
         )
-    return tuple(batch[k] for k in keys)
+    return tuple(batch.get(k) for k in BATCH_KEYS)
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -93,11 +109,15 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 
 def forward_step(data_iterator, model):
-    """One micro-batch: the model returns per-token losses when given labels."""
+    """One micro-batch: the model returns per-token losses when given labels; a chunk with hash
+    routers gets the tokens on every stage (the pre-hook of attach_token_ids hands them over)."""
     from megatron.core.utils import get_attr_wrapped_model
 
+    from megatron_locmoe.routers.hash import hosts_hash_router
+
     vp_stage = get_attr_wrapped_model(model, "vp_stage")
-    tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator, vp_stage)
+    batch = get_batch(data_iterator, vp_stage, needs_token_ids=hosts_hash_router(model))
+    tokens, labels, loss_mask, attention_mask, position_ids = batch
     output = model(tokens, position_ids, attention_mask, labels=labels, loss_mask=loss_mask)
     return output, partial(loss_func, loss_mask)
 

@@ -173,10 +173,6 @@ INVALID = [
     (["--moe-router-type", "switch"], "drops overflow at a capacity factor"),
     (["--moe-router-type", "hash", "--moe-expert-capacity-factor", "1.0"], "dropless"),
     (
-        ["--moe-router-type", "hash", "--pipeline-model-parallel-size", "2", "--num-layers", "4"],
-        "--pipeline-model-parallel-size 1",
-    ),
-    (
         ["--locmoe-dispatcher", "hierarchical", "--moe-token-dispatcher-type", "allgather"],
         "--moe-token-dispatcher-type is 'allgather'",
     ),
@@ -237,6 +233,17 @@ def test_invalid_combinations_fail_at_parse_time(megatron_args, extra, message):
     with pytest.raises(ConfigError) as e:
         parse(*extra)
     assert message in str(e.value)
+
+
+def test_hash_router_parses_with_pipeline_stages(megatron_args):
+    """Every stage that hosts hash routers gets the token ids (CPU loop, pretrain_gpt): the
+    hash router no longer refuses PP > 1 (tests/test_pipeline_cpu.py trains it)."""
+    parse, to_config = megatron_args
+    args = parse(
+        *("--moe-router-type", "hash", "--pipeline-model-parallel-size", "2"),
+        *("--num-layers", "4", "--expert-model-parallel-size", "4"),
+    )
+    assert to_config(args).pipeline_model_parallel_size == 2
 
 
 def test_unknown_router_rejected_by_argparse(megatron_args, capsys):

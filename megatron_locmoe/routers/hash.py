@@ -10,8 +10,11 @@ With k > 1 a token goes to experts (h(id) + j) mod E, j < k. No parameters, no a
 Token ids come from the GPT model's input ids: ``attach_token_ids(model)`` registers a forward
 pre-hook that hands each forward's ids to the model's hash routers. The ids live on the router
 module for that forward only: they are replaced by the next forward's and never shared between
-model chunks. Stages that do not receive input ids (middle pipeline stages) and activation
-recompute of MoE layers are rejected with a clear error.
+model chunks. Under pipeline parallelism every stage that hosts hash routers needs the ids,
+not only the first: the CPU loop hands every chunk its micro-batch's tokens, and the plugin's
+``megatron_locmoe.pretrain_gpt`` reads the tokens on such stages too (Megatron-LM's get_batch
+gives them to the first stage only). A forward without ids raises
+MissingTokenIdsError; activation recompute of MoE layers is rejected at check time.
 """
 
 from __future__ import annotations
@@ -106,11 +109,6 @@ class HashRouter(PluginRouterMixin, TopKRouter):
             raise ConfigError(
                 "the hash router is dropless by construction; remove --moe-expert-capacity-factor"
             )
-        if tc.pipeline_model_parallel_size > 1:
-            raise ConfigError(
-                "the hash router routes by input token ids, which only the first pipeline stage "
-                "receives: use --pipeline-model-parallel-size 1 with --moe-router-type hash"
-            )
         if "moe" in (tc.recompute_modules or []) and tc.recompute_granularity == "selective":
             raise ConfigError(
                 "the hash router reads this forward's token ids, which activation recompute of "
@@ -158,7 +156,10 @@ class HashRouter(PluginRouterMixin, TopKRouter):
             raise MissingTokenIdsError(
                 "the hash router needs the input token ids of this forward: wrap the GPT model "
                 "with megatron_locmoe.routers.hash.attach_token_ids(model) (the plugin's model "
-                "builder does), and use it only on pipeline stages that receive input ids"
+                "builder does) and pass the ids to every pipeline stage that hosts hash routers; "
+                "Megatron-LM's pretrain_gpt.py gives them to the first stage only: train with "
+                "python -m megatron_locmoe.pretrain_gpt (or the CPU loop), which gives them to "
+                "every such stage, or with --pipeline-model-parallel-size 1"
             )
         S_local, B = input_SBH.shape[:2]
         ids_SB = ids.t()
@@ -195,6 +196,11 @@ class HashRouter(PluginRouterMixin, TopKRouter):
             probs_TE = probs_TE * valid_T[:, None]
         self.record_routing_metrics(probs_TE, routing_map_TE)
         return probs_TE, routing_map_TE
+
+
+def hosts_hash_router(model: torch.nn.Module) -> bool:
+    """Whether ``model`` (a chunk, wrapped or not) has hash routers: its stage needs the ids."""
+    return any(isinstance(m, HashRouter) for m in model.modules())
 
 
 def attach_token_ids(model: torch.nn.Module) -> torch.utils.hooks.RemovableHandle | None:
