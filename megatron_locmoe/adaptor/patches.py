@@ -23,6 +23,7 @@ from megatron_locmoe.adaptor.shims import (
     maybe_move_tensor_to_cpu,
     no_cuda_arch,
     tied_embedding_setup_on_host,
+    torch_norm_with_sequence_parallel,
 )
 from megatron_locmoe.device import DeviceChoice
 
@@ -201,6 +202,19 @@ REGISTRY.register(
         ),
         make=tied_embedding_setup_on_host,
         devices=frozenset({"cpu"}),
+    )
+)
+
+REGISTRY.register(
+    Patch(
+        target="megatron.core.transformer.torch_norm.WrappedTorchNorm.__new__",
+        why=(
+            "the torch norms of the local spec assert sequence_parallel off, and Megatron "
+            "requires sequence parallelism for MoE with TP > 1: without TE (CPU, NPU) TP + "
+            "EP could not build. The norm is built as without it and its weights marked "
+            "sequence_parallel, so their gradients are summed over the TP group."
+        ),
+        make=torch_norm_with_sequence_parallel,
     )
 )
 

@@ -214,3 +214,29 @@ def tied_embedding_setup_on_host(device: DeviceChoice) -> Callable:
             dist.all_reduce(self.shared_embedding_or_output_weight().data, group=self.embd_group)
 
     return setup_embeddings_and_output_layer
+
+
+_TORCH_NORM_NEW = "megatron.core.transformer.torch_norm.WrappedTorchNorm.__new__"
+
+
+def torch_norm_with_sequence_parallel(device: DeviceChoice) -> Callable:
+    """``WrappedTorchNorm.__new__`` that accepts sequence parallelism (the original asserts it
+    off). A norm is per token, so on a sequence shard it is the same math; only its weights'
+    gradients, partial sums over each TP rank's tokens, need a sum over the TP group, which
+    Megatron's finalize_model_grads (and the CPU loop) gives params marked sequence_parallel,
+    as TE's and Megatron's fused norms mark them."""
+    import copy
+
+    original = resolve(_TORCH_NORM_NEW)
+
+    def __new__(cls, config, hidden_size, *args, **kwargs):
+        if not config.sequence_parallel:
+            return original(cls, config, hidden_size, *args, **kwargs)
+        plain = copy.copy(config)
+        plain.sequence_parallel = False
+        norm = original(cls, plain, hidden_size, *args, **kwargs)
+        for p in norm.parameters():
+            p.sequence_parallel = True
+        return norm
+
+    return __new__

@@ -142,6 +142,12 @@ def _model(settings: TrainSettings, ep: int, vp_stage: int | None = None, config
         config.locmoe = settings.locmoe
     options = {"vocab_size": VOCAB_SIZE, "max_sequence_length": settings.seq_length}
     options.update(settings.gpt_model_options)
+    tp = config.tensor_model_parallel_size
+    if options["vocab_size"] % tp:
+        raise ValueError(
+            f"vocabulary {options['vocab_size']} does not split over tensor-parallel size {tp}: "
+            f"pad it (gpt_model_options vocab_size, Megatron's padded vocabulary) to a multiple"
+        )
     spec = locmoe_block_spec(
         SimpleNamespace(
             transformer=config, vocab_size=options["vocab_size"], should_pad_vocab=False
@@ -181,6 +187,8 @@ def _transformer_config(settings: TrainSettings, ep: int):
 
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     vp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    etp = parallel_state.get_expert_tensor_parallel_world_size()
     if settings.transformer_config is not None:
         config = copy.copy(settings.transformer_config)
         for name, theirs, ours in (
@@ -195,6 +203,8 @@ def _transformer_config(settings: TrainSettings, ep: int):
         return config
     overrides = dict(
         ep=ep,
+        tp=tp,  # with sequence parallelism, which Megatron requires for MoE with TP > 1
+        expert_tensor_parallel_size=etp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vp,
         pipeline_dtype=torch.float32,
@@ -347,15 +357,22 @@ def _from_last_stage(value: torch.Tensor) -> torch.Tensor:
 
 def _finalize_grads(chunks, num_tokens=None, pg_collection=None, force_all_reduce=False) -> None:
     """``config.finalize_model_grads_func``: Megatron's finalize_model_grads without its DDP
-    buffers. Each chunk's gradients synchronised over data parallelism (``_sync_grads``), then
+    buffers. Each chunk's gradients synchronised over data parallelism (``_sync_grads``) and,
+    for the parameters marked sequence_parallel (norms, routers: replicated over TP, each TP
+    rank's gradient from its sequence shard), summed over the TP group; then
     the two copies of a tied embedding (the first stage's input embedding, the last stage's
     output layer) summed over the embedding group, so both apply the same update."""
     from megatron.core import parallel_state
 
     dp_group = parallel_state.get_data_parallel_group()
     expt_dp_group = parallel_state.get_expert_data_parallel_group()
+    tp_group = parallel_state.get_tensor_model_parallel_group()
     for chunk in chunks:
         _sync_grads(chunk, dp_group, expt_dp_group, dist.get_world_size(dp_group))
+        if dist.get_world_size(tp_group) > 1:  # norms, routers: each TP rank saw its tokens
+            for p in chunk.parameters():
+                if p.grad is not None and getattr(p, "sequence_parallel", False):
+                    dist.all_reduce(p.grad, group=tp_group)
     group = parallel_state.get_embedding_group(check_initialized=False)
     if group is None or dist.get_world_size(group) == 1:
         return
@@ -415,26 +432,31 @@ def _optimizer(chunks, settings: TrainSettings):
 
 def _clip_grads(chunks, max_norm: float) -> float:
     """Megatron's clip_grad_norm: the L2 norm of every gradient of the model (the expert
-    parameters' summed over the expert-parallel group, whose ranks hold different experts;
-    the dense ones are the same on every rank after the data-parallel average; both summed
-    over the pipeline stages, the tied embedding's last-stage copy not counted twice), and the
+    parameters' summed over the expert (and expert-tensor) parallel group, whose ranks hold
+    different experts; the dense ones are the same on every rank after the data-parallel
+    average, summed over the TP group, a TP-replicated one counted on TP rank 0 only; both
+    summed over the pipeline stages, the tied embedding's last-stage copy not counted twice), and the
     gradients scaled by max_norm / (norm + 1e-6) where that is below 1. Returns the norm."""
     from megatron.core import parallel_state
 
     params = [p for _, p in _named_parameters(chunks) if p.grad is not None]
     dense = torch.zeros((), dtype=torch.float64)
     expert = torch.zeros((), dtype=torch.float64)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
     for p in params:
         if getattr(p, "shared", False):  # Megatron's mark of the copy
             continue
         sq = p.grad.double().pow(2).sum()
         if getattr(p, "allreduce", True) is False:
             expert += sq
-        else:
+        elif getattr(p, "tensor_model_parallel", False) or tp_rank == 0:  # TP copies once
             dense += sq
-    group = parallel_state.get_expert_model_parallel_group()
+    group = parallel_state.get_expert_tensor_and_model_parallel_group()
     if dist.get_world_size(group) > 1:
         dist.all_reduce(expert, group=group)
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    if dist.get_world_size(tp_group) > 1:
+        dist.all_reduce(dense, group=tp_group)
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     if dist.get_world_size(pp_group) > 1:
         both = torch.stack([dense, expert])
