@@ -115,9 +115,24 @@ def layer_slot(module) -> tuple[int, int] | None:
     return layer - 1, config.num_layers + (config.mtp_num_layers or 0)
 
 
+def _peer_average_group():
+    """The tensor/context-parallel group when it has peers, else None. Under sequence
+    parallelism (and context parallelism) those peers route different tokens, so a per-rank
+    metric is averaged over them as over data parallelism: every rank then reports one value."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    group = parallel_state.get_tensor_and_context_parallel_group(check_initialized=False)
+    if group is None or torch.distributed.get_world_size(group) == 1:
+        return None
+    return group
+
+
 def tracker_block(names: tuple[str, ...], num_layers: int, device) -> torch.Tensor:
     """The [K, num_layers] block behind ``names``' entries in the global tracker, (re)built when
-    an entry is missing or was replaced (its values so far are carried over)."""
+    an entry is missing or was replaced (its values so far are carried over); averaged at
+    report time over the tensor/context-parallel peers and the data-parallel ranks."""
     tracker = get_moe_metrics_tracker()
     blocks = tracker.__dict__.setdefault("_locmoe_blocks", {})
     block, owned = blocks.get(names, (None, ()))
@@ -131,12 +146,12 @@ def tracker_block(names: tuple[str, ...], num_layers: int, device) -> torch.Tens
     ):
         return block
     block = torch.zeros(len(names), num_layers, device=device)
-    owned = []
+    owned, avg_group = [], _peer_average_group()
     for name, row in zip(names, block, strict=True):
         old = entries.get(name)
         if old is not None and old.values.shape == row.shape:
             row.copy_(old.values)  # across devices too
-        entries[name] = MetricEntry(values=row, needs_dp_avg=True)
+        entries[name] = MetricEntry(values=row, avg_group=avg_group, needs_dp_avg=True)
         owned.append(entries[name])
     blocks[names] = (block, tuple(owned))
     return block

@@ -82,13 +82,6 @@ def test_tensor_and_sequence_parallel_train_the_same_loss_as_tp1(runs, record_pr
     assert out["metrics"]["intra_node_bytes"] > 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the plugin's metric entries (metrics.tracker_block) are averaged over data "
-    "parallelism only; under sequence parallelism the TP peers route different tokens, so "
-    "load_cv and the bytes differ between them until the entries also average over the TP "
-    "(tp-cp) group",
-)
 def test_tensor_parallel_metrics_are_identical_on_every_rank(runs):
     _, results = runs
     for r in results:
