@@ -762,9 +762,12 @@ def test_cpu_sim_flags_map_onto_the_cpu_loop(tmp_path):
     assert settings.progress_path == str(tmp_path / "cpu-sim" / "cpu-sim" / "progress.jsonl")
 
 
-def test_cpu_loop_takes_pipeline_layouts_and_refuses_tensor_parallelism(tmp_path, monkeypatch):
-    """PP (with virtual stages) maps onto the CPU loop's layout, micro-batches accumulating up
-    to the global batch; TP and CP are still refused, with the flag to drop."""
+def test_cpu_loop_takes_pipeline_and_tensor_layouts_and_refuses_context_parallelism(
+    tmp_path, monkeypatch
+):
+    """PP (with virtual stages) and TP (with sequence parallelism) map onto the CPU loop's
+    layout, micro-batches accumulating up to the global batch; CP is still refused, with the
+    flag to drop."""
     sets = ["pipeline-model-parallel-size=2", "num-virtual-stages-per-pipeline-rank=2"]
     sets += ["num-layers=4", "expert-model-parallel-size=2", "global-batch-size=16"]
     settings, layout = _plan("cpu-sim", sets=sets, runs_dir=str(tmp_path)).runs[0].cpu_loop
@@ -776,8 +779,15 @@ def test_cpu_loop_takes_pipeline_layouts_and_refuses_tensor_parallelism(tmp_path
         2,
     )
     monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")  # Megatron's own check for TP
-    with pytest.raises(PresetError, match="--tensor-model-parallel-size 2: the CPU loop runs"):
-        _plan("cpu-sim", sets=["tensor-model-parallel-size=2", "expert-model-parallel-size=2"])
+    sets = ["tensor-model-parallel-size=2", "sequence-parallel=true"]
+    sets += ["expert-model-parallel-size=2"]
+    settings, layout = _plan("cpu-sim", sets=sets, runs_dir=str(tmp_path)).runs[0].cpu_loop
+    assert (layout.tp, layout.ep, layout.pp) == (2, 2, 1)
+    config = settings.transformer_config
+    assert config.tensor_model_parallel_size == 2 and config.sequence_parallel
+    assert settings.gpt_model_options["vocab_size"] % 2 == 0  # padded so TP 2 splits it
+    with pytest.raises(PresetError, match="--context-parallel-size 2: the CPU loop runs"):
+        _plan("cpu-sim", sets=["context-parallel-size=2", "expert-model-parallel-size=2"])
 
 
 def test_cpu_loop_honours_the_model_flags(tmp_path):

@@ -368,14 +368,11 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path, per_nod
 
     world = args.world_size
     refuse = []
-    for flag, size in (
-        ("--tensor-model-parallel-size", args.tensor_model_parallel_size),
-        ("--context-parallel-size", args.context_parallel_size),
-    ):
-        if size != 1:
-            refuse.append(
-                f"{flag} {size}: the CPU loop runs expert and pipeline parallelism only, use 1"
-            )
+    if args.context_parallel_size != 1:
+        refuse.append(
+            f"--context-parallel-size {args.context_parallel_size}: the CPU loop runs expert, "
+            "pipeline and tensor parallelism, not context parallelism: use 1"
+        )
     if args.bf16 or args.fp16:
         refuse.append("--bf16/--fp16: the CPU loop trains in float32, drop it")
     nodes = world // devices_per_node
@@ -387,7 +384,7 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path, per_nod
         )
     if args.vocab_size != VOCAB_SIZE:
         refuse.append(f"--vocab-size {args.vocab_size}: the corpus has byte tokens, use 257")
-    dp = world // args.pipeline_model_parallel_size
+    dp = world // (args.pipeline_model_parallel_size * args.tensor_model_parallel_size)
     if args.global_batch_size % (args.micro_batch_size * dp):
         refuse.append(
             f"--global-batch-size {args.global_batch_size}: not a multiple of micro batch "
@@ -472,6 +469,7 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path, per_nod
         devices_per_node=devices_per_node,
         ep=args.expert_model_parallel_size,
         etp=args.expert_tensor_parallel_size,
+        tp=args.tensor_model_parallel_size,
         pp=args.pipeline_model_parallel_size,
         vp=args.virtual_pipeline_model_parallel_size,
     )
