@@ -66,10 +66,10 @@ OPTIMIZER = OptimizerSettings(
 def _settings(corpus, router_type: str, **kw) -> TrainSettings:
     """4 layers (one per chunk at PP 2 x VP 2), tied embeddings (their two copies sit on the
     first and last stage), a global batch of 16 = 1 micro-batch x DP 8 at PP 1 = 2 x DP 4."""
-    kw.setdefault("steps", 3)
-    return TrainSettings(
+    settings = dict(
         data_prefix=corpus,
         locmoe=LocMoEConfig(router_type=router_type, dispatcher="hierarchical"),
+        steps=3,
         num_layers=4,
         hidden_size=32,
         seq_length=32,
@@ -79,8 +79,8 @@ def _settings(corpus, router_type: str, **kw) -> TrainSettings:
         transformer_overrides=dict(moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0),
         gpt_model_options=dict(share_embeddings_and_output_weights=True),
         optimizer=OPTIMIZER,
-        **kw,
     )
+    return TrainSettings(**{**settings, **kw})
 
 
 def _run(cluster, settings, layout) -> list[dict]:

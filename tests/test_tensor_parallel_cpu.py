@@ -12,11 +12,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from megatron_locmoe.config import LocMoEConfig
 from megatron_locmoe.sim import data
 from megatron_locmoe.sim.cluster import ParallelLayout
 from megatron_locmoe.sim.trainer import TrainSettings, train_job
 from tests.test_pipeline_cpu import OPTIMIZER  # clipping that bites: the norm must dedupe TP
+from tests.test_pipeline_cpu import _settings as pipeline_settings
 
 JOB_TIMEOUT_S = 240
 
@@ -33,21 +33,8 @@ def corpus(tmp_path_factory):
 
 def _settings(corpus, **kw) -> TrainSettings:
     """2 layers, a global batch of 16 = 1 micro-batch x DP 8 at TP 1 = 2 x DP 4 at TP 2."""
-    kw.setdefault("steps", 3)
-    return TrainSettings(
-        data_prefix=corpus,
-        locmoe=LocMoEConfig(router_type="megatron", dispatcher="hierarchical"),
-        num_layers=2,
-        hidden_size=32,
-        seq_length=32,
-        micro_batch_size=2,
-        global_batch_size=16,
-        num_experts=8,
-        transformer_overrides=dict(moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0),
-        gpt_model_options=dict(vocab_size=data.VOCAB_SIZE + 1),  # 258: a multiple of TP 2
-        optimizer=OPTIMIZER,
-        **kw,
-    )
+    options = dict(vocab_size=data.VOCAB_SIZE + 1)  # 258: a multiple of TP 2
+    return pipeline_settings(corpus, "megatron", num_layers=2, gpt_model_options=options, **kw)
 
 
 @pytest.fixture(scope="module")

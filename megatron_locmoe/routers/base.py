@@ -30,11 +30,7 @@ def drop_to_capacity(
     if capacity >= T:
         return probs_TE, routing_map_TE, routing_map_TE.new_zeros((), dtype=torch.long)
     priority_TE = probs_TE if priority_TE is None else priority_TE
-    masked = priority_TE.masked_fill(~routing_map_TE, -torch.inf)  # unrouted never beat routed
-    top_idx_CE = masked.topk(capacity, dim=0, sorted=False).indices
-    keep_TE = torch.zeros_like(routing_map_TE).scatter(0, top_idx_CE, True) & routing_map_TE
-    dropped = routing_map_TE.sum() - keep_TE.sum()
-    return probs_TE * keep_TE, keep_TE, dropped
+    return fused.drop_by_rank(probs_TE, routing_map_TE, priority_TE, capacity)
 
 
 class PluginRouterMixin:

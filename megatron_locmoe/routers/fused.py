@@ -209,9 +209,9 @@ def route_with_losses(
 
 
 def drop_by_rank(probs_TE, routing_map_TE, priority_TE, capacity):
-    """``base.drop_to_capacity`` with the capacity a 0-d tensor: each expert's tokens ranked by
-    ``priority`` (a stable sort per column), the first ``capacity`` kept. No top-k with a
-    data-dependent k, so one compiled graph serves every capacity the schedule picks.
+    """Each expert's tokens ranked by ``priority`` (a stable sort per column), the first
+    ``capacity`` kept (an int, or a 0-d tensor: no top-k with a data-dependent k, so one
+    compiled graph serves every capacity the schedule picks).
     Returns (probs, routing_map, dropped)."""
     T = routing_map_TE.shape[0]
     masked_TE = priority_TE.masked_fill(~routing_map_TE, -torch.inf)
