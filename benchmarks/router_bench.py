@@ -104,6 +104,7 @@ def build_router(name: str, H: int, E: int, k: int, device):
             capacity_reestimate_interval=100,  # both re-estimate, as LocMoE+ does by default
         )
         router = router_builder(lm)(config=config, pg_collection=pg)
+        router.use_kernels = not name.endswith("compiled")
         remote = torch.arange(E) >= E // 2  # two simulated nodes: see the module docstring
         router.expert_is_local.copy_(~remote)
         router.locality_on = True
@@ -133,10 +134,16 @@ def build_router(name: str, H: int, E: int, k: int, device):
     return router.to(device), config
 
 
-CAPACITY_ROUTERS = ("locmoe_bound", "locmoe_plus", "locmoe_plus_reference")
+CAPACITY_ROUTERS = (
+    "locmoe_bound",
+    "locmoe_bound_compiled",
+    "locmoe_plus",
+    "locmoe_plus_compiled",
+    "locmoe_plus_reference",
+)
 """Capacity factor 1.1 (LocMoE+'s baseline) as the ceiling, re-estimated every 100 calls: LocMoE's
-bound on its fused path (compiled graphs: the Triton kernels have no capacity), LocMoE+ on its
-fused path and on its reference path (the agreement check's baseline)."""
+bound and LocMoE+ on their fused paths (the Triton kernels with the drop; ``_compiled``: the
+compiled graphs instead), LocMoE+ on its reference path (the agreement check's baseline)."""
 
 ROUTERS = [
     "megatron_aux",
@@ -146,7 +153,9 @@ ROUTERS = [
     "locmoe_compiled",
     "locmoe_fused",
     "locmoe_bound",
+    "locmoe_bound_compiled",
     "locmoe_plus",
+    "locmoe_plus_compiled",
     "locmoe_plus_reference",
     "switch",
     "hash",
@@ -272,6 +281,8 @@ def bench_shape(T, H, E, k, device, args) -> dict:
             ("locmoe", "locmoe_compiled"),
             ("locmoe", "locmoe_fused"),
             ("locmoe_plus_reference", "locmoe_plus"),
+            ("locmoe_plus_reference", "locmoe_plus_compiled"),
+            ("locmoe_bound_compiled", "locmoe_bound"),
         )
         if reference in outputs and name in outputs
     }

@@ -78,9 +78,12 @@ def _fused_path(locmoe: LocMoEConfig, tc) -> str:
         return "one compiled graph (LOCMOE_TRITON_ROUTER=0)"
     if locmoe.node_target_share:
         return "the reference path (the node-target bias has no fused path)"
-    settled = dataclasses.replace(locmoe, capacity_mode=_capacity(locmoe, tc)[0])
+    capacity_mode = _capacity(locmoe, tc)[0]
+    settled = dataclasses.replace(locmoe, capacity_mode=capacity_mode)
     if not kernels.gate_applies(settled, tc.num_moe_experts):
-        return "compiled graphs (the Triton kernels cover the fixed gate without capacity bound)"
+        return "compiled graphs (the Triton kernels cover the fixed gate without a threshold)"
+    if capacity_mode == "bound":
+        return "the Triton kernels with the capacity drop (compiled graphs on re-estimate steps)"
     return "the Triton kernels"
 
 

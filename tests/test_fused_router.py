@@ -1,9 +1,10 @@
 """The fused LocMoE routing path equals the reference path through Megatron's helpers: probs,
 routing map, aux and locality losses, capacity drops, the input gradient and the learnable
 gate's gradients, on 2 ranks (2 simulated nodes, EP=2; one case with TP=2 and sequence
-parallelism) for top-1 to top-4, fixed and learnable GrAP, fp32 and bf16 tokens. Fixed-gate
-cases take the Triton kernels (in Triton's interpreter here), the others the eager form of the
-compiled graphs; benchmarks/router_bench.py compares both on the GPU. With
+parallelism) for top-1 to top-4, fixed and learnable GrAP, fp32 and bf16 tokens, LocMoE's
+capacity bound and LocMoE+. Fixed-gate cases take the Triton kernels (in Triton's interpreter
+here; with a capacity on the call that does not re-estimate it), the others the eager form of
+the compiled graphs; benchmarks/router_bench.py compares both on the GPU. With
 LOCMOE_TEST_DEVICE=cuda the same cases run on two GPUs over NCCL (kernels and compiled graphs
 for real)."""
 
@@ -32,7 +33,7 @@ CASES = {
     # tensor + sequence parallel: the aux loss's token counts are summed over the TP group
     # (a functional all-reduce in the fused graph); per-token loss scaling on top
     "top2_tp2_per_token": dict(topk=2, locmoe=dict(), tp=2, calculate_per_token_loss=True),
-    # LocMoE+: affinity routing, drops by affinity at the adaptive capacity (compiled graphs)
+    # LocMoE+: affinity routing, drops by affinity at the adaptive capacity (the floor binds)
     "plus_top1": dict(
         topk=1,
         router="locmoe_plus",
@@ -51,8 +52,17 @@ CASES = {
         ),
         moe_expert_capacity_factor=1.5,
     ),
+    # the drop after the token counts' all-reduce over TP (the kernels' second finalize)
+    "plus_top1_tp2": dict(
+        topk=1,
+        router="locmoe_plus",
+        locmoe=dict(capacity_floor_factor=0.25),
+        moe_expert_capacity_factor=1.1,
+        tp=2,
+    ),
 }
-LAYOUTS = {"top2_tp2_per_token": ParallelLayout(devices_per_node=1, ep=2, tp=2, etp=1)}
+TP2 = ParallelLayout(devices_per_node=1, ep=2, tp=2, etp=1)
+LAYOUTS = {"top2_tp2_per_token": TP2, "plus_top1_tp2": TP2}
 
 
 def fused_vs_reference_job(ctx, case: str):
@@ -93,6 +103,7 @@ def fused_vs_reference_job(ctx, case: str):
             x = x.to(ctx.device, dtype).requires_grad_(True)
             get_moe_metrics_tracker().clear()
             router.zero_grad()
+            reestimate = router.locmoe.capacity_mode == "bound" and router._capacity_due()
             probs, routing_map = router(x)
             weights = torch.linspace(0, 1, probs.numel(), device=probs.device).view_as(probs)
             (probs * weights).sum().backward()
@@ -104,12 +115,15 @@ def fused_vs_reference_job(ctx, case: str):
                     x_grad=x.grad.float(),
                     grads={n: p.grad.clone() for n, p in router.named_parameters()},
                     metrics={n: float(m.values[0]) for n, m in tracked.items()},
-                    took_kernels=fused and router._kernels_apply(x.device),
+                    took_kernels=fused and router._kernels_apply(x.device) and not reestimate,
+                    dropped=router.locmoe.capacity_mode == "bound"
+                    and bool(tracked["tokens_dropped"].values[0] > 0),
                 )
             )
     return [
         dict(
             took_kernels=fus["took_kernels"],
+            dropped=(ref["dropped"], fus["dropped"]),
             map_equal=torch.equal(ref["map"], fus["map"]),
             probs_diff=float((ref["probs"] - fus["probs"]).abs().max()),
             x_grad_diff=float((ref["x_grad"] - fus["x_grad"]).abs().max()),
@@ -133,13 +147,16 @@ def test_fused_router_equals_reference(cluster2, case):
     # the paper's fixed gate must take the Triton kernels (the interpreter on the CPU), not fall
     # back silently to the graph; only LOCMOE_TRITON_ROUTER=0 turns them off
     lm = CASES[case]["locmoe"]
-    fixed_gate = (
-        lm.get("grap_mode", "fixed") == "fixed"
-        and lm.get("capacity_mode") != "bound"
-        and CASES[case].get("router", "locmoe") == "locmoe"
-    )
+    fixed_gate = lm.get("grap_mode", "fixed") == "fixed" and not lm.get("plus_affinity_threshold")
+    # with a capacity, the first call re-estimates it (compiled graphs), the second drops in
+    # the kernels
+    bounded = lm.get("capacity_mode") == "bound" or CASES[case].get("router") == "locmoe_plus"
+    for rank in results:
+        for call, r in enumerate(rank):
+            kernel_call = fixed_gate and not kernels.DISABLED and (call == 1 or not bounded)
+            assert r["took_kernels"] == kernel_call, (call, r["took_kernels"])
+            assert r["dropped"][0] == r["dropped"][1] == bounded, "a capacity case must drop"
     for r in (call for rank in results for call in rank):
-        assert r["took_kernels"] == (fixed_gate and not kernels.DISABLED)
         assert r["map_equal"]
         assert r["probs_diff"] < 1e-6
         # bf16 tokens: the fused paths compute dx in fp32 in another order, then round it to

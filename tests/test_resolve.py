@@ -134,7 +134,7 @@ def test_summary_names_every_choice_and_why():
         "capacity: LocMoE's lower bound",
         "dispatcher: hierarchical  [auto: expert parallelism spans 2 nodes",
         "node_map: 2 nodes x 2 EP ranks (EP 4, 4 experts per node)",
-        "fused_router: on  [auto: CUDA: compiled graphs (the Triton kernels cover",
+        "fused_router: on  [auto: CUDA: the Triton kernels with the capacity drop",
         "expert_impl: GroupedSequentialMLP (torch._grouped_mm)",
     ):
         assert line in text, (line, text)

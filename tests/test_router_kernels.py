@@ -1,7 +1,9 @@
-"""The router's Triton kernels (forward, finalize, backward) equal the graph they replace,
-``fused.route_with_losses``: probs, routing map, attached and aux losses, the metric vector and
-the input gradient, over shapes with non-power-of-two chunks and expert counts, top-1 to top-4,
-fp32 and bf16 tokens, eval mode, locality off, per-token loss scaling and partial gradients.
+"""The router's Triton kernels (forward, drop, finalize, backward) equal the graphs they
+replace, ``fused.route_with_losses`` (dropless) and ``fused.capacity_route_with_losses`` (a
+capacity, LocMoE's W x gate or LocMoE+'s affinity): probs, routing map, attached and aux
+losses, the metric vector, the metrics added to the tracker and the input gradient, over shapes
+with non-power-of-two chunks and expert counts, top-1 to top-4, fp32 and bf16 tokens, eval
+mode, locality off, per-token loss scaling, partial gradients, and drops with exact ties.
 
 On the CPU they run in Triton's interpreter (conftest turns it on); with
 LOCMOE_TEST_DEVICE=cuda on the GPU. Router-level equality on 2 ranks (with TP) is in
@@ -16,7 +18,7 @@ import pytest
 import torch
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-from megatron_locmoe.metrics import CAPACITY_EC_MIN, ROUTER_METRICS
+from megatron_locmoe.metrics import CAPACITY_EC_MIN, ROUTER_METRICS, TOKENS_DROPPED
 from megatron_locmoe.routers import fused, kernels
 
 DEVICE = torch.device("cuda" if os.environ.get("LOCMOE_TEST_DEVICE") == "cuda" else "cpu")
@@ -46,6 +48,20 @@ CASES = {
     # tokens 4 bytes off 16-byte alignment, after top2_fp32 compiled the aligned variant at
     # the same shape: FastLaunch must not reuse it (on the GPU)
     "misaligned_tokens": (37, 64, 8, 2, torch.float32, dict(misaligned=True)),
+    # a capacity: LocMoE's bound (drop by probability), LocMoE+ (affinity gate, drop by it)
+    "bound_top1": (64, 64, 8, 1, torch.float32, dict(capacity=5)),
+    "bound_top2_bf16": (37, 112, 8, 2, torch.bfloat16, dict(capacity=6)),
+    "plus_top1": (64, 64, 8, 1, torch.float32, dict(capacity=5, affinity=True)),
+    "plus_top1_bf16": (64, 64, 8, 1, torch.bfloat16, dict(capacity=4, affinity=True)),
+    "plus_six_experts_top2": (29, 96, 6, 2, torch.float32, dict(capacity=4, affinity=True)),
+    # every token twice: exact ties, the lower token index kept (a stable sort's order)
+    "plus_ties": (40, 64, 8, 1, torch.float32, dict(capacity=3, affinity=True, twins=True)),
+    "bound_ties_top2": (40, 64, 8, 2, torch.float32, dict(capacity=5, twins=True)),
+    "plus_capacity_1": (33, 64, 8, 1, torch.float32, dict(capacity=1, affinity=True)),
+    "plus_no_drop": (17, 64, 8, 1, torch.float32, dict(capacity=17, affinity=True)),
+    "plus_eval": (33, 64, 8, 1, torch.float32, dict(capacity=3, affinity=True, with_losses=False)),
+    # > 1 drop strip (512 tokens), ties across strips
+    "plus_two_strips": (700, 32, 4, 1, torch.float32, dict(capacity=150, affinity=True, twins=True)),
 }
 
 
@@ -67,8 +83,13 @@ def test_kernels_equal_compiled_graph(case):
     loss_scale = extra.pop("loss_scale", 1.0)
     with_probs_grad = extra.pop("probs_grad", True)
     loss_grad = 1.7 if extra.pop("loss_grad", True) else 0.0
+    capacity = extra.pop("capacity", None)
+    affinity = extra.pop("affinity", False)
     gen = torch.Generator().manual_seed(sum(map(ord, case)))
-    x = (torch.randn(T, H, generator=gen) * 2).to(dtype).to(DEVICE)
+    x = torch.randn(T, H, generator=gen) * 2
+    if extra.pop("twins", False):
+        x[1::2] = x[0::2][: T // 2]
+    x = x.to(dtype).to(DEVICE)
     g_TE = torch.randn(T, E, generator=gen).to(DEVICE)
     if extra.pop("misaligned", False):
         buffer = torch.empty(T * H + 1, dtype=dtype, device=DEVICE)
@@ -91,18 +112,31 @@ def test_kernels_equal_compiled_graph(case):
         locality_eps=0.05,
     )
 
+    expert_choice = capacity is not None and capacity < T
+
     def reference(xr):
-        probs, routing_map, _, attached, aux, vector = fused.route_with_losses(
-            xr, weight, log_t, None, local, delta, ec_min, spec, None, with_losses
-        )
+        if capacity is None:
+            probs, routing_map, _, attached, aux, vector = fused.route_with_losses(
+                xr, weight, log_t, None, local, delta, ec_min, spec, None, with_losses
+            )
+        else:
+            probs, routing_map, attached, aux, vector = fused.capacity_route_with_losses(
+                xr, weight, log_t, None, local, delta, ec_min, torch.tensor(capacity), spec,
+                None, with_losses, affinity, 0.0, expert_choice,
+            )  # fmt: skip
         return probs, routing_map, attached * loss_scale, aux, vector
 
     ticket = torch.zeros((), dtype=torch.int32, device=DEVICE)  # a router's, reused
+    # the tracker's [metrics, layers] block and Megatron's load_balancing_loss, layer column 1
+    block = torch.zeros(len(ROUTER_METRICS), 2, device=DEVICE)
+    lb_values = torch.zeros(2, device=DEVICE) if with_losses else None
+    slots = kernels.TrackerSlots(block, lb_values, 1)
+    drop = None if capacity is None else kernels.Capacity(capacity, expert_choice)
 
     def kernel(xr):
         probs, routing_map, ws = kernels.route(
             xr, weight, log_t, local, delta, ec_min, spec, None, with_losses, loss_scale,
-            ticket=ticket,
+            slots, ticket, affinity, drop,
         )  # fmt: skip
         assert int(ticket) == 0, "the finishing program must reset the ticket"
         return (probs, routing_map, *kernels.summary(ws))
@@ -121,6 +155,16 @@ def test_kernels_equal_compiled_graph(case):
     assert torch.allclose(got[4], ref[4], rtol=1e-5, atol=1e-7), (got[4], ref[4])
     slot = ROUTER_METRICS.index(CAPACITY_EC_MIN)
     assert got[4][slot] == ref[4][slot] == float("inf")
+    # what the finalize added to the tracker: the metric vector in column 1, nothing in 0
+    ec_row = torch.arange(len(ROUTER_METRICS), device=DEVICE) == slot
+    assert torch.allclose(block[~ec_row, 1], ref[4][~ec_row], rtol=1e-5, atol=1e-7)
+    assert block[slot, 1] == float("inf") and not block[:, 0].any()
+    if with_losses:  # the aux loss over alpha, as the router's _record_aux_loss writes it
+        assert float(lb_values[1]) == pytest.approx(ref[3] / spec.aux_coeff, rel=1e-5)
+        assert float(lb_values[0]) == 0.0
+    if capacity is not None:
+        dropped = ref[4][ROUTER_METRICS.index(TOKENS_DROPPED)]
+        assert (capacity < T * k / E) == bool(dropped > 0), "the case must drop iff it can"
     scale = ref[5].abs().max()
     assert float(scale) > 0  # the gradient was exercised
     tol = 1e-5 if dtype == torch.float32 else 2**-7  # bf16: dx rounds to one ulp either way

@@ -1,5 +1,5 @@
-"""Triton kernels for the LocMoE router with the paper's fixed GrAP gate: one launch forward
-(two with tensor/context parallelism), one backward.
+"""Triton kernels for the LocMoE and LocMoE+ routers with the paper's fixed GrAP gate: one
+launch forward dropless (two with tensor/context parallelism, two with a capacity), one backward.
 
 Why hand-written: at training shapes the router's arithmetic is tens of microseconds of memory
 traffic (read the tokens once, write their gradient once), while Megatron's TopKRouter and the
@@ -8,11 +8,18 @@ torch.compile'd graph (``fused.route_with_losses``) spends most of its time in i
 launching them (docs/performance.md has the numbers). Here:
 
 - ``_route_fwd``: per program, a strip of tokens (~4 strips per SM): GrAP (block means of the
-  bf16 tokens, fp32 accumulation), softmax, top-k by repeated arg-max (lowest index on ties),
-  then probs / routing map / scores and the strip's per-expert sums (softmax mass, routed
-  count, routed with prob > 0) into its own row of the workspace; the last program to finish
-  (an atomic ticket; the sums themselves use no atomics, so results are deterministic) then
-  runs the finalize;
+  bf16 tokens, fp32 accumulation; with ``AFFINITY``, LocMoE+'s cosine: the token's norm in
+  the same pass), softmax, top-k by repeated arg-max (lowest index on ties), then probs /
+  routing map / scores and the strip's per-expert sums (softmax mass, routed count, routed
+  with prob > 0) into its own row of the workspace; the last program to finish (an atomic
+  ticket; the sums themselves use no atomics, so results are deterministic) then runs the
+  finalize, or only sums the rows when a capacity or a token-count all-reduce comes first;
+- ``_drop`` (with a capacity; one program per expert): the capacity-th highest priority of
+  the expert's routed tokens by a radix select over the priorities' order-preserving 32-bit
+  keys (eight 4-bit passes over the expert's [T] row), then one pass in token order that
+  keeps the tokens above it and the first of the ties (lowest index, as a stable sort), zeroes
+  the dropped entries of probs and map and counts what was kept and dropped; its last
+  program runs the finalize;
 - ``_finalize`` (that one program): sums the rows in program order, then Megatron's
   Switch-form aux loss, the locality KL, the attached loss, the per-expert coefficient
   d(attached loss)/d(score) for the backward (the same for every token), and the router
@@ -20,18 +27,21 @@ launching them (docs/performance.md has the numbers). Here:
   Megatron's ``load_balancing_loss`` entry), as ``metrics.record_vector`` / Megatron's
   ``record`` would; with TP/CP it is launched again on its own after the token counts'
   all-reduce;
-- ``_route_bwd``: dscore = g_probs on the map + g_loss * coef, softmax backward, and dx written
-  once as (dlogit * temperature) times the gate's block row. g_loss is Megatron's
+- ``_route_bwd``: dscore = g_probs on the (kept) map + g_loss * coef, softmax backward, and dx
+  written once as (dlogit * temperature) times the gate's block row (with ``AFFINITY``, the
+  cosine's gradient: minus its projection on the token). g_loss is Megatron's
   ``MoEAuxLossAutoScaler.main_loss_backward_scale``, what the scaler would give the attached
   loss, so no scaler node is needed.
 
 The kernels are launched through ``launch.FastLaunch`` (Triton's per-call binding would cost
 about as much host time as the card spends at 8K tokens).
 
-Only the paper's setting takes this path (fixed block weights, no bias or learnable
-temperature, no capacity bound, no padding mask, E <= MAX_EXPERTS); ``LocMoERouter`` sends
-everything else to the compiled or reference path. ``tests/test_router_kernels.py`` runs the
+Only the paper's gate takes this path (fixed block weights, no bias or learnable
+temperature, no LocMoE+ threshold, no padding mask, E <= MAX_EXPERTS); ``LocMoERouter`` sends
+everything else, and the steps that re-estimate the capacity, to the compiled or reference
+path. ``tests/test_router_kernels.py`` runs the
 kernels in Triton's interpreter on the CPU (or on the GPU) against ``fused.route_with_losses``;
+test_fused_router.py compares the routers on them with the reference path,
 tests/test_training_cpu.py trains with them; benchmarks/router_bench.py times and checks them
 on the GPU, benchmarks/router_kernel_tiles.py re-tunes their tiles.
 """
@@ -73,12 +83,13 @@ DISABLED = os.environ.get("LOCMOE_TRITON_ROUTER", "1") == "0"
 
 def gate_applies(locmoe, num_experts: int) -> bool:
     """Whether the kernels cover these (resolved) settings: the paper's gate (fixed block
-    weights, no bias, a fixed temperature), no capacity bound, at most MAX_EXPERTS experts."""
+    weights, no bias, a fixed temperature), LocMoE+'s plain top-k (no threshold), at most
+    MAX_EXPERTS experts."""
     return (
         locmoe.grap_mode != "learnable"
         and not locmoe.grap_bias
         and not locmoe.grap_learnable_temperature
-        and locmoe.capacity_mode != "bound"
+        and not locmoe.plus_affinity_threshold
         and num_experts <= MAX_EXPERTS
     )
 
@@ -114,19 +125,35 @@ if HAVE_TRITON:
     @triton.jit
     def _route_fwd(
         x_ptr, w_ptr, logt_ptr, probs_ptr, map_ptr, scores_ptr, ws_ptr, ticket_ptr,
+        aff_ptr, inv_norm_ptr, prio_ptr,
         T, tokens_per_program, num_parts, local_ptr, delta_ptr, ecmin_ptr, block_ptr, lb_ptr,
         aux_factor, locality_coeff, locality_eps, loss_scale, column, block_stride, lb_scale,
         H: tl.constexpr, E: tl.constexpr, C: tl.constexpr, K: tl.constexpr,
         BT: tl.constexpr, BE: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr,
-        RECORD: tl.constexpr, RECORD_LB: tl.constexpr,
+        RECORD: tl.constexpr, RECORD_LB: tl.constexpr, FINALIZE: tl.constexpr,
+        AFFINITY: tl.constexpr, PRIORITY: tl.constexpr,
     ):  # fmt: skip
         """The program that finishes last (a ticket counter, zero on entry and reset by that
-        program) runs the finalize itself: one launch for the whole forward."""
+        program) runs the finalize itself (FINALIZE), else only sums the rows into the
+        statistics: one launch for the whole dropless forward. AFFINITY: the gate is
+        cos(x, w) (LocMoE+), saved with 1/|x| for the backward. PRIORITY: the drop's
+        priorities (the affinity, else the probability) are written [E, T], -inf off the map."""
         pid = tl.program_id(0)
         e = tl.arange(0, BE)
         emask = e < E
         c = tl.arange(0, BC)
         temperature = tl.exp(tl.load(logt_ptr).to(tl.float32))
+        if AFFINITY:  # |w_i| of the block rows
+            wsq = tl.zeros((BE,), tl.float32)
+            for c0 in tl.static_range(0, C, BC):
+                cc = c0 + c
+                wv = tl.load(
+                    w_ptr + e[:, None] * C + cc[None, :],
+                    mask=emask[:, None] & (cc < C)[None, :],
+                    other=0.0,
+                )
+                wsq += tl.sum(wv * wv, axis=1)
+            w_norm = tl.where(emask, tl.sqrt(wsq), 1.0)  # padded lanes: no 0 / 0
         mass = tl.zeros((BE,), tl.float32)
         routed = tl.zeros((BE,), tl.float32)
         real = tl.zeros((BE,), tl.float32)
@@ -136,6 +163,7 @@ if HAVE_TRITON:
             tmask = (t < T) & (t < start + tokens_per_program)
             row = t.to(tl.int64) * H
             raw = tl.zeros((BT, BE), tl.float32)
+            xsq = tl.zeros((BT,), tl.float32)
             for c0 in tl.static_range(0, C, BC):
                 cc = c0 + c
                 cmask = cc < C
@@ -148,7 +176,17 @@ if HAVE_TRITON:
                     other=0.0,
                 )
                 raw += tl.sum(xv * wv[None, :, :], axis=2)
-            logits = tl.where(emask[None, :], raw * temperature, -float("inf"))
+                if AFFINITY:
+                    xsq += tl.sum(tl.sum(xv * xv, axis=2), axis=1)
+            out = t.to(tl.int64)[:, None] * E + e[None, :]
+            m2 = tmask[:, None] & emask[None, :]
+            gate = raw
+            if AFFINITY:  # cos(x_t, w_i) = x.w / (max(|x|, 1e-30) |w|), as fused.grap_affinity
+                inv_norm = 1.0 / tl.maximum(tl.sqrt(xsq), 1e-30)
+                gate = raw * inv_norm[:, None] / w_norm[None, :]
+                tl.store(aff_ptr + out, gate, mask=m2)
+                tl.store(inv_norm_ptr + t, inv_norm, mask=tmask)
+            logits = tl.where(emask[None, :], gate * temperature, -float("inf"))
             ex = tl.exp(logits - tl.max(logits, axis=1)[:, None])
             scores = ex / tl.sum(ex, axis=1)[:, None]
             # top-k: K rounds of arg-max (lowest index on ties), each pick masked out
@@ -159,11 +197,13 @@ if HAVE_TRITON:
                 hit = e[None, :] == idx[:, None]
                 chosen = chosen | hit
                 avail = tl.where(hit, -2.0, avail)
-            out = t.to(tl.int64)[:, None] * E + e[None, :]
-            m2 = tmask[:, None] & emask[None, :]
             tl.store(scores_ptr + out, scores, mask=m2)
             tl.store(probs_ptr + out, tl.where(chosen, scores, 0.0), mask=m2)
             tl.store(map_ptr + out, chosen, mask=m2)
+            if PRIORITY:
+                priority = gate if AFFINITY else scores
+                by_expert = e.to(tl.int64)[None, :] * T + t[:, None]
+                tl.store(prio_ptr + by_expert, tl.where(chosen, priority, -float("inf")), mask=m2)
             valid = tmask[:, None]
             mass += tl.sum(tl.where(valid, scores, 0.0), axis=0)
             routed += tl.sum(tl.where(valid & chosen, 1.0, 0.0), axis=0)
@@ -177,54 +217,150 @@ if HAVE_TRITON:
         tl.debug_barrier()
         ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
         if ticket == num_parts - 1:
+            if FINALIZE:
+                _finalize(
+                    ws_ptr, local_ptr, delta_ptr, ecmin_ptr, block_ptr, lb_ptr,
+                    num_parts, T, aux_factor, locality_coeff, locality_eps, loss_scale,
+                    column, block_stride, lb_scale, 0.0, 0.0,
+                    E, BE, BP, False, False, RECORD, RECORD_LB,
+                )  # fmt: skip
+            else:
+                _sum_partials(ws_ptr, num_parts, E, BE, BP)
+            tl.store(ticket_ptr, 0)  # ready for the next launch
+
+    @triton.jit
+    def _sum_partials(ws_ptr, num_parts, E: tl.constexpr, BE: tl.constexpr, BP: tl.constexpr):
+        """The programs' statistics rows summed in program order into the statistics;
+        returns (softmax mass, routed count, routed with prob > 0), [BE] each."""
+        stats_ptr = ws_ptr + num_parts * (3 * E)
+        e = tl.arange(0, BE)
+        emask = e < E
+        mass = tl.zeros((BE,), tl.float32)
+        routed = tl.zeros((BE,), tl.float32)
+        real = tl.zeros((BE,), tl.float32)
+        p = tl.arange(0, BP)
+        for p0 in range(0, num_parts, BP):
+            rows = p0 + p
+            m2 = (rows < num_parts)[:, None] & emask[None, :]
+            offs = rows[:, None] * (3 * E) + e[None, :]
+            # .cg: L2, not L1 (rows written by other programs of the same launch)
+            mass += tl.sum(_load_cg(ws_ptr + offs, m2), axis=0)
+            routed += tl.sum(_load_cg(ws_ptr + offs + E, m2), axis=0)
+            real += tl.sum(_load_cg(ws_ptr + offs + 2 * E, m2), axis=0)
+        tl.store(stats_ptr + e, mass, mask=emask)
+        tl.store(stats_ptr + E + e, routed, mask=emask)
+        tl.store(stats_ptr + 2 * E + e, real, mask=emask)
+        return mass, routed, real
+
+    @triton.jit
+    def _order_key(v):
+        """fp32 -> int64 in [0, 2^32) with the floats' order (-0.0 counted as +0.0)."""
+        bits = (v + 0.0).to(tl.int32, bitcast=True).to(tl.int64)
+        return tl.where(bits >= 0, bits + 2147483648, -1 - bits)
+
+    @triton.jit
+    def _drop(
+        prio_ptr, probs_ptr, map_ptr, scores_ptr, ws_ptr, ticket_ptr, T, capacity, num_parts,
+        local_ptr, delta_ptr, ecmin_ptr, block_ptr, lb_ptr,
+        aux_factor, locality_coeff, locality_eps, loss_scale, column, block_stride, lb_scale,
+        capacity_value, expert_choice,
+        E: tl.constexpr, BE: tl.constexpr, BP: tl.constexpr, BT: tl.constexpr,
+        RECORD: tl.constexpr, RECORD_LB: tl.constexpr,
+    ):  # fmt: skip
+        """Program i keeps expert i's ``capacity`` tokens of highest priority (ties: lowest
+        token index), zeroes the rest's probs and map entries and writes the kept-with-prob>0
+        and dropped counts into the statistics; the last program finalizes."""
+        i = tl.program_id(0)
+        row_ptr = prio_ptr + i.to(tl.int64) * T
+        n = tl.zeros((), tl.int32)
+        for t0 in range(0, T, BT):
+            t = t0 + tl.arange(0, BT)
+            v = tl.load(row_ptr + t, mask=t < T, other=-float("inf"))
+            n += tl.sum((v > -float("inf")).to(tl.int32), axis=0)
+        # radix select: prefix = the key of the capacity-th highest priority, need = how
+        # many of the tokens with exactly that key are kept
+        prefix = tl.zeros((), tl.int64)
+        need = capacity + tl.zeros((), tl.int32)
+        d = tl.arange(0, 16)
+        if n > capacity:
+            for step in tl.static_range(8):  # 4-bit digits, highest first
+                shift = 28 - 4 * step
+                counts = tl.zeros((16,), tl.int32)
+                for t0 in range(0, T, BT):
+                    t = t0 + tl.arange(0, BT)
+                    v = tl.load(row_ptr + t, mask=t < T, other=-float("inf"))
+                    key = _order_key(v)
+                    match = (v > -float("inf")) & ((key >> (shift + 4)) == (prefix >> (shift + 4)))
+                    digit = (key >> shift) & 15
+                    hit = match[:, None] & (digit[:, None] == d[None, :])
+                    counts += tl.sum(hit.to(tl.int32), axis=0)
+                above = tl.sum(tl.where(d[None, :] > d[:, None], counts[None, :], 0), axis=1)
+                ok = (above < need) & (above + counts >= need)
+                pick = tl.max(tl.where(ok, d, -1), axis=0)
+                need -= tl.sum(tl.where(d == pick, above, 0), axis=0)
+                prefix = prefix | (pick.to(tl.int64) << shift)
+        keep_all = n <= capacity
+        ties = tl.zeros((), tl.int32)
+        kept = tl.zeros((), tl.int32)
+        real = tl.zeros((), tl.int32)
+        for t0 in range(0, T, BT):
+            t = t0 + tl.arange(0, BT)
+            v = tl.load(row_ptr + t, mask=t < T, other=-float("inf"))
+            routed = v > -float("inf")
+            key = _order_key(v)
+            tie = routed & (key == prefix)
+            tie_rank = ties + tl.cumsum(tie.to(tl.int32), axis=0)  # 1-based, in token order
+            keep = routed & (keep_all | (key > prefix) | (tie & (tie_rank <= need)))
+            ties += tl.sum(tie.to(tl.int32), axis=0)
+            at = t.to(tl.int64) * E + i
+            dropped = routed & ~keep
+            tl.store(probs_ptr + at, tl.zeros((BT,), tl.float32), mask=dropped)
+            tl.store(map_ptr + at, tl.zeros((BT,), tl.int1), mask=dropped)
+            s = tl.load(scores_ptr + at, mask=keep, other=0.0)
+            kept += tl.sum(keep.to(tl.int32), axis=0)
+            real += tl.sum((keep & (s > 0)).to(tl.int32), axis=0)
+        stats_ptr = ws_ptr + num_parts * (3 * E)
+        tl.store(stats_ptr + 2 * E + i, real.to(tl.float32))
+        tl.store(stats_ptr + 4 * E + i, (n - kept).to(tl.float32))  # after coef: the drops
+        tl.debug_barrier()
+        ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
+        if ticket == E - 1:
             _finalize(
                 ws_ptr, local_ptr, delta_ptr, ecmin_ptr, block_ptr, lb_ptr,
                 num_parts, T, aux_factor, locality_coeff, locality_eps, loss_scale,
-                column, block_stride, lb_scale,
-                E, BE, BP, False, RECORD, RECORD_LB,
+                column, block_stride, lb_scale, capacity_value, expert_choice,
+                E, BE, BP, True, True, RECORD, RECORD_LB,
             )  # fmt: skip
-            tl.store(ticket_ptr, 0)  # ready for the next launch
+            tl.store(ticket_ptr, 0)
 
     @triton.jit
     def _finalize(
         ws_ptr, local_ptr, delta_ptr, ecmin_ptr, block_ptr, lb_ptr,
         num_parts, T, aux_factor, locality_coeff, locality_eps, loss_scale,
-        column, block_stride, lb_scale,
+        column, block_stride, lb_scale, capacity_value, expert_choice,
         E: tl.constexpr, BE: tl.constexpr, BP: tl.constexpr, FROM_STATS: tl.constexpr,
-        RECORD: tl.constexpr, RECORD_LB: tl.constexpr,
+        CAPACITY: tl.constexpr, RECORD: tl.constexpr, RECORD_LB: tl.constexpr,
     ):  # fmt: skip
-        """Workspace [partials P x 3E | stats 3E | coef E | out 2 + metrics]: sums the partials into
-        stats, writes coef and out = [attached loss, aux loss, metrics]; with RECORD, adds
-        the metrics to column ``column`` of the tracker's [metrics, layers] block (and, RECORD_LB,
-        aux * lb_scale to Megatron's load_balancing_loss entry), as metrics.record_vector and
-        Megatron's router would. Called by ``_route_fwd``'s last program, and launched on its
-        own (one program) for the second pass with TP/CP."""
-        part_ptr = ws_ptr
+        """Workspace [partials P x 3E | stats 3E | coef E | drops E | out 2 + metrics]: sums the
+        partials into stats (unless FROM_STATS: summed already, token counts all-reduced or a
+        drop applied), writes coef and out = [attached loss, aux loss, metrics]; with RECORD,
+        adds the metrics to column ``column`` of the tracker's [metrics, layers] block (and,
+        RECORD_LB, aux * lb_scale to Megatron's load_balancing_loss entry), as
+        metrics.record_vector and Megatron's router would. CAPACITY: the drops, the capacity
+        and the expert-choice flag enter the metrics. Called by ``_route_fwd``'s or ``_drop``'s
+        last program, or launched on its own (one program) after the all-reduce with TP/CP."""
         stats_ptr = ws_ptr + num_parts * (3 * E)
         coef_ptr = stats_ptr + 3 * E
-        out_ptr = coef_ptr + E
+        drops_ptr = coef_ptr + E
+        out_ptr = drops_ptr + E
         e = tl.arange(0, BE)
         emask = e < E
-        if FROM_STATS:  # second launch: statistics already summed (token counts all-reduced)
+        if FROM_STATS:
             mass = tl.load(stats_ptr + e, mask=emask, other=0.0)
             routed = tl.load(stats_ptr + E + e, mask=emask, other=0.0)
             real = tl.load(stats_ptr + 2 * E + e, mask=emask, other=0.0)
         else:
-            mass = tl.zeros((BE,), tl.float32)
-            routed = tl.zeros((BE,), tl.float32)
-            real = tl.zeros((BE,), tl.float32)
-            p = tl.arange(0, BP)
-            for p0 in range(0, num_parts, BP):
-                rows = p0 + p
-                m2 = (rows < num_parts)[:, None] & emask[None, :]
-                offs = rows[:, None] * (3 * E) + e[None, :]
-                # .cg: L2, not L1 (rows written by other programs of the same launch)
-                mass += tl.sum(_load_cg(part_ptr + offs, m2), axis=0)
-                routed += tl.sum(_load_cg(part_ptr + offs + E, m2), axis=0)
-                real += tl.sum(_load_cg(part_ptr + offs + 2 * E, m2), axis=0)
-            tl.store(stats_ptr + e, mass, mask=emask)
-            tl.store(stats_ptr + E + e, routed, mask=emask)
-            tl.store(stats_ptr + 2 * E + e, real, mask=emask)
+            mass, routed, real = _sum_partials(ws_ptr, num_parts, E, BE, BP)
         # aux = alpha E / (k T_total^2) * sum_e (sum_t score) * count  (aux_factor has it all)
         aux = tl.sum(mass * routed, axis=0) * aux_factor
         # locality: KL(mean score || D_l), D_l = (1-eps)/L on the L local experts, eps/(E-L) off
@@ -250,16 +386,19 @@ if HAVE_TRITON:
         ec_min = tl.load(ecmin_ptr).to(tl.float32)  # inf when the bound exceeds any capacity
         tl.store(out_ptr + 0, attached)
         tl.store(out_ptr + 1, aux)
-        # the metrics, each in its ROUTER_METRICS slot; no drops and no capacity on this path
+        # the metrics, each in its ROUTER_METRICS slot
         metric_ptr = out_ptr + 2
         tl.store(metric_ptr + SLOT_LOCALITY, kl)
         tl.store(metric_ptr + SLOT_NODE_LOCAL, node_local)
         tl.store(metric_ptr + SLOT_LOAD_CV, cv)
-        tl.store(metric_ptr + SLOT_DROPPED, 0.0)
-        tl.store(metric_ptr + SLOT_CAPACITY, 0.0)
+        dropped = 0.0
+        if CAPACITY:
+            dropped = tl.sum(tl.load(drops_ptr + e, mask=emask, other=0.0), axis=0)
+        tl.store(metric_ptr + SLOT_DROPPED, dropped)
+        tl.store(metric_ptr + SLOT_CAPACITY, capacity_value)
         tl.store(metric_ptr + SLOT_DELTA, delta)
         tl.store(metric_ptr + SLOT_EC_MIN, ec_min)
-        tl.store(metric_ptr + SLOT_EXPERT_CHOICE, 0.0)
+        tl.store(metric_ptr + SLOT_EXPERT_CHOICE, expert_choice)
         if RECORD:  # the tracker's [metrics, layers] block, row = slot
             cell = block_ptr + column
             _accumulate(cell + SLOT_LOCALITY * block_stride, kl)
@@ -267,6 +406,10 @@ if HAVE_TRITON:
             _accumulate(cell + SLOT_LOAD_CV * block_stride, cv)
             _accumulate(cell + SLOT_DELTA * block_stride, delta)
             _accumulate(cell + SLOT_EC_MIN * block_stride, ec_min)
+            if CAPACITY:
+                _accumulate(cell + SLOT_DROPPED * block_stride, dropped)
+                _accumulate(cell + SLOT_CAPACITY * block_stride, capacity_value)
+                _accumulate(cell + SLOT_EXPERT_CHOICE * block_stride, expert_choice)
         if RECORD_LB:
             tl.store(lb_ptr + column, tl.load(lb_ptr + column) + aux * lb_scale)
 
@@ -281,10 +424,13 @@ if HAVE_TRITON:
     @triton.jit
     def _route_bwd(
         gprobs_ptr, gloss_ptr, scores_ptr, map_ptr, ws_ptr, coef_offset, w_ptr, logt_ptr, dx_ptr,
+        x_ptr, aff_ptr, inv_norm_ptr,
         T, H: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
         BT: tl.constexpr, BE: tl.constexpr, BC: tl.constexpr,
-        HAS_GPROBS: tl.constexpr, HAS_GLOSS: tl.constexpr,
+        HAS_GPROBS: tl.constexpr, HAS_GLOSS: tl.constexpr, AFFINITY: tl.constexpr,
     ):  # fmt: skip
+        """dx of the gate: dgate (block rows) for W x; for the cosine,
+        dgate_i w_i / (|x| |w_i|) - (sum_i dgate_i cos_i) x / |x|^2."""
         pid = tl.program_id(0)
         t = pid * BT + tl.arange(0, BT)
         tmask = t < T
@@ -301,9 +447,23 @@ if HAVE_TRITON:
             coef = tl.load(ws_ptr + coef_offset + e, mask=emask, other=0.0)
             dscore += tl.load(gloss_ptr).to(tl.float32) * coef[None, :]
         dlogit = scores * (dscore - tl.sum(dscore * scores, axis=1)[:, None])
-        draw = dlogit * tl.exp(tl.load(logt_ptr).to(tl.float32))
+        draw = dlogit * tl.exp(tl.load(logt_ptr).to(tl.float32))  # d(gate)
         row = t.to(tl.int64) * H
         c = tl.arange(0, BC)
+        if AFFINITY:
+            inv_norm = tl.load(inv_norm_ptr + t, mask=tmask, other=0.0)
+            cos = tl.load(aff_ptr + out, mask=m2, other=0.0)
+            along_x = tl.sum(draw * cos, axis=1) * inv_norm * inv_norm  # [BT]
+            wsq = tl.zeros((BE,), tl.float32)
+            for c0 in tl.static_range(0, C, BC):
+                cc = c0 + c
+                wv = tl.load(
+                    w_ptr + e[:, None] * C + cc[None, :],
+                    mask=emask[:, None] & (cc < C)[None, :],
+                    other=0.0,
+                )
+                wsq += tl.sum(wv * wv, axis=1)
+            draw = draw * inv_norm[:, None] / tl.where(emask, tl.sqrt(wsq), 1.0)[None, :]
         for c0 in tl.static_range(0, C, BC):
             cc = c0 + c
             cmask = cc < C
@@ -315,9 +475,13 @@ if HAVE_TRITON:
             offs = row[:, None, None] + (e[None, :, None] * C + cc[None, None, :])
             m3 = tmask[:, None, None] & emask[None, :, None] & cmask[None, None, :]
             dx = draw[:, :, None] * wv[None, :, :]
+            if AFFINITY:
+                xv = tl.load(x_ptr + offs, mask=m3, other=0.0).to(tl.float32)
+                dx -= along_x[:, None, None] * xv
             tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m3)
 
     _launch_fwd = FastLaunch(_route_fwd, INTERPRETED)
+    _launch_drop = FastLaunch(_drop, INTERPRETED)
     _launch_bwd = FastLaunch(_route_bwd, INTERPRETED)
     _launch_finalize = FastLaunch(_finalize, INTERPRETED)  # also a device function of _route_fwd
 
@@ -373,7 +537,12 @@ def forward_plan(T: int, E: int, C: int, num_sms: int) -> ForwardPlan:
     num_parts = max(1, math.ceil(T / per_program))
     coef_offset = (num_parts + 1) * NUM_STATS * E
     BP = max(1, min(64, 4096 // tiles.BE))
-    return ForwardPlan(tiles, per_program, num_parts, BP, coef_offset + E + SUMMARY, coef_offset)
+    ws_numel = coef_offset + 2 * E + SUMMARY  # coef, the drops, the summary
+    return ForwardPlan(tiles, per_program, num_parts, BP, ws_numel, coef_offset)
+
+
+DROP_TILES = Tiles(BT=512, BE=0, BC=0, num_warps=4)
+"""The drop's token strip per pass over an expert's priorities (BE, BC unused)."""
 
 
 @functools.cache
@@ -396,6 +565,15 @@ class TrackerSlots(NamedTuple):
     column: int
 
 
+class Capacity(NamedTuple):
+    """A capacity drop for the kernels: each expert keeps its ``value`` tokens of highest
+    priority (the affinity with LocMoE+'s gate, else the probability); ``expert_choice`` is
+    the metric's flag (the capacity binds below the ceiling)."""
+
+    value: int
+    expert_choice: bool
+
+
 class LocMoERouteFunction(torch.autograd.Function):
     """x [T, H] -> probs [T, E] fp32, routing_map [T, E] bool, and the workspace whose tail
     (``summary``) holds the attached loss, the aux loss and the metric vector.
@@ -410,7 +588,7 @@ class LocMoERouteFunction(torch.autograd.Function):
     def forward(
         ctx, x_TH, weight_EC, log_temperature, expert_is_local_E, delta, ec_min,
         topk, aux_factor, locality_coeff, locality_eps, loss_scale, tp_cp_group, slots,
-        lb_scale, ticket,
+        lb_scale, ticket, affinity, capacity,
     ):  # fmt: skip
         T, H = x_TH.shape
         E, C = weight_EC.shape
@@ -424,6 +602,10 @@ class LocMoERouteFunction(torch.autograd.Function):
         ws = torch.empty(plan.ws_numel, device=dev)
         if ticket is None:
             ticket = torch.zeros((), device=dev, dtype=torch.int32)
+        # LocMoE+'s cosine and 1/|x| (for the backward), the drop's priorities [E, T]
+        aff = torch.empty_like(probs) if affinity else ws
+        inv_norm = torch.empty(T, device=dev) if affinity else ws
+        prio = torch.empty(E, T, device=dev) if capacity is not None else ws
         reduce_counts = tp_cp_group is not None and aux_factor  # group given only if > 1 rank
         block = slots.block if slots is not None else ws
         lb = slots.lb_values if slots is not None and slots.lb_values is not None else ws
@@ -433,33 +615,47 @@ class LocMoERouteFunction(torch.autograd.Function):
                     loss_scale, slots.column if record else 0, block.stride(0), lb_scale)  # fmt: skip
         BP = plan.BP
         # the forward finalizes in its last program; with TP/CP the metrics and the loss wait
-        # for the token counts' all-reduce, then a one-program finalize launch
+        # for the token counts' all-reduce, with a capacity for the drop
+        finalize_here = not reduce_counts and capacity is None
         _launch_fwd(
             (num_parts,), x_TH, weight_EC, log_temperature, probs, routing_map, scores, ws,
-            ticket, T, plan.per_program, num_parts, expert_is_local_E, *finalize,
+            ticket, aff, inv_norm, prio, T, plan.per_program, num_parts, expert_is_local_E,
+            *finalize,
             H=H, E=E, C=C, K=topk, BT=BT, BE=BE, BC=BC, BP=BP,
-            RECORD=record and not reduce_counts, RECORD_LB=record_lb and not reduce_counts,
+            RECORD=record and finalize_here, RECORD_LB=record_lb and finalize_here,
+            FINALIZE=finalize_here, AFFINITY=affinity, PRIORITY=capacity is not None,
             num_warps=warps,
         )  # fmt: skip
         if reduce_counts:
             stats = ws[num_parts * NUM_STATS * E :]
             dist.all_reduce(stats[E : 2 * E], group=tp_cp_group)
-            _launch_finalize(
-                (1,), ws, expert_is_local_E, delta, ec_min, block, lb, num_parts, T, *finalize[4:],
-                E=E, BE=BE, BP=BP, FROM_STATS=True, RECORD=record, RECORD_LB=record_lb,
-                num_warps=4,
+        if capacity is not None:  # the drop's last program finalizes
+            _launch_drop(
+                (E,), prio, probs, routing_map, scores, ws, ticket, T, capacity.value,
+                num_parts, expert_is_local_E, *finalize, float(capacity.value),
+                float(capacity.expert_choice),
+                E=E, BE=BE, BP=BP, BT=DROP_TILES.BT, RECORD=record, RECORD_LB=record_lb,
+                num_warps=DROP_TILES.num_warps,
             )  # fmt: skip
-        ctx.save_for_backward(scores, routing_map, ws, weight_EC, log_temperature)
+        elif reduce_counts:
+            _launch_finalize(
+                (1,), ws, expert_is_local_E, *finalize[:4], num_parts, T, *finalize[4:], 0.0, 0.0,
+                E=E, BE=BE, BP=BP, FROM_STATS=True, CAPACITY=False, RECORD=record,
+                RECORD_LB=record_lb, num_warps=4,
+            )  # fmt: skip
+        saved = (x_TH, aff, inv_norm) if affinity else ()
+        ctx.save_for_backward(scores, routing_map, ws, weight_EC, log_temperature, *saved)
         ctx.coef_offset = plan.coef_offset
         ctx.x_dtype = x_TH.dtype
         ctx.with_loss = bool(aux_factor or locality_coeff)
+        ctx.affinity = affinity
         ctx.mark_non_differentiable(routing_map, ws)
         ctx.set_materialize_grads(False)  # no zero [T, E] gradients for the map and workspace
         return probs, routing_map, ws
 
     @staticmethod
     def backward(ctx, g_probs, _g_map, _g_ws):
-        scores, routing_map, ws, weight_EC, log_temperature = ctx.saved_tensors
+        scores, routing_map, ws, weight_EC, log_temperature, *saved = ctx.saved_tensors
         T, E = scores.shape
         C = weight_EC.shape[1]
         BT, BE, BC, warps, _ = backward_tiles(E, C)
@@ -471,18 +667,21 @@ class LocMoERouteFunction(torch.autograd.Function):
                 g_loss = _one(scores.device)
             elif g_loss.device != scores.device:
                 g_loss = g_loss.to(scores.device)
+        x_TH, aff, inv_norm = saved if ctx.affinity else (ws, ws, ws)
         _launch_bwd(
             (-(-T // BT),), g_probs.contiguous() if g_probs is not None else scores,
             g_loss if g_loss is not None else ws,
-            scores, routing_map, ws, ctx.coef_offset, weight_EC, log_temperature, dx, T,
+            scores, routing_map, ws, ctx.coef_offset, weight_EC, log_temperature, dx,
+            x_TH, aff, inv_norm, T,
             H=E * C, E=E, C=C, BT=BT, BE=BE, BC=BC,
-            HAS_GPROBS=g_probs is not None, HAS_GLOSS=g_loss is not None, num_warps=warps,
+            HAS_GPROBS=g_probs is not None, HAS_GLOSS=g_loss is not None,
+            AFFINITY=ctx.affinity, num_warps=warps,
         )  # fmt: skip
-        return (dx,) + (None,) * 14
+        return (dx,) + (None,) * 16
 
 
 def summary(ws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(attached loss, aux loss, metric vector [7]) from a forward's workspace."""
+    """(attached loss, aux loss, metric vector [ROUTER_METRICS]) from a forward's workspace."""
     tail = ws[-SUMMARY:]
     return tail[0], tail[1], tail[2:]
 
@@ -490,14 +689,15 @@ def summary(ws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 def route(
     x_TH, weight_EC, log_temperature, expert_is_local_E, delta, ec_min, spec, tp_cp_group,
     with_losses: bool, loss_scale: float = 1.0, slots: TrackerSlots | None = None,
-    ticket: torch.Tensor | None = None,
+    ticket: torch.Tensor | None = None, affinity: bool = False, capacity: Capacity | None = None,
 ):  # fmt: skip
-    """The kernels' version of ``fused.route_with_losses`` for the fixed gate: (probs,
-    routing_map, workspace); the attached loss reaches the gradient by itself (see
-    ``LocMoERouteFunction``) and ``slots`` receive the metrics. ``loss_scale`` multiplies the
-    attached loss (Megatron's per-token-loss factor). ``ticket``: a zero int32 scalar the
-    forward may use and leaves zero (a router keeps one; its launches are stream-ordered),
-    else a fresh one per call."""
+    """The kernels' version of ``fused.route_with_losses`` for the fixed gate (with
+    ``capacity``, of ``fused.capacity_route_with_losses``; ``affinity``: LocMoE+'s cosine gate,
+    whose affinity also ranks the drop): (probs, routing_map, workspace); the attached loss
+    reaches the gradient by itself (see ``LocMoERouteFunction``) and ``slots`` receive the
+    metrics. ``loss_scale`` multiplies the attached loss (Megatron's per-token-loss factor).
+    ``ticket``: a zero int32 scalar the forward may use and leaves zero (a router keeps one;
+    its launches are stream-ordered), else a fresh one per call."""
     T = x_TH.shape[0]
     # ProcessGroup.size(), not dist.get_world_size: that one runs much more Python per call
     group_size = 1 if tp_cp_group is None else tp_cp_group.size()
@@ -512,5 +712,5 @@ def route(
         x_TH.contiguous(), weight_EC.contiguous(), log_temperature, expert_is_local_E,
         delta, ec_min, spec.topk, aux_factor, locality_coeff, spec.locality_eps, loss_scale,
         tp_cp_group if group_size > 1 else None, slots,
-        1.0 / spec.aux_coeff if spec.aux_coeff else 0.0, ticket,
+        1.0 / spec.aux_coeff if spec.aux_coeff else 0.0, ticket, affinity, capacity,
     )  # fmt: skip

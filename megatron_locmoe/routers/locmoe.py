@@ -261,7 +261,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
 
     def _kernels_apply(self, device: torch.device) -> bool:
         """The Triton kernels cover the paper's gate: fixed block weights, no bias, a fixed
-        temperature, no capacity bound (the compiled graphs take the rest)."""
+        temperature, no LocMoE+ threshold (the compiled graphs take the rest)."""
         return self.use_kernels and self._kernel_gate and kernels.available(device)
 
     def loss_spec(self) -> fused.LossSpec:
@@ -287,20 +287,50 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         return self._reference_forward(input, padding_mask)
 
     def _fused_forward(self, input: torch.Tensor):
-        """The whole routing step in Triton kernels (the paper's gate, dropless), else one
-        compiled graph (other gates; a capacity on steps without a re-estimate) or three (the
-        re-estimate between gate and drop); one loss attachment and one metric write per
-        layer."""
+        """The whole routing step in Triton kernels (the paper's gate; a capacity drop on steps
+        without a re-estimate), else one compiled graph (other gates; a capacity on steps
+        without a re-estimate) or three (the re-estimate between gate and drop); one loss
+        attachment and one metric write per layer."""
         x_TH = input.reshape(-1, self.config.hidden_size)
         T = x_TH.shape[0]
         with_losses = self.training and torch.is_grad_enabled()
         spec = self.loss_spec()
         # Megatron's calculate_per_token_loss factor on the attached losses (reference path)
         loss_scale = float(T * self.tp_cp_group.size()) if self.calculate_per_token_loss else 1.0
-        if self._kernels_apply(x_TH.device):
-            return self._kernel_forward(x_TH, spec, with_losses, loss_scale)
+        bounded = self.locmoe.capacity_mode == "bound"
+        if bounded and self._capacity_due():
+            probs_TE, routing_map_TE, attached, aux, vector = self._reestimate_forward(
+                x_TH, spec, with_losses
+            )
+        else:
+            capacity = self.capacity_for(T) if bounded else None
+            if self._kernels_apply(x_TH.device):
+                drop = None
+                if bounded:
+                    drop = kernels.Capacity(capacity, capacity < self.capacity_ceiling(T))
+                probs_TE, routing_map_TE = self._kernel_forward(
+                    x_TH, spec, with_losses, loss_scale, drop
+                )
+                if bounded and with_losses:
+                    self._count_routing_step()
+                return probs_TE, routing_map_TE
+            probs_TE, routing_map_TE, attached, aux, vector = self._graph_forward(
+                x_TH, spec, with_losses, capacity
+            )
+        if with_losses and spec.aux_coeff:
+            self._record_aux_loss(aux / spec.aux_coeff)
+        if with_losses and (spec.aux_coeff or spec.locality_coeff):
+            if loss_scale != 1.0:
+                attached = attached * loss_scale
+            probs_TE = MoEAuxLossAutoScaler.apply(probs_TE, attached)
+        metrics.record_vector(self, metrics.ROUTER_METRICS, vector)
+        return probs_TE, routing_map_TE
+
+    def _graph_forward(self, x_TH, spec, with_losses: bool, capacity: int | None):
+        """One compiled graph: dropless, or the drop at ``capacity`` (a step without a
+        re-estimate). Returns (probs, routing map, attached loss, aux loss, metric vector)."""
         gate = (self.weight, self.grap_log_temperature, self.grap_bias)
-        if self.locmoe.capacity_mode != "bound":
+        if capacity is None:
             probs_TE, routing_map_TE, _, attached, aux, vector = fused.run(
                 fused.route_with_losses,
                 x_TH.device,
@@ -311,65 +341,64 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
                 self.tp_cp_group,
                 with_losses,
             )
-        elif not self._capacity_due():  # a step without re-estimate: one graph
-            capacity = self.capacity_for(T)
-            probs_TE, routing_map_TE, attached, aux, vector = fused.run(
-                fused.capacity_route_with_losses,
+            return probs_TE, routing_map_TE, attached, aux, vector
+        T = x_TH.shape[0]
+        out = fused.run(
+            fused.capacity_route_with_losses,
+            x_TH.device,
+            x_TH,
+            *gate,
+            *self._statistics_inputs(),
+            self._capacity_tensor(capacity, x_TH.device),
+            spec,
+            self.tp_cp_group,
+            with_losses,
+            self.has_affinity_routing,
+            self.locmoe.plus_affinity_threshold,
+            capacity < self.capacity_ceiling(T),
+        )
+        if with_losses:
+            self._count_routing_step()
+        return out
+
+    def _reestimate_forward(self, x_TH, spec, with_losses: bool):
+        """Three compiled graphs: gate and token choice, then (on the host) the capacity
+        re-estimated from this batch, then the drop, the losses and the metrics."""
+        gate = (self.weight, self.grap_log_temperature, self.grap_bias)
+        T = x_TH.shape[0]
+        gate_TE, probs_TE, routing_map_TE, scores_TE = self.fused_route(x_TH, gate)
+        self.estimate_capacity_bound(x_TH, gate_TE, routing_map_TE)
+        capacity = self.capacity_for(T)
+        map_aux_TE = routing_map_TE
+        probs_TE, routing_map_TE, dropped = drop_to_capacity(
+            probs_TE, routing_map_TE, capacity, self.drop_priority(probs_TE, gate_TE)
+        )
+        attached = aux = kl = probs_TE.new_zeros(())
+        if with_losses:
+            attached, aux, kl = fused.run(
+                fused.routing_losses,
                 x_TH.device,
-                x_TH,
-                *gate,
-                *self._statistics_inputs(),
-                self._capacity_tensor(capacity, x_TH.device),
+                scores_TE,
+                map_aux_TE,
+                self.expert_is_local,
                 spec,
                 self.tp_cp_group,
-                with_losses,
-                self.has_affinity_routing,
-                self.locmoe.plus_affinity_threshold,
-                capacity < self.capacity_ceiling(T),
             )
-            if with_losses:
-                self._count_routing_step()
-        else:  # the re-estimate reads this batch between the gate and the drop
-            gate_TE, probs_TE, routing_map_TE, scores_TE = self.fused_route(x_TH, gate)
-            self.estimate_capacity_bound(x_TH, gate_TE, routing_map_TE)
-            capacity = self.capacity_for(T)
-            map_aux_TE = routing_map_TE
-            probs_TE, routing_map_TE, dropped = drop_to_capacity(
-                probs_TE, routing_map_TE, capacity, self.drop_priority(probs_TE, gate_TE)
-            )
-            attached = aux = kl = probs_TE.new_zeros(())
-            if with_losses:
-                attached, aux, kl = fused.run(
-                    fused.routing_losses,
-                    x_TH.device,
-                    scores_TE,
-                    map_aux_TE,
-                    self.expert_is_local,
-                    spec,
-                    self.tp_cp_group,
-                )
-                self._count_routing_step()
-            vector = fused.run(
-                fused.router_metric_vector,
-                x_TH.device,
-                probs_TE,
-                routing_map_TE,
-                self.expert_is_local,
-                dropped,
-                capacity,
-                kl,
-                self.capacity_delta,
-                self.capacity_ec_min,
-                capacity < self.capacity_ceiling(T),
-            )
-        if with_losses and spec.aux_coeff:
-            self._record_aux_loss(aux / spec.aux_coeff)
-        if with_losses and (spec.aux_coeff or spec.locality_coeff):
-            if loss_scale != 1.0:
-                attached = attached * loss_scale
-            probs_TE = MoEAuxLossAutoScaler.apply(probs_TE, attached)
-        metrics.record_vector(self, metrics.ROUTER_METRICS, vector)
-        return probs_TE, routing_map_TE
+            self._count_routing_step()
+        vector = fused.run(
+            fused.router_metric_vector,
+            x_TH.device,
+            probs_TE,
+            routing_map_TE,
+            self.expert_is_local,
+            dropped,
+            capacity,
+            kl,
+            self.capacity_delta,
+            self.capacity_ec_min,
+            capacity < self.capacity_ceiling(T),
+        )
+        return probs_TE, routing_map_TE, attached, aux, vector
 
     def _capacity_tensor(self, capacity: int, device: torch.device) -> torch.Tensor:
         """The capacity as a 0-d device tensor, made once per value (no copy per call)."""
@@ -405,9 +434,9 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         map and the capacity state (for the metrics)."""
         return self.expert_is_local, self.capacity_delta, self.capacity_ec_min
 
-    def _kernel_forward(self, x_TH, spec, with_losses: bool, loss_scale: float):
+    def _kernel_forward(self, x_TH, spec, with_losses: bool, loss_scale: float, drop):
         """The Triton kernels: losses reach the gradient and metrics reach the tracker inside
-        them (no scaler node, no record kernels)."""
+        them (no scaler node, no record kernels). ``drop``: a ``kernels.Capacity`` or None."""
         slots, slot = None, metrics.layer_slot(self)
         if slot is not None:
             column, num_layers = slot
@@ -429,6 +458,8 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
             loss_scale,
             slots,
             self.route_ticket,
+            self.has_affinity_routing,
+            drop,
         )
         return probs_TE, routing_map_TE
 
