@@ -60,8 +60,15 @@ CASES = {
     "plus_capacity_1": (33, 64, 8, 1, torch.float32, dict(capacity=1, affinity=True)),
     "plus_no_drop": (17, 64, 8, 1, torch.float32, dict(capacity=17, affinity=True)),
     "plus_eval": (33, 64, 8, 1, torch.float32, dict(capacity=3, affinity=True, with_losses=False)),
-    # > 1 drop strip (512 tokens), ties across strips
-    "plus_two_strips": (700, 32, 4, 1, torch.float32, dict(capacity=150, affinity=True, twins=True)),
+    # a row of 1024 tokens in registers (700 used), ties throughout
+    "plus_long_row": (700, 32, 4, 1, torch.float32, dict(capacity=150, affinity=True, twins=True)),
+    # the drop streaming its rows in strips (as beyond 16K tokens): ties across strips
+    "plus_streamed": (
+        700, 32, 4, 1, torch.float32, dict(capacity=151, affinity=True, twins=True, rows=256)
+    ),  # an odd capacity splits a pair of twins: one kept, one dropped
+    "bound_streamed_top2": (300, 64, 8, 2, torch.float32, dict(capacity=41, twins=True, rows=64)),
+    # top-3 of 4 experts: negative affinities among the routed, so their order counts
+    "plus_negative_affinities": (64, 64, 4, 3, torch.float32, dict(capacity=44, affinity=True)),
 }
 
 
@@ -76,9 +83,13 @@ def _run(route, x, g_TE, with_probs_grad, loss_grad):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_kernels_equal_compiled_graph(case):
+def test_kernels_equal_compiled_graph(case, monkeypatch):
     T, H, E, k, dtype, extra = CASES[case]
     extra = dict(extra)
+    if "rows" in extra:  # the drop streams rows longer than this, in strips (drop_tiles)
+        monkeypatch.setattr(kernels, "DROP_WHOLE_ROW", extra.pop("rows"))
+        monkeypatch.setattr(kernels, "DROP_STRIP", 64)
+        monkeypatch.setattr(kernels, "drop_tiles", kernels.drop_tiles.__wrapped__)
     with_losses = extra.pop("with_losses", True)
     loss_scale = extra.pop("loss_scale", 1.0)
     with_probs_grad = extra.pop("probs_grad", True)
@@ -113,6 +124,7 @@ def test_kernels_equal_compiled_graph(case):
     )
 
     expert_choice = capacity is not None and capacity < T
+    capacity_tensor = torch.tensor(capacity or 0, device=DEVICE)
 
     def reference(xr):
         if capacity is None:
@@ -121,8 +133,8 @@ def test_kernels_equal_compiled_graph(case):
             )
         else:
             probs, routing_map, attached, aux, vector = fused.capacity_route_with_losses(
-                xr, weight, log_t, None, local, delta, ec_min, torch.tensor(capacity), spec,
-                None, with_losses, affinity, 0.0, expert_choice,
+                xr, weight, log_t, None, local, delta, ec_min, capacity_tensor, spec, None,
+                with_losses, affinity, 0.0, expert_choice,
             )  # fmt: skip
         return probs, routing_map, attached * loss_scale, aux, vector
 

@@ -15,11 +15,11 @@ launching them (docs/performance.md has the numbers). Here:
   ticket; the sums themselves use no atomics, so results are deterministic) then runs the
   finalize, or only sums the rows when a capacity or a token-count all-reduce comes first;
 - ``_drop`` (with a capacity; one program per expert): the capacity-th highest priority of
-  the expert's routed tokens by a radix select over the priorities' order-preserving 32-bit
-  keys (eight 4-bit passes over the expert's [T] row), then one pass in token order that
-  keeps the tokens above it and the first of the ties (lowest index, as a stable sort), zeroes
-  the dropped entries of probs and map and counts what was kept and dropped; its last
-  program runs the finalize;
+  the expert's routed tokens, built bit by bit over the priorities' order-preserving 32-bit
+  keys (32 counting passes over the expert's [T] row, held in registers up to 16K tokens),
+  then one pass in token order that keeps the tokens above it and the first of the ties
+  (lowest index, as a stable sort), zeroes the dropped entries of probs and map and counts
+  what was kept and dropped; its last program runs the finalize;
 - ``_finalize`` (that one program): sums the rows in program order, then Megatron's
   Switch-form aux loss, the locality KL, the attached loss, the per-expert coefficient
   d(attached loss)/d(score) for the backward (the same for every token), and the router
@@ -254,9 +254,14 @@ if HAVE_TRITON:
 
     @triton.jit
     def _order_key(v):
-        """fp32 -> int64 in [0, 2^32) with the floats' order (-0.0 counted as +0.0)."""
-        bits = (v + 0.0).to(tl.int32, bitcast=True).to(tl.int64)
-        return tl.where(bits >= 0, bits + 2147483648, -1 - bits)
+        """fp32 -> int32 with the floats' order as signed integers (-0.0 counted as +0.0)."""
+        bits = (v + 0.0).to(tl.int32, bitcast=True)
+        return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+    @triton.jit
+    def _count_at_least(v, key, threshold):
+        """How many routed entries (v > -inf) of a strip have key >= threshold."""
+        return tl.sum(((v > -float("inf")) & (key >= threshold)).to(tl.int32), axis=0)
 
     @triton.jit
     def _drop(
@@ -265,54 +270,63 @@ if HAVE_TRITON:
         aux_factor, locality_coeff, locality_eps, loss_scale, column, block_stride, lb_scale,
         capacity_value, expert_choice,
         E: tl.constexpr, BE: tl.constexpr, BP: tl.constexpr, BT: tl.constexpr,
-        RECORD: tl.constexpr, RECORD_LB: tl.constexpr,
+        WHOLE_ROW: tl.constexpr, RECORD: tl.constexpr, RECORD_LB: tl.constexpr,
     ):  # fmt: skip
         """Program i keeps expert i's ``capacity`` tokens of highest priority (ties: lowest
         token index), zeroes the rest's probs and map entries and writes the kept-with-prob>0
-        and dropped counts into the statistics; the last program finalizes."""
+        and dropped counts into the statistics; the last program finalizes. The threshold is
+        the capacity-th highest key, built bit by bit from the top (32 counting passes);
+        WHOLE_ROW: the expert's row (BT >= T values) is read once and kept in registers,
+        else every pass streams it in strips of BT."""
         i = tl.program_id(0)
         row_ptr = prio_ptr + i.to(tl.int64) * T
-        n = tl.zeros((), tl.int32)
-        for t0 in range(0, T, BT):
-            t = t0 + tl.arange(0, BT)
-            v = tl.load(row_ptr + t, mask=t < T, other=-float("inf"))
-            n += tl.sum((v > -float("inf")).to(tl.int32), axis=0)
-        # radix select: prefix = the key of the capacity-th highest priority, need = how
-        # many of the tokens with exactly that key are kept
+        t = tl.arange(0, BT)
+        v = tl.load(row_ptr + t, mask=t < T, other=-float("inf"))
+        key = _order_key(v)
+        n = _count_at_least(v, key, -2147483647 - 1)
+        if not WHOLE_ROW:
+            for t0 in range(BT, T, BT):
+                tt = t0 + t
+                vs = tl.load(row_ptr + tt, mask=tt < T, other=-float("inf"))
+                n += _count_at_least(vs, _order_key(vs), -2147483647 - 1)
+        # greedy over the bits of the unsigned key u = key + 2^31: the largest u with at
+        # least ``capacity`` routed keys >= it is the capacity-th highest
         prefix = tl.zeros((), tl.int64)
-        need = capacity + tl.zeros((), tl.int32)
-        d = tl.arange(0, 16)
         if n > capacity:
-            for step in tl.static_range(8):  # 4-bit digits, highest first
-                shift = 28 - 4 * step
-                counts = tl.zeros((16,), tl.int32)
-                for t0 in range(0, T, BT):
-                    t = t0 + tl.arange(0, BT)
-                    v = tl.load(row_ptr + t, mask=t < T, other=-float("inf"))
-                    key = _order_key(v)
-                    match = (v > -float("inf")) & ((key >> (shift + 4)) == (prefix >> (shift + 4)))
-                    digit = (key >> shift) & 15
-                    hit = match[:, None] & (digit[:, None] == d[None, :])
-                    counts += tl.sum(hit.to(tl.int32), axis=0)
-                above = tl.sum(tl.where(d[None, :] > d[:, None], counts[None, :], 0), axis=1)
-                ok = (above < need) & (above + counts >= need)
-                pick = tl.max(tl.where(ok, d, -1), axis=0)
-                need -= tl.sum(tl.where(d == pick, above, 0), axis=0)
-                prefix = prefix | (pick.to(tl.int64) << shift)
+            for b in tl.static_range(32):
+                trial = prefix | (1 << (31 - b))
+                threshold = (trial - 2147483648).to(tl.int32)
+                count = _count_at_least(v, key, threshold)
+                if not WHOLE_ROW:
+                    for t0 in range(BT, T, BT):
+                        tt = t0 + t
+                        vs = tl.load(row_ptr + tt, mask=tt < T, other=-float("inf"))
+                        count += _count_at_least(vs, _order_key(vs), threshold)
+                prefix = tl.where(count >= capacity, trial, prefix)
+        tau = (prefix - 2147483648).to(tl.int32)
         keep_all = n <= capacity
+        # the ties at tau kept, lowest token index first: capacity - (keys above tau)
+        above = tl.sum(((v > -float("inf")) & (key > tau)).to(tl.int32), axis=0)
+        if not WHOLE_ROW:
+            for t0 in range(BT, T, BT):
+                tt = t0 + t
+                vs = tl.load(row_ptr + tt, mask=tt < T, other=-float("inf"))
+                above += tl.sum(((vs > -float("inf")) & (_order_key(vs) > tau)).to(tl.int32), 0)
+        need = capacity - above
         ties = tl.zeros((), tl.int32)
         kept = tl.zeros((), tl.int32)
         real = tl.zeros((), tl.int32)
         for t0 in range(0, T, BT):
-            t = t0 + tl.arange(0, BT)
-            v = tl.load(row_ptr + t, mask=t < T, other=-float("inf"))
+            tt = t0 + t
+            if not WHOLE_ROW:
+                v = tl.load(row_ptr + tt, mask=tt < T, other=-float("inf"))
+                key = _order_key(v)
             routed = v > -float("inf")
-            key = _order_key(v)
-            tie = routed & (key == prefix)
+            tie = routed & (key == tau)
             tie_rank = ties + tl.cumsum(tie.to(tl.int32), axis=0)  # 1-based, in token order
-            keep = routed & (keep_all | (key > prefix) | (tie & (tie_rank <= need)))
+            keep = routed & (keep_all | (key > tau) | (tie & (tie_rank <= need)))
             ties += tl.sum(tie.to(tl.int32), axis=0)
-            at = t.to(tl.int64) * E + i
+            at = tt.to(tl.int64) * E + i
             dropped = routed & ~keep
             tl.store(probs_ptr + at, tl.zeros((BT,), tl.float32), mask=dropped)
             tl.store(map_ptr + at, tl.zeros((BT,), tl.int1), mask=dropped)
@@ -541,8 +555,20 @@ def forward_plan(T: int, E: int, C: int, num_sms: int) -> ForwardPlan:
     return ForwardPlan(tiles, per_program, num_parts, BP, ws_numel, coef_offset)
 
 
-DROP_TILES = Tiles(BT=512, BE=0, BC=0, num_warps=4)
-"""The drop's token strip per pass over an expert's priorities (BE, BC unused)."""
+DROP_WHOLE_ROW = 16384
+"""Up to this many tokens the drop keeps an expert's priorities in registers (one read)."""
+DROP_STRIP = 1024
+"""Beyond, the strip of an expert's priorities each of the drop's passes streams."""
+
+
+@functools.cache
+def drop_tiles(T: int) -> Tiles:
+    """The drop's strip: the whole row (next power of two, 4 warps up to 4K values, 8 beyond),
+    else strips of DROP_STRIP streamed per pass (BE, BC unused)."""
+    if T <= DROP_WHOLE_ROW:
+        BT = _next_pow2(T)
+        return Tiles(BT=BT, BE=0, BC=0, num_warps=4 if BT <= 4096 else 8)
+    return Tiles(BT=DROP_STRIP, BE=0, BC=0, num_warps=4)
 
 
 @functools.cache
@@ -630,12 +656,13 @@ class LocMoERouteFunction(torch.autograd.Function):
             stats = ws[num_parts * NUM_STATS * E :]
             dist.all_reduce(stats[E : 2 * E], group=tp_cp_group)
         if capacity is not None:  # the drop's last program finalizes
+            drop = drop_tiles(T)
             _launch_drop(
                 (E,), prio, probs, routing_map, scores, ws, ticket, T, capacity.value,
                 num_parts, expert_is_local_E, *finalize, float(capacity.value),
                 float(capacity.expert_choice),
-                E=E, BE=BE, BP=BP, BT=DROP_TILES.BT, RECORD=record, RECORD_LB=record_lb,
-                num_warps=DROP_TILES.num_warps,
+                E=E, BE=BE, BP=BP, BT=drop.BT, WHOLE_ROW=T <= DROP_WHOLE_ROW, RECORD=record,
+                RECORD_LB=record_lb, num_warps=drop.num_warps,
             )  # fmt: skip
         elif reduce_counts:
             _launch_finalize(
