@@ -144,6 +144,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         self.register_buffer("route_ticket", torch.zeros((), dtype=torch.int32), persistent=False)
         self._capacity_host: dict | None = None
         self._capacity_tensors: dict = {}
+        self._capacity_plans: dict = {}
 
     # ---- Megatron hooks ---------------------------------------------------------------------
     def reset_parameters(self):
@@ -220,6 +221,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
             return
         value = delta[0].item() / delta[1].item()
         host["ec_min"] = bound.ec_min(self.config.hidden_size, self.config.num_moe_experts, value)
+        self._capacity_plans.clear()  # keyed by ec_min: the old ones are not asked again
         host["estimated"] = host["step"]
         self.capacity_delta.fill_(value)
         self.capacity_ec_min.fill_(host["ec_min"])
@@ -241,6 +243,20 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         floor = bound.floor_capacity(self.locmoe.capacity_floor_factor, num_tokens, k, E)
         asked = self.capacity_multiplier * self._host_state()["ec_min"]
         return bound.clamp_capacity(asked, min(floor, ceiling), ceiling)
+
+    def capacity_plan(self, num_tokens: int) -> tuple[int, bool]:
+        """(capacity_for(T), whether it binds below the ceiling: the expert-choice flag), kept
+        per (T, ec_min): the fused paths ask every call and the answer changes only on a
+        re-estimate."""
+        key = (num_tokens, self._host_state()["ec_min"])
+        plan = self._capacity_plans.get(key)
+        if plan is None:
+            capacity = self.capacity_for(num_tokens)
+            plan = self._capacity_plans[key] = (
+                capacity,
+                capacity < self.capacity_ceiling(num_tokens),
+            )
+        return plan
 
     # ---- routing ----------------------------------------------------------------------------
     def _fused_applies(self, padding_mask) -> bool:
@@ -303,11 +319,9 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
                 x_TH, spec, with_losses
             )
         else:
-            capacity = self.capacity_for(T) if bounded else None
+            capacity, expert_choice = self.capacity_plan(T) if bounded else (None, False)
             if self._kernels_apply(x_TH.device):
-                drop = None
-                if bounded:
-                    drop = kernels.Capacity(capacity, capacity < self.capacity_ceiling(T))
+                drop = kernels.Capacity(capacity, expert_choice) if bounded else None
                 probs_TE, routing_map_TE = self._kernel_forward(
                     x_TH, spec, with_losses, loss_scale, drop
                 )
@@ -315,7 +329,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
                     self._count_routing_step()
                 return probs_TE, routing_map_TE
             probs_TE, routing_map_TE, attached, aux, vector = self._graph_forward(
-                x_TH, spec, with_losses, capacity
+                x_TH, spec, with_losses, capacity, expert_choice
             )
         if with_losses and spec.aux_coeff:
             self._record_aux_loss(aux / spec.aux_coeff)
@@ -326,7 +340,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         metrics.record_vector(self, metrics.ROUTER_METRICS, vector)
         return probs_TE, routing_map_TE
 
-    def _graph_forward(self, x_TH, spec, with_losses: bool, capacity: int | None):
+    def _graph_forward(self, x_TH, spec, with_losses: bool, capacity, expert_choice: bool):
         """One compiled graph: dropless, or the drop at ``capacity`` (a step without a
         re-estimate). Returns (probs, routing map, attached loss, aux loss, metric vector)."""
         gate = (self.weight, self.grap_log_temperature, self.grap_bias)
@@ -342,7 +356,6 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
                 with_losses,
             )
             return probs_TE, routing_map_TE, attached, aux, vector
-        T = x_TH.shape[0]
         out = fused.run(
             fused.capacity_route_with_losses,
             x_TH.device,
@@ -355,7 +368,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
             with_losses,
             self.has_affinity_routing,
             self.locmoe.plus_affinity_threshold,
-            capacity < self.capacity_ceiling(T),
+            expert_choice,
         )
         if with_losses:
             self._count_routing_step()
@@ -479,7 +492,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
             )
 
     def _count_routing_step(self) -> None:
-        self.routing_step += 1
+        self.routing_step.add_(1)  # in place: no Module.__setattr__ per call
         self._host_state()["step"] += 1
 
     def _reference_forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None):
