@@ -143,17 +143,8 @@ if HAVE_TRITON:
         emask = e < E
         c = tl.arange(0, BC)
         temperature = tl.exp(tl.load(logt_ptr).to(tl.float32))
-        if AFFINITY:  # |w_i| of the block rows
-            wsq = tl.zeros((BE,), tl.float32)
-            for c0 in tl.static_range(0, C, BC):
-                cc = c0 + c
-                wv = tl.load(
-                    w_ptr + e[:, None] * C + cc[None, :],
-                    mask=emask[:, None] & (cc < C)[None, :],
-                    other=0.0,
-                )
-                wsq += tl.sum(wv * wv, axis=1)
-            w_norm = tl.where(emask, tl.sqrt(wsq), 1.0)  # padded lanes: no 0 / 0
+        if AFFINITY:
+            w_norm = _row_norms(w_ptr, E, C, BE, BC)
         mass = tl.zeros((BE,), tl.float32)
         routed = tl.zeros((BE,), tl.float32)
         real = tl.zeros((BE,), tl.float32)
@@ -227,6 +218,22 @@ if HAVE_TRITON:
             else:
                 _sum_partials(ws_ptr, num_parts, E, BE, BP)
             tl.store(ticket_ptr, 0)  # ready for the next launch
+
+    @triton.jit
+    def _row_norms(w_ptr, E: tl.constexpr, C: tl.constexpr, BE: tl.constexpr, BC: tl.constexpr):
+        """|w_i| of the gate's [E, C] block rows, [BE] (1 on padded lanes: no 0 / 0)."""
+        e = tl.arange(0, BE)
+        c = tl.arange(0, BC)
+        wsq = tl.zeros((BE,), tl.float32)
+        for c0 in tl.static_range(0, C, BC):
+            cc = c0 + c
+            wv = tl.load(
+                w_ptr + e[:, None] * C + cc[None, :],
+                mask=(e < E)[:, None] & (cc < C)[None, :],
+                other=0.0,
+            )
+            wsq += tl.sum(wv * wv, axis=1)
+        return tl.where(e < E, tl.sqrt(wsq), 1.0)
 
     @triton.jit
     def _sum_partials(ws_ptr, num_parts, E: tl.constexpr, BE: tl.constexpr, BP: tl.constexpr):
@@ -468,16 +475,7 @@ if HAVE_TRITON:
             inv_norm = tl.load(inv_norm_ptr + t, mask=tmask, other=0.0)
             cos = tl.load(aff_ptr + out, mask=m2, other=0.0)
             along_x = tl.sum(draw * cos, axis=1) * inv_norm * inv_norm  # [BT]
-            wsq = tl.zeros((BE,), tl.float32)
-            for c0 in tl.static_range(0, C, BC):
-                cc = c0 + c
-                wv = tl.load(
-                    w_ptr + e[:, None] * C + cc[None, :],
-                    mask=emask[:, None] & (cc < C)[None, :],
-                    other=0.0,
-                )
-                wsq += tl.sum(wv * wv, axis=1)
-            draw = draw * inv_norm[:, None] / tl.where(emask, tl.sqrt(wsq), 1.0)[None, :]
+            draw = draw * inv_norm[:, None] / _row_norms(w_ptr, E, C, BE, BC)[None, :]
         for c0 in tl.static_range(0, C, BC):
             cc = c0 + c
             cmask = cc < C
