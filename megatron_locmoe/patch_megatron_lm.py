@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         changed = patch_megatron_lm(args.megatron_lm)
     except PatchError as e:
-        print(f"megatron-locmoe-patch: {e}", file=sys.stderr)
+        print(f"megatron-locmoe-patch: error: {e}", file=sys.stderr)
         return 2
     state = "patched" if changed else "already patched"
     print(f"{args.megatron_lm / TARGET}: {state}")

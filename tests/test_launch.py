@@ -745,6 +745,28 @@ def test_cpu_sim_trains_through_the_launcher(tmp_path, capsys):
     assert (tmp_path / "runs" / "cpu-sim" / "cpu-sim" / "tensorboard").is_dir()
 
 
+def test_a_failed_cpu_run_ends_in_one_error_line(tmp_path, capsys):
+    """A run that fails on the ranks (here a non-finite loss: lr 1e30) prints the ranks'
+    tracebacks, root cause first, and ends with one error line naming it, exit status 1; no
+    traceback of the launcher itself."""
+    from megatron_locmoe.sim import data
+
+    prefix = tmp_path / "pydoc"
+    data.build_indexed_dataset(prefix, max_stdlib_files=0)
+    sets = [f"data-path={prefix}", "train-iters=3", "lr=1e30"]
+    sets += ["expert-model-parallel-size=2", "global-batch-size=8"]
+    argv = ["--config", "cpu-sim", "--nodes", "2", "--devices-per-node", "1"]
+    argv += [a for s in sets for a in ("--set", s)] + ["--runs-dir", str(tmp_path / "runs")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(
+        "megatron_locmoe.launch: error: run cpu-sim failed: rank 0: FloatingPointError: step 2: "
+        "the loss or a gradient is not finite on ranks [0, 1]"
+    ), err[-1]
+    assert any(line.startswith("train_job [") and "failed on rank 0:" in line for line in err)
+    assert not any("launch/cli.py" in line for line in err)
+
+
 def test_cpu_sim_flags_map_onto_the_cpu_loop(tmp_path):
     sets = ["save=ckpt", "save-interval=10", "load=ckpt", "moe-router-type=switch"]
     sets += ["moe-expert-capacity-factor=1.25", "train-iters=12", "lr=1e-3", "hidden-size=32"]

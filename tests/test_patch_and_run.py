@@ -75,7 +75,8 @@ def test_patch_keeps_mode_and_leaves_the_script_whole_when_interrupted(checkout,
 def test_non_utf8_file_refused(tmp_path, capsys):
     (tmp_path / "pretrain_gpt.py").write_bytes(b"\xff\xfe not python")
     assert main([str(tmp_path)]) == 2
-    assert "is not UTF-8 text" in capsys.readouterr().err
+    assert "megatron-locmoe-patch: error: " in (err := capsys.readouterr().err)
+    assert "is not UTF-8 text" in err
 
 
 def _run(cmd, cwd):

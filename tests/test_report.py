@@ -99,16 +99,32 @@ def test_steady_step_time_skips_warm_up_and_outliers():
             ["--entity", "E", "--project", "p", "--check", "{missing}", "--dry-run"],
             "no W&B run files",
         ),
+        (
+            "dashboard",
+            ["--entity", "E", "--project", "p", "--check", "{bad}/run-x.wandb", "--dry-run"],
+            "run-x.wandb is not a W&B run file (no ':W&B' header",
+        ),
+        (
+            "dashboard",
+            ["--entity", "E", "--project", "p", "--check", "{bad}/run-y.wandb", "--dry-run"],
+            "run-y.wandb is not a W&B run file (Error parsing message",
+        ),
     ],
 )
 def test_tools_refuse_bad_input_in_one_line(tmp_path, tool, argv, message):
     """A bad path or a damaged file gives one line naming it, exit status 2, no traceback."""
+    import struct
     import subprocess
     import sys
 
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "run.json").write_bytes(b"\xff\xfe not json")
+    (bad / "run-x.wandb").write_bytes(b"not a run file")
+    # a W&B header, then one full chunk (crc, length 5, type 1) of bytes no record parses from
+    (bad / "run-y.wandb").write_bytes(
+        b":W&B\x00\x00\x00" + struct.pack("<IHB", 0, 5, 1) + b"\xff" * 5
+    )
     fill = {"missing": str(tmp_path / "nowhere"), "bad": str(bad), "tmp": str(tmp_path)}
     argv = [a.format(**fill) for a in argv]
     proc = subprocess.run(

@@ -52,6 +52,29 @@ def test_floor_capacity_rounds_up():
     assert capacity.floor_capacity(1.0, 36, 2, 8) == 9
 
 
+def bound_capacity_job(ctx, num_tokens: int, ec_min: float) -> int:
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    from megatron_locmoe.routers import router_builder
+
+    ctx.topology()
+    tc = moe_config(ep=2, num_moe_experts=8, moe_router_topk=1, moe_expert_capacity_factor=1.0)
+    lm = LocMoEConfig(router_type="locmoe", capacity_mode="bound", capacity_floor_factor=0.5)
+    router = router_builder(lm)(config=tc, pg_collection=get_default_pg_collection())
+    router.capacity_ec_min.fill_(ec_min)  # as estimated, below the floor
+    return router.capacity_for(num_tokens)
+
+
+def test_the_floor_decides_a_fractional_capacity_in_the_router(cluster2):
+    """The router's capacity where the floor decides: ec_min 0.5 token asks for 1; the floor
+    0.5 x 36 tokens x top-1 / 8 experts = 2.25 rounds up to 3 (the ceiling, factor 1.0: 5)."""
+    from megatron_locmoe.sim.cluster import ParallelLayout
+
+    layout = ParallelLayout(devices_per_node=1, ep=2)
+    assert cluster2.run(bound_capacity_job, 36, 0.5, layout=layout) == [3, 3]
+    assert cluster2.run(bound_capacity_job, 32, 0.5, layout=layout) == [2, 2]  # 2.0 exactly
+
+
 def test_clamp_capacity():
     assert capacity.clamp_capacity(2.3, floor=10, ceiling=100) == 10
     assert capacity.clamp_capacity(57.2, floor=10, ceiling=100) == 58

@@ -5,6 +5,7 @@ the cluster runs the next job afterwards."""
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import pytest
@@ -30,6 +31,13 @@ def one_rank_dies_job(ctx):
     return ctx.rank
 
 
+def one_rank_is_killed_job(ctx):
+    if ctx.rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    dist.all_reduce(torch.ones(1))
+    return ctx.rank
+
+
 def healthy_job(ctx):
     t = torch.ones(1) * ctx.rank
     dist.all_reduce(t)
@@ -45,6 +53,7 @@ def test_one_failing_rank_stops_the_others_fast(cluster_factory):
     assert "ranks [0, 1, 3] had not answered" in message, message
     assert "failed on rank 2" in message.splitlines()[0]
     assert "no answer within" not in message  # stopped after the grace, not the job timeout
+    assert e.value.headline == "rank 2: RuntimeError: shard 2 is truncated"
     assert cluster.run(healthy_job, layout=LAYOUT) == [6.0] * 4  # restarted, usable
 
 
@@ -54,6 +63,10 @@ def test_a_dead_rank_is_named(cluster_factory):
         cluster.run(one_rank_dies_job, layout=LAYOUT)
     first = str(e.value).splitlines()[0]
     assert "ranks [1] died (rank 1: exit code 3)" in first, str(e.value)
+    assert e.value.headline == "ranks [1] died (rank 1: exit code 3)"
+    with pytest.raises(ClusterJobError) as e:
+        cluster.run(one_rank_is_killed_job, layout=LAYOUT)
+    assert e.value.headline == "ranks [1] died (rank 1: killed by SIGKILL)", str(e.value)
     assert cluster.run(healthy_job, layout=LAYOUT) == [6.0] * 4
 
 

@@ -20,7 +20,7 @@ import struct
 from pathlib import Path
 
 from megatron_locmoe import metrics
-from megatron_locmoe.analysis.errors import run_tool
+from megatron_locmoe.analysis.errors import InputError, run_tool
 
 LM_LOSS = "lm loss"
 """The trainer's (and Megatron's training_log's) name for the language-model loss."""
@@ -123,7 +123,7 @@ def _records(raw: bytes) -> list[bytes]:
     """The protobuf records of a ``.wandb`` transaction log (LevelDB's log format: 32 KiB
     blocks of chunks with a 7-byte header: crc32, length, type FULL/FIRST/MIDDLE/LAST)."""
     if raw[:4] != b":W&B":
-        raise ValueError("not a W&B run file (no ':W&B' header)")
+        raise ValueError("no ':W&B' header at its start")
     out, parts, pos = [], [], _HEADER
     while pos + 7 <= len(raw):
         left = _BLOCK - pos % _BLOCK
@@ -157,11 +157,18 @@ def logged_keys(path: str | Path) -> set[str]:
     files = [path] if path.is_file() else sorted(path.rglob("run-*.wandb"))
     if not files:
         raise FileNotFoundError(f"no W&B run files (run-*.wandb) under {path}")
+    from google.protobuf.message import DecodeError
+
     keys: set[str] = set()
     for f in files:
-        for data in _records(f.read_bytes()):
-            rec = pb.Record()
-            rec.ParseFromString(data)
+        try:
+            records = [pb.Record.FromString(data) for data in _records(f.read_bytes())]
+        except (ValueError, DecodeError) as e:  # named, for run_tool's one error line
+            raise InputError(
+                f"{f} is not a W&B run file ({e}): point --check at the runs' offline "
+                "wandb directory"
+            ) from None
+        for rec in records:
             if rec.WhichOneof("record_type") == "history":
                 for item in rec.history.item:
                     keys.add(item.key or "/".join(item.nested_key))

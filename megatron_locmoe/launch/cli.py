@@ -512,10 +512,19 @@ def optimizer_settings(args):
     )
 
 
+class RunFailed(RuntimeError):
+    """A run of the simulated cluster failed: ``details`` (every rank's traceback, root cause
+    first) and the one-line ``headline``."""
+
+    def __init__(self, run: str, details: str, headline: str):
+        super().__init__(f"run {run} failed: {headline}")
+        self.details = details
+
+
 def run_cpu(plan: Plan) -> dict[str, dict]:
     """Every run of a cpu preset in one simulated cluster (started once); the results."""
     from megatron_locmoe.analysis.runlog import read_progress, steady_step_seconds
-    from megatron_locmoe.sim.cluster import SimCluster
+    from megatron_locmoe.sim.cluster import ClusterJobError, SimCluster
     from megatron_locmoe.sim.trainer import train_job
 
     results = {}
@@ -533,7 +542,10 @@ def run_cpu(plan: Plan) -> dict[str, dict]:
             print(
                 f"[launch] run {rp.name}: {layout.describe()}, {settings.steps} steps", flush=True
             )
-            out = cluster.run(train_job, settings, layout=layout)
+            try:
+                out = cluster.run(train_job, settings, layout=layout)
+            except ClusterJobError as e:  # the ranks' tracebacks, then one line (main)
+                raise RunFailed(rp.name, str(e), e.headline) from None
             losses, metrics = out[0]["losses"], out[-1]["metrics"]
             first = out[0].get("first_step", 1)
             every = max(1, rp.args.log_interval)
@@ -845,6 +857,10 @@ def main(argv: list[str] | None = None) -> int:
     except PresetError as e:
         print(f"megatron_locmoe.launch: error: {e}", file=sys.stderr)
         return 2
+    except RunFailed as e:  # no launcher traceback: the ranks' say where
+        print(e.details, file=sys.stderr)
+        print(f"megatron_locmoe.launch: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -92,7 +92,13 @@ class RankContext:
 
 
 class ClusterJobError(RuntimeError):
-    """A job failed or hung on one or more ranks; the message holds each rank's traceback."""
+    """A job failed or hung on one or more ranks; the message holds each rank's traceback,
+    ``headline`` the root cause in one line (a dead rank, else the first failing rank's
+    exception, else the timeout) for a command line to end with."""
+
+    def __init__(self, message: str, headline: str | None = None):
+        super().__init__(message)
+        self.headline = headline or message.strip().splitlines()[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,9 +239,20 @@ def _is_collective_timeout(tb: str) -> bool:
     return "Timed out" in tb.strip().splitlines()[-1]
 
 
+def _root_cause_first(failures: dict[int, str]) -> list[int]:
+    """The failing ranks, those that merely timed out waiting for another last."""
+    return sorted(failures, key=lambda r: (_is_collective_timeout(failures[r]), r))
+
+
+def _failure_headline(failures: dict[int, str]) -> str:
+    """``rank R: ITS EXCEPTION``, for the root-cause rank."""
+    first = _root_cause_first(failures)[0]
+    return f"rank {first}: {failures[first].strip().splitlines()[-1]}"
+
+
 def _describe_failures(what: str, failures: dict[int, str]) -> str:
     """The root-cause traceback first (ranks that merely timed out waiting for it come last)."""
-    order = sorted(failures, key=lambda r: (_is_collective_timeout(failures[r]), r))
+    order = _root_cause_first(failures)
     first = order[0]
     msg = f"{what} failed on rank {first}:\n{failures[first]}"
     by_error: dict[str, list[int]] = {}
@@ -244,6 +261,16 @@ def _describe_failures(what: str, failures: dict[int, str]) -> str:
     for last_line, ranks in by_error.items():
         msg += f"\nranks {ranks}: {last_line}"
     return msg
+
+
+def _exit_cause(code: int | None) -> str:
+    """``exit code 3``, or the signal that killed the process (``killed by SIGKILL``)."""
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            pass
+    return f"exit code {code}"
 
 
 def _free_port() -> int:
@@ -377,7 +404,7 @@ class SimCluster:
                 deadline = min(deadline, time.monotonic() + self.fail_grace_s)
         failures = {r: tb for r, (ok, tb) in sorted(answers.items()) if not ok}
         if failures:
-            raise ClusterJobError(_describe_failures(what, failures))
+            raise ClusterJobError(_describe_failures(what, failures), _failure_headline(failures))
         return [answers[r][1] for r in range(self.world_size)]
 
     def _raise_hung(self, what, answers, dead, timeout_s) -> None:
@@ -397,14 +424,17 @@ class SimCluster:
             stacks.append(f"--- rank {r} ---\n{text}")
         failed = {r: tb for r, (ok, tb) in answers.items() if not ok}
         stopped = [r for r in missing if r not in dead]
-        parts = []
+        parts, headlines = [], []
         if dead:  # a dead rank is the root cause of its peers' broken collectives
-            codes = ", ".join(f"rank {r}: exit code {self._procs[r].exitcode}" for r in dead)
-            parts.append(f"{what}: ranks {dead} died ({codes})")
+            codes = ", ".join(f"rank {r}: {_exit_cause(self._procs[r].exitcode)}" for r in dead)
+            headlines.append(f"ranks {dead} died ({codes})")
+            parts.append(f"{what}: {headlines[-1]}")
         if failed:
+            headlines.append(_failure_headline(failed))
             parts.append(_describe_failures(what, failed))
         if not parts:
-            parts.append(f"{what}: no answer within {timeout_s:.0f} s")
+            headlines.append(f"no answer within {timeout_s:.0f} s")
+            parts.append(f"{what}: {headlines[-1]}")
         if stopped:
             why = (
                 " (most likely waiting for the failed rank in a collective)"
@@ -414,7 +444,7 @@ class SimCluster:
             parts.append(f"ranks {stopped} had not answered and were stopped{why}")
         msg = "\n".join(parts) + f"\nlogs of ranks {missing[:2]}:\n" + "\n".join(stacks)
         self._kill()
-        raise ClusterJobError(msg)
+        raise ClusterJobError(msg, headlines[0])
 
     def _kill(self) -> None:
         _kill_groups(self._procs)
