@@ -17,6 +17,7 @@ import functools
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
+from megatron_locmoe.attention import with_context_parallel_attention
 from megatron_locmoe.config import LocMoEConfig
 from megatron_locmoe.layer import LocMoELayer, locmoe_mlp_builder
 from megatron_locmoe.resolve import Resolution, layer_resolution
@@ -78,6 +79,7 @@ def locmoe_block_spec(model_config, vp_stage=None):
         qk_l2_norm=cfg.qk_l2_norm,
         vp_stage=vp_stage,
     )
+    block = with_context_parallel_attention(block, cfg)  # local spec, CP > 1 only
     if not plugin_active(locmoe, cfg):
         return block
     topology = get_topology(locmoe.devices_per_node)  # collective on first call; then cached

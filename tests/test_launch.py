@@ -784,12 +784,12 @@ def test_cpu_sim_flags_map_onto_the_cpu_loop(tmp_path):
     assert settings.progress_path == str(tmp_path / "cpu-sim" / "cpu-sim" / "progress.jsonl")
 
 
-def test_cpu_loop_takes_pipeline_and_tensor_layouts_and_refuses_context_parallelism(
+def test_cpu_loop_takes_pipeline_tensor_and_context_parallel_layouts(
     tmp_path, monkeypatch
 ):
     """PP (with virtual stages) and TP (with sequence parallelism) map onto the CPU loop's
-    layout, micro-batches accumulating up to the global batch; CP is still refused, with the
-    flag to drop."""
+    layout, micro-batches accumulating up to the global batch; so does CP (local spec only:
+    TE's CP attention needs CUDA)."""
     sets = ["pipeline-model-parallel-size=2", "num-virtual-stages-per-pipeline-rank=2"]
     sets += ["num-layers=4", "expert-model-parallel-size=2", "global-batch-size=16"]
     settings, layout = _plan("cpu-sim", sets=sets, runs_dir=str(tmp_path)).runs[0].cpu_loop
@@ -808,8 +808,12 @@ def test_cpu_loop_takes_pipeline_and_tensor_layouts_and_refuses_context_parallel
     config = settings.transformer_config
     assert config.tensor_model_parallel_size == 2 and config.sequence_parallel
     assert settings.gpt_model_options["vocab_size"] % 2 == 0  # padded so TP 2 splits it
-    with pytest.raises(PresetError, match="--context-parallel-size 2: the CPU loop runs"):
-        _plan("cpu-sim", sets=["context-parallel-size=2", "expert-model-parallel-size=2"])
+    sets = ["context-parallel-size=2", "expert-model-parallel-size=2"]
+    settings, layout = _plan("cpu-sim", sets=sets, runs_dir=str(tmp_path)).runs[0].cpu_loop
+    assert (layout.cp, layout.ep) == (2, 2)  # micro batch 4 x DP 2 x 2 micro-batches = 16
+    assert settings.transformer_config.context_parallel_size == 2
+    with pytest.raises(PresetError, match="--context-parallel-size 2 needs --transformer-impl"):
+        _plan("cpu-sim", sets=[*sets, "transformer-impl=transformer_engine"])
 
 
 def test_cpu_loop_honours_the_model_flags(tmp_path):

@@ -368,11 +368,14 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path, per_nod
 
     world = args.world_size
     refuse = []
-    if args.context_parallel_size != 1:
+    cp = args.context_parallel_size
+    if cp > 1 and args.transformer_impl != "local":
         refuse.append(
-            f"--context-parallel-size {args.context_parallel_size}: the CPU loop runs expert, "
-            "pipeline and tensor parallelism, not context parallelism: use 1"
+            f"--context-parallel-size {cp} needs --transformer-impl local on the CPU loop "
+            "(megatron_locmoe.attention; TE's CP attention needs CUDA)"
         )
+    if cp > 1 and getattr(args, "window_size", None) is not None:
+        refuse.append(f"--window-size with --context-parallel-size {cp}: drop one")
     if args.bf16 or args.fp16:
         refuse.append("--bf16/--fp16: the CPU loop trains in float32, drop it")
     nodes = world // devices_per_node
@@ -384,7 +387,7 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path, per_nod
         )
     if args.vocab_size != VOCAB_SIZE:
         refuse.append(f"--vocab-size {args.vocab_size}: the corpus has byte tokens, use 257")
-    dp = world // (args.pipeline_model_parallel_size * args.tensor_model_parallel_size)
+    dp = world // (args.pipeline_model_parallel_size * args.tensor_model_parallel_size * cp)
     if args.global_batch_size % (args.micro_batch_size * dp):
         refuse.append(
             f"--global-batch-size {args.global_batch_size}: not a multiple of micro batch "
@@ -472,6 +475,7 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path, per_nod
         tp=args.tensor_model_parallel_size,
         pp=args.pipeline_model_parallel_size,
         vp=args.virtual_pipeline_model_parallel_size,
+        cp=cp,
     )
     return settings, layout
 

@@ -189,12 +189,14 @@ def _transformer_config(settings: TrainSettings, ep: int):
     vp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     etp = parallel_state.get_expert_tensor_parallel_world_size()
+    cp = parallel_state.get_context_parallel_world_size()
     if settings.transformer_config is not None:
         config = copy.copy(settings.transformer_config)
         for name, theirs, ours in (
             ("expert parallel size", config.expert_model_parallel_size, ep),
             ("pipeline parallel size", config.pipeline_model_parallel_size, pp),
             ("virtual pipeline size", config.virtual_pipeline_model_parallel_size, vp),
+            ("context parallel size", config.context_parallel_size, cp),
         ):
             if theirs != ours:
                 raise ValueError(f"the config's {name} {theirs} is not the cluster layout's {ours}")
@@ -205,6 +207,7 @@ def _transformer_config(settings: TrainSettings, ep: int):
         ep=ep,
         tp=tp,  # with sequence parallelism, which Megatron requires for MoE with TP > 1
         expert_tensor_parallel_size=etp,
+        context_parallel_size=cp,  # the local spec's attention: megatron_locmoe.attention
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vp,
         pipeline_dtype=torch.float32,
@@ -270,7 +273,24 @@ def _micro_batch(data, first: int, settings: TrainSettings):
     mask = None  # absent with --no-create-attention-mask-in-dataloader, as in pretrain_gpt
     if settings.dataset_options.get("reset_attention_mask") and "attention_mask" in batch[0]:
         mask = torch.stack([b["attention_mask"] for b in batch])
-    return tokens, labels, loss_mask, positions, mask
+    return _on_this_cp_rank(tokens, labels, loss_mask, positions, mask)
+
+
+def _on_this_cp_rank(tokens, labels, loss_mask, positions, mask):
+    """This context-parallel rank's share of a micro-batch: Megatron's own
+    get_batch_on_this_cp_rank (sequence chunks r and 2 cp - 1 - r of 2 cp; the attention
+    mask's query rows only), as pretrain_gpt's get_batch; unchanged without CP."""
+    from megatron.core import parallel_state
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    if parallel_state.get_context_parallel_world_size() == 1:
+        return tokens, labels, loss_mask, positions, mask
+    keys = ("tokens", "labels", "loss_mask", "position_ids", "attention_mask")
+    batch = dict(zip(keys, (tokens, labels, loss_mask, positions, mask), strict=True))
+    batch = get_batch_on_this_cp_rank(
+        batch, is_hybrid_cp=False, cp_group=parallel_state.get_context_parallel_group()
+    )
+    return tuple(batch[k] for k in keys)
 
 
 def _num_microbatches(settings: TrainSettings, dp_size: int) -> int:
@@ -357,14 +377,16 @@ def _from_last_stage(value: torch.Tensor) -> torch.Tensor:
 
 def _finalize_grads(chunks, num_tokens=None, pg_collection=None, force_all_reduce=False) -> None:
     """``config.finalize_model_grads_func``: Megatron's finalize_model_grads without its DDP
-    buffers. Each chunk's gradients synchronised over data parallelism (``_sync_grads``) and,
+    buffers. Each chunk's gradients synchronised over data parallelism with context
+    parallelism (Megatron's dp-cp group: CP ranks hold other tokens of the same samples;
+    ``_sync_grads``) and,
     for the parameters marked sequence_parallel (norms, routers: replicated over TP, each TP
     rank's gradient from its sequence shard), summed over the TP group; then
     the two copies of a tied embedding (the first stage's input embedding, the last stage's
     output layer) summed over the embedding group, so both apply the same update."""
     from megatron.core import parallel_state
 
-    dp_group = parallel_state.get_data_parallel_group()
+    dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     expt_dp_group = parallel_state.get_expert_data_parallel_group()
     tp_group = parallel_state.get_tensor_model_parallel_group()
     for chunk in chunks:
@@ -389,9 +411,10 @@ def _finalize_grads(chunks, num_tokens=None, pg_collection=None, force_all_reduc
 
 def _sync_grads(model, dp_group, expt_dp_group, dp_size: int) -> None:
     """The gradient of the mean of every data-parallel rank's loss, as Megatron's DDP makes
-    it: dense gradients averaged over the data-parallel group; an expert's gradient, which
+    it: dense gradients averaged over ``dp_group`` (data parallelism with CP, whose ranks each
+    computed the mean over their own tokens); an expert's gradient, which
     already holds the contributions of every rank of its EP group (the All-to-All's
-    backward), scaled by 1 / data-parallel size and *summed* over the replicas of that expert
+    backward), scaled by 1 / that group's size and *summed* over the replicas of that expert
     (the expert-data-parallel group), since each replica saw other ranks' tokens."""
     for p in model.parameters():
         if p.grad is None:
@@ -505,7 +528,8 @@ def train_job(ctx, settings: TrainSettings) -> dict:
     config.finalize_model_grads_func = _finalize_grads
     dp_group = parallel_state.get_data_parallel_group()
     dp_size, dp_rank = dist.get_world_size(dp_group), dist.get_rank(dp_group)
-    num_microbatches = _num_microbatches(settings, dp_size)
+    dp_cp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    num_microbatches = _num_microbatches(settings, dp_size)  # CP ranks share their samples
     opt, scheduler = _optimizer(chunks, settings)
     samples = settings.steps * num_microbatches * settings.micro_batch_size * dp_size
     if settings.data_prefix_per_node:
@@ -553,7 +577,9 @@ def train_job(ctx, settings: TrainSettings) -> dict:
         if settings.save_dir and (saving or exiting):
             checkpoint.save(chunks, opt, step + 1, settings.save_dir)
         mean = local.clone() if last_stage else torch.zeros(())
-        dist.all_reduce(mean, group=dp_group, op=dist.ReduceOp.AVG)
+        # the mean of every dp-cp rank's own-token mean: the objective the gradients follow
+        # (Megatron divides each CP rank's loss by its own token count, then averages over dp-cp)
+        dist.all_reduce(mean, group=dp_cp_group, op=dist.ReduceOp.AVG)
         losses.append(float(_from_last_stage(mean)))
         scalars = _CollectingWriter(writer)
         tracker.report(
@@ -633,6 +659,8 @@ def _evaluate(ctx, chunks, settings: TrainSettings, dp_group, dp_size: int, dp_r
     """Mean held-out loss over ``eval_batches`` micro-batches per rank (each data-parallel rank
     its own samples, its node's corpus with ``eval_prefix_per_node``) through the forward-only
     schedule, and every rank's mean (a data-parallel rank's as its last stage computed it)."""
+    from megatron.core import parallel_state
+
     samples = settings.eval_batches * settings.micro_batch_size * dp_size
     if settings.eval_prefix_per_node:
         data = _node_dataset(
@@ -660,7 +688,7 @@ def _evaluate(ctx, chunks, settings: TrainSettings, dp_group, dp_size: int, dp_r
     per_rank = [torch.zeros_like(total) for _ in range(dist.get_world_size())]
     dist.all_gather(per_rank, total)
     mine = total.clone()
-    dist.all_reduce(mine, group=dp_group)
+    dist.all_reduce(mine, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     return {
         "eval_loss": float(mine[0] / mine[1].clamp_min(1)),
         "eval_loss_per_rank": [float(t[0] / t[1].clamp_min(1)) for t in per_rank],
