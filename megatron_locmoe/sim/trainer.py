@@ -283,7 +283,7 @@ def _on_this_cp_rank(tokens, labels, loss_mask, positions, mask):
     from megatron.core import parallel_state
     from megatron.core.utils import get_batch_on_this_cp_rank
 
-    if parallel_state.get_context_parallel_world_size() == 1:
+    if parallel_state.get_context_parallel_world_size() <= 1:  # 0: no process groups
         return tokens, labels, loss_mask, positions, mask
     keys = ("tokens", "labels", "loss_mask", "position_ids", "attention_mask")
     batch = dict(zip(keys, (tokens, labels, loss_mask, positions, mask), strict=True))
