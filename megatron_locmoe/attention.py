@@ -15,6 +15,8 @@ r and 2 cp - 1 - r, in that order: with cp = 2, rank 0 holds positions [0, C) + 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 
 import torch
 from megatron.core import parallel_state
@@ -37,9 +39,11 @@ def cp_positions(local_len: int, cp_size: int, cp_rank: int, device=None) -> tor
     return torch.cat([cp_rank * c + chunk, (2 * cp_size - 1 - cp_rank) * c + chunk])
 
 
+@functools.lru_cache(maxsize=8)
 def cp_causal_mask(local_len: int, cp_size: int, cp_rank: int, device=None) -> torch.Tensor:
     """[1, 1, s, S] bool, True where query i may not see key k (Megatron's convention): the
-    key lies after the query in the sequence; keys in sequence order."""
+    key lies after the query in the sequence; keys in sequence order. Built once per shape,
+    not per layer and micro-batch (read only)."""
     q_pos_s = cp_positions(local_len, cp_size, cp_rank, device)
     k_pos_S = torch.arange(local_len * cp_size, device=device)
     return (k_pos_S[None, :] > q_pos_s[:, None]).view(1, 1, local_len, -1)
@@ -105,8 +109,6 @@ class ContextParallelDotProductAttention(DotProductAttention):
 def with_context_parallel_attention(block_spec, config):
     """A copy of a decoder block spec whose local DotProductAttention is the CP one, when
     ``config`` has CP > 1 (TE's own attention has CP and is left alone); else unchanged."""
-    import dataclasses
-
     if config.context_parallel_size == 1:
         return block_spec
     layer_specs = []

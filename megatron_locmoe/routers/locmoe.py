@@ -327,10 +327,12 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
                 )
                 if bounded and with_losses:
                     self._count_routing_step()
-                return probs_TE, routing_map_TE
+                return probs_TE, routing_map_TE  # losses and metrics applied in the kernels
             probs_TE, routing_map_TE, attached, aux, vector = self._graph_forward(
                 x_TH, spec, with_losses, capacity, expert_choice
             )
+        if bounded and with_losses:  # after the re-estimate read this step's number
+            self._count_routing_step()
         if with_losses and spec.aux_coeff:
             self._record_aux_loss(aux / spec.aux_coeff)
         if with_losses and (spec.aux_coeff or spec.locality_coeff):
@@ -356,7 +358,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
                 with_losses,
             )
             return probs_TE, routing_map_TE, attached, aux, vector
-        out = fused.run(
+        return fused.run(
             fused.capacity_route_with_losses,
             x_TH.device,
             x_TH,
@@ -370,18 +372,14 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
             self.locmoe.plus_affinity_threshold,
             expert_choice,
         )
-        if with_losses:
-            self._count_routing_step()
-        return out
 
     def _reestimate_forward(self, x_TH, spec, with_losses: bool):
         """Three compiled graphs: gate and token choice, then (on the host) the capacity
         re-estimated from this batch, then the drop, the losses and the metrics."""
         gate = (self.weight, self.grap_log_temperature, self.grap_bias)
-        T = x_TH.shape[0]
         gate_TE, probs_TE, routing_map_TE, scores_TE = self.fused_route(x_TH, gate)
         self.estimate_capacity_bound(x_TH, gate_TE, routing_map_TE)
-        capacity = self.capacity_for(T)
+        capacity, expert_choice = self.capacity_plan(x_TH.shape[0])
         map_aux_TE = routing_map_TE
         probs_TE, routing_map_TE, dropped = drop_to_capacity(
             probs_TE, routing_map_TE, capacity, self.drop_priority(probs_TE, gate_TE)
@@ -397,7 +395,6 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
                 spec,
                 self.tp_cp_group,
             )
-            self._count_routing_step()
         vector = fused.run(
             fused.router_metric_vector,
             x_TH.device,
@@ -409,7 +406,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
             kl,
             self.capacity_delta,
             self.capacity_ec_min,
-            capacity < self.capacity_ceiling(T),
+            expert_choice,
         )
         return probs_TE, routing_map_TE, attached, aux, vector
 
