@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch.distributed as dist
 
 from megatron_locmoe.sim import data
 from megatron_locmoe.sim.cluster import ParallelLayout
@@ -79,3 +80,114 @@ def test_a_vocabulary_that_does_not_split_is_refused(cluster8, corpus):
     settings = replace(_settings(corpus, steps=1), gpt_model_options={})
     with pytest.raises(Exception, match="does not split over tensor-parallel size 2"):
         cluster8.run(train_job, settings, layout=TP2, timeout_s=JOB_TIMEOUT_S)
+
+
+# ---- the plugin's routers under TP 2 + SP, EP across the 2 nodes (hierarchical dispatcher) -----
+
+# EP 8 with expert-TP 1 over 2 nodes x 4 ranks: one EP group of every rank, 4 EP ranks per node
+# (both TP ranks of a pair dispatch their own sequence shard); the same experts on the same
+# nodes as TP1_EP8. TP2_ETP2: EP 4 of expert-TP pairs, EP ranks 0, 2, 4, 6 (2 per node)
+TP1_EP8 = ParallelLayout(devices_per_node=4, ep=8)
+TP2_EP8 = ParallelLayout(devices_per_node=4, tp=2, etp=1, ep=8)
+TP2_ETP2 = ParallelLayout(devices_per_node=4, tp=2, ep=4)
+
+TOKEN_WISE = {  # (LocMoEConfig fields, TransformerConfig fields) of routers SP cannot change
+    "hash": ({}, {}),  # the expert is a function of the token id
+    "locmoe": (dict(locality_loss_coeff=0.0), {}),  # dropless; the aux loss is over the TP group
+    "switch": ({}, dict(moe_expert_capacity_factor=8.0)),  # capacity = T tokens: no drop
+}
+BATCH_WISE = {  # routers whose routing or losses read this rank's tokens as a batch
+    "locmoe": ({}, {}),  # the locality loss: D_c is the mean over this rank's tokens
+    "switch": ({}, dict(moe_expert_capacity_factor=1.0)),  # capacity from this rank's T
+    "locmoe_plus": ({}, dict(moe_expert_capacity_factor=1.1)),  # capacity, delta and D_c
+}
+
+
+def _router_settings(corpus, router_type, cases, **kw) -> TrainSettings:
+    locmoe_fields, overrides = cases[router_type]
+    settings = pipeline_settings(
+        corpus,
+        router_type,
+        num_layers=2,
+        gpt_model_options=dict(vocab_size=data.VOCAB_SIZE + 1),
+        **kw,
+    )
+    return replace(
+        settings,
+        locmoe=replace(settings.locmoe, **locmoe_fields),
+        transformer_overrides={**settings.transformer_overrides, **overrides},
+    )
+
+
+def ep_topology_job(ctx):
+    """(this rank's EP group, nodes it spans, whether the two-hop subgroups exist)."""
+    from megatron.core import parallel_state
+
+    topo = ctx.topology()
+    ep_ranks = dist.get_process_group_ranks(parallel_state.get_expert_model_parallel_group())
+    return ep_ranks, topo.num_nodes, topo.intra_node_group is not None, topo.rail_group is not None
+
+
+def _train(cluster, settings, layout) -> dict:
+    """Rank 0's result, after checking that every rank reports the same losses and metrics
+    (the last stage's loss; the metrics averaged over the TP peers and data parallelism)."""
+    results = cluster.run(train_job, settings, layout=layout, timeout_s=JOB_TIMEOUT_S)
+    for r in results:
+        assert r["losses"] == results[0]["losses"]
+        assert r["metrics"] == results[0]["metrics"], "metrics differ between ranks"
+    out = results[0]
+    assert out["metrics"]["inter_node_bytes"] > 0 and out["metrics"]["intra_node_bytes"] > 0
+    return out
+
+
+@pytest.mark.parametrize("layout", [TP2_EP8, TP2_ETP2], ids=["etp1-ep8", "etp2-ep4"])
+def test_ep_groups_span_both_nodes_under_tensor_parallelism(cluster8, layout):
+    """The layouts below put the hierarchical dispatcher to work: every EP group has ranks on
+    both nodes and both of its hops (intra-node and rail subgroups)."""
+    for ep_ranks, nodes, intra, rail in cluster8.run(
+        ep_topology_job, layout=layout, timeout_s=JOB_TIMEOUT_S
+    ):
+        assert len({r // layout.devices_per_node for r in ep_ranks}) == nodes == 2
+        assert intra and rail
+
+
+@pytest.mark.parametrize("router_type", list(TOKEN_WISE))
+def test_token_wise_plugin_routers_train_the_tp1_loss_under_tp(
+    cluster8, corpus, tmp_path, router_type, record_property
+):
+    """Routers whose choice and losses do not depend on how sequence parallelism splits a
+    micro-batch (hash; locmoe without locality loss, dropless, whose Switch-form aux loss
+    Megatron counts over the TP group; switch at a capacity that drops nothing) train TP 1's
+    losses and gradient norms from one start under TP 2 + SP with EP across the nodes (and,
+    for locmoe, with expert-TP 2: the dispatcher's expert-TP all-gather / reduce-scatter)."""
+    start = str(tmp_path / "start")
+    first = _router_settings(corpus, router_type, TOKEN_WISE, steps=1, save_interval=1)
+    cluster8.run(train_job, replace(first, save_dir=start), layout=TP1_EP8, timeout_s=JOB_TIMEOUT_S)
+    settings = _router_settings(corpus, router_type, TOKEN_WISE, init_weights_dir=start)
+    reference = _train(cluster8, settings, TP1_EP8)
+    assert min(reference["grad_norm"]) > OPTIMIZER.clip_grad
+    layouts = [TP2_EP8, TP2_ETP2] if router_type == "locmoe" else [TP2_EP8]
+    for layout in layouts:
+        out = _train(cluster8, settings, layout)
+        record_property(f"losses {layout.describe()}", out["losses"])
+        for key in ("losses", "grad_norm"):  # measured: 5e-7 apart at most
+            np.testing.assert_allclose(out[key], reference[key], rtol=1e-5, err_msg=key)
+    record_property("reference_losses", reference["losses"])
+
+
+@pytest.mark.parametrize("router_type", list(BATCH_WISE))
+def test_batch_wise_plugin_routers_train_under_tp(cluster8, corpus, router_type, record_property):
+    """Routers that read this rank's tokens as a batch (LocMoE's locality loss, capacities and
+    LocMoE's delta from this rank's T tokens) see half a micro-batch per TP rank under SP, so
+    TP 2 legitimately routes differently from TP 1 (docs/cluster.md has the numbers): from
+    scratch they train, every rank reports one set of metrics, the dispatcher crosses nodes."""
+    settings = replace(_router_settings(corpus, router_type, BATCH_WISE, steps=4), optimizer=None)
+    out = _train(cluster8, settings, TP2_EP8)
+    losses, metrics = out["losses"], out["metrics"]
+    record_property("losses", losses)
+    record_property("metrics", metrics)
+    assert len(losses) == 4 and losses[-1] < losses[0], losses
+    if router_type.startswith("locmoe"):
+        assert metrics["locality_loss"] > 0
+    if router_type != "locmoe":
+        assert metrics["tokens_dropped"] > 0
