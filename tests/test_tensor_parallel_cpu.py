@@ -191,3 +191,60 @@ def test_batch_wise_plugin_routers_train_under_tp(cluster8, corpus, router_type,
         assert metrics["locality_loss"] > 0
     if router_type != "locmoe":
         assert metrics["tokens_dropped"] > 0
+
+
+def locality_gradient_job(ctx, fused_router: str, use_kernels: bool = True):
+    """The gradient of a LocMoE router's attached locality loss (aux loss off) on its input:
+    under TP 2 each rank routes one [8, 2, 32] shard x (the same on both TP ranks); at TP 1
+    the rank routes the micro-batch [x; x] those two shards make up. Returns the gradient on x
+    (TP 1: on the first half)."""
+    import torch
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    from megatron_locmoe.config import LocMoEConfig
+    from megatron_locmoe.routers.locmoe import LocMoERouter
+    from megatron_locmoe.sim.testing import moe_config
+
+    ctx.topology()
+    layout = ctx.layout
+    config = moe_config(
+        ep=layout.ep,
+        tp=layout.tp,
+        expert_tensor_parallel_size=layout.etp,
+        hidden_size=32,
+        moe_router_topk=1,
+    )
+    locmoe = LocMoEConfig(
+        router_type="locmoe", aux_loss_coeff=0.0, locality_loss_coeff=0.1, fused_router=fused_router
+    )
+    router = LocMoERouter(config, get_default_pg_collection(), locmoe=locmoe)
+    router.use_kernels = use_kernels
+    router.train()
+    x = torch.randn(8, 2, 32, generator=torch.Generator().manual_seed(ctx.rank // 2))
+    batch = x if layout.tp == 2 else torch.cat([x, x])
+    batch.requires_grad_(True)
+    probs_TE, _ = router(batch)
+    (probs_TE.sum() * 0).backward()  # only the attached loss reaches the input
+    return batch.grad[:8]
+
+
+@pytest.mark.parametrize(
+    "fused_router, use_kernels",
+    [("off", True), ("on", False), ("on", True)],
+    ids=["reference", "fused", "kernels"],
+)
+def test_the_locality_loss_counts_once_per_tensor_parallel_group(
+    cluster8, fused_router, use_kernels
+):
+    """Under SP every TP rank attaches its own locality loss and the TP ranks' gradients add
+    up (sequence-parallel activations, router weights), so each rank's share must be 1/TP of
+    the micro-batch's, as Megatron scales its z-loss: with both shards alike, TP 2's gradient
+    on a shard equals TP 1's on that half of the micro-batch (it was twice that), on the
+    reference path, the fused path and the Triton kernels (interpreted on the CPU)."""
+    run = dict(timeout_s=JOB_TIMEOUT_S)
+    args = (fused_router, use_kernels)
+    tp1 = cluster8.run(locality_gradient_job, *args, layout=TP1_EP8, **run)
+    tp2 = cluster8.run(locality_gradient_job, *args, layout=TP2_EP8, **run)
+    assert float(tp1[0].abs().max()) > 0
+    for r in range(8):  # the same x, node and local experts on rank r in both layouts
+        np.testing.assert_allclose(tp2[r].numpy(), tp1[r].numpy(), rtol=1e-5, atol=1e-9)
