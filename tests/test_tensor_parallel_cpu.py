@@ -3,7 +3,9 @@ TP 2 inside a node with EP 4 (experts not TP-split, ETP 1), trains the same loss
 (EP 4) for the same global batch from one model-only checkpoint saved under TP 1 (torch_dist
 reshards the vocabulary-, column- and row-parallel weights). The router is Megatron's TopKRouter
 without aux loss: its choice depends on the token alone. The vocabulary (257 byte tokens) is
-padded to 258 in both layouts, so TP 2 can split it."""
+padded to 258 in both layouts, so TP 2 can split it. The plugin's routers follow, with EP
+across both nodes (the hierarchical dispatcher's two hops): those whose routing SP cannot
+change train TP 1's loss, the others train with one set of metrics on every rank."""
 
 from __future__ import annotations
 
