@@ -22,9 +22,11 @@ from megatron_locmoe.launch import cli as launch
 from megatron_locmoe.launch.cli import Options, build_plan, main
 from megatron_locmoe.launch.presets import (
     CUDA_ONLY_FLAGS,
+    Layout,
     PresetError,
     cuda_only_settings,
     load_preset,
+    megatron_argv,
 )
 from megatron_locmoe.patch_megatron_lm import MEGATRON_LM_TAG, patch_megatron_lm
 
@@ -871,6 +873,69 @@ def test_cpu_loop_takes_the_dataset_flags(tmp_path):
     o = rp.cpu_loop[0].dataset_options
     assert (o["split"], o["eod_mask_loss"], o["reset_attention_mask"]) == ("90,10,0", True, True)
     assert (o["reset_position_ids"], o["path_to_cache"]) == (False, str(tmp_path / "cache"))
+
+
+# --------------------------------------------------------------------------------------------
+# CPU twins: the presets with TP or PP, reduced to the simulated cluster
+# --------------------------------------------------------------------------------------------
+
+
+def _layout(flags) -> Layout:
+    return Layout.from_argv(megatron_argv(flags))
+
+
+TWINNED = [n for n in PRESETS if (lay := _layout(load_preset(n).megatron)).tp > 1 or lay.pp > 1]
+
+
+def test_the_presets_with_tensor_or_pipeline_parallelism():
+    assert TWINNED == ["ascend-pangu-sigma", "mixtral-8x7b-locmoe-plus"]
+
+
+@pytest.mark.parametrize("name", TWINNED)
+def test_cpu_twins_keep_the_layout_and_routing_of_their_preset(name, tmp_path):
+    """launch --cpu-twin NAME: the preset's TP / SP / PP / expert-TP sizes and every run's router
+    flags on 8 simulated ranks, with an EP group across 2 nodes (as in the preset, where EP
+    spans nodes) and cpu-sim's tiny model; Megatron's parser accepts each run."""
+    source = load_preset(name)
+    plan = _plan(name, cpu_twin=True, runs_dir=str(tmp_path))
+    assert plan.preset.name == f"{name}-cpu-twin" and plan.preset.device == "cpu"
+    assert plan.world_size == 8
+    assert len(plan.runs) == len(source.runs())
+    if source.sweep:
+        assert [rp.name for rp in plan.runs] == list(source.sweep)
+    for rp, (_, flags) in zip(plan.runs, source.runs(), strict=True):
+        want = _layout(flags)
+        settings, layout = rp.cpu_loop
+        assert (layout.tp, layout.pp, layout.etp, layout.cp) == (want.tp, want.pp, want.etp, 1)
+        assert layout.ep * layout.etp == 2 * layout.devices_per_node  # EP spans 2 nodes
+        config = settings.transformer_config
+        assert config.sequence_parallel == bool(flags.get("sequence-parallel"))
+        assert config.moe_expert_capacity_factor == flags.get("moe-expert-capacity-factor")
+        assert settings.locmoe.router_type == flags.get("moe-router-type", "megatron")
+        assert settings.locmoe.dispatcher == "hierarchical"
+        assert (settings.hidden_size, settings.num_experts) == (64, flags["num-experts"])
+
+
+def test_a_cpu_twin_trains_its_layout_on_the_simulated_cluster(cluster8, tmp_path):
+    """The twin of mixtral-8x7b-locmoe-plus (TP 2 + SP, PP 2, EP 2 x expert-TP 2 across 2
+    nodes, locmoe_plus) trains as the launcher maps it (run_cpu's job, on the session's
+    cluster): every rank the same losses and metrics, bytes between the nodes (one EP rank
+    per node, so nothing goes to an EP peer inside the node)."""
+    from megatron_locmoe.sim import data
+    from megatron_locmoe.sim.trainer import train_job
+
+    prefix = tmp_path / "pydoc"
+    data.build_indexed_dataset(prefix, max_stdlib_files=0)
+    sets = [f"data-path={prefix}", "train-iters=2"]
+    plan = _plan("mixtral-8x7b-locmoe-plus", cpu_twin=True, sets=sets, runs_dir=str(tmp_path))
+    ((settings, layout),) = [rp.cpu_loop for rp in plan.runs]
+    assert (layout.devices_per_node, layout.tp, layout.pp, layout.ep, layout.etp) == (2, 2, 2, 2, 2)
+    results = cluster8.run(train_job, settings, layout=layout, timeout_s=240)
+    for r in results:
+        assert r["losses"] == results[0]["losses"] and r["metrics"] == results[0]["metrics"]
+    losses, metrics = results[0]["losses"], results[0]["metrics"]
+    assert len(losses) == 2 and all(4.0 < v < 7.0 for v in losses), losses
+    assert metrics["inter_node_bytes"] > 0 and metrics["intra_node_bytes"] == 0
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@ TP 2 inside a node with EP 4 (experts not TP-split, ETP 1), trains the same loss
 (EP 4) for the same global batch from one model-only checkpoint saved under TP 1 (torch_dist
 reshards the vocabulary-, column- and row-parallel weights). The router is Megatron's TopKRouter
 without aux loss: its choice depends on the token alone. The vocabulary (257 byte tokens) is
-padded to 258 in both layouts, so TP 2 can split it."""
+padded to 258 in both layouts, so TP 2 can split it. The plugin's routers follow, with EP
+across both nodes (the hierarchical dispatcher's two hops): those whose routing SP cannot
+change train TP 1's loss, the others train with one set of metrics on every rank."""
 
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch.distributed as dist
 
-from megatron_locmoe.config import LocMoEConfig
 from megatron_locmoe.sim import data
 from megatron_locmoe.sim.cluster import ParallelLayout
 from megatron_locmoe.sim.trainer import TrainSettings, train_job
@@ -82,85 +84,169 @@ def test_a_vocabulary_that_does_not_split_is_refused(cluster8, corpus):
         cluster8.run(train_job, settings, layout=TP2, timeout_s=JOB_TIMEOUT_S)
 
 
-# ---- the plugin's routers under TP 2 + SP, EP across nodes: the hierarchical dispatcher -------
+# ---- the plugin's routers under TP 2 + SP, EP across the 2 nodes (hierarchical dispatcher) -----
 
-# 4 simulated nodes x 2 ranks: each TP pair is one node; with ETP 1 the EP group of 4 is ranks
-# (0-3) or (4-7), two nodes each, so the hierarchical dispatcher has inter-node work
-TP1_EP_ACROSS_NODES = ParallelLayout(devices_per_node=2, ep=4)
-TP2_EP_ACROSS_NODES = ParallelLayout(devices_per_node=2, tp=2, etp=1, ep=4)
+# EP 8 with expert-TP 1 over 2 nodes x 4 ranks: one EP group of every rank, 4 EP ranks per node
+# (both TP ranks of a pair dispatch their own sequence shard); the same experts on the same
+# nodes as TP1_EP8. TP2_ETP2: EP 4 of expert-TP pairs, EP ranks 0, 2, 4, 6 (2 per node)
+TP1_EP8 = ParallelLayout(devices_per_node=4, ep=8)
+TP2_EP8 = ParallelLayout(devices_per_node=4, tp=2, etp=1, ep=8)
+TP2_ETP2 = ParallelLayout(devices_per_node=4, tp=2, ep=4)
 
-PLUGIN_ROUTERS_UNDER_TP = {  # each with its own losses and capacity
-    "locmoe": {},
-    "locmoe_plus": dict(moe_expert_capacity_factor=1.1),
-    "switch": dict(moe_expert_capacity_factor=1.0),
+TOKEN_WISE = {  # (LocMoEConfig fields, TransformerConfig fields) of routers SP cannot change
+    "hash": ({}, {}),  # the expert is a function of the token id
+    "locmoe": (dict(locality_loss_coeff=0.0), {}),  # dropless; the aux loss is over the TP group
+    "switch": ({}, dict(moe_expert_capacity_factor=8.0)),  # capacity = T tokens: no drop
+}
+BATCH_WISE = {  # routers whose routing or losses read this rank's tokens as a batch
+    "locmoe": ({}, {}),  # the locality loss: D_c is the mean over this rank's tokens
+    "switch": ({}, dict(moe_expert_capacity_factor=1.0)),  # capacity from this rank's T
+    "locmoe_plus": ({}, dict(moe_expert_capacity_factor=1.1)),  # capacity, delta and D_c
 }
 
 
-def _plugin_settings(corpus, router_type: str, **kw) -> TrainSettings:
-    locmoe = kw.pop("locmoe", LocMoEConfig(router_type=router_type, dispatcher="hierarchical"))
-    return replace(_settings(corpus, **kw), locmoe=locmoe)
+def _router_settings(corpus, router_type, cases, **kw) -> TrainSettings:
+    locmoe_fields, overrides = cases[router_type]
+    settings = pipeline_settings(
+        corpus,
+        router_type,
+        num_layers=2,
+        gpt_model_options=dict(vocab_size=data.VOCAB_SIZE + 1),
+        **kw,
+    )
+    return replace(
+        settings,
+        locmoe=replace(settings.locmoe, **locmoe_fields),
+        transformer_overrides={**settings.transformer_overrides, **overrides},
+    )
 
 
-@pytest.mark.parametrize("router_type", list(PLUGIN_ROUTERS_UNDER_TP))
-def test_plugin_routers_train_under_tensor_parallel_with_ep_across_nodes(
-    cluster8, corpus, router_type, record_property
-):
-    """TP 2 + SP + EP 4 on 4 nodes x 2 ranks, from scratch: the loss falls, losses and the
-    plugin's metrics are identical on every rank (each TP rank routes its own half of the
-    tokens; the metrics average over the pair), the hierarchical dispatcher sends bytes between
-    and inside nodes. The capacity and the locality loss see each rank's tokens, so no loss
-    equality with TP 1 is claimed here (the next test claims it where the math gives it)."""
-    from tests.test_pipeline_cpu import ep_groups_job
+def ep_topology_job(ctx):
+    """(this rank's EP group, nodes it spans, whether the two-hop subgroups exist)."""
+    from megatron.core import parallel_state
 
-    layout = TP2_EP_ACROSS_NODES
-    groups = cluster8.run(ep_groups_job, layout=layout, timeout_s=JOB_TIMEOUT_S)
-    assert all(len({r // layout.devices_per_node for r in g}) == 2 for g in groups), groups
-    settings = _plugin_settings(
-        corpus, router_type, steps=4, optimizer=None,
-        transformer_overrides=PLUGIN_ROUTERS_UNDER_TP[router_type],
-    )  # fmt: skip
-    results = cluster8.run(train_job, settings, layout=layout, timeout_s=JOB_TIMEOUT_S)
+    topo = ctx.topology()
+    ep_ranks = dist.get_process_group_ranks(parallel_state.get_expert_model_parallel_group())
+    return ep_ranks, topo.num_nodes, topo.intra_node_group is not None, topo.rail_group is not None
+
+
+def _train(cluster, settings, layout) -> dict:
+    """Rank 0's result, after checking that every rank reports the same losses and metrics
+    (the last stage's loss; the metrics averaged over the TP peers and data parallelism)."""
+    results = cluster.run(train_job, settings, layout=layout, timeout_s=JOB_TIMEOUT_S)
     for r in results:
         assert r["losses"] == results[0]["losses"]
-        assert r["metrics"] == results[0]["metrics"]
-    losses, metrics = results[0]["losses"], results[0]["metrics"]
+        assert r["metrics"] == results[0]["metrics"], "metrics differ between ranks"
+    out = results[0]
+    assert out["metrics"]["inter_node_bytes"] > 0 and out["metrics"]["intra_node_bytes"] > 0
+    return out
+
+
+@pytest.mark.parametrize("layout", [TP2_EP8, TP2_ETP2], ids=["etp1-ep8", "etp2-ep4"])
+def test_ep_groups_span_both_nodes_under_tensor_parallelism(cluster8, layout):
+    """The layouts below put the hierarchical dispatcher to work: every EP group has ranks on
+    both nodes and both of its hops (intra-node and rail subgroups)."""
+    for ep_ranks, nodes, intra, rail in cluster8.run(
+        ep_topology_job, layout=layout, timeout_s=JOB_TIMEOUT_S
+    ):
+        assert len({r // layout.devices_per_node for r in ep_ranks}) == nodes == 2
+        assert intra and rail
+
+
+@pytest.mark.parametrize("router_type", list(TOKEN_WISE))
+def test_token_wise_plugin_routers_train_the_tp1_loss_under_tp(
+    cluster8, corpus, tmp_path, router_type, record_property
+):
+    """Routers whose choice and losses do not depend on how sequence parallelism splits a
+    micro-batch (hash; locmoe without locality loss, dropless, whose Switch-form aux loss
+    Megatron counts over the TP group; switch at a capacity that drops nothing) train TP 1's
+    losses and gradient norms from one start under TP 2 + SP with EP across the nodes (and,
+    for locmoe, with expert-TP 2: the dispatcher's expert-TP all-gather / reduce-scatter)."""
+    start = str(tmp_path / "start")
+    first = _router_settings(corpus, router_type, TOKEN_WISE, steps=1, save_interval=1)
+    cluster8.run(train_job, replace(first, save_dir=start), layout=TP1_EP8, timeout_s=JOB_TIMEOUT_S)
+    settings = _router_settings(corpus, router_type, TOKEN_WISE, init_weights_dir=start)
+    reference = _train(cluster8, settings, TP1_EP8)
+    assert min(reference["grad_norm"]) > OPTIMIZER.clip_grad
+    layouts = [TP2_EP8, TP2_ETP2] if router_type == "locmoe" else [TP2_EP8]
+    for layout in layouts:
+        out = _train(cluster8, settings, layout)
+        record_property(f"losses {layout.describe()}", out["losses"])
+        for key in ("losses", "grad_norm"):  # measured: 5e-7 apart at most
+            np.testing.assert_allclose(out[key], reference[key], rtol=1e-5, err_msg=key)
+    record_property("reference_losses", reference["losses"])
+
+
+@pytest.mark.parametrize("router_type", list(BATCH_WISE))
+def test_batch_wise_plugin_routers_train_under_tp(cluster8, corpus, router_type, record_property):
+    """Routers that read this rank's tokens as a batch (LocMoE's locality loss, capacities and
+    LocMoE's delta from this rank's T tokens) see half a micro-batch per TP rank under SP, so
+    TP 2 legitimately routes differently from TP 1 (docs/cluster.md has the numbers): from
+    scratch they train, every rank reports one set of metrics, the dispatcher crosses nodes."""
+    settings = replace(_router_settings(corpus, router_type, BATCH_WISE, steps=4), optimizer=None)
+    out = _train(cluster8, settings, TP2_EP8)
+    losses, metrics = out["losses"], out["metrics"]
     record_property("losses", losses)
     record_property("metrics", metrics)
     assert len(losses) == 4 and losses[-1] < losses[0], losses
-    assert metrics["inter_node_bytes"] > 0 and metrics["intra_node_bytes"] > 0, metrics
-    if router_type == "locmoe":
+    if router_type.startswith("locmoe"):
         assert metrics["locality_loss"] > 0
-    if router_type != "locmoe":  # a capacity: something is dropped at these sizes
-        assert metrics["tokens_dropped"] > 0, metrics
+    if router_type != "locmoe":
+        assert metrics["tokens_dropped"] > 0
 
 
-def test_locmoe_under_tensor_parallel_trains_the_same_loss_as_tp1(
-    cluster8, corpus, tmp_path, record_property
+def locality_gradient_job(ctx, fused_router: str, use_kernels: bool = True):
+    """The gradient of a LocMoE router's attached locality loss (aux loss off) on its input:
+    under TP 2 each rank routes one [8, 2, 32] shard x (the same on both TP ranks); at TP 1
+    the rank routes the micro-batch [x; x] those two shards make up. Returns the gradient on x
+    (TP 1: on the first half)."""
+    import torch
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    from megatron_locmoe.config import LocMoEConfig
+    from megatron_locmoe.routers.locmoe import LocMoERouter
+    from megatron_locmoe.sim.testing import moe_config
+
+    ctx.topology()
+    layout = ctx.layout
+    config = moe_config(
+        ep=layout.ep,
+        tp=layout.tp,
+        expert_tensor_parallel_size=layout.etp,
+        hidden_size=32,
+        moe_router_topk=1,
+    )
+    locmoe = LocMoEConfig(
+        router_type="locmoe", aux_loss_coeff=0.0, locality_loss_coeff=0.1, fused_router=fused_router
+    )
+    router = LocMoERouter(config, get_default_pg_collection(), locmoe=locmoe)
+    router.use_kernels = use_kernels
+    router.train()
+    x = torch.randn(8, 2, 32, generator=torch.Generator().manual_seed(ctx.rank // 2))
+    batch = x if layout.tp == 2 else torch.cat([x, x])
+    batch.requires_grad_(True)
+    probs_TE, _ = router(batch)
+    (probs_TE.sum() * 0).backward()  # only the attached loss reaches the input
+    return batch.grad[:8]
+
+
+@pytest.mark.parametrize(
+    "fused_router, use_kernels",
+    [("off", True), ("on", False), ("on", True)],
+    ids=["reference", "fused", "kernels"],
+)
+def test_the_locality_loss_counts_once_per_tensor_parallel_group(
+    cluster8, fused_router, use_kernels
 ):
-    """The locmoe router with its Switch-form balance loss (token counts summed over the TP
-    group) and no locality loss (its D_c is each rank's mean) routes each token by the token
-    alone: TP 2 + SP equals TP 1 on the same EP layout across nodes, from one start."""
-    locmoe = LocMoEConfig(router_type="locmoe", dispatcher="hierarchical", locality_loss_coeff=0.0)
-    cluster8.run(
-        train_job,
-        _plugin_settings(corpus, "locmoe", locmoe=locmoe, steps=1, save_interval=1,
-                         save_dir=str(tmp_path)),
-        layout=TP1_EP_ACROSS_NODES,
-        timeout_s=JOB_TIMEOUT_S,
-    )  # fmt: skip
-    settings = _plugin_settings(corpus, "locmoe", locmoe=locmoe, init_weights_dir=str(tmp_path))
-    reference = cluster8.run(train_job, settings, layout=TP1_EP_ACROSS_NODES,
-                             timeout_s=JOB_TIMEOUT_S)[0]  # fmt: skip
-    results = cluster8.run(train_job, settings, layout=TP2_EP_ACROSS_NODES, timeout_s=JOB_TIMEOUT_S)
-    for r in results:
-        assert r["losses"] == results[0]["losses"] and r["metrics"] == results[0]["metrics"]
-    out = results[0]
-    record_property("losses", out["losses"])
-    record_property("reference_losses", reference["losses"])
-    np.testing.assert_allclose(out["losses"], reference["losses"], rtol=1e-5)
-    np.testing.assert_allclose(out["grad_norm"], reference["grad_norm"], rtol=1e-4)
-    # the balance loss is over the whole batch; which node a token sits on is not (TP 1 puts
-    # two samples on a node's two ranks, TP 2 one sample split over them), so the node-local
-    # fraction and the bytes legitimately differ
-    lb = out["metrics"]["load_balancing_loss"]
-    assert lb > 0 and lb == pytest.approx(reference["metrics"]["load_balancing_loss"], rel=1e-5)
+    """Under SP every TP rank attaches its own locality loss and the TP ranks' gradients add
+    up (sequence-parallel activations, router weights), so each rank's share must be 1/TP of
+    the micro-batch's, as Megatron scales its z-loss: with both shards alike, TP 2's gradient
+    on a shard equals TP 1's on that half of the micro-batch (it was twice that), on the
+    reference path, the fused path and the Triton kernels (interpreted on the CPU)."""
+    run = dict(timeout_s=JOB_TIMEOUT_S)
+    args = (fused_router, use_kernels)
+    tp1 = cluster8.run(locality_gradient_job, *args, layout=TP1_EP8, **run)
+    tp2 = cluster8.run(locality_gradient_job, *args, layout=TP2_EP8, **run)
+    assert float(tp1[0].abs().max()) > 0
+    for r in range(8):  # the same x, node and local experts on rank r in both layouts
+        np.testing.assert_allclose(tp2[r].numpy(), tp1[r].numpy(), rtol=1e-5, atol=1e-9)

@@ -63,6 +63,7 @@ from megatron_locmoe.launch.presets import (
     apply_override,
     available_presets,
     check_layout,
+    cpu_twin,
     cuda_only_flags,
     cuda_only_settings,
     flag_value,
@@ -183,6 +184,7 @@ class Options:
     runs: list[str] | None = None
     runs_dir: str = "runs"
     dry_run: bool = False
+    cpu_twin: bool = False
     check: bool = True
     extra: list[str] = field(default_factory=list)
     python: str = sys.executable
@@ -254,6 +256,8 @@ def build_plan(opts: Options, preset: Preset | None = None) -> Plan:
     """Read the preset (or take ``preset``, already read), apply the overrides, check
     everything; raise PresetError."""
     preset = preset if preset is not None else load_preset(opts.config)
+    if opts.cpu_twin:
+        preset = cpu_twin(preset)
     for item in opts.sets:
         preset = apply_override(preset, item)
     if opts.entry:
@@ -837,6 +841,12 @@ def parse_options(argv: list[str]) -> Options:
     p.add_argument("--runs", help="comma-separated sweep runs to do (default: all)")
     p.add_argument("--runs-dir", default="runs", help="logs and summaries (default: runs)")
     p.add_argument("--dry-run", action="store_true", help="print every node's env and command")
+    p.add_argument(
+        "--cpu-twin",
+        action="store_true",
+        help="train the preset's reduced CPU twin here: its TP/PP/EP layout and routing on "
+        "the simulated cluster, with cpu-sim's tiny model (--set applies to the twin)",
+    )
     p.add_argument(
         "--no-check", action="store_true", help="skip Megatron's parser (no Megatron import)"
     )

@@ -358,6 +358,120 @@ def check_layout(preset: Preset, run: str, argv: list[str], nodes: int, dpn: int
 
 
 # --------------------------------------------------------------------------------------------
+# CPU twins: a preset's parallel layout and routing, trained on the simulated cluster
+# --------------------------------------------------------------------------------------------
+
+TWIN_BASE = "cpu-sim"
+"""The preset whose model, data and training flags every CPU twin takes."""
+TWIN_WORLD = 8
+"""Ranks of a twin (fewer when the preset itself has fewer): 2 simulated nodes x 4 or 4 x 2."""
+TWIN_LAYOUT_FLAGS = (
+    "tensor-model-parallel-size",
+    "sequence-parallel",
+    "pipeline-model-parallel-size",
+    "num-virtual-stages-per-pipeline-rank",
+    "context-parallel-size",
+    "expert-tensor-parallel-size",
+)
+TWIN_ROUTING_FLAGS = (
+    "num-experts",
+    "moe-expert-capacity-factor",
+    "moe-token-drop-policy",
+    "moe-token-dispatcher-type",
+    "moe-aux-loss-coeff",
+    "moe-z-loss-coeff",
+    "moe-pad-expert-input-to-capacity",
+)
+TWIN_ROUTING_PREFIXES = ("moe-router-", "locmoe-")
+TWIN_NOT_KEPT = (
+    "moe-router-fusion",  # CUDA kernels; the next three are implementation choices the
+    "locmoe-experts",  # CPU loop makes itself, and the simulated node size
+    "locmoe-fused-router",
+    "locmoe-devices-per-node",
+)
+
+
+def _twin_keeps(flag: str) -> bool:
+    """Whether a twin keeps ``flag`` of its preset: the parallel layout and the routing."""
+    if flag in TWIN_NOT_KEPT:
+        return False
+    return (
+        flag in TWIN_LAYOUT_FLAGS
+        or flag in TWIN_ROUTING_FLAGS
+        or flag.startswith(TWIN_ROUTING_PREFIXES)
+    )
+
+
+def cpu_twin(preset: Preset) -> Preset:
+    """The reduced CPU twin of ``preset`` (``launch --cpu-twin``): its TP / SP / PP / VP / CP /
+    expert-TP sizes, router and routing flags on the simulated cluster, everything else
+    (model, data, optimizer) from :data:`TWIN_BASE`. The cluster shrinks to
+    :data:`TWIN_WORLD` ranks and EP to what one pipeline stage of it holds, keeping the
+    structure that matters for locality: an EP group that crosses nodes spans 2 of them (one
+    inside a node stays inside one node), TP groups inside a node. The sweep keeps its runs,
+    each with its kept flags. One rule for every preset, so a twin cannot drift from it."""
+    base = load_preset(TWIN_BASE)
+    argv = megatron_argv(preset.megatron)
+    layout = Layout.from_argv(argv)
+    world = min(TWIN_WORLD, preset.nodes * preset.devices_per_node)
+    model = layout.tp * layout.pp * layout.cp
+    stage = world // layout.pp
+    ep = max(1, min(layout.ep, stage // layout.etp))
+    span = -(-layout.ep * layout.etp // preset.devices_per_node)  # nodes an EP group covers
+    if min(span, 2) > 1:
+        devices_per_node = ep * layout.etp // 2
+    else:
+        devices_per_node = min(preset.devices_per_node, world)
+    if (
+        world % model
+        or stage % (ep * layout.etp)
+        or world % devices_per_node
+        or devices_per_node % layout.tp
+    ):
+        raise PresetError(
+            f"preset {preset.name} has no CPU twin on {world} ranks: TP {layout.tp} x PP "
+            f"{layout.pp} x CP {layout.cp}, EP {ep} x expert-TP {layout.etp} with "
+            f"{devices_per_node} ranks per node do not tile it"
+        )
+    chunks = layout.pp * int(flag_value(argv, "--num-virtual-stages-per-pipeline-rank") or 1)
+    flags = {k: v for k, v in base.megatron.items() if not _twin_keeps(k)}
+    flags.pop("expert-model-parallel-size", None)
+    flags.update({k: v for k, v in preset.megatron.items() if _twin_keeps(k)})
+    layers = flags["num-layers"]
+    micro = flags["micro-batch-size"]
+    flags.update(
+        {
+            "num-layers": -(-layers // chunks) * chunks,
+            "expert-model-parallel-size": ep,
+            # as many micro-batches per step as stages, so the pipeline schedule has work
+            "global-batch-size": micro * (world // model) * layout.pp,
+        }
+    )
+    env = dict(base.env)
+    if layout.tp > 1 or layout.cp > 1:  # Megatron's validate_args asks for it then
+        env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+    nodes = world // devices_per_node
+    sweep = {
+        run: {k: v for k, v in entry.items() if _twin_keeps(k)}
+        for run, entry in preset.sweep.items()
+    }
+    return Preset(
+        name=f"{preset.name}-cpu-twin",
+        device="cpu",
+        nodes=nodes,
+        devices_per_node=devices_per_node,
+        megatron=flags,
+        description=f"CPU twin of {preset.name}: {nodes} simulated nodes x {devices_per_node} "
+        f"CPU ranks, its layout and routing on {TWIN_BASE}'s model",
+        node_counts=(nodes,),
+        prepare_data=base.prepare_data,
+        env=env,
+        sweep=sweep,
+        path=preset.path,
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # Megatron's own parser
 # --------------------------------------------------------------------------------------------
 

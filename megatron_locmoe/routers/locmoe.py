@@ -289,7 +289,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
             topk=self.topk,
             aux_coeff=self.get_aux_loss_coeff("aux_loss"),
             aux_scale=1.0 / mc.mtp_num_layers if repeated_mtp else 1.0,
-            locality_coeff=cfg.locality_loss_coeff if self.locality_on else 0.0,
+            locality_coeff=self._locality_coeff() if self.locality_on else 0.0,
             locality_eps=cfg.locality_smoothing,
         )
 
@@ -563,6 +563,13 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         cfg = self.locmoe
         self.node_bias.add_(cfg.node_bias_rate * (cfg.node_target_share - share.float()))
 
+    def _locality_coeff(self) -> float:
+        """mu over the tensor/context-parallel size: under SP / CP each of those ranks attaches
+        the loss of its own shard and their gradients add up, so each counts 1/size of the
+        micro-batch's (as Megatron scales its z-loss); otherwise the loss counted size times."""
+        size = self.tp_cp_group.size() if self.tp_cp_group is not None else 1
+        return self.locmoe.locality_loss_coeff / size
+
     def _apply_locality_loss(self, probs_TE, scores_TE, padding_mask):
         """Attach mu * KL(D_c || D_l) to the probs (Megatron's aux-loss autograd scaler)."""
         if not self.locality_on:
@@ -573,7 +580,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         else:
             mean_E = scores_TE.mean(0)
         kl = locality_kl(mean_E, self.expert_is_local, self.locmoe.locality_smoothing)
-        loss = self.locmoe.locality_loss_coeff * kl
+        loss = self._locality_coeff() * kl
         if self.calculate_per_token_loss:
             loss = loss * probs_TE.shape[0] * self.tp_cp_group.size()
         return MoEAuxLossAutoScaler.apply(probs_TE, loss), kl
