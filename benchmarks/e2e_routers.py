@@ -49,6 +49,10 @@ ROUTER_FUSION = {"moe-router-fusion": True, "locmoe-fused-router": None}
 GRAPHS = {"cuda-graph-impl": "transformer_engine", "cuda-graph-modules": ["attn", "moe_router"]}
 """Megatron's per-layer CUDA graphs through TE: attention and the router captured, dispatch
 and experts eager (their split sizes change per step)."""
+LOCAL_GRAPHS = {"cuda-graph-impl": "local", "cuda-graph-modules": ["attn", "moe_router"]}
+"""Megatron's own per-layer CUDA graphs (no TE needed): attention, then the router with the
+dispatcher's preprocess (Megatron adds moe_preprocess; the split sizes reach the host through
+its captured copies), then the combine's postprocess; dispatch and experts eager."""
 VARIANTS = {  # name -> (the preset's run it starts from, flags changed on top of it)
     # Megatron's stock layer: its router and its per-expert loop (no TE, no grouped_gemm)
     "megatron_loop": ("megatron", {"locmoe-experts": "loop"}),
@@ -77,6 +81,10 @@ VARIANTS = {  # name -> (the preset's run it starts from, flags changed on top o
         "locmoe",
         {**ROUTER_FUSION, "moe-permute-fusion": True, **GRAPHS},
     ),
+    # the local spec's rows with Megatron's own CUDA graphs (--cuda-graph-impl local)
+    "megatron_graphed": ("megatron", LOCAL_GRAPHS),
+    "locmoe_graphed": ("locmoe", LOCAL_GRAPHS),
+    "hash_graphed": ("hash", LOCAL_GRAPHS),
     # the fused path as the compiled graph (environment below)
     "locmoe_compiled": ("locmoe", {}),
 }

@@ -58,7 +58,9 @@ class LocMoELayer(MoELayer):
 
     def forward(self, hidden_states, *args, **kwargs):
         output = super().forward(hidden_states, *args, **kwargs)
-        if not is_graph_capturing():  # a partial capture (moe_router) returns before dispatch
+        # a partial capture (moe_router) returns before dispatch; Megatron's local graphs call
+        # the forward once per phase (route, expert_compute, postprocess): count the dispatch's
+        if not is_graph_capturing() and "expert_compute" in self.fwd_execution_map:
             self._record_traffic(hidden_states.device)
         return output
 

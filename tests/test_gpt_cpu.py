@@ -4,7 +4,9 @@ CPU gloo ranks, and the hash router receives the model's input ids through attac
 from __future__ import annotations
 
 import dataclasses
+import os
 
+import pytest
 import torch
 
 from megatron_locmoe.config import LocMoEConfig
@@ -84,3 +86,58 @@ def test_gpt_model_with_plugin_layers(cluster2):
                 assert r["experts"] == r["hash_expected"]  # routed by the model's input ids
             else:
                 assert not r["hook"] and r["hash_expected"] is None
+
+
+def hash_graph_replay_job(ctx):
+    """(routing maps replayed for new ids, what eager routing gives for them)."""
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    from megatron_locmoe.routers import attach_token_ids, router_builder
+
+    config = moe_config(
+        ep=1, num_moe_experts=8, hidden_size=32, moe_router_topk=1,
+        cuda_graph_impl="local", cuda_graph_modules=["moe_router"],
+    )  # fmt: skip
+    router = router_builder(LocMoEConfig(router_type="hash"), vocab_size=VOCAB)(
+        config=config, pg_collection=get_default_pg_collection()
+    ).to(ctx.device)
+
+    class Model(torch.nn.Module):  # the GPT model's place: its pre-hook hands the ids over
+        def __init__(self):
+            super().__init__()
+            self.router = router
+
+        def forward(self, input_ids, hidden=None):
+            return None if hidden is None else self.router(hidden)
+
+    model = Model()
+    attach_token_ids(model)
+    gen = torch.Generator().manual_seed(5)
+    ids = [torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen).to(ctx.device) for _ in range(3)]
+    hidden = torch.randn(SEQ, BATCH, 32, device=ctx.device)
+    model(ids[0].clone(), hidden)  # eager first steps, as Megatron's warm-up
+    graph = torch.cuda.CUDAGraph()
+    model(ids[0].clone())  # this forward's ids reach the routers; the layer is captured
+    with torch.cuda.graph(graph):
+        _, captured_map = router(hidden)
+    replayed, eager = [], []
+    for step_ids in ids[1:]:
+        model(step_ids.clone())  # a new forward: its ids, fresh memory, then the replay
+        graph.replay()
+        torch.cuda.synchronize()
+        replayed.append(captured_map.int().argmax(-1).tolist())
+        eager.append(model(step_ids.clone(), hidden)[1].int().argmax(-1).tolist())
+    return replayed, eager
+
+
+@pytest.mark.skipif(
+    os.environ.get("LOCMOE_TEST_DEVICE") != "cuda", reason="CUDA graphs: LOCMOE_TEST_DEVICE=cuda"
+)
+def test_hash_routing_replayed_in_a_cuda_graph_follows_each_forwards_ids(cluster_factory):
+    """With Megatron's CUDA graphs capturing the router, a replay routes by the ids of the
+    forward it replays for (not those of the captured one): the ids go through one buffer
+    that stays put."""
+    layout = ParallelLayout(devices_per_node=1, ep=1)
+    ((replayed, eager),) = cluster_factory(1).run(hash_graph_replay_job, layout=layout)
+    assert replayed == eager
+    assert replayed[0] != replayed[1]  # the two forwards' ids route differently

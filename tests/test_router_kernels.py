@@ -69,6 +69,12 @@ CASES = {
     "bound_streamed_top2": (300, 64, 8, 2, torch.float32, dict(capacity=41, twins=True, rows=64)),
     # top-3 of 4 experts: negative affinities among the routed, so their order counts
     "plus_negative_affinities": (64, 64, 4, 3, torch.float32, dict(capacity=44, affinity=True)),
+    # tiny tokens: probs within 1e-4 of 1/E, which share their high bits, so the drop's
+    # threshold is decided in its low digits
+    "bound_close_probs": (200, 64, 8, 1, torch.float32, dict(capacity=17, x_scale=1e-4)),
+    "plus_close_affinities_top2": (
+        150, 64, 8, 2, torch.float32, dict(capacity=23, affinity=True, x_scale=1e-3)
+    ),
 }
 
 
@@ -97,7 +103,7 @@ def test_kernels_equal_compiled_graph(case, monkeypatch):
     capacity = extra.pop("capacity", None)
     affinity = extra.pop("affinity", False)
     gen = torch.Generator().manual_seed(sum(map(ord, case)))
-    x = torch.randn(T, H, generator=gen) * 2
+    x = torch.randn(T, H, generator=gen) * extra.pop("x_scale", 2.0)
     if extra.pop("twins", False):
         x[1::2] = x[0::2][: T // 2]
     x = x.to(dtype).to(DEVICE)
@@ -144,13 +150,16 @@ def test_kernels_equal_compiled_graph(case, monkeypatch):
     lb_values = torch.zeros(2, device=DEVICE) if with_losses else None
     slots = kernels.TrackerSlots(block, lb_values, 1)
     drop = None if capacity is None else kernels.Capacity(capacity, expert_choice)
+    # the router's routing step, which the drop counts
+    step = None if drop is None else torch.tensor(41, dtype=torch.long, device=DEVICE)
 
     def kernel(xr):
         probs, routing_map, ws = kernels.route(
             xr, weight, log_t, local, delta, ec_min, spec, None, with_losses, loss_scale,
-            slots, ticket, affinity, drop,
+            slots, ticket, affinity, drop, step,
         )  # fmt: skip
         assert int(ticket) == 0, "the finishing program must reset the ticket"
+        assert step is None or int(step) == 42, "the drop counts the routing step once"
         return (probs, routing_map, *kernels.summary(ws))
 
     ref = _run(reference, x, g_TE, with_probs_grad, loss_grad)

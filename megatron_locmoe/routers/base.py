@@ -15,6 +15,20 @@ from megatron_locmoe.routers import fused
 from megatron_locmoe.topology import current_topology
 
 
+def graphs_capture_router(tc) -> bool:
+    """Whether Megatron's CUDA graphs (``--cuda-graph-impl``) capture the router's forward."""
+    impl = getattr(tc, "cuda_graph_impl", "none")
+    if impl in (None, "none"):
+        return False
+    modules = getattr(tc, "cuda_graph_modules", None)
+    if impl == "full_iteration" or not modules or modules == "full":
+        return True  # the whole iteration, or the whole layer
+    names = {
+        str(getattr(m, "name", m)) for m in ([modules] if isinstance(modules, str) else modules)
+    }
+    return bool(names & {"moe", "moe_router", "moe_preprocess"})
+
+
 def drop_to_capacity(
     probs_TE: torch.Tensor,
     routing_map_TE: torch.Tensor,

@@ -26,7 +26,7 @@ import torch
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_locmoe.config import ConfigError, LocMoEConfig
-from megatron_locmoe.routers.base import PluginRouterMixin
+from megatron_locmoe.routers.base import PluginRouterMixin, graphs_capture_router
 
 
 class MissingTokenIdsError(RuntimeError):
@@ -204,13 +204,23 @@ def hosts_hash_router(model: torch.nn.Module) -> bool:
 
 
 def attach_token_ids(model: torch.nn.Module) -> torch.utils.hooks.RemovableHandle | None:
-    """Hand each forward's input ids to the model's hash routers (GPTModel forward pre-hook)."""
+    """Hand each forward's input ids to the model's hash routers (GPTModel forward pre-hook).
+
+    When Megatron's CUDA graphs capture the routers, a replay reads the memory the capture
+    read, not this forward's ids: the hook then copies every forward's ids into one buffer
+    that stays put (one copy per forward for all routers), and the routers read that."""
     routers = [m for m in model.modules() if isinstance(m, HashRouter)]
     if not routers:
         return None
+    static = any(graphs_capture_router(r.config) for r in routers)
+    buffer: list[torch.Tensor] = []
 
     def hook(module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
+        if static and ids is not None:
+            if not buffer or buffer[0].shape != ids.shape or buffer[0].device != ids.device:
+                buffer[:] = [torch.empty_like(ids)]  # before capture: shapes are fixed after
+            ids = buffer[0].copy_(ids)
         for router in routers:
             router.set_token_ids(ids)
 

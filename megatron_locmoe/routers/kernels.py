@@ -15,11 +15,12 @@ launching them (docs/performance.md has the numbers). Here:
   ticket; the sums themselves use no atomics, so results are deterministic) then runs the
   finalize, or only sums the rows when a capacity or a token-count all-reduce comes first;
 - ``_drop`` (with a capacity; one program per expert): the capacity-th highest priority of
-  the expert's routed tokens, built bit by bit over the priorities' order-preserving 32-bit
-  keys (32 counting passes over the expert's [T] row, held in registers up to 16K tokens),
-  then one pass in token order that keeps the tokens above it and the first of the ties
-  (lowest index, as a stable sort), zeroes the dropped entries of probs and map and counts
-  what was kept and dropped; its last program runs the finalize;
+  the expert's routed tokens, a radix select over the priorities' order-preserving 32-bit
+  keys (four 8-bit histogram passes over the expert's [T] row, held in registers up to 16K
+  tokens), then one pass in token order that keeps the tokens above it and the first of the
+  ties (lowest index, as a stable sort), zeroes the dropped entries of probs and map and
+  counts what was kept and dropped; its last program runs the finalize and counts the
+  router's routing step;
 - ``_finalize`` (that one program): sums the rows in program order, then Megatron's
   Switch-form aux loss, the locality KL, the attached loss, the per-expert coefficient
   d(attached loss)/d(score) for the backward (the same for every token), and the router
@@ -266,60 +267,67 @@ if HAVE_TRITON:
         return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
     @triton.jit
-    def _count_at_least(v, key, threshold):
-        """How many routed entries (v > -inf) of a strip have key >= threshold."""
-        return tl.sum(((v > -float("inf")) & (key >= threshold)).to(tl.int32), axis=0)
+    def _digit_histogram(v, key, prefix, SHIFT: tl.constexpr, FIRST: tl.constexpr):
+        """[512] counts of the 8-bit digit at SHIFT of the routed keys whose higher digits are
+        ``prefix``'s (bins 0-255; the rest go to bins 256-511, which the caller ignores: no
+        mask argument, which older Triton releases lack)."""
+        u = (key ^ (-2147483647 - 1)).to(tl.uint32, bitcast=True)  # signed order -> unsigned
+        match = v > -float("inf")
+        if not FIRST:
+            match = match & ((u >> (SHIFT + 8)) == (prefix >> (SHIFT + 8)))
+        digit = ((u >> SHIFT) & 255).to(tl.int32)
+        return tl.histogram(tl.where(match, digit, 256 + digit), 512)
 
     @triton.jit
     def _drop(
-        prio_ptr, probs_ptr, map_ptr, scores_ptr, ws_ptr, ticket_ptr, T, capacity, num_parts,
-        local_ptr, delta_ptr, ecmin_ptr, block_ptr, lb_ptr,
+        prio_ptr, probs_ptr, map_ptr, scores_ptr, ws_ptr, ticket_ptr, step_ptr, T, capacity,
+        num_parts, local_ptr, delta_ptr, ecmin_ptr, block_ptr, lb_ptr,
         aux_factor, locality_coeff, locality_eps, loss_scale, column, block_stride, lb_scale,
         capacity_value, expert_choice,
         E: tl.constexpr, BE: tl.constexpr, BP: tl.constexpr, BT: tl.constexpr,
         WHOLE_ROW: tl.constexpr, RECORD: tl.constexpr, RECORD_LB: tl.constexpr,
+        COUNT_STEP: tl.constexpr,
     ):  # fmt: skip
         """Program i keeps expert i's ``capacity`` tokens of highest priority (ties: lowest
         token index), zeroes the rest's probs and map entries and writes the kept-with-prob>0
-        and dropped counts into the statistics; the last program finalizes. The threshold is
-        the capacity-th highest key, built bit by bit from the top (32 counting passes);
-        WHOLE_ROW: the expert's row (BT >= T values) is read once and kept in registers,
-        else every pass streams it in strips of BT."""
+        and dropped counts into the statistics; the last program finalizes (and with
+        COUNT_STEP adds one to the router's int64 step counter). The threshold is the
+        capacity-th highest key, a radix select over its four 8-bit digits from the top (four
+        histogram passes); WHOLE_ROW: the expert's row (BT >= T values) is read once and kept
+        in registers, else every pass streams it in strips of BT."""
         i = tl.program_id(0)
         row_ptr = prio_ptr + i.to(tl.int64) * T
         t = tl.arange(0, BT)
         v = tl.load(row_ptr + t, mask=t < T, other=-float("inf"))
         key = _order_key(v)
-        n = _count_at_least(v, key, -2147483647 - 1)
+        n = tl.sum((v > -float("inf")).to(tl.int32), axis=0)
         if not WHOLE_ROW:
             for t0 in range(BT, T, BT):
                 tt = t0 + t
                 vs = tl.load(row_ptr + tt, mask=tt < T, other=-float("inf"))
-                n += _count_at_least(vs, _order_key(vs), -2147483647 - 1)
-        # greedy over the bits of the unsigned key u = key + 2^31: the largest u with at
-        # least ``capacity`` routed keys >= it is the capacity-th highest
-        prefix = tl.zeros((), tl.int64)
+                n += tl.sum((vs > -float("inf")).to(tl.int32), axis=0)
+        # the unsigned key of the capacity-th highest, digit by digit: in each pass the
+        # highest digit d with at least ``need`` matching keys at d or above; the keys above
+        # d are kept whatever follows, so ``need`` drops by their count
+        prefix = tl.zeros((), tl.uint32)
+        need = capacity
         if n > capacity:
-            for b in tl.static_range(32):
-                trial = prefix | (1 << (31 - b))
-                threshold = (trial - 2147483648).to(tl.int32)
-                count = _count_at_least(v, key, threshold)
+            bins = tl.arange(0, 512)
+            for p in tl.static_range(4):
+                hist = _digit_histogram(v, key, prefix, 24 - 8 * p, p == 0)
                 if not WHOLE_ROW:
                     for t0 in range(BT, T, BT):
                         tt = t0 + t
                         vs = tl.load(row_ptr + tt, mask=tt < T, other=-float("inf"))
-                        count += _count_at_least(vs, _order_key(vs), threshold)
-                prefix = tl.where(count >= capacity, trial, prefix)
-        tau = (prefix - 2147483648).to(tl.int32)
+                        hist += _digit_histogram(vs, _order_key(vs), prefix, 24 - 8 * p, p == 0)
+                hist = tl.where(bins < 256, hist, 0)
+                at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
+                d = tl.max(tl.where(at_or_above >= need, bins, -1), axis=0)
+                need -= tl.sum(tl.where(bins > d, hist, 0), axis=0)
+                prefix = prefix | (d.to(tl.uint32) << (24 - 8 * p))
+        tau = prefix.to(tl.int32, bitcast=True) ^ (-2147483647 - 1)
         keep_all = n <= capacity
-        # the ties at tau kept, lowest token index first: capacity - (keys above tau)
-        above = tl.sum(((v > -float("inf")) & (key > tau)).to(tl.int32), axis=0)
-        if not WHOLE_ROW:
-            for t0 in range(BT, T, BT):
-                tt = t0 + t
-                vs = tl.load(row_ptr + tt, mask=tt < T, other=-float("inf"))
-                above += tl.sum(((vs > -float("inf")) & (_order_key(vs) > tau)).to(tl.int32), 0)
-        need = capacity - above
+        # ``need``: how many of the ties at tau are kept, lowest token index first
         ties = tl.zeros((), tl.int32)
         kept = tl.zeros((), tl.int32)
         real = tl.zeros((), tl.int32)
@@ -352,6 +360,8 @@ if HAVE_TRITON:
                 column, block_stride, lb_scale, capacity_value, expert_choice,
                 E, BE, BP, True, True, RECORD, RECORD_LB,
             )  # fmt: skip
+            if COUNT_STEP:
+                tl.store(step_ptr, tl.load(step_ptr) + 1)
             tl.store(ticket_ptr, 0)
 
     @triton.jit
@@ -612,7 +622,7 @@ class LocMoERouteFunction(torch.autograd.Function):
     def forward(
         ctx, x_TH, weight_EC, log_temperature, expert_is_local_E, delta, ec_min,
         topk, aux_factor, locality_coeff, locality_eps, loss_scale, tp_cp_group, slots,
-        lb_scale, ticket, affinity, capacity,
+        lb_scale, ticket, affinity, capacity, step,
     ):  # fmt: skip
         T, H = x_TH.shape
         E, C = weight_EC.shape
@@ -621,15 +631,23 @@ class LocMoERouteFunction(torch.autograd.Function):
         BT, BE, BC, warps, _ = plan.tiles
         num_parts = plan.num_parts
         probs = torch.empty(T, E, device=dev, dtype=torch.float32)
-        scores = torch.empty_like(probs)
         routing_map = torch.empty(T, E, device=dev, dtype=torch.bool)
-        ws = torch.empty(plan.ws_numel, device=dev)
         if ticket is None:
             ticket = torch.zeros((), device=dev, dtype=torch.int32)
-        # LocMoE+'s cosine and 1/|x| (for the backward), the drop's priorities [E, T]
-        aff = torch.empty_like(probs) if affinity else ws
-        inv_norm = torch.empty(T, device=dev) if affinity else ws
-        prio = torch.empty(E, T, device=dev) if capacity is not None else ws
+        # one allocation (host time) for the workspace, the scores and, with LocMoE+'s cosine,
+        # the affinities and 1/|x| (for the backward) and, with a capacity, the drop's
+        # priorities [E, T]
+        TE = T * E
+        sizes = (plan.ws_numel, TE, TE if affinity else 0, T if affinity else 0)
+        sizes += (TE if capacity is not None else 0,)
+        work = torch.empty(sum(sizes), device=dev)
+        ws = work[: plan.ws_numel]
+        scores = work.as_strided((T, E), (E, 1), plan.ws_numel)
+        at = plan.ws_numel + TE
+        aff = work.as_strided((T, E), (E, 1), at) if affinity else ws
+        inv_norm = work.as_strided((T,), (1,), at + TE) if affinity else ws
+        at += sizes[2] + sizes[3]
+        prio = work.as_strided((E, T), (T, 1), at) if capacity is not None else ws
         reduce_counts = tp_cp_group is not None and aux_factor  # group given only if > 1 rank
         block = slots.block if slots is not None else ws
         lb = slots.lb_values if slots is not None and slots.lb_values is not None else ws
@@ -656,11 +674,12 @@ class LocMoERouteFunction(torch.autograd.Function):
         if capacity is not None:  # the drop's last program finalizes
             drop = drop_tiles(T)
             _launch_drop(
-                (E,), prio, probs, routing_map, scores, ws, ticket, T, capacity.value,
+                (E,), prio, probs, routing_map, scores, ws, ticket,
+                step if step is not None else ticket, T, capacity.value,
                 num_parts, expert_is_local_E, *finalize, float(capacity.value),
                 float(capacity.expert_choice),
                 E=E, BE=BE, BP=BP, BT=drop.BT, WHOLE_ROW=T <= DROP_WHOLE_ROW, RECORD=record,
-                RECORD_LB=record_lb, num_warps=drop.num_warps,
+                RECORD_LB=record_lb, COUNT_STEP=step is not None, num_warps=drop.num_warps,
             )  # fmt: skip
         elif reduce_counts:
             _launch_finalize(
@@ -702,7 +721,7 @@ class LocMoERouteFunction(torch.autograd.Function):
             HAS_GPROBS=g_probs is not None, HAS_GLOSS=g_loss is not None,
             AFFINITY=ctx.affinity, num_warps=warps,
         )  # fmt: skip
-        return (dx,) + (None,) * 16
+        return (dx,) + (None,) * 17
 
 
 def summary(ws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -715,6 +734,7 @@ def route(
     x_TH, weight_EC, log_temperature, expert_is_local_E, delta, ec_min, spec, tp_cp_group,
     with_losses: bool, loss_scale: float = 1.0, slots: TrackerSlots | None = None,
     ticket: torch.Tensor | None = None, affinity: bool = False, capacity: Capacity | None = None,
+    step: torch.Tensor | None = None,
 ):  # fmt: skip
     """The kernels' version of ``fused.route_with_losses`` for the fixed gate (with
     ``capacity``, of ``fused.capacity_route_with_losses``; ``affinity``: LocMoE+'s cosine gate,
@@ -722,7 +742,10 @@ def route(
     reaches the gradient by itself (see ``LocMoERouteFunction``) and ``slots`` receive the
     metrics. ``loss_scale`` multiplies the attached loss (Megatron's per-token-loss factor).
     ``ticket``: a zero int32 scalar the forward may use and leaves zero (a router keeps one;
-    its launches are stream-ordered), else a fresh one per call."""
+    its launches are stream-ordered), else a fresh one per call. ``step``: an int64 counter
+    the drop adds one to (the router's routing step; only with ``capacity``)."""
+    if step is not None and capacity is None:
+        raise ValueError("the step counter is counted by the drop: pass a capacity with it")
     T = x_TH.shape[0]
     # ProcessGroup.size(), not dist.get_world_size: that one runs much more Python per call
     group_size = 1 if tp_cp_group is None else tp_cp_group.size()
@@ -737,5 +760,5 @@ def route(
         x_TH.contiguous(), weight_EC.contiguous(), log_temperature, expert_is_local_E,
         delta, ec_min, spec.topk, aux_factor, locality_coeff, spec.locality_eps, loss_scale,
         tp_cp_group if group_size > 1 else None, slots,
-        1.0 / spec.aux_coeff if spec.aux_coeff else 0.0, ticket, affinity, capacity,
+        1.0 / spec.aux_coeff if spec.aux_coeff else 0.0, ticket, affinity, capacity, step,
     )  # fmt: skip

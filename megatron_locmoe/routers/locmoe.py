@@ -32,22 +32,8 @@ from megatron_locmoe import capacity as bound
 from megatron_locmoe import metrics
 from megatron_locmoe.config import ConfigError, LocMoEConfig
 from megatron_locmoe.routers import fused, kernels
-from megatron_locmoe.routers.base import PluginRouterMixin, drop_to_capacity
+from megatron_locmoe.routers.base import PluginRouterMixin, drop_to_capacity, graphs_capture_router
 from megatron_locmoe.routers.fused import locality_kl
-
-
-def _graphs_capture_router(tc) -> bool:
-    """Whether Megatron's CUDA graphs (``--cuda-graph-impl``) capture the router's forward."""
-    impl = getattr(tc, "cuda_graph_impl", "none")
-    if impl in (None, "none"):
-        return False
-    modules = getattr(tc, "cuda_graph_modules", None)
-    if impl == "full_iteration" or not modules or modules == "full":
-        return True  # the whole iteration, or the whole layer
-    names = {
-        str(getattr(m, "name", m)) for m in ([modules] if isinstance(modules, str) else modules)
-    }
-    return bool(names & {"moe", "moe_router", "moe_preprocess"})
 
 
 class LocMoERouter(PluginRouterMixin, TopKRouter):
@@ -92,7 +78,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
             )
         K = locmoe.capacity_reestimate_interval
         K = cls.default_reestimate_interval if K is None else K
-        if K > 0 and _graphs_capture_router(tc):
+        if K > 0 and graphs_capture_router(tc):
             raise ConfigError(
                 f"the capacity is re-estimated every {K} steps, on the host, but "
                 "--cuda-graph-impl captures the router, whose replays would keep the first "
@@ -322,11 +308,12 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
             capacity, expert_choice = self.capacity_plan(T) if bounded else (None, False)
             if self._kernels_apply(x_TH.device):
                 drop = kernels.Capacity(capacity, expert_choice) if bounded else None
+                count = bounded and with_losses  # the drop counts the step on the device
                 probs_TE, routing_map_TE = self._kernel_forward(
-                    x_TH, spec, with_losses, loss_scale, drop
+                    x_TH, spec, with_losses, loss_scale, drop, count
                 )
-                if bounded and with_losses:
-                    self._count_routing_step()
+                if count:
+                    self._host_state()["step"] += 1
                 return probs_TE, routing_map_TE  # losses and metrics applied in the kernels
             probs_TE, routing_map_TE, attached, aux, vector = self._graph_forward(
                 x_TH, spec, with_losses, capacity, expert_choice
@@ -444,9 +431,12 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         map and the capacity state (for the metrics)."""
         return self.expert_is_local, self.capacity_delta, self.capacity_ec_min
 
-    def _kernel_forward(self, x_TH, spec, with_losses: bool, loss_scale: float, drop):
+    def _kernel_forward(
+        self, x_TH, spec, with_losses: bool, loss_scale: float, drop, count_step: bool = False
+    ):
         """The Triton kernels: losses reach the gradient and metrics reach the tracker inside
-        them (no scaler node, no record kernels). ``drop``: a ``kernels.Capacity`` or None."""
+        them (no scaler node, no record kernels). ``drop``: a ``kernels.Capacity`` or None;
+        ``count_step``: the drop adds this step to ``routing_step`` (no launch of its own)."""
         slots, slot = None, metrics.layer_slot(self)
         if slot is not None:
             column, num_layers = slot
@@ -470,6 +460,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
             self.route_ticket,
             self.has_affinity_routing,
             drop,
+            self.routing_step if count_step else None,
         )
         return probs_TE, routing_map_TE
 
