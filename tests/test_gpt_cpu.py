@@ -94,6 +94,7 @@ def hash_graph_replay_job(ctx):
 
     from megatron_locmoe.routers import attach_token_ids, router_builder
 
+    ctx.topology()
     config = moe_config(
         ep=1, num_moe_experts=8, hidden_size=32, moe_router_topk=1,
         cuda_graph_impl="local", cuda_graph_modules=["moe_router"],

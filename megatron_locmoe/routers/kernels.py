@@ -15,12 +15,12 @@ launching them (docs/performance.md has the numbers). Here:
   ticket; the sums themselves use no atomics, so results are deterministic) then runs the
   finalize, or only sums the rows when a capacity or a token-count all-reduce comes first;
 - ``_drop`` (with a capacity; one program per expert): the capacity-th highest priority of
-  the expert's routed tokens, a radix select over the priorities' order-preserving 32-bit
-  keys (four 8-bit histogram passes over the expert's [T] row, held in registers up to 16K
-  tokens), then one pass in token order that keeps the tokens above it and the first of the
-  ties (lowest index, as a stable sort), zeroes the dropped entries of probs and map and
-  counts what was kept and dropped; its last program runs the finalize and counts the
-  router's routing step;
+  the expert's routed tokens, built bit by bit over the priorities' order-preserving 32-bit
+  keys (32 counting passes over the expert's [T] row, held in registers up to 16K tokens;
+  on the H200 faster than a radix select through ``tl.histogram``), then one pass in token
+  order that keeps the tokens above it and the first of the ties (lowest index, as a stable
+  sort), zeroes the dropped entries of probs and map and counts what was kept and dropped;
+  its last program runs the finalize and counts the router's routing step;
 - ``_finalize`` (that one program): sums the rows in program order, then Megatron's
   Switch-form aux loss, the locality KL, the attached loss, the per-expert coefficient
   d(attached loss)/d(score) for the backward (the same for every token), and the router
@@ -267,16 +267,9 @@ if HAVE_TRITON:
         return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
     @triton.jit
-    def _digit_histogram(v, key, prefix, SHIFT: tl.constexpr, FIRST: tl.constexpr):
-        """[512] counts of the 8-bit digit at SHIFT of the routed keys whose higher digits are
-        ``prefix``'s (bins 0-255; the rest go to bins 256-511, which the caller ignores: no
-        mask argument, which older Triton releases lack)."""
-        u = (key ^ (-2147483647 - 1)).to(tl.uint32, bitcast=True)  # signed order -> unsigned
-        match = v > -float("inf")
-        if not FIRST:
-            match = match & ((u >> (SHIFT + 8)) == (prefix >> (SHIFT + 8)))
-        digit = ((u >> SHIFT) & 255).to(tl.int32)
-        return tl.histogram(tl.where(match, digit, 256 + digit), 512)
+    def _count_at_least(v, key, threshold):
+        """How many routed entries (v > -inf) of a strip have key >= threshold."""
+        return tl.sum(((v > -float("inf")) & (key >= threshold)).to(tl.int32), axis=0)
 
     @triton.jit
     def _drop(
@@ -291,43 +284,45 @@ if HAVE_TRITON:
         """Program i keeps expert i's ``capacity`` tokens of highest priority (ties: lowest
         token index), zeroes the rest's probs and map entries and writes the kept-with-prob>0
         and dropped counts into the statistics; the last program finalizes (and with
-        COUNT_STEP adds one to the router's int64 step counter). The threshold is the
-        capacity-th highest key, a radix select over its four 8-bit digits from the top (four
-        histogram passes); WHOLE_ROW: the expert's row (BT >= T values) is read once and kept
-        in registers, else every pass streams it in strips of BT."""
+        COUNT_STEP adds one to the router's int64 step counter). The threshold is
+        the capacity-th highest key, built bit by bit from the top (32 counting passes);
+        WHOLE_ROW: the expert's row (BT >= T values) is read once and kept in registers,
+        else every pass streams it in strips of BT."""
         i = tl.program_id(0)
         row_ptr = prio_ptr + i.to(tl.int64) * T
         t = tl.arange(0, BT)
         v = tl.load(row_ptr + t, mask=t < T, other=-float("inf"))
         key = _order_key(v)
-        n = tl.sum((v > -float("inf")).to(tl.int32), axis=0)
+        n = _count_at_least(v, key, -2147483647 - 1)
         if not WHOLE_ROW:
             for t0 in range(BT, T, BT):
                 tt = t0 + t
                 vs = tl.load(row_ptr + tt, mask=tt < T, other=-float("inf"))
-                n += tl.sum((vs > -float("inf")).to(tl.int32), axis=0)
-        # the unsigned key of the capacity-th highest, digit by digit: in each pass the
-        # highest digit d with at least ``need`` matching keys at d or above; the keys above
-        # d are kept whatever follows, so ``need`` drops by their count
-        prefix = tl.zeros((), tl.uint32)
-        need = capacity
+                n += _count_at_least(vs, _order_key(vs), -2147483647 - 1)
+        # greedy over the bits of the unsigned key u = key + 2^31: the largest u with at
+        # least ``capacity`` routed keys >= it is the capacity-th highest
+        prefix = tl.zeros((), tl.int64)
         if n > capacity:
-            bins = tl.arange(0, 512)
-            for p in tl.static_range(4):
-                hist = _digit_histogram(v, key, prefix, 24 - 8 * p, p == 0)
+            for b in tl.static_range(32):
+                trial = prefix | (1 << (31 - b))
+                threshold = (trial - 2147483648).to(tl.int32)
+                count = _count_at_least(v, key, threshold)
                 if not WHOLE_ROW:
                     for t0 in range(BT, T, BT):
                         tt = t0 + t
                         vs = tl.load(row_ptr + tt, mask=tt < T, other=-float("inf"))
-                        hist += _digit_histogram(vs, _order_key(vs), prefix, 24 - 8 * p, p == 0)
-                hist = tl.where(bins < 256, hist, 0)
-                at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
-                d = tl.max(tl.where(at_or_above >= need, bins, -1), axis=0)
-                need -= tl.sum(tl.where(bins > d, hist, 0), axis=0)
-                prefix = prefix | (d.to(tl.uint32) << (24 - 8 * p))
-        tau = prefix.to(tl.int32, bitcast=True) ^ (-2147483647 - 1)
+                        count += _count_at_least(vs, _order_key(vs), threshold)
+                prefix = tl.where(count >= capacity, trial, prefix)
+        tau = (prefix - 2147483648).to(tl.int32)
         keep_all = n <= capacity
-        # ``need``: how many of the ties at tau are kept, lowest token index first
+        # the ties at tau kept, lowest token index first: capacity - (keys above tau)
+        above = tl.sum(((v > -float("inf")) & (key > tau)).to(tl.int32), axis=0)
+        if not WHOLE_ROW:
+            for t0 in range(BT, T, BT):
+                tt = t0 + t
+                vs = tl.load(row_ptr + tt, mask=tt < T, other=-float("inf"))
+                above += tl.sum(((vs > -float("inf")) & (_order_key(vs) > tau)).to(tl.int32), 0)
+        need = capacity - above
         ties = tl.zeros((), tl.int32)
         kept = tl.zeros((), tl.int32)
         real = tl.zeros((), tl.int32)
