@@ -49,10 +49,11 @@ ROUTER_FUSION = {"moe-router-fusion": True, "locmoe-fused-router": None}
 GRAPHS = {"cuda-graph-impl": "transformer_engine", "cuda-graph-modules": ["attn", "moe_router"]}
 """Megatron's per-layer CUDA graphs through TE: attention and the router captured, dispatch
 and experts eager (their split sizes change per step)."""
-LOCAL_GRAPHS = {"cuda-graph-impl": "local", "cuda-graph-modules": ["attn", "moe_router"]}
-"""Megatron's own per-layer CUDA graphs (no TE needed): attention, then the router with the
-dispatcher's preprocess (Megatron adds moe_preprocess; the split sizes reach the host through
-its captured copies), then the combine's postprocess; dispatch and experts eager."""
+LOCAL_GRAPHS = {"cuda-graph-impl": "local", "cuda-graph-modules": ["moe_router"]}
+"""Megatron's own per-layer CUDA graphs (no TE needed) on its MoETransformerLayer (the spec
+builds MoE layers as that class here): the router with the dispatcher's preprocess (Megatron
+adds moe_preprocess; the split sizes reach the host through its captured copies), and the
+postprocess; dispatch, experts and attention eager."""
 VARIANTS = {  # name -> (the preset's run it starts from, flags changed on top of it)
     # Megatron's stock layer: its router and its per-expert loop (no TE, no grouped_gemm)
     "megatron_loop": ("megatron", {"locmoe-experts": "loop"}),
@@ -82,14 +83,19 @@ VARIANTS = {  # name -> (the preset's run it starts from, flags changed on top o
         {**ROUTER_FUSION, "moe-permute-fusion": True, **GRAPHS},
     ),
     # the local spec's rows with Megatron's own CUDA graphs (--cuda-graph-impl local)
+    "megatron_loop_graphed": ("megatron", {"locmoe-experts": "loop", **LOCAL_GRAPHS}),
     "megatron_graphed": ("megatron", LOCAL_GRAPHS),
     "locmoe_graphed": ("locmoe", LOCAL_GRAPHS),
     "hash_graphed": ("hash", LOCAL_GRAPHS),
     # the fused path as the compiled graph (environment below)
     "locmoe_compiled": ("locmoe", {}),
+    "locmoe_compiled_graphed": ("locmoe", LOCAL_GRAPHS),
 }
 ROUTERS = list(VARIANTS)
-ROUTER_ENV = {"locmoe_compiled": {"LOCMOE_TRITON_ROUTER": "0"}}
+ROUTER_ENV = {
+    "locmoe_compiled": {"LOCMOE_TRITON_ROUTER": "0"},
+    "locmoe_compiled_graphed": {"LOCMOE_TRITON_ROUTER": "0"},
+}
 TE_ROUTERS = [r for r in ROUTERS if "_te" in r]
 DEFAULT_ROUTERS = (
     ["megatron_te", "locmoe_te", "locmoe_te_grouped", "hash_te", "switch_te", "locmoe_plus_te"]
@@ -133,8 +139,11 @@ LINE = re.compile(
 )
 
 
-def run(router: str, steps: int, log_interval: int, data: str | None, nproc: int, extra="") -> dict:
-    """Train ``router`` for ``steps`` on ``data`` (flags; None: the preset's corpus)."""
+def run(
+    router: str, steps: int, log_interval: int, data: str | None, nproc: int, extra="", logs=None
+) -> dict:
+    """Train ``router`` for ``steps`` on ``data`` (flags; None: the preset's corpus); with
+    ``logs`` (a folder) the run's whole output goes to ``logs/<router>.log``."""
     if router in TE_ROUTERS and not HAVE_TE:
         raise SystemExit(f"{router} runs under transformer-engine, which is not installed here")
     cmd = [
@@ -157,6 +166,10 @@ def run(router: str, steps: int, log_interval: int, data: str | None, nproc: int
     env.update(ROUTER_ENV.get(router, {}))
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if logs:
+        os.makedirs(logs, exist_ok=True)
+        with open(os.path.join(logs, f"{router}.log"), "w") as f:
+            f.write(" ".join(cmd) + "\n" + proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     if proc.returncode != 0:
         raise RuntimeError(f"{router} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     points = [(int(i), float(ms), float(loss)) for i, ms, loss in LINE.findall(proc.stdout)]
@@ -189,6 +202,7 @@ def main() -> None:
     )
     p.add_argument("--nproc", type=int, default=1)
     p.add_argument("--out", default=None)
+    p.add_argument("--logs", default=None, help="a folder for each run's whole output")
     p.add_argument(
         "--hash-counts",
         default="",
@@ -236,7 +250,7 @@ def main() -> None:
                 if r.startswith("hash") and a.hash_counts
                 else ""
             )
-            res = run(r, a.steps, a.log_interval, a.data, a.nproc, extra)
+            res = run(r, a.steps, a.log_interval, a.data, a.nproc, extra, a.logs)
             res.pop("stdout_tail")
             rounds.setdefault(r, []).append(res["ms_per_iter"])
             res["ms_per_iter_rounds"] = rounds[r]

@@ -261,6 +261,14 @@ def summary_text(resolution: Resolution, tc, topology=None) -> str:
     for name, value in fields.items():
         reason = why.get(_REASON_OF.get(name, name))
         lines.append(f"  {name}: {value}" + (f"  [{reason}]" if reason else ""))
+    from megatron_locmoe.spec import moe_layer_class  # the spec imports this module
+
+    if moe_layer_class(tc) is not None:
+        lines.append(
+            "  note: Megatron's local CUDA graphs capture each MoE layer's router (with the "
+            "dispatcher's preprocess) and postprocess; dispatch, experts and the MoE layers' "
+            "attention run eagerly (Megatron's MoETransformerLayer)"
+        )
     if topology is not None and not topology.spans_nodes:
         lines.append(
             "  note: the EP group sits inside one node: the locality loss and the two-hop "

@@ -111,3 +111,49 @@ def test_block_spec_and_metrics_report(cluster2, router_type):
         assert 0 <= r["scalars"]["node_local_fraction"] <= 1
     # identical names on every rank (a mismatch would hang the pipeline all-reduce)
     assert len({tuple(sorted(r["scalars"])) for r in results}) == 1
+
+
+@pytest.mark.parametrize(
+    "modules, layer_class",
+    [(["moe_router"], "MoETransformerLayer"), (["attn", "moe_router"], "MoETransformerLayer")],
+)
+def test_local_cuda_graphs_build_moe_layers_megatron_can_graph_in_part(modules, layer_class):
+    """Under ``--cuda-graph-impl local`` with moe_router, the MoE layers are Megatron's
+    MoETransformerLayer (router and postprocess graphed, dispatch eager); the spec's dense
+    layers and every layer without local graphs keep TransformerLayer."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    from megatron_locmoe.spec import moe_layer_class, with_locmoe_layers
+
+    config = moe_config(ep=1)
+    dense, moe = get_gpt_layer_local_spec(), get_gpt_layer_local_spec(num_experts=8)
+    block = TransformerBlockSubmodules(layer_specs=[dense, moe])
+    graphed = SimpleNamespace(cuda_graph_impl="local", cuda_graph_modules=modules)
+    for cfg, moe_class in ((graphed, layer_class), (config, "TransformerLayer")):
+        lm = LocMoEConfig(router_type="locmoe")
+        spec = with_locmoe_layers(block, lm, layer_class=moe_layer_class(cfg))
+        assert [s.module.__name__ for s in spec.layer_specs] == ["TransformerLayer", moe_class]
+
+
+@pytest.mark.parametrize("modules", [[], ["attn"]])
+def test_local_cuda_graphs_of_whole_dropless_moe_layers_are_refused(modules):
+    """Whole-layer local graphs of a dropless MoE layer would fail after the warm-up steps
+    with an invalidated capture (the dispatch waits on the host): refused up front, with the
+    fix; padding to capacity makes them capturable."""
+    from megatron_locmoe.config import ConfigError
+    from megatron_locmoe.spec import check_local_cuda_graphs
+
+    cfg = SimpleNamespace(
+        cuda_graph_impl="local",
+        cuda_graph_modules=modules,
+        moe_expert_capacity_factor=None,
+        moe_pad_expert_input_to_capacity=False,
+    )
+    with pytest.raises(ConfigError, match="add moe_router to --cuda-graph-modules"):
+        check_local_cuda_graphs(cfg)
+    cfg.moe_expert_capacity_factor, cfg.moe_pad_expert_input_to_capacity = 1.0, True
+    check_local_cuda_graphs(cfg)
+    check_local_cuda_graphs(
+        SimpleNamespace(cuda_graph_impl="local", cuda_graph_modules=["moe_router"])
+    )
