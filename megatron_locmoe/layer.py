@@ -61,7 +61,7 @@ class LocMoELayer(MoELayer):
         # a partial capture (moe_router) returns before dispatch; Megatron's local graphs call
         # the forward once per phase (route, expert_compute, postprocess): count the dispatch's
         if not is_graph_capturing() and "expert_compute" in self.fwd_execution_map:
-            self._record_traffic(hidden_states.device)
+            self._record_traffic(output[0].device)  # that phase gets hidden_states None
         return output
 
     def _record_traffic(self, device) -> None:
