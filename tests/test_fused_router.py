@@ -208,3 +208,39 @@ def test_activation_recompute_records_metrics_once(cluster2, fused):
         assert plain.keys() == recomputed.keys() and "node_local_fraction" in plain
         for name, value in plain.items():
             assert recomputed[name] == pytest.approx(value, rel=1e-6, abs=1e-9), name
+
+
+def buffer_restore_job(ctx, router_type: str, path: str):
+    """Whether the router's backward runs after every buffer of the router was copied back in
+    place between its forward and backward, as Megatron's local CUDA graphs do when they
+    capture a layer (same values: the gradient must not change)."""
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    from megatron_locmoe.routers import router_builder
+
+    ctx.topology()
+    config = moe_config(ep=2, num_moe_experts=E, hidden_size=H, moe_router_topk=2)
+    lm = LocMoEConfig(router_type=router_type, fused_router=path != "reference")
+    router = router_builder(lm)(config=config, pg_collection=get_default_pg_collection())
+    router = router.to(ctx.device)
+    router.use_kernels = path == "kernels"
+    x = torch.randn(12, 2, H, generator=torch.Generator().manual_seed(ctx.rank)).to(ctx.device)
+    grads = []
+    for restore in (False, True):
+        xr = x.clone().requires_grad_(True)
+        probs, _ = router(xr)
+        if restore:
+            with torch.no_grad():
+                for buf in router.buffers():
+                    buf.copy_(buf.clone())
+        probs.sum().backward()
+        grads.append(xr.grad)
+    return torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("path", ["reference", "compiled", "kernels"])
+def test_backward_survives_megatrons_in_place_buffer_restore(cluster2, path):
+    """The fixed GrAP gate lives in buffers, which Megatron's local CUDA graphs restore in
+    place between a layer's forward and backward capture: no path may check their versions."""
+    layout = ParallelLayout(devices_per_node=1, ep=2)
+    assert all(cluster2.run(buffer_restore_job, router_type="locmoe", path=path, layout=layout))

@@ -142,16 +142,29 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         return super()._load_from_state_dict(*args, **kwargs)
 
     # ---- gate -------------------------------------------------------------------------------
+    def gate_tensors(self) -> tuple:
+        """(weight, log temperature, bias or None) as the routing paths read them: a fixed
+        part (a buffer) as ``.data``, whose version counter is its own, so that Megatron's
+        local CUDA graphs, which copy every buffer back in place (same values) between
+        capturing a layer's forward and its backward, leave the saved tensors valid."""
+        weight, log_temperature = self.weight, self.grap_log_temperature
+        if not isinstance(weight, torch.nn.Parameter):
+            weight = weight.data
+        if not isinstance(log_temperature, torch.nn.Parameter):
+            log_temperature = log_temperature.data
+        return weight, log_temperature, self.grap_bias  # the bias is learnable or None
+
     def grap_raw(self, input_SBH: torch.Tensor) -> torch.Tensor:
         """W x for the block gate, fp32: [S, B, H] -> [S, B, E]."""
         E = self.config.num_moe_experts
         x = input_SBH.float().unflatten(-1, (E, -1))  # [S, B, E, H/E]
-        return (x * self.weight.to(x.device)).sum(-1)
+        return (x * self.gate_tensors()[0].to(x.device)).sum(-1)
 
     def logits_from_raw(self, raw: torch.Tensor) -> torch.Tensor:
         """Temperature and optional bias on top of W x."""
-        logits = raw * self.grap_log_temperature.exp()
-        return logits + self.grap_bias if self.grap_bias is not None else logits
+        _, log_temperature, bias = self.gate_tensors()
+        logits = raw * log_temperature.exp()
+        return logits + bias if bias is not None else logits
 
     def gating(self, input_SBH: torch.Tensor) -> torch.Tensor:
         return self.logits_from_raw(self.grap_raw(input_SBH))
@@ -332,7 +345,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
     def _graph_forward(self, x_TH, spec, with_losses: bool, capacity, expert_choice: bool):
         """One compiled graph: dropless, or the drop at ``capacity`` (a step without a
         re-estimate). Returns (probs, routing map, attached loss, aux loss, metric vector)."""
-        gate = (self.weight, self.grap_log_temperature, self.grap_bias)
+        gate = self.gate_tensors()
         if capacity is None:
             probs_TE, routing_map_TE, _, attached, aux, vector = fused.run(
                 fused.route_with_losses,
@@ -363,7 +376,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
     def _reestimate_forward(self, x_TH, spec, with_losses: bool):
         """Three compiled graphs: gate and token choice, then (on the host) the capacity
         re-estimated from this batch, then the drop, the losses and the metrics."""
-        gate = (self.weight, self.grap_log_temperature, self.grap_bias)
+        gate = self.gate_tensors()
         gate_TE, probs_TE, routing_map_TE, scores_TE = self.fused_route(x_TH, gate)
         self.estimate_capacity_bound(x_TH, gate_TE, routing_map_TE)
         capacity, expert_choice = self.capacity_plan(x_TH.shape[0])
@@ -449,8 +462,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
             slots = kernels.TrackerSlots(block, lb_values, column)
         probs_TE, routing_map_TE, _ = kernels.route(
             x_TH,
-            self.weight,
-            self.grap_log_temperature,
+            *self.gate_tensors()[:2],
             *self._statistics_inputs(),
             spec,
             self.tp_cp_group,
