@@ -4,9 +4,14 @@ against Megatron's own causal DotProductAttention on the full sequence (2 ranks)
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from megatron_locmoe.sim.cluster import ParallelLayout
+from megatron_locmoe.sim.trainer import train_job
+from tests.test_pipeline_cpu import OPTIMIZER
+from tests.test_pipeline_cpu import corpus  # noqa: F401  (the module's corpus fixture)
+from tests.test_tensor_parallel_cpu import _settings as tp_settings
 
 JOB_TIMEOUT_S = 240
 CP2 = ParallelLayout(devices_per_node=2, cp=2)
@@ -54,3 +59,41 @@ def test_cp_attention_equals_full_causal_attention(cluster2):
     sequence), on both ranks: the gather's backward returns every rank's key/value gradient."""
     for diffs in cluster2.run(attention_job, layout=CP2, timeout_s=JOB_TIMEOUT_S):
         np.testing.assert_allclose(diffs, 0.0, atol=1e-5)
+
+
+# ---- the CPU loop under CP 2: 2 simulated nodes x 4 ranks, the loss of CP 1 ----------------
+
+CP1_EP4 = ParallelLayout(devices_per_node=4, ep=4)
+CP2_EP4 = ParallelLayout(devices_per_node=4, cp=2, ep=4)  # CP pairs (0, 1), ... in a node
+
+
+@pytest.fixture(scope="module")
+def cp_runs(cluster8, corpus, tmp_path_factory):
+    """(CP 1 rank 0's result, CP 2's results by rank), both from one start saved under CP 1.
+    Megatron's TopKRouter without aux loss: its choice depends on the token alone."""
+    start = str(tmp_path_factory.mktemp("start"))
+    first = tp_settings(corpus, steps=1, save_interval=1, save_dir=start)
+    cluster8.run(train_job, first, layout=CP1_EP4, timeout_s=JOB_TIMEOUT_S)
+    settings = tp_settings(corpus, init_weights_dir=start)
+    reference = cluster8.run(train_job, settings, layout=CP1_EP4, timeout_s=JOB_TIMEOUT_S)[0]
+    return reference, cluster8.run(train_job, settings, layout=CP2_EP4, timeout_s=JOB_TIMEOUT_S)
+
+
+def test_context_parallel_trains_the_same_loss_as_cp1(cp_runs, record_property):
+    """CP 2 (each rank 2 of the 4 sequence chunks, keys and values gathered over the CP pair,
+    gradients averaged over the dp-cp group) against CP 1, with clipping that bites: the same
+    losses and gradient norms for the same global batch and start."""
+    reference, results = cp_runs
+    out = results[0]
+    assert min(reference["grad_norm"]) > OPTIMIZER.clip_grad
+    for key in ("losses", "grad_norm"):
+        record_property(key, out[key])
+        record_property(f"reference_{key}", reference[key])
+        np.testing.assert_allclose(out[key], reference[key], rtol=1e-5, err_msg=key)
+
+
+def test_context_parallel_metrics_are_identical_on_every_rank(cp_runs):
+    _, results = cp_runs
+    for r in results:
+        for key in ("losses", "grad_norm", "metrics"):
+            assert r[key] == results[0][key], key
