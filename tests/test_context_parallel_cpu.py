@@ -3,6 +3,8 @@ against Megatron's own causal DotProductAttention on the full sequence (2 ranks)
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from megatron_locmoe.sim.cluster import ParallelLayout
 from megatron_locmoe.sim.trainer import train_job
 from tests.test_pipeline_cpu import OPTIMIZER
 from tests.test_pipeline_cpu import corpus  # noqa: F401  (the module's corpus fixture)
+from tests.test_tensor_parallel_cpu import BATCH_WISE, TOKEN_WISE, _router_settings, _train
 from tests.test_tensor_parallel_cpu import _settings as tp_settings
 
 JOB_TIMEOUT_S = 240
@@ -97,3 +100,63 @@ def test_context_parallel_metrics_are_identical_on_every_rank(cp_runs):
     for r in results:
         for key in ("losses", "grad_norm", "metrics"):
             assert r[key] == results[0][key], key
+
+
+# ---- plugin routers under CP 2, EP across both nodes (the hierarchical dispatcher's two hops) --
+
+# EP 8 over 2 nodes x 4 ranks: Megatron's expert grid has no CP dimension, so EP spans the CP
+# pairs too (each CP rank dispatches its own 2 sequence chunks); the same experts on the same
+# nodes as CP1_EP8
+CP1_EP8 = ParallelLayout(devices_per_node=4, ep=8)
+CP2_EP8 = ParallelLayout(devices_per_node=4, cp=2, ep=8)
+
+CP_TOKEN_WISE = {  # (LocMoEConfig fields, TransformerConfig fields) of routers CP cannot change
+    "hash": TOKEN_WISE["hash"],  # the expert is a function of this position's token id
+    "locmoe": TOKEN_WISE["locmoe"],  # dropless; the Switch-form aux loss over the tp-cp group
+    # Megatron's aux loss: tokens per expert summed over the tp-cp group, its gradient scaled
+    # by CP in the schedule (the dp-cp average would otherwise take 1/CP of it)
+    "megatron": ({}, dict(moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.01)),
+}
+
+
+@pytest.mark.parametrize("router_type", list(CP_TOKEN_WISE))
+def test_token_wise_routers_train_the_cp1_loss_under_cp(
+    cluster8, corpus, tmp_path, router_type, record_property
+):
+    """Routers whose choice and losses do not depend on how CP splits a sequence (hash, whose
+    ids the CPU loop splits as the tokens; locmoe without locality loss; Megatron's TopKRouter
+    with its aux loss) train CP 1's losses and gradient norms from one start under CP 2 with
+    EP across the nodes, every rank reporting the same losses and metrics."""
+    start = str(tmp_path / "start")
+    first = _router_settings(corpus, router_type, CP_TOKEN_WISE, steps=1, save_interval=1)
+    cluster8.run(train_job, replace(first, save_dir=start), layout=CP1_EP8, timeout_s=JOB_TIMEOUT_S)
+    settings = _router_settings(corpus, router_type, CP_TOKEN_WISE, init_weights_dir=start)
+    reference = _train(cluster8, settings, CP1_EP8)
+    assert min(reference["grad_norm"]) > OPTIMIZER.clip_grad
+    out = _train(cluster8, settings, CP2_EP8)
+    record_property("losses", out["losses"])
+    record_property("reference_losses", reference["losses"])
+    for key in ("losses", "grad_norm"):
+        np.testing.assert_allclose(out[key], reference[key], rtol=1e-5, err_msg=key)
+    if router_type != "hash":
+        key = "load_balancing_loss"
+        np.testing.assert_allclose(out["metrics"][key], reference["metrics"][key], rtol=1e-5)
+
+
+@pytest.mark.parametrize("router_type", list(BATCH_WISE))
+def test_batch_wise_routers_train_under_cp(cluster8, corpus, router_type, record_property):
+    """Routers that read this rank's tokens as a batch (LocMoE's locality loss, capacities and
+    LocMoE's delta from this rank's T tokens) see half of each sequence per CP rank, so CP 2
+    legitimately routes differently from CP 1: from scratch they train, every rank reports one
+    set of metrics (averaged over the tp-cp and data-parallel ranks), the dispatcher crosses
+    nodes."""
+    settings = replace(_router_settings(corpus, router_type, BATCH_WISE, steps=4), optimizer=None)
+    out = _train(cluster8, settings, CP2_EP8)
+    losses, metrics = out["losses"], out["metrics"]
+    record_property("losses", losses)
+    record_property("metrics", metrics)
+    assert len(losses) == 4 and losses[-1] < losses[0], losses
+    if router_type.startswith("locmoe"):
+        assert metrics["locality_loss"] > 0
+    if router_type != "locmoe":
+        assert metrics["tokens_dropped"] > 0
