@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
 from megatron_locmoe.sim.cluster import ParallelLayout
 from megatron_locmoe.sim.trainer import train_job
@@ -160,3 +161,70 @@ def test_batch_wise_routers_train_under_cp(cluster8, corpus, router_type, record
         assert metrics["locality_loss"] > 0
     if router_type != "locmoe":
         assert metrics["tokens_dropped"] > 0
+
+
+def locality_weight_gradient_job(ctx, fused_router: str, use_kernels: bool = True):
+    """The router weight's gradient of a LocMoE router's attached locality loss (aux loss
+    off), as the CPU loop finalizes it: under CP 2 each rank of a CP pair routes one [8, 2, 32]
+    chunk x (the same on both ranks), the schedule's aux-loss scale is CP (Megatron's
+    ``forward_step_calc_loss``) and the gradient is averaged over the CP pair (the dp-cp
+    average); at CP 1 the rank routes [x; x], its scale 1."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.moe.moe_utils import (
+        MoEAuxLossAutoScaler,
+        get_default_pg_collection,
+    )
+
+    from megatron_locmoe.config import LocMoEConfig
+    from megatron_locmoe.routers.locmoe import LocMoERouter
+    from megatron_locmoe.sim.testing import moe_config
+
+    ctx.topology()
+    cp = ctx.layout.cp
+    config = moe_config(
+        ep=ctx.layout.ep, context_parallel_size=cp, hidden_size=32, moe_router_topk=1
+    )
+    locmoe = LocMoEConfig(
+        router_type="locmoe",
+        aux_loss_coeff=0.0,
+        locality_loss_coeff=0.1,
+        fused_router=fused_router,
+        grap_mode="learnable",  # a gate weight that receives the gradient
+    )
+    router = LocMoERouter(config, get_default_pg_collection(), locmoe=locmoe)
+    router.use_kernels = use_kernels
+    router.train()
+    x = torch.randn(8, 2, 32, generator=torch.Generator().manual_seed(ctx.rank // 2))
+    batch = x if cp == 2 else torch.cat([x, x])
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(float(cp)))
+    try:
+        probs_TE, _ = router(batch)
+        (probs_TE.sum() * 0).backward()  # only the attached loss reaches the weight
+    finally:
+        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    grad = router.weight.grad
+    if cp > 1:
+        group = parallel_state.get_context_parallel_group()
+        dist.all_reduce(grad, group=group, op=dist.ReduceOp.AVG)
+    return grad
+
+
+@pytest.mark.parametrize(
+    "fused_router, use_kernels",
+    [("off", True), ("on", False), ("on", True)],
+    ids=["reference", "fused", "kernels"],
+)
+def test_the_locality_loss_counts_once_per_context_parallel_group(
+    cluster8, fused_router, use_kernels
+):
+    """mu / (TP x CP) per rank is Megatron's z-loss rule under CP as well: the schedule scales
+    every attached loss by CP and the dp-cp average divides it again, so with both chunks of
+    a CP pair alike, CP 2's router gradient equals CP 1's on [x; x] (without the 1 / CP it
+    was twice that), on the reference path, the fused path and the Triton kernels."""
+    run = dict(timeout_s=JOB_TIMEOUT_S)
+    args = (fused_router, use_kernels)
+    cp1 = cluster8.run(locality_weight_gradient_job, *args, layout=CP1_EP8, **run)
+    cp2 = cluster8.run(locality_weight_gradient_job, *args, layout=CP2_EP8, **run)
+    assert float(cp1[0].abs().max()) > 0
+    for r in range(8):  # the same x, node and local experts on rank r in both layouts
+        np.testing.assert_allclose(cp2[r].numpy(), cp1[r].numpy(), rtol=1e-5, atol=1e-9)
