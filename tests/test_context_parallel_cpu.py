@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from megatron_locmoe.sim import data
 from megatron_locmoe.sim.cluster import ParallelLayout
 from megatron_locmoe.sim.trainer import train_job
 from tests.test_pipeline_cpu import OPTIMIZER
-from tests.test_pipeline_cpu import corpus  # noqa: F401  (the module's corpus fixture)
 from tests.test_tensor_parallel_cpu import BATCH_WISE, TOKEN_WISE, _router_settings, _train
 from tests.test_tensor_parallel_cpu import _settings as tp_settings
 
@@ -21,12 +21,22 @@ JOB_TIMEOUT_S = 240
 CP2 = ParallelLayout(devices_per_node=2, cp=2)
 
 
+def _cp_local(x_S: torch.Tensor, seq_dim: int = 0) -> torch.Tensor:
+    """This CP rank's share of a tensor with the sequence at ``seq_dim``, by Megatron's own
+    batch split (get_batch_on_this_cp_rank, which cuts dim 1 of [b, S, ...])."""
+    from megatron.core import parallel_state
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    group = parallel_state.get_context_parallel_group()
+    batch = {"x": x_S.transpose(seq_dim, 1)}
+    out = get_batch_on_this_cp_rank(batch, False, cp_group=group)["x"]
+    return out.transpose(seq_dim, 1).contiguous()
+
+
 def attention_job(ctx):
     """(max |CP out - full out|, max |grad diffs|) for q, k, v of this rank's tokens."""
-    from megatron.core import parallel_state
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
-    from megatron.core.utils import get_batch_on_this_cp_rank
 
     from megatron_locmoe.attention import ContextParallelDotProductAttention
     from megatron_locmoe.sim.testing import moe_config
@@ -37,23 +47,19 @@ def attention_job(ctx):
     q, k, v, grad = (torch.randn(S, b, n if i in (0, 3) else 2, d, generator=g) for i in range(4))
     grad = grad.flatten(2)
 
-    def local(x):  # Megatron's CP split of a [S, b, ...] tensor (its batch is [b, S, ...])
-        group = parallel_state.get_context_parallel_group()
-        out = get_batch_on_this_cp_rank({"x": x.transpose(0, 1)}, False, cp_group=group)["x"]
-        return out.transpose(0, 1).contiguous()
-
     cp_attn = ContextParallelDotProductAttention(config, 1, AttnMaskType.causal, "self")
     full_config = moe_config(ep=1, num_query_groups=2, attention_dropout=0.0)
     full_attn = DotProductAttention(full_config, 1, AttnMaskType.causal, "self")
-    inputs = [local(t).requires_grad_() for t in (q, k, v)]
+    inputs = [_cp_local(t).requires_grad_() for t in (q, k, v)]
     out = cp_attn(*inputs, None)
-    (out * local(grad)).sum().backward()
+    (out * _cp_local(grad)).sum().backward()
     ref_inputs = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = full_attn(*ref_inputs, None)
     (ref * grad).sum().backward()
-    diffs = [float((out - local(ref)).abs().max())]
+    diffs = [float((out - _cp_local(ref)).abs().max())]
     diffs += [
-        float((x.grad - local(r.grad)).abs().max()) for x, r in zip(inputs, ref_inputs, strict=True)
+        float((x.grad - _cp_local(r.grad)).abs().max())
+        for x, r in zip(inputs, ref_inputs, strict=True)
     ]
     return diffs
 
@@ -65,20 +71,90 @@ def test_cp_attention_equals_full_causal_attention(cluster2):
         np.testing.assert_allclose(diffs, 0.0, atol=1e-5)
 
 
+ROPE_SPLIT = "megatron.core.models.common.embeddings.rope_utils.get_pos_emb_on_this_cp_rank"
+
+
+def rope_split_job(ctx):
+    """(whether Megatron's own RoPE CP split failed here, max |diffs| against Megatron's batch
+    split of the full sequence's embedding: the installed split on a [S, 1, 1, d] and a
+    [3, S, d] tensor, RoPE's forward, YaRN's forward), on this CP rank."""
+    from megatron.core import parallel_state
+    from megatron.core.models.common.embeddings import rope_utils
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+        YarnRotaryEmbedding,
+    )
+
+    from megatron_locmoe.adaptor import REGISTRY
+
+    group = parallel_state.get_context_parallel_group()
+    S = 32
+    megatron_failed = None  # None: not replaced on this device (CUDA runs Megatron's own)
+    if ROPE_SPLIT in REGISTRY.applied:
+        try:
+            REGISTRY.applied[ROPE_SPLIT].original(torch.zeros(S, 1, 1, 4), 0, group)
+            megatron_failed = False
+        except RuntimeError:  # pinned host memory and .cuda() without a CUDA driver
+            megatron_failed = True
+    split = rope_utils.get_pos_emb_on_this_cp_rank
+    emb = torch.randn(S, 1, 1, 8, generator=torch.Generator().manual_seed(5))
+    emb3 = torch.randn(3, S, 8, generator=torch.Generator().manual_seed(6))
+    diffs = [(split(emb, 0, group) - _cp_local(emb)), (split(emb3, 1, group) - _cp_local(emb3, 1))]
+    rope = RotaryEmbedding(
+        kv_channels=8, rotary_percent=1.0, use_cpu_initialization=True, cp_group=group
+    )
+    diffs.append(rope(S) - _cp_local(rope.get_emb(S)))
+    yarn = YarnRotaryEmbedding(  # its __init__ already splits its cos/sin cache's embedding
+        kv_channels=8,
+        rotary_percent=1.0,
+        use_cpu_initialization=True,
+        scaling_factor=4.0,
+        original_max_position_embeddings=16,
+        cp_group=group,
+    )
+    diffs.append(yarn(S)[0] - _cp_local(yarn.get_emb(S)[0]))
+    return megatron_failed, [float(d.abs().max()) for d in diffs]
+
+
+def test_rope_and_yarn_keep_the_positions_of_this_cp_ranks_tokens(cluster2):
+    """RoPE's and YaRN's CP split (Megatron's get_pos_emb_on_this_cp_rank, which fails on a
+    CPU rank, replaced by the adaptor) keeps the rows of exactly the positions that Megatron's
+    batch split gives this rank's tokens, on both ranks and for any sequence dimension."""
+    for megatron_failed, diffs in cluster2.run(rope_split_job, layout=CP2, timeout_s=JOB_TIMEOUT_S):
+        assert megatron_failed in (True, None)
+        assert diffs == [0.0] * 4
+
+
 # ---- the CPU loop under CP 2: 2 simulated nodes x 4 ranks, the loss of CP 1 ----------------
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    prefix = tmp_path_factory.mktemp("corpus") / "pydoc"
+    data.build_indexed_dataset(prefix, max_stdlib_files=0)
+    return str(prefix)
+
 
 CP1_EP4 = ParallelLayout(devices_per_node=4, ep=4)
 CP2_EP4 = ParallelLayout(devices_per_node=4, cp=2, ep=4)  # CP pairs (0, 1), ... in a node
 
 
-@pytest.fixture(scope="module")
-def cp_runs(cluster8, corpus, tmp_path_factory):
-    """(CP 1 rank 0's result, CP 2's results by rank), both from one start saved under CP 1.
-    Megatron's TopKRouter without aux loss: its choice depends on the token alone."""
+@pytest.fixture(scope="module", params=["learned_absolute", "rope"])
+def cp_runs(request, cluster8, corpus, tmp_path_factory):
+    """(CP 1 rank 0's result, CP 2's results by rank), both from one start saved under CP 1,
+    with learned absolute positions (the position ids split as the tokens) or RoPE (its
+    embedding split by the adaptor's get_pos_emb_on_this_cp_rank). Megatron's TopKRouter
+    without aux loss: its choice depends on the token alone."""
+
+    def settings_for(**kw):
+        settings = tp_settings(corpus, **kw)
+        options = {**settings.gpt_model_options, "position_embedding_type": request.param}
+        return replace(settings, gpt_model_options=options)
+
     start = str(tmp_path_factory.mktemp("start"))
-    first = tp_settings(corpus, steps=1, save_interval=1, save_dir=start)
+    first = settings_for(steps=1, save_interval=1, save_dir=start)
     cluster8.run(train_job, first, layout=CP1_EP4, timeout_s=JOB_TIMEOUT_S)
-    settings = tp_settings(corpus, init_weights_dir=start)
+    settings = settings_for(init_weights_dir=start)
     reference = cluster8.run(train_job, settings, layout=CP1_EP4, timeout_s=JOB_TIMEOUT_S)[0]
     return reference, cluster8.run(train_job, settings, layout=CP2_EP4, timeout_s=JOB_TIMEOUT_S)
 
