@@ -1,5 +1,10 @@
-"""Context parallelism on the CPU loop (megatron_locmoe.attention): the CP attention alone
-against Megatron's own causal DotProductAttention on the full sequence (2 ranks)."""
+"""Context parallelism on the CPU loop: the CP attention (megatron_locmoe.attention) against
+Megatron's own causal DotProductAttention on the full sequence, and RoPE's / YaRN's CP split
+(the adaptor's) against Megatron's batch split (2 ranks); then 2 simulated nodes x 4 ranks, CP 2
+against CP 1 from one start saved under CP 1: Megatron's TopKRouter (learned positions and RoPE)
+and the routers whose choice depends on the token alone train CP 1's losses and gradient norms;
+the batch-wise plugin routers train with one set of metrics on every rank; the locality loss
+counts once per CP group."""
 
 from __future__ import annotations
 
