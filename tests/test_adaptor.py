@@ -126,3 +126,25 @@ def test_device_choice_rejects_unknown(monkeypatch):
     monkeypatch.setenv("LOCMOE_DEVICE", "tpu")
     with pytest.raises(ValueError, match="LOCMOE_DEVICE='tpu'"):
         device.choose_device()
+
+
+ROPE_MODULES = (
+    "megatron.core.models.common.embeddings.rope_utils",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding",
+)
+
+
+def test_the_rope_cp_split_is_replaced_where_megatron_binds_it(registry):
+    """On the CPU every module that binds get_pos_emb_on_this_cp_rank (RoPE, mRoPE, YaRN)
+    gets the device-agnostic split, and revert() gives Megatron's back. (Megatron's failing on
+    the CPU, the rows against its batch split and RoPE training under CP 2:
+    tests/test_context_parallel_cpu.py.)"""
+    modules = [importlib.import_module(name) for name in ROPE_MODULES]
+    originals = [m.get_pos_emb_on_this_cp_rank for m in modules]
+    assert len(set(originals)) == 1
+    registry.apply(CPU)
+    for m in modules:
+        assert m.get_pos_emb_on_this_cp_rank is adaptor.shims.pos_emb_on_this_cp_rank
+    registry.revert()
+    assert [m.get_pos_emb_on_this_cp_rank for m in modules] == originals

@@ -22,6 +22,7 @@ from megatron_locmoe.adaptor.shims import (
     host_set_rng_state,
     maybe_move_tensor_to_cpu,
     no_cuda_arch,
+    pos_emb_on_this_cp_rank,
     tied_embedding_setup_on_host,
     torch_norm_with_sequence_parallel,
 )
@@ -144,6 +145,14 @@ _ACCELERATOR_CALLS = {
         "torch.cuda.current_device() (every torch_dist save). Not adapted: the fully-parallel "
         "wrappers and exchange_utils (device='cuda' literals), unused by the default strategy."
     ),
+    "megatron.core.models.common.embeddings.rotary_pos_embedding": (
+        "RotaryEmbedding.get_emb (RoPE, and mRoPE's __init__) moves inv_freq to "
+        "torch.cuda.current_device() at the first forward: RoPE could not run on the CPU."
+    ),
+    "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding": (
+        "YarnRotaryEmbedding.get_emb moves inv_freq_extra / inv_freq_inter to "
+        "torch.cuda.current_device() (already in __init__, which fills its cos/sin cache)."
+    ),
 }
 
 for _module, _why in _ACCELERATOR_CALLS.items():
@@ -241,6 +250,31 @@ REGISTRY.register(
         make=lambda device: maybe_move_tensor_to_cpu,
     )
 )
+
+
+# RoPE and YaRN under CP: each module binds the name at import, so it is replaced in all three
+_ROPE_CP_SPLIT = {
+    "megatron.core.models.common.embeddings.rope_utils": "defines it",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding": (
+        "RotaryEmbedding.forward and MultimodalRotaryEmbedding.forward call it"
+    ),
+    "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding": (
+        "YarnRotaryEmbedding.forward calls it, also from __init__ (its cos/sin cache)"
+    ),
+}
+for _module, _where in _ROPE_CP_SPLIT.items():
+    REGISTRY.register(
+        Patch(
+            target=f"{_module}.get_pos_emb_on_this_cp_rank",
+            why=(
+                "with context parallelism > 1 the rotary embedding keeps this CP rank's rows "
+                "through an index made with torch.tensor(pin_memory=True).cuda(), which fails "
+                "without CUDA: the same rows are selected on the embedding's device. "
+                f"Bound by name here: {_where}."
+            ),
+            make=lambda device: pos_emb_on_this_cp_rank,
+        )
+    )
 
 
 # megatron.core.jit.jit_fuser is torch.compile, bound when megatron.core is imported (before any

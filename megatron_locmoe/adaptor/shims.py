@@ -240,3 +240,25 @@ def torch_norm_with_sequence_parallel(device: DeviceChoice) -> Callable:
         return norm
 
     return __new__
+
+
+def pos_emb_on_this_cp_rank(pos_emb: torch.Tensor, seq_dim: int, cp_group) -> torch.Tensor:
+    """``rope_utils.get_pos_emb_on_this_cp_rank`` on the embedding's own device.
+
+    Megatron's builds its chunk index in pinned host memory and copies it with ``.cuda()``,
+    which fails without CUDA; RoPE (and YaRN) under context parallelism must keep the rows of
+    exactly the positions that ``get_batch_on_this_cp_rank`` gave this rank's tokens, so the
+    rows come from the plugin's one statement of that split, ``attention.cp_positions``."""
+    from megatron_locmoe.attention import cp_positions
+
+    if cp_group is None:
+        raise ValueError("cp_group must be provided to get positional embedding per CP rank")
+    cp_size, cp_rank = cp_group.size(), cp_group.rank()
+    seq_len = pos_emb.shape[seq_dim]
+    if seq_len % (2 * cp_size):
+        raise ValueError(
+            f"a rotary embedding of {seq_len} positions does not split into 2 x CP "
+            f"{cp_size} equal chunks: make the sequence length a multiple of {2 * cp_size}"
+        )
+    rows = cp_positions(seq_len // cp_size, cp_size, cp_rank, pos_emb.device)
+    return pos_emb.index_select(seq_dim, rows)

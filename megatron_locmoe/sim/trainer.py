@@ -7,9 +7,10 @@ MoE tracker into TensorBoard. It runs inside a SimCluster job (``train_job``); G
 ``megatron_locmoe.pretrain_gpt`` (Megatron's own loop) instead.
 
 Gradients follow Megatron's data-parallel semantics: the loss is the mean over this rank's
-tokens that the loss mask keeps; dense parameters' grads are averaged over the data-parallel group; expert parameters,
-which already received every rank's tokens through the All-to-All, are divided by the same
-data-parallel size and averaged over the expert-data-parallel group.
+tokens that the loss mask keeps; dense parameters' grads are averaged over the dp-cp group
+(data parallelism with context parallelism: CP ranks hold other tokens of the same samples);
+expert parameters, which already received every rank's tokens through the All-to-All, are
+divided by the same dp-cp size and summed over the expert-data-parallel group.
 """
 
 from __future__ import annotations
@@ -377,13 +378,12 @@ def _from_last_stage(value: torch.Tensor) -> torch.Tensor:
 
 def _finalize_grads(chunks, num_tokens=None, pg_collection=None, force_all_reduce=False) -> None:
     """``config.finalize_model_grads_func``: Megatron's finalize_model_grads without its DDP
-    buffers. Each chunk's gradients synchronised over data parallelism with context
-    parallelism (Megatron's dp-cp group: CP ranks hold other tokens of the same samples;
-    ``_sync_grads``) and,
+    buffers. Each chunk's gradients synchronised over the dp-cp group (data parallelism with
+    context parallelism: CP ranks hold other tokens of the same samples; ``_sync_grads``) and,
     for the parameters marked sequence_parallel (norms, routers: replicated over TP, each TP
-    rank's gradient from its sequence shard), summed over the TP group; then
-    the two copies of a tied embedding (the first stage's input embedding, the last stage's
-    output layer) summed over the embedding group, so both apply the same update."""
+    rank's gradient from its sequence shard), summed over the TP group; then the two copies of
+    a tied embedding (the first stage's input embedding, the last stage's output layer) summed
+    over the embedding group, so both apply the same update."""
     from megatron.core import parallel_state
 
     dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
@@ -410,12 +410,12 @@ def _finalize_grads(chunks, num_tokens=None, pg_collection=None, force_all_reduc
 
 
 def _sync_grads(model, dp_group, expt_dp_group, dp_size: int) -> None:
-    """The gradient of the mean of every data-parallel rank's loss, as Megatron's DDP makes
-    it: dense gradients averaged over ``dp_group`` (data parallelism with CP, whose ranks each
-    computed the mean over their own tokens); an expert's gradient, which
-    already holds the contributions of every rank of its EP group (the All-to-All's
-    backward), scaled by 1 / that group's size and *summed* over the replicas of that expert
-    (the expert-data-parallel group), since each replica saw other ranks' tokens."""
+    """The gradient of the mean of every dp-cp rank's loss, as Megatron's DDP makes it: dense
+    gradients averaged over ``dp_group`` (the dp-cp group, whose ranks each computed the mean
+    over their own tokens); an expert's gradient, which already holds the contributions of
+    every rank of its EP group (the All-to-All's backward), scaled by 1 / the dp-cp size
+    (``dp_size``) and *summed* over the replicas of that expert (the expert-data-parallel
+    group), since each replica saw other ranks' tokens."""
     for p in model.parameters():
         if p.grad is None:
             continue
@@ -456,9 +456,9 @@ def _optimizer(chunks, settings: TrainSettings):
 def _clip_grads(chunks, max_norm: float) -> float:
     """Megatron's clip_grad_norm: the L2 norm of every gradient of the model (the expert
     parameters' summed over the expert (and expert-tensor) parallel group, whose ranks hold
-    different experts; the dense ones are the same on every rank after the data-parallel
-    average, summed over the TP group, a TP-replicated one counted on TP rank 0 only; both
-    summed over the pipeline stages, the tied embedding's last-stage copy not counted twice), and the
+    different experts; the dense ones are the same on every rank after the dp-cp average,
+    summed over the TP group, a TP-replicated one counted on TP rank 0 only; both summed over
+    the pipeline stages, the tied embedding's last-stage copy not counted twice), and the
     gradients scaled by max_norm / (norm + 1e-6) where that is below 1. Returns the norm."""
     from megatron.core import parallel_state
 
