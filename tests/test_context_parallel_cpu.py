@@ -18,8 +18,16 @@ import torch.distributed as dist
 from megatron_locmoe.sim import data
 from megatron_locmoe.sim.cluster import ParallelLayout
 from megatron_locmoe.sim.trainer import train_job
-from tests.test_pipeline_cpu import OPTIMIZER
-from tests.test_tensor_parallel_cpu import BATCH_WISE, TOKEN_WISE, _router_settings, _train
+from tests.test_tensor_parallel_cpu import (
+    BATCH_WISE,
+    ROUTING_PATHS,
+    TOKEN_WISE,
+    _train,
+    assert_same_gradient,
+    assert_same_training,
+    check_batch_wise_router_trains,
+    trained_from_one_start,
+)
 from tests.test_tensor_parallel_cpu import _settings as tp_settings
 
 JOB_TIMEOUT_S = 240
@@ -170,11 +178,7 @@ def test_context_parallel_trains_the_same_loss_as_cp1(cp_runs, record_property):
     losses and gradient norms for the same global batch and start."""
     reference, results = cp_runs
     out = results[0]
-    assert min(reference["grad_norm"]) > OPTIMIZER.clip_grad
-    for key in ("losses", "grad_norm"):
-        record_property(key, out[key])
-        record_property(f"reference_{key}", reference[key])
-        np.testing.assert_allclose(out[key], reference[key], rtol=1e-5, err_msg=key)
+    assert_same_training(out, reference, record_property)
 
 
 def test_context_parallel_metrics_are_identical_on_every_rank(cp_runs):
@@ -210,11 +214,9 @@ def test_token_wise_routers_train_the_cp1_loss_under_cp(
     with its aux loss) train CP 1's losses and gradient norms from one start under CP 2 with
     EP across the nodes, every rank reporting the same losses and metrics."""
     start = str(tmp_path / "start")
-    first = _router_settings(corpus, router_type, CP_TOKEN_WISE, steps=1, save_interval=1)
-    cluster8.run(train_job, replace(first, save_dir=start), layout=CP1_EP8, timeout_s=JOB_TIMEOUT_S)
-    settings = _router_settings(corpus, router_type, CP_TOKEN_WISE, init_weights_dir=start)
-    reference = _train(cluster8, settings, CP1_EP8)
-    assert min(reference["grad_norm"]) > OPTIMIZER.clip_grad
+    settings, reference = trained_from_one_start(
+        cluster8, corpus, router_type, CP_TOKEN_WISE, start, CP1_EP8
+    )
     out = _train(cluster8, settings, CP2_EP8)
     record_property("losses", out["losses"])
     record_property("reference_losses", reference["losses"])
@@ -232,16 +234,7 @@ def test_batch_wise_routers_train_under_cp(cluster8, corpus, router_type, record
     legitimately routes differently from CP 1: from scratch they train, every rank reports one
     set of metrics (averaged over the tp-cp and data-parallel ranks), the dispatcher crosses
     nodes."""
-    settings = replace(_router_settings(corpus, router_type, BATCH_WISE, steps=4), optimizer=None)
-    out = _train(cluster8, settings, CP2_EP8)
-    losses, metrics = out["losses"], out["metrics"]
-    record_property("losses", losses)
-    record_property("metrics", metrics)
-    assert len(losses) == 4 and losses[-1] < losses[0], losses
-    if router_type.startswith("locmoe"):
-        assert metrics["locality_loss"] > 0
-    if router_type != "locmoe":
-        assert metrics["tokens_dropped"] > 0
+    check_batch_wise_router_trains(cluster8, corpus, router_type, CP2_EP8, record_property)
 
 
 def locality_weight_gradient_job(ctx, fused_router: str, use_kernels: bool = True):
@@ -290,11 +283,7 @@ def locality_weight_gradient_job(ctx, fused_router: str, use_kernels: bool = Tru
     return grad
 
 
-@pytest.mark.parametrize(
-    "fused_router, use_kernels",
-    [("off", True), ("on", False), ("on", True)],
-    ids=["reference", "fused", "kernels"],
-)
+@ROUTING_PATHS
 def test_the_locality_loss_counts_once_per_context_parallel_group(
     cluster8, fused_router, use_kernels
 ):
@@ -302,10 +291,5 @@ def test_the_locality_loss_counts_once_per_context_parallel_group(
     every attached loss by CP and the dp-cp average divides it again, so with both chunks of
     a CP pair alike, CP 2's router gradient equals CP 1's on [x; x] (without the 1 / CP it
     was twice that), on the reference path, the fused path and the Triton kernels."""
-    run = dict(timeout_s=JOB_TIMEOUT_S)
     args = (fused_router, use_kernels)
-    cp1 = cluster8.run(locality_weight_gradient_job, *args, layout=CP1_EP8, **run)
-    cp2 = cluster8.run(locality_weight_gradient_job, *args, layout=CP2_EP8, **run)
-    assert float(cp1[0].abs().max()) > 0
-    for r in range(8):  # the same x, node and local experts on rank r in both layouts
-        np.testing.assert_allclose(cp2[r].numpy(), cp1[r].numpy(), rtol=1e-5, atol=1e-9)
+    assert_same_gradient(cluster8, locality_weight_gradient_job, args, CP1_EP8, CP2_EP8)

@@ -55,6 +55,16 @@ def runs(cluster8, corpus, tmp_path_factory):
     return reference, cluster8.run(train_job, settings, layout=TP2, timeout_s=JOB_TIMEOUT_S)
 
 
+def assert_same_training(out: dict, reference: dict, record_property) -> None:
+    """The same losses and gradient norms as the reference layout's within float32 tolerance,
+    with clipping that bites (so the norm's reduction over the layout's groups counts)."""
+    assert min(reference["grad_norm"]) > OPTIMIZER.clip_grad
+    for key in ("losses", "grad_norm"):
+        record_property(key, out[key])
+        record_property(f"reference_{key}", reference[key])
+        np.testing.assert_allclose(out[key], reference[key], rtol=1e-5, err_msg=key)
+
+
 def test_tensor_and_sequence_parallel_train_the_same_loss_as_tp1(runs, record_property):
     """TP 2 + SP (vocabulary-parallel embedding and loss, column/row-parallel attention, the
     norms' and router's gradients summed over the TP group, the norm counted once per TP
@@ -63,11 +73,7 @@ def test_tensor_and_sequence_parallel_train_the_same_loss_as_tp1(runs, record_pr
     for r in results:
         assert r["losses"] == results[0]["losses"] and r["grad_norm"] == results[0]["grad_norm"]
     out = results[0]
-    assert min(reference["grad_norm"]) > OPTIMIZER.clip_grad
-    for key in ("losses", "grad_norm"):
-        record_property(key, out[key])
-        record_property(f"reference_{key}", reference[key])
-        np.testing.assert_allclose(out[key], reference[key], rtol=1e-5, err_msg=key)
+    assert_same_training(out, reference, record_property)
     assert out["metrics"]["inter_node_bytes"] == 0  # EP 4 inside a node
     assert out["metrics"]["intra_node_bytes"] > 0
 
@@ -153,6 +159,18 @@ def test_ep_groups_span_both_nodes_under_tensor_parallelism(cluster8, layout):
         assert intra and rail
 
 
+def trained_from_one_start(cluster, corpus, router_type, cases, start, layout) -> tuple:
+    """(settings, ``layout``'s result): one step of ``router_type`` saved under ``layout``
+    into ``start``, then the run from there that other layouts must equal (with clipping that
+    bites)."""
+    first = _router_settings(corpus, router_type, cases, steps=1, save_interval=1)
+    cluster.run(train_job, replace(first, save_dir=start), layout=layout, timeout_s=JOB_TIMEOUT_S)
+    settings = _router_settings(corpus, router_type, cases, init_weights_dir=start)
+    reference = _train(cluster, settings, layout)
+    assert min(reference["grad_norm"]) > OPTIMIZER.clip_grad
+    return settings, reference
+
+
 @pytest.mark.parametrize("router_type", list(TOKEN_WISE))
 def test_token_wise_plugin_routers_train_the_tp1_loss_under_tp(
     cluster8, corpus, tmp_path, router_type, record_property
@@ -163,11 +181,9 @@ def test_token_wise_plugin_routers_train_the_tp1_loss_under_tp(
     losses and gradient norms from one start under TP 2 + SP with EP across the nodes (and,
     for locmoe, with expert-TP 2: the dispatcher's expert-TP all-gather / reduce-scatter)."""
     start = str(tmp_path / "start")
-    first = _router_settings(corpus, router_type, TOKEN_WISE, steps=1, save_interval=1)
-    cluster8.run(train_job, replace(first, save_dir=start), layout=TP1_EP8, timeout_s=JOB_TIMEOUT_S)
-    settings = _router_settings(corpus, router_type, TOKEN_WISE, init_weights_dir=start)
-    reference = _train(cluster8, settings, TP1_EP8)
-    assert min(reference["grad_norm"]) > OPTIMIZER.clip_grad
+    settings, reference = trained_from_one_start(
+        cluster8, corpus, router_type, TOKEN_WISE, start, TP1_EP8
+    )
     layouts = [TP2_EP8, TP2_ETP2] if router_type == "locmoe" else [TP2_EP8]
     for layout in layouts:
         out = _train(cluster8, settings, layout)
@@ -183,8 +199,14 @@ def test_batch_wise_plugin_routers_train_under_tp(cluster8, corpus, router_type,
     LocMoE's delta from this rank's T tokens) see half a micro-batch per TP rank under SP, so
     TP 2 legitimately routes differently from TP 1 (docs/cluster.md has the numbers): from
     scratch they train, every rank reports one set of metrics, the dispatcher crosses nodes."""
+    check_batch_wise_router_trains(cluster8, corpus, router_type, TP2_EP8, record_property)
+
+
+def check_batch_wise_router_trains(cluster, corpus, router_type, layout, record_property):
+    """``router_type`` (of BATCH_WISE) trains 4 steps from scratch under ``layout``: the loss
+    falls, its locality loss and drops are there (every rank reported one set: ``_train``)."""
     settings = replace(_router_settings(corpus, router_type, BATCH_WISE, steps=4), optimizer=None)
-    out = _train(cluster8, settings, TP2_EP8)
+    out = _train(cluster, settings, layout)
     losses, metrics = out["losses"], out["metrics"]
     record_property("losses", losses)
     record_property("metrics", metrics)
@@ -230,11 +252,26 @@ def locality_gradient_job(ctx, fused_router: str, use_kernels: bool = True):
     return batch.grad[:8]
 
 
-@pytest.mark.parametrize(
+ROUTING_PATHS = pytest.mark.parametrize(
     "fused_router, use_kernels",
     [("off", True), ("on", False), ("on", True)],
     ids=["reference", "fused", "kernels"],
 )
+"""The LocMoE router's three paths: reference, compiled graph, Triton kernels."""
+
+
+def assert_same_gradient(cluster, job, args, reference_layout, layout) -> None:
+    """``job(*args)``'s gradient on every rank equals the reference layout's (rank by rank:
+    the same x, node and local experts on rank r in both layouts), and is not zero."""
+    run = dict(timeout_s=JOB_TIMEOUT_S)
+    reference = cluster.run(job, *args, layout=reference_layout, **run)
+    out = cluster.run(job, *args, layout=layout, **run)
+    assert float(reference[0].abs().max()) > 0
+    for got, want in zip(out, reference, strict=True):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-9)
+
+
+@ROUTING_PATHS
 def test_the_locality_loss_counts_once_per_tensor_parallel_group(
     cluster8, fused_router, use_kernels
 ):
@@ -243,10 +280,5 @@ def test_the_locality_loss_counts_once_per_tensor_parallel_group(
     the micro-batch's, as Megatron scales its z-loss: with both shards alike, TP 2's gradient
     on a shard equals TP 1's on that half of the micro-batch (it was twice that), on the
     reference path, the fused path and the Triton kernels (interpreted on the CPU)."""
-    run = dict(timeout_s=JOB_TIMEOUT_S)
     args = (fused_router, use_kernels)
-    tp1 = cluster8.run(locality_gradient_job, *args, layout=TP1_EP8, **run)
-    tp2 = cluster8.run(locality_gradient_job, *args, layout=TP2_EP8, **run)
-    assert float(tp1[0].abs().max()) > 0
-    for r in range(8):  # the same x, node and local experts on rank r in both layouts
-        np.testing.assert_allclose(tp2[r].numpy(), tp1[r].numpy(), rtol=1e-5, atol=1e-9)
+    assert_same_gradient(cluster8, locality_gradient_job, args, TP1_EP8, TP2_EP8)
