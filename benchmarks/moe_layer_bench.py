@@ -18,6 +18,7 @@ for the eager one):
 - ``plugin_megatron_grouped``: the plugin's layer with Megatron's router and grouped experts
   (isolates the expert path: its output must equal ``megatron_local``'s bit for bit);
 - ``plugin_locmoe_grouped``: the plugin's layer with the fused LocMoE router and grouped experts.
+With ``--graphed``, each layer again with its router in CUDA graphs (``NAME_graphed``).
 Experts alone: the loop and the grouped module on the local layer's routing, forward and
 forward+backward, FLOPs = 6 * assignments * H * F forward (SwiGLU: 2F up, F down), 3x that
 with the backward.
@@ -110,6 +111,14 @@ def _compare(a, b) -> dict:
     }
 
 
+def graph_the_router(layer, x: torch.Tensor) -> None:
+    """Capture ``layer.router``'s forward and backward in CUDA graphs (torch's
+    make_graphed_callables), as Megatron's CUDA graphs with ``--cuda-graph-modules
+    moe_router`` do: the dispatch and the experts stay eager. The sample is a copy of the
+    benchmark's tokens (the same shapes)."""
+    torch.cuda.make_graphed_callables(layer.router, (x.detach().clone().requires_grad_(True),))
+
+
 def bench_layers(configs: dict, T, device, args) -> dict:
     config = configs[False]
     gen = torch.Generator(device=device).manual_seed(0)
@@ -127,12 +136,21 @@ def bench_layers(configs: dict, T, device, args) -> dict:
             for p in layer.parameters():
                 p.grad = None
 
-        ms = benchutil.timed(step, device, args.warmup, args.repeats, args.inner)
-        mem = benchutil.peak_memory_mb(step, device)
-        y, _ = layer(xr)
-        y.backward(dy)
-        outs[name] = (y.detach(), xr.grad.clone())
-        rows[name] = {"ms": ms, "peak_mb": mem, "experts": type(layer.experts).__name__}
+        def measure(layer=layer, xr=xr, step=step) -> tuple[dict, tuple]:
+            ms = benchutil.timed(step, device, args.warmup, args.repeats, args.inner)
+            mem = benchutil.peak_memory_mb(step, device)
+            y, _ = layer(xr)
+            y.backward(dy)
+            out = (y.detach().clone(), xr.grad.clone())
+            xr.grad = None
+            return {"ms": ms, "peak_mb": mem, "experts": type(layer.experts).__name__}, out
+
+        rows[name], outs[name] = measure()
+        if args.graphed:  # the same layer, its router replayed from CUDA graphs
+            graph_the_router(layer, x)
+            row, out = measure()
+            row["graph_check"] = _compare(outs[name], out)
+            rows[f"{name}_graphed"] = row
         del layer
     base = rows[BASELINE]["ms"] if BASELINE in rows else rows["megatron_local"]["ms"]
     local = rows.get("megatron_local", {}).get("ms")
@@ -259,6 +277,9 @@ def bench_shape(T, H, E, k, F_, device, args) -> dict:
         )
     for pair, check in result["equal_layers"].items():
         print(f"  {pair}: {check}")
+    for name, row in result["layers"].items():
+        if "graph_check" in row:
+            print(f"  {name} vs eager: {row['graph_check']}")
     return result
 
 
@@ -288,8 +309,17 @@ def main() -> None:
         "--no-bias-swiglu-fusion); by default all layers use Megatron's fused weighted SwiGLU, "
         "as pretrain_gpt does with --swiglu",
     )
+    p.add_argument(
+        "--graphed",
+        action="store_true",
+        help="also time each layer with its router's forward and backward replayed from CUDA "
+        "graphs (Megatron's --cuda-graph-modules moe_router: dispatch and experts eager); "
+        "rows NAME_graphed, checked against the eager rows",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if args.graphed and not args.device.startswith("cuda"):
+        raise SystemExit("--graphed needs a CUDA device (CUDA graphs)")
     if not HAVE_TE and any(LAYERS[name][0] for name in args.layers):
         raise SystemExit("the *_te layers need transformer-engine, which is not installed here")
     device = benchutil.init_single_process(args.device)
