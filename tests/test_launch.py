@@ -802,7 +802,7 @@ def test_cpu_loop_takes_pipeline_tensor_and_context_parallel_layouts(
         2,
         2,
     )
-    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")  # Megatron's own check for TP
+    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)  # the launcher sets it
     sets = ["tensor-model-parallel-size=2", "sequence-parallel=true"]
     sets += ["expert-model-parallel-size=2"]
     settings, layout = _plan("cpu-sim", sets=sets, runs_dir=str(tmp_path)).runs[0].cpu_loop

@@ -77,7 +77,9 @@ TORCHRUN = ("-m", "torch.distributed.run")
 
 CUDA_ENV = {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
 """Megatron's usual setting: one hardware queue keeps communication kernels in issue order
-(needed for its TP/SP communication overlap; harmless otherwise)."""
+(needed for its TP/SP communication overlap; harmless otherwise). Also set for the CPU loop,
+whose flags Megatron's validate_args checks with the pre-Blackwell rule (1 with TP / CP > 1);
+nothing on the CPU reads it."""
 
 ASCEND_ENV = {
     **CUDA_ENV,
@@ -213,7 +215,7 @@ def node_env(plan: Plan, node_rank: int) -> dict[str, str]:
     """The variables the launcher sets for ``node_rank`` (on top of that node's environment)."""
     preset = plan.preset
     env: dict[str, str] = {}
-    if preset.device == "cuda":
+    if preset.device in ("cuda", "cpu"):
         env.update(CUDA_ENV)
     elif preset.device == "npu":
         env.update(ASCEND_ENV)

@@ -448,8 +448,6 @@ def cpu_twin(preset: Preset) -> Preset:
         }
     )
     env = dict(base.env)
-    if layout.tp > 1 or layout.cp > 1:  # Megatron's validate_args asks for it then
-        env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
     nodes = world // devices_per_node
     sweep = {
         run: {k: v for k, v in entry.items() if _twin_keeps(k)}
