@@ -814,8 +814,18 @@ def test_cpu_loop_takes_pipeline_tensor_and_context_parallel_layouts(
     settings, layout = _plan("cpu-sim", sets=sets, runs_dir=str(tmp_path)).runs[0].cpu_loop
     assert (layout.cp, layout.ep) == (2, 2)  # micro batch 4 x DP 2 x 2 micro-batches = 16
     assert settings.transformer_config.context_parallel_size == 2
-    with pytest.raises(PresetError, match="--context-parallel-size 2 needs --transformer-impl"):
+    with pytest.raises(PresetError, match="the CPU loop, .* use --transformer-impl local"):
         _plan("cpu-sim", sets=[*sets, "transformer-impl=transformer_engine"])
+
+
+def test_cpu_loop_refuses_cuda_only_settings_with_the_fix(tmp_path):
+    """The CPU loop gets Ascend's CUDA-only checks (defaults included: RoPE's fusion is on
+    by default and needs TE), except what it runs (the plugin's grouped experts)."""
+    with pytest.raises(PresetError, match="the CPU loop, .*apply_rope_fusion=True: use --no-rope"):
+        _plan("cpu-sim", sets=["position-embedding-type=rope"], runs_dir=str(tmp_path))
+    sets = ["position-embedding-type=rope", "no-rope-fusion=true", "locmoe-experts=grouped"]
+    settings, _ = _plan("cpu-sim", sets=sets, runs_dir=str(tmp_path)).runs[0].cpu_loop
+    assert settings.transformer_config.apply_rope_fusion is False
 
 
 def test_cpu_loop_honours_the_model_flags(tmp_path):

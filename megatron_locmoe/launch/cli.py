@@ -75,6 +75,9 @@ from megatron_locmoe.launch.presets import (
 DEFAULT_MASTER_PORT = 29500
 TORCHRUN = ("-m", "torch.distributed.run")
 
+NOT_CUDA = {"npu": "Ascend NPUs", "cpu": "the CPU loop"}
+"""The devices whose runs are checked for CUDA-only settings (presets.CUDA_ONLY)."""
+
 CUDA_ENV = {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
 """Megatron's usual setting: one hardware queue keeps communication kernels in issue order
 (needed for its TP/SP communication overlap; harmless otherwise). Also set for the CPU loop,
@@ -291,10 +294,11 @@ def build_plan(opts: Options, preset: Preset | None = None) -> Plan:
             for r in plan.node_ranks:
                 env = node_env(plan, r)
                 rp.commands.append(NodeCommand(r, env, torchrun_argv(opts, plan, r, entry, argv)))
-        bad_flags = cuda_only_flags(argv) if preset.device == "npu" else []
+        where = NOT_CUDA.get(preset.device)
+        bad_flags = cuda_only_flags(argv, preset.device) if where else []
         if bad_flags:
             raise PresetError(
-                f"{what} runs on Ascend NPUs, but these flags need CUDA-only code: "
+                f"{what} runs on {where}, but these flags need CUDA-only code: "
                 + "; ".join(bad_flags)
             )
         if preset.prepare_data == "pydoc-domains":
@@ -308,11 +312,11 @@ def build_plan(opts: Options, preset: Preset | None = None) -> Plan:
             rp.args = parse_with_megatron(
                 argv, nodes * dpn, dpn, what, env, preset.device, _data_step_files(plan)
             )
-            if preset.device == "npu":
-                bad = cuda_only_settings(rp.args)
+            if where:
+                bad = cuda_only_settings(rp.args, preset.device)
                 if bad:
                     raise PresetError(
-                        f"{what} runs on Ascend NPUs, but these settings need CUDA-only code: "
+                        f"{what} runs on {where}, but these settings need CUDA-only code: "
                         + "; ".join(bad)
                     )
         if preset.device == "cpu":  # refuses what the CPU loop cannot do, now
@@ -375,11 +379,6 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path, per_nod
     world = args.world_size
     refuse = []
     cp = args.context_parallel_size
-    if cp > 1 and args.transformer_impl != "local":
-        refuse.append(
-            f"--context-parallel-size {cp} needs --transformer-impl local on the CPU loop "
-            "(megatron_locmoe.attention; TE's CP attention needs CUDA)"
-        )
     if cp > 1 and getattr(args, "window_size", None) is not None:
         refuse.append(f"--window-size with --context-parallel-size {cp}: drop one")
     if args.bf16 or args.fp16:

@@ -601,6 +601,8 @@ class CudaOnly(NamedTuple):
     flags: tuple[str, ...] = ()
     """Flags that set it whatever their value, refused before parsing (some make Megatron's
     validate_args query the CUDA device)."""
+    runs_on_cpu: bool = False
+    """The CPU loop runs it all the same (only Ascend refuses it)."""
 
 
 CUDA_ONLY = (
@@ -619,7 +621,8 @@ CUDA_ONLY = (
     CudaOnly(
         "locmoe_experts",
         lambda v: v == "grouped",
-        "use --locmoe-experts loop (torch._grouped_mm is a CUDA kernel)",
+        "use --locmoe-experts loop (torch._grouped_mm has CUDA and CPU kernels only)",
+        runs_on_cpu=True,
     ),
     CudaOnly(
         "fp8",
@@ -691,16 +694,24 @@ CUDA_ONLY_FLAGS = {flag: row.fix for row in CUDA_ONLY for flag in row.flags}
 """Flag -> what to do instead, for the flags refused before parsing."""
 
 
-def cuda_only_flags(argv: list[str]) -> list[str]:
-    """The CUDA-only flags written in ``argv``, each with what to do instead."""
+def _refused_on(device: str) -> list[CudaOnly]:
+    return [row for row in CUDA_ONLY if not (device == "cpu" and row.runs_on_cpu)]
+
+
+def cuda_only_flags(argv: list[str], device: str = "npu") -> list[str]:
+    """The CUDA-only flags written in ``argv`` that ``device`` (npu, cpu) cannot run, each with
+    what to do instead."""
     written = {tok.split("=", 1)[0] for tok in argv if tok.startswith("--")}
-    return [f"{flag}: {fix}" for flag, fix in CUDA_ONLY_FLAGS.items() if flag in written]
+    return [
+        f"{flag}: {row.fix}" for row in _refused_on(device) for flag in row.flags if flag in written
+    ]
 
 
-def cuda_only_settings(args) -> list[str]:
-    """What to change so that the parsed Megatron arguments run on Ascend NPUs (empty: fine)."""
+def cuda_only_settings(args, device: str = "npu") -> list[str]:
+    """What to change so that the parsed Megatron arguments run on ``device`` (npu: Ascend
+    NPUs; cpu: the CPU loop); empty: fine."""
     bad = []
-    for attr, is_cuda_only, fix, _ in CUDA_ONLY:
-        if hasattr(args, attr) and is_cuda_only(getattr(args, attr)):
-            bad.append(f"{attr}={getattr(args, attr)!r}: {fix}")
+    for row in _refused_on(device):
+        if hasattr(args, row.attr) and row.is_cuda_only(getattr(args, row.attr)):
+            bad.append(f"{row.attr}={getattr(args, row.attr)!r}: {row.fix}")
     return bad
