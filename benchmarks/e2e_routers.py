@@ -92,10 +92,7 @@ VARIANTS = {  # name -> (the preset's run it starts from, flags changed on top o
     "locmoe_compiled_graphed": ("locmoe", LOCAL_GRAPHS),
 }
 ROUTERS = list(VARIANTS)
-ROUTER_ENV = {
-    "locmoe_compiled": {"LOCMOE_TRITON_ROUTER": "0"},
-    "locmoe_compiled_graphed": {"LOCMOE_TRITON_ROUTER": "0"},
-}
+ROUTER_ENV = {r: {"LOCMOE_TRITON_ROUTER": "0"} for r in ROUTERS if "_compiled" in r}
 TE_ROUTERS = [r for r in ROUTERS if "_te" in r]
 DEFAULT_ROUTERS = (
     ["megatron_te", "locmoe_te", "locmoe_te_grouped", "hash_te", "switch_te", "locmoe_plus_te"]

@@ -272,6 +272,21 @@ if HAVE_TRITON:
         return tl.sum(((v > -float("inf")) & (key >= threshold)).to(tl.int32), axis=0)
 
     @triton.jit
+    def _count_row_at_least(
+        v, key, threshold, row_ptr, T, BT: tl.constexpr, WHOLE_ROW: tl.constexpr
+    ):
+        """``_count_at_least`` over an expert's whole row: its first strip (``v``, ``key``),
+        then, unless WHOLE_ROW (the strip is the row), the rest streamed in strips of BT."""
+        count = _count_at_least(v, key, threshold)
+        if not WHOLE_ROW:
+            t = tl.arange(0, BT)
+            for t0 in range(BT, T, BT):
+                tt = t0 + t
+                vs = tl.load(row_ptr + tt, mask=tt < T, other=-float("inf"))
+                count += _count_at_least(vs, _order_key(vs), threshold)
+        return count
+
+    @triton.jit
     def _drop(
         prio_ptr, probs_ptr, map_ptr, scores_ptr, ws_ptr, ticket_ptr, step_ptr, T, capacity,
         num_parts, local_ptr, delta_ptr, ecmin_ptr, block_ptr, lb_ptr,
@@ -293,12 +308,7 @@ if HAVE_TRITON:
         t = tl.arange(0, BT)
         v = tl.load(row_ptr + t, mask=t < T, other=-float("inf"))
         key = _order_key(v)
-        n = _count_at_least(v, key, -2147483647 - 1)
-        if not WHOLE_ROW:
-            for t0 in range(BT, T, BT):
-                tt = t0 + t
-                vs = tl.load(row_ptr + tt, mask=tt < T, other=-float("inf"))
-                n += _count_at_least(vs, _order_key(vs), -2147483647 - 1)
+        n = _count_row_at_least(v, key, -2147483647 - 1, row_ptr, T, BT, WHOLE_ROW)
         # greedy over the bits of the unsigned key u = key + 2^31: the largest u with at
         # least ``capacity`` routed keys >= it is the capacity-th highest
         prefix = tl.zeros((), tl.int64)
@@ -306,23 +316,13 @@ if HAVE_TRITON:
             for b in tl.static_range(32):
                 trial = prefix | (1 << (31 - b))
                 threshold = (trial - 2147483648).to(tl.int32)
-                count = _count_at_least(v, key, threshold)
-                if not WHOLE_ROW:
-                    for t0 in range(BT, T, BT):
-                        tt = t0 + t
-                        vs = tl.load(row_ptr + tt, mask=tt < T, other=-float("inf"))
-                        count += _count_at_least(vs, _order_key(vs), threshold)
+                count = _count_row_at_least(v, key, threshold, row_ptr, T, BT, WHOLE_ROW)
                 prefix = tl.where(count >= capacity, trial, prefix)
         tau = (prefix - 2147483648).to(tl.int32)
         keep_all = n <= capacity
-        # the ties at tau kept, lowest token index first: capacity - (keys above tau)
-        above = tl.sum(((v > -float("inf")) & (key > tau)).to(tl.int32), axis=0)
-        if not WHOLE_ROW:
-            for t0 in range(BT, T, BT):
-                tt = t0 + t
-                vs = tl.load(row_ptr + tt, mask=tt < T, other=-float("inf"))
-                above += tl.sum(((vs > -float("inf")) & (_order_key(vs) > tau)).to(tl.int32), 0)
-        need = capacity - above
+        # the ties at tau kept, lowest token index first: capacity - (keys above tau); tau + 1
+        # cannot overflow (tau is a routed finite or +inf key, or the lowest with no drop)
+        need = capacity - _count_row_at_least(v, key, tau + 1, row_ptr, T, BT, WHOLE_ROW)
         ties = tl.zeros((), tl.int32)
         kept = tl.zeros((), tl.int32)
         real = tl.zeros((), tl.int32)
@@ -626,23 +626,15 @@ class LocMoERouteFunction(torch.autograd.Function):
         BT, BE, BC, warps, _ = plan.tiles
         num_parts = plan.num_parts
         probs = torch.empty(T, E, device=dev, dtype=torch.float32)
+        scores = torch.empty_like(probs)
         routing_map = torch.empty(T, E, device=dev, dtype=torch.bool)
+        ws = torch.empty(plan.ws_numel, device=dev)
         if ticket is None:
             ticket = torch.zeros((), device=dev, dtype=torch.int32)
-        # one allocation (host time) for the workspace, the scores and, with LocMoE+'s cosine,
-        # the affinities and 1/|x| (for the backward) and, with a capacity, the drop's
-        # priorities [E, T]
-        TE = T * E
-        sizes = (plan.ws_numel, TE, TE if affinity else 0, T if affinity else 0)
-        sizes += (TE if capacity is not None else 0,)
-        work = torch.empty(sum(sizes), device=dev)
-        ws = work[: plan.ws_numel]
-        scores = work.as_strided((T, E), (E, 1), plan.ws_numel)
-        at = plan.ws_numel + TE
-        aff = work.as_strided((T, E), (E, 1), at) if affinity else ws
-        inv_norm = work.as_strided((T,), (1,), at + TE) if affinity else ws
-        at += sizes[2] + sizes[3]
-        prio = work.as_strided((E, T), (T, 1), at) if capacity is not None else ws
+        # LocMoE+'s cosine and 1/|x| (for the backward), the drop's priorities [E, T]
+        aff = torch.empty_like(probs) if affinity else ws
+        inv_norm = torch.empty(T, device=dev) if affinity else ws
+        prio = torch.empty(E, T, device=dev) if capacity is not None else ws
         reduce_counts = tp_cp_group is not None and aux_factor  # group given only if > 1 rank
         block = slots.block if slots is not None else ws
         lb = slots.lb_values if slots is not None and slots.lb_values is not None else ws

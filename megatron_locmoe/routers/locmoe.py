@@ -326,7 +326,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
                     x_TH, spec, with_losses, loss_scale, drop, count
                 )
                 if count:
-                    self._host_state()["step"] += 1
+                    self._count_routing_step(on_device=False)
                 return probs_TE, routing_map_TE  # losses and metrics applied in the kernels
             probs_TE, routing_map_TE, attached, aux, vector = self._graph_forward(
                 x_TH, spec, with_losses, capacity, expert_choice
@@ -491,8 +491,11 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
                 needs_dp_avg=True,
             )
 
-    def _count_routing_step(self) -> None:
-        self.routing_step.add_(1)  # in place: no Module.__setattr__ per call
+    def _count_routing_step(self, on_device: bool = True) -> None:
+        """One more routing step, on the host mirror and (unless the drop kernel counted it
+        already: ``on_device=False``) in the buffer."""
+        if on_device:
+            self.routing_step.add_(1)  # in place: no Module.__setattr__ per call
         self._host_state()["step"] += 1
 
     def _reference_forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None):

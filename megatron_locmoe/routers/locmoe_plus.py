@@ -69,7 +69,9 @@ class LocMoEPlusRouter(LocMoERouter):
         )
 
     def reference_gate(self, input: torch.Tensor):
-        affinity_TE = grap_affinity(input.reshape(-1, self.config.hidden_size), self.gate_tensors()[0])
+        affinity_TE = grap_affinity(
+            input.reshape(-1, self.config.hidden_size), self.gate_tensors()[0]
+        )
         return affinity_TE, self.logits_from_raw(affinity_TE)
 
     def token_choice(self, logits_TE: torch.Tensor):
