@@ -115,8 +115,27 @@ def graph_the_router(layer, x: torch.Tensor) -> None:
     """Capture ``layer.router``'s forward and backward in CUDA graphs (torch's
     make_graphed_callables), as Megatron's CUDA graphs with ``--cuda-graph-modules
     moe_router`` do: the dispatch and the experts stay eager. The sample is a copy of the
-    benchmark's tokens (the same shapes)."""
-    torch.cuda.make_graphed_callables(layer.router, (x.detach().clone().requires_grad_(True),))
+    benchmark's tokens (the same shapes). MoELayer.route calls ``router(hidden_states,
+    padding_mask)``; torch's graphed forward takes tensors only, so the captured forward is
+    wrapped to take the None mask (a real mask would need a second capture: refused)."""
+    router = layer.router
+    # Megatron's dispatchers keep the last probs (token_dispatcher.probs), and with them the
+    # eager steps' autograd graph, whose gradient accumulators were made on the default
+    # stream: capturing the backward would then make that stream wait on the capture. A
+    # forward without grad replaces them.
+    with torch.no_grad():
+        layer(x)
+    torch.cuda.make_graphed_callables(
+        router, (x.detach().clone().requires_grad_(True),), allow_unused_input=True
+    )
+    graphed = router.forward
+
+    def forward(hidden_states, padding_mask=None):
+        if padding_mask is not None:
+            raise ValueError("the router was captured without a padding mask; pass none")
+        return graphed(hidden_states)
+
+    router.forward = forward
 
 
 def bench_layers(configs: dict, T, device, args) -> dict:
