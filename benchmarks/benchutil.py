@@ -163,8 +163,15 @@ def device_time(fn: Callable[[], None], device: torch.device, reps: int = 20) ->
     return start.elapsed_time(end) / reps
 
 
-def profile(fn: Callable[[], None], device: torch.device, title: str, steps: int = 5) -> None:
-    """Print where one call's time goes (host ops by self time; kernels launched per call)."""
+def profile(
+    fn: Callable[[], None],
+    device: torch.device,
+    title: str,
+    steps: int = 5,
+    sort_by: str = "self_cpu_time_total",
+) -> None:
+    """Print where one call's time goes (ops by ``sort_by``: host self time by default, for
+    host-bound calls; ``self_device_time_total`` for the card's; kernels launched per call)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -178,7 +185,7 @@ def profile(fn: Callable[[], None], device: torch.device, title: str, steps: int
     events = prof.key_averages()
     kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     print(f"\n--- profile: {title}: {kernels / steps:.0f} device kernels per call")
-    print(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+    print(events.table(sort_by=sort_by, row_limit=25, max_name_column_width=60))
 
 
 def peak_memory_mb(fn: Callable[[], None], device: torch.device) -> float | None:

@@ -165,6 +165,9 @@ def bench_layers(configs: dict, T, device, args) -> dict:
             return {"ms": ms, "peak_mb": mem, "experts": type(layer.experts).__name__}, out
 
         rows[name], outs[name] = measure()
+        if name in args.profile:
+            sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            benchutil.profile(step, device, f"{name} T={T} H={config.hidden_size}", sort_by=sort)
         if args.graphed:  # the same layer, its router replayed from CUDA graphs
             graph_the_router(layer, x)
             row, out = measure()
@@ -335,8 +338,16 @@ def main() -> None:
         "graphs (Megatron's --cuda-graph-modules moe_router: dispatch and experts eager); "
         "rows NAME_graphed, checked against the eager rows",
     )
+    p.add_argument(
+        "--profile",
+        nargs="*",
+        default=[],
+        help="layers to profile, eagerly (op table by the card's self time on CUDA)",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if unknown := set(args.profile) - set(args.layers):
+        p.error(f"--profile {' '.join(sorted(unknown))}: not among --layers")
     if args.graphed and not args.device.startswith("cuda"):
         raise SystemExit("--graphed needs a CUDA device (CUDA graphs)")
     if not HAVE_TE and any(LAYERS[name][0] for name in args.layers):

@@ -172,6 +172,9 @@ def validate_locmoe_args(args) -> LocMoEConfig:
             from megatron_locmoe.routers.hash import load_token_counts
 
             load_token_counts(cfg.hash_token_counts, getattr(args, "vocab_size", None))
+    from megatron_locmoe.spec import check_local_cuda_graphs
+
+    check_local_cuda_graphs(_transformer_view(args))  # also at model build, for spec users
     _check_topology_args(args, cfg)
     return cfg
 

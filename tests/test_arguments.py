@@ -213,6 +213,11 @@ INVALID = [
         "drop --mtp-num-layers",
     ),
     (["--locmoe-experts", "grouped"], "pass --disable-bias-linear"),
+    (["--moe-router-type", "locmoe", "--cuda-graph-impl", "local"], "captures each MoE layer"),
+    (
+        ["--moe-router-type", "hash", "--cuda-graph-impl", "local", "--cuda-graph-modules", "attn"],
+        "add moe_router to --cuda-graph-modules",
+    ),
     # before any process starts: top-k of Megatron's own router, non-finite floats, files
     (["--moe-router-topk", "0"], "every token needs at least 1 expert"),
     (["--moe-router-type", "locmoe", "--locmoe-locality-loss-coeff", "nan"], "not a finite"),
@@ -287,3 +292,13 @@ def test_hash_counts_file_is_checked_at_parse_time(megatron_args, tmp_path):
             parse(*flags, str(tmp_path / name))
     np.save(tmp_path / "ok.npy", np.arange(100))
     parse(*flags, str(tmp_path / "ok.npy"))
+
+
+def test_local_graphs_of_the_router_parse(megatron_args):
+    """The refusal above is of whole-layer captures only: graphing the router is accepted."""
+    parse, _ = megatron_args
+    args = parse(
+        "--moe-router-type", "locmoe", "--cuda-graph-impl", "local", "--cuda-graph-modules",
+        "moe_router",
+    )  # fmt: skip
+    assert [getattr(m, "name", m) for m in args.cuda_graph_modules] == ["moe_router"]
