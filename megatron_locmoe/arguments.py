@@ -113,6 +113,24 @@ def add_locmoe_args(parser):
     if "--moe-router-type" in parser._option_string_actions:
         return parser
     _LocMoEArgumentFactory(LocMoEConfig).build_group(parser, title="LocMoE")
+    group = parser.add_argument_group(title="LocMoE data (megatron_locmoe/node_data.py)")
+    group.add_argument(
+        "--locmoe-domain-data-path",
+        nargs="+",
+        default=None,
+        metavar="PREFIX",
+        help="Domain-sharded data: one dataset prefix per domain; every rank of node k reads "
+        "domain k mod D (node-correlated data, the setting locality-aware routing is for). "
+        "Without it every rank reads --data-path's mixture (Megatron's loader, the control).",
+    )
+    group.add_argument(
+        "--locmoe-domain-valid-data-path",
+        nargs="+",
+        default=None,
+        metavar="PREFIX",
+        help="Held-out data of each domain (same order as --locmoe-domain-data-path); without "
+        "it, each domain's --split validation part. The evaluation reports every domain's loss.",
+    )
     return parser
 
 
@@ -150,6 +168,7 @@ def _transformer_view(args) -> SimpleNamespace:
 def validate_locmoe_args(args) -> LocMoEConfig:
     """Check the plugin flags against the rest of Megatron's arguments; raise ConfigError."""
     cfg = locmoe_config_from_args(args)
+    _check_virtual_and_domain_args(args, cfg)
     changes = cfg.changes_megatron(bool(getattr(args, "moe_grouped_gemm", False)))
     if args.num_experts is None:
         if changes:
@@ -177,6 +196,67 @@ def validate_locmoe_args(args) -> LocMoEConfig:
     check_local_cuda_graphs(_transformer_view(args))  # also at model build, for spec users
     _check_topology_args(args, cfg)
     return cfg
+
+
+def _check_virtual_and_domain_args(args, cfg: LocMoEConfig) -> None:
+    """The virtual cluster runs in one process and needs whole micro-batches per virtual rank;
+    domain-sharded data needs a node map, Megatron's ordered sampler and no --data-path."""
+    from megatron_locmoe.node_data import check_domains
+
+    shape = cfg.virtual_shape
+    if shape is not None:
+        ranks = shape[0] * shape[1]
+        if args.world_size != 1:
+            raise ConfigError(
+                f"--locmoe-virtual-cluster {cfg.virtual_cluster} trains its {ranks} ranks in one "
+                f"process; this job has {args.world_size}: launch one rank (torchrun "
+                "--nproc-per-node 1)"
+            )
+        per_pass = args.micro_batch_size * ranks
+        if args.global_batch_size % per_pass:
+            raise ConfigError(
+                f"--global-batch-size {args.global_batch_size} is not a multiple of "
+                f"--micro-batch-size {args.micro_batch_size} x the virtual cluster's {ranks} "
+                f"ranks ({per_pass}): every virtual rank needs whole micro-batches"
+            )
+    domains = getattr(args, "locmoe_domain_data_path", None)
+    valid = getattr(args, "locmoe_domain_valid_data_path", None)
+    if valid and not domains:
+        raise ConfigError(
+            "--locmoe-domain-valid-data-path without --locmoe-domain-data-path: give the "
+            "training domains too"
+        )
+    if not domains:
+        return
+    if args.data_path or getattr(args, "train_data_path", None) or args.mock_data:
+        raise ConfigError(
+            "--locmoe-domain-data-path replaces --data-path / --train-data-path / --mock-data "
+            "(node k reads domain k mod D); give one or the other"
+        )
+    if args.dataloader_type not in (None, "single"):
+        raise ConfigError(
+            f"--dataloader-type {args.dataloader_type} with --locmoe-domain-data-path: the "
+            "domains are laid out for Megatron's ordered sampler; use --dataloader-type single"
+        )
+    if shape is not None:
+        nodes = shape[0]
+    else:
+        dpn = cfg.devices_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+        if not dpn:
+            raise ConfigError(
+                "--locmoe-domain-data-path needs the node map: launch with torchrun (it sets "
+                "LOCAL_WORLD_SIZE) or pass --locmoe-devices-per-node"
+            )
+        nodes = max(args.world_size // dpn, 1)
+    try:
+        check_domains(len(domains), nodes, len(valid) if valid else None)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    from megatron_locmoe.sim.data import check_indexed_dataset
+
+    for prefix in [*domains, *(valid or [])]:
+        if not all(_written_before_training(f"{prefix}.{ext}") for ext in ("bin", "idx")):
+            check_indexed_dataset(prefix)
 
 
 def _check_topology_args(args, cfg: LocMoEConfig) -> None:

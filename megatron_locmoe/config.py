@@ -144,6 +144,19 @@ class LocMoEConfig:
     devices_per_node: int | None = None
     """Ranks per node; default torchrun's LOCAL_WORLD_SIZE. Set it to simulate nodes."""
 
+    # ---- virtual cluster (megatron_locmoe/virtual.py) ---------------------------------------
+    virtual_cluster: str | None = None
+    """NODESxGPUS (e.g. 16x8): train on one device what a cluster of that many nodes x GPUs
+    would route. The global batch is the data of the NODES x GPUS data-parallel ranks, each
+    micro-batch belongs to one of them (micro-batch i to rank i mod NODES x GPUS), and every
+    router routes it as that rank would: its node's experts, its own router state; traffic and
+    load are counted as that cluster's dispatchers would send them. Needs one process (world
+    size 1, so expert parallelism 1): gradient accumulation plays data parallelism."""
+    virtual_ep_size: int | None = None
+    """Expert-parallel size over the virtual cluster's ranks (consecutive ranks form an EP
+    group, as Megatron's rank order with TP = CP = 1); default: every virtual rank. Must divide
+    the number of experts and the virtual ranks, and tile nodes evenly."""
+
     def __post_init__(self):
         if isinstance(self.fused_router, bool):  # LocMoEConfig(fused_router=True) as before
             self.fused_router = "on" if self.fused_router else "off"
@@ -178,6 +191,7 @@ class LocMoEConfig:
             self.router_type != "megatron"
             or self.dispatcher == "hierarchical"
             or self.wants_grouped_experts(moe_grouped_gemm)
+            or self.virtual_cluster is not None
         )
 
     def validate(self, transformer_config=None) -> "LocMoEConfig":
@@ -237,6 +251,7 @@ class LocMoEConfig:
         self._check_router_owns_settings()
         if self.devices_per_node is not None and self.devices_per_node < 1:
             raise ConfigError(f"devices_per_node={self.devices_per_node} must be at least 1")
+        self._check_virtual_cluster()
         if transformer_config is not None:
             self._validate_against(transformer_config)
         return self
@@ -261,6 +276,97 @@ class LocMoEConfig:
                 + name.replace("_", "-")
             )
 
+    @property
+    def virtual_shape(self) -> tuple[int, int] | None:
+        """(nodes, GPUs per node) of ``virtual_cluster``, or None without one."""
+        if self.virtual_cluster is None:
+            return None
+        text = str(self.virtual_cluster).strip().lower()
+        parts = text.split("x")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise ConfigError(
+                f"virtual_cluster={self.virtual_cluster!r} is not NODESxGPUS; give e.g. 16x8 "
+                "(16 nodes of 8 GPUs)"
+            )
+        nodes, gpus = int(parts[0]), int(parts[1])
+        if nodes < 1 or gpus < 1:
+            raise ConfigError(
+                f"virtual_cluster={self.virtual_cluster!r} has no ranks; give at least 1x1"
+            )
+        return nodes, gpus
+
+    def _check_virtual_cluster(self) -> None:
+        shape = self.virtual_shape
+        if shape is None:
+            if self.virtual_ep_size is not None:
+                raise ConfigError(
+                    f"virtual_ep_size={self.virtual_ep_size} without a virtual cluster: add "
+                    "--locmoe-virtual-cluster NODESxGPUS or drop --locmoe-virtual-ep-size"
+                )
+            return
+        ranks = shape[0] * shape[1]
+        if self.devices_per_node is not None:
+            raise ConfigError(
+                f"devices_per_node={self.devices_per_node} with virtual_cluster="
+                f"{self.virtual_cluster}: the virtual cluster says how many GPUs a node has; "
+                "drop --locmoe-devices-per-node"
+            )
+        ep = self.virtual_ep_size
+        if ep is not None and (ep < 1 or ranks % ep):
+            raise ConfigError(
+                f"virtual_ep_size={ep} does not divide the virtual cluster's {ranks} ranks "
+                f"({self.virtual_cluster}); use a divisor of {ranks}"
+            )
+
+    def _validate_virtual_against(self, tc) -> None:
+        """The virtual cluster is data parallelism on one device: nothing may be split over
+        real ranks, and what is per data-parallel rank must stay per rank."""
+        nodes, gpus = self.virtual_shape
+        ranks = nodes * gpus
+        for flag, size in (
+            ("--expert-model-parallel-size", tc.expert_model_parallel_size),
+            ("--tensor-model-parallel-size", tc.tensor_model_parallel_size),
+            ("--pipeline-model-parallel-size", tc.pipeline_model_parallel_size),
+            ("--context-parallel-size", tc.context_parallel_size),
+        ):
+            if size != 1:
+                raise ConfigError(
+                    f"{flag} {size} with --locmoe-virtual-cluster {self.virtual_cluster}: the "
+                    "virtual cluster trains every rank's data on one device (its expert "
+                    f"parallelism is virtual, --locmoe-virtual-ep-size); set {flag} 1"
+                )
+        n = tc.num_moe_experts
+        ep = self.virtual_ep_size or ranks
+        if n % ep:
+            fits = [d for d in range(1, ranks + 1) if ranks % d == 0 and n % d == 0]
+            raise ConfigError(
+                f"{n} experts do not split over the virtual cluster's expert-parallel size {ep} "
+                f"({'all ' + str(ranks) + ' ranks' if self.virtual_ep_size is None else 'given'}"
+                f"): set --locmoe-virtual-ep-size to one of {fits[-4:]} or change --num-experts"
+            )
+        if ep % gpus and gpus % ep:
+            raise ConfigError(
+                f"virtual EP size {ep} does not tile nodes of {gpus} GPUs evenly: use a multiple "
+                f"or a divisor of {gpus}"
+            )
+        refused = (
+            (
+                getattr(tc, "moe_router_load_balancing_type", None) == "global_aux_loss"
+                or "global_aux_loss" in (getattr(tc, "moe_router_load_balancing_type", None) or []),
+                "--moe-router-load-balancing-type global_aux_loss (its token counts are "
+                "all-reduced over the data-parallel ranks within a micro-batch, which the "
+                "virtual ranks do not share; use aux_loss or seq_aux_loss)",
+            ),
+            (
+                getattr(tc, "moe_pad_expert_input_to_capacity", False),
+                "--moe-pad-expert-input-to-capacity (the padded slots would be counted as "
+                "traffic of a dispatcher that is not there; drop the flag)",
+            ),
+        )
+        for bad, what in refused:
+            if bad:
+                raise ConfigError(f"the virtual cluster cannot run with {what}")
+
     def _validate_against(self, tc) -> None:
         n, k = tc.num_moe_experts, tc.moe_router_topk
         if n is None:
@@ -283,6 +389,8 @@ class LocMoEConfig:
                 f"grouped experts (torch._grouped_mm) do not support {', '.join(unsupported)}: "
                 "pass --disable-bias-linear and drop fp8/fp4, or use --locmoe-experts loop"
             )
+        if self.virtual_cluster is not None:
+            self._validate_virtual_against(tc)
         from megatron_locmoe.routers import ROUTERS
 
         ROUTERS[self.router_type].check_model(self, tc)

@@ -18,11 +18,12 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from megatron_locmoe import metrics
 from megatron_locmoe.config import LocMoEConfig
-from megatron_locmoe.dispatch.dispatcher import use_hierarchical_dispatcher
+from megatron_locmoe.dispatch.dispatcher import resolve_dedup, use_hierarchical_dispatcher
 from megatron_locmoe.experts import GroupedSequentialMLP
 from megatron_locmoe.resolve import Resolution, settled
 from megatron_locmoe.routers import router_builder
 from megatron_locmoe.topology import current_topology
+from megatron_locmoe.virtual import VirtualCluster, VirtualTraffic
 
 
 class LocMoELayer(MoELayer):
@@ -53,8 +54,38 @@ class LocMoELayer(MoELayer):
             )
         super().__init__(config, submodules, layer_number, pg_collection, is_mtp_layer, name)
         self.locmoe = locmoe
-        if locmoe.dispatcher == "hierarchical":
+        cluster = VirtualCluster.from_config(locmoe)
+        self._virtual_traffic, self._virtual_rank = None, None
+        if cluster is not None:  # one device: the dispatcher is counted, not run
+            self._virtual_traffic = VirtualTraffic(
+                cluster, config.num_moe_experts, virtual_scheme(locmoe, config, cluster)
+            )
+        elif locmoe.dispatcher == "hierarchical":
             use_hierarchical_dispatcher(self, current_topology(), dedup=locmoe.dedup_setting)
+
+    def enter_virtual_rank(self, rank: int) -> None:
+        """Count the next forward's traffic as virtual rank ``rank``'s (``virtual.enter``)."""
+        self._virtual_rank = rank
+
+    def route(self, hidden_states, padding_mask=None, *args, **kwargs):
+        probs, routing_map = super().route(hidden_states, padding_mask, *args, **kwargs)
+        if self._virtual_traffic is not None and metrics.layer_slot(self) is not None:
+            if self._virtual_rank is None:  # never silently all rank 0
+                raise RuntimeError(
+                    f"MoE layer {self.layer_number} on a virtual cluster routed a micro-batch "
+                    "without its virtual rank: train with python -m megatron_locmoe.pretrain_gpt "
+                    "(its datasets tag each sample with its rank) or the simulated cluster's "
+                    "loop, which call megatron_locmoe.virtual.enter(model, rank) per micro-batch"
+                )
+            self._virtual_traffic.count(
+                self,
+                self._virtual_rank,
+                routing_map,
+                hidden_states.shape[-1] * hidden_states.element_size(),
+                probs.element_size(),
+            )
+            self._virtual_rank = None  # each micro-batch enters its own
+        return probs, routing_map
 
     def forward(self, hidden_states, *args, **kwargs):
         output = super().forward(hidden_states, *args, **kwargs)
@@ -74,10 +105,20 @@ class LocMoELayer(MoELayer):
             {
                 metrics.INTRA_NODE_BYTES: traffic.rank.intra_node_bytes,
                 metrics.INTER_NODE_BYTES: traffic.rank.inter_node_bytes,
-                metrics.FLAT_INTER_NODE_BYTES: traffic.flat_rank.inter_node_bytes,
+                **traffic.schemes,
+                metrics.RECEIVED_LOAD: traffic.received_load,
             },
             device,
         )
+
+
+def virtual_scheme(locmoe: LocMoEConfig, config, cluster: VirtualCluster) -> str:
+    """The dispatch scheme the virtual cluster's ranks would run (its ``intra_node_bytes`` /
+    ``inter_node_bytes``): the resolved dispatcher on the virtual node map, as a real run's
+    ``HierarchicalAlltoAllTokenDispatcher`` picks it; flat with Megatron's All-to-All."""
+    if locmoe.dispatcher != "hierarchical" or not cluster.topology(0).spans_nodes:
+        return "flat"
+    return "dedup" if resolve_dedup(locmoe.dedup_setting, config) else "two_hop"
 
 
 def experts_builder(stock_experts, locmoe: LocMoEConfig):

@@ -18,6 +18,8 @@ from megatron.core.transformer.moe.moe_logging import (
     set_moe_metrics_tracker,
 )
 
+from megatron_locmoe.dispatch.traffic import SCHEME_BYTES
+
 LOAD_BALANCING_LOSS = "load_balancing_loss"  # Megatron's own name for the aux loss
 LOCALITY_LOSS = "locality_loss"
 NODE_LOCAL_FRACTION = "node_local_fraction"
@@ -48,9 +50,13 @@ ROUTER_METRICS = (
 INTRA_NODE_BYTES = "intra_node_bytes"
 INTER_NODE_BYTES = "inter_node_bytes"
 FLAT_INTER_NODE_BYTES = "flat_inter_node_bytes"
-DISPATCH_METRICS = (INTRA_NODE_BYTES, INTER_NODE_BYTES, FLAT_INTER_NODE_BYTES)
-"""Bytes this rank sends per layer and step (dispatch + combine) with the hierarchical
-dispatcher, and what Megatron's flat All-to-All would send inter-node for the same routing."""
+RECEIVED_LOAD = "received_tokens_max_over_mean"
+"""Token-expert assignments received per EP rank, max / mean over the EP group (1: even)."""
+DISPATCH_METRICS = (INTRA_NODE_BYTES, INTER_NODE_BYTES, *SCHEME_BYTES, RECEIVED_LOAD)
+"""Bytes this rank sends per layer and micro-batch (dispatch + combine) with the run's
+dispatcher (``intra_node_bytes`` / ``inter_node_bytes``), what each scheme would send for the
+same routing (flat All-to-All, two-hop, two-hop with per-node dedup; inter-node = to remote
+nodes only), and the load of the EP ranks (tokens received, max / mean)."""
 
 PLUGIN_METRICS = ROUTER_METRICS + DISPATCH_METRICS
 

@@ -16,6 +16,7 @@ pipeline the same samples in the same order.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import torch
@@ -48,24 +49,100 @@ def _dataset_config(args):
 
 
 def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None):
-    """Megatron's GPT datasets (or its mock dataset with --mock-data)."""
+    """Megatron's GPT datasets (or its mock dataset with --mock-data); with
+    --locmoe-domain-data-path the domain-sharded ones (node k reads domain k mod D); on a
+    virtual cluster every sample tagged with the virtual rank it belongs to
+    (``megatron_locmoe.node_data``)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
     )
     from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
     from megatron.training import get_args
 
-    from megatron_locmoe.arguments import check_data_args
+    from megatron_locmoe.arguments import check_data_args, locmoe_config_from_args
+    from megatron_locmoe.node_data import VirtualRankTagged
+    from megatron_locmoe.virtual import VirtualCluster
 
     args = get_args()
     check_data_args(args)  # a clear error naming the file, not one deep in the loader
+    cluster = VirtualCluster.from_config(locmoe_config_from_args(args))
+    if getattr(args, "locmoe_domain_data_path", None):
+        return _domain_datasets(args, train_val_test_num_samples, cluster, vp_stage)
     dataset_type = MockGPTDataset if args.mock_data else GPTDataset
-    return BlendedMegatronDatasetBuilder(
+    built = BlendedMegatronDatasetBuilder(
         dataset_type,
         train_val_test_num_samples,
         lambda: _reads_data(vp_stage, args),
         _dataset_config(args),
     ).build()
+    if cluster is None:
+        return built
+    return [
+        None if d is None else VirtualRankTagged(d, cluster.ranks, args.micro_batch_size)
+        for d in built
+    ]
+
+
+def _rank_layout(args, cluster):
+    """The node of every data-parallel rank: the virtual cluster's (rank r on node r // GPUS),
+    or gathered over the data-parallel group (global rank // devices per node)."""
+    from megatron_locmoe.node_data import RankLayout
+
+    if cluster is not None:
+        nodes = tuple(r // cluster.gpus_per_node for r in range(cluster.ranks))
+        return RankLayout(nodes, args.micro_batch_size, virtual=True)
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_locmoe.arguments import locmoe_config_from_args
+    from megatron_locmoe.topology import resolve_devices_per_node
+
+    per_node = resolve_devices_per_node(locmoe_config_from_args(args).devices_per_node)
+    group = parallel_state.get_data_parallel_group()
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, dist.get_rank() // per_node, group=group)
+    return RankLayout(tuple(gathered), args.micro_batch_size)
+
+
+def _domain_datasets(args, train_val_test_num_samples, cluster, vp_stage):
+    """Per split, one NodeShardedDataset over every domain's GPT dataset, each domain sized for
+    the node that reads it most (Megatron's own builder per domain: its cache, its --split, or
+    the held-out prefixes of --locmoe-domain-valid-data-path as the validation split)."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+
+    from megatron_locmoe.node_data import NodeShardedDataset
+
+    layout = _rank_layout(args, cluster)
+    per_node = [layout.samples_per_node(n) if n else 0 for n in train_val_test_num_samples]
+    config = _dataset_config(args)
+    valid = args.locmoe_domain_valid_data_path or [None] * len(args.locmoe_domain_data_path)
+    splits = []
+    for prefix, held_out in zip(args.locmoe_domain_data_path, valid, strict=True):
+        if held_out is None:
+            domain = dataclasses.replace(config, blend=([prefix], None), blend_per_split=None)
+        else:
+            domain = dataclasses.replace(
+                config,
+                blend=None,
+                blend_per_split=[([prefix], None), ([held_out], None), None],
+                split=None,
+            )
+        splits.append(
+            BlendedMegatronDatasetBuilder(
+                GPTDataset, per_node, lambda: _reads_data(vp_stage, args), domain
+            ).build()
+        )
+    out = []
+    for s, total in enumerate(train_val_test_num_samples):
+        parts = [built[s] for built in splits]
+        if not total or any(p is None for p in parts):
+            out.append(None)
+            continue
+        out.append(NodeShardedDataset(parts, layout, total))
+    return out
 
 
 train_valid_test_datasets_provider.is_distributed = True
@@ -99,27 +176,66 @@ def get_batch(data_iterator, vp_stage=None, needs_token_ids=False):
     return tuple(batch.get(k) for k in BATCH_KEYS)
 
 
-def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """Summed token loss, token count and the 'lm loss' report Megatron's training log expects."""
+def loss_func(
+    loss_mask: torch.Tensor,
+    output_tensor: torch.Tensor,
+    domain: int | None = None,
+    num_domains: int = 0,
+):
+    """Summed token loss, token count and the 'lm loss' report Megatron's training log expects;
+    with domain-sharded data also 'lm loss domain d' of every domain (this micro-batch counts
+    for its own)."""
+    from megatron_locmoe.node_data import domain_loss_report
+
     losses = output_tensor.view(-1).float()
     mask = loss_mask.view(-1).float()
     loss = torch.sum(losses * mask)
     num_tokens = mask.sum().detach().to(torch.int)
-    return loss, num_tokens, {"lm loss": torch.cat([loss.detach().view(1), num_tokens.view(1)])}
+    report = {"lm loss": torch.cat([loss.detach().view(1), num_tokens.view(1)])}
+    report.update(domain_loss_report(losses, mask, domain, num_domains))
+    return loss, num_tokens, report
+
+
+class _Tags:
+    """The data iterator with the plugin's per-sample tags taken out of each batch
+    (``node_data``: the domain, the virtual rank), so Megatron's batch keys stay its own."""
+
+    def __init__(self, data_iterator):
+        self.data_iterator, self.tags = data_iterator, {}
+
+    def __next__(self):
+        from megatron_locmoe.node_data import DOMAIN_KEY, VIRTUAL_RANK_KEY
+
+        batch = dict(next(self.data_iterator))
+        for key in (DOMAIN_KEY, VIRTUAL_RANK_KEY):
+            if key in batch:
+                self.tags[key] = int(batch.pop(key).reshape(-1)[0])  # one per micro-batch
+        return batch
 
 
 def forward_step(data_iterator, model):
     """One micro-batch: the model returns per-token losses when given labels; a chunk with hash
-    routers gets the tokens on every stage (the pre-hook of attach_token_ids hands them over)."""
+    routers gets the tokens on every stage (the pre-hook of attach_token_ids hands them over).
+    A virtual cluster's micro-batch is routed as the virtual rank it belongs to."""
     from megatron.core.utils import get_attr_wrapped_model
+    from megatron.training import get_args
 
+    from megatron_locmoe import virtual
+    from megatron_locmoe.node_data import DOMAIN_KEY, VIRTUAL_RANK_KEY
     from megatron_locmoe.routers.hash import hosts_hash_router
 
     vp_stage = get_attr_wrapped_model(model, "vp_stage")
-    batch = get_batch(data_iterator, vp_stage, needs_token_ids=hosts_hash_router(model))
+    tagged = _Tags(data_iterator) if data_iterator is not None else None
+    batch = get_batch(tagged, vp_stage, needs_token_ids=hosts_hash_router(model))
+    tags = tagged.tags if tagged is not None else {}
+    if VIRTUAL_RANK_KEY in tags:
+        virtual.enter(model, tags[VIRTUAL_RANK_KEY])
     tokens, labels, loss_mask, attention_mask, position_ids = batch
     output = model(tokens, position_ids, attention_mask, labels=labels, loss_mask=loss_mask)
-    return output, partial(loss_func, loss_mask)
+    domains = getattr(get_args(), "locmoe_domain_data_path", None) or []
+    return output, partial(
+        loss_func, loss_mask, domain=tags.get(DOMAIN_KEY), num_domains=len(domains)
+    )
 
 
 def main() -> None:

@@ -147,8 +147,12 @@ def layer_resolution(locmoe: LocMoEConfig, tc) -> Resolution:
     """``resolve`` for this process: the current topology (if one was built) and device."""
     from megatron_locmoe.device import choose_device
     from megatron_locmoe.topology import current_topology
+    from megatron_locmoe.virtual import VirtualCluster
 
-    return resolve(locmoe, tc, current_topology(), choose_device().type)
+    cluster = VirtualCluster.from_config(locmoe)
+    # a virtual cluster decides as its ranks would (their dispatcher: the traffic it counts)
+    topology = current_topology() if cluster is None else cluster.topology(0)
+    return resolve(locmoe, tc, topology, choose_device().type)
 
 
 def settled(locmoe: LocMoEConfig | Resolution, tc) -> Resolution:

@@ -119,10 +119,93 @@ def test_every_flag_parses_and_lands_in_transformer_config(megatron_args):
     )
     config = to_config(args)
     assert config.locmoe == expected
-    # every field was set away from its default, so every flag is exercised
+    # every field was set away from its default, so every flag is exercised (the virtual
+    # cluster's need one process: test_virtual_cluster_flags_parse)
     for f in dataclasses.fields(LocMoEConfig):
-        assert getattr(expected, f.name) != f.default, f.name
         assert hasattr(args, dest(f.name))
+        if f.name in VIRTUAL_FIELDS:
+            continue
+        assert getattr(expected, f.name) != f.default, f.name
+
+
+VIRTUAL_FIELDS = ("virtual_cluster", "virtual_ep_size")
+VIRTUAL_BASE = [
+    a if a != "8" or i != BASE.index("--expert-model-parallel-size") + 1 else "1"
+    for i, a in enumerate(BASE)
+]
+
+
+def test_virtual_cluster_flags_parse(megatron_args, monkeypatch):
+    parse, to_config = megatron_args
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    args = parse(
+        "--moe-router-type",
+        "locmoe",
+        "--locmoe-virtual-cluster",
+        "4x2",
+        "--locmoe-virtual-ep-size",
+        "4",
+        base=VIRTUAL_BASE,
+    )
+    locmoe = to_config(args).locmoe
+    assert (locmoe.virtual_cluster, locmoe.virtual_ep_size) == ("4x2", 4)
+    assert locmoe.virtual_shape == (4, 2) and locmoe.changes_megatron(False)
+
+
+@pytest.mark.parametrize(
+    "extra, world, message",
+    [
+        (["--locmoe-virtual-cluster", "4by2"], 1, "is not NODESxGPUS"),
+        (["--locmoe-virtual-cluster", "4x2"], 8, "launch one rank"),
+        (
+            ["--locmoe-virtual-cluster", "4x2", "--global-batch-size", "12"],
+            1,
+            "not a multiple of --micro-batch-size 1 x the virtual cluster's 8 ranks",
+        ),
+        (
+            ["--locmoe-virtual-cluster", "4x4", "--global-batch-size", "16"],
+            1,
+            "8 experts do not split over the virtual",
+        ),
+        (
+            ["--locmoe-virtual-cluster", "4x2", "--locmoe-virtual-ep-size", "3"],
+            1,
+            "does not divide the virtual cluster's 8 ranks",
+        ),
+        (["--locmoe-virtual-ep-size", "4"], 1, "without a virtual cluster"),
+        (
+            ["--locmoe-virtual-cluster", "4x2", "--locmoe-devices-per-node", "2"],
+            1,
+            "drop --locmoe-devices-per-node",
+        ),
+        (
+            [
+                "--locmoe-virtual-cluster",
+                "4x2",
+                "--moe-router-load-balancing-type",
+                "global_aux_loss",
+            ],
+            1,
+            "global_aux_loss",
+        ),
+        (["--locmoe-domain-valid-data-path", "x"], 1, "give the training domains too"),
+        (
+            ["--locmoe-virtual-cluster", "2x4", "--locmoe-domain-data-path", "a", "b", "c"],
+            1,
+            "would be read by no node",
+        ),
+    ],
+)
+def test_virtual_cluster_and_domain_data_refusals(
+    megatron_args, monkeypatch, extra, world, message
+):
+    parse, _ = megatron_args
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    base = VIRTUAL_BASE if world == 1 else BASE
+    if "--locmoe-domain-data-path" in extra:
+        base = [a for a in base if a != "--mock-data"]
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse("--moe-router-type", "locmoe", *extra, base=base)
 
 
 def test_defaults_keep_megatron_behaviour(megatron_args):

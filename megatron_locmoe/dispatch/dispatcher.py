@@ -32,6 +32,9 @@ from megatron_locmoe.dispatch.schemes import DispatchPlan, Flat, TwoHop, TwoHopD
 from megatron_locmoe.dispatch.traffic import (
     DispatchTraffic,
     Traffic,
+    load_max_over_mean,
+    received_tokens,
+    scheme_bytes,
     source_counts,
     traffic_from_counts,
 )
@@ -191,14 +194,9 @@ class HierarchicalAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         assign = counts[:, :E].view(ep, ep, nle).sum(-1)
         num_out_tokens = int(assign[self.ep_rank].sum())
         x = hidden_states.view(-1, hidden_states.shape[-1])
+        row_sizes = (x.shape[-1] * x.element_size(), probs.element_size())
         by_rank = traffic_from_counts(
-            counts,
-            topo.num_nodes,
-            topo.ranks_per_node,
-            E,
-            self.dedup,
-            x.shape[-1] * x.element_size(),
-            probs.element_size(),
+            counts, topo.num_nodes, topo.ranks_per_node, E, self.dedup, *row_sizes
         )
         me = self.ep_rank
         hops = by_rank["hops"][me]
@@ -213,6 +211,13 @@ class HierarchicalAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             hops=hops,
             tokens=x.shape[0],
             assignments=num_out_tokens,
+            schemes={
+                name: int(v[me])
+                for name, v in scheme_bytes(
+                    counts, topo.num_nodes, topo.ranks_per_node, E, *row_sizes
+                ).items()
+            },
+            received_load=float(load_max_over_mean(received_tokens(counts, E))),
         )
         return DispatchPlan(
             hidden_shape=hidden_states.shape,

@@ -13,6 +13,7 @@ from megatron_locmoe import metrics
 from megatron_locmoe.config import ConfigError, LocMoEConfig
 from megatron_locmoe.routers import fused
 from megatron_locmoe.topology import current_topology
+from megatron_locmoe.virtual import RankStateBank, VirtualCluster
 
 
 def graph_module_names(tc) -> set[str]:
@@ -112,10 +113,67 @@ class PluginRouterMixin:
         from megatron_locmoe.resolve import settled  # resolve imports the routers' config
 
         self.locmoe = settled(locmoe or LocMoEConfig(router_type=self.name), self.config).config
-        topo = current_topology()
+        cluster = VirtualCluster.from_config(self.locmoe)
+        # on a virtual cluster the node of virtual rank 0 (enter_virtual_rank switches it)
+        topo = current_topology() if cluster is None else cluster.topology(0)
         expert_nodes = torch.tensor(topo.expert_nodes(self.config.num_moe_experts))
         # [E] bool: experts hosted on this rank's node. Buffer so it follows .to(device).
         self.register_buffer("expert_is_local", expert_nodes == topo.node, persistent=False)
+
+    # ---- the virtual cluster (megatron_locmoe/virtual.py) ----------------------------------
+    per_rank_host: tuple[str, ...] = ()
+    """Host attributes that are one rank's state on a real cluster (one copy per virtual rank)."""
+
+    def per_rank_buffers(self) -> tuple[str, ...]:
+        """Buffers that are one rank's state on a real cluster, for this router's settings (one
+        copy per virtual rank); the node's experts are always per rank."""
+        return ()
+
+    def per_rank_tables(self, expert_is_local_VE: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Buffers that are functions of a rank's node, as ``[V, ...]`` tables from the node map
+        of every virtual rank: the node's experts, and whatever a router derives from them."""
+        return {"expert_is_local": expert_is_local_VE.to(self.expert_is_local.device)}
+
+    def _init_virtual(self) -> None:
+        """Last step of a router's __init__: with a virtual cluster, one copy of the per-rank
+        state for each virtual rank, and the node map of every rank."""
+        cluster = VirtualCluster.from_config(self.locmoe)
+        self._virtual_bank = None
+        if cluster is None:
+            return
+        table = cluster.expert_is_local(self.config.num_moe_experts)
+        self._virtual_bank = RankStateBank(
+            self,
+            cluster.ranks,
+            buffers=self.per_rank_buffers(),
+            host=self.per_rank_host,
+            derived=self.per_rank_tables(table),
+        )
+
+    def enter_virtual_rank(self, rank: int) -> None:
+        """Route the next forwards as virtual rank ``rank`` (``virtual.enter`` calls this)."""
+        if self._virtual_bank is not None:
+            self._virtual_bank.enter(self, rank)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """A virtual cluster's checkpoint holds virtual rank 0's per-rank state, as a real
+        cluster's holds data-parallel rank 0's."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        bank = getattr(self, "_virtual_bank", None)
+        if bank is not None and bank.current != 0:
+            for name, value in bank.rank_zero_values(self).items():
+                if prefix + name in destination:
+                    destination[prefix + name] = value if keep_vars else value.detach()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        """A loaded state becomes every virtual rank's (each real rank resumes from it)."""
+        result = super()._load_from_state_dict(*args, **kwargs)
+        bank = getattr(self, "_virtual_bank", None)
+        if bank is not None:
+            bank.broadcast(self)
+            for name in bank.host:
+                bank.reset_host(name)
+        return result
 
     def check_input(self, input: torch.Tensor) -> None:
         """With ``check_router_input``: refuse a non-finite input, naming layer and ranks, on

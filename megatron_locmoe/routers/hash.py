@@ -141,6 +141,7 @@ class HashRouter(PluginRouterMixin, TopKRouter):
             table = frequency_balanced_hash_table(token_counts, E, seed)
         self.register_buffer("hash_table", table, persistent=False)
         self._token_ids_BS: torch.Tensor | None = None
+        self._init_virtual()
 
     def set_token_ids(self, token_ids_BS: torch.Tensor | None) -> None:
         """The input ids [B, S] of the forward about to run (S as seen by this model chunk)."""

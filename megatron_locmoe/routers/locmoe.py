@@ -118,9 +118,8 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         self.node_bias_on = cfg.node_target_share > 0 and 0 < L < E  # ours (config docstring)
         if self.node_bias_on:  # saved in checkpoints; only then, so other state dicts keep keys
             self.register_buffer("node_bias", torch.tensor(0.0))
-            p = cfg.node_target_share  # balance-loss weights 1 / (E t_i): t = node-aware target
-            t_E = torch.where(self.expert_is_local, p / L, (1.0 - p) / (E - L))
-            self.register_buffer("node_aux_weight", 1.0 / (E * t_E), persistent=False)
+            weight_E = self._node_aux_weight(self.expert_is_local)
+            self.register_buffer("node_aux_weight", weight_E, persistent=False)
         # Capacity state, saved in checkpoints: delta, ec_min and the training step they came from.
         self.register_buffer("capacity_delta", torch.tensor(-1.0, dtype=torch.float64))
         self.register_buffer("capacity_ec_min", torch.tensor(0.0, dtype=torch.float64))
@@ -131,6 +130,36 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         self._capacity_host: dict | None = None
         self._capacity_tensors: dict = {}
         self._capacity_plans: dict = {}
+        self._virtual_delta_sum = [0.0, 0.0, 0]  # delta sum, ranks with tokens, ranks seen
+        self._init_virtual()
+
+    per_rank_host = ("_capacity_host",)
+
+    def _node_aux_weight(self, expert_is_local_E: torch.Tensor) -> torch.Tensor:
+        """Balance-loss weights 1 / (E t_i) of the node target: t = p* / L on the node's L
+        experts, (1 - p*) / (E - L) on the others."""
+        E, L = expert_is_local_E.numel(), int(expert_is_local_E.sum())
+        p = self.locmoe.node_target_share
+        t_E = torch.where(expert_is_local_E, p / L, (1.0 - p) / (E - L))
+        return 1.0 / (E * t_E)
+
+    def per_rank_tables(self, expert_is_local_VE: torch.Tensor) -> dict[str, torch.Tensor]:
+        tables = super().per_rank_tables(expert_is_local_VE)
+        if self.node_bias_on:
+            tables["node_aux_weight"] = torch.stack(
+                [self._node_aux_weight(row) for row in expert_is_local_VE]
+            ).to(self.node_aux_weight.device)
+        return tables
+
+    def per_rank_buffers(self) -> tuple[str, ...]:
+        """The node bias (each rank steers its own share) and the capacity state with its step
+        counter (each rank counts its own routing steps); only where these settings use them."""
+        names = ("node_bias",) if self.node_bias_on else ()
+        if self.locmoe.capacity_mode == "bound":
+            names += self.CAPACITY_STATE + ("routing_step",)
+        return names
+
+    CAPACITY_STATE = ("capacity_delta", "capacity_ec_min", "capacity_estimated_step")
 
     # ---- Megatron hooks ---------------------------------------------------------------------
     def reset_parameters(self):
@@ -215,16 +244,42 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         group = self.tp_dp_cp_group
         if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
             dist.all_reduce(delta, group=group)
+        total, with_tokens, complete = self._virtual_delta(delta)
         host = self._host_state()
-        if delta[1].item() == 0:  # no rank had tokens: nothing to estimate from yet
+        if with_tokens == 0:  # no rank had tokens: nothing to estimate from yet
             return
-        value = delta[0].item() / delta[1].item()
+        value = total / with_tokens
         host["ec_min"] = bound.ec_min(self.config.hidden_size, self.config.num_moe_experts, value)
         self._capacity_plans.clear()  # keyed by ec_min: the old ones are not asked again
         host["estimated"] = host["step"]
         self.capacity_delta.fill_(value)
         self.capacity_ec_min.fill_(host["ec_min"])
         self.capacity_estimated_step.fill_(host["estimated"])
+        if complete and self._virtual_bank is not None:  # every virtual rank: the full mean
+            self._virtual_bank.broadcast(
+                self, buffers=self.CAPACITY_STATE, host_fields={"_capacity_host": ("ec_min",)}
+            )
+
+    def _virtual_delta(self, delta: torch.Tensor) -> tuple[float, float, bool]:
+        """(sum of delta over the ranks with tokens, their number, whether every rank is in).
+
+        A real cluster all-reduces delta over its data-parallel ranks, which all estimate in
+        the same micro step. On the virtual cluster those ranks route one after the other, so
+        virtual rank v uses the mean over ranks 0..v for its micro-batch of that step: the
+        one quantity that differs from the real cluster, and only for that micro-batch of
+        ranks 0..V-2 (where the capacity is clamped to its floor or ceiling, not at all). The
+        last rank completes the mean, which then becomes every rank's state."""
+        if self._virtual_bank is None:
+            return delta[0].item(), delta[1].item(), True
+        acc = self._virtual_delta_sum
+        acc[0] += delta[0].item()
+        acc[1] += delta[1].item()
+        acc[2] += 1
+        total, with_tokens = acc[0], acc[1]
+        complete = acc[2] == self._virtual_bank.ranks
+        if complete:
+            self._virtual_delta_sum = [0.0, 0.0, 0]
+        return total, with_tokens, complete
 
     capacity_multiplier = 1.0
     """C* times this is the capacity asked of the bound (locmoe_plus: 2, the paper's 2C*)."""

@@ -21,6 +21,7 @@ class _MeasuredTopKRouter(PluginRouterMixin, TopKRouter):
     def __init__(self, config, pg_collection=None, is_mtp_layer=False, *, locmoe=None):
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
         self._init_plugin(locmoe or LocMoEConfig(router_type=self.name))
+        self._init_virtual()
 
     def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None):
         self.check_input(input)

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from megatron_locmoe.config import LocMoEConfig
 from megatron_locmoe.sim import checkpoint
 from megatron_locmoe.sim.data import VOCAB_SIZE
+from megatron_locmoe.virtual import VirtualCluster
 
 
 @dataclass(frozen=True)
@@ -318,13 +319,37 @@ def _step_batches(data, settings: TrainSettings, step: int, num_microbatches: in
     ]
 
 
+def _virtual_step_batches(data_of_rank, settings, step, num_microbatches, cluster) -> list:
+    """Every virtual rank's micro-batches of ``step``, each tagged with its rank, in the order
+    one device runs them: micro step j of ranks 0..V-1, then j + 1 (micro-batch i belongs to
+    virtual rank i mod V, ``virtual.rank_of_micro_batch``). ``data_of_rank(r)``: the dataset
+    virtual rank r reads (its node's, with per-node data), indexed as a real rank r would."""
+    V = cluster.ranks
+    per_rank = [
+        _step_batches(data_of_rank(r), settings, step, num_microbatches, (V, r)) for r in range(V)
+    ]
+    return [(r, per_rank[r][j]) for j in range(num_microbatches) for r in range(V)]
+
+
 def _forward_step(data_iterator, model):
     """Megatron's forward_step_func for every stage and chunk: the next micro-batch through
     ``model``. Every chunk reads the tokens (the hash router's ids reach every stage through
-    the model's pre-hook); only the first stage embeds them, only the last computes the loss."""
-    tokens, labels, loss_mask, positions, mask = next(data_iterator)
+    the model's pre-hook); only the first stage embeds them, only the last computes the loss.
+    On a virtual cluster a micro-batch comes as (virtual rank, batch): the model routes it as
+    that rank."""
+    tokens, labels, loss_mask, positions, mask = _entered(next(data_iterator), model)
     output = model(tokens, positions, mask, labels=labels)
     return output, functools.partial(_loss_func, loss_mask)
+
+
+def _entered(item, model):
+    """The batch of a micro-batch; a virtual rank's (``(rank, batch)``) entered first."""
+    if len(item) == 2:
+        from megatron_locmoe import virtual
+
+        rank, item = item
+        virtual.enter(model, rank)
+    return item
 
 
 def _loss_func(loss_mask, per_token):
@@ -337,7 +362,7 @@ def _loss_func(loss_mask, per_token):
 
 def _eval_step(data_iterator, model):
     """forward_step_func of the evaluation: the held-out loss sum and token count (float64)."""
-    tokens, labels, loss_mask, positions, mask = next(data_iterator)
+    tokens, labels, loss_mask, positions, mask = _entered(next(data_iterator), model)
     output = model(tokens, positions, mask, labels=labels)
 
     def sums(per_token):
@@ -522,6 +547,12 @@ def train_job(ctx, settings: TrainSettings) -> dict:
     from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 
     ctx.topology()
+    cluster = VirtualCluster.from_config(settings.locmoe)
+    if cluster is not None and ctx.world_size != 1:
+        raise ValueError(
+            f"the virtual cluster {settings.locmoe.virtual_cluster} trains on one rank; this "
+            f"job has {ctx.world_size}: run it on a 1-rank cluster"
+        )
     torch.manual_seed(settings.seed)
     chunks = _model_chunks(settings, ctx.layout.ep)
     config = chunks[0].config
@@ -529,13 +560,12 @@ def train_job(ctx, settings: TrainSettings) -> dict:
     dp_group = parallel_state.get_data_parallel_group()
     dp_size, dp_rank = dist.get_world_size(dp_group), dist.get_rank(dp_group)
     dp_cp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-    num_microbatches = _num_microbatches(settings, dp_size)  # CP ranks share their samples
+    ranks_reading = dp_size if cluster is None else cluster.ranks  # data-parallel ranks' data
+    num_microbatches = _num_microbatches(settings, ranks_reading)  # CP ranks share samples
     opt, scheduler = _optimizer(chunks, settings)
-    samples = settings.steps * num_microbatches * settings.micro_batch_size * dp_size
-    if settings.data_prefix_per_node:
-        data = _node_dataset(ctx, settings, samples)
-    else:
-        data = _dataset(settings, samples)
+    samples = settings.steps * num_microbatches * settings.micro_batch_size * ranks_reading
+    data_of_rank = _data_of_rank(ctx, settings, samples, cluster)
+    data = data_of_rank(dp_rank)
     writer = None
     if settings.tensorboard_dir and ctx.rank == ctx.world_size - 1:  # Megatron's last rank
         from torch.utils.tensorboard import SummaryWriter
@@ -559,7 +589,10 @@ def train_job(ctx, settings: TrainSettings) -> dict:
     for step in range(start, settings.steps):
         counts.active = step >= settings.steps - settings.routing_stats_steps
         step_start = time.perf_counter()
-        batches = _step_batches(data, settings, step, num_microbatches, (dp_size, dp_rank))
+        if cluster is None:
+            batches = _step_batches(data, settings, step, num_microbatches, (dp_size, dp_rank))
+        else:
+            batches = _virtual_step_batches(data_of_rank, settings, step, num_microbatches, cluster)
         opt.zero_grad(set_to_none=True)
         outputs = _run_schedule(chunks, settings, batches, forward_only=False)
         # this rank's loss: the mean of its micro-batches' (the last stage holds them)
@@ -583,7 +616,7 @@ def train_job(ctx, settings: TrainSettings) -> dict:
         losses.append(float(_from_last_stage(mean)))
         scalars = _CollectingWriter(writer)
         tracker.report(
-            1.0 / num_microbatches,  # the tracker sums the micro-batches' values
+            1.0 / len(batches),  # the tracker sums the micro-batches' values
             step + 1,
             writer=scalars,
             wandb_writer=wandb_run,
@@ -617,7 +650,7 @@ def train_job(ctx, settings: TrainSettings) -> dict:
     if settings.routing_stats_steps:
         out["tokens_per_expert"] = counts.gathered()
     if settings.eval_batches:
-        out.update(_evaluate(ctx, chunks, settings, dp_group, dp_size, dp_rank))
+        out.update(_evaluate(ctx, chunks, settings, dp_group, dp_size, dp_rank, cluster))
         tracker.clear()  # the evaluation's router metrics belong to no training step
     counts.remove()
     return out
@@ -655,27 +688,32 @@ class _RoutingCounts:
 
 
 @torch.no_grad()
-def _evaluate(ctx, chunks, settings: TrainSettings, dp_group, dp_size: int, dp_rank: int) -> dict:
+def _evaluate(
+    ctx, chunks, settings: TrainSettings, dp_group, dp_size: int, dp_rank: int, cluster=None
+) -> dict:
     """Mean held-out loss over ``eval_batches`` micro-batches per rank (each data-parallel rank
     its own samples, its node's corpus with ``eval_prefix_per_node``) through the forward-only
-    schedule, and every rank's mean (a data-parallel rank's as its last stage computed it)."""
+    schedule, and every rank's mean (a data-parallel rank's as its last stage computed it; on
+    a virtual cluster every virtual rank's)."""
     from megatron.core import parallel_state
 
-    samples = settings.eval_batches * settings.micro_batch_size * dp_size
     if settings.eval_prefix_per_node:
-        data = _node_dataset(
-            ctx,
-            replace(settings, data_prefix_per_node=settings.eval_prefix_per_node),
-            samples,
-        )
+        settings = replace(settings, data_prefix_per_node=settings.eval_prefix_per_node)
     elif settings.eval_prefix:
-        data = _dataset(replace(settings, data_prefix=settings.eval_prefix), samples)
+        settings = replace(settings, data_prefix=settings.eval_prefix, data_prefix_per_node=None)
     else:
         raise ValueError("eval_batches is set but no eval_prefix / eval_prefix_per_node")
-    batches = [
-        _micro_batch(data, (b * dp_size + dp_rank) * settings.micro_batch_size, settings)
-        for b in range(settings.eval_batches)
-    ]
+    ranks_reading = dp_size if cluster is None else cluster.ranks
+    samples = settings.eval_batches * settings.micro_batch_size * ranks_reading
+    data_of_rank = _data_of_rank(ctx, settings, samples, cluster)
+    if cluster is None:
+        data = data_of_rank(dp_rank)
+        batches = [
+            _micro_batch(data, (b * dp_size + dp_rank) * settings.micro_batch_size, settings)
+            for b in range(settings.eval_batches)
+        ]
+    else:  # the evaluation's batches of every virtual rank, as step 0 of a training run
+        batches = _virtual_step_batches(data_of_rank, settings, 0, settings.eval_batches, cluster)
     for chunk in chunks:
         chunk.eval()
     outputs = _run_schedule(chunks, settings, batches, forward_only=True)
@@ -685,6 +723,14 @@ def _evaluate(ctx, chunks, settings: TrainSettings, dp_group, dp_size: int, dp_r
     for o in outputs:  # the last stage's; zeros elsewhere until the broadcast
         total += o["sums"]
     _from_last_stage(total)
+    if cluster is not None:
+        per_virtual = torch.zeros(cluster.ranks, 2, dtype=torch.float64)
+        for (rank, _), o in zip(batches, outputs, strict=True):
+            per_virtual[rank] += o["sums"]
+        return {
+            "eval_loss": float(total[0] / total[1].clamp_min(1)),
+            "eval_loss_per_rank": [float(t[0] / t[1].clamp_min(1)) for t in per_virtual],
+        }
     per_rank = [torch.zeros_like(total) for _ in range(dist.get_world_size())]
     dist.all_gather(per_rank, total)
     mine = total.clone()
@@ -695,19 +741,30 @@ def _evaluate(ctx, chunks, settings: TrainSettings, dp_group, dp_size: int, dp_r
     }
 
 
-def _node_dataset(ctx, settings: TrainSettings, num_samples: int):
-    """This rank's node's dataset of ``data_prefix_per_node``. Every rank builds all of them in
-    the same order, because Megatron's builder writes the index cache on rank 0 only (the
-    other ranks wait at a barrier, then read it)."""
+def _data_of_rank(ctx, settings: TrainSettings, num_samples: int, cluster=None):
+    """``data_of_rank(r)``: the dataset data-parallel rank r reads: ``data_prefix``'s, or its
+    node's of ``data_prefix_per_node`` (node = r // devices per node; on a virtual cluster,
+    r // its GPUs per node). Every rank builds all of them in the same order, because
+    Megatron's builder writes the index cache on rank 0 only (the other ranks wait at a
+    barrier, then read it)."""
     prefixes = settings.data_prefix_per_node
-    nodes = ctx.world_size // ctx.devices_per_node
+    if not prefixes:
+        data = _dataset(settings, num_samples)
+        return lambda rank: data
+    if cluster is None:
+        ranks, per_node, mine = ctx.world_size, ctx.devices_per_node, ctx.rank
+    else:
+        ranks, per_node, mine = cluster.ranks, cluster.gpus_per_node, None
+    nodes = ranks // per_node
     if len(prefixes) != nodes:
         raise ValueError(
             f"data_prefix_per_node has {len(prefixes)} prefixes for {nodes} nodes "
-            f"({ctx.world_size} ranks, {ctx.devices_per_node} per node): give one per node"
+            f"({ranks} ranks, {per_node} per node): give one per node"
         )
     built = [_dataset(replace(settings, data_prefix=p), num_samples) for p in prefixes]
-    return built[ctx.rank // ctx.devices_per_node]
+    if mine is not None:  # a real rank reads its own node's only, whatever r it is asked for
+        return lambda rank: built[mine // per_node]
+    return lambda rank: built[rank // per_node]
 
 
 def _wandb_run(settings: TrainSettings):

@@ -1,0 +1,179 @@
+"""The virtual cluster (megatron_locmoe.virtual) against the cluster it stands for.
+
+The simulated cluster (4 nodes x 2 gloo ranks, EP 8 across the nodes, the two-hop dispatcher)
+and the virtual cluster 4x2 in one process train the same model from one start, on the same
+data with the same seed, 3 steps of 2 micro-batches per rank with clipping that bites: every
+router of the study (Megatron's aux-loss router and its node-limited routing, hash, LocMoE with
+its locality loss and with the node target, LocMoE+), with the same mixture on every rank and
+with one domain per node. Losses, gradient norms and every routing, traffic and load metric
+agree to float32 summation order. A virtual cluster that puts one rank on the wrong node fails.
+
+One quantity may differ by construction and is covered here where it does not: LocMoE's
+capacity estimate all-reduces delta over the data-parallel ranks in one micro step, which the
+virtual ranks run one after the other; virtual rank v uses the mean over ranks 0..v for that
+one micro-batch (routers/locmoe.py, ``_virtual_delta``). LocMoE+ here starts without an
+estimate, so its first step estimates; at hidden 32 its capacity sits at the floor whatever
+delta is, so the run still agrees exactly, and the recorded delta is the full mean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from megatron_locmoe.config import LocMoEConfig
+from megatron_locmoe.sim import data
+from megatron_locmoe.sim.cluster import ParallelLayout
+from megatron_locmoe.sim.trainer import TrainSettings, train_job
+from tests.test_pipeline_cpu import OPTIMIZER
+
+JOB_TIMEOUT_S = 240
+REAL = ParallelLayout(devices_per_node=2, ep=8)  # 4 nodes x 2 ranks, one EP group of all 8
+ONE = ParallelLayout(devices_per_node=1)  # the virtual cluster's one process
+
+CASES = {  # name: (router, LocMoEConfig fields, TransformerConfig fields)
+    "megatron": ("megatron", {}, dict(moe_router_load_balancing_type="aux_loss")),
+    "megatron_node_limited": (
+        "megatron",
+        {},
+        dict(
+            moe_router_load_balancing_type="aux_loss",
+            moe_router_topk=2,
+            moe_router_num_groups=4,  # groups = nodes (4 experts each)
+            moe_router_group_topk=2,
+            moe_router_pre_softmax=False,
+        ),
+    ),
+    "hash": ("hash", {}, {}),
+    "locmoe": ("locmoe", dict(locality_loss_coeff=0.1), {}),
+    "locmoe_node_target": ("locmoe", dict(node_target_share=0.5), {}),
+    "locmoe_plus": ("locmoe_plus", {}, dict(moe_expert_capacity_factor=1.1)),
+}
+START_OF = {"locmoe_plus": "locmoe"}  # LocMoE+ starts without a capacity estimate
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The control (one mixture) and 4 domains, one per node."""
+    out = tmp_path_factory.mktemp("corpus")
+    built = data.build_domain_datasets(out, 4, max_stdlib_files=40, held_out_every=10)
+    return {"control": built["mixture"], "domains": built["prefixes"]}
+
+
+@pytest.fixture(scope="module")
+def cluster1(cluster_factory):
+    return cluster_factory(1)
+
+
+def _settings(corpus, case: str, data_setting: str, virtual: bool, **kw) -> TrainSettings:
+    router, fields, overrides = CASES[case]
+    locmoe = LocMoEConfig(router_type=router, dispatcher="hierarchical", **fields)
+    if virtual:
+        locmoe = replace(locmoe, virtual_cluster="4x2")
+    prefixes = dict(data_prefix=corpus["control"])
+    if data_setting == "domains":
+        prefixes.update(data_prefix_per_node=corpus["domains"])
+    settings = TrainSettings(
+        locmoe=locmoe,
+        steps=3,
+        num_layers=2,
+        hidden_size=32,
+        seq_length=32,
+        micro_batch_size=2,
+        global_batch_size=32,  # 2 micro-batches per rank of 8
+        num_experts=16,
+        transformer_overrides=dict(moe_aux_loss_coeff=0.01, **overrides),
+        optimizer=OPTIMIZER,
+        **prefixes,
+    )
+    return replace(settings, **kw)
+
+
+@pytest.fixture(scope="module")
+def starts(cluster8, corpus, tmp_path_factory):
+    """One start per router, saved by the real cluster after one step on the mixture."""
+    out = {}
+    for case in dict.fromkeys(START_OF.get(c, c) for c in CASES):
+        path = str(tmp_path_factory.mktemp(f"start_{case}"))
+        settings = _settings(corpus, case, "control", False, steps=1, save_interval=1)
+        cluster8.run(
+            train_job, replace(settings, save_dir=path), layout=REAL, timeout_s=JOB_TIMEOUT_S
+        )
+        out[case] = path
+    return out
+
+
+def _real(cluster8, settings) -> dict:
+    results = cluster8.run(train_job, settings, layout=REAL, timeout_s=JOB_TIMEOUT_S)
+    for r in results:
+        assert r["losses"] == results[0]["losses"] and r["metrics"] == results[0]["metrics"]
+    return results[0]
+
+
+def assert_same_run(virtual: dict, real: dict, record_property) -> None:
+    """Losses, gradient norms and every metric of the real run, within float32 summation."""
+    assert min(real["grad_norm"]) > OPTIMIZER.clip_grad  # clipping bites
+    for key in ("losses", "grad_norm"):
+        record_property(f"real {key}", real[key])
+        record_property(f"virtual {key}", virtual[key])
+        np.testing.assert_allclose(virtual[key], real[key], rtol=1e-5, err_msg=key)
+    assert set(virtual["metrics"]) == set(real["metrics"])
+    for name, value in real["metrics"].items():
+        np.testing.assert_allclose(
+            virtual["metrics"][name], value, rtol=1e-5, atol=1e-6, err_msg=name
+        )
+
+
+@pytest.mark.parametrize("data_setting", ["control", "domains"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_virtual_cluster_trains_what_the_real_cluster_trains(
+    cluster8, cluster1, corpus, starts, case, data_setting, record_property
+):
+    start = starts[START_OF.get(case, case)]
+    real = _real(cluster8, _settings(corpus, case, data_setting, False, init_weights_dir=start))
+    virtual = cluster1.run(
+        train_job,
+        _settings(corpus, case, data_setting, True, init_weights_dir=start),
+        layout=ONE,
+        timeout_s=JOB_TIMEOUT_S,
+    )[0]
+    assert_same_run(virtual, real, record_property)
+    metrics = real["metrics"]
+    assert metrics["inter_node_bytes"] > 0 and metrics["intra_node_bytes"] > 0
+    assert metrics["received_tokens_max_over_mean"] >= 1
+
+
+def misplaced_rank_job(ctx, settings, rank: int):
+    """``train_job`` on a virtual cluster whose rank ``rank`` is on the next node's experts (a
+    planted bug: the node map of one rank wrong)."""
+    from megatron_locmoe.virtual import VirtualCluster
+
+    right = VirtualCluster.expert_is_local
+
+    def wrong(self, num_experts):
+        table = right(self, num_experts).clone()
+        table[rank] = table[(rank + self.gpus_per_node) % self.ranks]
+        return table
+
+    VirtualCluster.expert_is_local = wrong
+    try:
+        return train_job(ctx, settings)
+    finally:
+        VirtualCluster.expert_is_local = right
+
+
+def test_a_virtual_rank_on_the_wrong_node_fails_the_comparison(
+    cluster8, cluster1, corpus, starts, record_property
+):
+    start = starts["locmoe"]
+    real = _real(cluster8, _settings(corpus, "locmoe", "domains", False, init_weights_dir=start))
+    settings = _settings(corpus, "locmoe", "domains", True, init_weights_dir=start)
+    planted = cluster1.run(misplaced_rank_job, settings, 3, layout=ONE, timeout_s=JOB_TIMEOUT_S)[0]
+    with pytest.raises(AssertionError):
+        assert_same_run(planted, real, record_property)
+    # the node-local share is what moves: rank 3 counts the next node's experts as its own
+    assert planted["metrics"]["node_local_fraction"] != pytest.approx(
+        real["metrics"]["node_local_fraction"], rel=1e-5
+    )
