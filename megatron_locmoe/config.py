@@ -358,6 +358,11 @@ class LocMoEConfig:
                 "virtual ranks do not share; use aux_loss or seq_aux_loss)",
             ),
             (
+                getattr(tc, "cuda_graph_impl", "none") not in (None, "none"),
+                f"--cuda-graph-impl {getattr(tc, 'cuda_graph_impl', None)} (a replay would keep "
+                "the traffic count and rank switch of the captured micro-batch; train eagerly)",
+            ),
+            (
                 getattr(tc, "moe_pad_expert_input_to_capacity", False),
                 "--moe-pad-expert-input-to-capacity (the padded slots would be counted as "
                 "traffic of a dispatcher that is not there; drop the flag)",

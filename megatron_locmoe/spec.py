@@ -127,7 +127,8 @@ def locmoe_block_spec(model_config, vp_stage=None):
     if not plugin_active(locmoe, cfg):
         return block
     check_local_cuda_graphs(cfg)
-    topology = get_topology(locmoe.devices_per_node)  # collective on first call; then cached
+    # collective on first call; then cached (a virtual cluster is one process: one device)
+    topology = get_topology(1 if locmoe.virtual_cluster else locmoe.devices_per_node)
     resolution = layer_resolution(locmoe.validate(cfg), cfg)  # once, for every MoE layer
     announce(resolution, cfg, topology)
     vocab = padded_vocab(model_config)

@@ -190,6 +190,18 @@ def test_virtual_cluster_flags_parse(megatron_args, monkeypatch):
         ),
         (["--locmoe-domain-valid-data-path", "x"], 1, "give the training domains too"),
         (
+            [
+                "--locmoe-virtual-cluster",
+                "4x2",
+                "--cuda-graph-impl",
+                "local",
+                "--cuda-graph-modules",
+                "attn",
+            ],
+            1,
+            "--cuda-graph-impl local",
+        ),
+        (
             ["--locmoe-virtual-cluster", "2x4", "--locmoe-domain-data-path", "a", "b", "c"],
             1,
             "would be read by no node",

@@ -1,0 +1,168 @@
+"""What the virtual cluster costs, and the model FLOP utilisation of the study's model on one GPU.
+
+The same GPT-MoE (12 layers, hidden 768, 64 experts top-4, expert FFN 768: about 1.1e8 active
+parameters without embeddings) trains through ``python -m megatron_locmoe.pretrain_gpt``
+(Megatron's pretrain()) with ``--moe-router-type locmoe`` and its fast paths (fused router,
+grouped experts or TE's TEGroupedMLP, TE attention where TE is installed), once as plain
+training and once as the virtual cluster ``--locmoe-virtual-cluster NODESxGPUS`` (same global
+batch, same micro-batches, same data), in turn (A B A B ...) so a drifting host does not bias
+the ratio. Prints tokens/s of each, the virtual cluster's cost (1 - its tokens/s over the
+plain run's) and MFU = Megatron's own model FLOPs (--log-throughput) over the card's measured
+bf16 dense GEMM rate (--peak-tflops, 790 on the H200: docs/performance.md).
+
+    python benchmarks/virtual_cluster.py --data "--data-path /tmp/realtext/mixture \\
+        --tokenizer-type NullTokenizer --vocab-size 32767" --out $OUT/virtual_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
+
+MODEL = (
+    "--num-layers 12 --hidden-size 768 --num-attention-heads 12 --seq-length 2048 "
+    "--max-position-embeddings 2048 --position-embedding-type rope "
+    "--num-experts 64 --moe-router-topk 4 --moe-ffn-hidden-size 768 "
+    "--moe-token-dispatcher-type alltoall --moe-router-type locmoe "
+    "--swiglu --disable-bias-linear --bf16 --untie-embeddings-and-output-weights "
+    "--lr 3e-4 --min-lr 3e-5 --lr-decay-style cosine --lr-warmup-iters 2 "
+    "--eval-iters 0 --eval-interval 1000000 --seed 1234 --log-throughput"
+)
+"""The model of the study's fine-grained regime (docs/virtual_cluster.md)."""
+TE_FLAGS = (
+    "--transformer-impl transformer_engine --moe-grouped-gemm --moe-permute-fusion "
+    "--moe-router-fusion --no-gradient-accumulation-fusion"
+)
+LOCAL_FLAGS = (
+    "--transformer-impl local --no-persist-layer-norm --no-masked-softmax-fusion "
+    "--no-gradient-accumulation-fusion --no-rope-fusion"
+)
+LINE = re.compile(
+    r"iteration\s+(\d+)/\s*\d+ .*?elapsed time per iteration \(ms\): ([\d.]+)"
+    r".*?throughput per GPU \(TFLOP/s/GPU\): ([\d.]+).*?lm loss: ([\d.E+-]+)"
+)
+
+
+def run(name: str, argv: list[str], logs: str | None) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=1",
+        "-m",
+        "megatron_locmoe.pretrain_gpt",
+        *argv,
+    ]
+    env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", PYTHONUNBUFFERED="1")
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if logs:
+        os.makedirs(logs, exist_ok=True)
+        with open(os.path.join(logs, f"{name}.log"), "a") as f:
+            f.write(" ".join(cmd) + "\n" + proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    points = [
+        (int(i), float(ms), float(tf), float(loss)) for i, ms, tf, loss in LINE.findall(proc.stdout)
+    ]
+    if not points:
+        raise RuntimeError(f"{name}: no iteration lines in its log:\n{proc.stdout[-3000:]}")
+    steady = [p for p in points if p[0] > 2] or points[-1:]  # the first iterations warm up
+    return {
+        "ms_per_iter": statistics.median(p[1] for p in steady),
+        "tflops": statistics.median(p[2] for p in steady),
+        "loss": {p[0]: p[3] for p in points},
+        "wall_s": time.time() - t0,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True, help="Megatron's data and tokenizer flags")
+    p.add_argument("--cluster", default="16x8", help="the virtual cluster, NODESxGPUS")
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--extra", default="", help="more flags for both runs")
+    p.add_argument("--peak-tflops", type=float, default=790.0)
+    p.add_argument("--impl", choices=["te", "local"], default="te" if HAVE_TE else "local")
+    p.add_argument("--out", default=None)
+    p.add_argument("--logs", default=None)
+    a = p.parse_args()
+    nodes, gpus = (int(x) for x in a.cluster.lower().split("x"))
+    ranks = nodes * gpus
+    gbs = ranks * a.micro_batch_size
+    common = [
+        *MODEL.split(),
+        *(TE_FLAGS if a.impl == "te" else LOCAL_FLAGS).split(),
+        *a.data.split(),
+        *a.extra.split(),
+        "--micro-batch-size",
+        str(a.micro_batch_size),
+        "--global-batch-size",
+        str(gbs),
+        "--train-iters",
+        str(a.steps),
+        "--log-interval",
+        "1",
+    ]
+    arms = {"plain": common, "virtual": [*common, "--locmoe-virtual-cluster", a.cluster]}
+    import megatron.core
+    import torch
+
+    record = {
+        "card": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
+        "torch": torch.__version__,
+        "megatron_core": megatron.core.__version__,
+        "transformer_engine": HAVE_TE,
+        "command": " ".join(sys.argv),
+        "flags": " ".join(common),
+        "cluster": a.cluster,
+        "tokens_per_step": gbs * 2048,
+        "results": {},
+    }
+    rounds: dict[str, list[dict]] = {}
+    for _ in range(a.rounds):
+        for name, argv in arms.items():
+            rounds.setdefault(name, []).append(run(name, argv, a.logs))
+            for arm, runs in rounds.items():
+                ms = statistics.median(r["ms_per_iter"] for r in runs)
+                tflops = statistics.median(r["tflops"] for r in runs)
+                record["results"][arm] = {
+                    "ms_per_iter": ms,
+                    "tokens_per_s": record["tokens_per_step"] / (ms / 1000),
+                    "tflops": tflops,
+                    "mfu": tflops / a.peak_tflops,
+                    "rounds": runs,
+                }
+            if a.out:
+                os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+                with open(a.out, "w") as f:
+                    json.dump(record, f, indent=1)
+    res = record["results"]
+    cost = 1 - res["virtual"]["tokens_per_s"] / res["plain"]["tokens_per_s"]
+    record["virtual_cost"] = cost
+    for arm, r in res.items():
+        print(
+            f"{arm:8s} {r['tokens_per_s']:12,.0f} tokens/s  {r['tflops']:6.1f} TFLOP/s  "
+            f"MFU {r['mfu']:.3f}  loss@{a.steps} {r['rounds'][-1]['loss'].get(a.steps)}"
+        )
+    print(f"virtual cluster {a.cluster} costs {cost:+.2%} tokens/s against plain training")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(record, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""The virtual cluster through ``megatron_locmoe.pretrain_gpt``'s own pieces on one CPU rank:
+Megatron's parser, the plugin's datasets provider (the mixture tagged with virtual ranks, and
+domain-sharded data), Megatron's data loader and sampler, and pretrain_gpt's forward_step and
+loss_func on the plugin's GPT model. (Megatron's ``pretrain()`` itself is not a CPU target; the
+GPU run of docs/virtual_cluster.md uses it.) Every micro-batch is routed as the virtual rank
+Megatron's sample order gives it, the held-out loss is reported per domain, and a model that is
+not told the rank refuses to route rather than count every micro-batch as rank 0."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from megatron_locmoe.sim import data
+from megatron_locmoe.sim.cluster import ParallelLayout
+
+ONE = ParallelLayout(devices_per_node=1)
+FLAGS = (
+    "--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 32 "
+    "--max-position-embeddings 32 --micro-batch-size 2 --global-batch-size 16 --num-experts 16 "
+    "--moe-router-topk 1 --moe-router-pre-softmax --moe-token-dispatcher-type alltoall "
+    "--transformer-impl local --lr 1e-4 --train-iters 4 --eval-iters 1 --eval-interval 2 "
+    "--tokenizer-type NullTokenizer --vocab-size 257 --moe-router-type locmoe "
+    "--locmoe-virtual-cluster 4x2 --no-rope-fusion --split 90,10,0 --num-workers 0"
+)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("corpus")
+    return data.build_domain_datasets(out, 4, max_stdlib_files=40, held_out_every=10)
+
+
+def pretrain_path_job(ctx, extra: list[str], enter: bool = True):
+    """Megatron's args from the command line, the plugin's datasets through Megatron's loader,
+    then pretrain_gpt's forward_step on 8 micro-batches of training (one per virtual rank) and
+    8 of evaluation; returns the virtual ranks the layers counted, and the loss reports."""
+    import megatron.training.global_vars as gv
+    from megatron.training import arguments
+    from megatron.training.datasets.data_samplers import build_pretraining_data_loader
+
+    from megatron_locmoe import adaptor, pretrain_gpt, virtual
+    from megatron_locmoe.arguments import locmoe_config_from_args
+    from megatron_locmoe.layer import LocMoELayer
+    from megatron_locmoe.sim.trainer import TrainSettings, _model
+
+    adaptor.apply()
+    sys.argv = ["pretrain_gpt.py", *FLAGS.split(), *extra]
+    args = arguments.validate_args(arguments.parse_args())
+    saved = gv._GLOBAL_ARGS, gv._GLOBAL_TOKENIZER
+    right, entering = LocMoELayer.enter_virtual_rank, virtual.enter
+    gv._GLOBAL_ARGS, gv._GLOBAL_TOKENIZER = args, gv._build_tokenizer(args)
+    try:
+        train, valid, _ = pretrain_gpt.train_valid_test_datasets_provider([64, 16, 0])
+        settings = TrainSettings(
+            data_prefix="",
+            locmoe=locmoe_config_from_args(args),
+            hidden_size=32,
+            num_experts=16,
+            seq_length=32,
+            micro_batch_size=2,
+        )
+        model = _model(settings, ep=1)
+        layers = [m for m in model.modules() if isinstance(m, LocMoELayer)]
+        seen: list[int] = []
+
+        def spy(self, rank):
+            if self is layers[0]:
+                seen.append(rank)
+            right(self, rank)
+
+        LocMoELayer.enter_virtual_rank = spy
+        if not enter:
+            virtual.enter = lambda model, rank: None
+        reports = []
+        for dataset, training in ((train, True), (valid, False)):
+            model.train(training)
+            loader = iter(build_pretraining_data_loader(dataset, 0))
+            for _ in range(8):
+                output, loss_func = pretrain_gpt.forward_step(loader, model)
+                loss, _, report = loss_func(output)
+                if training:
+                    loss.backward()
+                reports.append({k: v.tolist() for k, v in report.items()})
+        return seen, reports
+    finally:
+        LocMoELayer.enter_virtual_rank, virtual.enter = right, entering
+        gv._GLOBAL_ARGS, gv._GLOBAL_TOKENIZER = saved
+
+
+def test_the_mixture_is_routed_rank_by_rank(cluster_factory, corpus):
+    seen, reports = cluster_factory(1).run(
+        pretrain_path_job, ["--data-path", corpus["mixture"]], layout=ONE, timeout_s=240
+    )[0]
+    assert seen == list(range(8)) * 2  # training, then evaluation: i mod 8 both times
+    assert all(set(r) == {"lm loss"} for r in reports)
+
+
+def test_domain_data_is_read_by_node_and_reported_per_domain(cluster_factory, corpus):
+    flags = ["--locmoe-domain-data-path", *corpus["prefixes"]]
+    flags += ["--locmoe-domain-valid-data-path", *corpus["valid_prefixes"], "--split", "100,0,0"]
+    seen, reports = cluster_factory(1).run(pretrain_path_job, flags, layout=ONE, timeout_s=240)[0]
+    assert seen == list(range(8)) * 2
+    for i, report in enumerate(reports):
+        domain = (i % 8) // 2  # virtual rank i mod 8 sits on node (i mod 8) // 2
+        tokens = [report[f"lm loss domain {d}"][1] for d in range(4)]
+        assert tokens[domain] > 0 and sum(tokens) == tokens[domain] == report["lm loss"][1]
+
+
+def test_a_model_not_told_its_rank_refuses_to_route(cluster_factory, corpus):
+    with pytest.raises(Exception, match="without its virtual rank"):
+        cluster_factory(1).run(
+            pretrain_path_job,
+            ["--data-path", corpus["mixture"]],
+            enter=False,
+            layout=ONE,
+            timeout_s=240,
+        )
