@@ -177,3 +177,34 @@ def test_a_virtual_rank_on_the_wrong_node_fails_the_comparison(
     assert planted["metrics"]["node_local_fraction"] != pytest.approx(
         real["metrics"]["node_local_fraction"], rel=1e-5
     )
+
+
+def test_a_virtual_checkpoint_resumes_as_a_real_clusters_does(
+    cluster8, cluster1, corpus, starts, tmp_path, record_property
+):
+    """Per-rank state through a checkpoint (LocMoE's node bias, one per rank): a real cluster
+    saves data-parallel rank 0's and every rank resumes from it; the virtual cluster saves
+    virtual rank 0's (whichever rank routed last) and every virtual rank resumes from it. Saved
+    after step 2 and resumed to step 4, both train the same losses and metrics."""
+    start = starts["locmoe_node_target"]
+    out = {}
+    for name, virtual, cluster, layout in (
+        ("real", False, cluster8, REAL),
+        ("virtual", True, cluster1, ONE),
+    ):
+        save = str(tmp_path / name)
+        first = _settings(
+            corpus,
+            "locmoe_node_target",
+            "domains",
+            virtual,
+            init_weights_dir=start,
+            steps=2,
+            save_dir=save,
+            save_interval=2,
+        )
+        cluster.run(train_job, first, layout=layout, timeout_s=JOB_TIMEOUT_S)
+        resumed = replace(first, steps=4, load_dir=save, save_dir=None, save_interval=0)
+        out[name] = cluster.run(train_job, resumed, layout=layout, timeout_s=JOB_TIMEOUT_S)[0]
+        assert out[name]["first_step"] == 3
+    assert_same_run(out["virtual"], out["real"], record_property)
