@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass, field
 
 from megatron_locmoe.config import LocMoEConfig, grouped_experts_unsupported
+from megatron_locmoe.virtual import VirtualCluster
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,6 @@ def layer_resolution(locmoe: LocMoEConfig, tc) -> Resolution:
     """``resolve`` for this process: the current topology (if one was built) and device."""
     from megatron_locmoe.device import choose_device
     from megatron_locmoe.topology import current_topology
-    from megatron_locmoe.virtual import VirtualCluster
 
     cluster = VirtualCluster.from_config(locmoe)
     # a virtual cluster decides as its ranks would (their dispatcher: the traffic it counts)
@@ -233,6 +233,13 @@ def summary_fields(resolution: Resolution, tc, topology=None) -> dict:
             if cfg.dispatcher_dedup == "auto"
             else " (as given)"
         )
+    cluster = VirtualCluster.from_config(cfg)
+    if cluster is not None:
+        out["virtual_cluster"] = (
+            f"{cluster.describe()} on this device: micro-batch i is routed as rank i mod "
+            f"{cluster.ranks}; each rank's traffic is counted, not sent"
+        )
+        topology = cluster.topology(0)
     if topology is not None:
         out["node_map"] = (
             f"{topology.num_nodes} nodes x {topology.ranks_per_node} EP ranks "
@@ -273,6 +280,8 @@ def summary_text(resolution: Resolution, tc, topology=None) -> str:
             "dispatcher's preprocess) and postprocess; dispatch, experts and the MoE layers' "
             "attention run eagerly (Megatron's MoETransformerLayer)"
         )
+    cluster = VirtualCluster.from_config(resolution.config)
+    topology = cluster.topology(0) if cluster is not None else topology
     if topology is not None and not topology.spans_nodes:
         lines.append(
             "  note: the EP group sits inside one node: the locality loss and the two-hop "

@@ -120,6 +120,8 @@ def assert_same_run(virtual: dict, real: dict, record_property) -> None:
         record_property(f"virtual {key}", virtual[key])
         np.testing.assert_allclose(virtual[key], real[key], rtol=1e-5, err_msg=key)
     assert set(virtual["metrics"]) == set(real["metrics"])
+    record_property("real metrics", real["metrics"])
+    record_property("virtual metrics", virtual["metrics"])
     for name, value in real["metrics"].items():
         np.testing.assert_allclose(
             virtual["metrics"][name], value, rtol=1e-5, atol=1e-6, err_msg=name
