@@ -91,6 +91,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="Megatron's data and tokenizer flags")
     p.add_argument("--cluster", default="16x8", help="the virtual cluster, NODESxGPUS")
+    p.add_argument(
+        "--ep-size",
+        type=int,
+        default=64,
+        help="its expert-parallel size (64 experts on 16x8: EP 64, 8 nodes per EP group)",
+    )
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2)
@@ -117,7 +123,8 @@ def main() -> None:
         "--log-interval",
         "1",
     ]
-    arms = {"plain": common, "virtual": [*common, "--locmoe-virtual-cluster", a.cluster]}
+    virtual = ["--locmoe-virtual-cluster", a.cluster, "--locmoe-virtual-ep-size", str(a.ep_size)]
+    arms = {"plain": common, "virtual": [*common, *virtual]}
     import megatron.core
     import torch
 

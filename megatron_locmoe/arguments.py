@@ -261,6 +261,8 @@ def _check_virtual_and_domain_args(args, cfg: LocMoEConfig) -> None:
 
 def _check_topology_args(args, cfg: LocMoEConfig) -> None:
     """Devices per node against the world size; warn when EP never leaves a node."""
+    if cfg.virtual_cluster is not None:
+        return  # one process; its node map is the virtual cluster's (checked above)
     dpn = cfg.devices_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
     if not dpn:
         return  # torchrun sets LOCAL_WORLD_SIZE; the topology raises later if it is missing
