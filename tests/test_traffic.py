@@ -60,3 +60,39 @@ def test_vectorised_traffic_equals_per_sender_reference(N, L, dedup):
     got, want = traffic_from_counts(*args), _reference(*args)
     assert got == want
     assert all(isinstance(v, int) for t in got["hier"] for v in vars(t).values())
+
+
+@pytest.mark.parametrize("N, L", [(1, 4), (2, 4), (4, 2), (3, 8)])
+def test_every_schemes_bytes_equal_the_per_sender_reference(N, L):
+    """``scheme_bytes`` (what the virtual cluster and the two-hop dispatcher record for every
+    scheme at once, on the device) gives each sender the reference's flat, two-hop and dedup
+    bytes; inter-node bytes go to remote nodes only (0 on one node)."""
+    from megatron_locmoe.dispatch.traffic import (
+        load_max_over_mean,
+        received_tokens,
+        scheme_bytes,
+        source_counts,
+    )
+
+    ep, E = N * L, N * L * 2
+    gen = torch.Generator().manual_seed(7 * N + L)
+    maps = [torch.rand(16, E, generator=gen) < 0.2 for _ in range(ep)]  # 16 tokens per sender
+    counts = torch.stack([source_counts(m, N, L) for m in maps])
+    got = scheme_bytes(counts, N, L, E, 4096 * 2, 4)
+    plain, dedup = (_reference(counts, N, L, E, d, 4096 * 2, 4) for d in (False, True))
+    for name, traffic in (
+        ("flat", plain["flat"]),
+        ("two_hop", plain["hier"]),
+        ("dedup", dedup["hier"]),
+    ):
+        assert got[f"{name}_intra_node_bytes"].tolist() == [t.intra_node_bytes for t in traffic]
+        assert got[f"{name}_inter_node_bytes"].tolist() == [t.inter_node_bytes for t in traffic]
+    if N == 1:
+        assert all(v.sum() == 0 for k, v in got.items() if "inter" in k)
+    received = received_tokens(counts, E)
+    want = torch.stack([m.sum(0) for m in maps]).sum(0).view(ep, -1).sum(-1)
+    assert received.tolist() == want.tolist()
+    assert float(load_max_over_mean(received)) == pytest.approx(
+        float(want.max()) / float(want.float().mean())
+    )
+    assert float(load_max_over_mean(torch.zeros(ep, dtype=torch.long))) == 1.0
