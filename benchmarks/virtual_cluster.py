@@ -30,8 +30,7 @@ import time
 HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
 
 MODEL = (
-    "--num-layers 12 --hidden-size 768 --num-attention-heads 12 --seq-length 2048 "
-    "--max-position-embeddings 2048 --position-embedding-type rope "
+    "--num-layers 12 --hidden-size 768 --num-attention-heads 12 --position-embedding-type rope "
     "--num-experts 64 --moe-router-topk 4 --moe-ffn-hidden-size 768 "
     "--moe-token-dispatcher-type alltoall --moe-router-type locmoe "
     "--swiglu --disable-bias-linear --bf16 --untie-embeddings-and-output-weights "
@@ -98,6 +97,7 @@ def main() -> None:
         help="its expert-parallel size (64 experts on 16x8: EP 64, 8 nodes per EP group)",
     )
     p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--seq-length", type=int, default=2048)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--extra", default="", help="more flags for both runs")
@@ -114,6 +114,10 @@ def main() -> None:
         *(TE_FLAGS if a.impl == "te" else LOCAL_FLAGS).split(),
         *a.data.split(),
         *a.extra.split(),
+        "--seq-length",
+        str(a.seq_length),
+        "--max-position-embeddings",
+        str(a.seq_length),
         "--micro-batch-size",
         str(a.micro_batch_size),
         "--global-batch-size",
@@ -136,7 +140,7 @@ def main() -> None:
         "command": " ".join(sys.argv),
         "flags": " ".join(common),
         "cluster": a.cluster,
-        "tokens_per_step": gbs * 2048,
+        "tokens_per_step": gbs * a.seq_length,
         "results": {},
     }
     rounds: dict[str, list[dict]] = {}
