@@ -668,7 +668,12 @@ def test_carry_round_trip(built, tmp_path):
     (out / "en_email.bin").write_bytes(b"\0\0" + (out / "en_email.bin").read_bytes()[2:])
     with pytest.raises(carry.CarryError, match="en_email.bin: missing or its sha256 differs"):
         carry.check(out)
-    # a subset carries fewer bytes and no mixture
+    # the mixture alone is the domains (it is written again there); a subset carries no mixture
+    mixture = carry.pack(data, tmp_path / "mixture", datasets=["mixture"])
+    assert [(f["name"], f["sha256"]) for f in mixture["files"]] == [
+        (f["name"], f["sha256"]) for f in index["files"]
+    ]
+    assert "carry stage --parts parts2 &&" in carry.device_calls(mixture, "parts2")[-1]["command"]
     subset = carry.pack(data, tmp_path / "subset", datasets=["en_email", "zh_modern"])
     assert subset["domains"] == ["zh_modern", "en_email"] and subset["derived"] == {}
     with pytest.raises(carry.CarryError, match="--datasets nope: not in this corpus"):

@@ -233,11 +233,13 @@ def device_calls(
     the last one also unpacking."""
     calls = []
     for k, part in enumerate(index["parts"]):
-        command = "python -m megatron_locmoe.data.carry stage"
+        command = "python3 -m megatron_locmoe.data.carry stage"
+        if parts_dir != ".data_parts":
+            command += f" --parts {parts_dir}"
         if stage != STAGE:
             command += f" --stage {stage}"
         if k == len(index["parts"]) - 1:
-            command += " && python -m megatron_locmoe.data.carry unpack"
+            command += " && python3 -m megatron_locmoe.data.carry unpack"
             if unpacked != UNPACKED:
                 command += f" --out {unpacked}"
         calls.append(
@@ -421,8 +423,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{len(index['files'])} files, {_mib(index['raw_bytes'])} -> {_mib(index['stream_bytes'])} "
                 f"({index['compression']}) in {len(index['parts'])} parts in {args.out}/"
             )
+            out = Path(args.out)
+            if out.is_absolute() or ".." in out.parts:
+                print(f"note: a device call carries paths inside the repository; {out} is not one")
             print("device calls, one after another (the machine's /tmp lasts while it is held):")
-            for k, call in enumerate(device_calls(index, args.out.rstrip("/"))):
+            for k, call in enumerate(device_calls(index, out.as_posix())):
                 print(
                     f"  {k + 1}. run(carry={json.dumps(call['carry'])}, command={call['command']!r})"
                 )
