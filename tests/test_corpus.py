@@ -665,6 +665,14 @@ def test_carry_round_trip(built, tmp_path):
     damaged.write_bytes(damaged.read_bytes()[:-1] + b"\0")
     with pytest.raises(carry.CarryError, match=f"{names[1]}: sha256 differs"):
         carry.unpack(stage, tmp_path / "again")
+    index_copy = json.loads((stage / carry.INDEX).read_text())
+    damaged.write_bytes((parts / names[1]).read_bytes())  # repaired; now the index lies
+    index_copy["files"][0]["sha256"] = "0" * 64
+    (stage / carry.INDEX).write_text(json.dumps(index_copy))
+    with pytest.raises(
+        carry.CarryError, match=f"{index_copy['files'][0]['name']}: sha256 after unpacking"
+    ):
+        carry.unpack(stage, tmp_path / "again")
     (out / "en_email.bin").write_bytes(b"\0\0" + (out / "en_email.bin").read_bytes()[2:])
     with pytest.raises(carry.CarryError, match="en_email.bin: missing or its sha256 differs"):
         carry.check(out)

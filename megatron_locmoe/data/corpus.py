@@ -223,12 +223,18 @@ def check_with_megatron(out: Path, name: str, text: str, vocab: int, log) -> Non
     """Megatron reads what was written: its IndexedDataset gives the first training document as
     its HuggingFaceTokenizer (offline) encodes the text, and the NullTokenizer has the same
     vocabulary size and end-of-document id."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    hf = tokenizer.megatron_tokenizer(
-        tokenizer.megatron_flags(out / "tokenizer", vocab)["huggingface"]
-    )
+    flags = tokenizer.megatron_flags(out / "tokenizer", vocab)["huggingface"]
+    offline = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # the directory must load without the hub
+    try:
+        hf = tokenizer.megatron_tokenizer(flags)
+    finally:
+        if offline is None:
+            del os.environ["HF_HUB_OFFLINE"]
+        else:
+            os.environ["HF_HUB_OFFLINE"] = offline
     null = tokenizer.megatron_tokenizer(tokenizer.megatron_flags(out / "tokenizer", vocab)["null"])
     dataset = IndexedDataset(str(out / name))  # kept alive: its items view its memory map
     first = dataset[0].tolist()
