@@ -141,10 +141,13 @@ def fetch_packages(
 
 
 def _not_served_hint(package, version, pinned, cache, offline: bool) -> str:
+    """What to do about a pinned package that cannot be had."""
+    if offline:
+        return "(--offline: nothing was asked of the registry.)"
     try:
-        served = "unknown (offline)" if offline else packages.served_version(package)
+        served = packages.served_version(package)
     except packages.PackageError:
-        served = "unknown"
+        served = "no version it can name"
     keep = f"put {pinned['file']} (sha256 {pinned['sha256']}) into {cache}, or " if pinned else ""
     return (
         f"The corpus pins {package.name} {version}; the registry serves {served}. To build this "
@@ -411,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m megatron_locmoe.data.corpus",
         description="Build the multi-domain real-text corpus and its 32K BPE offline (docs/corpus.md).",
     )
-    parser.add_argument("--out", required=True, help="output directory (e.g. data/realtext)")
+    parser.add_argument("--out", help="output directory (e.g. data/realtext); required to build")
     parser.add_argument("--cache", help="package downloads (default OUT/downloads)")
     parser.add_argument(
         "--domains",
@@ -440,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
         for d in dom.DOMAINS:
             print(f"{d.name:14s} {d.description}  [{', '.join(d.packages)}]")
         return 0
+    if not args.out:
+        parser.error("--out DIR is required (e.g. --out data/realtext)")
     overrides = {
         "vocab_size": args.vocab_size,
         "held_out_every": args.held_out_every,
