@@ -39,9 +39,13 @@ MODEL = (
 )
 """The model of the study's fine-grained regime (docs/virtual_cluster.md)."""
 TE_FLAGS = (
-    "--transformer-impl transformer_engine --moe-grouped-gemm --moe-permute-fusion "
-    "--moe-router-fusion --no-gradient-accumulation-fusion"
+    "--transformer-impl transformer_engine --moe-permute-fusion --moe-router-fusion "
+    "--no-gradient-accumulation-fusion --locmoe-experts grouped"
 )
+"""TE's attention, norms and fused Adam with the plugin's grouped experts (torch._grouped_mm):
+TE's own TEGroupedMLP at 64 experts trained this model at 24 TFLOP/s on an H100 (41 s per
+1M-token step; benchmarks/results/virtual_h100_te_tegrouped_mu0.json), host-bound as
+docs/transformer_engine.md measured its layer (400+ kernels per call)."""
 LOCAL_FLAGS = (
     "--transformer-impl local --no-persist-layer-norm --no-masked-softmax-fusion "
     "--no-gradient-accumulation-fusion --no-rope-fusion"

@@ -232,10 +232,9 @@ def forward_step(data_iterator, model):
         virtual.enter(model, tags[VIRTUAL_RANK_KEY])
     tokens, labels, loss_mask, attention_mask, position_ids = batch
     output = model(tokens, position_ids, attention_mask, labels=labels, loss_mask=loss_mask)
-    domains = getattr(get_args(), "locmoe_domain_data_path", None) or []
-    return output, partial(
-        loss_func, loss_mask, domain=tags.get(DOMAIN_KEY), num_domains=len(domains)
-    )
+    domain = tags.get(DOMAIN_KEY)  # only the plugin's domain datasets tag it (args are set)
+    num_domains = len(get_args().locmoe_domain_data_path) if domain is not None else 0
+    return output, partial(loss_func, loss_mask, domain=domain, num_domains=num_domains)
 
 
 def main() -> None:

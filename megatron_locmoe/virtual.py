@@ -218,12 +218,15 @@ def _follow(copy: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
 class VirtualTraffic:
     """One MoE layer's traffic on the virtual cluster.
 
-    ``count(rank, routing_map)`` keeps the rank's ``source_counts`` (on the device); when the
-    last rank of its EP group has routed this micro step, the group's bytes under every scheme
-    (``traffic.scheme_bytes``) and its load are recorded for the layer under the metric names of
-    a real run (``metrics.DISPATCH_METRICS``): the sum over the group's ranks, which is what the
-    group's real ranks record one each. ``intra_node_bytes`` / ``inter_node_bytes`` take the
-    scheme the real cluster would run (``scheme``: flat, two_hop or dedup)."""
+    ``count(rank, routing_map)`` keeps the rank's routing map (a reference: no work on the
+    device, nothing on the host but a list entry, since a layer's dispatch may wait on the host
+    and any launch here would then add to the step); when the last rank of its EP group has
+    routed this micro step, the group's ``source_counts`` come from all its maps at once, and
+    its bytes under every scheme (``traffic.scheme_bytes``) and its load are recorded for the
+    layer under the metric names of a real run (``metrics.DISPATCH_METRICS``): the sum over the
+    group's ranks, which is what the group's real ranks record one each. ``intra_node_bytes`` /
+    ``inter_node_bytes`` take the scheme the real cluster would run (``scheme``: flat, two_hop
+    or dedup)."""
 
     def __init__(self, cluster: VirtualCluster, num_experts: int, scheme: str):
         if scheme not in ("flat", "two_hop", "dedup"):
@@ -231,24 +234,29 @@ class VirtualTraffic:
         self.cluster, self.num_experts, self.scheme = cluster, num_experts, scheme
         layout = cluster.ep_groups[0]
         self.num_nodes, self.ranks_per_node = layout.num_nodes, layout.ranks_per_node
-        self.rows: list[torch.Tensor | None] = [None] * cluster.ep_size
+        self.maps: list[torch.Tensor | None] = [None] * cluster.ep_size
 
     def count(
         self, layer, rank: int, routing_map_TE: torch.Tensor, hidden_bytes: int, prob_bytes: int
     ) -> None:
         ep = self.cluster.ep_size
-        self.rows[rank % ep] = source_counts(routing_map_TE, self.num_nodes, self.ranks_per_node)
+        self.maps[rank % ep] = routing_map_TE
         if not self.cluster.is_last_of_group(rank):
             return
-        missing = [r for r, row in enumerate(self.rows) if row is None]
+        missing = [r for r, m in enumerate(self.maps) if m is None]
         if missing:
             raise RuntimeError(
                 f"virtual ranks {missing} of EP group {rank // ep} did not route this micro "
                 "step before its last rank: micro-batch i must belong to virtual rank i mod "
                 f"{self.cluster.ranks} (megatron_locmoe.virtual.enter)"
             )
-        counts = torch.stack(self.rows)
-        self.rows = [None] * ep
+        maps, self.maps = self.maps, [None] * ep
+        if len({m.shape for m in maps}) == 1:  # one stack, one set of kernels for the group
+            counts = source_counts(torch.stack(maps), self.num_nodes, self.ranks_per_node)
+        else:
+            counts = torch.stack(
+                [source_counts(m, self.num_nodes, self.ranks_per_node) for m in maps]
+            )
         metrics.record_vector(
             layer, metrics.DISPATCH_METRICS, self._vector(counts, hidden_bytes, prob_bytes)
         )

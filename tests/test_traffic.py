@@ -96,3 +96,13 @@ def test_every_schemes_bytes_equal_the_per_sender_reference(N, L):
         float(want.max()) / float(want.float().mean())
     )
     assert float(load_max_over_mean(torch.zeros(ep, dtype=torch.long))) == 1.0
+
+
+def test_source_counts_of_several_sources_at_once():
+    """The virtual cluster counts an EP group's maps in one call: [S, T, E] -> [S, E + EP + N],
+    each row the single-map result."""
+    from megatron_locmoe.dispatch.traffic import source_counts
+
+    maps = torch.rand(5, 16, 8, generator=torch.Generator().manual_seed(3)) < 0.3
+    together = source_counts(maps, 2, 2)
+    assert together.tolist() == [source_counts(m, 2, 2).tolist() for m in maps]

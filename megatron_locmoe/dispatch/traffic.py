@@ -33,15 +33,16 @@ def source_counts(routing_map: torch.Tensor, num_nodes: int, ranks_per_node: int
     """Per-source counts the dispatch plan needs, one int64 vector ``[E + EP + N]``.
 
     ``routing_map [T, E]`` bool -> assignments per expert ``[E]``, tokens with at least one expert
-    on each EP rank ``[EP]`` and on each node ``[N]``.
+    on each EP rank ``[EP]`` and on each node ``[N]``. Leading dimensions are kept: ``[S, T, E]``
+    (S sources' maps) gives ``[S, E + EP + N]`` in the same few kernels.
     """
-    T, E = routing_map.shape
+    *lead, T, E = routing_map.shape
     ep = num_nodes * ranks_per_node
     m = routing_map.bool()
-    per_expert = m.sum(0)
-    per_rank = m.view(T, ep, E // ep).any(-1).sum(0)
-    per_node = m.view(T, num_nodes, E // num_nodes).any(-1).sum(0)
-    return torch.cat([per_expert, per_rank, per_node]).long()
+    per_expert = m.sum(-2)
+    per_rank = m.view(*lead, T, ep, E // ep).any(-1).sum(-2)
+    per_node = m.view(*lead, T, num_nodes, E // num_nodes).any(-1).sum(-2)
+    return torch.cat([per_expert, per_rank, per_node], dim=-1).long()
 
 
 @dataclass(frozen=True)
