@@ -223,3 +223,34 @@ def save(path: str | None, data: dict) -> None:
     with open(path, "w") as f:
         json.dump(data, f, indent=1)
     print(f"wrote {path}")
+
+
+def run_pretrain_gpt(
+    name: str, argv: list[str], logs: str | None = None, nproc: int = 1, env: dict | None = None
+) -> tuple[str, float]:
+    """``torchrun --standalone -m megatron_locmoe.pretrain_gpt ARGV`` (Megatron's pretrain()):
+    (its standard output, seconds). A failure raises with the output's tail; with ``logs`` (a
+    folder) the whole output of every run of ``name`` goes to ``logs/<name>.log``."""
+    import subprocess
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",  # a free rendezvous port: runs may share a machine
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "megatron_locmoe.pretrain_gpt",
+        *argv,
+    ]
+    full_env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", PYTHONUNBUFFERED="1")
+    full_env.update(env or {})
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env)
+    if logs:
+        os.makedirs(logs, exist_ok=True)
+        with open(os.path.join(logs, f"{name}.log"), "a") as f:
+            f.write(" ".join(cmd) + "\n" + proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc.stdout, time.time() - t0

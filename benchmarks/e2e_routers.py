@@ -17,11 +17,12 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
-import time
 
 from megatron_locmoe.launch.presets import load_preset, megatron_argv
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchutil  # noqa: E402
 
 PRESET = load_preset("router-sweep")
 """The model, the data and the four routers: configs/router-sweep.yaml, which the launcher runs
@@ -143,14 +144,7 @@ def run(
     ``logs`` (a folder) the run's whole output goes to ``logs/<router>.log``."""
     if router in TE_ROUTERS and not HAVE_TE:
         raise SystemExit(f"{router} runs under transformer-engine, which is not installed here")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",  # a free rendezvous port: runs may share a machine
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "megatron_locmoe.pretrain_gpt",
+    argv = [
         *router_argv(router, data),
         "--train-iters",
         str(steps),
@@ -159,23 +153,18 @@ def run(
         *(PRESET_DATA if data is None else data).split(),
         *extra.split(),
     ]
-    env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", PYTHONUNBUFFERED="1")
-    env.update(ROUTER_ENV.get(router, {}))
-    t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if logs:
-        os.makedirs(logs, exist_ok=True)
-        with open(os.path.join(logs, f"{router}.log"), "w") as f:
-            f.write(" ".join(cmd) + "\n" + proc.stdout + "\n--- stderr ---\n" + proc.stderr)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{router} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    points = [(int(i), float(ms), float(loss)) for i, ms, loss in LINE.findall(proc.stdout)]
+    if logs and os.path.exists(os.path.join(logs, f"{router}.log")):
+        os.remove(os.path.join(logs, f"{router}.log"))  # one run per log here
+    stdout, seconds = benchutil.run_pretrain_gpt(
+        router, argv, logs, nproc, env=ROUTER_ENV.get(router, {})
+    )
+    points = [(int(i), float(ms), float(loss)) for i, ms, loss in LINE.findall(stdout)]
     steady = [ms for i, ms, _ in points if i > 2 * log_interval]  # skip warm-up windows
     return {
         "loss": {i: loss for i, _, loss in points},
         "ms_per_iter": statistics.median(steady) if steady else points[-1][1],
-        "wall_s": time.time() - t0,
-        "stdout_tail": proc.stdout[-4000:],
+        "wall_s": seconds,
+        "stdout_tail": stdout[-4000:],
     }
 
 

@@ -23,9 +23,10 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchutil  # noqa: E402
 
 HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
 
@@ -57,36 +58,18 @@ LINE = re.compile(
 
 
 def run(name: str, argv: list[str], logs: str | None) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=1",
-        "-m",
-        "megatron_locmoe.pretrain_gpt",
-        *argv,
-    ]
-    env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", PYTHONUNBUFFERED="1")
-    t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if logs:
-        os.makedirs(logs, exist_ok=True)
-        with open(os.path.join(logs, f"{name}.log"), "a") as f:
-            f.write(" ".join(cmd) + "\n" + proc.stdout + "\n--- stderr ---\n" + proc.stderr)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    stdout, seconds = benchutil.run_pretrain_gpt(name, argv, logs)
     points = [
-        (int(i), float(ms), float(tf), float(loss)) for i, ms, tf, loss in LINE.findall(proc.stdout)
+        (int(i), float(ms), float(tf), float(loss)) for i, ms, tf, loss in LINE.findall(stdout)
     ]
     if not points:
-        raise RuntimeError(f"{name}: no iteration lines in its log:\n{proc.stdout[-3000:]}")
+        raise RuntimeError(f"{name}: no iteration lines in its log:\n{stdout[-3000:]}")
     steady = [p for p in points if p[0] > 2] or points[-1:]  # the first iterations warm up
     return {
         "ms_per_iter": statistics.median(p[1] for p in steady),
         "tflops": statistics.median(p[2] for p in steady),
         "loss": {p[0]: p[3] for p in points},
-        "wall_s": time.time() - t0,
+        "wall_s": seconds,
     }
 
 
