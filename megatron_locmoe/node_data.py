@@ -7,9 +7,10 @@ makes every rank of node k read domain k mod D, for real clusters and the virtua
 
 How. Megatron's pretraining sampler gives data-parallel rank r of R the samples
 g = (j R + r) mbs + t of its one dataset (micro step j, t < mbs). ``NodeShardedDataset`` is that
-one dataset: it sends sample g to the dataset of rank r's domain, at the index the ranks of
-that node would use if they alone read it (the i-th of the node's n DP ranks takes
-(j n + i) mbs + t), so each domain is read densely, in Megatron's order, by its node. The
+one dataset: it sends sample g to the dataset of rank r's domain, at the index the domain's
+readers would use if they alone read it (the i-th of the n ranks, over every node that reads
+the domain, takes (j n + i) mbs + t), so each domain is read densely, in Megatron's order, and
+two nodes that share a domain (more nodes than domains) read different samples of it. The
 ranks' nodes come from the topology (real cluster) or from ``virtual.VirtualCluster`` (rank r on
 node r // GPUS). Each sample also carries ``locmoe_domain`` (the per-domain loss report) and, on
 a virtual cluster, ``locmoe_virtual_rank`` (the rank the model routes it as): tags in the data,
@@ -37,10 +38,12 @@ class DomainDataError(ValueError):
 
 @dataclass(frozen=True)
 class RankLayout:
-    """The data-parallel ranks that read data: the node of each, and the micro batch size."""
+    """The data-parallel ranks that read data: the node of each, the number of domains (node k
+    reads domain k mod D) and the micro batch size."""
 
     node_of_rank: tuple[int, ...]
     micro_batch_size: int
+    num_domains: int
     virtual: bool = False
     """Whether the ranks are a virtual cluster's (then samples carry the virtual rank)."""
 
@@ -48,29 +51,29 @@ class RankLayout:
     def ranks(self) -> int:
         return len(self.node_of_rank)
 
-    @property
-    def nodes(self) -> int:
-        return max(self.node_of_rank) + 1
+    def domain_of_rank(self, rank: int) -> int:
+        return self.node_of_rank[rank] % self.num_domains
 
     @cached_property
-    def _peers(self) -> list[tuple[int, int]]:
-        """(this rank's index among its node's ranks, their number), per rank."""
-        nodes = self.node_of_rank
-        return [(nodes[:r].count(nodes[r]), nodes.count(nodes[r])) for r in range(self.ranks)]
+    def _readers(self) -> list[tuple[int, int]]:
+        """(this rank's index among its domain's readers, their number), per rank: the ranks of
+        every node that reads a domain share it, each reading other samples."""
+        domains = [self.domain_of_rank(r) for r in range(self.ranks)]
+        return [(domains[:r].count(d), domains.count(d)) for r, d in enumerate(domains)]
 
     def place(self, g: int) -> tuple[int, int, int]:
-        """(rank, node, index in the node's dense stream) of Megatron's sample ``g``."""
+        """(rank, domain, index in the domain's dense stream) of Megatron's sample ``g``."""
         mbs, R = self.micro_batch_size, self.ranks
         i, t = divmod(g, mbs)
         j, r = divmod(i, R)
-        index, peers = self._peers[r]
-        return r, self.node_of_rank[r], (j * peers + index) * mbs + t
+        index, readers = self._readers[r]
+        return r, self.domain_of_rank(r), (j * readers + index) * mbs + t
 
-    def samples_per_node(self, total: int) -> int:
-        """Samples the busiest node's dataset must hold when the ranks read ``total``."""
-        per = max(self.node_of_rank.count(n) for n in range(self.nodes))
+    def samples_per_domain(self, total: int) -> int:
+        """Samples the most-read domain's dataset must hold when the ranks read ``total``."""
+        most = max(count for _, count in self._readers)
         steps = -(-total // (self.micro_batch_size * self.ranks))
-        return steps * per * self.micro_batch_size
+        return steps * most * self.micro_batch_size
 
 
 def check_domains(num_domains: int, nodes: int, valid: int | None = None) -> None:
@@ -95,14 +98,17 @@ class NodeShardedDataset(torch.utils.data.Dataset):
     ``domains[d]``: domain d's dataset (samples are dicts of tensors, as GPTDataset's)."""
 
     def __init__(self, domains: list, layout: RankLayout, length: int):
+        if len(domains) != layout.num_domains:
+            raise DomainDataError(
+                f"{len(domains)} domain datasets for a layout of {layout.num_domains} domains"
+            )
         self.domains, self.layout, self.length = domains, layout, length
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, g: int) -> dict:
-        rank, node, index = self.layout.place(int(g))
-        domain = node % len(self.domains)
+        rank, domain, index = self.layout.place(int(g))
         sample = dict(self.domains[domain][index])
         sample[DOMAIN_KEY] = torch.tensor(domain)
         if self.layout.virtual:

@@ -83,14 +83,14 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
     ]
 
 
-def _rank_layout(args, cluster):
+def _rank_layout(args, cluster, domains: int):
     """The node of every data-parallel rank: the virtual cluster's (rank r on node r // GPUS),
     or gathered over the data-parallel group (global rank // devices per node)."""
     from megatron_locmoe.node_data import RankLayout
 
     if cluster is not None:
         nodes = tuple(r // cluster.gpus_per_node for r in range(cluster.ranks))
-        return RankLayout(nodes, args.micro_batch_size, virtual=True)
+        return RankLayout(nodes, args.micro_batch_size, domains, virtual=True)
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -101,12 +101,12 @@ def _rank_layout(args, cluster):
     group = parallel_state.get_data_parallel_group()
     gathered: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, dist.get_rank() // per_node, group=group)
-    return RankLayout(tuple(gathered), args.micro_batch_size)
+    return RankLayout(tuple(gathered), args.micro_batch_size, domains)
 
 
 def _domain_datasets(args, train_val_test_num_samples, cluster, vp_stage):
     """Per split, one NodeShardedDataset over every domain's GPT dataset, each domain sized for
-    the node that reads it most (Megatron's own builder per domain: its cache, its --split, or
+    its readers (Megatron's own builder per domain: its cache, its --split, or
     the held-out prefixes of --locmoe-domain-valid-data-path as the validation split)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
@@ -115,8 +115,8 @@ def _domain_datasets(args, train_val_test_num_samples, cluster, vp_stage):
 
     from megatron_locmoe.node_data import NodeShardedDataset
 
-    layout = _rank_layout(args, cluster)
-    per_node = [layout.samples_per_node(n) if n else 0 for n in train_val_test_num_samples]
+    layout = _rank_layout(args, cluster, len(args.locmoe_domain_data_path))
+    per_domain = [layout.samples_per_domain(n) if n else 0 for n in train_val_test_num_samples]
     config = _dataset_config(args)
     valid = args.locmoe_domain_valid_data_path or [None] * len(args.locmoe_domain_data_path)
     splits = []
@@ -132,7 +132,7 @@ def _domain_datasets(args, train_val_test_num_samples, cluster, vp_stage):
             )
         splits.append(
             BlendedMegatronDatasetBuilder(
-                GPTDataset, per_node, lambda: _reads_data(vp_stage, args), domain
+                GPTDataset, per_domain, lambda: _reads_data(vp_stage, args), domain
             ).build()
         )
     out = []

@@ -1,6 +1,7 @@
 """Domain-sharded data (megatron_locmoe.node_data) through Megatron's own pretraining sampler:
-every real rank reads its node's domain densely in Megatron's order; the virtual cluster's one
-stream is the real ranks' micro-batches interleaved, each tagged with its rank and domain."""
+every real rank reads its node's domain densely in Megatron's order, nodes that share a domain
+read different samples of it; the virtual cluster's one stream is the real ranks' micro-batches
+interleaved, each tagged with its rank and domain."""
 
 from __future__ import annotations
 
@@ -50,30 +51,36 @@ NODES = (0, 0, 1, 1, 2, 2)  # 3 nodes x 2 ranks
 MBS, STEPS = 2, 5
 
 
-def _domains(layout, total, count=2):
-    per = layout.samples_per_node(total)
-    return [Indexed(d, per) for d in range(count)]
+def _domains(layout, total):
+    per = layout.samples_per_domain(total)
+    return [Indexed(d, per) for d in range(layout.num_domains)]
 
 
 def test_every_real_rank_reads_its_nodes_domain_densely():
+    """3 nodes, 2 domains: nodes 0 and 2 share domain 0, their 4 ranks read it in turn."""
     total = MBS * len(NODES) * STEPS
-    layout = RankLayout(NODES, MBS)
+    layout = RankLayout(NODES, MBS, num_domains=2)
     dataset = NodeShardedDataset(_domains(layout, total), layout, total)
+    seen: dict[int, list] = {0: [], 1: []}
     for r, node in enumerate(NODES):
-        peers = [q for q in range(len(NODES)) if NODES[q] == node]
+        readers = [q for q in range(len(NODES)) if NODES[q] % 2 == node % 2]
         got = _stream(dataset, r, len(NODES), MBS, STEPS)
         assert len(got) == STEPS
         for j, micro in enumerate(got):
             for t, sample in enumerate(micro):
                 domain, index = sample["tokens"].tolist()
                 assert domain == node % 2  # node k reads domain k mod D
-                assert index == (j * len(peers) + peers.index(r)) * MBS + t
+                assert index == (j * len(readers) + readers.index(r)) * MBS + t
                 assert int(sample[DOMAIN_KEY]) == domain and VIRTUAL_RANK_KEY not in sample
+                seen[domain].append(index)
+    for indices in seen.values():  # every sample of a domain read once, none skipped
+        assert sorted(indices) == list(range(len(indices)))
 
 
 def test_the_virtual_stream_is_the_real_ranks_micro_batches_interleaved():
     total = MBS * len(NODES) * STEPS
-    real_layout, virtual_layout = RankLayout(NODES, MBS), RankLayout(NODES, MBS, virtual=True)
+    real_layout = RankLayout(NODES, MBS, num_domains=2)
+    virtual_layout = RankLayout(NODES, MBS, num_domains=2, virtual=True)
     real = NodeShardedDataset(_domains(real_layout, total), real_layout, total)
     virtual = NodeShardedDataset(_domains(virtual_layout, total), virtual_layout, total)
     per_rank = [_stream(real, r, len(NODES), MBS, STEPS) for r in range(len(NODES))]
@@ -87,13 +94,13 @@ def test_the_virtual_stream_is_the_real_ranks_micro_batches_interleaved():
 
 
 def test_sizing_covers_every_sample_of_the_run():
-    layout = RankLayout((0, 0, 0, 1), MBS)  # uneven: node 0 has 3 ranks
+    layout = RankLayout((0, 0, 0, 1), MBS, num_domains=2)  # uneven: node 0 has 3 ranks
     total = MBS * 4 * 7
     dataset = NodeShardedDataset(_domains(layout, total), layout, total)
     for g in range(total):
         dataset[g]  # Indexed raises past its end
     shorter = NodeShardedDataset(
-        [Indexed(d, layout.samples_per_node(total) - 1) for d in range(2)], layout, total
+        [Indexed(d, layout.samples_per_domain(total) - 1) for d in range(2)], layout, total
     )
     with pytest.raises(IndexError):
         [shorter[g] for g in range(total)]

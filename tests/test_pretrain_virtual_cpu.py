@@ -117,3 +117,54 @@ def test_a_model_not_told_its_rank_refuses_to_route(cluster_factory, corpus):
             layout=ONE,
             timeout_s=240,
         )
+
+
+REAL_FLAGS = FLAGS.replace("--locmoe-virtual-cluster 4x2", "").replace(
+    "--global-batch-size 16", "--global-batch-size 32 --expert-model-parallel-size 8"
+)
+
+
+def real_domain_data_job(ctx, prefixes: list[str]):
+    """On a real (simulated) cluster of 4 nodes x 2 ranks: Megatron's args, the plugin's
+    domain-sharded datasets and Megatron's loader on every rank; returns this rank's first two
+    micro-batches as (domain tag, first token ids of each sample)."""
+    import os
+
+    import megatron.training.global_vars as gv
+    from megatron.training import arguments
+    from megatron.training.datasets.data_samplers import build_pretraining_data_loader
+
+    from megatron_locmoe import adaptor, pretrain_gpt
+
+    adaptor.apply()
+    os.environ.update(WORLD_SIZE=str(ctx.world_size), RANK=str(ctx.rank), LOCAL_WORLD_SIZE="2")
+    sys.argv = ["pretrain_gpt.py", *REAL_FLAGS.split(), "--locmoe-domain-data-path", *prefixes]
+    args = arguments.validate_args(arguments.parse_args())
+    saved = gv._GLOBAL_ARGS, gv._GLOBAL_TOKENIZER
+    gv._GLOBAL_ARGS, gv._GLOBAL_TOKENIZER = args, gv._build_tokenizer(args)
+    try:
+        train, _, _ = pretrain_gpt.train_valid_test_datasets_provider([128, 0, 0])
+        tagged = pretrain_gpt._Tags(iter(build_pretraining_data_loader(train, 0)))
+        out = []
+        for _ in range(2):
+            batch = next(tagged)
+            out.append((tagged.tags["locmoe_domain"], batch["tokens"][:, :4].tolist()))
+        return out
+    finally:
+        gv._GLOBAL_ARGS, gv._GLOBAL_TOKENIZER = saved
+
+
+def test_a_real_cluster_reads_one_domain_per_node(cluster8, corpus):
+    """The ranks' nodes come from the data-parallel group (gathered), each rank of node k reads
+    domain k mod 3 (4 nodes, 3 domains: nodes 0 and 3 share domain 0), every rank of a domain
+    reads other samples, and no virtual rank is tagged on a real cluster."""
+    results = cluster8.run(
+        real_domain_data_job,
+        corpus["prefixes"][:3],
+        layout=ParallelLayout(devices_per_node=2, ep=8),
+        timeout_s=240,
+    )
+    for rank, micro_batches in enumerate(results):
+        assert [domain for domain, _ in micro_batches] == [(rank // 2) % 3] * 2
+    samples = [tuple(map(tuple, tokens)) for r in results for _, tokens in r]
+    assert len(set(samples)) == len(samples)  # nodes 0 and 3 share domain 0, not its samples
