@@ -210,3 +210,61 @@ def test_a_virtual_checkpoint_resumes_as_a_real_clusters_does(
         out[name] = cluster.run(train_job, resumed, layout=layout, timeout_s=JOB_TIMEOUT_S)[0]
         assert out[name]["first_step"] == 3
     assert_same_run(out["virtual"], out["real"], record_property)
+
+
+def op_count_job(ctx, settings):
+    """aten ops of each of 8 micro-batches (forward and backward) of ``settings``' model, each
+    entered as virtual rank i on a virtual cluster: what a device would launch per micro-batch."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from megatron_locmoe import virtual
+    from megatron_locmoe.sim import trainer
+    from megatron_locmoe.virtual import VirtualCluster
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    ctx.topology()
+    torch.manual_seed(0)
+    model = trainer._model(settings, ep=1)
+    data = trainer._dataset(settings, 64)
+    cluster = VirtualCluster.from_config(settings.locmoe)
+    counts = []
+    for i in range(8):
+        tokens, labels, loss_mask, positions, mask = trainer._micro_batch(data, 2 * i, settings)
+        with Count() as count:
+            if cluster is not None:
+                virtual.enter(model, i)
+            model(tokens, positions, mask, labels=labels).sum().backward()
+        counts.append(count.ops)
+    return counts
+
+
+def test_the_virtual_cluster_launches_nothing_per_micro_batch(cluster1, corpus):
+    """Identical routing (LocMoE without the locality loss), plain training against the virtual
+    cluster 4x2 (EP 8): a micro-batch adds no device op, but where the node changes (one copy of
+    the node map per layer) and at an EP group's last rank (its traffic, counted once)."""
+    kw = dict(num_layers=2, data_prefix=corpus["control"])
+    plain = _settings(corpus, "locmoe", "control", False, **kw)
+    # the same physical dispatcher in both (Megatron's All-to-All on one device)
+    plain = replace(plain, locmoe=replace(plain.locmoe, locality_loss_coeff=0.0, dispatcher="auto"))
+    virtual = replace(plain, locmoe=replace(plain.locmoe, virtual_cluster="4x2"))
+    layout = ONE
+    plain_ops = cluster1.run(op_count_job, plain, layout=layout, timeout_s=JOB_TIMEOUT_S)[0]
+    virtual_ops = cluster1.run(op_count_job, virtual, layout=layout, timeout_s=JOB_TIMEOUT_S)[0]
+    extra = [v - p for v, p in zip(virtual_ops, plain_ops, strict=True)]
+    layers = 2
+    # rank 0 warms up (first calls differ); ranks 1..6: a node change on 2, 4 and 6, where each
+    # router takes the node map's row (a view) and copies it (one kernel)
+    for rank in range(1, 7):
+        assert extra[rank] == (2 * layers if rank in (2, 4, 6) else 0), (rank, extra, plain_ops)
+    # rank 7, the EP group's last: a node change and the group's traffic, counted once (measured
+    # 134 ops a layer here; on a cluster of EP 64 that is about 2 ops a layer and micro-batch)
+    assert 2 * layers < extra[7] <= 150 * layers, (extra, plain_ops)
