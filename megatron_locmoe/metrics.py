@@ -50,9 +50,14 @@ ROUTER_METRICS = (
 INTRA_NODE_BYTES = "intra_node_bytes"
 INTER_NODE_BYTES = "inter_node_bytes"
 FLAT_INTER_NODE_BYTES = "flat_inter_node_bytes"
+TWO_HOP_INTER_NODE_BYTES = "two_hop_inter_node_bytes"
+DEDUP_INTER_NODE_BYTES = "dedup_inter_node_bytes"
 RECEIVED_LOAD = "received_tokens_max_over_mean"
 """Token-expert assignments received per EP rank, max / mean over the EP group (1: even)."""
 DISPATCH_METRICS = (INTRA_NODE_BYTES, INTER_NODE_BYTES, *SCHEME_BYTES, RECEIVED_LOAD)
+assert {FLAT_INTER_NODE_BYTES, TWO_HOP_INTER_NODE_BYTES, DEDUP_INTER_NODE_BYTES} <= set(
+    SCHEME_BYTES
+)
 """Bytes this rank sends per layer and micro-batch (dispatch + combine) with the run's
 dispatcher (``intra_node_bytes`` / ``inter_node_bytes``), what each scheme would send for the
 same routing (flat All-to-All, two-hop, two-hop with per-node dedup; inter-node = to remote

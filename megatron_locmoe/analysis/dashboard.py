@@ -48,8 +48,11 @@ def sections_spec(num_layers: int) -> list[tuple[str, list[tuple[str, list[str]]
             "Locality and traffic",
             [
                 ("node-local fraction of assignments", [m.NODE_LOCAL_FRACTION]),
-                ("inter-node bytes per rank-step (hierarchical)", [m.INTER_NODE_BYTES]),
-                ("inter-node bytes per rank-step (flat All-to-All)", [m.FLAT_INTER_NODE_BYTES]),
+                ("inter-node bytes per rank-step (the run's dispatcher)", [m.INTER_NODE_BYTES]),
+                (
+                    "inter-node bytes per rank-step, by scheme",
+                    [m.FLAT_INTER_NODE_BYTES, m.TWO_HOP_INTER_NODE_BYTES, m.DEDUP_INTER_NODE_BYTES],
+                ),
                 ("intra-node bytes per rank-step", [m.INTRA_NODE_BYTES]),
             ],
         ),
@@ -57,6 +60,7 @@ def sections_spec(num_layers: int) -> list[tuple[str, list[tuple[str, list[str]]
             "Load balance and capacity",
             [
                 ("load CV (mean over layers)", [m.LOAD_CV]),
+                ("tokens received per EP rank, max / mean", [m.RECEIVED_LOAD]),
                 ("dropped assignments", [m.TOKENS_DROPPED]),
                 ("expert capacity (0 = dropless)", [m.EXPERT_CAPACITY]),
                 ("capacity bound ec_min", [m.CAPACITY_EC_MIN]),
