@@ -210,7 +210,7 @@ def _check_virtual_and_domain_args(args, cfg: LocMoEConfig) -> None:
             raise ConfigError(
                 f"--locmoe-virtual-cluster {cfg.virtual_cluster} trains its {ranks} ranks in one "
                 f"process; this job has {args.world_size}: launch one rank (torchrun "
-                "--nproc-per-node 1)"
+                "--nproc-per-node 1; the launcher: --nodes 1 --devices-per-node 1)"
             )
         per_pass = args.micro_batch_size * ranks
         if args.global_batch_size % per_pass:
