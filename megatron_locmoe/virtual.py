@@ -159,7 +159,10 @@ class RankStateBank:
             setattr(module, name, self.host_copies[name][rank])
         for name, table in self.derived.items():
             if self.row_class[name][old] != self.row_class[name][rank]:
-                getattr(module, name).copy_(table[rank])
+                live = getattr(module, name)
+                if table.device != live.device:  # the module moved (e.g. to its GPU) after
+                    table = self.derived[name] = table.to(live.device)  # build: no host copy
+                live.copy_(table[rank])
         self.current = rank
 
     def rank_zero_values(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
