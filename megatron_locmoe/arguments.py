@@ -165,8 +165,21 @@ def _transformer_view(args) -> SimpleNamespace:
     return SimpleNamespace(**{**vars(args), "num_moe_experts": args.num_experts})
 
 
+def check_train_iters(args) -> None:
+    """Refuse ``--train-iters`` below 1 at parse time: Megatron accepts 0 and negative values
+    and the run then dies after every rank has started (a bare AssertionError on the CPU loop,
+    nothing trained on the GPU path)."""
+    iters = getattr(args, "train_iters", None)
+    if iters is not None and iters < 1:
+        raise ConfigError(
+            f"--train-iters {iters}: a run trains at least 1 step; give --train-iters N with "
+            "N >= 1 (or --train-samples)"
+        )
+
+
 def validate_locmoe_args(args) -> LocMoEConfig:
     """Check the plugin flags against the rest of Megatron's arguments; raise ConfigError."""
+    check_train_iters(args)
     cfg = locmoe_config_from_args(args)
     _check_virtual_and_domain_args(args, cfg)
     changes = cfg.changes_megatron(bool(getattr(args, "moe_grouped_gemm", False)))

@@ -281,6 +281,8 @@ INVALID = [
         ],
         "--moe-shared-expert-overlap (it overlaps inside Megatron's own dispatcher) cannot be combined",
     ),
+    (["--train-iters", "0"], "--train-iters 0: a run trains at least 1 step; give --train-iters N"),
+    (["--train-iters", "-5"], "--train-iters -5: a run trains at least 1 step"),
     (
         ["--moe-router-type", "locmoe", "--locmoe-devices-per-node", "3"],
         "world size 8 is not a multiple of 3 devices per node",

@@ -108,6 +108,15 @@ def test_demo_refuses_bad_arguments():
         demo.parse_args(["--set", "sweep.nowhere.lr=1"])
 
 
+@pytest.mark.parametrize("steps", ["0", "-1"])
+def test_demo_refuses_steps_below_one_in_one_line(capsys, steps):
+    """--steps 0 passed parse_args and died with a bare AssertionError after the ranks started."""
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--steps", steps])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+    assert len(err) == 1 and f"error: --steps {steps}: the demo trains at least 1 step" in err[0]
+
+
 def test_demo_never_deletes_a_directory_it_did_not_write(tmp_path, capsys):
     """A mistyped --out (a home directory, say) is refused before anything is deleted."""
     precious = tmp_path / "home"

@@ -332,6 +332,20 @@ def test_cli_errors_exit_2_with_the_message(monkeypatch, capsys):
     assert "error: preset h100-2node runs on 2 nodes: give --master-addr" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("iters", ["0", "-2"])
+def test_train_iters_below_one_is_refused_before_any_rank_starts(tmp_path, capsys, iters):
+    """--train-iters 0 passed every check and died after the cluster started (a bare
+    AssertionError); now one error line names the flag and the fix (validate_locmoe_args, which
+    the launcher runs through Megatron's validate_args for every CPU plan, --no-check or not)."""
+    argv = ["--config", "cpu-sim", "--set", f"train-iters={iters}", "--runs-dir", str(tmp_path)]
+    assert main([*argv, "--dry-run"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+    assert len(err) == 1 and f"--train-iters {iters}: " in err[0], err
+    assert "give --train-iters N with N >= 1" in err[0]
+    with pytest.raises(PresetError, match=f"--train-iters {iters}: a run trains at least 1"):
+        _plan("cpu-sim", sets=[f"train-iters={iters}"], runs_dir=str(tmp_path), check=False)
+
+
 def test_a_real_run_needs_this_nodes_rank_and_its_devices():
     plan = _plan("h100-2node", check=False)
     with pytest.raises(PresetError, match="start the launcher on every node with --node-rank 0..1"):

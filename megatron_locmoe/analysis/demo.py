@@ -270,6 +270,8 @@ def parse_args(argv=None):
     p.add_argument("--no-wandb", action="store_true", help="TensorBoard only")
     p.add_argument("--progress", choices=("auto", "on", "off"), default="auto")
     args = p.parse_args(argv)
+    if args.steps is not None and args.steps < 1:  # before, an AssertionError once the ranks ran
+        p.error(f"--steps {args.steps}: the demo trains at least 1 step; give --steps N >= 1")
     out = Path(args.out)
     if out.exists() and (
         not out.is_dir() or (any(out.iterdir()) and not (out / OUT_MARKER).exists())
