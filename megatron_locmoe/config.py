@@ -6,6 +6,8 @@ help when the Megatron adaptor turns the fields into ``--locmoe-*`` flags.
 """
 
 import math
+import numbers
+import types
 from dataclasses import dataclass, fields
 from typing import Literal, get_args, get_origin
 
@@ -33,6 +35,36 @@ def router_names() -> tuple[str, ...]:
 
 class ConfigError(ValueError):
     """An invalid LocMoE setting: the message names the value and what to change."""
+
+
+def _fits(value, annotation) -> bool:
+    """Whether value has the type of a field's annotation (int, float, bool, str, X | None).
+
+    Strict where a wrong type would be taken silently or fail later without the field's name:
+    an int field refuses 2.5, "3" and bools (True would count as 1); a float field takes an
+    int (as Python's numeric tower does) but neither a string nor a bool; a bool field takes
+    only True/False ("no" is truthy). NumPy scalars count as the Python type they hold.
+    """
+    if isinstance(annotation, types.UnionType):
+        return any(_fits(value, a) for a in get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    return True  # Literal fields are checked against their values
+
+
+def _type_name(annotation) -> str:
+    """int, float, bool, str or 'int or None' for a field's annotation."""
+    if isinstance(annotation, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(annotation))
+    return "None" if annotation is type(None) else annotation.__name__
 
 
 @dataclass
@@ -203,6 +235,11 @@ class LocMoEConfig:
             )
         for f in fields(self):
             value = getattr(self, f.name)
+            if get_origin(f.type) is not Literal and not _fits(value, f.type):
+                raise ConfigError(
+                    f"{f.name}={value!r} has type {type(value).__name__}, the field takes "
+                    f"{_type_name(f.type)}; give a value such as {f.default!r} (the default)"
+                )
             if get_origin(f.type) is Literal and value not in get_args(f.type):
                 raise ConfigError(f"{f.name}={value!r}; use one of {', '.join(get_args(f.type))}")
             if isinstance(value, float) and not math.isfinite(value):

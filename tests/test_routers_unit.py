@@ -304,6 +304,38 @@ def test_config_errors_name_value_and_fix(locmoe, overrides, message):
     assert message in str(e.value)
 
 
+@pytest.mark.parametrize(
+    "locmoe, message",
+    [
+        (dict(hash_seed=2.5), "hash_seed=2.5 has type float, the field takes int"),
+        (dict(hash_seed="3"), "hash_seed='3' has type str, the field takes int"),
+        (dict(hash_seed=True), "hash_seed=True has type bool, the field takes int"),
+        (dict(capacity_reestimate_interval=1.5), "takes int or None"),
+        (dict(grap_bias="no"), "grap_bias='no' has type str, the field takes bool"),
+        (dict(grap_learnable_temperature=1), "the field takes bool"),
+        (dict(locality_loss_coeff="0.1"), "locality_loss_coeff='0.1' has type str"),
+        (dict(aux_loss_coeff=True), "aux_loss_coeff=True has type bool, the field takes float"),
+        (dict(hash_token_counts=3), "hash_token_counts=3 has type int, the field takes str"),
+    ],
+)
+def test_config_type_errors_name_field_and_value(locmoe, message):
+    """A wrong type is refused with the field and the value: before, 2.5 passed as an int,
+    "no" as a bool (truthy: on) and a string mu raised a bare TypeError at the first compare."""
+    with pytest.raises(ConfigError) as e:
+        LocMoEConfig(**locmoe).validate()
+    assert message in str(e.value)
+
+
+def test_config_types_accept_what_they_did():
+    """An int where a float is expected, NumPy scalars, None for optional ints and bools for
+    fused_router (mapped to on/off) still pass."""
+    import numpy as np
+
+    LocMoEConfig(aux_loss_coeff=0, locality_loss_coeff=np.float32(0.1)).validate()
+    LocMoEConfig(hash_seed=np.int64(7), capacity_reestimate_interval=None).validate()
+    assert LocMoEConfig(fused_router=True).validate().fused_router == "on"
+
+
 def test_valid_configs_pass():
     LocMoEConfig(router_type="locmoe").validate(moe_config(ep=1))
     LocMoEConfig(router_type="locmoe", capacity_mode="bound").validate(
