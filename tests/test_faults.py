@@ -63,6 +63,43 @@ def test_a_damaged_shard_stops_every_rank_before_training(cluster_factory, corpu
     assert f"{shards[-1].name} does not match its checksum" in message
 
 
+REFUSED_SETTINGS = [
+    ("hash", 8, False, "saved with router locmoe, this run has router hash: resume with the "
+     "checkpoint's settings (--moe-router-type locmoe)"),
+    ("locmoe", 4, False, "saved with expert count 8, this run has expert count 4: resume "
+     "with the checkpoint's settings (--num-experts 8)"),
+    ("switch", 4, True, "saved with router locmoe, expert count 8, this run has router "
+     "switch, expert count 4"),
+]  # fmt: skip
+
+
+def test_a_checkpoint_of_other_settings_is_refused_in_one_line(cluster_factory, corpus, tmp_path):
+    """Resuming with another router trained on (hash: no parameters to miss) or failed with a
+    500-character KeyError (switch); another expert count with Megatron's shape traceback. The
+    checkpoint records the router, the expert count and the plugin version; both loads (resume
+    and --finetune's weights) refuse a mismatch naming both values and the fix."""
+    import json
+
+    from megatron_locmoe import __version__
+
+    cluster = cluster_factory(2)
+    settings, _ = _saved_checkpoint(cluster, corpus, tmp_path / "ckpt")
+    recorded = json.loads((tmp_path / "ckpt" / "iter_0000002" / "locmoe_settings.json").read_text())
+    assert recorded == dict(router_type="locmoe", num_experts=8, plugin_version=__version__)
+    settings.steps, settings.save_dir, settings.save_interval = 4, None, 0
+    for router_type, num_experts, weights_only, message in REFUSED_SETTINGS:
+        settings.locmoe, settings.num_experts = LocMoEConfig(router_type=router_type), num_experts
+        settings.load_dir = None if weights_only else str(tmp_path / "ckpt")
+        settings.init_weights_dir = str(tmp_path / "ckpt") if weights_only else None
+        with pytest.raises(ClusterJobError) as e:
+            cluster.run(train_job, settings, layout=LAYOUT)
+        text = str(e.value)
+        assert "were stopped" not in text  # every rank refused on its own
+        # rank 0's traceback ends with it, the other ranks' summary repeats it: one message
+        (line,) = {ln.split("ValueError: ", 1)[1] for ln in text.splitlines() if message in ln}
+        assert "start fresh without --load (another --save directory)" in line
+
+
 def nan_input_job(ctx, router_type, check):
     from megatron_locmoe.routers import router_builder
 

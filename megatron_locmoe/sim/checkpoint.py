@@ -10,16 +10,23 @@ written with the torch_dist strategy into ``DIR/iter_XXXXXXX`` next to Megatron'
 ``latest_checkpointed_iteration.txt`` tracker file. Under pipeline parallelism each rank
 holds its stage's model chunks (``model``, or ``model0``, ``model1``, ... with virtual stages,
 as Megatron names them); the sharded keys are global (layer and expert offsets), so a
-checkpoint loads into any pipeline and expert layout.
+checkpoint loads into any pipeline and expert layout. Beside the files, ``locmoe_settings.json``
+records the router type, the expert count and the plugin version; both loads compare them with
+the model first, so another router or expert count is refused in one line rather than with
+Megatron's KeyError or shape traceback (or, for routers without parameters, not at all).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
 
 
 def _paths(root: str | os.PathLike, iteration: int | None = None) -> tuple[Path, Path | None]:
@@ -171,6 +178,71 @@ def _sharded_state(chunks: list, optimizer, iteration: int, is_loading: bool) ->
     }
 
 
+SETTINGS = "locmoe_settings.json"
+"""The plugin settings a checkpoint was saved with (``model_settings``), written by ``save``
+before the checksums (so they cover it); absent from checkpoints of older versions."""
+
+
+def model_settings(chunks: list) -> dict:
+    """What a checkpoint must match to load into these model chunks: the router type (the
+    ``--moe-router-type`` key of the first router found, Megatron's own TopKRouter counting as
+    megatron; None on a pipeline stage without MoE layers), the expert count and the plugin
+    version (megatron_locmoe.__version__)."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    from megatron_locmoe import __version__
+    from megatron_locmoe.routers import ROUTERS
+
+    plugin_routers = tuple(ROUTERS.values())
+    router = None
+    for module in (m for chunk in chunks for m in chunk.modules()):
+        if isinstance(module, plugin_routers):
+            router = type(module).name  # the most derived: locmoe_plus, not locmoe
+        elif isinstance(module, TopKRouter):
+            router = "megatron"
+        if router is not None:
+            break
+    config = getattr(chunks[0], "config", None)
+    return {
+        "router_type": router,
+        "num_experts": getattr(config, "num_moe_experts", None),
+        "plugin_version": __version__,
+    }
+
+
+def _check_settings(chunks: list, path: Path) -> None:
+    """Refuse a checkpoint saved with another router type or expert count, naming both values
+    and the fix; a different plugin version is only logged (the state format is Megatron's)."""
+    saved_file = path / SETTINGS
+    if not saved_file.is_file():
+        return  # saved before the settings were recorded
+    saved, mine = json.loads(saved_file.read_text()), model_settings(chunks)
+    differ = []
+    for key, flag, what in (
+        ("router_type", "--moe-router-type", "router"),
+        ("num_experts", "--num-experts", "expert count"),
+    ):
+        if None not in (saved.get(key), mine[key]) and saved.get(key) != mine[key]:
+            differ.append((flag, what, saved[key], mine[key]))
+    if differ:
+        was = ", ".join(f"{what} {old}" for _, what, old, _ in differ)
+        now = ", ".join(f"{what} {new}" for _, what, _, new in differ)
+        same = " ".join(f"{flag} {old}" for flag, _, old, _ in differ)
+        raise ValueError(
+            f"checkpoint {path} was saved with {was}, this run has {now}: resume with the "
+            f"checkpoint's settings ({same}), or start fresh without --load (another --save "
+            "directory)"
+        )
+    version = saved.get("plugin_version")
+    if version != mine["plugin_version"] and dist.get_rank() == 0:
+        logger.warning(
+            "checkpoint %s was saved by megatron_locmoe %s, this is %s",
+            path,
+            version,
+            mine["plugin_version"],
+        )
+
+
 def save(chunks: list, optimizer, iteration: int, root: str | os.PathLike) -> Path:
     """Write the model chunks, optimizer and RNG state of ``iteration`` (collective over all
     ranks)."""
@@ -183,6 +255,7 @@ def save(chunks: list, optimizer, iteration: int, root: str | os.PathLike) -> Pa
     dist_checkpointing.save(_sharded_state(chunks, optimizer, iteration, False), str(path))
     dist.barrier()
     if dist.get_rank() == 0:  # the files are all written: their checksums, then the tracker
+        (path / SETTINGS).write_text(json.dumps(model_settings(chunks), indent=1))
         _write_checksums(path)
         tracker.write_text(str(iteration))
     dist.barrier()
@@ -285,6 +358,7 @@ def load(chunks: list, optimizer, root: str | os.PathLike) -> int | None:
     if iteration is None:
         return None
     path = _checked_path(root, iteration)
+    _all_ranks_succeed(f"checking {path}", lambda: _check_settings(chunks, path))
 
     def restore() -> int:
         sharded = _sharded_state(chunks, optimizer, iteration, True)
@@ -306,6 +380,7 @@ def load_model_weights(chunks: list, root: str | os.PathLike) -> int:
     if iteration is None:
         raise FileNotFoundError(f"no checkpoint under {root} to take the model weights from")
     path = _checked_path(root, iteration)
+    _all_ranks_succeed(f"checking {path}", lambda: _check_settings(chunks, path))
 
     def restore() -> None:
         models = _model_state(chunks)
