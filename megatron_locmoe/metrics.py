@@ -28,8 +28,15 @@ TOKENS_DROPPED = "tokens_dropped"
 EXPERT_CAPACITY = "expert_capacity"
 CAPACITY_DELTA = "capacity_delta"
 CAPACITY_EC_MIN = "capacity_ec_min"
-"""LocMoE's lower bound on expert capacity, in tokens; inf where the bound exceeds every
-capacity (the tail probability underflows), never a stand-in number."""
+"""LocMoE's lower bound on expert capacity, in tokens, as logged: capped at the capacity the
+batch ran with. Below or inside [floor, ceiling] the bound is at most that capacity (C =
+clamp(ceil(m * bound), floor, ceiling), m >= 1), so the value is the bound itself; a bound above
+the ceiling (up to inf, where the tail probability underflows: tokens all along their gate
+rows, e.g. every token on one expert) is logged as the ceiling it ran at, so the metric equals
+``expert_capacity`` exactly when the bound asks for the ceiling or more. Finite, so the layer
+and rank averages and the JSON records stay numbers; the router's own state
+(``capacity_ec_min`` buffer, checkpoints) keeps the uncapped bound. Without a capacity (0) the
+value is logged as it is."""
 EXPERT_CHOICE = "expert_choice"
 """1 where the capacity schedule is in its expert-choice phase (locmoe_plus: the adaptive
 capacity binds below the capacity-factor ceiling), 0 otherwise (token choice at the ceiling, or

@@ -75,6 +75,52 @@ def test_the_floor_decides_a_fractional_capacity_in_the_router(cluster2):
     assert cluster2.run(bound_capacity_job, 32, 0.5, layout=layout) == [2, 2]  # 2.0 exactly
 
 
+def collapsed_routing_metrics_job(ctx, router_type: str, fused_router: bool) -> list[dict]:
+    """The metrics a router records when every token lies along gate row 0 (the fixed GrAP
+    gate's chunk 0): all pick expert 0, delta = 1 and LocMoE's bound is infinite."""
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    from megatron_locmoe.routers import router_builder
+
+    ctx.topology()
+    tc = moe_config(ep=2, num_moe_experts=8, moe_router_topk=1, moe_expert_capacity_factor=1.0)
+    lm = LocMoEConfig(router_type=router_type, capacity_mode="bound", fused_router=fused_router)
+    router = router_builder(lm)(config=tc, pg_collection=get_default_pg_collection())
+    router.set_layer_number(1)
+    x = torch.zeros(12, 1, tc.hidden_size)
+    x[..., : tc.hidden_size // 8] = 1.0
+    seen = []
+    for _ in range(2):  # the estimating call, then one with the kept estimate
+        get_moe_metrics_tracker().clear()
+        _, routing_map = router(x.requires_grad_(True))
+        seen.append({n: float(m.values[0]) for n, m in get_moe_metrics_tracker().metrics.items()})
+        seen[-1]["per_expert"] = routing_map.sum(0).tolist()
+        seen[-1]["bound"] = float(router.capacity_ec_min)
+    return seen
+
+
+@pytest.mark.parametrize("router_type", ["locmoe", "locmoe_plus"])
+def test_the_capacity_bound_is_logged_finite_when_every_token_picks_one_expert(
+    cluster2, router_type
+):
+    """capacity_ec_min logged inf (JSON 'Infinity', an inf layer average) when every token
+    picked one expert; now capped at the batch's capacity (the ceiling: the bound asks more),
+    on the reference and the fused path, while the router keeps the uncapped bound."""
+    from megatron_locmoe.sim.cluster import ParallelLayout
+
+    layout = ParallelLayout(devices_per_node=1, ep=2)
+    for fused in (False, True):
+        for rank in cluster2.run(collapsed_routing_metrics_job, router_type, fused, layout=layout):
+            for seen in rank:
+                assert seen["per_expert"][0] == seen["expert_capacity"] == 2  # ceil(12 / 8)
+                assert seen["capacity_delta"] == 1.0 and seen["bound"] == math.inf
+                assert all(
+                    math.isfinite(v) for k, v in seen.items() if k != "per_expert" and k != "bound"
+                )
+                assert seen["capacity_ec_min"] == seen["expert_capacity"]
+
+
 def test_clamp_capacity():
     assert capacity.clamp_capacity(2.3, floor=10, ceiling=100) == 10
     assert capacity.clamp_capacity(57.2, floor=10, ceiling=100) == 58

@@ -114,14 +114,18 @@ def router_metric_vector(
     """The plugin's router metrics (``metrics.ROUTER_METRICS`` order) as one fp32 vector, so a
     layer records them with one tracker write."""
     real_TE = routing_map_TE & (probs_TE > 0)  # padding-to-capacity slots carry prob 0
+    capacity_ = _scalar(capacity, probs_TE.device)
+    ec_min_ = ec_min.detach().double()
+    # capped at the batch's capacity (metrics.CAPACITY_EC_MIN): inf above the ceiling -> ceiling
+    ec_min_ = torch.where(capacity_ > 0, torch.minimum(ec_min_, capacity_), ec_min_)
     values = (
         locality_loss.detach().double(),
         node_local_fraction(real_TE, expert_is_local_E),
         load_cv(real_TE.sum(0)),
         dropped.double(),
-        _scalar(capacity, probs_TE.device),
+        capacity_,
         delta.detach().double().clamp_min(0.0),
-        ec_min.detach().double(),  # inf when the bound exceeds any capacity: logged as inf
+        ec_min_,
         _scalar(expert_choice, probs_TE.device),
     )
     return torch.stack(values).float()

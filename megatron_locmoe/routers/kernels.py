@@ -410,6 +410,8 @@ if HAVE_TRITON:
         cv = tl.sqrt(tl.sum(dev * dev, axis=0) / E) / tl.maximum(mean_load, 1e-30)
         delta = tl.maximum(tl.load(delta_ptr), 0.0).to(tl.float32)
         ec_min = tl.load(ecmin_ptr).to(tl.float32)  # inf when the bound exceeds any capacity
+        # logged capped at the batch's capacity (metrics.CAPACITY_EC_MIN), as fused.py does
+        ec_min = tl.where(capacity_value > 0, tl.minimum(ec_min, capacity_value), ec_min)
         tl.store(out_ptr + 0, attached)
         tl.store(out_ptr + 1, aux)
         # the metrics, each in its ROUTER_METRICS slot
