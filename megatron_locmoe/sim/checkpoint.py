@@ -210,9 +210,21 @@ def model_settings(chunks: list) -> dict:
     }
 
 
-def _check_settings(chunks: list, path: Path) -> None:
+def _related_routers(a: str, b: str) -> bool:
+    """Whether one router type's class derives from the other's (locmoe_plus from locmoe): the
+    same parameters and buffers, so the weights of one start the other."""
+    from megatron_locmoe.routers import ROUTERS
+
+    if a not in ROUTERS or b not in ROUTERS:
+        return False
+    return issubclass(ROUTERS[a], ROUTERS[b]) or issubclass(ROUTERS[b], ROUTERS[a])
+
+
+def _check_settings(chunks: list, path: Path, weights_only: bool = False) -> None:
     """Refuse a checkpoint saved with another router type or expert count, naming both values
-    and the fix; a different plugin version is only logged (the state format is Megatron's)."""
+    and the fix; a different plugin version is only logged (the state format is Megatron's).
+    ``weights_only`` (starting from a checkpoint's weights, --finetune): a router whose class
+    derives from the saved one's, or the other way round, may start from it."""
     saved_file = path / SETTINGS
     if not saved_file.is_file():
         return  # saved before the settings were recorded
@@ -222,8 +234,11 @@ def _check_settings(chunks: list, path: Path) -> None:
         ("router_type", "--moe-router-type", "router"),
         ("num_experts", "--num-experts", "expert count"),
     ):
-        if None not in (saved.get(key), mine[key]) and saved.get(key) != mine[key]:
-            differ.append((flag, what, saved[key], mine[key]))
+        if None in (saved.get(key), mine[key]) or saved.get(key) == mine[key]:
+            continue
+        if key == "router_type" and weights_only and _related_routers(saved[key], mine[key]):
+            continue
+        differ.append((flag, what, saved[key], mine[key]))
     if differ:
         was = ", ".join(f"{what} {old}" for _, what, old, _ in differ)
         now = ", ".join(f"{what} {new}" for _, what, _, new in differ)
@@ -380,7 +395,7 @@ def load_model_weights(chunks: list, root: str | os.PathLike) -> int:
     if iteration is None:
         raise FileNotFoundError(f"no checkpoint under {root} to take the model weights from")
     path = _checked_path(root, iteration)
-    _all_ranks_succeed(f"checking {path}", lambda: _check_settings(chunks, path))
+    _all_ranks_succeed(f"checking {path}", lambda: _check_settings(chunks, path, weights_only=True))
 
     def restore() -> None:
         models = _model_state(chunks)
