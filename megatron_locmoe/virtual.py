@@ -90,10 +90,6 @@ class VirtualCluster:
             ep_rank=rank % self.ep_size,
         )
 
-    def node(self, rank: int) -> int:
-        """Node (within its EP group) of a virtual rank: what decides its local experts."""
-        return self.topology(rank).node
-
     def expert_is_local(self, num_experts: int) -> torch.Tensor:
         """``[V, E]`` bool: experts on each virtual rank's node (within its EP group)."""
         rows = []
@@ -299,9 +295,3 @@ def enter(model: torch.nn.Module, rank: int) -> None:
     every plugin router and MoE layer of it switches to that rank's node and state."""
     for module in _participants(model):
         module.enter_virtual_rank(rank)
-
-
-def rank_of_micro_batch(index: int, cluster: VirtualCluster) -> int:
-    """The virtual rank of the ``index``-th micro-batch of a run (counted from 0 at an
-    iteration boundary): Megatron's sampler order, data-parallel rank fastest."""
-    return index % cluster.ranks

@@ -46,12 +46,20 @@ pip_download() {  # manylinux cp312 wheels, whatever the interpreter here
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$@"
 }
 
+pip_index() {  # the index pip is configured with (pip config, PIP_INDEX_URL), else pip's default
+  local index
+  index=${PIP_INDEX_URL:-$(python3 -m pip config get global.index-url 2>/dev/null || true)}
+  [ -n "$index" ] || index=$(python3 -c 'from pip._internal.models.index import PyPI; print(PyPI.simple_url)')
+  echo "${index%/}"
+}
+
 cmd_download() {
   mkdir -p "$WHL/te" "$WHL/te_parts"
   pip_download "$WHL/te" "${SMALL[@]}"
   if [ ! -f "$WHL/te/$SDIST" ]; then  # sdist only; pip download would try to build it here
-    local url
-    url=$(curl -fsS "https://pypi.org/simple/transformer-engine-torch/" |
+    local index url
+    index=$(pip_index)
+    url=$(curl -fsS "$index/transformer-engine-torch/" |
       grep -o "https://[^\"#]*/$SDIST" | head -1)
     [ -n "$url" ] || die "no $SDIST on the package index"
     curl -fsS -o "$WHL/te/$SDIST" "$url"

@@ -322,7 +322,7 @@ def _step_batches(data, settings: TrainSettings, step: int, num_microbatches: in
 def _virtual_step_batches(data_of_rank, settings, step, num_microbatches, cluster) -> list:
     """Every virtual rank's micro-batches of ``step``, each tagged with its rank, in the order
     one device runs them: micro step j of ranks 0..V-1, then j + 1 (micro-batch i belongs to
-    virtual rank i mod V, ``virtual.rank_of_micro_batch``). ``data_of_rank(r)``: the dataset
+    virtual rank i mod V, as Megatron's sampler orders data-parallel ranks). ``data_of_rank(r)``: the dataset
     virtual rank r reads (its node's, with per-node data), indexed as a real rank r would."""
     V = cluster.ranks
     per_rank = [
