@@ -27,6 +27,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchutil  # noqa: E402
+import trace_summary  # noqa: E402
 
 HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
 
@@ -57,14 +58,17 @@ LINE = re.compile(
 )
 
 
-def run(name: str, argv: list[str], logs: str | None) -> dict:
+def run(name: str, argv: list[str], logs: str | None, profiled: int = 0) -> dict:
+    """One training run; its speed is the median of the steps after the first two, less the
+    last ``profiled`` (the profiler's warm-up and active steps run slower)."""
     stdout, seconds = benchutil.run_pretrain_gpt(name, argv, logs)
     points = [
         (int(i), float(ms), float(tf), float(loss)) for i, ms, tf, loss in LINE.findall(stdout)
     ]
     if not points:
         raise RuntimeError(f"{name}: no iteration lines in its log:\n{stdout[-3000:]}")
-    steady = [p for p in points if p[0] > 2] or points[-1:]  # the first iterations warm up
+    last = points[-1][0] - profiled
+    steady = [p for p in points if 2 < p[0] <= last] or points[-1:]  # the first ones warm up
     return {
         "ms_per_iter": statistics.median(p[1] for p in steady),
         "tflops": statistics.median(p[2] for p in steady),
@@ -99,6 +103,13 @@ def main() -> None:
     )
     p.add_argument("--out", default=None)
     p.add_argument("--logs", default=None)
+    p.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="profile the last step of each arm with PyTorch's profiler (Megatron's --profile) "
+        "and add where its time went (benchmarks/trace_summary.py) to the record; traces in DIR",
+    )
     a = p.parse_args()
     nodes, gpus = (int(x) for x in a.cluster.lower().split("x"))
     ranks = nodes * gpus
@@ -124,6 +135,13 @@ def main() -> None:
     virtual = ["--locmoe-virtual-cluster", a.cluster, "--locmoe-virtual-ep-size", str(a.ep_size)]
     arms = {"plain": common, "virtual": [*common, *virtual]}
     arms = {name: arms[name] for name in a.arms}
+    if a.profile:
+        for name in arms:
+            arms[name] = [
+                *arms[name],
+                *f"--profile --use-pytorch-profiler --profile-step-start {a.steps - 1}".split(),
+                *f"--profile-step-end {a.steps} --tensorboard-dir {a.profile}/{name}/tb".split(),
+            ]
     import megatron.core
     import torch
 
@@ -141,7 +159,10 @@ def main() -> None:
     rounds: dict[str, list[dict]] = {}
     for _ in range(a.rounds):
         for name, argv in arms.items():
-            rounds.setdefault(name, []).append(run(name, argv, a.logs))
+            rounds.setdefault(name, []).append(run(name, argv, a.logs, 2 if a.profile else 0))
+            if a.profile:
+                trace = os.path.join(a.profile, name, "torch_profile", "rank-0.json.gz")
+                rounds[name][-1]["profile"] = trace_summary.summarise(trace_summary._load(trace))
             for arm, runs in rounds.items():
                 ms = statistics.median(r["ms_per_iter"] for r in runs)
                 tflops = statistics.median(r["tflops"] for r in runs)
