@@ -186,8 +186,8 @@ def validate_locmoe_args(args) -> LocMoEConfig:
     if args.num_experts is None:
         if changes:
             raise ConfigError(
-                f"--moe-router-type {cfg.router_type} / --locmoe-dispatcher {cfg.dispatcher} "
-                "need an MoE model: set --num-experts"
+                f"--moe-router-type {cfg.router_type} / --locmoe-dispatcher {cfg.dispatcher} / "
+                f"--locmoe-attention {cfg.attention} need an MoE model: set --num-experts"
             )
         return cfg.validate()
     cfg.validate(_transformer_view(args))  # the model's own MoE settings too (top-k >= 1, ...)
@@ -204,6 +204,11 @@ def validate_locmoe_args(args) -> LocMoEConfig:
             from megatron_locmoe.routers.hash import load_token_counts
 
             load_token_counts(cfg.hash_token_counts, getattr(args, "vocab_size", None))
+    if cfg.attention == "sdpa" and getattr(args, "reset_attention_mask", False):
+        raise ConfigError(
+            "--locmoe-attention sdpa masks causally by position, not by document: drop "
+            "--reset-attention-mask or --locmoe-attention sdpa"
+        )
     from megatron_locmoe.spec import check_local_cuda_graphs
 
     check_local_cuda_graphs(_transformer_view(args))  # also at model build, for spec users

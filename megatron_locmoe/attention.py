@@ -1,4 +1,4 @@
-"""Context-parallel core attention for the local spec (any device, any backend).
+"""Core attentions for the local spec (any device, any backend): context-parallel, and SDPA.
 
 Megatron's local ``DotProductAttention`` refuses ``context_parallel_size > 1`` (only TE's
 attention has CP), so without Transformer Engine (CPU, NPU) CP could not build. Here each CP
@@ -14,15 +14,18 @@ r and 2 cp - 1 - r, in that order: with cp = 2, rank 0 holds positions [0, C) + 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
 
 import torch
-from megatron.core import parallel_state
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
+from megatron_locmoe.config import ConfigError, sdpa_attention_unsupported
 from megatron_locmoe.dispatch.collectives import all_gather_v, reorder_chunks
 
 
@@ -106,17 +109,85 @@ class ContextParallelDotProductAttention(DotProductAttention):
         )
 
 
-def with_context_parallel_attention(block_spec, config):
-    """A copy of a decoder block spec whose local DotProductAttention is the CP one, when
-    ``config`` has CP > 1 (TE's own attention has CP and is left alone); else unchanged."""
-    if config.context_parallel_size == 1:
-        return block_spec
+class SDPAttention(DotProductAttention):
+    """Megatron's local core attention computed by ``torch.nn.functional.
+    scaled_dot_product_attention``: the same function of query, key and value (scale, causal
+    mask, grouped-query heads, attention dropout under Megatron's RNG tracker), without the
+    [b, n, s, s] scores in memory where the device has a fused kernel (flash, cuDNN or
+    memory-efficient attention on CUDA; the math fallback elsewhere).
+
+    A causal layer masks by position, as TE's attention does with a causal mask type: the mask
+    the data loader passes is the causal one unless --reset-attention-mask, which the plugin's
+    arguments refuse with this attention. A layer of another mask type uses the mask it is given
+    (Megatron's convention: True = masked)."""
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, *args, **kwargs):
+        refused = sdpa_attention_unsupported(config)
+        if refused:
+            raise ConfigError(
+                f"--locmoe-attention sdpa does not run with {', '.join(refused)}: "
+                "drop --locmoe-attention sdpa"
+            )
+        super().__init__(config, layer_number, attn_mask_type, attention_type, *args, **kwargs)
+        # the parent divides its scale by the layer number for query-key layer scaling and
+        # multiplies the scores by it again in the softmax: the net scale is the unscaled one
+        layer_scaling = self.layer_number if config.apply_query_key_layer_scaling else 1
+        self.sdpa_scale = self.softmax_scale * layer_scaling
+
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        attention_mask,
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params=None,
+        **kwargs,
+    ):
+        if packed_seq_params is not None or attention_bias is not None:
+            raise ValueError(
+                "--locmoe-attention sdpa takes neither packed sequences nor an attention bias "
+                "(as Megatron's local attention): use --transformer-impl transformer_engine"
+            )
+        sq, b = query.shape[:2]
+        causal = (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal
+        if causal and key.shape[0] != sq:
+            raise ValueError(
+                f"causal SDPA attention over {sq} queries and {key.shape[0]} keys (a KV cache): "
+                "--locmoe-attention sdpa is for training; use Megatron's attention to infer"
+            )
+        mask = None if causal or attention_mask is None else ~attention_mask
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, n, s, d]
+        dropout = self.attention_dropout.p if self.training else 0.0
+        rng = (
+            tensor_parallel.get_cuda_rng_tracker().fork()
+            if dropout and not self.config.sequence_parallel
+            else contextlib.nullcontext()
+        )
+        with rng:
+            context = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=dropout,
+                is_causal=causal,
+                scale=self.sdpa_scale,
+                enable_gqa=q.shape[1] != k.shape[1],
+            )
+        # [b, n, sq, d] -> [sq, b, n * d]
+        return context.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+
+def _with_core_attention(block_spec, attention_class):
+    """A copy of a decoder block spec whose local DotProductAttention is ``attention_class``."""
     layer_specs = []
     for layer_spec in block_spec.layer_specs:
         attn = getattr(layer_spec.submodules, "self_attention", None)
         sub = getattr(attn, "submodules", None)
         if getattr(sub, "core_attention", None) is DotProductAttention:
-            sub = dataclasses.replace(sub, core_attention=ContextParallelDotProductAttention)
+            sub = dataclasses.replace(sub, core_attention=attention_class)
             attn = dataclasses.replace(attn, submodules=sub)
             layer_spec = dataclasses.replace(
                 layer_spec,
@@ -124,3 +195,14 @@ def with_context_parallel_attention(block_spec, config):
             )
         layer_specs.append(layer_spec)
     return dataclasses.replace(block_spec, layer_specs=layer_specs)
+
+
+def with_local_core_attention(block_spec, config, attention: str = "megatron"):
+    """A copy of a decoder block spec with the local spec's core attention the run needs: the
+    CP one when ``config`` has CP > 1, SDPA with ``attention == "sdpa"`` (TE's own attention,
+    which has both, is left alone); else unchanged."""
+    if config.context_parallel_size > 1:
+        return _with_core_attention(block_spec, ContextParallelDotProductAttention)
+    if attention == "sdpa":
+        return _with_core_attention(block_spec, SDPAttention)
+    return block_spec

@@ -26,6 +26,31 @@ def grouped_experts_unsupported(transformer_config) -> list[str]:
     ]
 
 
+def sdpa_attention_unsupported(transformer_config) -> list[str]:
+    """The settings the plugin's SDPA core attention (torch's scaled_dot_product_attention) does
+    not run with; empty if none."""
+    tc = transformer_config
+    return [
+        why
+        for why, bad in (
+            (
+                "--transformer-impl transformer_engine (TE's own fused attention runs there)",
+                getattr(tc, "transformer_impl", "local") == "transformer_engine",
+            ),
+            (
+                "--context-parallel-size > 1 (the local spec's CP attention runs there)",
+                getattr(tc, "context_parallel_size", 1) > 1,
+            ),
+            ("sliding-window attention (--window-size)", getattr(tc, "window_size", None)),
+            (
+                f"--softmax-type {getattr(tc, 'softmax_type', 'vanilla')}",
+                getattr(tc, "softmax_type", "vanilla") != "vanilla",
+            ),
+        )
+        if bad
+    ]
+
+
 def router_names() -> tuple[str, ...]:
     """The router types, from the routers' registry (the one list)."""
     from megatron_locmoe.routers import ROUTERS
@@ -166,6 +191,14 @@ class LocMoEConfig:
     TE and --moe-grouped-gemm; else grouped for the plugin's routers (and for Megatron's with
     --moe-grouped-gemm) where the model allows it; else loop."""
 
+    # ---- attention ---------------------------------------------------------------------------
+    attention: Literal["megatron", "sdpa"] = "megatron"
+    """Core attention of the local spec (--transformer-impl local). megatron: Megatron's
+    DotProductAttention (the [b, n, s, s] scores in memory, softmax apart). sdpa: torch's
+    scaled_dot_product_attention (flash / cuDNN / efficient kernels where the device has them,
+    any device), the same function of the inputs, causal masks only; for runs without
+    Transformer Engine (with TE, TE's attention runs)."""
+
     # ---- checks ------------------------------------------------------------------------------
     check_router_input: bool = False
     """Stop with the layer and the rank when a router's input holds a non-finite value (one
@@ -224,6 +257,7 @@ class LocMoEConfig:
             or self.dispatcher == "hierarchical"
             or self.wants_grouped_experts(moe_grouped_gemm)
             or self.virtual_cluster is not None
+            or self.attention != "megatron"
         )
 
     def validate(self, transformer_config=None) -> "LocMoEConfig":
@@ -430,6 +464,12 @@ class LocMoEConfig:
             raise ConfigError(
                 f"grouped experts (torch._grouped_mm) do not support {', '.join(unsupported)}: "
                 "pass --disable-bias-linear and drop fp8/fp4, or use --locmoe-experts loop"
+            )
+        unsupported = sdpa_attention_unsupported(tc) if self.attention == "sdpa" else []
+        if unsupported:
+            raise ConfigError(
+                f"--locmoe-attention sdpa does not run with {', '.join(unsupported)}: "
+                "drop --locmoe-attention sdpa"
             )
         if self.virtual_cluster is not None:
             self._validate_virtual_against(tc)

@@ -18,7 +18,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.transformer_layer import MoETransformerLayer, TransformerLayer
 
-from megatron_locmoe.attention import with_context_parallel_attention
+from megatron_locmoe.attention import with_local_core_attention
 from megatron_locmoe.config import ConfigError, LocMoEConfig
 from megatron_locmoe.layer import LocMoELayer, locmoe_mlp_builder
 from megatron_locmoe.resolve import Resolution, layer_resolution
@@ -123,7 +123,8 @@ def locmoe_block_spec(model_config, vp_stage=None):
         qk_l2_norm=cfg.qk_l2_norm,
         vp_stage=vp_stage,
     )
-    block = with_context_parallel_attention(block, cfg)  # local spec, CP > 1 only
+    # local spec: CP > 1, or --locmoe-attention sdpa
+    block = with_local_core_attention(block, cfg, locmoe.attention)
     if not plugin_active(locmoe, cfg):
         return block
     check_local_cuda_graphs(cfg)

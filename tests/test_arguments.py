@@ -399,3 +399,10 @@ def test_local_graphs_of_the_router_parse(megatron_args):
         "moe_router",
     )  # fmt: skip
     assert [getattr(m, "name", m) for m in args.cuda_graph_modules] == ["moe_router"]
+
+
+def test_sdpa_attention_refuses_reset_attention_mask(megatron_args):
+    parse, _ = megatron_args
+    parse("--moe-router-type", "locmoe", "--locmoe-attention", "sdpa")
+    with pytest.raises(ConfigError, match="reset-attention-mask"):
+        parse("--moe-router-type", "locmoe", "--locmoe-attention", "sdpa", "--reset-attention-mask")

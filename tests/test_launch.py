@@ -800,9 +800,7 @@ def test_cpu_sim_flags_map_onto_the_cpu_loop(tmp_path):
     assert settings.progress_path == str(tmp_path / "cpu-sim" / "cpu-sim" / "progress.jsonl")
 
 
-def test_cpu_loop_takes_pipeline_tensor_and_context_parallel_layouts(
-    tmp_path, monkeypatch
-):
+def test_cpu_loop_takes_pipeline_tensor_and_context_parallel_layouts(tmp_path, monkeypatch):
     """PP (with virtual stages) and TP (with sequence parallelism) map onto the CPU loop's
     layout, micro-batches accumulating up to the global batch; so does CP (local spec only:
     TE's CP attention needs CUDA)."""

@@ -64,7 +64,12 @@ CASES = {
     "plus_long_row": (700, 32, 4, 1, torch.float32, dict(capacity=150, affinity=True, twins=True)),
     # the drop streaming its rows in strips (as beyond 16K tokens): ties across strips
     "plus_streamed": (
-        700, 32, 4, 1, torch.float32, dict(capacity=151, affinity=True, twins=True, rows=256)
+        700,
+        32,
+        4,
+        1,
+        torch.float32,
+        dict(capacity=151, affinity=True, twins=True, rows=256),
     ),  # an odd capacity splits a pair of twins: one kept, one dropped
     "bound_streamed_top2": (300, 64, 8, 2, torch.float32, dict(capacity=41, twins=True, rows=64)),
     # top-3 of 4 experts: negative affinities among the routed, so their order counts
@@ -73,7 +78,12 @@ CASES = {
     # threshold is decided in its low digits
     "bound_close_probs": (200, 64, 8, 1, torch.float32, dict(capacity=17, x_scale=1e-4)),
     "plus_close_affinities_top2": (
-        150, 64, 8, 2, torch.float32, dict(capacity=23, affinity=True, x_scale=1e-3)
+        150,
+        64,
+        8,
+        2,
+        torch.float32,
+        dict(capacity=23, affinity=True, x_scale=1e-3),
     ),
 }
 
