@@ -50,8 +50,10 @@ TE's own TEGroupedMLP at 64 experts trained this model at 24 TFLOP/s on an H100 
 docs/transformer_engine.md measured its layer (400+ kernels per call)."""
 LOCAL_FLAGS = (
     "--transformer-impl local --no-persist-layer-norm --no-masked-softmax-fusion "
-    "--no-gradient-accumulation-fusion --no-rope-fusion"
+    "--no-gradient-accumulation-fusion --no-rope-fusion --locmoe-attention sdpa"
 )
+"""Without TE: the plugin's SDPA attention (flash / cuDNN kernels through torch) and grouped
+experts (the default for the plugin's routers), torch's Adam."""
 LINE = re.compile(
     r"iteration\s+(\d+)/\s*\d+ .*?elapsed time per iteration \(ms\): ([\d.]+)"
     r".*?throughput per GPU \(TFLOP/s/GPU\): ([\d.]+).*?lm loss: ([\d.E+-]+)"
