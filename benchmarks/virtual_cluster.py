@@ -164,7 +164,11 @@ def main() -> None:
             rounds.setdefault(name, []).append(run(name, argv, a.logs, 2 if a.profile else 0))
             if a.profile:
                 trace = os.path.join(a.profile, name, "torch_profile", "rank-0.json.gz")
-                rounds[name][-1]["profile"] = trace_summary.summarise(trace_summary._load(trace))
+                rounds[name][-1]["profile"] = (
+                    trace_summary.summarise(trace_summary._load(trace))
+                    if os.path.exists(trace)
+                    else f"no trace at {trace}"
+                )
             for arm, runs in rounds.items():
                 ms = statistics.median(r["ms_per_iter"] for r in runs)
                 tflops = statistics.median(r["tflops"] for r in runs)
