@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import queue
 from collections.abc import Callable
 
 from megatron_locmoe.adaptor.registry import REGISTRY, Patch, resolve
@@ -23,6 +24,7 @@ from megatron_locmoe.adaptor.shims import (
     maybe_move_tensor_to_cpu,
     no_cuda_arch,
     pos_emb_on_this_cp_rank,
+    recording_write_errors,
     tied_embedding_setup_on_host,
     torch_norm_with_sequence_parallel,
 )
@@ -290,6 +292,40 @@ for _target in _COMPILED_ON_MOE_PATH:
             devices=frozenset({"cpu"}),
         )
     )
+
+
+# The CPU loop saves synchronously (sim.checkpoint.save): the write runs in the rank itself, so
+# the queue it reports through needs no process. Megatron's default is a multiprocessing
+# Manager's queue, a server process per rank (~670 MB, forked state) that outlived its rank when
+# a scheduler signalled every process, and died on that signal before a final save could use it.
+REGISTRY.register(
+    Patch(
+        target="megatron.core.dist_checkpointing.strategies.filesystem_async._results_queue",
+        why=(
+            "the write-results queue of torch_dist saves, created on first use as a "
+            "multiprocessing Manager (a server process per rank); a synchronous save writes in "
+            "the rank itself, so a thread-safe queue.Queue serves, and no process is left behind "
+            "or killed by a signal meant for the rank (async saves are refused on the CPU)."
+        ),
+        make=lambda device: queue.Queue(),
+        devices=frozenset({"cpu"}),
+    )
+)
+
+
+_WRITE = "megatron.core.dist_checkpointing.strategies.filesystem_async.FileSystemWriterAsync"
+REGISTRY.register(
+    Patch(
+        target=f"{_WRITE}.write_preloaded_data",
+        why=(
+            "a failed shard write (disk full, quota, permissions) reaches the caller only as "
+            "'Worker failure ... error: <class 'OSError'>'; the same write, its OS error also "
+            "kept with the file's path (shims.WRITE_ERRORS), so the CPU loop's save names it."
+        ),
+        make=recording_write_errors(f"{_WRITE}.write_preloaded_data"),
+        devices=frozenset({"cpu"}),
+    )
+)
 
 
 # ---- Megatron's training side: flags, validation, config (every device) ----------------------

@@ -262,3 +262,30 @@ def pos_emb_on_this_cp_rank(pos_emb: torch.Tensor, seq_dim: int, cp_group) -> to
         )
     rows = cp_positions(seq_len // cp_size, cp_size, cp_rank, pos_emb.device)
     return pos_emb.index_select(seq_dim, rows)
+
+
+WRITE_ERRORS: list[OSError] = []
+"""OS errors of this process's torch_dist file writes, each with the file's path, oldest first
+(Megatron's writer reports only the error's class: ``Worker failure ... <class 'OSError'>``).
+Whoever saves clears it first and reads it when the save fails (``sim.checkpoint.save``)."""
+
+
+def recording_write_errors(target: str) -> Callable[[DeviceChoice], Callable]:
+    """A ``make`` for FileSystemWriterAsync.write_preloaded_data: the same write, and an OS
+    error it returns (as ``(worker, error)``) also kept in ``WRITE_ERRORS`` with its path."""
+
+    def make(device: DeviceChoice) -> Callable:
+        original = resolve(target)
+
+        def write_preloaded_data(transform_list, *args, **kwargs):
+            out = original(transform_list, *args, **kwargs)
+            error = out[1] if isinstance(out, tuple) and len(out) == 2 else None
+            if isinstance(error, OSError):
+                bucket = kwargs.get("write_bucket")
+                where = error.filename or (bucket[0] if bucket else None)
+                WRITE_ERRORS.append(OSError(error.errno, error.strerror, where))
+            return out
+
+        return staticmethod(write_preloaded_data)
+
+    return make

@@ -42,6 +42,7 @@ and ends with a table of tokens/s and lm loss per run, also written to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import itertools
 import json
@@ -49,10 +50,12 @@ import os
 import re
 import runpy
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -417,6 +420,7 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path, per_nod
             f"--split {args.split} with --eval-iters {args.eval_iters}: the CPU loop does not "
             "evaluate; use --split 100,0,0 or --eval-iters 0"
         )
+    refuse += checkpoint_flag_refusals(args)
     locmoe = locmoe_config_from_args(args)
     if locmoe.devices_per_node not in (None, devices_per_node):
         refuse.append(
@@ -460,10 +464,11 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path, per_nod
         tensorboard_dir=args.tensorboard_dir,
         wandb_dir=wandb_dir,
         run_name=args.wandb_exp_name or run,
-        save_dir=args.save,
         save_interval=args.save_interval or 0,
-        load_dir=args.load,
         exit_interval=args.exit_interval or 0,
+        exit_signal_handler=bool(args.exit_signal_handler),
+        exit_signal=int(args.exit_signal),
+        **checkpoint_settings(args),
         progress_path=str(log_dir / "progress.jsonl"),
         per_layer_logging=args.moe_per_layer_logging,
         check_for_nan_in_loss_and_grad=args.check_for_nan_in_loss_and_grad,
@@ -483,6 +488,136 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path, per_nod
         cp=cp,
     )
     return settings, layout
+
+
+CHECKPOINT_FLAGS_HONOURED = {
+    "save": "--save: torch_dist checkpoints of the CPU loop",
+    "save_interval": "--save-interval",
+    "load": "--load: resume from its latest (or --ckpt-step) iteration",
+    "no_load_optim": "--no-load-optim: fresh Adam state and learning-rate schedule",
+    "no_load_rng": "--no-load-rng: the RNGs as seeded, not as saved",
+    "finetune": "--finetune: --load's model weights only, from step 1",
+    "pretrained_checkpoint": "--pretrained-checkpoint: its weights when --load has none",
+    "ckpt_step": "--ckpt-step: that iteration of --load",
+    "exit_on_missing_checkpoint": "--exit-on-missing-checkpoint: refused here when --load "
+    "holds no checkpoint",
+    "ckpt_format": "--ckpt-format torch_dist (the only format the CPU loop writes and reads)",
+    "auto_detect_ckpt_format": "--auto-detect-ckpt-format: torch_dist is what it finds",
+    "verify_integrity": "--verify-integrity: every load checks every file's checksum",
+    "use_dist_ckpt_deprecated": "deprecated in Megatron, no effect",
+    "dist_ckpt_format_deprecated": "deprecated in Megatron, no effect",
+    "ckpt_fully_parallel_save_deprecated": "deprecated in Megatron, no effect",
+    "async_strategy": "only read with --async-save, which is refused",
+}
+"""Flags of Megatron's checkpointing group the CPU loop honours (the rest are refused unless
+they keep Megatron's default: ``checkpoint_flag_refusals``)."""
+
+EXIT_FLAGS_REFUSED = {
+    "exit_signal_handler_for_dataloader": "the CPU loop has no data-loader workers",
+}
+
+
+def _megatron_defaults() -> dict[str, tuple[object, str]]:
+    """dest -> (default, flag) of every option in Megatron's checkpointing group."""
+    import argparse
+
+    from megatron.training.arguments import add_megatron_arguments
+
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    add_megatron_arguments(parser)
+    out = {}
+    for group in parser._action_groups:
+        if group.title == "checkpointing":
+            for action in group._group_actions:
+                out[action.dest] = (action.default, action.option_strings[0])
+    return out
+
+
+def checkpoint_flag_refusals(args) -> list[str]:
+    """Checkpoint and exit flags the CPU loop cannot honour, each with the fix; --load's and
+    --finetune's directories checked before any rank starts."""
+    refuse = []
+    for dest, (default, flag) in _megatron_defaults().items():
+        value = getattr(args, dest, default)
+        if dest in CHECKPOINT_FLAGS_HONOURED or value == default:
+            continue
+        shown = flag if isinstance(value, bool) or value is None else f"{flag} {value}"
+        refuse.append(f"{shown}: the CPU loop saves torch_dist synchronously; drop it")
+    if args.ckpt_format != "torch_dist":
+        refuse.append(f"--ckpt-format {args.ckpt_format}: the CPU loop writes torch_dist")
+    for dest, why in EXIT_FLAGS_REFUSED.items():
+        if getattr(args, dest, False):
+            refuse.append(f"--{dest.replace('_', '-')}: {why}; drop it")
+    if args.ckpt_step is not None and (args.finetune or args.pretrained_checkpoint):
+        refuse.append(
+            "--ckpt-step with --finetune / --pretrained-checkpoint: the CPU loop takes the "
+            "latest iteration's weights; drop --ckpt-step"
+        )
+    refuse += _load_dir_refusals(args)
+    return refuse
+
+
+def _load_dir_refusals(args) -> list[str]:
+    """--load / --pretrained-checkpoint naming nothing loadable, refused with the fix (--load
+    may name an empty or missing --save directory: the usual resume-or-start idiom)."""
+    from megatron_locmoe.sim.checkpoint import iteration_dirs, latest_iteration
+
+    out = []
+    for flag, where in (
+        ("--load", args.load),
+        ("--pretrained-checkpoint", args.pretrained_checkpoint),
+    ):
+        if where is None:
+            continue
+        try:
+            latest = latest_iteration(where)
+        except ValueError as e:
+            out.append(f"{flag} {where}: {e}")
+            continue
+        if latest is not None:
+            if args.ckpt_step is not None and flag == "--load":
+                if args.ckpt_step not in iteration_dirs(where):
+                    have = ", ".join(map(str, iteration_dirs(where))) or "none"
+                    out.append(
+                        f"--ckpt-step {args.ckpt_step}: {where} holds no iteration "
+                        f"{args.ckpt_step} (it has: {have})"
+                    )
+            continue
+        same_as_save = args.save is not None and os.path.abspath(where) == os.path.abspath(
+            args.save
+        )
+        if flag == "--pretrained-checkpoint" or args.finetune:
+            out.append(f"{flag} {where}: no checkpoint there to take the model weights from")
+        elif args.exit_on_missing_checkpoint:
+            out.append(
+                f"--load {where} holds no checkpoint and --exit-on-missing-checkpoint is set: "
+                "point --load at a checkpoint directory, or drop the flag"
+            )
+        elif not os.path.isdir(where) and not same_as_save:
+            out.append(
+                f"--load {where}: no such directory; point it at a checkpoint directory (one "
+                "with latest_checkpointed_iteration.txt), or drop --load to start from step 1"
+            )
+    return out
+
+
+def checkpoint_settings(args) -> dict:
+    """TrainSettings' checkpoint fields for Megatron's checkpoint flags (see
+    CHECKPOINT_FLAGS_HONOURED): --finetune takes --load's weights only (Megatron: iteration 0,
+    no optimizer, no RNG); --pretrained-checkpoint's weights start a run whose --load holds
+    none."""
+    settings = dict(
+        save_dir=args.save,
+        load_dir=args.load,
+        load_optim=not args.no_load_optim,
+        load_rng=not args.no_load_rng,
+        load_iteration=args.ckpt_step,
+    )
+    if args.finetune:
+        settings.update(load_dir=None, init_weights_dir=args.load)
+    elif args.pretrained_checkpoint:
+        settings.update(init_weights_dir=args.pretrained_checkpoint)
+    return settings
 
 
 def optimizer_settings(args):
@@ -533,6 +668,7 @@ class RunFailed(RuntimeError):
 def run_cpu(plan: Plan) -> dict[str, dict]:
     """Every run of a cpu preset in one simulated cluster (started once); the results."""
     from megatron_locmoe.analysis.runlog import read_progress, steady_step_seconds
+    from megatron_locmoe.sim.checkpoint import latest_iteration
     from megatron_locmoe.sim.cluster import ClusterJobError, SimCluster
     from megatron_locmoe.sim.trainer import train_job
 
@@ -551,6 +687,13 @@ def run_cpu(plan: Plan) -> dict[str, dict]:
             print(
                 f"[launch] run {rp.name}: {layout.describe()}, {settings.steps} steps", flush=True
             )
+            if settings.load_dir and latest_iteration(settings.load_dir) is None:
+                print(  # as Megatron warns; a --load naming nothing at all was refused
+                    f"[launch] warning: --load {settings.load_dir} holds no checkpoint yet: "
+                    "training from step 1",
+                    file=sys.stderr,
+                    flush=True,
+                )
             try:
                 out = cluster.run(train_job, settings, layout=layout)
             except ClusterJobError as e:  # the ranks' tracebacks, then one line (main)
@@ -652,16 +795,33 @@ def run_logged(cmd: NodeCommand, log_path: Path) -> int:
         subprocess.Popen(
             cmd.argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         ) as proc,
+        forwarding_signals(proc),
     ):
-        try:
-            for line in proc.stdout:
-                sys.stdout.write(line)
-                log.write(line)
-        except KeyboardInterrupt:
-            proc.terminate()
-            proc.wait(timeout=60)
-            raise
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            log.write(line)
     return proc.returncode
+
+
+@contextlib.contextmanager
+def forwarding_signals(proc: subprocess.Popen):
+    """While ``proc`` (torchrun) runs, SIGINT and SIGTERM sent to the launcher go to it (torchrun
+    passes them to its ranks: Megatron's --exit-signal-handler saves on SIGTERM); the launcher
+    keeps reading its output until it exits, and returns its exit status."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def forward(signum, frame):
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def summarize_log(text: str, tokens_per_iteration: int | None) -> dict | None:
@@ -863,12 +1023,21 @@ def main(argv: list[str] | None = None) -> int:
         worker(argv[1:])
         return 0
     opts = parse_options(argv)
+    previous = signal.signal(signal.SIGTERM, _terminated)  # before the cluster takes over
     try:
         plan = build_plan(opts)
         if opts.dry_run:
             print(describe(plan, opts))
             return 0
         return execute(plan)
+    except KeyboardInterrupt as e:  # the cluster's Interrupted, or a signal before any rank
+        status = getattr(e, "exit_status", 128 + getattr(e, "signum", signal.SIGINT))
+        text = str(e) or (
+            ("terminated" if status == 128 + signal.SIGTERM else "interrupted")
+            + " before any rank started"
+        )
+        print(f"megatron_locmoe.launch: error: {text}", file=sys.stderr)
+        return status
     except PresetError as e:
         print(f"megatron_locmoe.launch: error: {e}", file=sys.stderr)
         return 2
@@ -876,6 +1045,18 @@ def main(argv: list[str] | None = None) -> int:
         print(e.details, file=sys.stderr)
         print(f"megatron_locmoe.launch: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM before the simulated cluster (which handles it from then on) started."""
+
+    signum = signal.SIGTERM
+
+
+def _terminated(signum, frame):
+    raise _Terminated()
 
 
 if __name__ == "__main__":

@@ -58,6 +58,16 @@ def latest_iteration(root: str | os.PathLike) -> int | None:
     return int(text)
 
 
+def iteration_dirs(root: str | os.PathLike) -> list[int]:
+    """The iterations with an ``iter_XXXXXXX`` directory under root, ascending."""
+    found = []
+    for d in Path(root).glob("iter_*"):
+        digits = d.name.removeprefix("iter_")
+        if d.is_dir() and digits.isdigit():
+            found.append(int(digits))
+    return sorted(found)
+
+
 def agreed_iteration(root: str | os.PathLike) -> int | None:
     """``latest_iteration`` as every rank reads it, the same on all or an error on all (one
     all-reduce): ranks that resumed from different iterations would train on silently apart."""
@@ -260,21 +270,87 @@ def _check_settings(chunks: list, path: Path, weights_only: bool = False) -> Non
 
 def save(chunks: list, optimizer, iteration: int, root: str | os.PathLike) -> Path:
     """Write the model chunks, optimizer and RNG state of ``iteration`` (collective over all
-    ranks)."""
+    ranks). A failed write (disk full, ...) raises on every rank naming the first OS error and
+    its file, after the partial ``iter_XXXXXXX`` directory is removed; the tracker then still
+    names the last complete checkpoint."""
     from megatron.core import dist_checkpointing
 
+    from megatron_locmoe.adaptor.shims import WRITE_ERRORS
+
     tracker, path = _paths(root, iteration)
-    if dist.get_rank() == 0:
-        path.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    dist_checkpointing.save(_sharded_state(chunks, optimizer, iteration, False), str(path))
-    dist.barrier()
-    if dist.get_rank() == 0:  # the files are all written: their checksums, then the tracker
-        (path / SETTINGS).write_text(json.dumps(model_settings(chunks), indent=1))
-        _write_checksums(path)
-        tracker.write_text(str(iteration))
-    dist.barrier()
+
+    def make_dir() -> None:
+        if dist.get_rank() == 0:
+            path.mkdir(parents=True, exist_ok=True)
+
+    _saved_or_removed(path, root, make_dir)
+    WRITE_ERRORS.clear()
+    state = _sharded_state(chunks, optimizer, iteration, False)
+    _saved_or_removed(path, root, lambda: dist_checkpointing.save(state, str(path)))
+
+    def seal() -> None:
+        if dist.get_rank() == 0:  # the files are all written: their checksums, then the tracker
+            (path / SETTINGS).write_text(json.dumps(model_settings(chunks), indent=1))
+            _write_checksums(path)
+            tmp = tracker.with_name(f".{tracker.name}.tmp")
+            tmp.write_text(str(iteration))
+            os.replace(tmp, tracker)  # never a half-written tracker
+
+    _saved_or_removed(path, root, seal)
     return path
+
+
+def _first_os_error(error: BaseException | None) -> str | None:
+    """``STRERROR: PATH`` of the first OS error behind a failed save on this rank: a write
+    Megatron's writer reduced to its class (shims.WRITE_ERRORS), else one in the exception's
+    chain."""
+    from megatron_locmoe.adaptor.shims import WRITE_ERRORS
+
+    found = WRITE_ERRORS[0] if WRITE_ERRORS else None
+    seen = error
+    while found is None and seen is not None:
+        if isinstance(seen, OSError):
+            found = seen
+        seen = seen.__cause__ or seen.__context__
+    if found is None:
+        return None
+    text = found.strerror or str(found)
+    return f"{text}: {found.filename}" if found.filename else text
+
+
+def _saved_or_removed(path: Path, root, step) -> None:
+    """Run one step of a save on every rank; if it failed on any, rank 0 removes the partial
+    ``path`` and every rank raises with the first OS error (its file) of the lowest failing
+    rank, or that rank's exception."""
+    error = None
+    try:
+        step()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # torch's CheckpointException is a BaseException
+        error = e
+    mine = None
+    if error is not None:
+        os_error = _first_os_error(error)
+        mine = (0, os_error) if os_error else (1, f"{type(error).__name__}: {error}")
+    reports = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, mine)
+    failed = sorted((r[0], rank, r[1].splitlines()[0]) for rank, r in enumerate(reports) if r)
+    if not failed:
+        return
+    if dist.get_rank() == 0:
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
+    dist.barrier()
+    _, rank, text = failed[0]  # the first OS error, else the first rank's exception
+    last = latest_iteration(root)
+    kept = f"iteration {last}" if last is not None else "none"
+    raise RuntimeError(
+        f"{text} (rank {rank}): checkpoint {path.name} was not saved and its partial directory "
+        f"was removed; the last complete checkpoint under {root}: {kept}. Free space or give "
+        "another --save directory"
+    ) from error
 
 
 CHECKSUMS = "locmoe_checksums.json"
@@ -364,23 +440,40 @@ def _checked_path(root: str | os.PathLike, iteration: int) -> Path:
     return path
 
 
-def load(chunks: list, optimizer, root: str | os.PathLike) -> int | None:
-    """Restore the latest iteration saved under ``root`` into the model chunks and optimizer;
-    return it (None when nothing was saved there: the caller starts afresh, as Megatron does)."""
+def load(
+    chunks: list,
+    optimizer,
+    root: str | os.PathLike,
+    *,
+    optimizer_state: bool = True,
+    rng: bool = True,
+    iteration: int | None = None,
+) -> int | None:
+    """Restore the latest iteration saved under ``root`` (or ``iteration``, Megatron's
+    --ckpt-step) into the model chunks and optimizer; return it (None when nothing was saved
+    there: the caller starts afresh, as Megatron does). ``optimizer_state`` / ``rng`` False:
+    leave the optimizer / the RNGs as they are (Megatron's --no-load-optim / --no-load-rng)."""
     from megatron.core import dist_checkpointing
 
-    iteration = agreed_iteration(root)
     if iteration is None:
-        return None
+        iteration = agreed_iteration(root)
+        if iteration is None:
+            return None
     path = _checked_path(root, iteration)
     _all_ranks_succeed(f"checking {path}", lambda: _check_settings(chunks, path))
 
     def restore() -> int:
         sharded = _sharded_state(chunks, optimizer, iteration, True)
+        if not optimizer_state:
+            del sharded["optimizer"]
+        if not rng:
+            del sharded["rng_state"]
         state = dist_checkpointing.load(sharded, str(path))
         _load_model_state(chunks, state)
-        _load_optimizer_state(optimizer, state["optimizer"])
-        _restore_rng_state(state["rng_state"])
+        if optimizer_state:
+            _load_optimizer_state(optimizer, state["optimizer"])
+        if rng:
+            _restore_rng_state(state["rng_state"])
         return int(state["iteration"])
 
     return _all_ranks_succeed(f"loading {path}", restore)

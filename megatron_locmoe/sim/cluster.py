@@ -16,10 +16,20 @@ collective) are stopped then, not after their collective timeout. After a failur
 processes are restarted for the next job (a timed-out gloo group cannot be reused).
 
 Ranks are ordinary (non-daemon) processes, because Megatron's torch_dist checkpoint writer
-starts a multiprocessing Manager, which daemon processes may not do. A rank therefore runs in a
-process group of its own and watches its parent: when the driver dies the rank kills its group
-(itself and whatever it started, such as that Manager), and the driver kills every rank's group
+starts a multiprocessing Manager, which daemon processes may not do (the CPU loop's synchronous
+saves do without it: see the adaptor's ``filesystem_async._results_queue`` patch). A rank
+therefore runs in a process group of its own and watches its parent: when the driver dies the
+rank kills its group (itself and whatever it started), and the driver kills every rank's group
 when it stops the cluster or exits, so nothing is left orphaned.
+
+Stopping (Ctrl-C, SIGTERM): since the ranks have their own process groups, the terminal's
+SIGINT reaches only the driver. The driver's handler forwards SIGINT / SIGTERM to every rank at
+once; a rank only notes it (``stop_signal``), and a job that checks it at its step boundaries
+(the CPU trainer: every rank agrees in one all-reduce, so all stop at the same step) raises
+``StopRequested``. The driver then raises ``Interrupted`` (a KeyboardInterrupt) naming the
+signal and the step; ranks that have not answered ``stop_grace_s`` after the signal are
+killed. A second signal kills the ranks at once. Ranks that receive the signal themselves (a
+scheduler signalling every process of a job step) behave the same.
 """
 
 from __future__ import annotations
@@ -91,6 +101,34 @@ class RankContext:
         return get_topology(self.devices_per_node, timeout=self.timeout)
 
 
+class Interrupted(KeyboardInterrupt):
+    """The driver received SIGINT or SIGTERM: the job's ranks stopped (at ``step``, the last
+    step they completed, when the job reported one) or were killed. ``saved``: the checkpoint
+    the job wrote before stopping, if any. ``exit_status``: the shell's 128 + signal."""
+
+    def __init__(self, signum: int, step: int | None = None, saved: str | None = None):
+        self.signum, self.step, self.saved = signum, step, saved
+        what = "interrupted" if signum == signal.SIGINT else "terminated"
+        where = f" at step {step}" if step is not None else ""
+        text = f"{what}{where} ({signal.Signals(signum).name})"
+        if saved:
+            text += f"; checkpoint {saved} written first: resume with --load {Path(saved).parent}"
+        super().__init__(text)
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum
+
+
+class StopRequested(Exception):  # noqa: N818 - a request, not an error
+    """Raised by a job on every rank when it stopped at a step boundary on a signal
+    (``stop_signal``): ``step`` the last step completed, ``saved`` a checkpoint written first."""
+
+    def __init__(self, signum: int, step: int, saved: str | None = None):
+        super().__init__(signum, step, saved)
+        self.signum, self.step, self.saved = signum, step, saved
+
+
 class ClusterJobError(RuntimeError):
     """A job failed or hung on one or more ranks; the message holds each rank's traceback,
     ``headline`` the root cause in one line (a dead rank, else the first failing rank's
@@ -104,6 +142,21 @@ class ClusterJobError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 # Worker side
 # --------------------------------------------------------------------------------------------
+
+
+_STOP_SIGNAL = 0
+"""The first SIGINT / SIGTERM this rank received during its current job (0: none)."""
+
+
+def _note_stop_signal(signum, frame) -> None:
+    global _STOP_SIGNAL
+    _STOP_SIGNAL = _STOP_SIGNAL or signum
+
+
+def stop_signal() -> int:
+    """The signal (SIGINT, SIGTERM) asking this rank to stop, or 0: a job reads it at its step
+    boundaries (and must agree on it with its peers, who may not have received it yet)."""
+    return _STOP_SIGNAL
 
 
 def _destroy_subgroups(dist) -> None:
@@ -154,6 +207,8 @@ def _worker_main(rank, world_size, port, jobs, results, timeout_s, scratch, log_
     faulthandler.register(signal.SIGUSR1, file=log, all_threads=True)
     os.setpgid(0, 0)  # a group of its own, so the rank goes with everything it started
     _exit_with_parent()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # noted; the job stops at a step boundary
+        signal.signal(sig, _note_stop_signal)
     import torch.distributed as dist
 
     from megatron_locmoe.device import BACKEND_FOR_DEVICE, DeviceChoice
@@ -198,6 +253,8 @@ def _worker_main(rank, world_size, port, jobs, results, timeout_s, scratch, log_
         if job is None:
             break
         job_id, fn, args, kwargs, layout, seed = job
+        global _STOP_SIGNAL
+        _STOP_SIGNAL = 0  # a signal before this job was the last job's (the driver stopped it)
         try:
             destroy_topology()
             parallel_state.destroy_model_parallel()
@@ -223,6 +280,8 @@ def _worker_main(rank, world_size, port, jobs, results, timeout_s, scratch, log_
             ctx = RankContext(rank, world_size, layout, timeout, Path(scratch), rank_device)
             out = fn(ctx, *args, **kwargs)
             results.put((rank, job_id, True, out))
+        except StopRequested as stop:
+            results.put((rank, job_id, "stopped", (stop.signum, stop.step, stop.saved)))
         except BaseException:
             results.put((rank, job_id, False, traceback.format_exc()))
     destroy_topology()
@@ -273,6 +332,37 @@ def _exit_cause(code: int | None) -> str:
     return f"exit code {code}"
 
 
+_LIVE: list[SimCluster] = []
+"""Started clusters of this process: the driver's signal handler stops them all."""
+_PREVIOUS_HANDLERS: dict[int, Any] = {}
+
+
+def _on_signal(signum, frame) -> None:
+    for cluster in list(_LIVE):
+        cluster._signalled(signum)
+
+
+def _handle_signals(cluster: SimCluster) -> None:
+    """Route SIGINT / SIGTERM to ``cluster`` while it runs (main thread only: elsewhere Python
+    cannot install handlers, and the caller keeps its own)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if not _LIVE:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            _PREVIOUS_HANDLERS[sig] = signal.signal(sig, _on_signal)
+    if cluster not in _LIVE:
+        _LIVE.append(cluster)
+
+
+def _release_signals(cluster: SimCluster) -> None:
+    if cluster in _LIVE:
+        _LIVE.remove(cluster)
+        if not _LIVE:
+            for sig, handler in _PREVIOUS_HANDLERS.items():
+                signal.signal(sig, handler)
+            _PREVIOUS_HANDLERS.clear()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -291,6 +381,11 @@ class SimCluster:
     startup_timeout_s: float = 300.0
     fail_grace_s: float = 5.0
     """After one rank fails, how long the others may take to answer before they are stopped."""
+    stop_grace_s: float = 8.0
+    """After SIGINT / SIGTERM, how long the ranks may take to reach a step boundary (and write
+    a final checkpoint) before they are killed."""
+    _signal: int = 0
+    _signal_at: float = 0.0
     _procs: list = field(default_factory=list, repr=False)
     _jobs: list = field(default_factory=list, repr=False)
     _results: Any = field(default=None, repr=False)
@@ -326,24 +421,36 @@ class SimCluster:
             p.start()
             self._procs.append(p)
         atexit.register(self._kill)  # before multiprocessing joins non-daemon children
+        _handle_signals(self)
         self._collect(-1, self.startup_timeout_s, what="start-up")
         return self
 
-    def close(self) -> None:
-        for q, p in zip(self._jobs, self._procs, strict=True):
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Ask every rank to exit, wait ``timeout_s`` for all of them together, then kill the
+        ranks' groups (what they started goes with them)."""
+        for q, p in zip(self._jobs, self._procs, strict=False):  # start() may have failed
             if p.is_alive():
                 q.put(None)
+        deadline = time.monotonic() + timeout_s
         for p in self._procs:
-            p.join(timeout=10)
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
         _kill_groups(self._procs)
+        for p in self._procs:
+            p.join(timeout=5)
         self._procs, self._jobs = [], []
         atexit.unregister(self._kill)
+        _release_signals(self)
 
     def __enter__(self) -> SimCluster:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException as e:  # __exit__ is not called when __enter__ raises
+            self.__exit__(type(e), e, None)
+            raise
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        stopping = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
+        self.close(timeout_s=2.0 if stopping else 10.0)  # after a stop, ranks are idle
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
@@ -370,6 +477,8 @@ class SimCluster:
         ``fn`` must be importable by name (a module-level function), as must its arguments.
         """
         self.start()
+        if self._signal:  # a signal between jobs: start nothing more
+            raise self._interrupted()
         os.makedirs(self.scratch, exist_ok=True)
         self._next_job += 1
         job_id = self._next_job
@@ -382,29 +491,65 @@ class SimCluster:
         except ClusterJobError:
             self._kill()  # a timed-out gloo group cannot be reused; the next run restarts
             raise
+        except Interrupted:
+            self._signal = 0  # told; the object may run jobs again (ranks restart if killed)
+            raise
+
+    # ---- signals --------------------------------------------------------------------------
+    def _signalled(self, signum: int) -> None:
+        """The driver's SIGINT / SIGTERM: forwarded to every rank at once (each stops at its
+        job's next step boundary); a second signal kills the ranks now."""
+        if self._signal:
+            _kill_groups(self._procs)
+            return
+        self._signal, self._signal_at = signum, time.monotonic()
+        for p in self._procs:
+            if p.pid is not None and p.is_alive():
+                try:
+                    os.kill(p.pid, signum)
+                except ProcessLookupError:
+                    pass
+
+    def _interrupted(self, step: int | None = None, saved: str | None = None) -> Interrupted:
+        signum, self._signal = self._signal, 0
+        return Interrupted(signum, step, saved)
 
     def _collect(self, job_id: int, timeout_s: float, what: str) -> list[Any]:
         deadline = time.monotonic() + timeout_s
         answers: dict[int, tuple[bool, Any]] = {}
         while len(answers) < self.world_size:
+            if self._signal and time.monotonic() > self._signal_at + self.stop_grace_s:
+                self._kill()  # ranks that did not reach a step boundary in time
+                raise self._interrupted()
             remaining = deadline - time.monotonic()
             dead = [r for r, p in enumerate(self._procs) if not p.is_alive() and r not in answers]
+            if self._signal and dead:  # killed by a second signal, or the job's own signal
+                self._kill()
+                raise self._interrupted()
             if remaining <= 0 or dead:
                 self._raise_hung(what, answers, dead, timeout_s)
             try:
-                rank, jid, ok, payload = self._results.get(timeout=min(remaining, 2.0))
+                rank, jid, ok, payload = self._results.get(timeout=min(remaining, 0.2))
             except queue.Empty:
                 continue
             if jid != job_id:
                 continue  # a late answer of an earlier, failed job
             answers[rank] = (ok, payload)
-            if not ok:
+            if ok is False:
                 # ranks failing on their own answer within the grace; the rest are most likely
                 # blocked in a collective with the failed rank: stopped, not waited out
                 deadline = min(deadline, time.monotonic() + self.fail_grace_s)
-        failures = {r: tb for r, (ok, tb) in sorted(answers.items()) if not ok}
+        failures = {r: tb for r, (ok, tb) in sorted(answers.items()) if ok is False}
+        stops = [payload for ok, payload in answers.values() if ok == "stopped"]
+        if stops and not failures:
+            signum, step, saved = min(stops, key=lambda s: s[1])
+            self._signal = self._signal or signum  # a rank signalled alone stops the job too
+            return_step = step if all(s[1] == step for s in stops) else None
+            raise self._interrupted(return_step, saved)
         if failures:
             raise ClusterJobError(_describe_failures(what, failures), _failure_headline(failures))
+        if self._signal:  # the job ended before any step boundary saw the signal
+            raise self._interrupted()
         return [answers[r][1] for r in range(self.world_size)]
 
     def _raise_hung(self, what, answers, dead, timeout_s) -> None:
@@ -451,3 +596,5 @@ class SimCluster:
         for p in self._procs:
             p.join(timeout=5)
         self._procs, self._jobs = [], []
+        atexit.unregister(self._kill)
+        _release_signals(self)

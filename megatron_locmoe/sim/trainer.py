@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from megatron_locmoe.config import LocMoEConfig
 from megatron_locmoe.sim import checkpoint
+from megatron_locmoe.sim.cluster import StopRequested, stop_signal
 from megatron_locmoe.sim.data import VOCAB_SIZE
 from megatron_locmoe.virtual import VirtualCluster
 
@@ -88,6 +89,17 @@ class TrainSettings:
     exit_interval: int = 0
     """Stop after the first step divisible by this, saving first when ``save_dir`` is set
     (Megatron's --exit-interval; 0: run to ``steps``)."""
+    exit_signal_handler: bool = False
+    """On ``exit_signal``, save a checkpoint (with ``save_dir``) before stopping (Megatron's
+    --exit-signal-handler). Any SIGINT / SIGTERM stops every rank at the next step boundary."""
+    exit_signal: int = 15
+    """The signal that saves first (Megatron's --exit-signal; SIGTERM)."""
+    load_optim: bool = True
+    """Restore the optimizer state with ``load_dir`` (Megatron's --no-load-optim: False)."""
+    load_rng: bool = True
+    """Restore the RNG state with ``load_dir`` (Megatron's --no-load-rng: False)."""
+    load_iteration: int | None = None
+    """Load this iteration of ``load_dir`` instead of the tracker's (Megatron's --ckpt-step)."""
     transformer_overrides: dict = field(default_factory=dict)
     """Fields of the loop's own small config (``testing.moe_config``) to change."""
     transformer_config: Any = field(default=None, repr=False)
@@ -540,6 +552,14 @@ def _check_finite(chunks, loss: torch.Tensor, step: int) -> None:
         )
 
 
+def _agreed_stop_signal() -> int:
+    """The stop signal any rank received (sim.cluster.stop_signal), the same on every rank (one
+    all-reduce): ranks signalled a moment apart still stop at the same step."""
+    flag = torch.tensor([stop_signal()], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag)
+
+
 def train_job(ctx, settings: TrainSettings) -> dict:
     """SimCluster job: train ``settings.steps`` steps; return the loss curve and last metrics
     (the same on every rank: the loss comes from the last pipeline stage)."""
@@ -574,19 +594,47 @@ def train_job(ctx, settings: TrainSettings) -> dict:
     wandb_run = _wandb_run(settings) if ctx.rank == ctx.world_size - 1 else None
     tracker = get_moe_metrics_tracker()
     losses, reported = [], {}
-    start = checkpoint.load(chunks, opt, settings.load_dir) if settings.load_dir else 0
+    start = 0
+    if settings.load_dir:
+        start = checkpoint.load(
+            chunks,
+            opt,
+            settings.load_dir,
+            optimizer_state=settings.load_optim,
+            rng=settings.load_rng,
+            iteration=settings.load_iteration,
+        )
     if start is None:  # as Megatron's load_checkpoint: start afresh
         start = 0
         if ctx.rank == 0:
             print(f"no checkpoint under {settings.load_dir}: training from scratch", flush=True)
     if not start and settings.init_weights_dir:
         checkpoint.load_model_weights(chunks, settings.init_weights_dir)
-    if scheduler is not None and start:  # the schedule where the checkpoint's run left it
+    if scheduler is not None and start and settings.load_optim:
+        # the schedule where the checkpoint's run left it (Megatron loads the scheduler with
+        # the optimizer: --no-load-optim starts both afresh)
         scheduler.step(start * settings.optimizer.samples_per_step)
     applied_lr, grad_norms = [], []
     counts = _RoutingCounts(chunks, settings.num_experts)
     last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+    saved_at = start
+
+    def stop_if_signalled(done: int) -> None:
+        """At the boundary after step ``done``: on a signal, save (--exit-signal-handler) and
+        stop every rank."""
+        signum = _agreed_stop_signal()
+        if signum:
+            saved = None
+            wants_save = settings.exit_signal_handler and signum == settings.exit_signal
+            if settings.save_dir and wants_save and saved_at != done:
+                saved = str(checkpoint.save(chunks, opt, done, settings.save_dir))
+            if writer is not None:
+                writer.close()
+            raise StopRequested(signum, done, saved)
+
+    step = start - 1
     for step in range(start, settings.steps):
+        stop_if_signalled(step)
         counts.active = step >= settings.steps - settings.routing_stats_steps
         step_start = time.perf_counter()
         if cluster is None:
@@ -609,6 +657,7 @@ def train_job(ctx, settings: TrainSettings) -> dict:
         exiting = settings.exit_interval and (step + 1) % settings.exit_interval == 0
         if settings.save_dir and (saving or exiting):
             checkpoint.save(chunks, opt, step + 1, settings.save_dir)
+            saved_at = step + 1
         mean = local.clone() if last_stage else torch.zeros(())
         # the mean of every dp-cp rank's own-token mean: the objective the gradients follow
         # (Megatron divides each CP rank's loss by its own token count, then averages over dp-cp)
@@ -639,6 +688,8 @@ def train_job(ctx, settings: TrainSettings) -> dict:
                 f.write(json.dumps(line) + "\n")
         if exiting:
             break
+    else:
+        stop_if_signalled(step + 1)
     if writer is not None:
         writer.close()
     if wandb_run is not None:
