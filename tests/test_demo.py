@@ -117,6 +117,25 @@ def test_demo_refuses_steps_below_one_in_one_line(capsys, steps):
     assert len(err) == 1 and f"error: --steps {steps}: the demo trains at least 1 step" in err[0]
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--set", "num-experts=7"], "7 experts do not split over EP 8"),
+        (["--set", "hidden-size=60"], "GrAP splits the hidden size 60 into 16 equal chunks"),
+        (["--set", "num-experts=0"], "num_experts must be non None"),
+        (["--mu", "-1"], "locality_loss_coeff=-1.0 is negative; use 0 to switch the loss off"),
+    ],
+)
+def test_demo_refuses_a_preset_that_does_not_fit_in_one_line(tmp_path, capsys, argv, message):
+    """These were tracebacks (issue 35); now one error line, exit status 2, before any data is
+    built or any rank starts."""
+    out, data_dir = tmp_path / "out", tmp_path / "data"
+    assert demo.cli([*argv, "--out", str(out), "--data-dir", str(data_dir)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists() and not data_dir.exists()
+
+
 def test_demo_never_deletes_a_directory_it_did_not_write(tmp_path, capsys):
     """A mistyped --out (a home directory, say) is refused before anything is deleted."""
     precious = tmp_path / "home"

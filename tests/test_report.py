@@ -93,6 +93,11 @@ def test_steady_step_time_skips_warm_up_and_outliers():
         ("report", ["{missing}", "-o", "{tmp}/r.html"], "no such run directory"),
         ("report", ["{bad}", "-o", "{tmp}/r.html"], "run.json is not a run record (not UTF-8 JSON"),
         ("costmodel", ["--nodes", "2", "--traffic", "{bad}"], "is not a run record"),
+        (
+            "report",
+            ["{typed}", "-o", "{tmp}/r.html"],
+            "typed/run.json is not a run record: its field 'topk' is 'two' (str), not int",
+        ),
         ("costmodel", ["--sweep", "{bad}/run.json"], "is not a locality sweep's results file"),
         (
             "dashboard",
@@ -125,7 +130,11 @@ def test_tools_refuse_bad_input_in_one_line(tmp_path, tool, argv, message):
     (bad / "run-y.wandb").write_bytes(
         b":W&B\x00\x00\x00" + struct.pack("<IHB", 0, 5, 1) + b"\xff" * 5
     )
+    typed = tmp_path / "typed"  # a TypeError that named no file (issue 35)
+    typed.mkdir()
+    (typed / "run.json").write_text('{"name": "hash", "topk": "two"}')
     fill = {"missing": str(tmp_path / "nowhere"), "bad": str(bad), "tmp": str(tmp_path)}
+    fill["typed"] = str(typed)
     argv = [a.format(**fill) for a in argv]
     proc = subprocess.run(
         [sys.executable, "-m", f"megatron_locmoe.analysis.{tool}", *argv],

@@ -33,7 +33,9 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -330,9 +332,10 @@ def main(argv: list[str] | None = None, cluster=None) -> dict:
     out = Path(args.out)
     preset = args.preset
     nodes, rpn = preset.nodes, preset.devices_per_node
-    # the domains first (cached, with their names); the plan's data step then finds them
-    domains = prepare_domains(Path(args.data_dir), nodes, args.max_stdlib_files)
+    # the plan first (every refusal before any work; files its data step writes may be
+    # missing), then the domains (cached, with their names), which the data step then finds
     plan = build_plan(Options(config=str(preset.path), runs=args.runs, runs_dir=str(out)), preset)
+    domains = prepare_domains(Path(args.data_dir), nodes, args.max_stdlib_files)
     prepare_data(plan)
     if out.exists():  # parse_args checked: empty, or the demo's own (it has the marker)
         shutil.rmtree(out)
@@ -408,5 +411,20 @@ def main(argv: list[str] | None = None, cluster=None) -> dict:
     return {"rows": rows, "report": report_path, "out": str(out)}
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``main`` for the command line: a refused preset or setting as one ``error:`` line (exit
+    status 2), Ctrl-C / SIGTERM as ``error: interrupted at step N`` (128 + the signal)."""
+    prog = os.path.basename(sys.argv[0])
+    try:
+        main(argv)
+    except KeyboardInterrupt as e:  # the cluster's Interrupted names the step
+        print(f"{prog}: error: {e or 'interrupted'}", file=sys.stderr)
+        return getattr(e, "exit_status", 128 + signal.SIGINT)
+    except PresetError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

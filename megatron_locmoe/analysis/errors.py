@@ -48,3 +48,22 @@ def run_tool(main: Callable[..., Any], argv: list[str] | None = None) -> int:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def require_types(record: Any, types: dict[str, type | tuple], path: str | Path, what: str) -> None:
+    """InputError naming ``path``, the field, its value and the type it should have, for the
+    first field of ``record`` present with another type (None passes: "not measured"; a bool
+    is not a number)."""
+    if not isinstance(record, dict):
+        raise InputError(f"{path} is not {what}: it holds a {type(record).__name__}, not an object")
+    for key, want in types.items():
+        value = record.get(key)
+        wants = want if isinstance(want, tuple) else (want,)
+        is_bool = isinstance(value, bool) and bool not in wants
+        if value is None or (isinstance(value, wants) and not is_bool):
+            continue
+        names = " or ".join(t.__name__ for t in wants)
+        raise InputError(
+            f"{path} is not {what}: its field {key!r} is {value!r} ({type(value).__name__}), "
+            f"not {names}; rerun the run or fix the file"
+        )

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_locmoe.analysis.errors import read_json
+from megatron_locmoe.analysis.errors import read_json, require_types
 
 RUN_FILE = "run.json"
 TAIL_FRACTION = 0.2
@@ -123,13 +123,45 @@ class Run:
         return sorted(tags, key=lambda t: int(t[len(prefix) :]))
 
 
+_NUMBER = (int, float)
+RECORD_TYPES: dict[str, type | tuple] = {
+    "name": str,
+    "label": str,
+    "tensorboard_dir": str,
+    "router_type": str,
+    "topk": int,
+    "num_experts": int,
+    "num_layers": int,
+    "hidden_size": int,
+    "ffn_hidden_size": int,
+    "nodes": int,
+    "ranks_per_node": int,
+    "steps": int,
+    "routing_stats_steps": int,
+    "hidden_element_bytes": int,
+    "prob_element_bytes": int,
+    "dedup": bool,
+    "node_limited": bool,
+    "tokens_per_rank_step": _NUMBER,
+    "tokens_per_second": _NUMBER,
+    "wall_seconds": _NUMBER,
+    "eval_loss": _NUMBER,
+    "losses": list,
+    "eval_loss_per_rank": list,
+    "tokens_per_expert": list,
+    "domains": list,
+    "locmoe": dict,
+}
+"""The run record's fields the tools read, and their JSON types (``load_run`` checks them, so
+a wrong-typed field is named with its file rather than failing later as a bare TypeError)."""
+
+
 def load_run(path: str | Path) -> Run:
     path = Path(path)
-    record = (
-        read_json(path / RUN_FILE, "a run record", "rerun the run or remove the file")
-        if (path / RUN_FILE).exists()
-        else {}
-    )
+    record = {}
+    if (path / RUN_FILE).exists():
+        record = read_json(path / RUN_FILE, "a run record", "rerun the run or remove the file")
+        require_types(record, RECORD_TYPES, path / RUN_FILE, "a run record")
     logdir = path / record["tensorboard_dir"] if "tensorboard_dir" in record else path
     scalars = read_scalars(logdir)
     if not scalars:
