@@ -140,6 +140,87 @@ def kill_rank_when_training(proc: subprocess.Popen, work: Path) -> float | None:
     return time.monotonic()
 
 
+def signal_when_training(signum: int, every_process: bool):
+    """Once the run has logged two steps, send ``signum`` to the launcher (Ctrl-C reaches only
+    it: the ranks have their own process groups) or to every process of the job (as Slurm
+    signals a job step); the time of the signal."""
+
+    def during(proc: subprocess.Popen, work: Path) -> float | None:
+        import psutil
+
+        progress = work / "runs" / "cpu-sim" / "cpu-sim" / "progress.jsonl"
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if progress.exists() and len(progress.read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.1)
+        else:
+            return None
+        family = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
+        (work / "kill_rank_pids.json").write_text(json.dumps(family))
+        for pid in family if every_process else [proc.pid]:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+        return time.monotonic()
+
+    return during
+
+
+def signal_run(work: Path, *sets: str) -> list[str]:
+    """A long run whose temp files go to a private TMPDIR (checked empty afterwards)."""
+    tmp = work / "tmp_signal"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    shutil.rmtree(work / "runs" / "cpu-sim", ignore_errors=True)
+    return ["env", f"TMPDIR={tmp}", *train(work, *sets, steps=400)]
+
+
+def nothing_left_after_a_signal(work: Path) -> list[str]:
+    problems = nothing_left_running(work)
+    left = [p.name for p in (work / "tmp_signal").iterdir() if p.name.startswith("locmoe-")]
+    return problems + ([f"temp directories left: {left}"] if left else [])
+
+
+def final_checkpoint_written(work: Path) -> list[str]:
+    tracker = work / "ckpt_signal" / "latest_checkpointed_iteration.txt"
+    problems = nothing_left_after_a_signal(work)
+    if not tracker.exists():
+        return [*problems, "no final checkpoint"]
+    step = tracker.read_text().strip()
+    return (
+        problems
+        if (work / "ckpt_signal" / f"iter_{int(step):07d}").is_dir()
+        else problems + [f"the tracker names {step} but its directory is missing"]
+    )
+
+
+def small_files(work: Path, *sets: str) -> list[str]:
+    """A run whose processes may write files of at most 1 MiB (RLIMIT_FSIZE, inherited; the
+    ignored SIGXFSZ too): a shard write fails with EFBIG, as a full disk fails with ENOSPC."""
+    limit = "import os,resource,signal,sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+    limit += "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)); "
+    limit += "os.execv(sys.argv[1], sys.argv[1:])"
+    shutil.rmtree(work / "ckpt_small", ignore_errors=True)
+    run = train(work, f"save={work / 'ckpt_small'}", "save-interval=2")
+    # eager (the same math): torch.compile's own cache files would hit the limit first
+    return ["env", "TORCH_COMPILE_DISABLE=1", PY, "-c", limit, *run]
+
+
+def no_partial_checkpoint(work: Path) -> list[str]:
+    root = work / "ckpt_small"
+    left = [p.name for p in root.iterdir()] if root.exists() else []
+    return [f"left in the --save directory: {left}"] if left else []
+
+
+def typed_run_dir(work: Path) -> Path:
+    bad = work / "typed_run"
+    bad.mkdir(exist_ok=True)
+    (bad / "run.json").write_text('{"name": "hash", "topk": "two"}')
+    return bad
+
+
 def nothing_left_running(work: Path) -> list[str]:
     import psutil
 
@@ -398,6 +479,62 @@ CASES = [
         after=patched_script_untouched,
     ),
     Case(
+        "ctrl_c",
+        "Ctrl-C (SIGINT to the launcher) mid-training, 2 nodes x 1 rank",
+        "error: interrupted at step",
+        lambda w: signal_run(w),
+        timeout_s=300,
+        during=signal_when_training(signal.SIGINT, every_process=False),
+        after=nothing_left_after_a_signal,
+        cluster=True,
+    ),
+    Case(
+        "sigterm_every_process_save",
+        "SIGTERM to every process of the job (Slurm) with --save and --exit-signal-handler",
+        "error: terminated at step",
+        lambda w: signal_run(
+            w, f"save={w / 'ckpt_signal'}", "save-interval=1000", "exit-signal-handler=true"
+        ),
+        timeout_s=300,
+        during=signal_when_training(signal.SIGTERM, every_process=True),
+        after=final_checkpoint_written,
+        cluster=True,
+    ),
+    Case(
+        "save_file_too_large",
+        "a shard write fails (files limited to 1 MiB: EFBIG, as a full disk's ENOSPC)",
+        "was not saved and its partial directory was removed",
+        small_files,
+        after=no_partial_checkpoint,
+        cluster=True,
+    ),
+    Case(
+        "load_missing_dir",
+        "--load naming a directory that does not exist",
+        "no such directory",
+        lambda w: train(w, f"load={w / 'no_such_ckpt'}"),
+    ),
+    Case(
+        "no_save_optim",
+        "--no-save-optim (a checkpoint flag the CPU loop does not honour)",
+        "--no-save-optim: the CPU loop saves torch_dist synchronously",
+        lambda w: train(w, f"save={w / 'never_written'}", "save-interval=2", "no-save-optim=true"),
+    ),
+    Case(
+        "demo_experts_7",
+        "the demo with --set num-experts=7 (EP 8)",
+        "7 experts do not split over EP 8",
+        lambda w: [*tool("demo"), "--set", "num-experts=7", "--out", str(w / "demo_x")],
+        timeout_s=60,
+    ),
+    Case(
+        "report_wrong_typed_field",
+        "the report on a run.json whose topk is a string",
+        "its field 'topk' is 'two' (str), not int",
+        lambda w: [*tool("report"), str(typed_run_dir(w)), "-o", str(w / "report.html")],
+        timeout_s=60,
+    ),
+    Case(
         "demo_out_existing_dir",
         "the demo with --out an existing directory it did not write",
         "was not written by the demo",
@@ -474,7 +611,7 @@ def run_case(case: Case, work: Path) -> dict:
         user_sees=[ln.replace(str(work), "$SCRATCH") for ln in user_sees(text, case.expect)],
         traceback_shown="Traceback (most recent call last)" in text,
         seconds=round(ended - (fault_at or started), 1),
-        seconds_from="the kill" if fault_at else "the command's start",
+        seconds_from="the fault (kill or signal)" if fault_at else "the command's start",
         ok=not problems,
         problems=problems,
         output_tail=[ln.replace(str(work), "$SCRATCH") for ln in clean[-12:]],

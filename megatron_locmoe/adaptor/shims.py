@@ -271,8 +271,9 @@ Whoever saves clears it first and reads it when the save fails (``sim.checkpoint
 
 
 def recording_write_errors(target: str) -> Callable[[DeviceChoice], Callable]:
-    """A ``make`` for FileSystemWriterAsync.write_preloaded_data: the same write, and an OS
-    error it returns (as ``(worker, error)``) also kept in ``WRITE_ERRORS`` with its path."""
+    """A ``make`` for FileSystemWriterAsync.write_preloaded_data: the same write, and an error
+    it returns (as ``(worker, error)``: an OSError, or torch's zip writer's RuntimeError, which
+    hides the OS error's text) also kept in ``WRITE_ERRORS`` with the file's path."""
 
     def make(device: DeviceChoice) -> Callable:
         original = resolve(target)
@@ -280,10 +281,14 @@ def recording_write_errors(target: str) -> Callable[[DeviceChoice], Callable]:
         def write_preloaded_data(transform_list, *args, **kwargs):
             out = original(transform_list, *args, **kwargs)
             error = out[1] if isinstance(out, tuple) and len(out) == 2 else None
-            if isinstance(error, OSError):
+            if isinstance(error, Exception):  # OSError, or torch's writer's RuntimeError
                 bucket = kwargs.get("write_bucket")
-                where = error.filename or (bucket[0] if bucket else None)
-                WRITE_ERRORS.append(OSError(error.errno, error.strerror, where))
+                where = getattr(error, "filename", None) or (bucket[0] if bucket else None)
+                if isinstance(error, OSError):
+                    WRITE_ERRORS.append(OSError(error.errno, error.strerror, where))
+                else:
+                    text = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+                    WRITE_ERRORS.append(OSError(None, text.strip(), where))
             return out
 
         return staticmethod(write_preloaded_data)

@@ -307,11 +307,15 @@ def _first_os_error(error: BaseException | None) -> str | None:
     from megatron_locmoe.adaptor.shims import WRITE_ERRORS
 
     found = WRITE_ERRORS[0] if WRITE_ERRORS else None
-    seen = error
-    while found is None and seen is not None:
-        if isinstance(seen, OSError):
-            found = seen
-        seen = seen.__cause__ or seen.__context__
+    chains = [error]
+    failures = getattr(error, "failures", None)  # torch's CheckpointException: rank -> (exc, tb)
+    if isinstance(failures, dict):
+        chains += [f[0] if isinstance(f, tuple) else f for _, f in sorted(failures.items())]
+    for seen in chains:
+        while found is None and isinstance(seen, BaseException):
+            if isinstance(seen, OSError):
+                found = seen
+            seen = seen.__cause__ or seen.__context__
     if found is None:
         return None
     text = found.strerror or str(found)
