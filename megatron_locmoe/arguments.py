@@ -18,6 +18,7 @@ from types import SimpleNamespace
 from megatron.training.argument_utils import ArgumentGroupFactory
 
 from megatron_locmoe.config import ConfigError, LocMoEConfig, router_names
+from megatron_locmoe.data.indexed import check_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -50,13 +51,11 @@ def _written_before_training(path: str) -> bool:
 
 def check_data_args(args) -> None:
     """The indexed datasets ``--data-path`` (a blend: weights and prefixes) and the per-split
-    paths name, checked as Megatron's loader will read them (``sim.data.check_indexed_dataset``):
-    raises CorpusError naming the file. Those a step before training writes are passed over."""
+    paths name, checked as Megatron's loader will read them (``check_indexed_dataset``): raises
+    DatasetError naming the file. Those a step before training writes are passed over."""
     if getattr(args, "mock_data", False):
         return
     from megatron.core.datasets.utils import get_blend_from_list
-
-    from megatron_locmoe.sim.data import check_indexed_dataset
 
     for name in ("data_path", "train_data_path", "valid_data_path", "test_data_path"):
         blend = get_blend_from_list(getattr(args, name, None))  # Megatron's reading of it
@@ -64,6 +63,17 @@ def check_data_args(args) -> None:
             if all(_written_before_training(f"{prefix}.{ext}") for ext in ("bin", "idx")):
                 continue
             check_indexed_dataset(prefix)
+
+
+def check_indexed_dataset(prefix: str) -> None:
+    """A dataset that the command line names, checked as Megatron's IndexedDataset reads it (any
+    token dtype, O(1) reads): raises DatasetError naming the file and the commands that write
+    such datasets."""
+    fix = (
+        "rebuild it (python -m megatron_locmoe.data.corpus, python -m megatron_locmoe.sim.data "
+        f"--out {prefix}, or Megatron's tools/preprocess_data.py)"
+    )
+    check_dataset(prefix, whole=False, fix=fix)
 
 
 def dest(field_name: str) -> str:
@@ -270,8 +280,6 @@ def _check_virtual_and_domain_args(args, cfg: LocMoEConfig) -> None:
         check_domains(len(domains), nodes, len(valid) if valid else None)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    from megatron_locmoe.sim.data import check_indexed_dataset
-
     for prefix in [*domains, *(valid or [])]:
         if not all(_written_before_training(f"{prefix}.{ext}") for ext in ("bin", "idx")):
             check_indexed_dataset(prefix)

@@ -125,27 +125,66 @@ def read_lengths(prefix: str | Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.int32, count=n, offset=34).astype(np.int64)
 
 
-def check_dataset(prefix: str | Path, vocab_size: int | None = None) -> dict:
-    """Check ``PREFIX.idx`` / ``PREFIX.bin`` whole, as Megatron's IndexedDataset would read them:
-    the header, one sequence per document, the byte offsets, and the ``.bin`` exactly as long as
-    the index says (a truncated copy otherwise fails at the first sample past its end). With
-    ``vocab_size``, every token id is checked to be below it (reads the whole ``.bin``).
+MEGATRON_ITEM_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}
+"""Bytes per token of every dtype code of Megatron's ``DType`` (uint8 1, int8 2, int16 3, int32 4,
+int64 5, float64 6, float32 7, uint16 8), so that any Megatron dataset is checked without Megatron."""
+
+
+def check_dataset(
+    prefix: str | Path, vocab_size: int | None = None, *, whole: bool = True, fix: str = ""
+) -> dict:
+    """Check ``PREFIX.idx`` / ``PREFIX.bin`` as Megatron's IndexedDataset would read them, before
+    any training step: both present, the index's header and sizes sound, the ``.bin`` exactly as
+    long as the index says (a truncated copy otherwise fails at the first sample past its end).
+
+    ``whole`` (the datasets :class:`DatasetWriter` writes): the whole index is read: uint16
+    tokens, one sequence per document, every byte offset; with ``vocab_size``, every token id is
+    checked to be below it (reads the whole ``.bin``). ``whole=False`` (any dataset Megatron
+    reads, e.g. ``--data-path``'s, of any token dtype and document layout): O(1) reads, the last
+    sequence's end against the ``.bin``'s length. ``fix`` is appended to every message.
 
     Returns ``{"documents", "tokens"}``; raises :class:`DatasetError` naming the file."""
+    fix = f"; {fix}" if fix else ""
     idx, binf = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
     for f in (idx, binf):
         if not f.is_file():
-            raise DatasetError(f"{f}: no such file (a dataset is PREFIX.bin + PREFIX.idx)")
-    raw = idx.read_bytes()
-    if len(raw) < 34 or raw[:9] != INDEX_HEADER or struct.unpack("<Q", raw[9:17])[0] != 1:
-        raise DatasetError(f"{idx}: not a Megatron dataset index (header)")
-    if raw[17] != DTYPE_CODE:
-        raise DatasetError(f"{idx}: token dtype code {raw[17]}, expected {DTYPE_CODE} (uint16)")
-    n, n_docs = struct.unpack("<QQ", raw[18:34])
-    if len(raw) != 34 + n * 12 + n_docs * 8 or n_docs != n + 1:
+            raise DatasetError(f"{f}: no such file (a dataset is PREFIX.bin + PREFIX.idx){fix}")
+    with open(idx, "rb") as stream:
+        head = stream.read(34)
+        if len(head) < 34 or head[:9] != INDEX_HEADER or struct.unpack("<Q", head[9:17])[0] != 1:
+            raise DatasetError(f"{idx} is not a Megatron dataset index (header){fix}")
+        itemsize = MEGATRON_ITEM_SIZES.get(head[17])
+        if itemsize is None:
+            raise DatasetError(f"{idx}: unknown token dtype code {head[17]}{fix}")
+        n, n_docs = struct.unpack("<QQ", head[18:34])
+        need = 34 + n * (4 + 8) + n_docs * 8
+        if idx.stat().st_size < need:
+            raise DatasetError(
+                f"{idx} is truncated: {idx.stat().st_size} bytes, its header needs {need}{fix}"
+            )
+        if whole:
+            raw = head + stream.read()
+        elif n:  # only the last sequence's length and pointer: O(1) reads, however large
+            stream.seek(34 + (n - 1) * 4)
+            (last_length,) = struct.unpack("<i", stream.read(4))
+            stream.seek(34 + n * 4 + (n - 1) * 8)
+            (last_pointer,) = struct.unpack("<q", stream.read(8))
+    if not whole:
+        size = last_pointer + last_length * itemsize if n else 0
+        if n and binf.stat().st_size != size:
+            raise DatasetError(
+                f"{binf} holds {binf.stat().st_size} bytes, its index {idx.name} describes "
+                f"{size}: the pair does not belong together or a copy is incomplete{fix}"
+            )
+        return {"documents": max(n_docs - 1, 0), "tokens": size // itemsize}
+    if head[17] != DTYPE_CODE:
+        raise DatasetError(
+            f"{idx}: token dtype code {head[17]}, expected {DTYPE_CODE} (uint16){fix}"
+        )
+    if len(raw) != need or n_docs != n + 1:
         raise DatasetError(
             f"{idx}: {len(raw)} bytes for {n} sequences and {n_docs} document indices: truncated "
-            "or not one sequence per document"
+            f"or not one sequence per document{fix}"
         )
     lengths = np.frombuffer(raw, dtype=np.int32, count=n, offset=34).astype(np.int64)
     pointers = np.frombuffer(raw, dtype=np.int64, count=n, offset=34 + 4 * n)
@@ -153,19 +192,19 @@ def check_dataset(prefix: str | Path, vocab_size: int | None = None) -> dict:
     expected = np.zeros(n, dtype=np.int64)
     np.cumsum(lengths[:-1] * 2, out=expected[1:])
     if (lengths <= 0).any() or not np.array_equal(pointers, expected):
-        raise DatasetError(f"{idx}: sequence lengths and byte offsets disagree")
+        raise DatasetError(f"{idx}: sequence lengths and byte offsets disagree{fix}")
     if not np.array_equal(documents, np.arange(n + 1)):
-        raise DatasetError(f"{idx}: document indices are not 0..{n}")
+        raise DatasetError(f"{idx}: document indices are not 0..{n}{fix}")
     tokens = int(lengths.sum())
     if binf.stat().st_size != 2 * tokens:
         raise DatasetError(
             f"{binf} holds {binf.stat().st_size} bytes, its index {idx.name} describes "
-            f"{2 * tokens}: the pair does not belong together or a copy is incomplete"
+            f"{2 * tokens}: the pair does not belong together or a copy is incomplete{fix}"
         )
     if vocab_size is not None and tokens:
         top = int(np.memmap(binf, dtype=DTYPE, mode="r").max())
         if top >= vocab_size:
-            raise DatasetError(f"{binf}: token id {top} >= vocabulary size {vocab_size}")
+            raise DatasetError(f"{binf}: token id {top} >= vocabulary size {vocab_size}{fix}")
     return {"documents": int(n), "tokens": tokens}
 
 

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_locmoe.data.indexed import DatasetError, check_dataset
+
 VOCAB_SIZE = 257
 """256 byte ids plus the end-of-document id: train with --vocab-size 257."""
 EOD = VOCAB_SIZE - 1
@@ -133,55 +135,17 @@ def dataset_files(prefix: str | Path) -> list[str]:
     return [f"{prefix}{suffix}" for suffix in DATASET_SUFFIXES]
 
 
-class CorpusError(ValueError):
-    """An indexed dataset that Megatron would fail on deep inside its loader; the message names
-    the file and how to rebuild it."""
+CorpusError = DatasetError
+"""An indexed dataset that Megatron would fail on deep inside its loader (the core's
+``data.indexed.DatasetError``); the message names the file and how to rebuild it."""
 
 
 def check_indexed_dataset(prefix: str | Path) -> int:
-    """Check PREFIX.idx / PREFIX.bin as Megatron's IndexedDataset reads them, before any
-    training step: both present, the index's header and sizes sound, the .bin as long as the
-    index says (a truncated copy otherwise fails at the first sample past its end). Returns
-    the number of documents."""
-    import struct
-
-    from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType
-
-    rebuild = f"rebuild it (python -m megatron_locmoe.sim.data --out {prefix})"
-    idx, binf = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
-    for f in (idx, binf):
-        if not f.is_file():
-            raise CorpusError(
-                f"{f}: no such file (a dataset is PREFIX.bin + PREFIX.idx); {rebuild}"
-            )
-    with open(idx, "rb") as stream:
-        head = stream.read(34)
-        if len(head) < 34 or head[:9] != _INDEX_HEADER or struct.unpack("<Q", head[9:17])[0] != 1:
-            raise CorpusError(f"{idx} is not a Megatron dataset index (header); {rebuild}")
-        try:
-            itemsize = DType.size(DType.dtype_from_code(head[17]))
-        except (ValueError, KeyError):
-            raise CorpusError(f"{idx}: unknown token dtype code {head[17]}; {rebuild}") from None
-        sequences, documents = struct.unpack("<QQ", head[18:34])
-        need = 34 + sequences * (4 + 8) + (documents) * 8
-        if idx.stat().st_size < need:
-            raise CorpusError(
-                f"{idx} is truncated: {idx.stat().st_size} bytes, its header needs {need}; {rebuild}"
-            )
-        if sequences == 0:
-            return 0
-        # only the last sequence's length and pointer: O(1) reads, however large the index
-        stream.seek(34 + (sequences - 1) * 4)
-        (last_length,) = struct.unpack("<i", stream.read(4))
-        stream.seek(34 + sequences * 4 + (sequences - 1) * 8)
-        (last_pointer,) = struct.unpack("<q", stream.read(8))
-    expected = last_pointer + last_length * itemsize
-    if binf.stat().st_size != expected:
-        raise CorpusError(
-            f"{binf} holds {binf.stat().st_size} bytes, its index {idx.name} describes "
-            f"{expected}: the pair does not belong together or a copy is incomplete; {rebuild}"
-        )
-    return max(documents - 1, 0)
+    """Check PREFIX.idx / PREFIX.bin as Megatron's IndexedDataset reads them (the core's
+    ``data.indexed.check_dataset``, O(1) reads), with this corpus's rebuild command in every
+    message. Returns the number of documents."""
+    fix = f"rebuild it (python -m megatron_locmoe.sim.data --out {prefix})"
+    return check_dataset(prefix, whole=False, fix=fix)["documents"]
 
 
 def build_indexed_dataset(prefix: str | Path, max_stdlib_files: int | None = None) -> dict:
