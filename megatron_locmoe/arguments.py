@@ -19,6 +19,7 @@ from megatron.training.argument_utils import ArgumentGroupFactory
 
 from megatron_locmoe.config import ConfigError, LocMoEConfig, router_names
 from megatron_locmoe.data.indexed import check_dataset
+from megatron_locmoe.graphs import check_local_cuda_graphs
 
 logger = logging.getLogger(__name__)
 
@@ -219,8 +220,6 @@ def validate_locmoe_args(args) -> LocMoEConfig:
             "--locmoe-attention sdpa masks causally by position, not by document: drop "
             "--reset-attention-mask or --locmoe-attention sdpa"
         )
-    from megatron_locmoe.spec import check_local_cuda_graphs
-
     check_local_cuda_graphs(_transformer_view(args))  # also at model build, for spec users
     _check_topology_args(args, cfg)
     return cfg

@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass, field
 
 from megatron_locmoe.config import LocMoEConfig, grouped_experts_unsupported
+from megatron_locmoe.graphs import moe_layer_class
 from megatron_locmoe.virtual import VirtualCluster
 
 
@@ -272,8 +273,6 @@ def summary_text(resolution: Resolution, tc, topology=None) -> str:
     for name, value in fields.items():
         reason = why.get(_REASON_OF.get(name, name))
         lines.append(f"  {name}: {value}" + (f"  [{reason}]" if reason else ""))
-    from megatron_locmoe.spec import moe_layer_class  # the spec imports this module
-
     if moe_layer_class(tc) is not None:
         lines.append(
             "  note: Megatron's local CUDA graphs capture each MoE layer's router (with the "

@@ -16,14 +16,14 @@ import functools
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.moe.moe_layer import MoELayer
-from megatron.core.transformer.transformer_layer import MoETransformerLayer, TransformerLayer
+from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megatron_locmoe.attention import with_local_core_attention
-from megatron_locmoe.config import ConfigError, LocMoEConfig
+from megatron_locmoe.config import LocMoEConfig
+from megatron_locmoe.graphs import check_local_cuda_graphs, moe_layer_class
 from megatron_locmoe.layer import LocMoELayer, locmoe_mlp_builder
 from megatron_locmoe.resolve import Resolution, layer_resolution
 from megatron_locmoe.routers import attach_token_ids
-from megatron_locmoe.routers.base import graph_module_names
 from megatron_locmoe.topology import get_topology
 
 
@@ -45,41 +45,6 @@ def padded_vocab(model_config) -> int:
         model_config.transformer.tensor_model_parallel_size,
         logging_enabled=False,
     )
-
-
-def moe_layer_class(tc) -> type | None:
-    """The transformer layer class for MoE layers, or None to keep the spec's.
-
-    Megatron-Core 0.19's GPT specs build MoE layers as TransformerLayer, whose local CUDA
-    graphs (``--cuda-graph-impl local``) capture the whole layer or nothing of the MoE; its
-    MoETransformerLayer splits the MoE forward into router (with the dispatcher's preprocess),
-    experts and postprocess and graphs the first and last. With moe_router / moe_preprocess /
-    moe in ``--cuda-graph-modules`` the MoE layers are built as that class."""
-    if getattr(tc, "cuda_graph_impl", "none") != "local":
-        return None
-    if graph_module_names(tc) & {"moe", "moe_router", "moe_preprocess"}:
-        return MoETransformerLayer
-    return None
-
-
-def check_local_cuda_graphs(tc) -> None:
-    """Refuse local CUDA graphs that would capture a dropless MoE layer whole: its dispatch
-    waits on the host for the split sizes, which a capture cannot (Megatron fails late, with
-    an invalidated capture, after its warm-up steps)."""
-    if getattr(tc, "cuda_graph_impl", "none") != "local" or moe_layer_class(tc) is not None:
-        return
-    names = graph_module_names(tc)
-    drop_and_pad = tc.moe_expert_capacity_factor is not None and tc.moe_pad_expert_input_to_capacity
-    if (not names or "attn" in names) and not drop_and_pad:
-        raise ConfigError(
-            "--cuda-graph-impl local with --cuda-graph-modules "
-            f"{' '.join(sorted(names)) or '(empty: whole layers)'} captures each MoE layer "
-            "whole (Megatron-Core's TransformerLayer), and its dropless dispatch waits on the "
-            "host: add moe_router to --cuda-graph-modules (the MoE layers' router and "
-            "postprocess graphed, through Megatron's MoETransformerLayer; their attention "
-            "then runs eagerly), pad to capacity (--moe-expert-capacity-factor with "
-            "--moe-pad-expert-input-to-capacity), or use --cuda-graph-impl transformer_engine"
-        )
 
 
 def with_locmoe_layers(

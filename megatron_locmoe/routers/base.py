@@ -9,30 +9,11 @@ from __future__ import annotations
 
 import torch
 
+import megatron_locmoe.routers.fused as fused
 from megatron_locmoe import metrics
 from megatron_locmoe.config import ConfigError, LocMoEConfig
-from megatron_locmoe.routers import fused
 from megatron_locmoe.topology import current_topology
 from megatron_locmoe.virtual import RankStateBank, VirtualCluster
-
-
-def graph_module_names(tc) -> set[str]:
-    """``--cuda-graph-modules`` as names (Megatron's CudaGraphModule members or strings)."""
-    modules = getattr(tc, "cuda_graph_modules", None) or []
-    return {
-        str(getattr(m, "name", m)) for m in ([modules] if isinstance(modules, str) else modules)
-    }
-
-
-def graphs_capture_router(tc) -> bool:
-    """Whether Megatron's CUDA graphs (``--cuda-graph-impl``) capture the router's forward."""
-    impl = getattr(tc, "cuda_graph_impl", "none")
-    if impl in (None, "none"):
-        return False
-    names = graph_module_names(tc)
-    if impl == "full_iteration" or not names or names == {"full"}:
-        return True  # the whole iteration, or the whole layer
-    return bool(names & {"moe", "moe_router", "moe_preprocess"})
 
 
 def drop_to_capacity(

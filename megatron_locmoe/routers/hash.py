@@ -26,7 +26,8 @@ import torch
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_locmoe.config import ConfigError, LocMoEConfig
-from megatron_locmoe.routers.base import PluginRouterMixin, graphs_capture_router
+from megatron_locmoe.graphs import graphs_capture_router
+from megatron_locmoe.routers.base import PluginRouterMixin
 
 
 class MissingTokenIdsError(RuntimeError):

@@ -28,11 +28,13 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 from megatron.core.transformer.moe.router import TopKRouter
 
+import megatron_locmoe.routers.fused as fused
+import megatron_locmoe.routers.kernels as kernels
 from megatron_locmoe import capacity as bound
 from megatron_locmoe import metrics
 from megatron_locmoe.config import ConfigError, LocMoEConfig
-from megatron_locmoe.routers import fused, kernels
-from megatron_locmoe.routers.base import PluginRouterMixin, drop_to_capacity, graphs_capture_router
+from megatron_locmoe.graphs import graphs_capture_router
+from megatron_locmoe.routers.base import PluginRouterMixin, drop_to_capacity
 from megatron_locmoe.routers.fused import locality_kl
 
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.moe.moe_utils import compute_routing_scores_for_aux_loss
 
+import megatron_locmoe.routers.fused as fused
 from megatron_locmoe.config import ConfigError, LocMoEConfig
-from megatron_locmoe.routers import fused
 from megatron_locmoe.routers.fused import affinity_route, grap_affinity, threshold_choice
 from megatron_locmoe.routers.locmoe import LocMoERouter
 
