@@ -1,0 +1,288 @@
+"""The locality study (issue 32): one record per training run, seeds pooled into arms, and the
+Pareto front of held-out loss against inter-node bytes, with the seed noise beside every delta.
+
+A run is one ``pretrain_gpt`` training (usually on the virtual cluster) with a TensorBoard
+directory. Its record holds what the study compares, read from the TensorBoard scalars Megatron
+and the plugin write:
+
+- held-out loss: the last evaluation's ``lm loss validation`` (the mixture) and each
+  ``lm loss domain d validation`` (per domain, where the run evaluated domains);
+- the training loss curve (``lm loss``);
+- traffic per token and MoE layer, means over the last fifth of the run: the plugin's bytes per
+  rank, layer and micro-batch over the tokens of a micro-batch (``dedup_inter_node_bytes``:
+  one copy per token and remote node; the flat and two-hop schemes beside it), the node-local
+  share, the tokens received per rank (max / mean) and the dropped tokens;
+- speed: tokens/s and MFU from Megatron's ``--log-throughput`` (TFLOP/s per GPU over the card's
+  measured dense bf16 rate).
+
+Arms pool the seeds of one setting; ``compare`` calls a difference smaller than the seed
+standard deviation "no difference" (in both directions), and one measured with fewer than
+three seeds "unresolved".
+
+    python -m megatron_locmoe.analysis.study record TB_DIR --name NAME --arm ARM --seed S \\
+        --setting 16x8-finegrained-control --tokens-per-micro-batch 8192 \\
+        --command-file cmd.txt --out benchmarks/results/study/NAME.json
+    python -m megatron_locmoe.analysis.study table benchmarks/results/study/*.json \\
+        [--baseline megatron]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron_locmoe.analysis.errors import InputError, read_json, require_keys, run_tool
+from megatron_locmoe.analysis.runlog import read_scalars, tail_length
+
+BYTE_METRICS = (
+    "dedup_inter_node_bytes",
+    "two_hop_inter_node_bytes",
+    "flat_inter_node_bytes",
+    "dedup_intra_node_bytes",
+)
+"""Bytes per rank, layer and micro-batch (dispatch + combine), as the plugin records them."""
+ROUTING_METRICS = ("node_local_fraction", "received_tokens_max_over_mean", "tokens_dropped")
+MIN_SEEDS = 3
+"""Seeds an arm needs before a difference to it is called one."""
+_DOMAIN_TAG = re.compile(r"^lm loss domain (\d+) validation$")
+RECORD_KEYS = ("name", "arm", "seed", "setting", "heldout", "per_token", "routing", "speed")
+
+
+def _last(scalars, tag: str) -> float | None:
+    series = scalars.get(tag)
+    return None if series is None or not len(series[1]) else float(series[1][-1])
+
+
+def _tail(scalars, tag: str) -> float | None:
+    series = scalars.get(tag)
+    if series is None or not len(series[1]):
+        return None
+    values = series[1]
+    return float(values[-tail_length(len(values)) :].mean())
+
+
+def run_record(
+    tensorboard_dir: str | Path,
+    *,
+    name: str,
+    arm: str,
+    seed: int,
+    setting: str,
+    tokens_per_micro_batch: int,
+    peak_tflops: float,
+    command: str = "",
+    versions: dict | None = None,
+) -> dict:
+    """The study's record of one run from its TensorBoard scalars (see the module doc)."""
+    scalars = read_scalars(tensorboard_dir)
+    if "lm loss" not in scalars:
+        raise InputError(
+            f"{tensorboard_dir}: no 'lm loss' scalars; give the --tensorboard-dir of a "
+            "pretrain_gpt run that logged at least one iteration"
+        )
+    if "lm loss validation" not in scalars:
+        raise InputError(
+            f"{tensorboard_dir}: no evaluation ('lm loss validation'); the study compares "
+            "held-out loss: train with --eval-iters > 0 and held-out data"
+        )
+    domains = {
+        int(m.group(1)): _last(scalars, tag)
+        for tag in scalars
+        if (m := _DOMAIN_TAG.match(tag)) is not None
+    }
+    steps, losses = scalars["lm loss"]
+    tflops = _tail(scalars, "throughput")
+    per_token = {
+        m: v / tokens_per_micro_batch for m in BYTE_METRICS if (v := _tail(scalars, m)) is not None
+    }
+    return {
+        "name": name,
+        "arm": arm,
+        "seed": seed,
+        "setting": setting,
+        "command": command,
+        "versions": versions or {},
+        "tensorboard_dir": str(tensorboard_dir),
+        "steps": int(steps[-1]),
+        "heldout": {
+            "mixture": _last(scalars, "lm loss validation"),
+            "domains": {str(d): domains[d] for d in sorted(domains)},
+            "at_step": int(scalars["lm loss validation"][0][-1]),
+        },
+        "curve": {int(s): float(v) for s, v in zip(steps, losses, strict=True)},
+        "per_token": per_token,
+        "routing": {m: v for m in ROUTING_METRICS if (v := _tail(scalars, m)) is not None},
+        "speed": {
+            "tflops": tflops,
+            "mfu": None if tflops is None else tflops / peak_tflops,
+            "peak_tflops": peak_tflops,
+        },
+    }
+
+
+def load_records(paths: list[str | Path]) -> list[dict]:
+    records = []
+    for path in paths:
+        record = read_json(path, "study record", "write it with 'study record'")
+        require_keys(record, RECORD_KEYS, path, "study record")
+        records.append(record)
+    return records
+
+
+@dataclass
+class Arm:
+    """The seeds of one arm in one setting: means and seed standard deviations."""
+
+    setting: str
+    arm: str
+    seeds: list[int]
+    loss: float
+    loss_std: float | None
+    bytes: float | None
+    bytes_std: float | None
+    load: float | None
+
+    @property
+    def resolved(self) -> bool:
+        return len(self.seeds) >= MIN_SEEDS
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def pool(records: list[dict], byte_metric: str = "dedup_inter_node_bytes") -> list[Arm]:
+    """One Arm per (setting, arm), its seeds pooled; a seed given twice is an error."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in records:
+        groups[(r["setting"], r["arm"])].append(r)
+    arms = []
+    for (setting, arm), runs in sorted(groups.items()):
+        seeds = [r["seed"] for r in runs]
+        if len(set(seeds)) != len(seeds):
+            raise InputError(f"{setting} / {arm}: seeds {seeds} repeat; one record per seed")
+        loss, loss_std = _mean_std([r["heldout"]["mixture"] for r in runs])
+        sent = [r["per_token"].get(byte_metric) for r in runs]
+        sent_mean, sent_std = _mean_std(sent) if all(s is not None for s in sent) else (None, None)
+        loads = [r["routing"].get("received_tokens_max_over_mean") for r in runs]
+        load = max(loads) if all(x is not None for x in loads) else None
+        arms.append(Arm(setting, arm, sorted(seeds), loss, loss_std, sent_mean, sent_std, load))
+    return arms
+
+
+def compare(a: Arm, b: Arm) -> tuple[float, float | None, str]:
+    """(a's loss - b's loss, the seed noise, the verdict). The noise is the larger of the two
+    seed standard deviations; a difference within it is "no difference" (either direction),
+    and arms with fewer than MIN_SEEDS seeds are "unresolved"."""
+    delta = a.loss - b.loss
+    if not (a.resolved and b.resolved):
+        noise = max((s for s in (a.loss_std, b.loss_std) if s is not None), default=None)
+        return delta, noise, f"unresolved ({len(a.seeds)} vs {len(b.seeds)} seeds)"
+    noise = max(a.loss_std, b.loss_std)
+    if abs(delta) <= noise:
+        return delta, noise, "no difference"
+    return delta, noise, "worse" if delta > 0 else "better"
+
+
+def pareto_front(arms: list[Arm]) -> set[str]:
+    """Arms of one setting that no other arm beats on both held-out loss and bytes (lower is
+    better on both; an arm without bytes is left out)."""
+    scored = [a for a in arms if a.bytes is not None]
+    front = set()
+    for a in scored:
+        dominated = any(
+            b is not a
+            and b.loss <= a.loss
+            and b.bytes <= a.bytes
+            and (b.loss < a.loss or b.bytes < a.bytes)
+            for b in scored
+        )
+        if not dominated:
+            front.add(a.arm)
+    return front
+
+
+def _pm(mean: float | None, std: float | None, fmt: str) -> str:
+    if mean is None:
+        return "-"
+    return format(mean, fmt) + ("" if std is None else " ± " + format(std, fmt))
+
+
+def table(records: list[dict], baseline: str = "megatron") -> str:
+    """A markdown table per setting: held-out loss ± seed std, inter-node bytes per token and
+    layer (dedup) ± std, max/mean load, the delta to ``baseline`` with its verdict, and the
+    Pareto front."""
+    out = []
+    by_setting: dict[str, list[Arm]] = defaultdict(list)
+    for arm in pool(records):
+        by_setting[arm.setting].append(arm)
+    for setting, arms in by_setting.items():
+        base = next((a for a in arms if a.arm == baseline), None)
+        front = pareto_front(arms)
+        out.append(f"### {setting}\n")
+        out.append(
+            "| arm | seeds | held-out loss | inter-node bytes / token / layer (dedup) | "
+            f"max/mean load | Δ loss vs {baseline} | verdict | front |"
+        )
+        out.append("|---|---|---|---|---|---|---|---|")
+        for a in sorted(arms, key=lambda a: (a.bytes is None, a.bytes or 0.0)):
+            if base is None or a is base:
+                delta, verdict = "-", "-"
+            else:
+                d, noise, verdict = compare(a, base)
+                delta = f"{d:+.4f}" + ("" if noise is None else f" (noise {noise:.4f})")
+            load = "-" if a.load is None else f"{a.load:.3f}"
+            out.append(
+                f"| {a.arm} | {len(a.seeds)} | {_pm(a.loss, a.loss_std, '.4f')} | "
+                f"{_pm(a.bytes, a.bytes_std, '.1f')} | {load} | {delta} | {verdict} | "
+                f"{'yes' if a.arm in front else ''} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m megatron_locmoe.analysis.study")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("record", help="one run's record from its TensorBoard directory")
+    r.add_argument("tensorboard_dir")
+    r.add_argument("--name", required=True)
+    r.add_argument("--arm", required=True)
+    r.add_argument("--seed", type=int, required=True)
+    r.add_argument("--setting", required=True, help="e.g. 16x8-finegrained-control")
+    r.add_argument("--tokens-per-micro-batch", type=int, required=True)
+    r.add_argument("--peak-tflops", type=float, default=790.0)
+    r.add_argument("--command-file", default=None, help="the run's command line, as run")
+    r.add_argument("--versions", default="{}", help="JSON: torch, megatron-core, card, ...")
+    r.add_argument("--out", required=True)
+    t = sub.add_parser("table", help="the Pareto table of study records")
+    t.add_argument("records", nargs="+")
+    t.add_argument("--baseline", default="megatron")
+    a = p.parse_args(argv)
+    if a.cmd == "record":
+        command = Path(a.command_file).read_text().strip() if a.command_file else ""
+        record = run_record(
+            a.tensorboard_dir,
+            name=a.name,
+            arm=a.arm,
+            seed=a.seed,
+            setting=a.setting,
+            tokens_per_micro_batch=a.tokens_per_micro_batch,
+            peak_tflops=a.peak_tflops,
+            command=command,
+            versions=json.loads(a.versions),
+        )
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(record, indent=1, sort_keys=True))
+        print(f"{a.out}: held-out {record['heldout']['mixture']:.4f}, {record['per_token']}")
+    else:
+        print(table(load_records(a.records), a.baseline))
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_tool(main))

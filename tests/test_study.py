@@ -1,0 +1,131 @@
+"""The study's records and tables (megatron_locmoe.analysis.study) from real TensorBoard event
+files written as Megatron and the plugin name their scalars."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from torch.utils.tensorboard import SummaryWriter
+
+from megatron_locmoe.analysis import study
+from megatron_locmoe.analysis.errors import InputError
+
+TOKENS = 8192
+
+
+def _write_run(path, loss, bytes_per_mb, domains=(), steps=10, validation=True):
+    w = SummaryWriter(str(path))
+    for step in range(1, steps + 1):
+        w.add_scalar("lm loss", 10.0 - 0.1 * step, step)
+        w.add_scalar("throughput", 300.0, step)
+        w.add_scalar("dedup_inter_node_bytes", bytes_per_mb * (2.0 if step < 9 else 1.0), step)
+        w.add_scalar("node_local_fraction", 0.4, step)
+        w.add_scalar("received_tokens_max_over_mean", 1.05, step)
+    if validation:
+        w.add_scalar("lm loss validation", loss + 1.0, steps // 2)
+        w.add_scalar("lm loss validation", loss, steps)
+        for d, value in enumerate(domains):
+            w.add_scalar(f"lm loss domain {d} validation", value, steps)
+    w.close()
+
+
+def _record(tmp_path, name, arm, seed, loss, bytes_per_mb, setting="16x8"):
+    tb = tmp_path / name
+    _write_run(tb, loss, bytes_per_mb, domains=(loss - 0.1, loss + 0.1))
+    return study.run_record(
+        tb,
+        name=name,
+        arm=arm,
+        seed=seed,
+        setting=setting,
+        tokens_per_micro_batch=TOKENS,
+        peak_tflops=790.0,
+    )
+
+
+def test_a_record_reads_the_held_out_losses_bytes_and_speed(tmp_path):
+    r = _record(tmp_path, "a", "megatron", 1, 3.0, TOKENS * 100.0)
+    assert r["heldout"]["mixture"] == pytest.approx(3.0)
+    assert r["heldout"]["at_step"] == 10
+    assert r["heldout"]["domains"] == {"0": pytest.approx(2.9), "1": pytest.approx(3.1)}
+    # the last fifth of 10 steps (steps 9 and 10) at 1x: 100 bytes per token and layer
+    assert r["per_token"]["dedup_inter_node_bytes"] == pytest.approx(100.0)
+    assert r["routing"]["node_local_fraction"] == pytest.approx(0.4)
+    assert r["speed"]["mfu"] == pytest.approx(300.0 / 790.0)
+    assert len(r["curve"]) == 10
+    json.dumps(r)  # a JSON record
+
+
+def test_a_run_without_evaluation_is_refused(tmp_path):
+    _write_run(tmp_path / "x", 3.0, 1.0, validation=False)
+    with pytest.raises(InputError, match="--eval-iters"):
+        study.run_record(
+            tmp_path / "x",
+            name="x",
+            arm="a",
+            seed=1,
+            setting="s",
+            tokens_per_micro_batch=TOKENS,
+            peak_tflops=790.0,
+        )
+
+
+def _arms(tmp_path, spec):
+    records = [
+        _record(tmp_path, f"{arm}-{seed}", arm, seed, loss, TOKENS * sent)
+        for arm, runs in spec.items()
+        for seed, (loss, sent) in enumerate(runs, start=1)
+    ]
+    return records, {a.arm: a for a in study.pool(records)}
+
+
+def test_differences_within_the_seed_noise_are_no_difference(tmp_path):
+    _, arms = _arms(
+        tmp_path,
+        {
+            "megatron": [(3.00, 100), (3.02, 100), (2.98, 100)],  # std 0.02
+            "close": [(3.01, 50), (3.03, 50), (2.99, 50)],  # +0.01: within the noise
+            "worse": [(3.10, 40), (3.11, 40), (3.12, 40)],  # +0.11
+            "two_seeds": [(2.50, 10), (2.51, 10)],
+        },
+    )
+    assert study.compare(arms["close"], arms["megatron"])[2] == "no difference"
+    delta, noise, verdict = study.compare(arms["worse"], arms["megatron"])
+    assert verdict == "worse" and delta == pytest.approx(0.11) and noise == pytest.approx(0.02)
+    assert study.compare(arms["megatron"], arms["worse"])[2] == "better"
+    assert study.compare(arms["two_seeds"], arms["megatron"])[2].startswith("unresolved")
+
+
+def test_the_pareto_front_and_the_table(tmp_path):
+    records, arms = _arms(
+        tmp_path,
+        {
+            "megatron": [(3.00, 100), (3.00, 100), (3.00, 100)],
+            "cheap": [(3.00, 50), (3.00, 50), (3.00, 50)],  # same loss, half the bytes
+            "dominated": [(3.05, 60), (3.05, 60), (3.05, 60)],
+            "cheapest": [(3.20, 10), (3.20, 10), (3.20, 10)],
+        },
+    )
+    assert study.pareto_front(list(arms.values())) == {"cheap", "cheapest"}
+    text = study.table(records)
+    assert "### 16x8" in text
+    row = next(line for line in text.splitlines() if line.startswith("| cheap |"))
+    assert "no difference" in row and row.endswith("| yes |")
+    assert "50.0 ± 0.0" in row
+
+
+def test_a_seed_given_twice_is_refused(tmp_path):
+    records = [_record(tmp_path, f"r{i}", "megatron", 1, 3.0, 1.0) for i in range(2)]
+    with pytest.raises(InputError, match="seeds"):
+        study.pool(records)
+
+
+def test_the_command_line_writes_and_tabulates(tmp_path, capsys):
+    _write_run(tmp_path / "tb", 3.0, TOKENS * 100.0)
+    out = tmp_path / "rec.json"
+    argv = f"record {tmp_path / 'tb'} --name r --arm megatron --seed 1 --setting s "
+    argv += f"--tokens-per-micro-batch {TOKENS} --out {out}"
+    study.main(argv.split())
+    study.main(["table", str(out)])
+    assert "| megatron | 1 | 3.0000 |" in capsys.readouterr().out
