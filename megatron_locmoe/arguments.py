@@ -17,9 +17,11 @@ from types import SimpleNamespace
 
 from megatron.training.argument_utils import ArgumentGroupFactory
 
-from megatron_locmoe.config import ConfigError, LocMoEConfig, router_names
+from megatron_locmoe.config import ConfigError, LocMoEConfig
 from megatron_locmoe.data.indexed import check_dataset
 from megatron_locmoe.graphs import check_local_cuda_graphs
+from megatron_locmoe.routers import router_class, router_names
+from megatron_locmoe.validation import changes_megatron, validate
 
 logger = logging.getLogger(__name__)
 
@@ -193,24 +195,24 @@ def validate_locmoe_args(args) -> LocMoEConfig:
     check_train_iters(args)
     cfg = locmoe_config_from_args(args)
     _check_virtual_and_domain_args(args, cfg)
-    changes = cfg.changes_megatron(bool(getattr(args, "moe_grouped_gemm", False)))
+    changes = changes_megatron(cfg, bool(getattr(args, "moe_grouped_gemm", False)))
     if args.num_experts is None:
         if changes:
             raise ConfigError(
                 f"--moe-router-type {cfg.router_type} / --locmoe-dispatcher {cfg.dispatcher} / "
                 f"--locmoe-attention {cfg.attention} need an MoE model: set --num-experts"
             )
-        return cfg.validate()
-    cfg.validate(_transformer_view(args))  # the model's own MoE settings too (top-k >= 1, ...)
+        return validate(cfg)
+    validate(cfg, _transformer_view(args))  # the model's own MoE settings too (top-k >= 1, ...)
     if not changes:
         return cfg
-    if cfg.router_type != "megatron" and getattr(args, "mtp_num_layers", None):
+    if router_class(cfg.router_type).is_plugin_router and getattr(args, "mtp_num_layers", None):
         raise ConfigError(
             "multi-token-prediction layers are built from stock specs and would keep Megatron's "
             f"router while the decoder uses {cfg.router_type}: drop --mtp-num-layers"
         )
-    if cfg.router_type == "hash":
-        if cfg.hash_token_counts and not _written_before_training(cfg.hash_token_counts):
+    if cfg.hash_token_counts:  # only routers that read it take it (validation)
+        if not _written_before_training(cfg.hash_token_counts):
             # before any process starts, not at model build
             from megatron_locmoe.routers.hash import load_token_counts
 

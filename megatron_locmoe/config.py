@@ -3,12 +3,16 @@
 Interpretations where the paper is silent (docs/design.md §1) are recorded beside each field. Every
 invalid value raises ConfigError naming the value and the fix; field docstrings double as CLI
 help when the Megatron adaptor turns the fields into ``--locmoe-*`` flags.
+
+A floor: this module imports nothing of the plugin. ``LocMoEConfig.check_values`` holds the rules
+that need only the settings and the model; the rules that need the router registry or the
+dispatcher are ``megatron_locmoe.validation.validate``'s, which calls this one first.
 """
 
 import math
 import numbers
 import types
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Literal, get_args, get_origin
 
 
@@ -51,13 +55,6 @@ def sdpa_attention_unsupported(transformer_config) -> list[str]:
     ]
 
 
-def router_names() -> tuple[str, ...]:
-    """The router types, from the routers' registry (the one list)."""
-    from megatron_locmoe.routers import ROUTERS
-
-    return tuple(ROUTERS)
-
-
 class ConfigError(ValueError):
     """An invalid LocMoE setting: the message names the value and what to change."""
 
@@ -95,7 +92,8 @@ def _type_name(annotation) -> str:
 @dataclass
 class LocMoEConfig:
     router_type: str = "megatron"
-    """Router of every MoE layer, a key of megatron_locmoe.routers.ROUTERS: megatron
+    """Router of every MoE layer, a key of megatron_locmoe.routers.ROUTERS (the registry checks
+    the name): megatron
     (Megatron's TopKRouter, the default), locmoe, locmoe_plus (LocMoE+'s affinity routing and
     adaptive capacity), hash (Hash Layers), switch."""
 
@@ -226,20 +224,6 @@ class LocMoEConfig:
         if isinstance(self.fused_router, bool):  # LocMoEConfig(fused_router=True) as before
             self.fused_router = "on" if self.fused_router else "off"
 
-    def capacity_bound_applies(self, transformer_config) -> bool:
-        """capacity_mode bound, or auto for the locmoe router with a capacity factor."""
-        if self.capacity_mode != "auto":
-            return self.capacity_mode == "bound"
-        cf = getattr(transformer_config, "moe_expert_capacity_factor", None)
-        return self.router_class.has_capacity_bound and cf is not None
-
-    @property
-    def router_class(self):
-        """The router class ``router_type`` names (megatron_locmoe.routers.ROUTERS)."""
-        from megatron_locmoe.routers import ROUTERS
-
-        return ROUTERS[self.router_type]
-
     @property
     def dedup_setting(self) -> bool | str:
         """dispatcher_dedup as the dispatcher takes it (True, False or 'auto')."""
@@ -249,24 +233,10 @@ class LocMoEConfig:
         """experts grouped, or auto with --moe-grouped-gemm."""
         return self.experts == "grouped" or (self.experts == "auto" and moe_grouped_gemm)
 
-    def changes_megatron(self, moe_grouped_gemm: bool) -> bool:
-        """True when the plugin changes anything (default settings keep stock Megatron): the
-        one test the layer spec and the argument checks share."""
-        return (
-            self.router_type != "megatron"
-            or self.dispatcher == "hierarchical"
-            or self.wants_grouped_experts(moe_grouped_gemm)
-            or self.virtual_cluster is not None
-            or self.attention != "megatron"
-        )
-
-    def validate(self, transformer_config=None) -> "LocMoEConfig":
-        """Raise ConfigError for an invalid value; returns self for chaining."""
-        names = router_names()
-        if self.router_type not in names:
-            raise ConfigError(
-                f"router type {self.router_type!r} is unknown; use one of {', '.join(names)}"
-            )
+    def check_values(self, transformer_config=None) -> "LocMoEConfig":
+        """Raise ConfigError for a value invalid by itself or for the model (``transformer_config``,
+        when given); returns self for chaining. Not the whole check: the rules of the router
+        registry and the dispatcher are ``megatron_locmoe.validation.validate``'s."""
         for f in fields(self):
             value = getattr(self, f.name)
             if get_origin(f.type) is not Literal and not _fits(value, f.type):
@@ -319,33 +289,12 @@ class LocMoEConfig:
                 f"plus_affinity_threshold={self.plus_affinity_threshold} must lie in [0, 1] "
                 "(0: plain top-k; e.g. 0.5)"
             )
-        self._check_router_owns_settings()
         if self.devices_per_node is not None and self.devices_per_node < 1:
             raise ConfigError(f"devices_per_node={self.devices_per_node} must be at least 1")
         self._check_virtual_cluster()
         if transformer_config is not None:
             self._validate_against(transformer_config)
         return self
-
-    def _check_router_owns_settings(self) -> None:
-        """A setting only some routers read, changed for another router, is a mistake: say so."""
-        from megatron_locmoe.routers import ROUTERS
-
-        owned = (
-            ("has_locality_loss", "node_target_share"),
-            ("has_affinity_routing", "plus_capacity_multiplier"),
-            ("has_affinity_routing", "plus_affinity_threshold"),
-        )
-        defaults = {f.name: f.default for f in fields(self)}
-        for capability, name in owned:
-            if getattr(self, name) == defaults[name] or getattr(self.router_class, capability):
-                continue
-            having = " or ".join(n for n, c in ROUTERS.items() if getattr(c, capability))
-            raise ConfigError(
-                f"{name} is a {having} router option; the {self.router_type} router does not "
-                f"read it: use --moe-router-type {having} or drop --locmoe-"
-                + name.replace("_", "-")
-            )
 
     @property
     def virtual_shape(self) -> tuple[int, int] | None:
@@ -453,12 +402,6 @@ class LocMoEConfig:
             raise ConfigError(
                 f"--moe-router-topk {k} is larger than the number of experts {n}; use at most {n}"
             )
-        if self.dispatcher == "hierarchical":
-            from megatron_locmoe.dispatch.dispatcher import unsupported_settings
-
-            refused = unsupported_settings(tc)
-            if refused:
-                raise ConfigError("; ".join(r.as_flag() for r in refused))
         unsupported = grouped_experts_unsupported(tc) if self.experts == "grouped" else []
         if unsupported:
             raise ConfigError(
@@ -473,6 +416,40 @@ class LocMoEConfig:
             )
         if self.virtual_cluster is not None:
             self._validate_virtual_against(tc)
-        from megatron_locmoe.routers import ROUTERS
 
-        ROUTERS[self.router_type].check_model(self, tc)
+
+ROUTER_SETTINGS: dict[str, str] = {
+    "aux_loss_coeff": "has_switch_balance_loss",
+    "locality_loss_coeff": "has_locality_loss",
+    "locality_smoothing": "has_locality_loss",
+    "node_target_share": "has_node_target",
+    "node_bias_rate": "has_node_target",
+    "grap_mode": "has_grap_gate",
+    "grap_bias": "has_grap_gate",
+    "grap_temperature": "has_grap_gate",
+    "grap_learnable_temperature": "has_grap_gate",
+    "capacity_mode": "has_capacity_bound",
+    "capacity_floor_factor": "has_capacity_bound",
+    "capacity_percentile": "has_capacity_bound",
+    "capacity_reestimate_interval": "has_capacity_bound",
+    "plus_capacity_multiplier": "has_affinity_routing",
+    "plus_affinity_threshold": "has_affinity_routing",
+    "hash_seed": "needs_token_ids",
+    "hash_token_counts": "needs_token_ids",
+}
+"""The settings only some routers read -> the router capability (a class attribute of the
+router classes, megatron_locmoe.routers.base.PluginRouterMixin) that reads them. A value other
+than the default given to a router without that capability is refused at parse time
+(``megatron_locmoe.routers.check_router_settings``); every other setting applies to every
+router. Not here: fused_router, a speed switch a preset sets for whichever router runs (a router
+without a fused path keeps its one path and the start-up summary says so)."""
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """A LocMoEConfig with no ``auto`` left, and why each setting is what it is: what the layers,
+    routers and experts are built from (``megatron_locmoe.resolve`` makes it)."""
+
+    config: LocMoEConfig
+    reasons: dict[str, str] = field(default_factory=dict)
+    """setting -> how it was decided (for ``auto`` settings: why it resolved as it did)."""

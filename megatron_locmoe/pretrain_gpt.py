@@ -29,7 +29,13 @@ def _reads_data(vp_stage, args) -> bool:
     (embedding, loss), and with the hash router every stage (its token ids)."""
     from megatron.training.utils import is_first_or_last_pipeline_stage
 
-    return is_first_or_last_pipeline_stage(vp_stage) or args.moe_router_type == "hash"
+    # the registry imports Megatron's router modules: not before the adaptor's patches
+    from megatron_locmoe.routers import router_class
+
+    return (
+        is_first_or_last_pipeline_stage(vp_stage)
+        or router_class(args.moe_router_type).needs_token_ids
+    )
 
 
 def _dataset_config(args):

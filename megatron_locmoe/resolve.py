@@ -5,32 +5,29 @@ defaults that depend on the run (does expert parallelism leave the node? is this
 process? is Transformer Engine's grouped MLP in the spec? is there a capacity factor?) are
 decided here, in one place. ``resolve`` is pure: the layer spec calls it once, prints the
 summary and hands the answer to every MoE layer, which builds its router, dispatcher and
-experts from it (``settled``). Explicit values are kept as given (their checks stay in LocMoEConfig and the
-argument validation); only ``auto`` is decided, and never to a value that would then fail.
+experts from it (``settled``). Explicit values are kept as given (their checks are
+``validation.validate``'s); only ``auto`` is decided, and never to a value that would then fail.
+The router's own settings (fused path, capacity) are decided by its class
+(``routers.base.PluginRouterMixin.resolve_settings``), the dispatcher and experts here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
 
-from megatron_locmoe.config import LocMoEConfig, grouped_experts_unsupported
+from megatron_locmoe.config import LocMoEConfig, Resolution, grouped_experts_unsupported
+from megatron_locmoe.device import choose_device
+from megatron_locmoe.dispatch.dispatcher import resolve_dedup, unsupported_settings
 from megatron_locmoe.graphs import moe_layer_class
+from megatron_locmoe.routers import router_class
+from megatron_locmoe.topology import current_topology
+from megatron_locmoe.validation import validate
 from megatron_locmoe.virtual import VirtualCluster
 
 
-@dataclass(frozen=True)
-class Resolution:
-    """A LocMoEConfig with no ``auto`` left, and why each setting is what it is."""
-
-    config: LocMoEConfig
-    reasons: dict[str, str] = field(default_factory=dict)
-    """setting -> how it was decided (for ``auto`` settings: why it resolved as it did)."""
-
-
 def _plugin_router(locmoe: LocMoEConfig) -> bool:
-    return locmoe.router_type != "megatron"
+    return router_class(locmoe.router_type).is_plugin_router
 
 
 def _dispatcher(locmoe: LocMoEConfig, tc, topology) -> tuple[str, str]:
@@ -44,8 +41,6 @@ def _dispatcher(locmoe: LocMoEConfig, tc, topology) -> tuple[str, str]:
     if topology is None or not topology.spans_nodes:
         where = "one node" if topology is not None else "an unknown node map"
         return "alltoall", f"auto: expert parallelism inside {where}, nothing crosses nodes"
-    from megatron_locmoe.dispatch.dispatcher import unsupported_settings
-
     blockers = unsupported_settings(tc)
     if blockers:
         return "alltoall", (
@@ -56,37 +51,6 @@ def _dispatcher(locmoe: LocMoEConfig, tc, topology) -> tuple[str, str]:
     return "hierarchical", (
         f"auto: expert parallelism spans {topology.num_nodes} nodes: first hop inside the node"
     )
-
-
-def _fused_router(locmoe: LocMoEConfig, tc, device_type: str | None) -> tuple[str, str]:
-    if not locmoe.router_class.has_fused_path:
-        return locmoe.fused_router, f"as given (the {locmoe.router_type} router has no fused path)"
-    if getattr(tc, "moe_router_fusion", False):
-        return "on", "--moe-router-fusion: the locmoe router's own fused path"
-    if locmoe.fused_router != "auto":
-        return locmoe.fused_router, "as given"
-    if device_type == "cuda":
-        return "on", "auto: CUDA: " + _fused_path(locmoe, tc)
-    return "off", f"auto: {device_type or 'unknown'} device: the reference path"
-
-
-def _fused_path(locmoe: LocMoEConfig, tc) -> str:
-    """Which fused path a CUDA process takes with these settings."""
-    from megatron_locmoe.routers import kernels
-
-    if not kernels.HAVE_TRITON:
-        return "one compiled graph (triton is not installed)"
-    if kernels.DISABLED:
-        return "one compiled graph (LOCMOE_TRITON_ROUTER=0)"
-    if locmoe.node_target_share:
-        return "the reference path (the node-target bias has no fused path)"
-    capacity_mode = _capacity(locmoe, tc)[0]
-    settled = dataclasses.replace(locmoe, capacity_mode=capacity_mode)
-    if not kernels.gate_applies(settled, tc.num_moe_experts):
-        return "compiled graphs (the Triton kernels cover the fixed gate without a threshold)"
-    if capacity_mode == "bound":
-        return "the Triton kernels with the capacity drop (compiled graphs on re-estimate steps)"
-    return "the Triton kernels"
 
 
 def _experts(locmoe: LocMoEConfig, tc) -> tuple[str, str]:
@@ -107,39 +71,16 @@ def _experts(locmoe: LocMoEConfig, tc) -> tuple[str, str]:
     return "grouped", "auto: all local experts in two torch._grouped_mm GEMMs"
 
 
-def _capacity(locmoe: LocMoEConfig, tc) -> tuple[str, str]:
-    if locmoe.capacity_mode != "auto":
-        return locmoe.capacity_mode, "as given"
-    cf = getattr(tc, "moe_expert_capacity_factor", None)
-    bound = locmoe.router_class.has_capacity_bound
-    if bound and cf is not None:
-        return "bound", (
-            f"auto: --moe-expert-capacity-factor {cf}: LocMoE's lower bound, clamped below "
-            "that factor's capacity"
-        )
-    if bound:
-        return "none", "auto: no --moe-expert-capacity-factor: dropless"
-    return "none", f"auto: the {locmoe.router_type} router's own capacity handling"
-
-
-def _reestimate_interval(locmoe: LocMoEConfig) -> tuple[int, str]:
-    if locmoe.capacity_reestimate_interval is not None:
-        return locmoe.capacity_reestimate_interval, "as given"
-    K = locmoe.router_class.default_reestimate_interval
-    return K, f"default of the {locmoe.router_type} router" + (
-        f": every {K} steps" if K else ": once, on the first batch"
-    )
-
-
 def resolve(locmoe: LocMoEConfig, tc, topology=None, device_type: str | None = None) -> Resolution:
     """``locmoe`` with every ``auto`` decided for this model (``tc``, Megatron's
     TransformerConfig or its parsed arguments), node map and device type."""
+    # the router's own settings are its class's to decide (routers.base.resolve_settings)
+    router = router_class(locmoe.router_type).resolve_settings(locmoe, tc, device_type)
     choices = {
         "dispatcher": _dispatcher(locmoe, tc, topology),
-        "fused_router": _fused_router(locmoe, tc, device_type),
+        "fused_router": router.pop("fused_router"),
         "experts": _experts(locmoe, tc),
-        "capacity_mode": _capacity(locmoe, tc),
-        "capacity_reestimate_interval": _reestimate_interval(locmoe),
+        **router,
     }
     config = dataclasses.replace(locmoe, **{name: value for name, (value, _) in choices.items()})
     return Resolution(config, {name: why for name, (_, why) in choices.items()})
@@ -147,9 +88,6 @@ def resolve(locmoe: LocMoEConfig, tc, topology=None, device_type: str | None = N
 
 def layer_resolution(locmoe: LocMoEConfig, tc) -> Resolution:
     """``resolve`` for this process: the current topology (if one was built) and device."""
-    from megatron_locmoe.device import choose_device
-    from megatron_locmoe.topology import current_topology
-
     cluster = VirtualCluster.from_config(locmoe)
     # a virtual cluster decides as its ranks would (their dispatcher: the traffic it counts)
     topology = current_topology() if cluster is None else cluster.topology(0)
@@ -162,7 +100,7 @@ def settled(locmoe: LocMoEConfig | Resolution, tc) -> Resolution:
     router built directly) is validated against ``tc`` and resolved here."""
     if isinstance(locmoe, Resolution):
         return locmoe
-    return layer_resolution(locmoe.validate(tc), tc)
+    return layer_resolution(validate(locmoe, tc), tc)
 
 
 # ---- the start-up summary ----------------------------------------------------------------
@@ -172,7 +110,7 @@ def summary_fields(resolution: Resolution, tc, topology=None) -> dict:
     """What the run does, as plain values (the W&B config and the TensorBoard text)."""
     cfg, E, k = resolution.config, tc.num_moe_experts, tc.moe_router_topk
     out: dict = {"router": cfg.router_type, "top_k": k, "num_experts": E}
-    router = cfg.router_class
+    router = router_class(cfg.router_type)
     if router.has_grap_gate:
         out["gate"] = (
             f"GrAP {cfg.grap_mode}"
@@ -180,9 +118,9 @@ def summary_fields(resolution: Resolution, tc, topology=None) -> dict:
             + (f", temperature {cfg.grap_temperature:g}" if cfg.grap_temperature != 1.0 else "")
             + (", learnable temperature" if cfg.grap_learnable_temperature else "")
         )
-    if router.uses_locmoe_alpha and router.probs_have_grad:
+    if router.has_switch_balance_loss:
         out["balance_loss"] = f"switch form, alpha {cfg.aux_loss_coeff:g}"
-    elif cfg.router_type == "megatron":
+    elif not router.is_plugin_router:
         out["balance_loss"] = (
             f"Megatron's {tc.moe_router_load_balancing_type}, coeff {tc.moe_aux_loss_coeff}"
         )
@@ -221,8 +159,6 @@ def summary_fields(resolution: Resolution, tc, topology=None) -> dict:
     }[cfg.capacity_mode]
     out["dispatcher"] = cfg.dispatcher
     if cfg.dispatcher == "hierarchical":
-        from megatron_locmoe.dispatch.dispatcher import resolve_dedup
-
         dedup = "on" if resolve_dedup(cfg.dedup_setting, tc) else "off"
         out["dedup"] = dedup + (
             f" (auto: top-{k}"

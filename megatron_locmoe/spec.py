@@ -25,11 +25,12 @@ from megatron_locmoe.layer import LocMoELayer, locmoe_mlp_builder
 from megatron_locmoe.resolve import Resolution, layer_resolution
 from megatron_locmoe.routers import attach_token_ids
 from megatron_locmoe.topology import get_topology
+from megatron_locmoe.validation import changes_megatron, validate
 
 
 def plugin_active(locmoe: LocMoEConfig, transformer_config=None) -> bool:
     """True when the plugin changes anything (default settings keep stock Megatron)."""
-    return locmoe.changes_megatron(bool(getattr(transformer_config, "moe_grouped_gemm", False)))
+    return changes_megatron(locmoe, bool(getattr(transformer_config, "moe_grouped_gemm", False)))
 
 
 def padded_vocab(model_config) -> int:
@@ -95,7 +96,7 @@ def locmoe_block_spec(model_config, vp_stage=None):
     check_local_cuda_graphs(cfg)
     # collective on first call; then cached (a virtual cluster is one process: one device)
     topology = get_topology(1 if locmoe.virtual_cluster else locmoe.devices_per_node)
-    resolution = layer_resolution(locmoe.validate(cfg), cfg)  # once, for every MoE layer
+    resolution = layer_resolution(validate(locmoe, cfg), cfg)  # once, for every MoE layer
     announce(resolution, cfg, topology)
     vocab = padded_vocab(model_config)
     return with_locmoe_layers(
@@ -136,7 +137,7 @@ def announce(resolution, transformer_config, topology) -> str:
 
 def _token_counts(locmoe: LocMoEConfig, vocab_size: int):
     """Corpus token counts for the hash router, padded with zeros to the model's vocabulary."""
-    if locmoe.router_type != "hash" or not locmoe.hash_token_counts:
+    if not locmoe.hash_token_counts:  # only routers that read it take it (validation)
         return None
     import numpy as np
     import torch

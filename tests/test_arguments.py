@@ -13,6 +13,7 @@ from megatron_locmoe import adaptor
 from megatron_locmoe.arguments import dest
 from megatron_locmoe.config import ConfigError, LocMoEConfig
 from megatron_locmoe.device import DeviceChoice
+from megatron_locmoe.validation import changes_megatron
 
 BASE = (
     "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 128 "
@@ -40,7 +41,7 @@ def megatron_args(monkeypatch):
     adaptor.REGISTRY.revert()
 
 
-def test_every_flag_parses_and_lands_in_transformer_config(megatron_args):
+def test_every_flag_parses_and_lands_in_transformer_config(megatron_args, tmp_path):
     parse, to_config = megatron_args
     args = parse(
         "--moe-router-type",
@@ -76,10 +77,6 @@ def test_every_flag_parses_and_lands_in_transformer_config(megatron_args):
         "3.0",
         "--locmoe-plus-affinity-threshold",
         "0.5",
-        "--locmoe-hash-seed",
-        "7",
-        "--locmoe-hash-token-counts",
-        "data/pydoc_counts.npy",
         "--locmoe-dispatcher",
         "hierarchical",
         "--locmoe-dispatcher-dedup",
@@ -90,6 +87,8 @@ def test_every_flag_parses_and_lands_in_transformer_config(megatron_args):
         "--locmoe-check-router-input",
         "--locmoe-devices-per-node",
         "4",
+        "--locmoe-attention",
+        "sdpa",
     )
     expected = LocMoEConfig(
         router_type="locmoe_plus",
@@ -109,23 +108,34 @@ def test_every_flag_parses_and_lands_in_transformer_config(megatron_args):
         capacity_reestimate_interval=50,
         plus_capacity_multiplier=3.0,
         plus_affinity_threshold=0.5,
-        hash_seed=7,
-        hash_token_counts="data/pydoc_counts.npy",
         dispatcher="hierarchical",
         dispatcher_dedup="on",
         experts="grouped",
         check_router_input=True,
         devices_per_node=4,
+        attention="sdpa",
     )
     config = to_config(args)
     assert config.locmoe == expected
+    # the hash router's settings, which only it reads
+    import numpy as np
+
+    np.save(tmp_path / "counts.npy", np.ones(128, dtype=np.int64))
+    counts = str(tmp_path / "counts.npy")
+    args = parse(
+        "--moe-router-type", "hash", "--locmoe-hash-seed", "7", "--locmoe-hash-token-counts", counts
+    )
+    hashed = LocMoEConfig(router_type="hash", hash_seed=7, hash_token_counts=counts)
+    assert to_config(args).locmoe == hashed
     # every field was set away from its default, so every flag is exercised (the virtual
     # cluster's need one process: test_virtual_cluster_flags_parse)
     for f in dataclasses.fields(LocMoEConfig):
         assert hasattr(args, dest(f.name))
         if f.name in VIRTUAL_FIELDS:
             continue
-        assert getattr(expected, f.name) != f.default, f.name
+        assert f.default != getattr(expected, f.name) or f.default != getattr(hashed, f.name), (
+            f.name
+        )
 
 
 VIRTUAL_FIELDS = ("virtual_cluster", "virtual_ep_size")
@@ -149,7 +159,7 @@ def test_virtual_cluster_flags_parse(megatron_args, monkeypatch):
     )
     locmoe = to_config(args).locmoe
     assert (locmoe.virtual_cluster, locmoe.virtual_ep_size) == ("4x2", 4)
-    assert locmoe.virtual_shape == (4, 2) and locmoe.changes_megatron(False)
+    assert locmoe.virtual_shape == (4, 2) and changes_megatron(locmoe, False)
 
 
 @pytest.mark.parametrize(
@@ -224,7 +234,7 @@ def test_defaults_keep_megatron_behaviour(megatron_args):
     parse, to_config = megatron_args
     config = to_config(parse())
     assert config.locmoe == LocMoEConfig()
-    assert config.locmoe.router_type == "megatron" and not config.locmoe.changes_megatron(False)
+    assert config.locmoe.router_type == "megatron" and not changes_megatron(config.locmoe, False)
     # the auto settings resolve to stock Megatron's for its own router, on any node map
     from types import SimpleNamespace
 

@@ -250,6 +250,7 @@ def locality_weight_gradient_job(ctx, fused_router: str, use_kernels: bool = Tru
     )
 
     from megatron_locmoe.config import LocMoEConfig
+    from megatron_locmoe.resolve import settled
     from megatron_locmoe.routers.locmoe import LocMoERouter
     from megatron_locmoe.sim.testing import moe_config
 
@@ -265,7 +266,9 @@ def locality_weight_gradient_job(ctx, fused_router: str, use_kernels: bool = Tru
         fused_router=fused_router,
         grap_mode="learnable",  # a gate weight that receives the gradient
     )
-    router = LocMoERouter(config, get_default_pg_collection(), locmoe=locmoe)
+    router = LocMoERouter(
+        config, get_default_pg_collection(), locmoe=settled(locmoe, config)
+    )  # resolved first: a router takes a Resolution
     router.use_kernels = use_kernels
     router.train()
     x = torch.randn(8, 2, 32, generator=torch.Generator().manual_seed(ctx.rank // 2))

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from megatron_locmoe.config import ConfigError, LocMoEConfig
 from megatron_locmoe.sim.cluster import ParallelLayout
 from megatron_locmoe.sim.testing import build_moe_layer, moe_config
+from megatron_locmoe.validation import changes_megatron, validate
 
 CASES = {
     "swiglu_top2": dict(moe_router_topk=2),
@@ -159,11 +160,11 @@ def test_experts_setting_selects_module_and_validates():
     assert experts("locmoe", transformer_impl="transformer_engine") == "grouped"
     assert experts("locmoe", add_bias_linear=True) == "loop"  # grouped cannot: no error either
     assert not LocMoEConfig().wants_grouped_experts(False)
-    assert LocMoEConfig().changes_megatron(True) and not LocMoEConfig().changes_megatron(False)
+    assert changes_megatron(LocMoEConfig(), True) and not changes_megatron(LocMoEConfig(), False)
     with pytest.raises(ConfigError, match="--disable-bias-linear"):
-        LocMoEConfig(experts="grouped").validate(moe_config(ep=1, add_bias_linear=True))
+        validate(LocMoEConfig(experts="grouped"), moe_config(ep=1, add_bias_linear=True))
     with pytest.raises(ConfigError, match="experts='fast'"):
-        LocMoEConfig(experts="fast").validate()
+        validate(LocMoEConfig(experts="fast"))
 
 
 def checkpoint_interchange_job(ctx):

@@ -10,6 +10,7 @@ import torch
 from megatron_locmoe.config import ConfigError, LocMoEConfig
 from megatron_locmoe.sim.cluster import ParallelLayout
 from megatron_locmoe.sim.testing import build_moe_layer, moe_config
+from megatron_locmoe.validation import validate
 
 
 def layer_dispatcher_job(ctx):
@@ -58,8 +59,9 @@ def test_layer_picks_dispatcher_from_config(cluster2, devices_per_node, scheme):
 
 def test_hierarchical_needs_alltoall():
     with pytest.raises(ConfigError, match="--moe-token-dispatcher-type is 'allgather'"):
-        LocMoEConfig(dispatcher="hierarchical").validate(
-            moe_config(ep=1, moe_token_dispatcher_type="allgather")
+        validate(
+            LocMoEConfig(dispatcher="hierarchical"),
+            moe_config(ep=1, moe_token_dispatcher_type="allgather"),
         )
     with pytest.raises(ConfigError, match="dispatcher_dedup='maybe'"):
-        LocMoEConfig(dispatcher_dedup="maybe").validate()
+        validate(LocMoEConfig(dispatcher_dedup="maybe"))

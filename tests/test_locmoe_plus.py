@@ -17,6 +17,7 @@ from megatron_locmoe import capacity as bound
 from megatron_locmoe.config import LocMoEConfig
 from megatron_locmoe.sim.cluster import ParallelLayout
 from megatron_locmoe.sim.testing import moe_config
+from megatron_locmoe.validation import validate
 
 E, H, T = 8, 64, 36
 LAYOUT = ParallelLayout(devices_per_node=1, ep=2)
@@ -231,10 +232,10 @@ def test_default_interval_is_the_routers():
     tc = moe_config(
         ep=1, num_moe_experts=E, hidden_size=H, moe_router_topk=1, moe_expert_capacity_factor=CF
     )
-    plus = resolve(LocMoEConfig(router_type="locmoe_plus").validate(tc), tc)
+    plus = resolve(validate(LocMoEConfig(router_type="locmoe_plus"), tc), tc)
     assert plus.config.capacity_reestimate_interval == 100
     assert plus.config.capacity_mode == "bound"
-    loc = resolve(LocMoEConfig(router_type="locmoe").validate(tc), tc)
+    loc = resolve(validate(LocMoEConfig(router_type="locmoe"), tc), tc)
     assert loc.config.capacity_reestimate_interval == 0
     given = resolve(LocMoEConfig(router_type="locmoe_plus", capacity_reestimate_interval=7), tc)
     assert given.config.capacity_reestimate_interval == 7

@@ -13,6 +13,7 @@ from megatron_locmoe.config import LocMoEConfig
 from megatron_locmoe.resolve import resolve, summary_fields, summary_text
 from megatron_locmoe.sim.cluster import ParallelLayout
 from megatron_locmoe.sim.testing import moe_config
+from megatron_locmoe.validation import validate
 
 
 def nodes(n: int, per_node: int = 2):
@@ -91,7 +92,7 @@ def test_auto_capacity(router, cf, expected):
     r = resolve(LocMoEConfig(router_type=router), locmoe_tc(moe_expert_capacity_factor=cf))
     assert r.config.capacity_mode == expected
     # the resolved settings validate against the same model
-    r.config.validate(locmoe_tc(moe_expert_capacity_factor=cf))
+    validate(r.config, locmoe_tc(moe_expert_capacity_factor=cf))
 
 
 def test_a_routers_capabilities_decide_its_auto_settings(monkeypatch):
@@ -110,7 +111,7 @@ def test_a_routers_capabilities_decide_its_auto_settings(monkeypatch):
     tc = locmoe_tc(moe_expert_capacity_factor=1.0)
     r = resolve(lm, tc, device_type="cuda")
     assert (r.config.capacity_mode, r.config.fused_router) == ("bound", "on")
-    assert lm.capacity_bound_applies(tc)
+    assert BoundedSwitch.capacity_bound_applies(lm, tc)
     plain = resolve(LocMoEConfig(router_type="switch"), tc, device_type="cuda")
     assert (plain.config.capacity_mode, plain.config.fused_router) == ("none", "auto")
 

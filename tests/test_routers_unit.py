@@ -21,6 +21,7 @@ from megatron_locmoe.routers.base import drop_to_capacity
 from megatron_locmoe.routers.hash import balanced_hash_table, frequency_balanced_hash_table
 from megatron_locmoe.routers.locmoe import locality_kl
 from megatron_locmoe.sim.testing import moe_config
+from megatron_locmoe.validation import validate
 
 # ---- capacity bound -----------------------------------------------------------------------
 
@@ -346,7 +347,7 @@ def test_hash_maps_balance(python_source_ids, E):
 def test_config_errors_name_value_and_fix(locmoe, overrides, message):
     tc = moe_config(ep=1, **overrides)
     with pytest.raises(ConfigError) as e:
-        LocMoEConfig(**locmoe).validate(tc)
+        validate(LocMoEConfig(**locmoe), tc)
     assert message in str(e.value)
 
 
@@ -368,7 +369,7 @@ def test_config_type_errors_name_field_and_value(locmoe, message):
     """A wrong type is refused with the field and the value: before, 2.5 passed as an int,
     "no" as a bool (truthy: on) and a string mu raised a bare TypeError at the first compare."""
     with pytest.raises(ConfigError) as e:
-        LocMoEConfig(**locmoe).validate()
+        validate(LocMoEConfig(**locmoe))
     assert message in str(e.value)
 
 
@@ -377,19 +378,21 @@ def test_config_types_accept_what_they_did():
     fused_router (mapped to on/off) still pass."""
     import numpy as np
 
-    LocMoEConfig(aux_loss_coeff=0, locality_loss_coeff=np.float32(0.1)).validate()
-    LocMoEConfig(hash_seed=np.int64(7), capacity_reestimate_interval=None).validate()
-    assert LocMoEConfig(fused_router=True).validate().fused_router == "on"
+    validate(LocMoEConfig("locmoe", aux_loss_coeff=0, locality_loss_coeff=np.float32(0.1)))
+    validate(LocMoEConfig("hash", hash_seed=np.int64(7), capacity_reestimate_interval=None))
+    assert validate(LocMoEConfig("locmoe", fused_router=True)).fused_router == "on"
 
 
 def test_valid_configs_pass():
-    LocMoEConfig(router_type="locmoe").validate(moe_config(ep=1))
-    LocMoEConfig(router_type="locmoe", capacity_mode="bound").validate(
-        moe_config(ep=1, moe_expert_capacity_factor=1.25)
+    validate(LocMoEConfig(router_type="locmoe"), moe_config(ep=1))
+    validate(
+        LocMoEConfig(router_type="locmoe", capacity_mode="bound"),
+        moe_config(ep=1, moe_expert_capacity_factor=1.25),
     )
-    LocMoEConfig(router_type="megatron").validate(moe_config(ep=1, moe_router_topk=8))
-    LocMoEConfig(router_type="locmoe_plus", plus_affinity_threshold=0.5).validate(
-        moe_config(ep=1, moe_expert_capacity_factor=1.1, moe_router_topk=2)
+    validate(LocMoEConfig(router_type="megatron"), moe_config(ep=1, moe_router_topk=8))
+    validate(
+        LocMoEConfig(router_type="locmoe_plus", plus_affinity_threshold=0.5),
+        moe_config(ep=1, moe_expert_capacity_factor=1.1, moe_router_topk=2),
     )
 
 

@@ -15,6 +15,7 @@ from megatron_locmoe.config import ConfigError, LocMoEConfig
 from megatron_locmoe.sim import data
 from megatron_locmoe.sim.cluster import ParallelLayout
 from megatron_locmoe.sim.trainer import TrainSettings, train_job
+from megatron_locmoe.validation import validate
 from tests.test_pipeline_cpu import OPTIMIZER
 
 JOB_TIMEOUT_S = 180
@@ -120,9 +121,9 @@ def test_sdpa_attention_refuses_what_it_cannot_run(overrides, what):
     from megatron_locmoe.sim.testing import moe_config
 
     cfg = LocMoEConfig(router_type="locmoe", attention="sdpa")
-    cfg.validate(moe_config(ep=1))  # the plain local spec runs
+    validate(cfg, moe_config(ep=1))  # the plain local spec runs
     with pytest.raises(ConfigError, match=what):
-        cfg.validate(moe_config(ep=1, **overrides))
+        validate(cfg, moe_config(ep=1, **overrides))
 
 
 @pytest.fixture(scope="module")

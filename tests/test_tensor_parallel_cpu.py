@@ -226,6 +226,7 @@ def locality_gradient_job(ctx, fused_router: str, use_kernels: bool = True):
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
     from megatron_locmoe.config import LocMoEConfig
+    from megatron_locmoe.resolve import settled
     from megatron_locmoe.routers.locmoe import LocMoERouter
     from megatron_locmoe.sim.testing import moe_config
 
@@ -241,7 +242,9 @@ def locality_gradient_job(ctx, fused_router: str, use_kernels: bool = True):
     locmoe = LocMoEConfig(
         router_type="locmoe", aux_loss_coeff=0.0, locality_loss_coeff=0.1, fused_router=fused_router
     )
-    router = LocMoERouter(config, get_default_pg_collection(), locmoe=locmoe)
+    router = LocMoERouter(
+        config, get_default_pg_collection(), locmoe=settled(locmoe, config)
+    )  # resolved first: a router takes a Resolution
     router.use_kernels = use_kernels
     router.train()
     x = torch.randn(8, 2, 32, generator=torch.Generator().manual_seed(ctx.rank // 2))

@@ -7,11 +7,14 @@ sequence parallelism), E experts, k experts per token.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 import megatron_locmoe.routers.fused as fused
+import megatron_locmoe.routers.kernels as kernels
 from megatron_locmoe import metrics
-from megatron_locmoe.config import ConfigError, LocMoEConfig
+from megatron_locmoe.config import ROUTER_SETTINGS, ConfigError, LocMoEConfig, Resolution
 from megatron_locmoe.topology import current_topology
 from megatron_locmoe.virtual import RankStateBank, VirtualCluster
 
@@ -39,20 +42,37 @@ class PluginRouterMixin:
 
     name: str
     """The ``--moe-router-type`` that selects this router (the registry's key)."""
+    label: str
+    """The router's name in tables and reports (e.g. LocMoE+)."""
     locmoe: LocMoEConfig
+
+    # ---- capabilities: what the router is and does, asked instead of its name ----------------
+    is_plugin_router = True
+    """The plugin's routing (False: Megatron's own TopKRouter, metrics added; the plugin then
+    keeps Megatron's dispatcher, experts and balance loss unless told otherwise)."""
+    needs_token_ids = False
+    """Routes by the input token ids (every pipeline stage hosting it reads the batch's tokens;
+    its --locmoe-hash-* settings apply)."""
+    builder_args: tuple[str, ...] = ()
+    """What ``router_builder`` hands the constructor besides the settings (vocab_size,
+    token_counts)."""
     probs_have_grad = True
     """Whether the probabilities carry a gradient (hash routing's are constants)."""
     uses_locmoe_alpha = True
     """Switch-form balance loss with LocMoE's alpha (locmoe, switch); Megatron's own otherwise."""
+    has_switch_balance_loss = False
+    """Attaches the Switch-form balance loss at LocMoE's alpha (--locmoe-aux-loss-coeff)."""
     has_grap_gate = False
     """LocMoE's GrAP gate (its --locmoe-grap-* settings apply)."""
     has_locality_loss = False
-    """LocMoE's locality loss and the node target (--locmoe-locality-loss-coeff, ...)."""
+    """LocMoE's locality loss (--locmoe-locality-loss-coeff, --locmoe-locality-smoothing)."""
+    has_node_target = False
+    """The node-target bias and balance loss (--locmoe-node-target-share, --locmoe-node-bias-rate)."""
     has_fused_path = False
     """A fused routing path (--locmoe-fused-router, --moe-router-fusion's own path)."""
     has_capacity_bound = False
     """LocMoE's capacity lower bound (--locmoe-capacity-mode bound; auto with a capacity
-    factor)."""
+    factor; --locmoe-capacity-*)."""
     has_affinity_routing = False
     """LocMoE+'s affinity routing and adaptive capacity (its --locmoe-plus-* settings)."""
     default_reestimate_interval = 0
@@ -60,6 +80,86 @@ class PluginRouterMixin:
     default_capacity_factor: float | None = None
     """The capacity factor the simulated cluster's loop gives this router when the run names
     none (routers that need one: switch 1.0, locmoe_plus 1.1, the papers' baselines)."""
+
+    @classmethod
+    def reads_setting(cls, name: str) -> bool:
+        """Whether this router reads LocMoEConfig setting ``name`` (config.ROUTER_SETTINGS: the
+        capability that reads it; settings not listed there apply to every router)."""
+        capability = ROUTER_SETTINGS.get(name)
+        return capability is None or bool(getattr(cls, capability))
+
+    @classmethod
+    def capacity_bound_applies(cls, locmoe: LocMoEConfig, tc) -> bool:
+        """capacity_mode bound, or auto for a router with the bound and a capacity factor."""
+        if locmoe.capacity_mode != "auto":
+            return locmoe.capacity_mode == "bound"
+        cf = getattr(tc, "moe_expert_capacity_factor", None)
+        return cls.has_capacity_bound and cf is not None
+
+    # ---- this router's ``auto`` settings (megatron_locmoe.resolve asks every router) ---------
+    @classmethod
+    def resolve_settings(cls, locmoe: LocMoEConfig, tc, device_type: str | None) -> dict:
+        """setting -> (value, reason) for the settings this router decides: the fused path, the
+        capacity mode and the re-estimate interval."""
+        return {
+            "fused_router": cls._fused_router(locmoe, tc, device_type),
+            "capacity_mode": cls._capacity(locmoe, tc),
+            "capacity_reestimate_interval": cls._reestimate_interval(locmoe),
+        }
+
+    @classmethod
+    def _fused_router(cls, locmoe: LocMoEConfig, tc, device_type: str | None) -> tuple[str, str]:
+        if not cls.has_fused_path:
+            return locmoe.fused_router, f"as given (the {cls.name} router has no fused path)"
+        if getattr(tc, "moe_router_fusion", False):
+            return "on", "--moe-router-fusion: the locmoe router's own fused path"
+        if locmoe.fused_router != "auto":
+            return locmoe.fused_router, "as given"
+        if device_type == "cuda":
+            return "on", "auto: CUDA: " + cls._fused_path(locmoe, tc)
+        return "off", f"auto: {device_type or 'unknown'} device: the reference path"
+
+    @classmethod
+    def _fused_path(cls, locmoe: LocMoEConfig, tc) -> str:
+        """Which fused path a CUDA process takes with these settings."""
+        if not kernels.HAVE_TRITON:
+            return "one compiled graph (triton is not installed)"
+        if kernels.DISABLED:
+            return "one compiled graph (LOCMOE_TRITON_ROUTER=0)"
+        if locmoe.node_target_share:
+            return "the reference path (the node-target bias has no fused path)"
+        capacity_mode = cls._capacity(locmoe, tc)[0]
+        settled = dataclasses.replace(locmoe, capacity_mode=capacity_mode)
+        if not kernels.gate_applies(settled, tc.num_moe_experts):
+            return "compiled graphs (the Triton kernels cover the fixed gate without a threshold)"
+        if capacity_mode == "bound":
+            return (
+                "the Triton kernels with the capacity drop (compiled graphs on re-estimate steps)"
+            )
+        return "the Triton kernels"
+
+    @classmethod
+    def _capacity(cls, locmoe: LocMoEConfig, tc) -> tuple[str, str]:
+        if locmoe.capacity_mode != "auto":
+            return locmoe.capacity_mode, "as given"
+        cf = getattr(tc, "moe_expert_capacity_factor", None)
+        if cls.has_capacity_bound and cf is not None:
+            return "bound", (
+                f"auto: --moe-expert-capacity-factor {cf}: LocMoE's lower bound, clamped below "
+                "that factor's capacity"
+            )
+        if cls.has_capacity_bound:
+            return "none", "auto: no --moe-expert-capacity-factor: dropless"
+        return "none", f"auto: the {cls.name} router's own capacity handling"
+
+    @classmethod
+    def _reestimate_interval(cls, locmoe: LocMoEConfig) -> tuple[int, str]:
+        if locmoe.capacity_reestimate_interval is not None:
+            return locmoe.capacity_reestimate_interval, "as given"
+        K = cls.default_reestimate_interval
+        return K, f"default of the {cls.name} router" + (
+            f": every {K} steps" if K else ": once, on the first batch"
+        )
 
     @classmethod
     def check_model(cls, locmoe: LocMoEConfig, tc) -> None:
@@ -71,7 +171,7 @@ class PluginRouterMixin:
                 f"group-limited routing (--moe-router-num-groups {tc.moe_router_num_groups}) is "
                 f"a Megatron TopKRouter feature; use --moe-router-type megatron for it"
             )
-        if locmoe.capacity_bound_applies(tc):
+        if cls.capacity_bound_applies(locmoe, tc):
             cls.check_capacity_bound(locmoe, tc)
 
     @classmethod
@@ -88,12 +188,17 @@ class PluginRouterMixin:
             return super().get_aux_loss_coeff(aux_loss_type)
         return self.locmoe.aux_loss_coeff if aux_loss_type == "aux_loss" else 0.0
 
-    def _init_plugin(self, locmoe) -> None:
-        """``locmoe``: the layer's Resolution, or a LocMoEConfig (or None) for a router built
-        on its own, which then validates and resolves its settings itself."""
-        from megatron_locmoe.resolve import settled  # resolve imports the routers' config
-
-        self.locmoe = settled(locmoe or LocMoEConfig(router_type=self.name), self.config).config
+    def _init_plugin(self, resolution: Resolution) -> None:
+        """``resolution``: the settings, checked and settled (the layer's, or the one
+        ``router_builder`` makes for a router built on its own)."""
+        if not isinstance(resolution, Resolution):
+            raise TypeError(
+                f"the {self.name} router is built from a Resolution (checked settings, no auto "
+                f"left), got {type(resolution).__name__}: build it with "
+                "megatron_locmoe.routers.router_builder(settings), or pass "
+                "megatron_locmoe.resolve.settled(settings, config)"
+            )
+        self.locmoe = resolution.config
         cluster = VirtualCluster.from_config(self.locmoe)
         # on a virtual cluster the node of virtual rank 0 (enter_virtual_rank switches it)
         topo = current_topology() if cluster is None else cluster.topology(0)

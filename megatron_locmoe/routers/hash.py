@@ -96,6 +96,9 @@ class HashRouter(PluginRouterMixin, TopKRouter):
     """Routes each token by a fixed balanced hash of its id (MoESubmodules.router)."""
 
     name = "hash"
+    label = "Hash"
+    needs_token_ids = True
+    builder_args = ("vocab_size", "token_counts")
     probs_have_grad = False
 
     @classmethod
@@ -127,7 +130,7 @@ class HashRouter(PluginRouterMixin, TopKRouter):
         token_counts=None,
     ):
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
-        self._init_plugin(locmoe or LocMoEConfig(router_type=self.name))
+        self._init_plugin(locmoe)
         del self.weight, self.bias  # no parameters: Hash Layers learn nothing in the router
         self.weight = self.bias = None
         self.vocab_size = vocab_size

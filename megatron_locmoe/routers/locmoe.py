@@ -42,7 +42,9 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
     """LocMoE routing as a Megatron-Core router (MoESubmodules.router)."""
 
     name = "locmoe"
-    has_grap_gate = has_locality_loss = has_fused_path = has_capacity_bound = True
+    label = "LocMoE"
+    has_switch_balance_loss = has_grap_gate = has_locality_loss = has_node_target = True
+    has_fused_path = has_capacity_bound = True
 
     @classmethod
     def check_model(cls, locmoe: LocMoEConfig, tc) -> None:
@@ -53,7 +55,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
                 f"expert: choose --hidden-size divisible by {n} or a number of experts dividing it"
             )
         super().check_model(locmoe, tc)
-        if not locmoe.capacity_bound_applies(tc) and tc.moe_expert_capacity_factor is not None:
+        if not cls.capacity_bound_applies(locmoe, tc) and tc.moe_expert_capacity_factor is not None:
             raise ConfigError(
                 "--moe-expert-capacity-factor with the locmoe router is the ceiling of LocMoE's "
                 "capacity bound, but --locmoe-capacity-mode is none (dropless): use auto or "
@@ -90,7 +92,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
 
     def __init__(self, config, pg_collection=None, is_mtp_layer=False, *, locmoe=None):
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
-        self._init_plugin(locmoe or LocMoEConfig(router_type=self.name))
+        self._init_plugin(locmoe)
         E, H = config.num_moe_experts, config.hidden_size
         cfg = self.locmoe
         # GrAP replaces Megatron's dense [E, H] gate (and its bias) by [E, H/E] block weights.

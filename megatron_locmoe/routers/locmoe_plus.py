@@ -32,6 +32,7 @@ class LocMoEPlusRouter(LocMoERouter):
     with affinity in place of W x, drops by affinity and the capacity asked at m C*."""
 
     name = "locmoe_plus"
+    label = "LocMoE+"
     has_affinity_routing = True
     default_reestimate_interval = 100
     default_capacity_factor = 1.1

@@ -20,7 +20,7 @@ class _MeasuredTopKRouter(PluginRouterMixin, TopKRouter):
 
     def __init__(self, config, pg_collection=None, is_mtp_layer=False, *, locmoe=None):
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
-        self._init_plugin(locmoe or LocMoEConfig(router_type=self.name))
+        self._init_plugin(locmoe)
         self._init_virtual()
 
     def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None):
@@ -60,6 +60,8 @@ class MegatronRouter(_MeasuredTopKRouter):
     """Megatron-Core's TopKRouter, unchanged, with the plugin's metrics (router type megatron)."""
 
     name = "megatron"
+    label = "Megatron"
+    is_plugin_router = False
     uses_locmoe_alpha = False
 
     @classmethod
@@ -80,6 +82,8 @@ class SwitchRouter(_MeasuredTopKRouter):
     """Top-1 softmax with LocMoE's alpha for the Switch-form loss and a capacity factor."""
 
     name = "switch"
+    label = "Switch"
+    has_switch_balance_loss = True
     default_capacity_factor = 1.0
 
     @classmethod

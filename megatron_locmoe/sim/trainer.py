@@ -233,9 +233,13 @@ def _transformer_config(settings: TrainSettings, ep: int):
         hidden_dropout=0.0,
         attention_dropout=0.0,
     )
-    if settings.locmoe.router_type == "megatron":
+    # the registry imports Megatron's router modules: not before the CPU shims are applied
+    from megatron_locmoe.routers import router_class
+
+    router = router_class(settings.locmoe.router_type)
+    if not router.uses_locmoe_alpha:  # Megatron's own balance loss: its settings
         overrides.update(moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.01)
-    cf = settings.locmoe.router_class.default_capacity_factor
+    cf = router.default_capacity_factor
     if cf is not None:
         overrides.update(moe_expert_capacity_factor=cf)
     overrides.update(settings.transformer_overrides)

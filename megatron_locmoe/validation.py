@@ -1,0 +1,40 @@
+"""The whole check of the plugin's settings: the rules that need the router registry or the
+dispatcher, on top of the settings' own (``LocMoEConfig.check_values``).
+
+One floor above the registry (``megatron_locmoe.routers``) and the dispatcher, so that the
+config stays a floor of its own: the argument check, the layer spec, the resolution of a layer
+built on its own and the CPU trainer (through the spec) all call ``validate``.
+"""
+
+from __future__ import annotations
+
+from megatron_locmoe.config import ConfigError, LocMoEConfig
+from megatron_locmoe.dispatch.dispatcher import unsupported_settings
+from megatron_locmoe.routers import check_router_settings, router_class
+
+
+def validate(locmoe: LocMoEConfig, transformer_config=None) -> LocMoEConfig:
+    """Raise ConfigError for an invalid setting, a setting the chosen router does not read, or
+    (with ``transformer_config``: a TransformerConfig or Megatron's parsed arguments with
+    ``num_moe_experts``) a model the router or the dispatcher cannot run; returns ``locmoe``."""
+    router_class(locmoe.router_type)  # a known name before anything is read of it
+    locmoe.check_values(transformer_config)
+    tc = transformer_config
+    if tc is not None and locmoe.dispatcher == "hierarchical":
+        refused = unsupported_settings(tc)
+        if refused:
+            raise ConfigError("; ".join(r.as_flag() for r in refused))
+    check_router_settings(locmoe, tc)
+    return locmoe
+
+
+def changes_megatron(locmoe: LocMoEConfig, moe_grouped_gemm: bool) -> bool:
+    """True when the plugin changes anything (default settings keep stock Megatron): the one
+    test the layer spec and the argument checks share."""
+    return (
+        router_class(locmoe.router_type).is_plugin_router
+        or locmoe.dispatcher == "hierarchical"
+        or locmoe.wants_grouped_experts(moe_grouped_gemm)
+        or locmoe.virtual_cluster is not None
+        or locmoe.attention != "megatron"
+    )
