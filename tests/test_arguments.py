@@ -416,3 +416,50 @@ def test_sdpa_attention_refuses_reset_attention_mask(megatron_args):
     parse("--moe-router-type", "locmoe", "--locmoe-attention", "sdpa")
     with pytest.raises(ConfigError, match="reset-attention-mask"):
         parse("--moe-router-type", "locmoe", "--locmoe-attention", "sdpa", "--reset-attention-mask")
+
+
+# one case per router-owned setting (config.ROUTER_SETTINGS): a router that does not read it
+OWNED_SETTING_CASES = {
+    "aux_loss_coeff": ("hash", ["0.02"]),
+    "locality_loss_coeff": ("switch", ["0.3"]),
+    "locality_smoothing": ("hash", ["0.01"]),
+    "node_target_share": ("switch", ["0.4"]),
+    "node_bias_rate": ("megatron", ["0.2"]),
+    "grap_mode": ("switch", ["learnable"]),
+    "grap_bias": ("hash", []),
+    "grap_temperature": ("switch", ["4.0"]),
+    "grap_learnable_temperature": ("megatron", []),
+    "capacity_mode": ("megatron", ["bound"]),
+    "capacity_floor_factor": ("switch", ["0.25"]),
+    "capacity_percentile": ("hash", ["0.1"]),
+    "capacity_reestimate_interval": ("switch", ["50"]),
+    "plus_capacity_multiplier": ("locmoe", ["3.0"]),
+    "plus_affinity_threshold": ("locmoe", ["0.5"]),
+    "hash_seed": ("locmoe", ["7"]),
+    "hash_token_counts": ("switch", ["counts.npy"]),
+}
+
+
+def test_every_router_owned_setting_has_a_refusal_case():
+    from megatron_locmoe.config import ROUTER_SETTINGS
+
+    assert set(OWNED_SETTING_CASES) == set(ROUTER_SETTINGS)
+
+
+@pytest.mark.parametrize("setting", sorted(OWNED_SETTING_CASES))
+def test_a_setting_the_router_does_not_read_is_refused_at_parse_time(megatron_args, setting):
+    """e.g. --locmoe-grap-mode learnable with --moe-router-type switch trained on silently with
+    Switch's gate; now the parse fails naming the router and the flag."""
+    parse, _ = megatron_args
+    router, value = OWNED_SETTING_CASES[setting]
+    flag = "--locmoe-" + setting.replace("_", "-")
+    extra = ["--moe-expert-capacity-factor", "1.0"] if router == "switch" else []
+    with pytest.raises(ConfigError) as e:
+        parse("--moe-router-type", router, flag, *value, *extra)
+    assert f"{setting} is a " in str(e.value)
+    assert f"the {router} router does not read it ({flag}" in str(e.value)
+    # the same setting for a router that reads it parses
+    reader = "hash" if setting.startswith("hash") else "locmoe_plus"
+    if setting != "hash_token_counts":
+        reader_extra = ["--moe-expert-capacity-factor", "1.1"] if reader == "locmoe_plus" else []
+        parse("--moe-router-type", reader, flag, *value, *reader_extra)
