@@ -20,7 +20,9 @@ from megatron.training.argument_utils import ArgumentGroupFactory
 from megatron_locmoe.config import ConfigError, LocMoEConfig
 from megatron_locmoe.data.indexed import check_dataset
 from megatron_locmoe.graphs import check_local_cuda_graphs
+from megatron_locmoe.node_data import check_domains
 from megatron_locmoe.routers import router_class, router_names
+from megatron_locmoe.routers.hash import load_token_counts
 from megatron_locmoe.validation import changes_megatron, validate
 
 logger = logging.getLogger(__name__)
@@ -214,8 +216,6 @@ def validate_locmoe_args(args) -> LocMoEConfig:
     if cfg.hash_token_counts:  # only routers that read it take it (validation)
         if not _written_before_training(cfg.hash_token_counts):
             # before any process starts, not at model build
-            from megatron_locmoe.routers.hash import load_token_counts
-
             load_token_counts(cfg.hash_token_counts, getattr(args, "vocab_size", None))
     if cfg.attention == "sdpa" and getattr(args, "reset_attention_mask", False):
         raise ConfigError(
@@ -230,8 +230,6 @@ def validate_locmoe_args(args) -> LocMoEConfig:
 def _check_virtual_and_domain_args(args, cfg: LocMoEConfig) -> None:
     """The virtual cluster runs in one process and needs whole micro-batches per virtual rank;
     domain-sharded data needs a node map, Megatron's ordered sampler and no --data-path."""
-    from megatron_locmoe.node_data import check_domains
-
     shape = cfg.virtual_shape
     if shape is not None:
         ranks = shape[0] * shape[1]

@@ -22,8 +22,9 @@ from megatron_locmoe.attention import with_local_core_attention
 from megatron_locmoe.config import LocMoEConfig
 from megatron_locmoe.graphs import check_local_cuda_graphs, moe_layer_class
 from megatron_locmoe.layer import LocMoELayer, locmoe_mlp_builder
-from megatron_locmoe.resolve import Resolution, layer_resolution
+from megatron_locmoe.resolve import Resolution, layer_resolution, summary_fields, summary_text
 from megatron_locmoe.routers import attach_token_ids
+from megatron_locmoe.routers.hash import load_token_counts
 from megatron_locmoe.topology import get_topology
 from megatron_locmoe.validation import changes_megatron, validate
 
@@ -112,8 +113,6 @@ def announce(resolution, transformer_config, topology) -> str:
     the spec), and put it in the run's TensorBoard text and W&B config where those exist."""
     import torch.distributed as dist
 
-    from megatron_locmoe.resolve import summary_fields, summary_text
-
     text = summary_text(resolution, transformer_config, topology)
     if text in _ANNOUNCED or (dist.is_initialized() and dist.get_rank() != 0):
         return text
@@ -141,8 +140,6 @@ def _token_counts(locmoe: LocMoEConfig, vocab_size: int):
         return None
     import numpy as np
     import torch
-
-    from megatron_locmoe.routers.hash import load_token_counts
 
     counts = load_token_counts(locmoe.hash_token_counts, vocab_size)
     return torch.from_numpy(np.pad(counts, (0, vocab_size - counts.size)))

@@ -39,6 +39,7 @@ def _with_locmoe_args(device: DeviceChoice) -> Callable:
 
     @functools.wraps(original)
     def add_megatron_arguments(parser):
+        # the adaptor sits below the modules it serves (they import Megatron, which it patches first)
         from megatron_locmoe.arguments import add_locmoe_args, mend_help_strings
 
         parser = original(parser)
@@ -55,6 +56,7 @@ def _validating_locmoe_args(device: DeviceChoice) -> Callable:
     @functools.wraps(original)
     def validate_args(args, defaults={}):  # noqa: B006 - Megatron's signature
         args = original(args, defaults) or args
+        # the adaptor sits below the modules it serves (they import Megatron, which it patches first)
         from megatron_locmoe.arguments import validate_locmoe_args
 
         validate_locmoe_args(args)
@@ -69,6 +71,7 @@ def _config_with_locmoe(target: str) -> Callable:
 
     @functools.wraps(original)
     def core_transformer_config_from_args(args, config_class=None):
+        # the adaptor sits below the modules it serves (they import Megatron, which it patches first)
         from megatron_locmoe.arguments import locmoe_config_from_args
 
         config = original(args, config_class)
@@ -85,6 +88,7 @@ def _gpt_config_with_plugin_spec(device: DeviceChoice) -> Callable:
 
     @functools.wraps(original)
     def gpt_config_from_args(args, *a, **k):
+        # the adaptor sits below the modules it serves (they import Megatron, which it patches first)
         from megatron_locmoe.spec import configure_gpt_model_config
 
         return configure_gpt_model_config(original(args, *a, **k))
@@ -400,6 +404,7 @@ def apply(device: DeviceChoice | None = None) -> list[str]:
     """Apply the plugin's Megatron patches for this process's device and install the metrics
     tracker that reports the plugin's metrics (idempotent)."""
     applied = REGISTRY.apply(device)
+    # the adaptor sits below the modules it serves (they import Megatron, which it patches first)
     from megatron_locmoe.metrics import install_metrics_tracker
 
     install_metrics_tracker()

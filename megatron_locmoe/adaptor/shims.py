@@ -249,6 +249,7 @@ def pos_emb_on_this_cp_rank(pos_emb: torch.Tensor, seq_dim: int, cp_group) -> to
     which fails without CUDA; RoPE (and YaRN) under context parallelism must keep the rows of
     exactly the positions that ``get_batch_on_this_cp_rank`` gave this rank's tokens, so the
     rows come from the plugin's one statement of that split, ``attention.cp_positions``."""
+    # the shims are applied before Megatron's modules load; attention imports them
     from megatron_locmoe.attention import cp_positions
 
     if cp_group is None:
