@@ -58,6 +58,8 @@ def test_the_presets_the_issue_asks_for():
         "ascend-pangu-sigma",
         "mixtral-8x7b-locmoe-plus",
         "router-sweep",
+        "study-16x8-control",
+        "study-16x8-domains",
     }
     for name in PRESETS:
         p = load_preset(name)
@@ -985,3 +987,83 @@ def test_e2e_benchmark_trains_the_router_sweep_presets_runs(monkeypatch):
             flags.append(tok)
         assert e2e_routers.router_argv(rp.name) == flags, rp.name
     assert {name for name, _ in e2e_routers.VARIANTS.values()} == {rp.name for rp in plan.runs}
+
+
+# --------------------------------------------------------------------------------------------
+# prepare_data realtext: the real-text corpus, built where the runs read it when it is missing
+# --------------------------------------------------------------------------------------------
+
+
+def _realtext_preset(tmp_path, data_flags: dict) -> Path:
+    import yaml
+
+    study = load_preset("study-16x8-control")
+    megatron = {k: v for k, v in study.megatron.items() if "data-path" not in k}
+    preset = {
+        "description": "a study preset reading a corpus that is not built yet",
+        "device": "cuda",
+        "nodes": 1,
+        "devices_per_node": 1,
+        "node_counts": [1],
+        "prepare_data": "realtext",
+        "megatron": {**megatron, **data_flags, "tensorboard-dir": str(tmp_path / "tb")},
+    }
+    path = tmp_path / "realtext.yaml"
+    path.write_text(yaml.safe_dump(preset))
+    return path
+
+
+def test_a_realtext_preset_parses_before_its_corpus_is_built(tmp_path):
+    root = tmp_path / "realtext"  # nothing there yet: the data step writes it
+    flags = {
+        "train-data-path": [3, str(root / "en_email"), 1, str(root / "zh_modern")],
+        "valid-data-path": [str(root / "en_email_valid")],
+    }
+    plan = _plan(str(_realtext_preset(tmp_path, flags)))
+    assert plan.corpus_prefixes == sorted(
+        str(root / n) for n in ("en_email", "zh_modern", "en_email_valid")
+    )
+    assert plan.runs[0].args.train_data_path[1] == str(root / "en_email")
+
+
+def test_a_realtext_preset_reads_one_corpus_directory(tmp_path):
+    flags = {
+        "train-data-path": [str(tmp_path / "a" / "en_email")],
+        "valid-data-path": [str(tmp_path / "b" / "en_email_valid")],
+    }
+    with pytest.raises(PresetError, match="one corpus directory"):
+        _plan(str(_realtext_preset(tmp_path, flags)))
+
+
+def _write_dataset(prefix: Path) -> None:
+    from megatron_locmoe.sim.data import dataset_files
+
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    for f in [*dataset_files(prefix), prefix.parent / "all_counts.npy"]:
+        Path(f).write_bytes(b"x")
+
+
+def test_the_realtext_data_step_builds_a_missing_corpus_once(tmp_path):
+    root = tmp_path / "realtext"
+    prefixes = [str(root / "en_email"), str(root / "en_email_valid")]
+    calls = []
+
+    def build(argv):  # the corpus command's main, writing what the corpus writes
+        calls.append(argv)
+        for p in prefixes:
+            _write_dataset(Path(p))
+        return 0
+
+    launch._prepare_corpus(prefixes, build)
+    launch._prepare_corpus(prefixes, build)  # there now: not built again
+    assert calls == [["--out", str(root)]]
+
+
+def test_the_realtext_data_step_names_what_the_corpus_lacks(tmp_path):
+    root = tmp_path / "realtext"
+    with pytest.raises(PresetError, match="en_mail.bin"):  # a typo the corpus never writes
+        launch._prepare_corpus(
+            [str(root / "en_mail")], lambda argv: _write_dataset(root / "en_email") or 0
+        )
+    with pytest.raises(PresetError, match="failed .exit 1.*carry it in"):
+        launch._prepare_corpus([str(root / "x")], lambda argv: 1)

