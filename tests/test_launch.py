@@ -209,8 +209,12 @@ def test_a_damaged_corpus_is_refused_before_any_process_starts(tmp_path, monkeyp
         f.truncate(f.seek(0, 2) // 2)
     with pytest.raises(PresetError, match=r"c.bin holds \d+ bytes, its index c.idx describes"):
         _plan("router-sweep", runs=["megatron"], sets=[f"data-path={tmp_path}/c"])
-    # a missing corpus is the preset's data step's to write (it builds what is missing)
-    _plan("router-sweep", runs=["megatron"], sets=[f"data-path={tmp_path}/nowhere"])
+    # a missing corpus is the data step's to write at the preset's own path (data/pydoc, under
+    # this test's cwd); an override naming nothing is a typo (issue 35: it built the default
+    # corpus there and trained on it under the typo's name)
+    assert _plan("router-sweep", runs=["megatron"]).data_prefix == "data/pydoc"
+    with pytest.raises(PresetError, match=r"--data-path \S*nowhere names no dataset"):
+        _plan("router-sweep", runs=["megatron"], sets=[f"data-path={tmp_path}/nowhere"])
 
 
 def test_per_node_domains_need_one_prefix_per_node(tmp_path):

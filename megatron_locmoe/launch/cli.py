@@ -267,6 +267,7 @@ def build_plan(opts: Options, preset: Preset | None = None) -> Plan:
     """Read the preset (or take ``preset``, already read), apply the overrides, check
     everything; raise PresetError."""
     preset = preset if preset is not None else load_preset(opts.config)
+    own_data = preset.megatron.get("data-path")  # where the data step may build the corpus
     if opts.cpu_twin:
         preset = cpu_twin(preset)
     for item in opts.sets:
@@ -315,6 +316,7 @@ def build_plan(opts: Options, preset: Preset | None = None) -> Plan:
             plan.data_prefix = flag_value(argv, "--data-path")
             if not plan.data_prefix:
                 raise PresetError(f"{what}: prepare_data needs --data-path PREFIX in the flags")
+            _check_data_override(plan.data_prefix, own_data, what)
         if opts.check or preset.device == "cpu":  # the CPU loop is built from the namespace
             env = node_env(plan, plan.node_ranks[0])
             rp.args = parse_with_megatron(
@@ -332,6 +334,21 @@ def build_plan(opts: Options, preset: Preset | None = None) -> Plan:
             rp.cpu_loop = train_settings(rp.args, run, dpn, rp.log_dir, per_node)
         plan.runs.append(rp)
     return plan
+
+
+def _check_data_override(prefix: str, own: str | None, what: str) -> None:
+    """The data step builds the offline corpus at the preset's own --data-path only: an
+    override naming no dataset is a typo, not a place to build the default corpus and train on
+    it under another name."""
+    from megatron_locmoe.sim.data import dataset_files
+
+    if str(prefix) == str(own) or all(Path(f).exists() for f in dataset_files(prefix)):
+        return
+    raise PresetError(
+        f"{what}: --data-path {prefix} names no dataset ({prefix}.bin or its index is missing); "
+        f"the data step builds the offline corpus only at the preset's own {own}: fix the path, "
+        f"build it first (python -m megatron_locmoe.sim.data --out {prefix}) or drop the override"
+    )
 
 
 def _domain_prefixes(argv: list[str], nodes: int, what: str) -> list[str]:
