@@ -248,11 +248,9 @@ def _check_virtual_and_domain_args(args, cfg: LocMoEConfig) -> None:
             )
     domains = getattr(args, "locmoe_domain_data_path", None)
     valid = getattr(args, "locmoe_domain_valid_data_path", None)
-    if valid and not domains:
-        raise ConfigError(
-            "--locmoe-domain-valid-data-path without --locmoe-domain-data-path: give the "
-            "training domains too"
-        )
+    if valid and not domains:  # the control with per-domain held-out data
+        _check_held_out_per_domain(args, valid, shape)
+        return
     if not domains:
         return
     if args.data_path or getattr(args, "train_data_path", None) or args.mock_data:
@@ -280,6 +278,30 @@ def _check_virtual_and_domain_args(args, cfg: LocMoEConfig) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     for prefix in [*domains, *(valid or [])]:
+        if not all(_written_before_training(f"{prefix}.{ext}") for ext in ("bin", "idx")):
+            check_indexed_dataset(prefix)
+
+
+def _check_held_out_per_domain(args, valid: list[str], shape) -> None:
+    """--locmoe-domain-valid-data-path alone: every rank trains on Megatron's mixture and rank r
+    evaluates domain r mod D, so each domain needs a rank and the held-out data one source."""
+    if getattr(args, "valid_data_path", None):
+        raise ConfigError(
+            "--locmoe-domain-valid-data-path and --valid-data-path both give held-out data: "
+            "keep one (the per-domain prefixes report every domain's loss and the mixture's)"
+        )
+    ranks = shape[0] * shape[1] if shape is not None else args.data_parallel_size
+    if len(valid) > ranks:
+        raise ConfigError(
+            f"{len(valid)} held-out domains for {ranks} data-parallel ranks: rank r evaluates "
+            f"domain r mod {len(valid)}, so give at most {ranks} prefixes (or run more ranks)"
+        )
+    if args.dataloader_type not in (None, "single"):
+        raise ConfigError(
+            f"--dataloader-type {args.dataloader_type} with --locmoe-domain-valid-data-path: the "
+            "domains are laid out for Megatron's ordered sampler; use --dataloader-type single"
+        )
+    for prefix in valid:
         if not all(_written_before_training(f"{prefix}.{ext}") for ext in ("bin", "idx")):
             check_indexed_dataset(prefix)
 

@@ -18,7 +18,10 @@ so resuming, evaluation and reruns can never lose count of whose micro-batch is 
 
 Held-out data: ``--locmoe-domain-valid-data-path`` (one per domain: the corpus builders' held-out
 documents), else each domain's ``--split`` validation part; the evaluation reports the loss of
-every domain (``lm loss domain k``) beside the mixture's.
+every domain (``lm loss domain k``) beside the mixture's. Given without
+``--locmoe-domain-data-path`` (the control: every rank trains on Megatron's usual mixture), it
+is the held-out data alone: rank r evaluates domain r mod D (``RankLayout.round_robin``), so
+control and domain-sharded runs report the same per-domain held-out losses.
 """
 
 from __future__ import annotations
@@ -68,6 +71,15 @@ class RankLayout:
         j, r = divmod(i, R)
         index, readers = self._readers[r]
         return r, self.domain_of_rank(r), (j * readers + index) * mbs + t
+
+    @classmethod
+    def round_robin(
+        cls, ranks: int, micro_batch_size: int, num_domains: int, virtual: bool = False
+    ) -> RankLayout:
+        """Held-out data of every domain under the control (one mixture for training): rank r
+        evaluates domain r mod D, so each domain is evaluated on ranks of every node (the
+        layout's "node" of rank r is r itself)."""
+        return cls(tuple(range(ranks)), micro_batch_size, num_domains, virtual)
 
     def samples_per_domain(self, total: int) -> int:
         """Samples the most-read domain's dataset must hold when the ranks read ``total``."""

@@ -81,12 +81,48 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
         lambda: _reads_data(vp_stage, args),
         _dataset_config(args),
     ).build()
-    if cluster is None:
-        return built
-    return [
-        None if d is None else VirtualRankTagged(d, cluster.ranks, args.micro_batch_size)
-        for d in built
-    ]
+    held_out = None
+    if getattr(args, "locmoe_domain_valid_data_path", None) and train_val_test_num_samples[1]:
+        held_out = _held_out_per_domain(args, train_val_test_num_samples[1], cluster, vp_stage)
+    if cluster is not None:
+        built = [
+            None if d is None else VirtualRankTagged(d, cluster.ranks, args.micro_batch_size)
+            for d in built
+        ]
+    if held_out is not None:  # tagged with the domain (and the virtual rank) already
+        built = [built[0], held_out, built[2]]
+    return built
+
+
+def _held_out_per_domain(args, samples: int, cluster, vp_stage):
+    """The control's held-out data: one dataset per domain of --locmoe-domain-valid-data-path
+    (Megatron's own builder, its cache), rank r evaluating domain r mod D."""
+    from megatron.core import parallel_state
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+
+    from megatron_locmoe.node_data import NodeShardedDataset, RankLayout
+
+    prefixes = args.locmoe_domain_valid_data_path
+    ranks = cluster.ranks if cluster is not None else parallel_state.get_data_parallel_world_size()
+    layout = RankLayout.round_robin(
+        ranks, args.micro_batch_size, len(prefixes), virtual=cluster is not None
+    )
+    per_domain = layout.samples_per_domain(samples)
+    config = _dataset_config(args)
+    parts = []
+    for prefix in prefixes:
+        domain = dataclasses.replace(
+            config, blend=None, blend_per_split=[None, ([prefix], None), None], split=None
+        )
+        parts.append(
+            BlendedMegatronDatasetBuilder(
+                GPTDataset, [0, per_domain, 0], lambda: _reads_data(vp_stage, args), domain
+            ).build()[1]
+        )
+    return NodeShardedDataset(parts, layout, samples)
 
 
 def _rank_layout(args, cluster, domains: int):
@@ -239,7 +275,9 @@ def forward_step(data_iterator, model):
     tokens, labels, loss_mask, attention_mask, position_ids = batch
     output = model(tokens, position_ids, attention_mask, labels=labels, loss_mask=loss_mask)
     domain = tags.get(DOMAIN_KEY)  # only the plugin's domain datasets tag it (args are set)
-    num_domains = len(get_args().locmoe_domain_data_path) if domain is not None else 0
+    args = get_args()
+    domains = args.locmoe_domain_data_path or args.locmoe_domain_valid_data_path
+    num_domains = len(domains) if domain is not None else 0
     return output, partial(loss_func, loss_mask, domain=domain, num_domains=num_domains)
 
 

@@ -463,3 +463,14 @@ def test_a_setting_the_router_does_not_read_is_refused_at_parse_time(megatron_ar
     if setting != "hash_token_counts":
         reader_extra = ["--moe-expert-capacity-factor", "1.1"] if reader == "locmoe_plus" else []
         parse("--moe-router-type", reader, flag, *value, *reader_extra)
+
+
+def test_per_domain_held_out_data_alone_needs_one_source_and_a_rank_per_domain(megatron_args):
+    parse, _ = megatron_args  # 8 ranks: rank r evaluates domain r mod D
+    base = [t for t in BASE if t != "--mock-data"] + ["--train-data-path", "t"]
+    with pytest.raises(ConfigError, match="both give held-out data"):
+        parse("--locmoe-domain-valid-data-path", "d0", "--valid-data-path", "v", base=base)
+    with pytest.raises(ConfigError, match="9 held-out domains for 8 data-parallel ranks"):
+        parse("--locmoe-domain-valid-data-path", *[f"d{i}" for i in range(9)], base=base)
+    with pytest.raises(Exception, match="d0"):  # each prefix a dataset, named when it is not
+        parse("--locmoe-domain-valid-data-path", "d0", base=base)

@@ -32,7 +32,7 @@ def corpus(tmp_path_factory):
     return data.build_domain_datasets(out, 4, max_stdlib_files=40, held_out_every=10)
 
 
-def pretrain_path_job(ctx, extra: list[str], enter: bool = True):
+def pretrain_path_job(ctx, extra: list[str], enter: bool = True, base: str = FLAGS):
     """Megatron's args from the command line, the plugin's datasets through Megatron's loader,
     then pretrain_gpt's forward_step on 8 micro-batches of training (one per virtual rank) and
     8 of evaluation; returns the virtual ranks the layers counted, and the loss reports."""
@@ -46,7 +46,7 @@ def pretrain_path_job(ctx, extra: list[str], enter: bool = True):
     from megatron_locmoe.sim.trainer import TrainSettings, _model
 
     adaptor.apply()
-    sys.argv = ["pretrain_gpt.py", *FLAGS.split(), *extra]
+    sys.argv = ["pretrain_gpt.py", *base.split(), *extra]
     args = arguments.validate_args(arguments.parse_args())
     saved = gv._GLOBAL_ARGS, gv._GLOBAL_TOKENIZER
     right, entering = LocMoELayer.enter_virtual_rank, virtual.enter
@@ -106,6 +106,23 @@ def test_domain_data_is_read_by_node_and_reported_per_domain(cluster_factory, co
         domain = (i % 8) // 2  # virtual rank i mod 8 sits on node (i mod 8) // 2
         tokens = [report[f"lm loss domain {d}"][1] for d in range(4)]
         assert tokens[domain] > 0 and sum(tokens) == tokens[domain] == report["lm loss"][1]
+
+
+def test_the_control_reports_every_domains_held_out_loss(cluster_factory, corpus):
+    """Training on the mixture (Megatron's usual loader), held out per domain: evaluation
+    micro-batch i is virtual rank i mod 8's and holds domain (i mod 8) mod 4's held-out tokens,
+    so every domain is evaluated on ranks of two nodes; training reports the mixture alone."""
+    flags = ["--train-data-path", corpus["mixture"]]  # per-split paths: no --split
+    flags += ["--locmoe-domain-valid-data-path", *corpus["valid_prefixes"]]
+    base = FLAGS.replace("--split 90,10,0", "")
+    seen, reports = cluster_factory(1).run(
+        pretrain_path_job, flags, base=base, layout=ONE, timeout_s=240
+    )[0]
+    assert seen == list(range(8)) * 2
+    assert all(set(r) == {"lm loss"} for r in reports[:8])
+    for i, report in enumerate(reports[8:]):
+        tokens = [report[f"lm loss domain {d}"][1] for d in range(4)]
+        assert tokens[i % 4] > 0 and sum(tokens) == tokens[i % 4] == report["lm loss"][1]
 
 
 def test_a_model_not_told_its_rank_refuses_to_route(cluster_factory, corpus):
