@@ -434,12 +434,7 @@ class SimCluster:
         deadline = time.monotonic() + timeout_s
         for p in self._procs:
             p.join(timeout=max(0.0, deadline - time.monotonic()))
-        _kill_groups(self._procs)
-        for p in self._procs:
-            p.join(timeout=5)
-        self._procs, self._jobs = [], []
-        atexit.unregister(self._kill)
-        _release_signals(self)
+        self._kill()  # whatever did not stop in time, and their groups
 
     def __enter__(self) -> SimCluster:
         try:
