@@ -322,3 +322,64 @@ def test_sweep_rows_give_the_statistic_measured_at_each_node_count():
     assert all("0.062 -> 0.300" in line and "over 16 nodes" in line for line in lines[1:])
     with pytest.raises(ValueError, match="no control runs"):
         cm.sweep_reproduction_table(rows, "locmoe", ["hash"], setting="control")
+
+
+def test_node_limited_copies_by_hand():
+    """DeepEP's two-hop copies for 8 experts on n nodes of 8 GPUs x 4 experts: one rail copy
+    per remote node, one NVLink copy per target GPU other than the forwarding one."""
+    two = 8 * (1 - math.comb(28, 2) / math.comb(32, 2))  # 2 of a node's 32 experts: 1.903 GPUs
+    assert cm.devices_hit(2, 32, 8) == pytest.approx(two) == pytest.approx(2 - 3 / 31)
+    eight = 8 * (1 - math.comb(28, 8) / math.comb(32, 8))
+    assert cm.devices_hit(8, 32, 8) == pytest.approx(eight)
+    s = cm.node_limited_stats("v3", 8, 4, 0.5, nodes=8, devices_per_node=8, num_experts=256)
+    assert s.inter_copies_per_token == pytest.approx(3.5)  # 4 nodes, own one half the time
+    assert s.intra_copies_per_token == pytest.approx(4 * two * 7 / 8)
+    assert s.node_local_fraction == pytest.approx(1 / 8)  # locality-blind
+    assert s.copies_at(8, 8, 256) == (s.node_local_fraction, s.intra_copies_per_token, 3.5)
+    # one dispatch or combine of the check = estimate's per-All-to-All time (4 per layer-step)
+    work = cm.Workload("w", 4096, 7168, 2048, 1, 256, bytes_per_element=2)
+    _, _, one = cm.alltoall_pass_seconds(s, cm.CLUSTERS["h100-dgx"], 8, 4096, 7168 * 2, 256)
+    assert 4 * one == pytest.approx(cm.estimate(s, cm.CLUSTERS["h100-dgx"], 8, work).t_comm)
+    with pytest.raises(ValueError):
+        cm.node_limited_stats("x", 8, 3, 0.5, 8, 8, 256)  # 8 experts do not split over 3 nodes
+
+
+def test_check_against_fusco_and_deepep():
+    """The published check's numbers (docs/performance.md): fails when the model, the h100-dgx
+    preset or the recorded measurements change."""
+    from megatron_locmoe.analysis import published
+
+    f = published.FUSCO
+    assert (f.nodes, f.devices_per_node, f.hidden_size, f.topk, f.num_experts) == (
+        8, 8, 7168, 8, 256
+    )  # fmt: skip
+    assert [c.measured_ms for c in f.cases] == [30.7, 24.7, 24.7]
+    assert f.sources and f.assumptions and cm.measurement_cluster(f).name == "h100-dgx"
+    rows = {r.case: r for r in cm.check_published(f)}
+    # deepseek-v3: 2 x (49 us latency + 4096 x 3.5 x 14336 B / 50 GB/s)
+    v3, one, own = rows["deepseek-v3"], rows["one-node"], rows["one-node-own"]
+    assert v3.predicted == pytest.approx(2 * (49e-6 + 4096 * 3.5 * 14336 / 50e9))
+    assert v3.predicted * 1e3 == pytest.approx(8.319, abs=1e-3)
+    assert one.predicted * 1e3 == pytest.approx(2.153, abs=1e-3)
+    assert own.predicted * 1e3 == pytest.approx(1.315, abs=1e-3)
+    assert v3.error == pytest.approx(-0.729, abs=1e-3)
+    assert one.error == pytest.approx(-0.913, abs=1e-3)
+    assert one.predicted / v3.predicted == pytest.approx(0.259, abs=1e-3)  # measured 0.805
+    gbps, rest = cm.marginal_costs(f, "deepseek-v3", "one-node")
+    assert (gbps, rest) == (pytest.approx(30.88, abs=0.01), pytest.approx(3.338, abs=1e-3))
+    (deepep,) = cm.check_published(published.DEEPEP_EP64)  # bandwidths as DeepEP counts them
+    assert deepep.measured_GBps == (51.0, 50.0)
+    d, c = deepep.predicted_GBps
+    assert (d, c) == (pytest.approx(55.85, abs=0.01), pytest.approx(56.47, abs=0.01))
+    assert d / 51.0 - 1 == pytest.approx(0.095, abs=1e-3)
+    assert c / 50.0 - 1 == pytest.approx(0.129, abs=1e-3)
+
+
+def test_cli_check(capsys):
+    from megatron_locmoe.analysis.errors import InputError
+
+    cm.main(["--check", "fusco"])
+    out = capsys.readouterr().out
+    assert "| deepseek-v3 " in out and "-73%" in out and "measured cut 20%" in out
+    with pytest.raises(InputError, match="known measurements: fusco, deepep"):
+        cm.main(["--check", "nccl"])
