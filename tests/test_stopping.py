@@ -48,30 +48,39 @@ def _settings(corpus, tmp_path, **kw) -> TrainSettings:
     )
 
 
-def _signal_after(progress: Path, steps: int, pids) -> threading.Thread:
+def _signal_after(progress: Path, steps: int, pids, done: threading.Event, lock: threading.Lock):
     """Send SIGNAL to ``pids()`` once ``steps`` steps are logged (from a thread; the driver's
-    handler runs in the main thread, which waits on the job)."""
+    handler runs in the main thread, which waits on the job) - never once the job is over
+    (``done``): a late signal would land on whatever the test process runs next."""
 
     def go(signum):
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not done.is_set():
             if progress.exists() and len(progress.read_text().splitlines()) >= steps:
                 break
             time.sleep(0.05)
-        for pid in pids():
-            os.kill(pid, signum)
+        with lock:
+            if done.is_set():
+                return
+            for pid in pids():
+                os.kill(pid, signum)
 
     return go
 
 
 def _run_interrupted(cluster, settings, signum, pids):
-    go = _signal_after(Path(settings.progress_path), 2, pids)
+    done, lock = threading.Event(), threading.Lock()
+    go = _signal_after(Path(settings.progress_path), 2, pids, done, lock)
     thread = threading.Thread(target=go, args=(signum,), daemon=True)
     thread.start()
     start = time.monotonic()
-    with pytest.raises(Interrupted) as e:
-        cluster.run(train_job, settings, layout=LAYOUT)
-    thread.join()
+    try:
+        with pytest.raises(Interrupted) as e:
+            cluster.run(train_job, settings, layout=LAYOUT)
+    finally:  # however the job ended, no signal after it
+        with lock:
+            done.set()
+        thread.join()
     return e.value, time.monotonic() - start
 
 
