@@ -275,9 +275,10 @@ def forward_step(data_iterator, model):
     tokens, labels, loss_mask, attention_mask, position_ids = batch
     output = model(tokens, position_ids, attention_mask, labels=labels, loss_mask=loss_mask)
     domain = tags.get(DOMAIN_KEY)  # only the plugin's domain datasets tag it (args are set)
-    args = get_args()
-    domains = args.locmoe_domain_data_path or args.locmoe_domain_valid_data_path
-    num_domains = len(domains) if domain is not None else 0
+    num_domains = 0
+    if domain is not None:  # a tag only the plugin's domain datasets write (the args are set)
+        args = get_args()
+        num_domains = len(args.locmoe_domain_data_path or args.locmoe_domain_valid_data_path)
     return output, partial(loss_func, loss_mask, domain=domain, num_domains=num_domains)
 
 

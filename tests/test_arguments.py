@@ -198,7 +198,11 @@ def test_virtual_cluster_flags_parse(megatron_args, monkeypatch):
             1,
             "global_aux_loss",
         ),
-        (["--locmoe-domain-valid-data-path", "x"], 1, "give the training domains too"),
+        (
+            ["--locmoe-domain-valid-data-path", "x", "y"],
+            1,
+            "2 held-out domains for 1 data-parallel ranks",
+        ),
         (
             [
                 "--locmoe-virtual-cluster",
