@@ -84,6 +84,11 @@ def _run_interrupted(cluster, settings, signum, pids):
     return e.value, time.monotonic() - start
 
 
+def _rank_of(ctx) -> int:
+    time.sleep(9.0)  # longer than the stop grace (8 s): a stale signal would interrupt it
+    return ctx.rank
+
+
 def _rank_pids(cluster) -> list[int]:
     return [p.pid for p in cluster._procs]
 
@@ -93,9 +98,13 @@ def test_ctrl_c_stops_every_rank_at_one_step_boundary(cluster_factory, corpus, t
     forwarded to every rank, which stop together at the next step, without a checkpoint (SIGINT
     is not --exit-signal); the cluster stays usable."""
     cluster = cluster_factory(2)
+    idle = cluster_factory(1).start()  # another live cluster of this process, between jobs
     settings = _settings(corpus, tmp_path, save_dir=str(tmp_path / "ckpt"), save_interval=100)
     settings.exit_signal_handler = True
     stop, _ = _run_interrupted(cluster, settings, signal.SIGINT, lambda: [os.getpid()])
+    # the signal was the running job's: the idle cluster's next job runs (it was interrupted
+    # once the grace ran out, the full suite's next test with it)
+    assert idle.run(_rank_of, layout=ParallelLayout(devices_per_node=1)) == [0]
     logged = len(Path(settings.progress_path).read_text().splitlines())
     assert stop.signum == signal.SIGINT and stop.exit_status == 130
     assert stop.step == logged < settings.steps  # stopped where the last logged step ended

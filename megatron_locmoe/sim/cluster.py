@@ -338,7 +338,11 @@ _PREVIOUS_HANDLERS: dict[int, Any] = {}
 
 
 def _on_signal(signum, frame) -> None:
-    for cluster in list(_LIVE):
+    """To the clusters running a job (the signal is for that job); when none runs, to every
+    live cluster (a signal between jobs: none starts another). Several clusters live in one
+    process (a test session): an idle one must not keep a signal meant for another's job."""
+    live = list(_LIVE)
+    for cluster in [c for c in live if c._in_job] or live:
         cluster._signalled(signum)
 
 
@@ -386,6 +390,7 @@ class SimCluster:
     a final checkpoint) before they are killed."""
     _signal: int = 0
     _signal_at: float = 0.0
+    _in_job: bool = False
     _procs: list = field(default_factory=list, repr=False)
     _jobs: list = field(default_factory=list, repr=False)
     _results: Any = field(default=None, repr=False)
@@ -477,6 +482,7 @@ class SimCluster:
         os.makedirs(self.scratch, exist_ok=True)
         self._next_job += 1
         job_id = self._next_job
+        self._in_job = True
         for q in self._jobs:
             q.put((job_id, fn, args, kwargs, layout, seed))
         try:
@@ -489,6 +495,8 @@ class SimCluster:
         except Interrupted:
             self._signal = 0  # told; the object may run jobs again (ranks restart if killed)
             raise
+        finally:
+            self._in_job = False
 
     # ---- signals --------------------------------------------------------------------------
     def _signalled(self, signum: int) -> None:
