@@ -119,6 +119,14 @@ class LocMoEConfig:
     node_bias_rate: float = 0.1
     """Step size of that bias: bias += rate * (p* - this batch's node-local share) per step."""
 
+    max_outgoing_fraction: float | None = None
+    """FasterMoE's topology gate (PPoPP'22; its FMOE_TOPO_OUTGOING_FRACTION, default 0.14) for
+    any top-k, on Megatron's router: per micro-batch and rank at most floor(F x T) of the T
+    tokens may have an expert on another node; those whose best remote expert scores highest
+    keep their top-k, the other tokens that wanted a remote expert take their top-k among their
+    node's experts (the selection is masked; the aux loss stays on the unmasked scores). F in
+    (0, 1]; unset: off. Needs at least top-k experts per node (routers/outgoing_cap.py)."""
+
     # ---- GrAP gate ---------------------------------------------------------------------------
     grap_mode: Literal["fixed", "learnable"] = "fixed"
     """fixed: logit i = mean of hidden chunk i (the paper). learnable: each expert owns d/n
@@ -262,6 +270,12 @@ class LocMoEConfig:
             )
         if self.node_bias_rate <= 0:
             raise ConfigError(f"node_bias_rate={self.node_bias_rate} must be positive")
+        F = self.max_outgoing_fraction
+        if F is not None and not 0 < F <= 1:
+            raise ConfigError(
+                f"max_outgoing_fraction={F} must lie in (0, 1]: the share of a rank's tokens that "
+                "may leave the node (FasterMoE's default 0.14); drop the flag to route uncapped"
+            )
         if not 0 < self.locality_smoothing < 1:
             raise ConfigError(
                 f"locality_smoothing={self.locality_smoothing} must lie in (0, 1) (e.g. 1e-3)"
@@ -424,6 +438,7 @@ ROUTER_SETTINGS: dict[str, str] = {
     "locality_smoothing": "has_locality_loss",
     "node_target_share": "has_node_target",
     "node_bias_rate": "has_node_target",
+    "max_outgoing_fraction": "has_outgoing_cap",
     "grap_mode": "has_grap_gate",
     "grap_bias": "has_grap_gate",
     "grap_temperature": "has_grap_gate",

@@ -134,6 +134,11 @@ def summary_fields(resolution: Resolution, tc, topology=None) -> dict:
         out["node_target"] = (
             f"node-local share {cfg.node_target_share:g} (bias rate {cfg.node_bias_rate:g}; ours)"
         )
+    if cfg.max_outgoing_fraction is not None:
+        out["outgoing_cap"] = (
+            f"at most {cfg.max_outgoing_fraction:g} of a rank's tokens per micro-batch have an "
+            "expert on another node (FasterMoE's topology gate, any top-k)"
+        )
     if router.has_affinity_routing:
         threshold = cfg.plus_affinity_threshold
         out["token_choice"] = f"top-{k} by affinity cos(token, GrAP row)" + (

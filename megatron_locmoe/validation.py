@@ -37,4 +37,5 @@ def changes_megatron(locmoe: LocMoEConfig, moe_grouped_gemm: bool) -> bool:
         or locmoe.wants_grouped_experts(moe_grouped_gemm)
         or locmoe.virtual_cluster is not None
         or locmoe.attention != "megatron"
+        or locmoe.max_outgoing_fraction is not None
     )

@@ -127,15 +127,20 @@ def test_every_flag_parses_and_lands_in_transformer_config(megatron_args, tmp_pa
     )
     hashed = LocMoEConfig(router_type="hash", hash_seed=7, hash_token_counts=counts)
     assert to_config(args).locmoe == hashed
+    # Megatron's router's own setting, which only it reads (4 nodes of 2 experts for top-2)
+    args = parse(
+        "--moe-router-topk", "2", "--locmoe-devices-per-node", "2",
+        "--locmoe-max-outgoing-fraction", "0.14",
+    )  # fmt: skip
+    capped = LocMoEConfig(devices_per_node=2, max_outgoing_fraction=0.14)
+    assert to_config(args).locmoe == capped
     # every field was set away from its default, so every flag is exercised (the virtual
     # cluster's need one process: test_virtual_cluster_flags_parse)
     for f in dataclasses.fields(LocMoEConfig):
         assert hasattr(args, dest(f.name))
         if f.name in VIRTUAL_FIELDS:
             continue
-        assert f.default != getattr(expected, f.name) or f.default != getattr(hashed, f.name), (
-            f.name
-        )
+        assert any(f.default != getattr(c, f.name) for c in (expected, hashed, capped)), f.name
 
 
 VIRTUAL_FIELDS = ("virtual_cluster", "virtual_ep_size")
@@ -441,6 +446,7 @@ OWNED_SETTING_CASES = {
     "plus_affinity_threshold": ("locmoe", ["0.5"]),
     "hash_seed": ("locmoe", ["7"]),
     "hash_token_counts": ("switch", ["counts.npy"]),
+    "max_outgoing_fraction": ("locmoe", ["0.14"]),
 }
 
 
@@ -464,8 +470,10 @@ def test_a_setting_the_router_does_not_read_is_refused_at_parse_time(megatron_ar
     assert f"the {router} router does not read it ({flag}" in str(e.value)
     # the same setting for a router that reads it parses
     reader = "hash" if setting.startswith("hash") else "locmoe_plus"
+    reader_extra = ["--moe-expert-capacity-factor", "1.1"] if reader == "locmoe_plus" else []
+    if setting == "max_outgoing_fraction":  # Megatron's router alone reads it
+        reader, reader_extra = "megatron", []
     if setting != "hash_token_counts":
-        reader_extra = ["--moe-expert-capacity-factor", "1.1"] if reader == "locmoe_plus" else []
         parse("--moe-router-type", reader, flag, *value, *reader_extra)
 
 

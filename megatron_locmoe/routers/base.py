@@ -68,6 +68,8 @@ class PluginRouterMixin:
     """LocMoE's locality loss (--locmoe-locality-loss-coeff, --locmoe-locality-smoothing)."""
     has_node_target = False
     """The node-target bias and balance loss (--locmoe-node-target-share, --locmoe-node-bias-rate)."""
+    has_outgoing_cap = False
+    """FasterMoE's cap on the tokens that leave the node (--locmoe-max-outgoing-fraction)."""
     has_fused_path = False
     """A fused routing path (--locmoe-fused-router, --moe-router-fusion's own path)."""
     has_capacity_bound = False

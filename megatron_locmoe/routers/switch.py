@@ -11,6 +11,7 @@ import torch
 from megatron.core.transformer.moe.moe_utils import get_capacity
 from megatron.core.transformer.moe.router import TopKRouter
 
+import megatron_locmoe.routers.outgoing_cap as outgoing_cap
 from megatron_locmoe.config import ConfigError, LocMoEConfig
 from megatron_locmoe.routers.base import PluginRouterMixin
 
@@ -57,17 +58,32 @@ class _MeasuredTopKRouter(PluginRouterMixin, TopKRouter):
 
 
 class MegatronRouter(_MeasuredTopKRouter):
-    """Megatron-Core's TopKRouter, unchanged, with the plugin's metrics (router type megatron)."""
+    """Megatron-Core's TopKRouter, unchanged, with the plugin's metrics (router type megatron);
+    with --locmoe-max-outgoing-fraction, FasterMoE's cap on the tokens that leave the node
+    masks its top-k (routers/outgoing_cap.py)."""
 
     name = "megatron"
     label = "Megatron"
     is_plugin_router = False
     uses_locmoe_alpha = False
+    has_outgoing_cap = True
+
+    def __init__(self, config, pg_collection=None, is_mtp_layer=False, *, locmoe=None):
+        super().__init__(config, pg_collection, is_mtp_layer, locmoe=locmoe)
+        fraction = self.locmoe.max_outgoing_fraction
+        if fraction is not None:
+            bank = self._virtual_bank  # every virtual rank's node, or this rank's
+            table = self.expert_is_local[None] if bank is None else bank.derived["expert_is_local"]
+            outgoing_cap.check_node_map(table, self.topk)
+            self.router_replay = outgoing_cap.OutgoingCap(self, fraction)
 
     @classmethod
     def check_model(cls, locmoe: LocMoEConfig, tc) -> None:
         """Megatron's own router takes every setting Megatron takes, but for one its
-        validation misses (its group-limited top-k then fails inside the first forward)."""
+        validation misses (its group-limited top-k then fails inside the first forward); the
+        cap needs Megatron's unfused top-k and top-k experts on every node."""
+        if locmoe.max_outgoing_fraction is not None:
+            outgoing_cap.check_outgoing_cap(locmoe, tc)
         groups, limit = tc.moe_router_num_groups, tc.moe_router_group_topk
         if groups and limit and tc.moe_router_topk > limit * (tc.num_moe_experts // groups):
             raise ConfigError(
