@@ -16,11 +16,12 @@ PYTHON ?= $(shell \
 		if "$$c" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; then echo "$$c"; break; fi; \
 	done)
 
-.PHONY: help venv demo test lint clean
+.PHONY: help venv demo test test-fast lint clean
 
 help:
 	@echo "make demo   - create .venv, install, run the simulated multi-node job on the CPU"
 	@echo "make test   - create .venv, install, run the test suite (CPU, gloo)"
+	@echo "make test-fast - the same without the tests marked slow (the cluster trainings)"
 	@echo "make lint   - ruff"
 
 $(STAMP): pyproject.toml
@@ -40,6 +41,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+test-fast: $(STAMP)  # the edit-test loop: no multi-rank trainings (pyproject.toml's markers)
+	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(PY) -m ruff check megatron_locmoe tests benchmarks

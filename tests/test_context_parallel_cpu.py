@@ -30,6 +30,8 @@ from tests.test_tensor_parallel_cpu import (
 )
 from tests.test_tensor_parallel_cpu import _settings as tp_settings
 
+pytestmark = pytest.mark.slow  # 8-rank cluster trainings: `make test-fast` leaves them out
+
 JOB_TIMEOUT_S = 240
 CP2 = ParallelLayout(devices_per_node=2, cp=2)
 

@@ -40,6 +40,7 @@ def demo_out(cluster8, tmp_path_factory):
     return tmp, result
 
 
+@pytest.mark.slow
 def test_demo_prints_table_and_report(demo_out, capsys):
     tmp, result = demo_out
     assert [r["run"] for r in result["rows"]] == RUNS
@@ -63,6 +64,7 @@ def test_demo_prints_table_and_report(demo_out, capsys):
     assert len(list((tmp / "runs" / "wandb").rglob("run-*.wandb"))) == len(RUNS)
 
 
+@pytest.mark.slow
 def test_demo_runs_share_tokens_and_layout(demo_out):
     tmp, _ = demo_out
     runs = {r.name: r for r in load_runs([tmp / "runs"])}
@@ -77,6 +79,7 @@ def test_demo_runs_share_tokens_and_layout(demo_out):
         assert len(r.record["step_seconds"]) == 5
 
 
+@pytest.mark.slow
 def test_byte_counts_follow_the_routing(demo_out):
     tmp, _ = demo_out
     runs = {r.name: r for r in load_runs([tmp / "runs"])}
@@ -158,6 +161,7 @@ def test_demo_never_deletes_a_directory_it_did_not_write(tmp_path, capsys):
     demo.parse_args(["--out", str(marked)])  # the demo's own: replaced
 
 
+@pytest.mark.slow
 def test_the_demo_preset_trains_what_the_sweeps_runs_train(cluster8, tmp_path):
     """configs/demo.yaml through the launcher's CPU path (Megatron's TransformerConfig, GPT
     options and optimizer for the flags) trains bitwise what the locality sweep's own run

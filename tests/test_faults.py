@@ -50,6 +50,7 @@ def _damage(shard, how):
 
 
 @pytest.mark.parametrize("how", ["corrupted", "truncated"])
+@pytest.mark.slow
 def test_a_damaged_shard_stops_every_rank_before_training(cluster_factory, corpus, tmp_path, how):
     cluster = cluster_factory(2)
     settings, shards = _saved_checkpoint(cluster, corpus, tmp_path / "ckpt")
@@ -73,6 +74,7 @@ REFUSED_SETTINGS = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_other_settings_is_refused_in_one_line(cluster_factory, corpus, tmp_path):
     """Resuming with another router trained on (hash: no parameters to miss) or failed with a
     500-character KeyError (switch); another expert count with Megatron's shape traceback. The

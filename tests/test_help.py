@@ -7,6 +7,8 @@ import argparse
 import subprocess
 import sys
 
+import pytest
+
 from megatron_locmoe.arguments import mend_help_strings
 
 ENTRIES = {
@@ -25,6 +27,7 @@ ENTRIES = {
 }
 
 
+@pytest.mark.slow
 def test_every_entry_prints_help():
     procs = {
         module: subprocess.Popen(

@@ -735,6 +735,7 @@ def test_readme_cluster_commands_are_the_checked_ones(monkeypatch):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cpu_sim_trains_through_the_launcher(tmp_path, capsys):
     from megatron_locmoe.sim import data
 
@@ -767,6 +768,7 @@ def test_cpu_sim_trains_through_the_launcher(tmp_path, capsys):
     assert (tmp_path / "runs" / "cpu-sim" / "cpu-sim" / "tensorboard").is_dir()
 
 
+@pytest.mark.slow
 def test_a_failed_cpu_run_ends_in_one_error_line(tmp_path, capsys):
     """A run that fails on the ranks (here a non-finite loss: lr 1e30) prints the ranks'
     tracebacks, root cause first, and ends with one error line naming it, exit status 1; no
@@ -944,6 +946,7 @@ def test_cpu_twins_keep_the_layout_and_routing_of_their_preset(name, tmp_path):
         assert (settings.hidden_size, settings.num_experts) == (64, flags["num-experts"])
 
 
+@pytest.mark.slow
 def test_a_cpu_twin_trains_its_layout_on_the_simulated_cluster(cluster8, tmp_path):
     """The twin of mixtral-8x7b-locmoe-plus (TP 2 + SP, PP 2, EP 2 x expert-TP 2 across 2
     nodes, locmoe_plus) trains as the launcher maps it (run_cpu's job, on the session's

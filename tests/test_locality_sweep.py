@@ -46,6 +46,7 @@ def swept(cluster_factory, tmp_path_factory):
     return tmp
 
 
+@pytest.mark.slow
 def test_results_file_has_every_field(swept):
     data = json.loads((swept / "sweep.json").read_text())
     assert "locality_sweep" in data["command"] or "main(" in data["command"]
@@ -85,6 +86,7 @@ def test_results_file_has_every_field(swept):
         assert (swept / "sweep_png" / f"{png}.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_sweep_resumes_without_rerunning(swept, cluster_factory, capsys):
     before = (swept / "runs" / "4x1" / "megatron" / "run.json").stat().st_mtime_ns
     out = sweep.main([*_argv(swept), "--dry-run"], cluster=cluster_factory(4))
@@ -97,6 +99,7 @@ def test_sweep_resumes_without_rerunning(swept, cluster_factory, capsys):
     assert out["pending"] == []
 
 
+@pytest.mark.slow
 def test_node_bias_raises_locality_in_the_control(cluster_factory, swept):
     """Same mixture on every node: the node-aware target moves the share above 1/nodes (with
     a fast bias), which no token-only router can do on average; off, it stays near 1/nodes."""
@@ -127,6 +130,7 @@ def test_node_bias_raises_locality_in_the_control(cluster_factory, swept):
     assert share[0.0] < 0.45 and share[0.9] > 0.7, share
 
 
+@pytest.mark.slow
 def test_report_page_gains_the_sweep_figures(swept):
     from megatron_locmoe.analysis import report
     from megatron_locmoe.analysis.runlog import load_runs

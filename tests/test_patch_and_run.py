@@ -91,6 +91,7 @@ def _run(cmd, cwd):
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_patched_script_and_runner_parse_plugin_flags(checkout):
     script = checkout / "pretrain_gpt.py"
     # unpatched, plain python: Megatron's parser rejects the plugin flags

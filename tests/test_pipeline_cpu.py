@@ -26,6 +26,8 @@ from megatron_locmoe.sim import checkpoint, data, trainer
 from megatron_locmoe.sim.cluster import ClusterJobError, ParallelLayout
 from megatron_locmoe.sim.trainer import OptimizerSettings, TrainSettings, train_job
 
+pytestmark = pytest.mark.slow  # 8-rank cluster trainings: `make test-fast` leaves them out
+
 JOB_TIMEOUT_S = 240  # every job is a few seconds; a hang fails the test instead of waiting
 
 PP1 = ParallelLayout(devices_per_node=4, ep=8)

@@ -63,6 +63,7 @@ def run(cluster_factory, tmp_path_factory):
     return cluster, settings, root, profiled
 
 
+@pytest.mark.slow
 def test_profile_counts_every_kept_assignment(run):
     _, settings, _, profiled = run
     profile = profiled["profile"]
@@ -80,6 +81,7 @@ def test_profile_counts_every_kept_assignment(run):
     assert before == pytest.approx(profiled["metrics"]["node_local_fraction"], rel=RTOL)
 
 
+@pytest.mark.slow
 def test_the_permuted_checkpoint_trains_the_same_losses(run, tmp_path, record_property):
     cluster, settings, root, profiled = run
     plan = placement.plan_placement(profiled["profile"])

@@ -30,6 +30,7 @@ def two_runs(cluster8, tmp_path_factory):
     return tmp / "runs"
 
 
+@pytest.mark.slow
 def test_report_has_every_plot(two_runs, tmp_path):
     from megatron_locmoe.analysis.runlog import summary_rows
 
@@ -54,6 +55,7 @@ def test_report_has_every_plot(two_runs, tmp_path):
     )  # nothing loaded from a network (only cited source URLs, as text)
 
 
+@pytest.mark.slow
 def test_report_from_bare_tensorboard_dirs(two_runs, tmp_path):
     for name in ("hash", "locmoe-top1"):
         shutil.copytree(two_runs / name / "tensorboard", tmp_path / "tb" / name)
@@ -67,6 +69,7 @@ def test_report_from_bare_tensorboard_dirs(two_runs, tmp_path):
     assert "<td>-</td>" in page  # no run.json: no top-k, no tokens/s
 
 
+@pytest.mark.slow
 def test_report_cli_and_errors(two_runs, tmp_path, capsys):
     report.main([str(two_runs), "-o", str(tmp_path / "cli.html")])
     assert "report:" in capsys.readouterr().out and (tmp_path / "cli.html").exists()
@@ -116,6 +119,7 @@ def test_steady_step_time_skips_warm_up_and_outliers():
         ),
     ],
 )
+@pytest.mark.slow
 def test_tools_refuse_bad_input_in_one_line(tmp_path, tool, argv, message):
     """A bad path or a damaged file gives one line naming it, exit status 2, no traceback."""
     import struct

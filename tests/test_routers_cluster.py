@@ -5,6 +5,7 @@ raising the node-local share in a short training."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -242,6 +243,7 @@ def locality_training_job(ctx, mu: float, steps: int = 40):
     )
 
 
+@pytest.mark.slow
 def test_locality_loss_raises_node_local_share(cluster8):
     base = cluster8.run(locality_training_job, mu=0.0, layout=LAYOUT)
     loc = cluster8.run(locality_training_job, mu=0.3, layout=LAYOUT)

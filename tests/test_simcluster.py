@@ -44,6 +44,7 @@ def healthy_job(ctx):
     return float(t)
 
 
+@pytest.mark.slow
 def test_one_failing_rank_stops_the_others_fast(cluster_factory):
     cluster = cluster_factory(4)
     with pytest.raises(ClusterJobError) as e:
@@ -57,6 +58,7 @@ def test_one_failing_rank_stops_the_others_fast(cluster_factory):
     assert cluster.run(healthy_job, layout=LAYOUT) == [6.0] * 4  # restarted, usable
 
 
+@pytest.mark.slow
 def test_a_dead_rank_is_named(cluster_factory):
     cluster = cluster_factory(4)
     with pytest.raises(ClusterJobError) as e:
@@ -93,6 +95,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("how", ["killed", "closed"])
+@pytest.mark.slow
 def test_ranks_take_what_they_started_with_them(cluster_factory, how):
     cluster = cluster_factory(2)
     pids = cluster.run(start_child_job, layout=LAYOUT)

@@ -93,6 +93,7 @@ def _rank_pids(cluster) -> list[int]:
     return [p.pid for p in cluster._procs]
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_every_rank_at_one_step_boundary(cluster_factory, corpus, tmp_path):
     """SIGINT to the driver only (the terminal's Ctrl-C; ranks are in their own process groups):
     forwarded to every rank, which stop together at the next step, without a checkpoint (SIGINT
@@ -215,6 +216,7 @@ def test_a_failed_save_names_the_os_error_and_its_file_and_leaves_no_partial_che
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "2"
 
 
+@pytest.mark.slow
 def test_the_launcher_ends_on_ctrl_c_in_seconds_with_one_line_and_status_130(corpus, tmp_path):
     """Through the launcher (2 simulated nodes x 1 rank): SIGINT once training runs; the job is
     gone within 10 s with `error: interrupted at step N`, exit status 130, no process of its

@@ -21,6 +21,8 @@ from megatron_locmoe.sim.trainer import TrainSettings, train_job
 from tests.test_pipeline_cpu import OPTIMIZER  # clipping that bites: the norm must dedupe TP
 from tests.test_pipeline_cpu import _settings as pipeline_settings
 
+pytestmark = pytest.mark.slow  # 8-rank cluster trainings: `make test-fast` leaves them out
+
 JOB_TIMEOUT_S = 240
 
 TP1 = ParallelLayout(devices_per_node=4, ep=4)

@@ -33,6 +33,7 @@ def _tensorboard_tags(logdir) -> set[str]:
 
 
 @pytest.mark.parametrize("router_type", ["megatron", "locmoe", "locmoe_plus", "hash", "switch"])
+@pytest.mark.slow
 def test_training_reduces_loss_and_logs_metrics(cluster_factory, corpus, tmp_path, router_type):
     cluster = cluster_factory(4)
     settings = TrainSettings(
@@ -69,6 +70,7 @@ def _checkpoint_keys(path) -> set[str]:
 @pytest.mark.parametrize(
     "router_type, experts", [("locmoe", "loop"), ("locmoe", "grouped"), ("locmoe_plus", "loop")]
 )
+@pytest.mark.slow
 def test_resume_from_torch_dist_checkpoint_gives_identical_losses(
     cluster_factory, corpus, tmp_path, router_type, experts
 ):
@@ -119,6 +121,7 @@ def test_resume_from_torch_dist_checkpoint_gives_identical_losses(
 
 
 @pytest.mark.parametrize("dispatcher", ["hierarchical", "alltoall"])
+@pytest.mark.slow
 def test_fused_router_trains_like_the_reference(cluster_factory, corpus, dispatcher):
     """LocMoE through the fused path (the Triton kernels, in Triton's interpreter here) inside
     the training loop: the same losses and metrics, step by step, as the op-by-op path, behind
@@ -197,6 +200,7 @@ def test_dataset_flags_shape_the_loops_batches(short_docs):
     assert len(_dataset(half, 1).indices) < len(plain_data.indices)  # half the documents
 
 
+@pytest.mark.slow
 def test_loop_trains_with_document_masks(cluster_factory, short_docs):
     """The attention mask of --reset-attention-mask goes through the model, and the masked loss
     is what the loop reports (2 steps, 2 ranks)."""
@@ -217,6 +221,7 @@ def test_loop_trains_with_document_masks(cluster_factory, short_docs):
     assert runs["masked"] != runs["no_attention"]  # the attention mask reached the model
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_every_rank_with_the_step(cluster_factory, corpus):
     """A learning rate of 1e30 makes the weights huge after one step: step 2's loss is not
     finite. Every rank stops at once with the step (none waits out a collective timeout);
@@ -237,6 +242,7 @@ def test_a_non_finite_loss_stops_every_rank_with_the_step(cluster_factory, corpu
     assert len(losses) == 3 and not math.isfinite(losses[-1])
 
 
+@pytest.mark.slow
 def test_the_launchers_cpu_runs_take_megatrons_optimizer_and_schedule(
     cluster_factory, corpus, tmp_path
 ):

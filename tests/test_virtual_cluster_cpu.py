@@ -29,6 +29,8 @@ from megatron_locmoe.sim.cluster import ParallelLayout
 from megatron_locmoe.sim.trainer import TrainSettings, train_job
 from tests.test_pipeline_cpu import OPTIMIZER
 
+pytestmark = pytest.mark.slow  # 8-rank cluster trainings: `make test-fast` leaves them out
+
 JOB_TIMEOUT_S = 240
 REAL = ParallelLayout(devices_per_node=2, ep=8)  # 4 nodes x 2 ranks, one EP group of all 8
 ONE = ParallelLayout(devices_per_node=1)  # the virtual cluster's one process
