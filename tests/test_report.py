@@ -83,7 +83,7 @@ def test_report_cli_and_errors(two_runs, tmp_path, capsys):
 def test_steady_step_time_skips_warm_up_and_outliers():
     """The demo's and the launcher's tokens/s come from one step time: the median after the
     two warm-up steps (a slow save step does not move it)."""
-    from megatron_locmoe.analysis.runlog import steady_step_seconds
+    from megatron_locmoe.sim.progress import steady_step_seconds
 
     assert steady_step_seconds([9.0, 5.0, 1.0, 1.2, 30.0, 1.1]) == pytest.approx(1.15)
     assert steady_step_seconds([9.0, 5.0]) == 7.0  # too short: every step counts

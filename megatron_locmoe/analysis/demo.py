@@ -41,8 +41,9 @@ import threading
 import time
 from pathlib import Path
 
-from megatron_locmoe.analysis.runlog import read_progress, steady_step_seconds, tail_length
+from megatron_locmoe.analysis.runlog import tail_length
 from megatron_locmoe.launch.presets import PresetError, apply_override, load_preset
+from megatron_locmoe.sim.progress import read_progress, steady_step_seconds
 
 DEFAULT_OUT = "runs/demo"
 DEFAULT_REPORT = "reports/router_comparison.html"

@@ -738,9 +738,9 @@ class RunFailed(RuntimeError):
 
 def run_cpu(plan: Plan) -> dict[str, dict]:
     """Every run of a cpu preset in one simulated cluster (started once); the results."""
-    from megatron_locmoe.analysis.runlog import read_progress, steady_step_seconds
     from megatron_locmoe.sim.checkpoint import latest_iteration
     from megatron_locmoe.sim.cluster import ClusterJobError, SimCluster
+    from megatron_locmoe.sim.progress import read_progress, steady_step_seconds
     from megatron_locmoe.sim.trainer import train_job
 
     results = {}
