@@ -268,10 +268,9 @@ def good_run_dir(work: Path) -> Path:
     """A run record and its TensorBoard events, as the cost-model tests write them."""
     runs = work / "good_runs"
     if not (runs / "hash" / "run.json").exists():
-        sys.path.insert(0, str(ROOT))
-        from tests.test_costmodel import _fake_run
+        from megatron_locmoe.analysis.synthetic import synthetic_run
 
-        _fake_run(runs, "hash", 1, False, inter_copies=0.5, intra_copies=0.375, local=0.5)
+        synthetic_run(runs, "hash", 1, False, inter_copies=0.5, intra_copies=0.375, local=0.5)
     return runs
 
 
