@@ -70,7 +70,7 @@ cmd_download() {
   rm -f "$WHL"/te_parts/cu13.part*
   split -b "$PART_SIZE" -d "$tmp/$CORE" "$WHL/te_parts/cu13.part"
   (cd "$tmp" && sha256sum "$CORE") > "$WHL/te_parts/cu13.sha256"
-  ls "$WHL"/te_parts/cu13.part* | wc -l > "$WHL/te_parts/cu13.count"
+  find "$WHL/te_parts" -maxdepth 1 -name 'cu13.part*' | wc -l > "$WHL/te_parts/cu13.count"
   rm -rf "$tmp"
   log "small wheels: $(du -sh "$WHL/te" | cut -f1); core in $(cat "$WHL/te_parts/cu13.count") parts:"
   ls -la "$WHL/te_parts"
@@ -91,7 +91,13 @@ cmd_stage() {
   if [ -f "$TE_STAGE/$CORE" ]; then log "core wheel joined"; else log "core parts staged: $have of $want"; fi
 }
 
-built_wheel() { ls "$TE_STAGE"/transformer_engine_torch-"$TE_VERSION"-*.whl 2>/dev/null | head -1; }
+built_wheel() {  # the built extension wheel's path, or nothing (status 0 either way)
+  local f
+  for f in "$TE_STAGE"/transformer_engine_torch-"$TE_VERSION"-*.whl; do
+    if [ -f "$f" ]; then echo "$f"; break; fi
+  done
+  true
+}
 
 cmd_build() {  # foreground build; build-bg runs this under setsid
   [ -f "$TE_STAGE/$SDIST" ] || die "$SDIST not staged (carry .whl/te in this call)"
@@ -173,8 +179,12 @@ cmd_install() {
   # The plain wheels (no overlapping folders) through pip; TE's two wheels both hold the
   # transformer_engine package (the core one a superset), which pip --target would replace
   # folder by folder, so they are unpacked over each other in order, as pip would into site.
+  local plain=() f
+  for f in "$TE_STAGE"/*.whl; do
+    case "$(basename "$f")" in transformer_engine*) ;; *) plain+=("$f") ;; esac
+  done
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$TE_SITE" \
-    $(ls "$TE_STAGE"/*.whl | grep -v -e transformer_engine)
+    "${plain[@]}"
   python3 -m zipfile -e "$TE_STAGE"/transformer_engine-"$TE_VERSION"-py3-none-any.whl "$TE_SITE"
   python3 -m zipfile -e "$TE_STAGE/$CORE" "$TE_SITE"
   # Parts of a wheel built on an earlier machine, carried back in.
@@ -207,7 +217,7 @@ cmd_export() {
   split -b 15M -d "$whl" "$OUT/te_torch.part"
   basename "$whl" > "$OUT/te_torch.name"
   cp "$TE_STAGE/build.seconds" "$OUT/" 2>/dev/null || true
-  log "exported $(basename "$whl") as $(ls "$OUT"/te_torch.part* | wc -l) parts: copy them to .whl/te_built/"
+  log "exported $(basename "$whl") as $(find "$OUT" -maxdepth 1 -name 'te_torch.part*' | wc -l) parts: copy them to .whl/te_built/"
 }
 
 case "${1:-}" in
