@@ -38,6 +38,57 @@ def cluster_factory():
 
 
 @pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> str:
+    """The offline corpus most trainings read (Python's help topics, ~490k byte tokens, no
+    stdlib files) as Megatron's indexed dataset: its prefix, built once per session. Tests only
+    read it (the loop keeps its indices in memory); a module that needs other data defines its
+    own ``corpus``."""
+    from megatron_locmoe.sim import data
+
+    prefix = tmp_path_factory.mktemp("corpus") / "pydoc"
+    data.build_indexed_dataset(prefix, max_stdlib_files=0)
+    return str(prefix)
+
+
+@pytest.fixture(scope="session")
+def start_cache(tmp_path_factory):
+    """``start_cache(key, make)``: ``make(directory)``'s result, computed once per session for
+    ``key`` (a start checkpoint written into the new ``directory`` and the reference run from
+    it, shared by the modules that compare other layouts against the same reference). Users
+    only read the directory."""
+    done: dict = {}
+
+    def get(key, make):
+        if key not in done:
+            done[key] = make(str(tmp_path_factory.mktemp("start")))
+        return done[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def demo_out(cluster8, tmp_path_factory):
+    """(its directory, demo.main's result): the demo in a reduced size (every router, 5 steps,
+    40 stdlib files) on the session's 2 x 4 cluster, run once: test_demo checks its table and
+    records, test_report builds reports from its runs."""
+    from megatron_locmoe.analysis import demo
+
+    tmp = tmp_path_factory.mktemp("demo")
+    result = demo.main(
+        [
+            "--steps", "5",
+            "--out", str(tmp / "runs"),
+            "--report", str(tmp / "report.html"),
+            "--data-dir", str(tmp / "data"),
+            "--max-stdlib-files", "40",
+            "--progress", "on",
+        ],
+        cluster=cluster8,
+    )  # fmt: skip
+    return tmp, result
+
+
+@pytest.fixture(scope="session")
 def cluster8(cluster_factory) -> SimCluster:
     return cluster_factory(8)
 

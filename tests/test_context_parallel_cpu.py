@@ -8,6 +8,7 @@ counts once per CP group."""
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import replace
 
 import numpy as np
@@ -15,17 +16,18 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_locmoe.sim import data
 from megatron_locmoe.sim.cluster import ParallelLayout
 from megatron_locmoe.sim.trainer import train_job
 from tests.test_tensor_parallel_cpu import (
     BATCH_WISE,
     ROUTING_PATHS,
     TOKEN_WISE,
+    TP1,
     _train,
     assert_same_gradient,
     assert_same_training,
     check_batch_wise_router_trains,
+    one_start,
     trained_from_one_start,
 )
 from tests.test_tensor_parallel_cpu import _settings as tp_settings
@@ -143,35 +145,32 @@ def test_rope_and_yarn_keep_the_positions_of_this_cp_ranks_tokens(cluster2):
 # ---- the CPU loop under CP 2: 2 simulated nodes x 4 ranks, the loss of CP 1 ----------------
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    prefix = tmp_path_factory.mktemp("corpus") / "pydoc"
-    data.build_indexed_dataset(prefix, max_stdlib_files=0)
-    return str(prefix)
-
-
 CP1_EP4 = ParallelLayout(devices_per_node=4, ep=4)
 CP2_EP4 = ParallelLayout(devices_per_node=4, cp=2, ep=4)  # CP pairs (0, 1), ... in a node
 
 
 @pytest.fixture(scope="module", params=["learned_absolute", "rope"])
-def cp_runs(request, cluster8, corpus, tmp_path_factory):
+def cp_runs(request, cluster8, corpus, start_cache):
     """(CP 1 rank 0's result, CP 2's results by rank), both from one start saved under CP 1,
     with learned absolute positions (the position ids split as the tokens) or RoPE (its
     embedding split by the adaptor's get_pos_emb_on_this_cp_rank). Megatron's TopKRouter
     without aux loss: its choice depends on the token alone."""
 
+    from megatron.core.models.gpt import GPTModel
+
     def settings_for(**kw):
         settings = tp_settings(corpus, **kw)
+        if request.param == "learned_absolute":  # GPTModel's default: TP 1's start and run
+            default = inspect.signature(GPTModel).parameters["position_embedding_type"].default
+            assert default == "learned_absolute", default
+            return settings
         options = {**settings.gpt_model_options, "position_embedding_type": request.param}
         return replace(settings, gpt_model_options=options)
 
-    start = str(tmp_path_factory.mktemp("start"))
-    first = settings_for(steps=1, save_interval=1, save_dir=start)
-    cluster8.run(train_job, first, layout=CP1_EP4, timeout_s=JOB_TIMEOUT_S)
-    settings = settings_for(init_weights_dir=start)
-    reference = cluster8.run(train_job, settings, layout=CP1_EP4, timeout_s=JOB_TIMEOUT_S)[0]
-    return reference, cluster8.run(train_job, settings, layout=CP2_EP4, timeout_s=JOB_TIMEOUT_S)
+    key = ("megatron", corpus) if request.param == "learned_absolute" else ("rope", corpus)
+    settings, reference = one_start(cluster8, start_cache, key, settings_for, CP1_EP4)
+    assert CP1_EP4 == TP1  # the same layout: the start and TP 1's run are shared
+    return reference[0], cluster8.run(train_job, settings, layout=CP2_EP4, timeout_s=JOB_TIMEOUT_S)
 
 
 def test_context_parallel_trains_the_same_loss_as_cp1(cp_runs, record_property):
@@ -209,15 +208,14 @@ CP_TOKEN_WISE = {  # (LocMoEConfig fields, TransformerConfig fields) of routers 
 
 @pytest.mark.parametrize("router_type", list(CP_TOKEN_WISE))
 def test_token_wise_routers_train_the_cp1_loss_under_cp(
-    cluster8, corpus, tmp_path, router_type, record_property
+    cluster8, corpus, start_cache, router_type, record_property
 ):
     """Routers whose choice and losses do not depend on how CP splits a sequence (hash, whose
     ids the CPU loop splits as the tokens; locmoe without locality loss; Megatron's TopKRouter
     with its aux loss) train CP 1's losses and gradient norms from one start under CP 2 with
     EP across the nodes, every rank reporting the same losses and metrics."""
-    start = str(tmp_path / "start")
     settings, reference = trained_from_one_start(
-        cluster8, corpus, router_type, CP_TOKEN_WISE, start, CP1_EP8
+        cluster8, corpus, router_type, CP_TOKEN_WISE, start_cache, CP1_EP8
     )
     out = _train(cluster8, settings, CP2_EP8)
     record_property("losses", out["losses"])

@@ -8,18 +8,15 @@ import pytest
 from megatron_locmoe.analysis import dashboard
 from megatron_locmoe.config import LocMoEConfig
 from megatron_locmoe.metrics import PLUGIN_METRICS
-from megatron_locmoe.sim import data
 from megatron_locmoe.sim.cluster import ParallelLayout
 from megatron_locmoe.sim.trainer import TrainSettings, train_job
 
 
 @pytest.fixture(scope="module")
-def logged(cluster8, tmp_path_factory):
+def logged(cluster8, corpus, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dashboard")
-    prefix = tmp / "pydoc"
-    data.build_indexed_dataset(prefix, max_stdlib_files=0)
     settings = TrainSettings(
-        data_prefix=str(prefix),
+        data_prefix=corpus,
         locmoe=LocMoEConfig(router_type="locmoe", dispatcher="hierarchical"),
         steps=2,
         num_experts=16,

@@ -23,23 +23,6 @@ RUNS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def demo_out(cluster8, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("demo")
-    result = demo.main(
-        [
-            "--steps", "5",
-            "--out", str(tmp / "runs"),
-            "--report", str(tmp / "report.html"),
-            "--data-dir", str(tmp / "data"),
-            "--max-stdlib-files", "40",
-            "--progress", "on",
-        ],
-        cluster=cluster8,
-    )  # fmt: skip
-    return tmp, result
-
-
 @pytest.mark.slow
 def test_demo_prints_table_and_report(demo_out, capsys):
     tmp, result = demo_out

@@ -10,19 +10,11 @@ import pytest
 import torch
 
 from megatron_locmoe.config import LocMoEConfig
-from megatron_locmoe.sim import data
 from megatron_locmoe.sim.cluster import ClusterJobError, ParallelLayout
 from megatron_locmoe.sim.testing import build_moe_layer, moe_config
 from megatron_locmoe.sim.trainer import TrainSettings, train_job
 
 LAYOUT = ParallelLayout(devices_per_node=1, ep=2)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    prefix = tmp_path_factory.mktemp("faults") / "pydoc"
-    data.build_indexed_dataset(prefix, max_stdlib_files=0)
-    return str(prefix)
 
 
 def _saved_checkpoint(cluster, corpus, root):

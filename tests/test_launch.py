@@ -736,17 +736,13 @@ def test_readme_cluster_commands_are_the_checked_ones(monkeypatch):
 
 
 @pytest.mark.slow
-def test_cpu_sim_trains_through_the_launcher(tmp_path, capsys):
-    from megatron_locmoe.sim import data
-
-    prefix = tmp_path / "pydoc"
-    data.build_indexed_dataset(prefix, max_stdlib_files=0)  # help topics only: fast
+def test_cpu_sim_trains_through_the_launcher(corpus, tmp_path, capsys):
     code = main(
         [
             "--config",
             "cpu-sim",
             "--set",
-            f"data-path={prefix}",
+            f"data-path={corpus}",
             "--set",
             "train-iters=3",
             "--set",
@@ -769,15 +765,11 @@ def test_cpu_sim_trains_through_the_launcher(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_a_failed_cpu_run_ends_in_one_error_line(tmp_path, capsys):
+def test_a_failed_cpu_run_ends_in_one_error_line(corpus, tmp_path, capsys):
     """A run that fails on the ranks (here a non-finite loss: lr 1e30) prints the ranks'
     tracebacks, root cause first, and ends with one error line naming it, exit status 1; no
     traceback of the launcher itself."""
-    from megatron_locmoe.sim import data
-
-    prefix = tmp_path / "pydoc"
-    data.build_indexed_dataset(prefix, max_stdlib_files=0)
-    sets = [f"data-path={prefix}", "train-iters=3", "lr=1e30"]
+    sets = [f"data-path={corpus}", "train-iters=3", "lr=1e30"]
     sets += ["expert-model-parallel-size=2", "global-batch-size=8"]
     argv = ["--config", "cpu-sim", "--nodes", "2", "--devices-per-node", "1"]
     argv += [a for s in sets for a in ("--set", s)] + ["--runs-dir", str(tmp_path / "runs")]
@@ -947,17 +939,14 @@ def test_cpu_twins_keep_the_layout_and_routing_of_their_preset(name, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_cpu_twin_trains_its_layout_on_the_simulated_cluster(cluster8, tmp_path):
+def test_a_cpu_twin_trains_its_layout_on_the_simulated_cluster(cluster8, corpus, tmp_path):
     """The twin of mixtral-8x7b-locmoe-plus (TP 2 + SP, PP 2, EP 2 x expert-TP 2 across 2
     nodes, locmoe_plus) trains as the launcher maps it (run_cpu's job, on the session's
     cluster): every rank the same losses and metrics, bytes between the nodes (one EP rank
     per node, so nothing goes to an EP peer inside the node)."""
-    from megatron_locmoe.sim import data
     from megatron_locmoe.sim.trainer import train_job
 
-    prefix = tmp_path / "pydoc"
-    data.build_indexed_dataset(prefix, max_stdlib_files=0)
-    sets = [f"data-path={prefix}", "train-iters=2"]
+    sets = [f"data-path={corpus}", "train-iters=2"]
     plan = _plan("mixtral-8x7b-locmoe-plus", cpu_twin=True, sets=sets, runs_dir=str(tmp_path))
     ((settings, layout),) = [rp.cpu_loop for rp in plan.runs]
     assert (layout.devices_per_node, layout.tp, layout.pp, layout.ep, layout.etp) == (2, 2, 2, 2, 2)

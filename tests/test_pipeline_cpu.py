@@ -22,7 +22,7 @@ import torch.distributed as dist
 from megatron_locmoe import pretrain_gpt
 from megatron_locmoe.config import LocMoEConfig
 from megatron_locmoe.routers.hash import MissingTokenIdsError
-from megatron_locmoe.sim import checkpoint, data, trainer
+from megatron_locmoe.sim import checkpoint, trainer
 from megatron_locmoe.sim.cluster import ClusterJobError, ParallelLayout
 from megatron_locmoe.sim.trainer import OptimizerSettings, TrainSettings, train_job
 
@@ -33,13 +33,6 @@ JOB_TIMEOUT_S = 240  # every job is a few seconds; a hang fails the test instead
 PP1 = ParallelLayout(devices_per_node=4, ep=8)
 PP2 = ParallelLayout(devices_per_node=4, ep=4, pp=2)  # stage = node (PP is the outer rank)
 PP2_VP2 = replace(PP2, vp=2)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    prefix = tmp_path_factory.mktemp("corpus") / "pydoc"
-    data.build_indexed_dataset(prefix, max_stdlib_files=0)
-    return str(prefix)
 
 
 # Megatron's optimizer path with clipping that bites (norms ~1): the global norm must sum the

@@ -1,5 +1,6 @@
-"""The HTML report builds from two short real runs (the demo's, on the simulated 2 x 4
-cluster) and contains every plot; bare TensorBoard runs give every plot but the modeled time."""
+"""The HTML report builds from short real runs (the demo's, on the simulated 2 x 4 cluster,
+shared with test_demo) and contains every plot; bare TensorBoard runs give every plot but the
+modeled time."""
 
 from __future__ import annotations
 
@@ -7,34 +8,21 @@ import shutil
 
 import pytest
 
-from megatron_locmoe.analysis import demo, report
+from megatron_locmoe.analysis import report
 from megatron_locmoe.analysis.runlog import find_run_dirs, load_runs
 
 
 @pytest.fixture(scope="module")
-def two_runs(cluster8, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("report")
-    demo.main(
-        [
-            "--routers", "hash,locmoe-top1",
-            "--steps", "6",
-            "--out", str(tmp / "runs"),
-            "--report", "",
-            "--data-dir", str(tmp / "data"),
-            "--max-stdlib-files", "40",
-            "--no-wandb",
-            "--progress", "off",
-        ],
-        cluster=cluster8,
-    )  # fmt: skip
-    return tmp / "runs"
+def demo_runs(demo_out):
+    """The demo's runs directory (conftest: every router, 5 steps, on the 2 x 4 cluster)."""
+    return demo_out[0] / "runs"
 
 
 @pytest.mark.slow
-def test_report_has_every_plot(two_runs, tmp_path):
+def test_report_has_every_plot(demo_runs, tmp_path):
     from megatron_locmoe.analysis.runlog import summary_rows
 
-    runs = load_runs([two_runs])
+    runs = load_runs([demo_runs])
     out = report.build_report(runs, tmp_path / "cmp.html")
     page = out.read_text()
     for row in summary_rows(runs):  # the demo's table, the same numbers
@@ -56,9 +44,9 @@ def test_report_has_every_plot(two_runs, tmp_path):
 
 
 @pytest.mark.slow
-def test_report_from_bare_tensorboard_dirs(two_runs, tmp_path):
+def test_report_from_bare_tensorboard_dirs(demo_runs, tmp_path):
     for name in ("hash", "locmoe-top1"):
-        shutil.copytree(two_runs / name / "tensorboard", tmp_path / "tb" / name)
+        shutil.copytree(demo_runs / name / "tensorboard", tmp_path / "tb" / name)
     assert [p.name for p in find_run_dirs([tmp_path / "tb"])] == ["hash", "locmoe-top1"]
     runs = load_runs([tmp_path / "tb"])
     out = report.build_report(runs, tmp_path / "bare.html")
@@ -70,14 +58,14 @@ def test_report_from_bare_tensorboard_dirs(two_runs, tmp_path):
 
 
 @pytest.mark.slow
-def test_report_cli_and_errors(two_runs, tmp_path, capsys):
-    report.main([str(two_runs), "-o", str(tmp_path / "cli.html")])
+def test_report_cli_and_errors(demo_runs, tmp_path, capsys):
+    report.main([str(demo_runs), "-o", str(tmp_path / "cli.html")])
     assert "report:" in capsys.readouterr().out and (tmp_path / "cli.html").exists()
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no run"):
         report.main([str(tmp_path / "empty"), "-o", str(tmp_path / "x.html")])
     with pytest.raises(SystemExit):
-        report.main([str(two_runs), "--workload", "nope"])
+        report.main([str(demo_runs), "--workload", "nope"])
 
 
 def test_steady_step_time_skips_warm_up_and_outliers():

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from megatron_locmoe.config import ConfigError, LocMoEConfig
-from megatron_locmoe.sim import data
 from megatron_locmoe.sim.cluster import ParallelLayout
 from megatron_locmoe.sim.trainer import TrainSettings, train_job
 from megatron_locmoe.validation import validate
@@ -124,13 +123,6 @@ def test_sdpa_attention_refuses_what_it_cannot_run(overrides, what):
     validate(cfg, moe_config(ep=1))  # the plain local spec runs
     with pytest.raises(ConfigError, match=what):
         validate(cfg, moe_config(ep=1, **overrides))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    prefix = tmp_path_factory.mktemp("corpus") / "pydoc"
-    data.build_indexed_dataset(prefix, max_stdlib_files=0)
-    return str(prefix)
 
 
 def _settings(corpus, attention: str) -> TrainSettings:

@@ -23,19 +23,11 @@ import psutil
 import pytest
 
 from megatron_locmoe.config import LocMoEConfig
-from megatron_locmoe.sim import data
 from megatron_locmoe.sim.cluster import ClusterJobError, Interrupted, ParallelLayout
 from megatron_locmoe.sim.trainer import TrainSettings, train_job
 
 LAYOUT = ParallelLayout(devices_per_node=1, ep=2)
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    prefix = tmp_path_factory.mktemp("stopping") / "pydoc"
-    data.build_indexed_dataset(prefix, max_stdlib_files=0)
-    return str(prefix)
 
 
 def _settings(corpus, tmp_path, **kw) -> TrainSettings:

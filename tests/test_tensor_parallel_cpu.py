@@ -29,32 +29,38 @@ TP1 = ParallelLayout(devices_per_node=4, ep=4)
 TP2 = ParallelLayout(devices_per_node=4, tp=2, etp=1, ep=4)  # TP pairs (0, 1), ... in a node
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    prefix = tmp_path_factory.mktemp("corpus") / "pydoc"
-    data.build_indexed_dataset(prefix, max_stdlib_files=0)
-    return str(prefix)
-
-
 def _settings(corpus, **kw) -> TrainSettings:
     """2 layers, a global batch of 16 = 1 micro-batch x DP 8 at TP 1 = 2 x DP 4 at TP 2."""
     options = dict(vocab_size=data.VOCAB_SIZE + 1)  # 258: a multiple of TP 2
     return pipeline_settings(corpus, "megatron", num_layers=2, gpt_model_options=options, **kw)
 
 
+def one_start(cluster, start_cache, key, settings_for, layout) -> tuple:
+    """(settings that start from one saved step, every rank's result of them under
+    ``layout``): ``settings_for(**kw)`` trained one step under ``layout`` and saved, then
+    trained from there. Once per session per ``key`` and layout (conftest's ``start_cache``):
+    the TP and CP tests compare against the same TP 1 / CP 1 runs."""
+
+    def make(start: str) -> tuple:
+        first = settings_for(steps=1, save_interval=1, save_dir=start)
+        cluster.run(train_job, first, layout=layout, timeout_s=JOB_TIMEOUT_S)
+        settings = settings_for(init_weights_dir=start)
+        return start, settings, cluster.run(train_job, settings, layout=layout, **run)
+
+    run = dict(timeout_s=JOB_TIMEOUT_S)
+    start, made_with, results = start_cache((*key, repr(layout)), make)
+    settings = settings_for(init_weights_dir=start)
+    assert settings == made_with, f"start_cache: one key {key} for two settings"
+    return settings, results
+
+
 @pytest.fixture(scope="module")
-def runs(cluster8, corpus, tmp_path_factory):
+def runs(cluster8, corpus, start_cache):
     """(TP 1 rank 0's result, TP 2's results by rank), both from one start saved under TP 1."""
-    start = str(tmp_path_factory.mktemp("start"))
-    cluster8.run(
-        train_job,
-        _settings(corpus, steps=1, save_interval=1, save_dir=start),
-        layout=TP1,
-        timeout_s=JOB_TIMEOUT_S,
+    settings, reference = one_start(
+        cluster8, start_cache, ("megatron", corpus), lambda **kw: _settings(corpus, **kw), TP1
     )
-    settings = _settings(corpus, init_weights_dir=start)
-    reference = cluster8.run(train_job, settings, layout=TP1, timeout_s=JOB_TIMEOUT_S)[0]
-    return reference, cluster8.run(train_job, settings, layout=TP2, timeout_s=JOB_TIMEOUT_S)
+    return reference[0], cluster8.run(train_job, settings, layout=TP2, timeout_s=JOB_TIMEOUT_S)
 
 
 def assert_same_training(out: dict, reference: dict, record_property) -> None:
@@ -141,7 +147,11 @@ def ep_topology_job(ctx):
 def _train(cluster, settings, layout) -> dict:
     """Rank 0's result, after checking that every rank reports the same losses and metrics
     (the last stage's loss; the metrics averaged over the TP peers and data parallelism)."""
-    results = cluster.run(train_job, settings, layout=layout, timeout_s=JOB_TIMEOUT_S)
+    return _checked(cluster.run(train_job, settings, layout=layout, timeout_s=JOB_TIMEOUT_S))
+
+
+def _checked(results: list[dict]) -> dict:
+    """``_train``'s checks on every rank's result; rank 0's."""
     for r in results:
         assert r["losses"] == results[0]["losses"]
         assert r["metrics"] == results[0]["metrics"], "metrics differ between ranks"
@@ -161,30 +171,34 @@ def test_ep_groups_span_both_nodes_under_tensor_parallelism(cluster8, layout):
         assert intra and rail
 
 
-def trained_from_one_start(cluster, corpus, router_type, cases, start, layout) -> tuple:
-    """(settings, ``layout``'s result): one step of ``router_type`` saved under ``layout``
-    into ``start``, then the run from there that other layouts must equal (with clipping that
-    bites)."""
-    first = _router_settings(corpus, router_type, cases, steps=1, save_interval=1)
-    cluster.run(train_job, replace(first, save_dir=start), layout=layout, timeout_s=JOB_TIMEOUT_S)
-    settings = _router_settings(corpus, router_type, cases, init_weights_dir=start)
-    reference = _train(cluster, settings, layout)
+def trained_from_one_start(cluster, corpus, router_type, cases, start_cache, layout) -> tuple:
+    """(settings, ``layout``'s result): one step of ``router_type`` saved under ``layout``,
+    then the run from there that other layouts must equal (with clipping that bites); once
+    per session for the same router fields (``one_start``)."""
+    key = (router_type, repr(cases[router_type]), corpus)
+    settings, results = one_start(
+        cluster,
+        start_cache,
+        key,
+        lambda **kw: _router_settings(corpus, router_type, cases, **kw),
+        layout,
+    )
+    reference = _checked(results)
     assert min(reference["grad_norm"]) > OPTIMIZER.clip_grad
     return settings, reference
 
 
 @pytest.mark.parametrize("router_type", list(TOKEN_WISE))
 def test_token_wise_plugin_routers_train_the_tp1_loss_under_tp(
-    cluster8, corpus, tmp_path, router_type, record_property
+    cluster8, corpus, start_cache, router_type, record_property
 ):
     """Routers whose choice and losses do not depend on how sequence parallelism splits a
     micro-batch (hash; locmoe without locality loss, dropless, whose Switch-form aux loss
     Megatron counts over the TP group; switch at a capacity that drops nothing) train TP 1's
     losses and gradient norms from one start under TP 2 + SP with EP across the nodes (and,
     for locmoe, with expert-TP 2: the dispatcher's expert-TP all-gather / reduce-scatter)."""
-    start = str(tmp_path / "start")
     settings, reference = trained_from_one_start(
-        cluster8, corpus, router_type, TOKEN_WISE, start, TP1_EP8
+        cluster8, corpus, router_type, TOKEN_WISE, start_cache, TP1_EP8
     )
     layouts = [TP2_EP8, TP2_ETP2] if router_type == "locmoe" else [TP2_EP8]
     for layout in layouts:

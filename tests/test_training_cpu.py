@@ -17,13 +17,6 @@ from megatron_locmoe.sim.cluster import ParallelLayout
 from megatron_locmoe.sim.trainer import TrainSettings, train_job
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    prefix = tmp_path_factory.mktemp("corpus") / "pydoc"
-    data.build_indexed_dataset(prefix, max_stdlib_files=0)  # the help topics: ~490k tokens
-    return str(prefix)
-
-
 def _tensorboard_tags(logdir) -> set[str]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
