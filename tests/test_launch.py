@@ -452,7 +452,12 @@ def test_summarize_log_reads_megatrons_training_log():
 # --------------------------------------------------------------------------------------------
 
 SHELL_SCRIPTS = sorted(
-    [*ROOT.glob("launch/*.sh"), *ROOT.glob("launch/*.sbatch"), *ROOT.glob("docker/*.sh")]
+    [
+        *ROOT.glob("launch/*.sh"),
+        *ROOT.glob("launch/*.sbatch"),
+        *ROOT.glob("docker/*.sh"),
+        *ROOT.glob("tools/*.sh"),  # te_env.sh, gpu_virtual_cluster.sh: run on the GPU machine
+    ]
 )
 
 
@@ -464,7 +469,13 @@ def _shellcheck() -> str:
 
 
 def test_shell_scripts_pass_shellcheck():
-    assert {p.name for p in SHELL_SCRIPTS} >= {"slurm.sbatch", "ascend.sh", "entrypoint.sh"}
+    assert {p.name for p in SHELL_SCRIPTS} >= {
+        "slurm.sbatch",
+        "ascend.sh",
+        "entrypoint.sh",
+        "te_env.sh",
+        "gpu_virtual_cluster.sh",
+    }
     proc = subprocess.run(
         [_shellcheck(), "--shell=bash", "--severity=info", *map(str, SHELL_SCRIPTS)],
         capture_output=True,
