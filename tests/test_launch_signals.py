@@ -34,12 +34,20 @@ print("child was never signalled", flush=True)
 def test_the_launcher_hands_its_signal_to_torchrun(tmp_path, signum):
     ready, done, lock = tmp_path / "ready", threading.Event(), threading.Lock()
 
+    def forwarding() -> bool:  # the launcher's handler is the one installed (not pytest's,
+        # nor an idle SimCluster's of this session, which would keep the signal)
+        return getattr(signal.getsignal(signum), "__qualname__", "").startswith(
+            "forwarding_signals"
+        )
+
     def signal_when_ready():
         deadline = time.monotonic() + 30
-        while not ready.exists() and time.monotonic() < deadline and not done.is_set():
+        while time.monotonic() < deadline and not done.is_set():
+            if ready.exists() and forwarding():
+                break
             time.sleep(0.02)
         with lock:  # never after run_logged returned: it would land on the test process
-            if not done.is_set() and ready.exists():
+            if not done.is_set() and ready.exists() and forwarding():
                 os.kill(os.getpid(), signum)
 
     thread = threading.Thread(target=signal_when_ready, daemon=True)
