@@ -52,7 +52,6 @@ def test_the_launcher_hands_its_signal_to_torchrun(tmp_path, signum):
 
     thread = threading.Thread(target=signal_when_ready, daemon=True)
     cmd = NodeCommand(0, {}, [sys.executable, "-c", CHILD, str(ready)])
-    start = time.monotonic()
     thread.start()
     try:
         status = run_logged(cmd, tmp_path / "node0.log")
@@ -62,5 +61,5 @@ def test_the_launcher_hands_its_signal_to_torchrun(tmp_path, signum):
         thread.join()
     log = Path(tmp_path / "node0.log").read_text()
     assert f"child got {int(signum)}" in log, log
-    assert status == 128 + signum
-    assert time.monotonic() - start < 20  # ended by the signal, not by the child's 60 s sleep
+    assert status == 128 + signum  # ended by the signal, not by the child's 60 s sleep
+    assert "never signalled" not in log
