@@ -21,7 +21,7 @@ from collections import defaultdict
 GPU_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
 
 
-def _load(path: str) -> list[dict]:
+def load(path: str) -> list[dict]:
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt") as f:
         return json.load(f)["traceEvents"]
@@ -94,7 +94,7 @@ def main() -> None:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--out", default=None)
     a = p.parse_args()
-    summary = summarise(_load(a.trace), a.top)
+    summary = summarise(load(a.trace), a.top)
     for s in summary["steps"]:
         print(
             f"{s['step']}: wall {s['wall_ms']:.1f} ms, GPU busy {s['gpu_busy_ms']:.1f} ms "

@@ -165,7 +165,7 @@ def main() -> None:
             if a.profile:
                 trace = os.path.join(a.profile, name, "torch_profile", "rank-0.json.gz")
                 rounds[name][-1]["profile"] = (
-                    trace_summary.summarise(trace_summary._load(trace))
+                    trace_summary.summarise(trace_summary.load(trace))
                     if os.path.exists(trace)
                     else f"no trace at {trace}"
                 )

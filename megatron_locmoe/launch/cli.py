@@ -354,8 +354,7 @@ def _check_data_override(prefix: str, own: str | None, what: str) -> None:
 def _domain_prefixes(argv: list[str], nodes: int, what: str) -> list[str]:
     """The per-node prefixes --data-path names for the pydoc-domains data step: DIR/domain0 ..
     DIR/domain<nodes-1>, in node order."""
-    tokens = argv[len(argv) - argv[::-1].index("--data-path") :] if "--data-path" in argv else []
-    prefixes = list(itertools.takewhile(lambda t: not t.startswith("--"), tokens))
+    prefixes = _flag_values(argv, "--data-path")
     root = Path(prefixes[0]).parent if prefixes else Path("data/domains")
     want = [str(root / f"domain{k}") for k in range(nodes)]
     if [str(Path(p)) for p in prefixes] != want:
