@@ -925,10 +925,13 @@ def test_the_presets_with_tensor_or_pipeline_parallelism():
 
 
 @pytest.mark.parametrize("name", TWINNED)
-def test_cpu_twins_keep_the_layout_and_routing_of_their_preset(name, tmp_path):
+def test_cpu_twins_keep_the_layout_and_routing_of_their_preset(name, tmp_path, monkeypatch):
     """launch --cpu-twin NAME: the preset's TP / SP / PP / expert-TP sizes and every run's router
     flags on 8 simulated ranks, with an EP group across 2 nodes (as in the preset, where EP
-    spans nodes) and cpu-sim's tiny model; Megatron's parser accepts each run."""
+    spans nodes) and cpu-sim's tiny model; Megatron's parser accepts each run. Planned where no
+    corpus was built yet (a fresh clone): the twin's data step builds it at the twin's own
+    --data-path, so that path is no typo'd override."""
+    monkeypatch.chdir(tmp_path)  # data/pydoc does not exist here
     source = load_preset(name)
     plan = _plan(name, cpu_twin=True, runs_dir=str(tmp_path))
     assert plan.preset.name == f"{name}-cpu-twin" and plan.preset.device == "cpu"

@@ -267,9 +267,9 @@ def build_plan(opts: Options, preset: Preset | None = None) -> Plan:
     """Read the preset (or take ``preset``, already read), apply the overrides, check
     everything; raise PresetError."""
     preset = preset if preset is not None else load_preset(opts.config)
-    own_data = preset.megatron.get("data-path")  # where the data step may build the corpus
     if opts.cpu_twin:
         preset = cpu_twin(preset)
+    own_data = preset.megatron.get("data-path")  # where the data step may build the corpus
     for item in opts.sets:
         preset = apply_override(preset, item)
     if opts.entry:
