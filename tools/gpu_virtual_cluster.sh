@@ -11,13 +11,14 @@
 #               carry=[".gpu_tree", ".data_parts/gpu4", ".whl/mcore"])
 #
 # MODE: measure (default: plain vs virtual 16x8 with identical routing, mu 0: MFU and the
-# virtual cluster's cost), profile (where a step's time goes, 2x8), method (the virtual arm
+# virtual cluster's cost), quick (the same at micro-batch 2 and 4 steps, ~3 min: for a lease
+# with little device time left), profile (where a step's time goes, 2x8), method (the virtual arm
 # with LocMoE's default locality loss). Results and logs land in $OUT.
 set -euo pipefail
 MODE=${1:-measure}
 case "$MODE" in
-  measure | profile | method) ;;
-  *) echo "gpu_virtual_cluster.sh: MODE is measure, profile or method, not $MODE" >&2; exit 2 ;;
+  measure | quick | profile | method) ;;
+  *) echo "gpu_virtual_cluster.sh: MODE is measure, quick, profile or method, not $MODE" >&2; exit 2 ;;
 esac
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 TOP=$(cd "$REPO/.." && pwd)
@@ -37,6 +38,10 @@ case "$MODE" in
     timeout 420 python3 benchmarks/virtual_cluster.py --impl local --data "$D" \
       --extra "--locmoe-locality-loss-coeff 0" --micro-batch-size 8 --steps 5 --rounds 1 \
       --out "$OUT/virtual_local_sdpa_mu0.json" --logs "$OUT/logs" ;;
+  quick)
+    timeout 230 python3 benchmarks/virtual_cluster.py --impl local --data "$D" \
+      --extra "--locmoe-locality-loss-coeff 0" --micro-batch-size 2 --steps 4 --rounds 1 \
+      --out "$OUT/virtual_local_sdpa_mu0_mbs2.json" --logs "$OUT/logs" ;;
   profile)
     timeout 200 python3 benchmarks/virtual_cluster.py --impl local --data "$D" --cluster 2x8 \
       --ep-size 16 --arms plain --micro-batch-size 8 --steps 5 --rounds 1 --profile /tmp/prof \
