@@ -179,6 +179,8 @@ def test_the_plan_finds_the_pairs_and_the_nodes(tmp_path):
     [
         ("hash", None, "cannot place the experts of a hash router: its token -> expert table"),
         ("locmoe", None, "cannot place the experts of a locmoe router: its GrAP gate"),
+        ("locmoe_plus", None, "cannot place the experts of a locmoe_plus router: its GrAP"),
+        ("bogus", None, "unknown router type 'bogus': placement supports megatron and switch"),
         ("megatron", 4, "group-limited routing (--moe-router-num-groups 4) picks experts"),
     ],
 )

@@ -66,31 +66,20 @@ class PlacementError(ValueError):
     """Bad input to profile / plan / apply, in one line that says what to change."""
 
 
-FUNCTION_PRESERVING_ROUTERS = ("megatron", "switch")
-"""Routers whose routing reads neither the expert index nor the node map (Megatron's TopKRouter
-with its plugin metrics, and the Switch router), for which a placement is the same model."""
-
-REFUSED_ROUTERS = {
-    "locmoe": "its GrAP gate gives expert i the mean of hidden chunk i, so moving expert i "
-    "would need the whole model's hidden dimension permuted",
-    "locmoe_plus": "its GrAP affinity gives expert i hidden chunk i, so moving expert i "
-    "would need the whole model's hidden dimension permuted",
-    "hash": "its token -> expert table is rebuilt from --locmoe-hash-seed at model build (not "
-    "saved in the checkpoint) and top-k > 1 takes consecutive experts",
-}
-
-
 def check_router(router_type: str | None, num_groups: int | None = None) -> None:
-    """Raise PlacementError unless a placement leaves this router's model function unchanged."""
-    if router_type in REFUSED_ROUTERS:
+    """Raise PlacementError unless a placement leaves this router's model function unchanged:
+    the router class declares ``supports_expert_placement`` (routers.base.PluginRouterMixin;
+    its ``placement_obstacle`` says why not) and the run has no group-limited routing."""
+    from megatron_locmoe.routers import ROUTERS  # imports Megatron-Core: only when checked
+
+    supported = " and ".join(n for n, c in ROUTERS.items() if c.supports_expert_placement)
+    cls = ROUTERS.get(router_type)
+    if cls is None:
+        raise PlacementError(f"unknown router type {router_type!r}: placement supports {supported}")
+    if not cls.supports_expert_placement:
         raise PlacementError(
-            f"cannot place the experts of a {router_type} router: {REFUSED_ROUTERS[router_type]}; "
-            f"placement supports the {' and '.join(FUNCTION_PRESERVING_ROUTERS)} routers"
-        )
-    if router_type not in FUNCTION_PRESERVING_ROUTERS:
-        raise PlacementError(
-            f"unknown router type {router_type!r}: placement supports "
-            f"{' and '.join(FUNCTION_PRESERVING_ROUTERS)}"
+            f"cannot place the experts of a {router_type} router: {cls.placement_obstacle}; "
+            f"placement supports the {supported} routers"
         )
     if num_groups:
         raise PlacementError(

@@ -82,6 +82,11 @@ class PluginRouterMixin:
     default_capacity_factor: float | None = None
     """The capacity factor the simulated cluster's loop gives this router when the run names
     none (routers that need one: switch 1.0, locmoe_plus 1.1, the papers' baselines)."""
+    supports_expert_placement = False
+    """Expert placement (analysis/placement.py) may permute its experts: its routing reads
+    neither the expert index nor the node map, so the placed model is the same function."""
+    placement_obstacle = "its routing may read the expert index or the node map"
+    """Why not, when ``supports_expert_placement`` is False (placement.py's refusal says it)."""
 
     @classmethod
     def reads_setting(cls, name: str) -> bool:

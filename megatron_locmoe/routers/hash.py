@@ -100,6 +100,10 @@ class HashRouter(PluginRouterMixin, TopKRouter):
     needs_token_ids = True
     builder_args = ("vocab_size", "token_counts")
     probs_have_grad = False
+    placement_obstacle = (
+        "its token -> expert table is rebuilt from --locmoe-hash-seed at model build (not saved "
+        "in the checkpoint) and top-k > 1 takes consecutive experts"
+    )
 
     @classmethod
     def check_model(cls, locmoe: LocMoEConfig, tc) -> None:

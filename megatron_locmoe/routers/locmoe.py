@@ -45,6 +45,10 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
     label = "LocMoE"
     has_switch_balance_loss = has_grap_gate = has_locality_loss = has_node_target = True
     has_fused_path = has_capacity_bound = True
+    placement_obstacle = (
+        "its GrAP gate gives expert i the mean of hidden chunk i, so moving expert i would need "
+        "the whole model's hidden dimension permuted"
+    )
 
     @classmethod
     def check_model(cls, locmoe: LocMoEConfig, tc) -> None:

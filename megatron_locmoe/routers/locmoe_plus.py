@@ -36,6 +36,10 @@ class LocMoEPlusRouter(LocMoERouter):
     has_affinity_routing = True
     default_reestimate_interval = 100
     default_capacity_factor = 1.1
+    placement_obstacle = (
+        "its GrAP affinity gives expert i hidden chunk i, so moving expert i would need the "
+        "whole model's hidden dimension permuted"
+    )
 
     @classmethod
     def check_model(cls, locmoe: LocMoEConfig, tc) -> None:

@@ -19,6 +19,10 @@ from megatron_locmoe.routers.base import PluginRouterMixin
 class _MeasuredTopKRouter(PluginRouterMixin, TopKRouter):
     """TopKRouter routing plus the plugin's metrics (dropped = top-k picks that were removed)."""
 
+    supports_expert_placement = True
+    """TopKRouter's top-k reads neither the expert index nor the node map (group-limited
+    routing aside: analysis/placement.py's check_router refuses it)."""
+
     def __init__(self, config, pg_collection=None, is_mtp_layer=False, *, locmoe=None):
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
         self._init_plugin(locmoe)
