@@ -181,30 +181,26 @@ def run_meta(rp, plan) -> dict:
     )
 
 
-ROUTER_NAMES = {
-    "megatron": "Megatron",
-    "locmoe": "LocMoE",
-    "locmoe_plus": "LocMoE+",
-    "hash": "Hash",
-    "switch": "Switch",
-}
-
-
 def run_label(a) -> str:
-    """The table's name of a run, from its flags: router, top-k and what sets it apart."""
-    label = f"{ROUTER_NAMES.get(a.moe_router_type, a.moe_router_type)} top-{a.moe_router_topk}"
+    """The table's name of a run, from its flags: router, top-k and what sets it apart (what
+    the router class reads: Megatron's aux loss, mu, an adaptive or a fixed capacity)."""
+    from megatron_locmoe.routers import router_class  # cheap: a comes from Megatron's parser
+
+    router = router_class(a.moe_router_type)
+    label = f"{router.label} top-{a.moe_router_topk}"
     if a.moe_router_num_groups:
         return f"{label}, node-limited ({a.moe_router_group_topk} node/token)"
-    if a.moe_router_type == "megatron" and a.moe_aux_loss_coeff:
+    if not router.uses_locmoe_alpha and a.moe_aux_loss_coeff:
         return f"{label} (aux loss)"
-    if a.moe_router_type == "locmoe":
-        return f"{label} (mu {a.locmoe_locality_loss_coeff:g})"
-    if a.moe_router_type == "locmoe_plus":
+    if router.has_affinity_routing:
         return (
             f"{label} (mu {a.locmoe_locality_loss_coeff:g}, capacity <= "
             f"{a.moe_expert_capacity_factor})"
         )
-    if a.moe_router_type == "switch" and a.moe_expert_capacity_factor is not None:
+    if router.has_locality_loss:
+        return f"{label} (mu {a.locmoe_locality_loss_coeff:g})"
+    # a router that needs a capacity factor (it has a default for runs that name none)
+    if router.default_capacity_factor is not None and a.moe_expert_capacity_factor is not None:
         return f"{label} (capacity {a.moe_expert_capacity_factor})"
     return label
 
@@ -301,6 +297,15 @@ def parse_args(argv=None):
     return args
 
 
+def _reads_mu(router_type: str | None) -> bool:
+    """Whether the router a preset's run names reads LocMoE's locality loss, whose coefficient
+    --mu sets (a run that names no router, or an unknown one: no)."""
+    from megatron_locmoe.routers import ROUTERS  # imports Megatron-Core: only with --mu
+
+    router = ROUTERS.get(router_type)
+    return router is not None and router.reads_setting("locality_loss_coeff")
+
+
 def preset_with(args):
     """The preset with the demo's options applied: its steps, mu, and the per-node corpus
     domains under --data-dir (the data step builds them there)."""
@@ -316,7 +321,7 @@ def preset_with(args):
     for flags in preset.sweep.values():
         if "locmoe-hash-token-counts" in flags:
             flags["locmoe-hash-token-counts"] = str(data_dir / "all_counts.npy")
-        if args.mu is not None and flags.get("moe-router-type") in ("locmoe", "locmoe_plus"):
+        if args.mu is not None and _reads_mu(flags.get("moe-router-type")):
             flags["locmoe-locality-loss-coeff"] = args.mu
     return preset
 

@@ -399,6 +399,16 @@ def _legend(ax, **kwargs) -> None:
         ax.legend(**kwargs)
 
 
+def _locmoe_series(router_type: str) -> bool:
+    """Whether the mu and capacity figures draw this router's runs: LocMoE's locality loss
+    without LocMoE+'s affinity routing, whose adaptive capacity moves the same numbers by other
+    means (asked of the router class; a name the registry does not know: not drawn)."""
+    from megatron_locmoe.routers import ROUTERS  # imports Megatron-Core: only with a sweep
+
+    cls = ROUTERS.get(router_type)
+    return cls is not None and cls.has_locality_loss and not cls.has_affinity_routing
+
+
 def plot_sweep(rows: list[dict], png_dir: str | Path) -> list[str]:
     """Write the sweep's PNGs into ``png_dir``; return the names written."""
     plt = _plt()
@@ -453,7 +463,7 @@ def plot_sweep(rows: list[dict], png_dir: str | Path) -> list[str]:
         pts = sorted(
             (r["locality_loss_coeff"], r["node_local"])
             for r in rs
-            if r["router_type"] == "locmoe"
+            if _locmoe_series(r["router_type"])
             and r["setting"] == "domains"
             and r["topk"] == 1
             and r["capacity_mode"] == "none"
@@ -505,7 +515,7 @@ def plot_sweep(rows: list[dict], png_dir: str | Path) -> list[str]:
             {
                 (r["run"], r["capacity_mode"])
                 for r in rows
-                if r["router_type"] == "locmoe"
+                if _locmoe_series(r["router_type"])
                 and r["setting"] == "domains"
                 and r["topk"] == 1
                 and r["locality_loss_coeff"] == 0.1

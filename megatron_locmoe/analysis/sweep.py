@@ -269,10 +269,11 @@ def settings_for(run: SweepRun, args, layout: str, domains: dict, run_dir: Path)
     held-out data and the routing counts of the tail steps."""
     from megatron_locmoe.analysis.runlog import tail_length
     from megatron_locmoe.config import LocMoEConfig
+    from megatron_locmoe.routers import router_class
     from megatron_locmoe.sim.trainer import TrainSettings
 
     extra = dict(run.locmoe)
-    if run.router_type == "hash":
+    if router_class(run.router_type).reads_setting("hash_token_counts"):
         extra["hash_token_counts"] = domains["counts"]
     overrides = {"moe_ffn_hidden_size": args.ffn_hidden_size}
     if run.node_limited:
@@ -448,8 +449,10 @@ def run_summary(run) -> dict:
     """One run's entry of the results file (``runlog.Run`` of a sweep run)."""
     from megatron_locmoe.analysis.costmodel import copy_bytes, uniform_local_share
     from megatron_locmoe.analysis.runlog import summary_rows, tail_length
+    from megatron_locmoe.routers import ROUTERS
 
     rec = run.record
+    router = ROUTERS.get(rec["router_type"])
     row = summary_rows([run])[0]
     T = rec["tokens_per_rank_step"]
     nodes, E = rec["nodes"], rec["num_experts"]
@@ -474,7 +477,7 @@ def run_summary(run) -> dict:
         "topk": rec["topk"],
         "locality_loss_coeff": (
             rec["locmoe"]["locality_loss_coeff"]
-            if rec["router_type"] in ("locmoe", "locmoe_plus")
+            if router is not None and router.reads_setting("locality_loss_coeff")
             else None
         ),
         "node_target_share": rec["locmoe"].get("node_target_share", 0.0),
