@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from megatron_locmoe.analysis import costmodel as cm
+from megatron_locmoe.analysis.errors import InputError
 from megatron_locmoe.analysis.runlog import load_runs
 from megatron_locmoe.analysis.synthetic import synthetic_run
 from megatron_locmoe.dispatch.traffic import source_counts, traffic_from_counts
@@ -74,11 +76,11 @@ def test_estimate_by_hand():
     assert e.t_expert == pytest.approx(2.4e-4)
     assert e.t_moe == pytest.approx(2.4e-4 + 4.52e-4)
     assert e.comm_share == pytest.approx(4.52e-4 / 6.92e-4)
-    half = cm.estimate(_stats(), TOY, 2, cm.Workload(**{**vars(WORK), "overlap": 0.5}))
+    half = cm.estimate(_stats(), TOY, 2, replace(WORK, overlap=0.5))
     assert half.t_moe == pytest.approx(2.4e-4 + 4.52e-4 - 2.26e-4)  # half the comm hidden
-    full = cm.estimate(_stats(), TOY, 2, cm.Workload(**{**vars(WORK), "overlap": 1.0}))
+    full = cm.estimate(_stats(), TOY, 2, replace(WORK, overlap=1.0))
     assert full.t_moe == pytest.approx(4.52e-4)  # never hides more than the compute
-    gated = cm.estimate(_stats(), TOY, 2, cm.Workload(**{**vars(WORK), "gated_linear_unit": True}))
+    gated = cm.estimate(_stats(), TOY, 2, replace(WORK, gated_linear_unit=True))
     assert gated.t_expert == pytest.approx(1.5 * 2.4e-4)
 
 
@@ -104,20 +106,14 @@ def test_monotone_in_bytes_and_bandwidth():
     ]
     assert intra == sorted(intra) and intra[0] < intra[-1]
     by_elem = [
-        cm.estimate(_stats(), TOY, 2, cm.Workload(**{**vars(WORK), "bytes_per_element": b})).t_moe
-        for b in (1, 2, 4)
+        cm.estimate(_stats(), TOY, 2, replace(WORK, bytes_per_element=b)).t_moe for b in (1, 2, 4)
     ]
     assert by_elem == sorted(by_elem) and by_elem[0] < by_elem[-1]
     for link in ("inter", "intra"):
         bw = [
             cm.estimate(
                 _stats(),
-                cm.Cluster(
-                    **{
-                        **vars(TOY),
-                        link: cm.Link(bandwidth_GBps=b, latency_us=getattr(TOY, link).latency_us),
-                    }
-                ),
+                replace(TOY, **{link: replace(getattr(TOY, link), bandwidth_GBps=b)}),
                 2,
                 WORK,
             ).t_moe
@@ -201,8 +197,6 @@ def test_cli_prints_per_router_estimates(tmp_path, capsys):
 
 
 def test_cli_refuses_a_bad_node_count_or_baseline(tmp_path):
-    from megatron_locmoe.analysis.errors import InputError
-
     _fake_run(tmp_path, "hash", 1, False, inter_copies=0.5, intra_copies=0.375, local=0.5)
     base = ["--cluster", "ascend-910a", "--traffic", str(tmp_path)]
     with pytest.raises(InputError, match="--nodes 0: the EP group spans at least 1 node"):
@@ -228,9 +222,9 @@ def test_bad_input_is_refused(tmp_path):
     with pytest.raises(ValueError, match="bandwidth"):
         cm.Link(bandwidth_GBps=0.0, latency_us=1.0)
     with pytest.raises(ValueError, match="overlap"):
-        cm.Workload(**{**vars(WORK), "overlap": 1.5})
+        replace(WORK, overlap=1.5)
     with pytest.raises(ValueError, match="tokens_per_device"):
-        cm.Workload(**{**vars(WORK), "tokens_per_device": 0})
+        replace(WORK, tokens_per_device=0)
     with pytest.raises(ValueError, match="outside"):
         _stats(node_local_fraction=1.2)
     with pytest.raises(ValueError, match="scheme"):
@@ -298,8 +292,8 @@ def test_node_limited_copies_by_hand():
     assert s.copies_at(8, 8, 256) == (s.node_local_fraction, s.intra_copies_per_token, 3.5)
     # one dispatch or combine of the check = estimate's per-All-to-All time (4 per layer-step)
     work = cm.Workload("w", 4096, 7168, 2048, 1, 256, bytes_per_element=2)
-    _, _, one = cm.alltoall_pass_seconds(s, cm.CLUSTERS["h100-dgx"], 8, 4096, 7168 * 2, 256)
-    assert 4 * one == pytest.approx(cm.estimate(s, cm.CLUSTERS["h100-dgx"], 8, work).t_comm)
+    one = cm.alltoall_pass(s, cm.CLUSTERS["h100-dgx"], 8, 4096, 7168 * 2, 256)
+    assert 4 * one.seconds == cm.estimate(s, cm.CLUSTERS["h100-dgx"], 8, work).t_comm
     with pytest.raises(ValueError):
         cm.node_limited_stats("x", 8, 3, 0.5, 8, 8, 256)  # 8 experts do not split over 3 nodes
 
@@ -336,8 +330,6 @@ def test_check_against_fusco_and_deepep():
 
 
 def test_cli_check(capsys):
-    from megatron_locmoe.analysis.errors import InputError
-
     cm.main(["--check", "fusco"])
     out = capsys.readouterr().out
     assert "| deepseek-v3 " in out and "-73%" in out and "measured cut 20%" in out

@@ -1,5 +1,5 @@
 """Published All-to-All measurements the cost model is checked against: the setup each ran on,
-the numbers, and where they come from. Data only (no model): ``costmodel.check_published``
+the numbers, and where they come from. Data only (no model): ``costmodel.check.check_published``
 turns a record into the model's terms and prints prediction against measurement.
 
     python -m megatron_locmoe.analysis.costmodel --check fusco
