@@ -127,13 +127,14 @@ def test_the_permuted_checkpoint_trains_the_same_losses(run, tmp_path, record_pr
     # does not: the in-sample gain is noise); `plan --check` measures that on another profile
 
 
-def _synthetic_profile(router_type="megatron", num_groups=None, tokens=4000, seed=0):
+def _synthetic_profile(router_type="megatron", num_groups=None, tokens=4000, seed=0, cap=None):
     """16 experts, EP 8 over 4 nodes, top-2: token pairs (e, e + 8) always together (on
     different nodes at the current placement), and node n's tokens prefer pairs 2n, 2n + 1."""
     rng = np.random.default_rng(seed)
     E, N = 16, 4
     collector = placement.ProfileCollector(E, 8, N, sample_size=tokens * N)
     collector.router_type, collector.num_groups, collector.topk = router_type, num_groups, 2
+    collector.outgoing_cap = cap
     import torch
 
     for n in range(N):
@@ -175,18 +176,40 @@ def test_the_plan_finds_the_pairs_and_the_nodes(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "router_type, groups, message",
+    "router_type, groups, cap, message",
     [
-        ("hash", None, "cannot place the experts of a hash router: its token -> expert table"),
-        ("locmoe", None, "cannot place the experts of a locmoe router: its GrAP gate"),
-        ("locmoe_plus", None, "cannot place the experts of a locmoe_plus router: its GrAP"),
-        ("bogus", None, "unknown router type 'bogus': placement supports megatron and switch"),
-        ("megatron", 4, "group-limited routing (--moe-router-num-groups 4) picks experts"),
+        ("hash", None, None, "cannot place the experts of a hash router: its token -> expert"),
+        ("locmoe", None, None, "cannot place the experts of a locmoe router: its GrAP gate"),
+        ("locmoe_plus", None, None, "cannot place the experts of a locmoe_plus router: its GrAP"),
+        ("bogus", None, None, "unknown router type 'bogus': placement supports megatron and"),
+        ("megatron", 4, None, "group-limited routing (--moe-router-num-groups 4) picks experts"),
+        ("megatron", None, 0.14, "--locmoe-max-outgoing-fraction 0.14 keeps tokens on the"),
+        ("switch", None, 0.5, "--locmoe-max-outgoing-fraction 0.5 keeps tokens on the experts"),
     ],
 )
-def test_routers_whose_routing_reads_the_placement_are_refused(router_type, groups, message):
+def test_routers_whose_routing_reads_the_placement_are_refused(
+    router_type, groups, cap, message, tmp_path
+):
+    """Also after the profile's round trip through its file, which keeps the settings."""
+    profile = _synthetic_profile(router_type, groups, tokens=10, cap=cap)
     with pytest.raises(placement.PlacementError, match=re.escape(message)):
-        placement.plan_placement(_synthetic_profile(router_type, groups, tokens=10))
+        placement.plan_placement(profile)
+    if router_type != "bogus":
+        profile.save(tmp_path / "p.npz")
+        with pytest.raises(placement.PlacementError, match=re.escape(message)):
+            placement.plan_placement(placement.RoutingProfile.load(tmp_path / "p.npz"))
+
+
+def test_a_checkpoint_records_the_settings_that_refuse_a_placement(tmp_path):
+    """The CPU loop's locmoe_settings.json carries the group count and the outgoing cap, so
+    `placement apply` refuses such a checkpoint even with a plan made elsewhere."""
+    from megatron_locmoe.sim.checkpoint import SETTINGS
+
+    saved = dict(router_type="megatron", num_experts=16, num_groups=None)
+    (tmp_path / SETTINGS).write_text(json.dumps({**saved, "max_outgoing_fraction": 0.14}))
+    assert placement._saved_router(tmp_path, {}) == ("megatron", None, 0.14, 16)
+    (tmp_path / SETTINGS).write_text(json.dumps({**saved, "num_groups": 4}))
+    assert placement._saved_router(tmp_path, {}) == ("megatron", 4, None, 16)
 
 
 def test_bad_input_gets_one_line(tmp_path, capsys):

@@ -66,10 +66,13 @@ class PlacementError(ValueError):
     """Bad input to profile / plan / apply, in one line that says what to change."""
 
 
-def check_router(router_type: str | None, num_groups: int | None = None) -> None:
+def check_router(
+    router_type: str | None, num_groups: int | None = None, outgoing_cap: float | None = None
+) -> None:
     """Raise PlacementError unless a placement leaves this router's model function unchanged:
     the router class declares ``supports_expert_placement`` (routers.base.PluginRouterMixin;
-    its ``placement_obstacle`` says why not) and the run has no group-limited routing."""
+    its ``placement_obstacle`` says why not) and the run has no group-limited routing and no
+    cap on the tokens that leave the node (both read where the experts are)."""
     from megatron_locmoe.routers import ROUTERS  # imports Megatron-Core: only when checked
 
     supported = " and ".join(n for n, c in ROUTERS.items() if c.supports_expert_placement)
@@ -86,6 +89,12 @@ def check_router(router_type: str | None, num_groups: int | None = None) -> None
             f"group-limited routing (--moe-router-num-groups {num_groups}) picks experts by "
             "blocks of consecutive experts, which a placement would regroup (another routing): "
             "profile and place a run without --moe-router-num-groups"
+        )
+    if outgoing_cap is not None:
+        raise PlacementError(
+            f"--locmoe-max-outgoing-fraction {outgoing_cap:g} keeps tokens on the experts of "
+            "their own node, so moving experts between nodes changes which experts the tokens "
+            "pick (another routing): profile and place a run without the cap"
         )
 
 
@@ -115,6 +124,8 @@ class RoutingProfile:
     tokens: np.ndarray
     sample_experts: np.ndarray
     sample_nodes: np.ndarray
+    outgoing_cap: float | None = None
+    """``--locmoe-max-outgoing-fraction`` of the profiled run (None: no cap)."""
 
     @property
     def ranks_per_node(self) -> int:
@@ -134,6 +145,7 @@ class RoutingProfile:
             num_nodes=self.num_nodes,
             router_type=self.router_type,
             num_groups=self.num_groups,
+            outgoing_cap=self.outgoing_cap,
         )
         np.savez_compressed(
             path,
@@ -187,6 +199,7 @@ class ProfileCollector:
         self.layers: dict[int, dict] = {}  # global layer number -> its counts
         self.router_type: str | None = None
         self.num_groups: int | None = None
+        self.outgoing_cap: float | None = None
         self.topk: int | None = None
         self.generator = torch.Generator().manual_seed(0)
         self._handle = None
@@ -218,6 +231,7 @@ class ProfileCollector:
             )
         self.router_type = type(router).name
         self.num_groups = router.config.moe_router_num_groups
+        self.outgoing_cap = router.locmoe.max_outgoing_fraction
         self.topk = router.topk
         local_E = router.expert_is_local.detach().cpu()
         if int(local_E.sum()) * N != E:
@@ -284,6 +298,7 @@ class ProfileCollector:
             num_nodes=self.N,
             router_type=self.router_type,
             num_groups=self.num_groups,
+            outgoing_cap=self.outgoing_cap,
             coact=np.stack([self.layers[n]["coact"].numpy() for n in numbers]),
             tokens=np.stack([self.layers[n]["tokens"].numpy() for n in numbers]),
             sample_experts=experts,
@@ -299,13 +314,14 @@ class ProfileCollector:
             return self.profile()
         mine = {n: (s["coact"], s["tokens"], s["keys"], s["experts"], s["nodes"])
                 for n, s in self.layers.items()}  # fmt: skip
-        meta = (self.router_type, self.num_groups, self.topk)
+        meta = (self.router_type, self.num_groups, self.outgoing_cap, self.topk)
         parts: list = [None] * dist.get_world_size()
         dist.all_gather_object(parts, (mine, meta))
         merged = ProfileCollector(self.E, self.ep_size, self.N, self.S)
-        for layers, (router_type, num_groups, topk) in parts:
+        for layers, (router_type, num_groups, cap, topk) in parts:
             if router_type is not None:
                 merged.router_type, merged.num_groups, merged.topk = router_type, num_groups, topk
+                merged.outgoing_cap = cap
             for n, (coact, tokens, keys, experts, nodes) in layers.items():
                 st = merged.layers.setdefault(
                     n,
@@ -558,7 +574,7 @@ def plan_placement(profile: RoutingProfile, load_slack: float = 0.05) -> Plan:
     node may receive more than max(the hottest node's load now, (1 + load_slack) x the mean)."""
     if load_slack < 0:
         raise PlacementError(f"--load-slack {load_slack} must be >= 0 (e.g. 0.05)")
-    check_router(profile.router_type, profile.num_groups)
+    check_router(profile.router_type, profile.num_groups, profile.outgoing_cap)
     E, N, EP = profile.num_experts, profile.num_nodes, profile.ep_size
     per_rank, per_node, R = E // EP, E // N, EP // N
     slot_node = np.arange(E) // per_node  # node of expert slot p, as topology lays it out
@@ -703,19 +719,21 @@ def _checkpoint_dir(root: Path) -> tuple[int, Path]:
     return iteration, path
 
 
-def _saved_router(path: Path, common: dict) -> tuple[str | None, int | None, int | None]:
-    """(router type, group count, expert count) the checkpoint records: the CPU loop's
-    locmoe_settings.json, else Megatron's saved args."""
+def _saved_router(path: Path, common: dict) -> tuple:
+    """(router type, group count, outgoing cap, expert count) the checkpoint records: the CPU
+    loop's locmoe_settings.json, else Megatron's saved args."""
     settings = path / "locmoe_settings.json"
     if settings.is_file():
         saved = json.loads(settings.read_text())
-        return saved.get("router_type"), None, saved.get("num_experts")
+        groups, cap = saved.get("num_groups"), saved.get("max_outgoing_fraction")
+        return saved.get("router_type"), groups, cap, saved.get("num_experts")
     args = common.get("args")
     if args is None:
-        return None, None, None
+        return None, None, None, None
     return (
         getattr(args, "moe_router_type", "megatron"),
         getattr(args, "moe_router_num_groups", None),
+        getattr(args, "locmoe_max_outgoing_fraction", None),
         getattr(args, "num_experts", None),
     )
 
@@ -843,13 +861,13 @@ def apply_placement(root, plan: Plan, out_root, weights_only: bool = False) -> d
     made = _single_process_group()
     try:
         common, tensors, objects = _load_everything(path)
-        router, groups, experts = _saved_router(path, common)
+        router, groups, cap, experts = _saved_router(path, common)
         if router is not None and router != plan.router_type:
             raise PlacementError(
                 f"{path} was saved with router {router}, the plan was made for "
                 f"{plan.router_type}: profile this run's checkpoint"
             )
-        check_router(plan.router_type, groups)
+        check_router(plan.router_type, groups, cap)
         if experts is not None and experts != plan.num_experts:
             raise PlacementError(
                 f"{path} has {experts} experts, the plan {plan.num_experts}: profile this run"
@@ -937,7 +955,7 @@ def _profile_command(args) -> None:
     with SimCluster(args.ranks) as cluster:
         result = cluster.run(profile_job, settings, args.sample, layout=layout)[0]
     profile = result["profile"]
-    check_router(profile.router_type, profile.num_groups)
+    check_router(profile.router_type, profile.num_groups, profile.outgoing_cap)
     profile.save(args.output)
     tokens = profile.tokens.sum(1)
     print(f"profile: {len(profile.layers)} layers, {int(tokens.min())} tokens each, "

@@ -318,7 +318,7 @@ def build_report(
         model_html = (
             f'<h2>Modeled MoE time per step</h2><img src="{rel}/modeled_step_time.png" '
             f'alt="modeled step time">{_modeled_table_html(times)}'
-            "<p class='note'>alpha-beta model (megatron_locmoe/analysis/costmodel.py): each run's measured "
+            "<p class='note'>alpha-beta model (megatron_locmoe/analysis/costmodel/): each run's measured "
             "copies per token (its own top-k, drops and dedup) scaled to the "
             f"<code>{html.escape(workload)}</code> workload, EP over the runs' nodes; where a "
             "preset's node size differs from the run's, copies are extrapolated by locality "

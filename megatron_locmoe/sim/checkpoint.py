@@ -196,27 +196,32 @@ before the checksums (so they cover it); absent from checkpoints of older versio
 def model_settings(chunks: list) -> dict:
     """What a checkpoint must match to load into these model chunks: the router type (the
     ``--moe-router-type`` key of the first router found, Megatron's own TopKRouter counting as
-    megatron; None on a pipeline stage without MoE layers), the expert count and the plugin
-    version (megatron_locmoe.__version__)."""
+    megatron; None on a pipeline stage without MoE layers), the expert count, the plugin
+    version (megatron_locmoe.__version__), and the routing settings that read where experts
+    live (group-limited groups, the outgoing cap: ``placement apply`` refuses those)."""
     from megatron.core.transformer.moe.router import TopKRouter
 
     from megatron_locmoe import __version__
     from megatron_locmoe.routers import ROUTERS
 
     plugin_routers = tuple(ROUTERS.values())
-    router = None
+    router = found = None
     for module in (m for chunk in chunks for m in chunk.modules()):
         if isinstance(module, plugin_routers):
             router = type(module).name  # the most derived: locmoe_plus, not locmoe
         elif isinstance(module, TopKRouter):
             router = "megatron"
         if router is not None:
+            found = module
             break
     config = getattr(chunks[0], "config", None)
+    locmoe = getattr(found, "locmoe", None)
     return {
         "router_type": router,
         "num_experts": getattr(config, "num_moe_experts", None),
         "plugin_version": __version__,
+        "num_groups": getattr(config, "moe_router_num_groups", None),
+        "max_outgoing_fraction": getattr(locmoe, "max_outgoing_fraction", None),
     }
 
 
