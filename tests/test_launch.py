@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from megatron_locmoe.launch import cli as launch
-from megatron_locmoe.launch.cli import Options, build_plan, main
+from megatron_locmoe.launch.cli import main
+from megatron_locmoe.launch.plan import Options, build_plan
 from megatron_locmoe.launch.presets import (
     CUDA_ONLY_FLAGS,
     Layout,

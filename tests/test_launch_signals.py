@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_locmoe.launch.cli import NodeCommand, run_logged
+from megatron_locmoe.launch.plan import NodeCommand
+from megatron_locmoe.launch.torchrun import run_logged
 
 CHILD = """
 import signal, sys, time

@@ -248,7 +248,7 @@ def test_the_launcher_ends_on_ctrl_c_at_the_next_step_with_one_line_and_status_1
 
 
 def _cpu_plan(tmp_path, *sets):
-    from megatron_locmoe.launch.cli import Options, build_plan
+    from megatron_locmoe.launch.plan import Options, build_plan
 
     base = ["train-iters=4"]  # the preset's own corpus: only parsed here, never built
     return build_plan(Options(config="cpu-sim", sets=[*base, *sets], runs_dir=str(tmp_path)))

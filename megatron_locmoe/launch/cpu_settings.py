@@ -1,0 +1,321 @@
+"""Megatron's parsed arguments as the CPU loop's settings, refusing what it cannot honour.
+
+Megatron's ``pretrain()`` is not a CPU target, so a ``device: cpu`` preset trains on the
+simulated cluster (:mod:`megatron_locmoe.launch.cpu`) with :mod:`megatron_locmoe.sim.trainer`.
+:func:`train_settings` maps the namespace Megatron's parser validated onto its
+``TrainSettings`` and ``ParallelLayout`` while the plan is checked (before any rank starts):
+Megatron's TransformerConfig and GPT options for the model, the router and ``--locmoe-*``
+flags, steps, batch, seed, Megatron's optimizer and learning-rate schedule
+(:func:`optimizer_settings`), TensorBoard / W&B dirs and ``--save`` / ``--load`` checkpoints
+(:func:`checkpoint_settings`); every flag the loop cannot honour is refused with the fix.
+
+The simulated cluster's modules (torch) and Megatron are imported inside the functions that
+use them: the launcher loads none of them for ``--help`` or a ``--no-check`` dry run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+
+from megatron_locmoe.launch.presets import PresetError
+
+
+def train_settings(args, run: str, devices_per_node: int, log_dir: Path, per_node: bool = False):
+    """Megatron's parsed arguments -> (TrainSettings, ParallelLayout) of the CPU loop.
+
+    The CPU loop (megatron_locmoe.sim.trainer) runs expert and pipeline parallelism (with
+    virtual stages), in float32, through Megatron's forward-backward schedules (micro-batches
+    accumulated up to the global batch), on one indexed dataset with byte tokens (Megatron's GPT
+    dataset with the flags' split, masks and cache; training split only: it does not
+    evaluate); anything else in the flags is refused here rather than silently ignored. ``--save`` / ``--save-interval`` /
+    ``--load`` map to its torch_dist checkpoints; its per-step progress goes to
+    ``log_dir/progress.jsonl`` (tokens/s). The model is built from Megatron's own
+    TransformerConfig for the flags, and the optimizer and schedule are Megatron's for them
+    (:func:`optimizer_settings`), so every model and optimizer flag means what it means to
+    pretrain_gpt."""
+    # torch and Megatron when a plan is checked, not on import (the module's docstring)
+    from megatron_locmoe.arguments import gpt_dataset_options, locmoe_config_from_args
+    from megatron_locmoe.sim.cluster import ParallelLayout
+    from megatron_locmoe.sim.data import VOCAB_SIZE
+    from megatron_locmoe.sim.trainer import TrainSettings
+
+    world = args.world_size
+    refuse = []
+    cp = args.context_parallel_size
+    if cp > 1 and getattr(args, "window_size", None) is not None:
+        refuse.append(f"--window-size with --context-parallel-size {cp}: drop one")
+    if args.bf16 or args.fp16:
+        refuse.append("--bf16/--fp16: the CPU loop trains in float32, drop it")
+    nodes = world // devices_per_node
+    if per_node and len(args.data_path or []) != nodes:
+        refuse.append(f"give one --data-path prefix per node ({nodes})")
+    elif not per_node and (args.mock_data or not args.data_path or len(args.data_path) != 1):
+        refuse.append(
+            "give one --data-path PREFIX (python -m megatron_locmoe.sim.data --out PREFIX writes it)"
+        )
+    if args.vocab_size != VOCAB_SIZE:
+        refuse.append(f"--vocab-size {args.vocab_size}: the corpus has byte tokens, use 257")
+    dp = world // (args.pipeline_model_parallel_size * args.tensor_model_parallel_size * cp)
+    if args.global_batch_size % (args.micro_batch_size * dp):
+        refuse.append(
+            f"--global-batch-size {args.global_batch_size}: not a multiple of micro batch "
+            f"{args.micro_batch_size} x data-parallel size {dp}"
+        )
+    if args.num_experts is None:
+        refuse.append("--num-experts is missing: the CPU loop trains an MoE model")
+    if args.optimizer != "adam":
+        refuse.append(f"--optimizer {args.optimizer}: the CPU loop runs adam (AdamW), use adam")
+    if args.train_iters is None:
+        refuse.append("--train-samples: the CPU loop counts iterations, give --train-iters")
+    if args.decoupled_lr is not None:
+        refuse.append("--decoupled-lr: the CPU loop has one learning rate for every parameter")
+    if args.exit_duration_in_mins:
+        refuse.append(
+            "--exit-duration-in-mins: the CPU loop stops by iterations, use --exit-interval"
+        )
+    shares = [float(v) for v in re.findall(r"[.0-9]+", args.split or "100")]  # as Megatron's
+    valid_share = shares[1] if len(shares) > 1 else 0.0
+    if args.eval_iters and valid_share > 0:
+        refuse.append(
+            f"--split {args.split} with --eval-iters {args.eval_iters}: the CPU loop does not "
+            "evaluate; use --split 100,0,0 or --eval-iters 0"
+        )
+    refuse += checkpoint_flag_refusals(args)
+    locmoe = locmoe_config_from_args(args)
+    if locmoe.devices_per_node not in (None, devices_per_node):
+        refuse.append(
+            f"--locmoe-devices-per-node {locmoe.devices_per_node} differs from the simulated "
+            f"{devices_per_node} per node: drop it"
+        )
+    if refuse:
+        raise PresetError(f"run {run} on the CPU loop: " + "; ".join(refuse))
+    # torch and Megatron when a plan is checked, not on import (the module's docstring)
+    from megatron.training.argument_utils import gpt_config_from_args
+
+    from megatron_locmoe.spec import padded_vocab
+
+    # the model is built from Megatron's own configs for these flags, as pretrain_gpt builds it
+    gpt = gpt_config_from_args(args)
+    gpt_model_options = dict(
+        vocab_size=padded_vocab(gpt),
+        max_sequence_length=gpt.seq_length,
+        share_embeddings_and_output_weights=gpt.share_embeddings_and_output_weights,
+        position_embedding_type=gpt.position_embedding_type,
+        rotary_percent=gpt.rotary_percent,
+        rotary_base=gpt.rotary_base,
+        rope_scaling=gpt.rope_scaling,
+        seq_len_interpolation_factor=gpt.seq_len_interpolation_factor,
+        fp16_lm_cross_entropy=gpt.fp16_lm_cross_entropy,
+    )
+    wandb_dir = (args.wandb_save_dir or "wandb") if args.wandb_project else None
+    settings = TrainSettings(
+        data_prefix=args.data_path[0],
+        locmoe=locmoe,
+        steps=args.train_iters,
+        seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch_size,
+        global_batch_size=args.global_batch_size,
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_experts=args.num_experts,
+        topk=args.moe_router_topk,
+        lr=args.lr,
+        seed=args.seed,
+        tensorboard_dir=args.tensorboard_dir,
+        wandb_dir=wandb_dir,
+        run_name=args.wandb_exp_name or run,
+        save_interval=args.save_interval or 0,
+        exit_interval=args.exit_interval or 0,
+        exit_signal_handler=bool(args.exit_signal_handler),
+        exit_signal=int(args.exit_signal),
+        **checkpoint_settings(args),
+        progress_path=str(log_dir / "progress.jsonl"),
+        per_layer_logging=args.moe_per_layer_logging,
+        check_for_nan_in_loss_and_grad=args.check_for_nan_in_loss_and_grad,
+        dataset_options=gpt_dataset_options(args),
+        transformer_config=gpt.transformer,
+        gpt_model_options=gpt_model_options,
+        optimizer=optimizer_settings(args),
+        data_prefix_per_node=list(args.data_path) if per_node else None,
+    )
+    layout = ParallelLayout(
+        devices_per_node=devices_per_node,
+        ep=args.expert_model_parallel_size,
+        etp=args.expert_tensor_parallel_size,
+        tp=args.tensor_model_parallel_size,
+        pp=args.pipeline_model_parallel_size,
+        vp=args.virtual_pipeline_model_parallel_size,
+        cp=cp,
+    )
+    return settings, layout
+
+
+CHECKPOINT_FLAGS_HONOURED = {
+    "save": "--save: torch_dist checkpoints of the CPU loop",
+    "save_interval": "--save-interval",
+    "load": "--load: resume from its latest (or --ckpt-step) iteration",
+    "no_load_optim": "--no-load-optim: fresh Adam state and learning-rate schedule",
+    "no_load_rng": "--no-load-rng: the RNGs as seeded, not as saved",
+    "finetune": "--finetune: --load's model weights only, from step 1",
+    "pretrained_checkpoint": "--pretrained-checkpoint: its weights when --load has none",
+    "ckpt_step": "--ckpt-step: that iteration of --load",
+    "exit_on_missing_checkpoint": "--exit-on-missing-checkpoint: refused here when --load "
+    "holds no checkpoint",
+    "ckpt_format": "--ckpt-format torch_dist (the only format the CPU loop writes and reads)",
+    "auto_detect_ckpt_format": "--auto-detect-ckpt-format: torch_dist is what it finds",
+    "verify_integrity": "--verify-integrity: every load checks every file's checksum",
+    "use_dist_ckpt_deprecated": "deprecated in Megatron, no effect",
+    "dist_ckpt_format_deprecated": "deprecated in Megatron, no effect",
+    "ckpt_fully_parallel_save_deprecated": "deprecated in Megatron, no effect",
+    "async_strategy": "only read with --async-save, which is refused",
+}
+"""Flags of Megatron's checkpointing group the CPU loop honours (the rest are refused unless
+they keep Megatron's default: ``checkpoint_flag_refusals``)."""
+
+EXIT_FLAGS_REFUSED = {
+    "exit_signal_handler_for_dataloader": "the CPU loop has no data-loader workers",
+}
+
+
+def _megatron_defaults() -> dict[str, tuple[object, str]]:
+    """dest -> (default, flag) of every option in Megatron's checkpointing group."""
+    # torch and Megatron when a plan is checked, not on import (the module's docstring)
+    from megatron.training.arguments import add_megatron_arguments
+
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    add_megatron_arguments(parser)
+    out = {}
+    for group in parser._action_groups:
+        if group.title == "checkpointing":
+            for action in group._group_actions:
+                out[action.dest] = (action.default, action.option_strings[0])
+    return out
+
+
+def checkpoint_flag_refusals(args) -> list[str]:
+    """Checkpoint and exit flags the CPU loop cannot honour, each with the fix; --load's and
+    --finetune's directories checked before any rank starts."""
+    refuse = []
+    for dest, (default, flag) in _megatron_defaults().items():
+        value = getattr(args, dest, default)
+        if dest in CHECKPOINT_FLAGS_HONOURED or value == default:
+            continue
+        shown = flag if isinstance(value, bool) or value is None else f"{flag} {value}"
+        refuse.append(f"{shown}: the CPU loop saves torch_dist synchronously; drop it")
+    if args.ckpt_format != "torch_dist":
+        refuse.append(f"--ckpt-format {args.ckpt_format}: the CPU loop writes torch_dist")
+    for dest, why in EXIT_FLAGS_REFUSED.items():
+        if getattr(args, dest, False):
+            refuse.append(f"--{dest.replace('_', '-')}: {why}; drop it")
+    if args.ckpt_step is not None and (args.finetune or args.pretrained_checkpoint):
+        refuse.append(
+            "--ckpt-step with --finetune / --pretrained-checkpoint: the CPU loop takes the "
+            "latest iteration's weights; drop --ckpt-step"
+        )
+    refuse += _load_dir_refusals(args)
+    return refuse
+
+
+def _load_dir_refusals(args) -> list[str]:
+    """--load / --pretrained-checkpoint naming nothing loadable, refused with the fix (--load
+    may name an empty or missing --save directory: the usual resume-or-start idiom)."""
+    # torch and Megatron when a plan is checked, not on import (the module's docstring)
+    from megatron_locmoe.sim.checkpoint import iteration_dirs, latest_iteration
+
+    out = []
+    for flag, where in (
+        ("--load", args.load),
+        ("--pretrained-checkpoint", args.pretrained_checkpoint),
+    ):
+        if where is None:
+            continue
+        try:
+            latest = latest_iteration(where)
+        except ValueError as e:
+            out.append(f"{flag} {where}: {e}")
+            continue
+        if latest is not None:
+            if args.ckpt_step is not None and flag == "--load":
+                if args.ckpt_step not in iteration_dirs(where):
+                    have = ", ".join(map(str, iteration_dirs(where))) or "none"
+                    out.append(
+                        f"--ckpt-step {args.ckpt_step}: {where} holds no iteration "
+                        f"{args.ckpt_step} (it has: {have})"
+                    )
+            continue
+        same_as_save = args.save is not None and os.path.abspath(where) == os.path.abspath(
+            args.save
+        )
+        if flag == "--pretrained-checkpoint" or args.finetune:
+            out.append(f"{flag} {where}: no checkpoint there to take the model weights from")
+        elif args.exit_on_missing_checkpoint:
+            out.append(
+                f"--load {where} holds no checkpoint and --exit-on-missing-checkpoint is set: "
+                "point --load at a checkpoint directory, or drop the flag"
+            )
+        elif not os.path.isdir(where) and not same_as_save:
+            out.append(
+                f"--load {where}: no such directory; point it at a checkpoint directory (one "
+                "with latest_checkpointed_iteration.txt), or drop --load to start from step 1"
+            )
+    return out
+
+
+def checkpoint_settings(args) -> dict:
+    """TrainSettings' checkpoint fields for Megatron's checkpoint flags (see
+    CHECKPOINT_FLAGS_HONOURED): --finetune takes --load's weights only (Megatron: iteration 0,
+    no optimizer, no RNG); --pretrained-checkpoint's weights start a run whose --load holds
+    none."""
+    settings = dict(
+        save_dir=args.save,
+        load_dir=args.load,
+        load_optim=not args.no_load_optim,
+        load_rng=not args.no_load_rng,
+        load_iteration=args.ckpt_step,
+    )
+    if args.finetune:
+        settings.update(load_dir=None, init_weights_dir=args.load)
+    elif args.pretrained_checkpoint:
+        settings.update(init_weights_dir=args.pretrained_checkpoint)
+    return settings
+
+
+def optimizer_settings(args):
+    """The optimizer and learning-rate schedule Megatron's pretrain() builds from ``args``
+    (``get_optimizer_param_scheduler``, iteration-based), for the CPU loop."""
+    # torch and Megatron when a plan is checked, not on import (the module's docstring)
+    from megatron_locmoe.sim.trainer import OptimizerSettings
+
+    gbs = args.global_batch_size
+    decay_steps = (args.lr_decay_iters or args.train_iters) * gbs
+    if args.lr_warmup_fraction is not None:
+        warmup_steps = args.lr_warmup_fraction * decay_steps
+    else:
+        warmup_steps = args.lr_warmup_iters * gbs
+    wsd = args.lr_wsd_decay_iters
+    scheduler = dict(
+        init_lr=args.lr_warmup_init,
+        max_lr=args.lr,
+        min_lr=args.min_lr,
+        lr_warmup_steps=warmup_steps,
+        lr_decay_steps=decay_steps,
+        lr_decay_style=args.lr_decay_style,
+        start_wd=args.start_weight_decay,
+        end_wd=args.end_weight_decay,
+        wd_incr_steps=args.train_iters * gbs,
+        wd_incr_style=args.weight_decay_incr_style,
+        wsd_decay_steps=None if wsd is None else wsd * gbs,
+        lr_wsd_decay_style=args.lr_wsd_decay_style,
+    )
+    return OptimizerSettings(
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        adam_eps=args.adam_eps,
+        clip_grad=args.clip_grad,
+        scheduler=scheduler,
+        samples_per_step=gbs,
+    )
