@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from megatron_locmoe.launch import cli as launch
+from megatron_locmoe.launch import data_step
 from megatron_locmoe.launch.cli import main
 from megatron_locmoe.launch.plan import Options, build_plan
 from megatron_locmoe.launch.presets import (
@@ -1065,16 +1066,16 @@ def test_the_realtext_data_step_builds_a_missing_corpus_once(tmp_path):
             _write_dataset(Path(p))
         return 0
 
-    launch._prepare_corpus(prefixes, build)
-    launch._prepare_corpus(prefixes, build)  # there now: not built again
+    data_step._prepare_corpus(prefixes, build)
+    data_step._prepare_corpus(prefixes, build)  # there now: not built again
     assert calls == [["--out", str(root)]]
 
 
 def test_the_realtext_data_step_names_what_the_corpus_lacks(tmp_path):
     root = tmp_path / "realtext"
     with pytest.raises(PresetError, match="en_mail.bin"):  # a typo the corpus never writes
-        launch._prepare_corpus(
+        data_step._prepare_corpus(
             [str(root / "en_mail")], lambda argv: _write_dataset(root / "en_email") or 0
         )
     with pytest.raises(PresetError, match="failed .exit 1.*carry it in"):
-        launch._prepare_corpus([str(root / "x")], lambda argv: 1)
+        data_step._prepare_corpus([str(root / "x")], lambda argv: 1)

@@ -1,4 +1,4 @@
-"""The launcher's GPU path hands SIGINT / SIGTERM to torchrun (``launch.cli.run_logged`` with
+"""The launcher's GPU path hands SIGINT / SIGTERM to torchrun (``launch.torchrun.run_logged`` with
 ``forwarding_signals``): a child that stands in for torchrun (it traps the signal, as torchrun
 passes it to its ranks) gets the launcher's signal, and the launcher returns its exit status
 once it has ended. No GPU needed: what is tested is the forwarding, not torchrun."""

@@ -331,7 +331,8 @@ def main(argv: list[str] | None = None, cluster=None) -> dict:
     (tests share one) instead of starting one."""
     args = parse_args(argv)
     from megatron_locmoe.analysis.runlog import load_runs, summary_rows, write_run_record
-    from megatron_locmoe.launch.cli import Options, build_plan, prepare_data
+    from megatron_locmoe.launch.data_step import prepare_data
+    from megatron_locmoe.launch.plan import Options, build_plan
     from megatron_locmoe.sim.cluster import SimCluster
 
     t_start = time.perf_counter()

@@ -52,10 +52,7 @@ import signal
 import sys
 
 from megatron_locmoe.launch.cpu import RunFailed, run_cpu
-from megatron_locmoe.launch.data_step import (
-    _prepare_corpus,  # noqa: F401  tests/test_launch.py calls it as launch._prepare_corpus
-    prepare_data,
-)
+from megatron_locmoe.launch.data_step import prepare_data
 from megatron_locmoe.launch.plan import DEFAULT_MASTER_PORT, Options, Plan, build_plan
 from megatron_locmoe.launch.presets import PresetError, available_presets
 from megatron_locmoe.launch.torchrun import (

@@ -35,8 +35,8 @@ from megatron_locmoe.virtual import VirtualCluster
 
 @dataclass(frozen=True)
 class OptimizerSettings:
-    """Megatron's optimizer and schedule as the CPU loop applies them (``launch.cli`` builds
-    them from the flags): AdamW, which is what Megatron's ``adam`` is without TE or apex; no
+    """Megatron's optimizer and schedule as the CPU loop applies them (``launch.cpu_settings``
+    builds them from the flags): AdamW, which is what Megatron's ``adam`` is without TE or apex; no
     weight decay on biases and 1-D parameters (Megatron's default parameter groups); clipping
     by the global gradient norm over the dense and the expert parameters; Megatron's own
     OptimizerParamScheduler, stepped by the global batch after every iteration."""
