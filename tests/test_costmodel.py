@@ -239,8 +239,11 @@ def test_bad_input_is_refused(tmp_path):
     (bare / "run.json").write_text(json.dumps(rec))
     with pytest.raises(ValueError, match="hidden_element_bytes"):
         cm.RoutingStats.from_run(load_runs([bare])[0])
-    with pytest.raises(ValueError, match="no run named"):
+    # a run name the user typed: InputError (one error line from the tool), with the fix
+    with pytest.raises(InputError, match="no run named 'locmoe-top1' among.*pick --locmoe"):
         cm.reproduction_table([_stats(name="x")], "locmoe-top1", ["hash"])
+    with pytest.raises(InputError, match=r"no runs named \['nope'\].*pick --locmoe"):
+        cm.measured_table(load_runs([bare]), ["nope"])
     assert math.isfinite(cm.estimate(_stats(), TOY, 2, WORK).t_moe)
 
 

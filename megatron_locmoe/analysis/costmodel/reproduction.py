@@ -14,6 +14,7 @@ from megatron_locmoe.analysis.costmodel.model import StepEstimate, estimate
 from megatron_locmoe.analysis.costmodel.routing import RoutingStats
 from megatron_locmoe.analysis.costmodel.tables import format_table
 from megatron_locmoe.analysis.costmodel.workload import WORKLOADS, Workload
+from megatron_locmoe.analysis.errors import InputError
 
 PAPER_CLAIMS = {
     "time_per_epoch_reduction": (0.1268, 0.2224),
@@ -132,7 +133,10 @@ def reproduction_table(
     by_name = {s.name: _without_drops(s) for s in stats}
     for n in [locmoe, *baselines]:
         if n not in by_name:
-            raise ValueError(f"no run named {n!r} among {sorted(by_name)}")
+            raise InputError(
+                f"no run named {n!r} among {sorted(by_name)}: pick --locmoe and --baselines "
+                "among them"
+            )
     rows = []
     for nodes_total in PAPER_NODES:
         npus = nodes_total * cluster.devices_per_node
@@ -230,7 +234,10 @@ def measured_table(runs, names: list[str]) -> str:
     by_name = {r.name: r for r in runs}
     missing = [n for n in names if n not in by_name]
     if missing:
-        raise ValueError(f"no runs named {missing} among {sorted(by_name)}")
+        raise InputError(
+            f"no runs named {missing} among {sorted(by_name)}: pick --locmoe, --baselines and "
+            "--equal-fanout among them"
+        )
     picked = [by_name[n] for n in names]
     rows = []
     for r, row in zip(picked, summary_rows(picked), strict=True):
