@@ -118,17 +118,22 @@ def resume_from(how: str):
     return command
 
 
-def kill_rank_when_training(proc: subprocess.Popen, work: Path) -> float | None:
-    """Kill rank 1 (SIGKILL) once the run has logged two steps; the time of the kill."""
-    import psutil
-
+def trained_two_steps(proc: subprocess.Popen, work: Path, poll_s: float) -> bool:
+    """Wait (up to 240 s, while the launcher runs) until the cpu-sim run has logged two steps."""
     progress = work / "runs" / "cpu-sim" / "cpu-sim" / "progress.jsonl"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         if progress.exists() and len(progress.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.2)
-    else:
+            return True
+        time.sleep(poll_s)
+    return False
+
+
+def kill_rank_when_training(proc: subprocess.Popen, work: Path) -> float | None:
+    """Kill rank 1 (SIGKILL) once the run has logged two steps; the time of the kill."""
+    import psutil
+
+    if not trained_two_steps(proc, work, 0.2):
         return None
     ranks = [
         p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())
@@ -148,13 +153,7 @@ def signal_when_training(signum: int, every_process: bool):
     def during(proc: subprocess.Popen, work: Path) -> float | None:
         import psutil
 
-        progress = work / "runs" / "cpu-sim" / "cpu-sim" / "progress.jsonl"
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None:
-            if progress.exists() and len(progress.read_text().splitlines()) >= 2:
-                break
-            time.sleep(0.1)
-        else:
+        if not trained_two_steps(proc, work, 0.1):
             return None
         family = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
         (work / "kill_rank_pids.json").write_text(json.dumps(family))
