@@ -4,7 +4,10 @@ With ``device="cuda"`` the same jobs run one process per GPU on NCCL (determinis
 on, so bitwise comparisons stay meaningful); the simulated node size stays a job setting.
 
 Starting a rank costs ~12 s (torch + Megatron-Core imports), so a SimCluster starts its
-processes once and then runs many *jobs* on them. Each job re-initialises Megatron's parallel
+processes once and then runs many *jobs* on them. CPU ranks are forked from a rank server
+(multiprocessing's forkserver) that made those imports once, as a rank makes them (see
+``_rank_context``): a cluster's start, and its restart after a failed job, then take about a
+second instead of every rank importing them anew. Each job re-initialises Megatron's parallel
 state with its own layout (TP/PP/EP/ETP/CP and the simulated devices per node), runs a function
 on every rank and returns the per-rank results.
 
@@ -40,6 +43,7 @@ import os
 import queue
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -198,7 +202,16 @@ def _kill_groups(procs) -> None:
                 p.kill()
 
 
-def _worker_main(rank, world_size, port, jobs, results, timeout_s, scratch, log_path, device):
+def _worker_main(
+    rank, world_size, port, jobs, results, timeout_s, scratch, log_path, device, env=None
+):
+    if _FORKED:  # from the rank server: the driver's environment now, numpy's seed anew
+        for key, value in (env or {}).items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        _reseed_after_fork()
     log = open(log_path, "w", buffering=1)  # noqa: SIM115 - lives as long as the process
     if not os.environ.get("LOCMOE_SIMCLUSTER_VERBOSE"):
         # ranks' prints and warnings go to their log; failures come back with tracebacks
@@ -287,6 +300,126 @@ def _worker_main(rank, world_size, port, jobs, results, timeout_s, scratch, log_
     destroy_topology()
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------
+# Rank start-up: CPU ranks fork from a server that made a rank's imports once
+# --------------------------------------------------------------------------------------------
+
+_RANK_SERVER_MARK = "LOCMOE_SIMCLUSTER_RANK_SERVER"
+"""Set (to "1") in the environment of the rank server's start only: this module, preloaded
+there, then makes the ranks' imports (``_preload_rank_imports``)."""
+_RANK_SERVER_LOCK = threading.Lock()
+_RANK_SERVER: dict[str, Any] = {}
+"""The rank server this process started: its ``pid`` and the ``env`` it started with."""
+_RANK_SERVER_IMPORT_TIMEOUT_S = 300
+_VOLATILE_ENV = ("PYTEST_CURRENT_TEST",)
+"""Variables that change under a running process and that no import reads (pytest rewrites
+this one for every test phase): a forked rank takes the driver's values at its start."""
+_FORKED = False
+"""True in the rank server, hence in every rank forked from it."""
+
+
+def _preload_rank_imports() -> None:
+    """In the rank server: import what a CPU rank imports before its first job, in
+    ``_worker_main``'s order and environment (``LOCMOE_DEVICE=cpu``, no CUDA device), so that
+    ranks forked from here hold the same modules a spawned rank imports itself. What comes
+    after (the adaptor's patches, the jobs' imports) stays in the rank. The imports' prints
+    and warnings go nowhere (a spawned rank's went to its log); the environment is restored
+    afterwards (a rank sets those variables itself). SIGTERM is ignored here, so a signal to
+    every process of a job step leaves the ranks to stop at a step boundary (the server's
+    death would read as every rank's); SIGINT the forkserver ignores itself."""
+    global _FORKED
+    _FORKED = True
+    os.environ.pop(_RANK_SERVER_MARK, None)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    quiet = not os.environ.get("LOCMOE_SIMCLUSTER_VERBOSE")
+    saved = {k: os.environ.get(k) for k in ("LOCMOE_DEVICE", "CUDA_VISIBLE_DEVICES")}
+    fds = [os.dup(1), os.dup(2)]
+    if quiet:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+    signal.alarm(_RANK_SERVER_IMPORT_TIMEOUT_S)  # a hung import ends the server: ranks fail
+    try:
+        import torch.distributed  # noqa: F401
+
+        import megatron_locmoe.device  # noqa: F401
+
+        os.environ["LOCMOE_DEVICE"] = "cpu"
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        import megatron.core.parallel_state  # noqa: F401
+        import megatron.core.tensor_parallel  # noqa: F401
+        import megatron.core.transformer.moe.moe_logging  # noqa: F401
+        import megatron.core.transformer.moe.moe_utils  # noqa: F401
+    except BaseException:  # noqa: S110 - a rank makes (and reports) any failing import itself
+        pass
+    finally:
+        signal.alarm(0)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: S110 - a closed stream: nothing buffered to lose
+                pass
+        os.dup2(fds[0], 1)
+        os.dup2(fds[1], 2)
+        for fd in fds:
+            os.close(fd)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _reseed_after_fork() -> None:
+    """A forked rank draws numpy's global seed anew, as a spawned rank's fresh import does
+    (Python's ``random`` reseeds itself after a fork)."""
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed()
+
+
+def _rank_context(device: str) -> tuple[Any, dict[str, str | None]]:
+    """(the multiprocessing context that starts this cluster's ranks, the environment
+    variables a rank sets first). CPU ranks: the rank server (multiprocessing's forkserver,
+    started here with this module preloaded, which makes the ranks' imports once), while this
+    process's environment is the one the server started with but for ``_VOLATILE_ENV``,
+    whose values the ranks then set (a rank gets the environment it would get from spawn);
+    else, and for GPU ranks (no fork after a CUDA initialisation), spawn: a fresh interpreter
+    per rank."""
+    spawn = mp.get_context("spawn")
+    if device != "cpu":
+        return spawn, {}
+    volatile = {k: os.environ.get(k) for k in _VOLATILE_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in _VOLATILE_ENV}
+    try:
+        from multiprocessing import forkserver
+
+        server = forkserver._forkserver  # the process's one forkserver
+        with _RANK_SERVER_LOCK:
+            pid = server._forkserver_pid
+            if pid is not None and pid != _RANK_SERVER.get("pid"):
+                return spawn, {}  # started by someone else, without the ranks' imports
+            context = mp.get_context("forkserver")
+            context.set_forkserver_preload([__name__])
+            os.environ[_RANK_SERVER_MARK] = "1"
+            try:
+                forkserver.ensure_running()  # (re)starts it only when it is not running
+            finally:
+                os.environ.pop(_RANK_SERVER_MARK, None)
+            if server._forkserver_pid != _RANK_SERVER.get("pid"):
+                _RANK_SERVER.update(pid=server._forkserver_pid, env=env)
+            if _RANK_SERVER["env"] != env:
+                return spawn, {}  # the server's imports saw another environment
+            return context, volatile
+    except (AttributeError, ImportError, OSError, ValueError):  # another Python's internals
+        return spawn, {}
+
+
+if os.environ.get(_RANK_SERVER_MARK) == "1":
+    _preload_rank_imports()
 
 
 # --------------------------------------------------------------------------------------------
@@ -403,7 +536,7 @@ class SimCluster:
             return self
         if self._tmp is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="locmoe-simcluster-")
-        ctx = mp.get_context("spawn")
+        ctx, env = _rank_context(self.device)
         self._results = ctx.Queue()
         self._jobs = [ctx.Queue() for _ in range(self.world_size)]
         port = _free_port()
@@ -420,6 +553,7 @@ class SimCluster:
                     self.scratch,
                     self._log_path(rank),
                     self.device,
+                    env,
                 ),
                 daemon=False,  # see the module docstring
             )
