@@ -182,7 +182,7 @@ def build_plan(opts: Options, preset: Preset | None = None) -> Plan:
     plan = Plan(preset, nodes, dpn, node_ranks, master, opts.master_port, [], runs_dir)
     entry = _entry_argv(preset.entry, preset.device) if preset.device != "cpu" else []
     for run, flags in preset.runs(opts.runs):
-        subst = {"preset": preset.name, "run": run, "runs": str(runs_dir)}
+        subst = {"preset": preset.name, "run": run, "runs": str(runs_dir), "nodes": str(nodes)}
         argv = megatron_argv(flags, subst) + list(opts.extra)
         what = f"preset {preset.name}" + (f", run {run}" if preset.sweep else "")
         check_layout(preset, run, argv, nodes, dpn)

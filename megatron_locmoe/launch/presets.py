@@ -19,9 +19,15 @@ started on every node. Two checks:
 Ascend mode (``device: npu``) additionally refuses settings that need CUDA-only code
 (:func:`cuda_only_settings`): Transformer Engine, apex fusions, grouped GEMM, FP8, CUDA graphs.
 
+A preset may ``extends: NAME`` another: the other's keys are its defaults and its Megatron
+flags come first (one written here overrides, ``null`` drops it); ``sweep`` and ``schedule``
+are never inherited. A ``schedule`` section says how a driver that runs the sweep entries at
+several cluster shapes uses each (``analysis/sweep.py``: :class:`ScheduleEntry`).
+
 Flag values: ``true`` is a bare flag, ``false`` / ``null`` drop the flag, a list gives several
-values. The placeholders ``{preset}``, ``{run}`` and ``{runs}`` in string values become the
-preset name, the run name (the sweep entry, else the preset name) and the runs folder.
+values. The placeholders ``{preset}``, ``{run}``, ``{runs}`` and ``{nodes}`` in string values
+become the preset name, the run name (the sweep entry, else the preset name), the runs folder
+and the plan's node count (e.g. ``moe-router-num-groups: "{nodes}"``: one group per node).
 """
 
 from __future__ import annotations
@@ -54,13 +60,76 @@ registries: on a machine without them, carry the corpus in first)."""
 
 _REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 _SCALAR_KEYS = ("description", "device", "nodes", "devices_per_node", "entry", "prepare_data")
-_KEYS = {*_SCALAR_KEYS, "node_counts", "env", "megatron", "sweep"}
+_KEYS = {*_SCALAR_KEYS, "node_counts", "env", "megatron", "sweep", "schedule", "extends"}
+_MERGED_KEYS = ("megatron", "env")
+"""Mappings an ``extends`` merges key by key (the rest: the extending preset's value wins)."""
+SETTINGS = ("domains", "control")
+"""A schedule entry's data setting: one corpus domain per node, or the same mixture on every
+node (the driver names the data for each)."""
 DEFAULT_ENTRY = "megatron_locmoe.pretrain_gpt"
 
 
 class PresetError(ValueError):
     """A preset, an override or a cluster shape that cannot work; the message says what to
     change."""
+
+
+@dataclass(frozen=True)
+class ScheduleEntry:
+    """How the locality sweep runs one sweep entry: not the run (the entry's flags are), but
+    its table label, data setting, the layouts it runs at and its priority there."""
+
+    label: str
+    setting: str = "domains"
+    """One of SETTINGS: each node its own corpus domain, or every node the mixture."""
+    layouts: tuple[str, ...] | None = None
+    """The layouts (``NODESxRANKS``) it runs at; None: every layout."""
+    priority: int | dict[str, int] = 1
+    """1 first (the main question); per layout as a mapping, ``other`` for the rest."""
+
+    KEYS = ("label", "setting", "layouts", "priority")
+
+    def runs_at(self, layout: str) -> bool:
+        return self.layouts is None or layout in self.layouts
+
+    def priority_at(self, layout: str) -> int:
+        if isinstance(self.priority, int):
+            return self.priority
+        return self.priority.get(layout, self.priority.get("other", 1))
+
+
+def _schedule_entry(run: str, raw, where: str) -> ScheduleEntry:
+    """One ``schedule`` entry, its keys and values checked."""
+    what = f"{where}: schedule.{run}"
+    if not isinstance(raw, dict):
+        raise PresetError(f"{what} is a mapping of {', '.join(ScheduleEntry.KEYS)}")
+    unknown = set(raw) - set(ScheduleEntry.KEYS)
+    if unknown:
+        raise PresetError(
+            f"{what}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; a schedule entry "
+            f"has {', '.join(ScheduleEntry.KEYS)}"
+        )
+    if not isinstance(raw.get("label"), str) or not raw["label"]:
+        raise PresetError(f"{what}: give its table label (label: TEXT)")
+    setting = raw.get("setting", "domains")
+    if setting not in SETTINGS:
+        raise PresetError(f"{what}: setting {setting!r}; use one of {', '.join(SETTINGS)}")
+    layouts = raw.get("layouts")
+    if layouts is not None and (
+        not isinstance(layouts, list) or not all(isinstance(x, str) for x in layouts)
+    ):
+        raise PresetError(f"{what}: layouts is a list of layout names, e.g. [8x1, 16x1]")
+    priority = raw.get("priority", 1)
+    values = priority.values() if isinstance(priority, dict) else [priority]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values) or (
+        isinstance(priority, dict) and not all(isinstance(k, str) for k in priority)
+    ):
+        raise PresetError(
+            f"{what}: priority is a positive integer, or a mapping of layout (or other) to one"
+        )
+    return ScheduleEntry(
+        raw["label"], setting, tuple(layouts) if layouts is not None else None, priority
+    )
 
 
 @dataclass
@@ -82,6 +151,8 @@ class Preset:
     env: dict[str, str] = field(default_factory=dict)
     sweep: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Run name -> flags that override ``megatron`` for that run; empty: one run."""
+    schedule: dict[str, ScheduleEntry] = field(default_factory=dict)
+    """Sweep entry -> how a multi-shape driver (the locality sweep) runs it."""
     path: Path | None = None
 
     def runs(self, only: list[str] | None = None) -> list[tuple[str, dict[str, Any]]]:
@@ -143,6 +214,27 @@ def load_preset(name_or_path: str) -> Preset:
     return preset_from_dict(path.stem, raw, path)
 
 
+def _extended(raw: dict, where: str, seen: tuple[str, ...] = ()) -> dict:
+    """``raw`` with the preset it ``extends`` as defaults: that preset's keys, its Megatron
+    flags first (in its order) then this one's; ``sweep`` and ``schedule`` are this one's."""
+    base_name = raw["extends"]
+    if not isinstance(base_name, str):
+        raise PresetError(f"{where}: extends names one preset, e.g. extends: demo")
+    if base_name in seen:
+        raise PresetError(f"{where}: extends {base_name} again ({' -> '.join(seen)}): a cycle")
+    path = resolve_preset_path(base_name)
+    base = yaml.safe_load(path.read_text())
+    if not isinstance(base, dict):
+        raise PresetError(f"{path}: a preset is a mapping of keys ({', '.join(sorted(_KEYS))})")
+    if "extends" in base:
+        base = _extended(base, str(path), (*seen, base_name))
+    merged = {k: v for k, v in base.items() if k not in ("sweep", "schedule", "extends")}
+    merged.update({k: v for k, v in raw.items() if k not in _MERGED_KEYS and k != "extends"})
+    for key in _MERGED_KEYS:  # flag by flag, variable by variable
+        merged[key] = {**(base.get(key) or {}), **(raw.get(key) or {})}
+    return merged
+
+
 def preset_from_dict(name: str, raw: dict, path: Path | None = None) -> Preset:
     where = str(path or name)
     unknown = set(raw) - _KEYS
@@ -151,6 +243,8 @@ def preset_from_dict(name: str, raw: dict, path: Path | None = None) -> Preset:
             f"{where}: unknown key(s) {', '.join(sorted(unknown))}; a preset has "
             f"{', '.join(sorted(_KEYS))}"
         )
+    if "extends" in raw:
+        raw = _extended(raw, where, (name,))
     for key in ("device", "nodes", "devices_per_node", "megatron"):
         if key not in raw:
             raise PresetError(f"{where}: missing key {key!r}")
@@ -168,6 +262,16 @@ def preset_from_dict(name: str, raw: dict, path: Path | None = None) -> Preset:
         sweep={k: dict(v or {}) for k, v in (raw.get("sweep") or {}).items()},
         path=path,
     )
+    schedule = raw.get("schedule") or {}
+    if not isinstance(schedule, dict):
+        raise PresetError(f"{where}: schedule is a mapping of sweep entry -> its schedule")
+    unscheduled = [k for k in schedule if k not in preset.sweep]
+    if unscheduled:
+        raise PresetError(
+            f"{where}: schedule names {', '.join(map(str, unscheduled))}, which the sweep does "
+            f"not have (its entries: {', '.join(preset.sweep) or 'none'})"
+        )
+    preset.schedule = {k: _schedule_entry(k, v, where) for k, v in schedule.items()}
     check_preset(preset, where)
     return preset
 
