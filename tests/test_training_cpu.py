@@ -32,15 +32,16 @@ def test_training_reduces_loss_and_logs_metrics(cluster_factory, corpus, tmp_pat
     settings = TrainSettings(
         data_prefix=corpus,
         locmoe=LocMoEConfig(router_type=router_type, dispatcher="hierarchical"),
-        steps=30,
+        steps=15,
         tensorboard_dir=str(tmp_path / "tb"),
         wandb_dir=str(tmp_path / "wb"),
     )
     results = cluster.run(train_job, settings, layout=ParallelLayout(devices_per_node=2, ep=4))
     losses = results[0]["losses"]
     assert all(r["losses"] == losses for r in results)  # data-parallel mean, same on all ranks
-    assert len(losses) == 30
-    assert sum(losses[-5:]) / 5 < losses[0] - 1.0, losses  # byte-level loss: ~5.5 -> ~3.5
+    assert len(losses) == 15
+    # byte-level loss: ~5.56 -> ~3.5 in the last 5 of 15 steps (all five routers; 30 steps: ~3.3)
+    assert sum(losses[-5:]) / 5 < losses[0] - 1.0, losses
     metrics = results[-1]["metrics"]
     assert set(PLUGIN_METRICS) <= set(metrics)
     assert metrics["inter_node_bytes"] > 0 and metrics["intra_node_bytes"] > 0
@@ -136,7 +137,7 @@ def test_fused_router_trains_like_the_reference(cluster_factory, corpus, dispatc
                 fused_router=fused,
                 locality_loss_coeff=0.1,
             ),
-            steps=6,
+            steps=3,
             topk=2,
         )
         layout = ParallelLayout(devices_per_node=2, ep=4)
