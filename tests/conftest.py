@@ -32,6 +32,13 @@ def cluster_factory():
         return cluster
 
     yield get
+    # every cluster's ranks are told to exit first, so that they wind down together: each
+    # __exit__ then waits for ranks already on their way (one after another, the session's
+    # end waited for each cluster's ranks in turn)
+    for cluster in _CLUSTERS.values():
+        for jobs, proc in zip(cluster._jobs, cluster._procs, strict=False):
+            if proc.is_alive():
+                jobs.put(None)
     for cluster in _CLUSTERS.values():
         cluster.__exit__(None, None, None)
     _CLUSTERS.clear()
