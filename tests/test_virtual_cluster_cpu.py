@@ -114,6 +114,23 @@ def _real(cluster8, settings) -> dict:
     return results[0]
 
 
+@pytest.fixture(scope="module")
+def real_from_start(cluster8, corpus, starts):
+    """``real_from_start(case, data_setting)``: the real cluster's run of the case from its
+    start, once per module: the comparison and the wrong-node test read the same run of
+    LocMoE on the domains (each ran it itself before)."""
+    done = {}
+
+    def get(case: str, data_setting: str) -> dict:
+        if (case, data_setting) not in done:
+            start = starts[START_OF.get(case, case)]
+            settings = _settings(corpus, case, data_setting, False, init_weights_dir=start)
+            done[case, data_setting] = _real(cluster8, settings)
+        return done[case, data_setting]
+
+    return get
+
+
 def assert_same_run(virtual: dict, real: dict, record_property) -> None:
     """Losses, gradient norms and every metric of the real run, within float32 summation."""
     assert min(real["grad_norm"]) > OPTIMIZER.clip_grad  # clipping bites
@@ -133,10 +150,10 @@ def assert_same_run(virtual: dict, real: dict, record_property) -> None:
 @pytest.mark.parametrize("data_setting", ["control", "domains"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_the_virtual_cluster_trains_what_the_real_cluster_trains(
-    cluster8, cluster1, corpus, starts, case, data_setting, record_property
+    cluster1, corpus, starts, real_from_start, case, data_setting, record_property
 ):
     start = starts[START_OF.get(case, case)]
-    real = _real(cluster8, _settings(corpus, case, data_setting, False, init_weights_dir=start))
+    real = real_from_start(case, data_setting)
     virtual = cluster1.run(
         train_job,
         _settings(corpus, case, data_setting, True, init_weights_dir=start),
@@ -169,10 +186,10 @@ def misplaced_rank_job(ctx, settings, rank: int):
 
 
 def test_a_virtual_rank_on_the_wrong_node_fails_the_comparison(
-    cluster8, cluster1, corpus, starts, record_property
+    cluster1, corpus, starts, real_from_start, record_property
 ):
     start = starts["locmoe"]
-    real = _real(cluster8, _settings(corpus, "locmoe", "domains", False, init_weights_dir=start))
+    real = real_from_start("locmoe", "domains")
     settings = _settings(corpus, "locmoe", "domains", True, init_weights_dir=start)
     planted = cluster1.run(misplaced_rank_job, settings, 3, layout=ONE, timeout_s=JOB_TIMEOUT_S)[0]
     with pytest.raises(AssertionError):
