@@ -19,6 +19,7 @@ delta is, so the run still agrees exactly, and the recorded delta is the full me
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,11 +58,15 @@ START_OF = {"locmoe_plus": "locmoe"}  # LocMoE+ starts without a capacity estima
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """The control (one mixture) and 4 domains, one per node."""
-    out = tmp_path_factory.mktemp("corpus")
-    built = data.build_domain_datasets(out, 4, max_stdlib_files=40, held_out_every=10)
-    return {"control": built["mixture"], "domains": built["prefixes"]}
+def corpus(start_cache):
+    """The control (one mixture) and 4 domains, one per node: built once per session
+    (conftest's ``start_cache``; tests/test_outgoing_cap.py reads the same data)."""
+
+    def build(out: str) -> dict:
+        built = data.build_domain_datasets(Path(out), 4, max_stdlib_files=40, held_out_every=10)
+        return {"control": built["mixture"], "domains": built["prefixes"]}
+
+    return dict(start_cache(("domain corpus", 4, 40, 10), build))
 
 
 @pytest.fixture(scope="module")
