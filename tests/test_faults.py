@@ -79,7 +79,13 @@ def test_a_checkpoint_of_other_settings_is_refused_in_one_line(cluster_factory, 
     cluster = cluster_factory(2)
     settings, _ = _saved_checkpoint(cluster, corpus, tmp_path / "ckpt")
     recorded = json.loads((tmp_path / "ckpt" / "iter_0000002" / "locmoe_settings.json").read_text())
-    assert recorded == dict(router_type="locmoe", num_experts=8, plugin_version=__version__)
+    assert recorded == dict(
+        router_type="locmoe",
+        num_experts=8,
+        plugin_version=__version__,
+        num_groups=None,  # what `placement apply` refuses (docs/placement.md)
+        max_outgoing_fraction=None,
+    )
     settings.steps, settings.save_dir, settings.save_interval = 4, None, 0
     for router_type, num_experts, weights_only, message in REFUSED_SETTINGS:
         settings.locmoe, settings.num_experts = LocMoEConfig(router_type=router_type), num_experts
