@@ -153,7 +153,7 @@ def test_the_demo_preset_trains_what_the_sweeps_runs_train(cluster8, tmp_path):
     import dataclasses
 
     from megatron_locmoe.analysis import sweep
-    from megatron_locmoe.launch.cli import Options, build_plan
+    from megatron_locmoe.launch.plan import Options, build_plan
     from megatron_locmoe.sim.trainer import train_job
 
     domains = demo.prepare_domains(tmp_path / "data", 2, 40, held_out_every=20)

@@ -244,7 +244,7 @@ def test_the_launchers_cpu_runs_take_megatrons_optimizer_and_schedule(
     learning rate is Megatron's schedule for those flags (linear warm-up from 0, then cosine to
     --min-lr), and the clipped norm is the global one: the same on every rank, although each
     rank holds other experts."""
-    from megatron_locmoe.launch.cli import Options, build_plan
+    from megatron_locmoe.launch.plan import Options, build_plan
 
     lr, min_lr, steps, warmup = 2e-3, 2e-4, 6, 2
     sets = [f"data-path={corpus}", f"train-iters={steps}", f"lr={lr}", f"min-lr={min_lr}"]
