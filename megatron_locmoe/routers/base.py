@@ -8,8 +8,10 @@ sequence parallelism), E experts, k experts per token.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import torch
+from megatron.core.transformer.moe.router import TopKRouter
 
 import megatron_locmoe.routers.fused as fused
 import megatron_locmoe.routers.kernels as kernels
@@ -35,6 +37,34 @@ def drop_to_capacity(
         return probs_TE, routing_map_TE, routing_map_TE.new_zeros((), dtype=torch.long)
     priority_TE = probs_TE if priority_TE is None else priority_TE
     return fused.drop_by_rank(probs_TE, routing_map_TE, priority_TE, capacity)
+
+
+def _parameters(fn) -> frozenset[str]:
+    return frozenset(inspect.signature(fn).parameters)
+
+
+MEGATRON_ROUTER_INIT = _parameters(TopKRouter.__init__)
+"""What the installed Megatron's TopKRouter takes at construction (dev adds layer_number)."""
+MEGATRON_ROUTER_FORWARD = _parameters(TopKRouter.forward)
+"""What its forward takes (dev: input_ids, packed_seq_params besides the padding mask)."""
+MEGATRON_ROUTING = _parameters(TopKRouter.routing)
+"""What its routing takes (dev: the same keywords as forward)."""
+
+
+def megatron_router_args(config, pg_collection, is_mtp_layer, layer_number) -> dict:
+    """TopKRouter.__init__'s keywords for this Megatron: layer_number only where it takes it
+    (Megatron-LM dev builds routers with it; 0.19.2 and main set it later, set_layer_number)."""
+    args = {"config": config, "pg_collection": pg_collection, "is_mtp_layer": is_mtp_layer}
+    if layer_number is not None and "layer_number" in MEGATRON_ROUTER_INIT:
+        args["layer_number"] = layer_number
+    return args
+
+
+def megatron_keywords(taken: frozenset[str], **given) -> dict:
+    """The keywords of ``given`` that the Megatron function whose parameters are ``taken``
+    accepts (dev's input_ids / packed_seq_params reach 0.19.2's TopKRouter as nothing: it has
+    no use for them)."""
+    return {name: value for name, value in given.items() if name in taken}
 
 
 class PluginRouterMixin:
@@ -195,9 +225,13 @@ class PluginRouterMixin:
             return super().get_aux_loss_coeff(aux_loss_type)
         return self.locmoe.aux_loss_coeff if aux_loss_type == "aux_loss" else 0.0
 
-    def _init_plugin(self, resolution: Resolution) -> None:
+    def _init_plugin(self, resolution: Resolution, layer_number: int | None = None) -> None:
         """``resolution``: the settings, checked and settled (the layer's, or the one
-        ``router_builder`` makes for a router built on its own)."""
+        ``router_builder`` makes for a router built on its own); ``layer_number``: the one
+        Megatron-LM dev builds routers with (kept on a Megatron whose TopKRouter does not take
+        it, as dev's does)."""
+        if layer_number is not None:
+            self.layer_number = layer_number
         if not isinstance(resolution, Resolution):
             raise TypeError(
                 f"the {self.name} router is built from a Resolution (checked settings, no auto "

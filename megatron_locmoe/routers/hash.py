@@ -27,7 +27,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_locmoe.config import ConfigError, LocMoEConfig
 from megatron_locmoe.graphs import graphs_capture_router
-from megatron_locmoe.routers.base import PluginRouterMixin
+from megatron_locmoe.routers.base import PluginRouterMixin, megatron_router_args
 
 
 class MissingTokenIdsError(RuntimeError):
@@ -128,13 +128,14 @@ class HashRouter(PluginRouterMixin, TopKRouter):
         config,
         pg_collection=None,
         is_mtp_layer=False,
+        layer_number=None,
         *,
         locmoe=None,
         vocab_size,
         token_counts=None,
     ):
-        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
-        self._init_plugin(locmoe)
+        super().__init__(**megatron_router_args(config, pg_collection, is_mtp_layer, layer_number))
+        self._init_plugin(locmoe, layer_number)
         del self.weight, self.bias  # no parameters: Hash Layers learn nothing in the router
         self.weight = self.bias = None
         self.vocab_size = vocab_size
@@ -158,9 +159,13 @@ class HashRouter(PluginRouterMixin, TopKRouter):
     def reset_parameters(self):
         pass
 
-    def _ids_for_input(self, input_SBH: torch.Tensor) -> torch.Tensor:
-        """[T] ids aligned with the flattened [S/TP, B] tokens of this rank."""
-        ids = self._token_ids_BS
+    def _ids_for_input(
+        self, input_SBH: torch.Tensor, ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[T] ids aligned with the flattened [S/TP, B] tokens of this rank: ``ids`` [B, S]
+        when the caller hands them over (Megatron-LM dev's MoELayer passes input_ids), else
+        those ``attach_token_ids`` set for this forward."""
+        ids = self._token_ids_BS if ids is None else ids
         if ids is None:
             raise MissingTokenIdsError(
                 "the hash router needs the input token ids of this forward: wrap the GPT model "
@@ -186,21 +191,32 @@ class HashRouter(PluginRouterMixin, TopKRouter):
             ids_SB = ids_SB[r * S_local : (r + 1) * S_local]  # this rank's sequence shard
         return ids_SB.reshape(-1)
 
-    def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None):
-        """[S, B, H] -> probs [T, E] (1/k on the k hashed experts), routing_map [T, E]."""
+    def forward(
+        self,
+        input: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        packed_seq_params=None,
+    ):
+        """[S, B, H] -> probs [T, E] (1/k on the k hashed experts), routing_map [T, E].
+
+        ``padding_mask`` [S, B] (Megatron's: True on padding) keeps those tokens out;
+        ``input_ids`` [B, S], where Megatron passes them, are this forward's token ids;
+        ``packed_seq_params`` is not read (a token's expert depends on its id alone)."""
+        del packed_seq_params
         self.check_input(input)
         if input.numel() == 0:
             return self.route_no_tokens(input)
         E, k = self.config.num_moe_experts, self.topk
         # ids were looked up in the same vocabulary by the embedding: no range check (a host sync)
-        ids_T = self._ids_for_input(input).to(self.hash_table.device)
+        ids_T = self._ids_for_input(input, input_ids).to(self.hash_table.device)
         first_T = self.hash_table[ids_T]
         experts_TK = (first_T[:, None] + torch.arange(k, device=first_T.device)) % E
         routing_map_TE = torch.zeros(ids_T.numel(), E, dtype=torch.bool, device=input.device)
         routing_map_TE.scatter_(1, experts_TK.to(input.device), True)
         probs_TE = routing_map_TE.float() / k
         if padding_mask is not None:
-            valid_T = padding_mask.reshape(-1).to(input.device)
+            valid_T = ~padding_mask.reshape(-1).to(input.device, torch.bool)
             routing_map_TE &= valid_T[:, None]
             probs_TE = probs_TE * valid_T[:, None]
         self.record_routing_metrics(probs_TE, routing_map_TE)

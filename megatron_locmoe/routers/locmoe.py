@@ -34,7 +34,7 @@ from megatron_locmoe import capacity as bound
 from megatron_locmoe import metrics
 from megatron_locmoe.config import ConfigError, LocMoEConfig
 from megatron_locmoe.graphs import graphs_capture_router
-from megatron_locmoe.routers.base import PluginRouterMixin, drop_to_capacity
+from megatron_locmoe.routers.base import PluginRouterMixin, drop_to_capacity, megatron_router_args
 from megatron_locmoe.routers.fused import locality_kl
 
 
@@ -94,9 +94,11 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
                 "set --locmoe-capacity-reestimate-interval 0"
             )
 
-    def __init__(self, config, pg_collection=None, is_mtp_layer=False, *, locmoe=None):
-        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
-        self._init_plugin(locmoe)
+    def __init__(
+        self, config, pg_collection=None, is_mtp_layer=False, layer_number=None, *, locmoe=None
+    ):
+        super().__init__(**megatron_router_args(config, pg_collection, is_mtp_layer, layer_number))
+        self._init_plugin(locmoe, layer_number)
         E, H = config.num_moe_experts, config.hidden_size
         cfg = self.locmoe
         # GrAP replaces Megatron's dense [E, H] gate (and its bias) by [E, H/E] block weights.
@@ -355,8 +357,19 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
             locality_eps=cfg.locality_smoothing,
         )
 
-    def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None):
-        """[S, B, H] -> probs [T, E] (fp32, zero off the map), routing_map [T, E] bool."""
+    def forward(
+        self,
+        input: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        packed_seq_params=None,
+    ):
+        """[S, B, H] -> probs [T, E] (fp32, zero off the map), routing_map [T, E] bool.
+
+        ``padding_mask`` [S, B]: Megatron's, True on padding (left out of the balance and
+        locality losses). ``input_ids`` and ``packed_seq_params`` (Megatron-LM dev's MoELayer
+        passes them) are not read: the gate sees the hidden states only."""
+        del input_ids, packed_seq_params
         self.check_input(input)
         if input.numel() == 0:
             return self.route_no_tokens(input)
@@ -640,11 +653,12 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         return self.locmoe.locality_loss_coeff / size
 
     def _apply_locality_loss(self, probs_TE, scores_TE, padding_mask):
-        """Attach mu * KL(D_c || D_l) to the probs (Megatron's aux-loss autograd scaler)."""
+        """Attach mu * KL(D_c || D_l) to the probs (Megatron's aux-loss autograd scaler);
+        D_c averages the tokens that ``padding_mask`` [T] (True on padding) leaves valid."""
         if not self.locality_on:
             return probs_TE, torch.zeros((), device=probs_TE.device)
         if padding_mask is not None:
-            valid_T = padding_mask.to(scores_TE.dtype)
+            valid_T = (~padding_mask.bool()).to(scores_TE.dtype)
             mean_E = (scores_TE * valid_T[:, None]).sum(0) / valid_T.sum().clamp_min(1)
         else:
             mean_E = scores_TE.mean(0)

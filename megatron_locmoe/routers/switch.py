@@ -13,7 +13,13 @@ from megatron.core.transformer.moe.router import TopKRouter
 
 import megatron_locmoe.routers.outgoing_cap as outgoing_cap
 from megatron_locmoe.config import ConfigError, LocMoEConfig
-from megatron_locmoe.routers.base import PluginRouterMixin
+from megatron_locmoe.routers.base import (
+    MEGATRON_ROUTER_FORWARD,
+    MEGATRON_ROUTING,
+    PluginRouterMixin,
+    megatron_keywords,
+    megatron_router_args,
+)
 
 
 class _MeasuredTopKRouter(PluginRouterMixin, TopKRouter):
@@ -23,16 +29,29 @@ class _MeasuredTopKRouter(PluginRouterMixin, TopKRouter):
     """TopKRouter's top-k reads neither the expert index nor the node map (group-limited
     routing aside: analysis/placement.py's check_router refuses it)."""
 
-    def __init__(self, config, pg_collection=None, is_mtp_layer=False, *, locmoe=None):
-        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
-        self._init_plugin(locmoe)
+    def __init__(
+        self, config, pg_collection=None, is_mtp_layer=False, layer_number=None, *, locmoe=None
+    ):
+        super().__init__(**megatron_router_args(config, pg_collection, is_mtp_layer, layer_number))
+        self._init_plugin(locmoe, layer_number)
         self._init_virtual()
 
-    def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None):
+    def forward(
+        self,
+        input: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        packed_seq_params=None,
+    ):
+        """Megatron's TopKRouter.forward; ``input_ids`` and ``packed_seq_params`` (Megatron-LM
+        dev's MoELayer passes them) handed on where this Megatron's forward takes them."""
         self.check_input(input)
         if input.numel() == 0:  # Megatron's gating and aux loss fail on an empty rank
             return self.route_no_tokens(input)
-        return super().forward(input, padding_mask=padding_mask)
+        extra = megatron_keywords(
+            MEGATRON_ROUTER_FORWARD, input_ids=input_ids, packed_seq_params=packed_seq_params
+        )
+        return super().forward(input, padding_mask=padding_mask, **extra)
 
     def _no_token_collectives(self, routing_map_TE: torch.Tensor) -> None:
         """Megatron's global aux loss reduces tokens per expert over the tp-dp-cp group:
@@ -49,14 +68,22 @@ class _MeasuredTopKRouter(PluginRouterMixin, TopKRouter):
         self.global_tokens_per_expert += tokens_E
         self.ga_steps += 1
 
-    def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
-        probs_TE, routing_map_TE = super().routing(logits, padding_mask=padding_mask)
+    def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None, **kwargs):
+        """Megatron's routing plus the metrics; ``kwargs`` (dev's input_ids,
+        packed_seq_params) handed on where this Megatron's routing takes them. Megatron's
+        padding mask is True on padding: its tokens are not counted as dropped."""
+        extra = megatron_keywords(MEGATRON_ROUTING, **kwargs)
+        probs_TE, routing_map_TE = super().routing(logits, padding_mask=padding_mask, **extra)
         T, E = routing_map_TE.shape
         capacity, dropped = 0, routing_map_TE.new_zeros((), dtype=torch.long)
         if self.config.moe_expert_capacity_factor is not None:
             capacity = get_capacity(T * self.topk, E, self.config.moe_expert_capacity_factor)
-            valid = T if padding_mask is None else padding_mask.sum()
-            dropped = valid * self.topk - (routing_map_TE & (probs_TE > 0)).sum()
+            kept_TE = routing_map_TE & (probs_TE > 0)
+            if padding_mask is not None:
+                valid_T = ~padding_mask.reshape(-1).bool()
+                dropped = valid_T.sum() * self.topk - kept_TE[valid_T].sum()
+            else:
+                dropped = T * self.topk - kept_TE.sum()
         self.record_routing_metrics(probs_TE, routing_map_TE, dropped, capacity)
         return probs_TE, routing_map_TE
 
@@ -72,8 +99,10 @@ class MegatronRouter(_MeasuredTopKRouter):
     uses_locmoe_alpha = False
     has_outgoing_cap = True
 
-    def __init__(self, config, pg_collection=None, is_mtp_layer=False, *, locmoe=None):
-        super().__init__(config, pg_collection, is_mtp_layer, locmoe=locmoe)
+    def __init__(
+        self, config, pg_collection=None, is_mtp_layer=False, layer_number=None, *, locmoe=None
+    ):
+        super().__init__(config, pg_collection, is_mtp_layer, layer_number, locmoe=locmoe)
         fraction = self.locmoe.max_outgoing_fraction
         if fraction is not None:
             bank = self._virtual_bank  # every virtual rank's node, or this rank's

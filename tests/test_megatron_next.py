@@ -1,0 +1,118 @@
+"""The calls Megatron-LM's next versions make into the plugin's routers, made here with
+stand-ins on the installed megatron-core, so that a router that stops accepting one fails in
+CI without a Megatron-LM source tree (tools/megatron_source_check.sh runs the suite against
+one; docs/megatron_versions.md).
+
+Megatron-LM dev (d48bd6be) builds a router with ``layer_number=``, calls it as
+``router(hidden, padding_mask, input_ids, packed_seq_params)`` (MoELayer.route) and
+TopKRouter.forward calls ``self.routing(logits, padding_mask=, input_ids=,
+packed_seq_params=)``; 0.19.2 and main (d98e8a64) make the two-argument calls."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import megatron_locmoe.routers.base as base
+from megatron_locmoe.config import LocMoEConfig
+from megatron_locmoe.sim.cluster import ParallelLayout
+
+SOLO = ParallelLayout(devices_per_node=1, ep=1)
+S, B, V = 4, 2, 64
+
+ROUTER_MODEL = {  # router type -> the model settings it takes
+    "megatron": dict(moe_router_topk=2),
+    "locmoe": dict(moe_router_topk=2),
+    "locmoe_plus": dict(moe_router_topk=2, moe_expert_capacity_factor=1.1),
+    "hash": dict(moe_router_topk=2),
+    "switch": dict(moe_router_topk=1, moe_expert_capacity_factor=1.0),
+}
+
+
+def dev_route(router, hidden_SBH, padding_mask=None, input_ids=None, packed_seq_params=None):
+    """Megatron-LM dev's MoELayer.route: every argument positional, None or not."""
+    return router(hidden_SBH, padding_mask, input_ids, packed_seq_params)
+
+
+def signature_job(ctx, router_type: str) -> dict:
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    from megatron_locmoe.routers import router_builder
+    from megatron_locmoe.routers.switch import _MeasuredTopKRouter
+    from megatron_locmoe.sim.testing import moe_config
+
+    ctx.topology()
+    tc = moe_config(ep=1, num_layers=4, num_moe_experts=8, **ROUTER_MODEL[router_type])
+    builder = router_builder(LocMoEConfig(router_type=router_type), vocab_size=V)
+    # dev's MoELayer.__init__: router(config=, pg_collection=, is_mtp_layer=, layer_number=)
+    router = builder(
+        config=tc, pg_collection=get_default_pg_collection(), is_mtp_layer=False, layer_number=3
+    )
+    seen = {"layer_number": router.layer_number}
+    router.eval()
+    torch.manual_seed(0)
+    x_SBH = torch.randn(S, B, tc.hidden_size)
+    ids_BS = torch.randint(0, V, (B, S))
+    other_BS = (ids_BS + 1) % V
+    if router.needs_token_ids:
+        router.set_token_ids(ids_BS)  # attach_token_ids' hook: what 0.19.2 and main get
+    _, plain_TE = router(x_SBH)  # 0.19.2's MoELayer.route: router(hidden, padding_mask)
+    if router.needs_token_ids:
+        router.set_token_ids(other_BS)  # the argument wins over the hook's ids
+    _, positional_TE = dev_route(router, x_SBH, None, ids_BS, None)
+    _, keywords_TE = router(x_SBH, padding_mask=None, input_ids=ids_BS, packed_seq_params=None)
+    pad_SB = torch.zeros(S, B, dtype=torch.bool)
+    pad_SB[-1] = True
+    _, padded_TE = dev_route(router, x_SBH, pad_SB, ids_BS, None)
+    seen["positional"] = torch.equal(plain_TE, positional_TE)
+    seen["keywords"] = torch.equal(plain_TE, keywords_TE)
+    seen["padded_shape"] = tuple(padded_TE.shape)
+    if router.needs_token_ids:
+        router.set_token_ids(None)  # no hook: the argument alone routes
+        seen["argument_only"] = torch.equal(plain_TE, dev_route(router, x_SBH, None, ids_BS)[1])
+    if isinstance(router, _MeasuredTopKRouter):  # megatron, switch: routing() overridden
+        logits_SBE = torch.randn(S, B, tc.num_moe_experts)
+        _, routed_TE = router.routing(logits_SBE, padding_mask=None)
+        # dev's TopKRouter.forward: self.routing(logits, padding_mask=, input_ids=, ...)
+        _, dev_TE = router.routing(
+            logits_SBE, padding_mask=None, input_ids=ids_BS, packed_seq_params=None
+        )
+        seen["routing"] = torch.equal(routed_TE, dev_TE)
+    return seen
+
+
+@pytest.mark.parametrize("router_type", list(ROUTER_MODEL))
+def test_routers_take_megatron_devs_calls(cluster_factory, router_type):
+    """Built with layer_number (kept), called with dev's four positional arguments and with
+    them as keywords, every router routes as with 0.19.2's call; the hash router routes by
+    the input_ids argument when given (over its hook's ids, and without the hook); routers
+    that override routing() take dev's keywords."""
+    ((seen,),) = [cluster_factory(1).run(signature_job, router_type, layout=SOLO)]
+    assert seen["layer_number"] == 3
+    assert seen["positional"] and seen["keywords"]
+    assert seen["padded_shape"] == (S * B, 8)
+    if router_type == "hash":
+        assert seen["argument_only"]
+    if router_type in ("megatron", "switch"):
+        assert seen["routing"]
+
+
+def test_layer_number_reaches_topk_router_only_where_it_takes_it(monkeypatch):
+    """dev's TopKRouter.__init__ takes layer_number; 0.19.2's and main's do not (a
+    TypeError): the plugin hands it on only where the installed Megatron's signature has it."""
+    common = {"config": "tc", "pg_collection": "pg", "is_mtp_layer": False}
+    monkeypatch.setattr(base, "MEGATRON_ROUTER_INIT", frozenset({"self", *common}))
+    assert base.megatron_router_args("tc", "pg", False, 3) == common
+    dev = frozenset({"self", *common, "layer_number"})
+    monkeypatch.setattr(base, "MEGATRON_ROUTER_INIT", dev)
+    assert base.megatron_router_args("tc", "pg", False, 3) == {**common, "layer_number": 3}
+    assert base.megatron_router_args("tc", "pg", False, None) == common
+
+
+def test_megatron_keywords_hands_on_what_the_signature_takes():
+    """dev's extra keywords reach a Megatron function only if its signature names them."""
+    old = frozenset({"self", "input", "padding_mask"})
+    new = old | {"input_ids", "packed_seq_params"}
+    given = {"input_ids": 1, "packed_seq_params": None}
+    assert base.megatron_keywords(old, **given) == {}
+    assert base.megatron_keywords(new, **given) == given
