@@ -25,7 +25,24 @@ def validate(locmoe: LocMoEConfig, transformer_config=None) -> LocMoEConfig:
         if refused:
             raise ConfigError("; ".join(r.as_flag() for r in refused))
     check_router_settings(locmoe, tc)
+    if tc is not None:
+        check_megatron_hash_layers(locmoe, tc)
     return locmoe
+
+
+def check_megatron_hash_layers(locmoe: LocMoEConfig, tc) -> None:
+    """Megatron-LM dev's ``--moe-n-hash-layers N`` routes the first N MoE layers by a token-id
+    table inside TopKRouter's routing; a plugin router routes by its own rule and would drop
+    it without a word: refused, with the routers that do route by token ids."""
+    layers = getattr(tc, "moe_n_hash_layers", 0) or 0
+    if layers > 0 and router_class(locmoe.router_type).is_plugin_router:
+        raise ConfigError(
+            f"--moe-n-hash-layers {layers} asks Megatron's TopKRouter to route the first "
+            f"{layers} layers by token id; the {locmoe.router_type} router does its own routing "
+            "and would ignore it: drop --moe-n-hash-layers, or use --moe-router-type megatron "
+            "(Megatron's hash layers) or --moe-router-type hash (the plugin's Hash Layers in "
+            "every MoE layer)"
+        )
 
 
 def changes_megatron(locmoe: LocMoEConfig, moe_grouped_gemm: bool) -> bool:

@@ -10,12 +10,18 @@ packed_seq_params=)``; 0.19.2 and main (d98e8a64) make the two-argument calls.""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 import megatron_locmoe.routers.base as base
-from megatron_locmoe.config import LocMoEConfig
+from megatron_locmoe.config import ConfigError, LocMoEConfig
+from megatron_locmoe.dispatch.dispatcher import unsupported_settings
 from megatron_locmoe.sim.cluster import ParallelLayout
+from megatron_locmoe.sim.testing import moe_config
+from megatron_locmoe.validation import validate
+from tests.test_arguments import megatron_args  # noqa: F401 (fixture)
 
 SOLO = ParallelLayout(devices_per_node=1, ep=1)
 S, B, V = 4, 2, 64
@@ -116,3 +122,45 @@ def test_megatron_keywords_hands_on_what_the_signature_takes():
     given = {"input_ids": 1, "packed_seq_params": None}
     assert base.megatron_keywords(old, **given) == {}
     assert base.megatron_keywords(new, **given) == given
+
+
+# ---- what the plugin refuses on newer Megatron instead of losing it silently ----------------
+
+
+def test_batch_invariant_mode_refuses_the_hierarchical_dispatcher(megatron_args):  # noqa: F811
+    """main's batch-invariant MoE needs its dispatcher's inverse permutation map, which the
+    two-hop schemes do not pass on: refused at parse time, naming the dispatcher to use."""
+    parse, _ = megatron_args
+    with pytest.raises(ConfigError) as e:
+        parse("--locmoe-dispatcher", "hierarchical", "--batch-invariant-mode")
+    assert "--batch-invariant-mode" in str(e.value)
+    assert "--locmoe-dispatcher alltoall" in str(e.value)
+    refused = unsupported_settings(SimpleNamespace(batch_invariant_mode=True))
+    assert [r.attr for r in refused] == ["batch_invariant_mode"]
+    assert unsupported_settings(SimpleNamespace(batch_invariant_mode=False)) == []
+
+
+@pytest.mark.parametrize("router_type", list(ROUTER_MODEL))
+def test_megatron_hash_layers_are_refused_with_the_plugin_routers(router_type):
+    """dev's --moe-n-hash-layers routes inside TopKRouter's routing: Megatron's own router
+    (router type megatron) honours it, a plugin router would ignore it and is refused."""
+    tc = moe_config(ep=1, num_moe_experts=8, **ROUTER_MODEL[router_type])
+    locmoe = LocMoEConfig(router_type=router_type)
+    validate(locmoe, tc)  # no hash layers: as before
+    tc.moe_n_hash_layers = 2  # a field of dev's TransformerConfig (args on the parse path)
+    if router_type == "megatron":
+        validate(locmoe, tc)
+        return
+    with pytest.raises(ConfigError, match=r"--moe-n-hash-layers 2 .* drop --moe-n-hash-layers"):
+        validate(locmoe, tc)
+
+
+def test_megatron_hash_layers_refused_at_parse_time(megatron_args):  # noqa: F811
+    """Where Megatron has the flag (dev), the refusal comes at parse time."""
+    from megatron.core.transformer import TransformerConfig
+
+    if "moe_n_hash_layers" not in TransformerConfig.__dataclass_fields__:
+        pytest.skip("this Megatron has no --moe-n-hash-layers (0.19.2, main)")
+    parse, _ = megatron_args
+    with pytest.raises(ConfigError, match="--moe-n-hash-layers 1 asks Megatron's TopKRouter"):
+        parse("--moe-router-type", "hash", "--moe-n-hash-layers", "1")

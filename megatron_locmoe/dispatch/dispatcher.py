@@ -88,6 +88,14 @@ _REFUSED = (  # attr, is the value refused, what to use, why
     ("moe_shared_expert_overlap", bool, False, "it overlaps inside Megatron's own dispatcher"),
     ("moe_router_padding_for_quantization", bool, False, "fp8/fp4 padding"),
     ("cuda_graph_impl", lambda v: v not in (None, "none"), "none", "split sizes change per step"),
+    (
+        "batch_invariant_mode",
+        bool,
+        False,
+        "Megatron-LM main's batch-invariant MoE carries an inverse permutation map through its "
+        "own dispatcher's permute and unpermute, which the two-hop schemes do not keep; "
+        "--locmoe-dispatcher alltoall keeps Megatron's dispatcher and the map",
+    ),
 )
 
 
