@@ -877,10 +877,11 @@ def _cpu_sim_run(tmp_path):
     return rp
 
 
-def test_cpu_loop_exits_where_megatron_would_and_refuses_evaluation(tmp_path):
+def test_cpu_loop_exits_where_megatron_would_and_refuses_the_splits_validation_part(tmp_path):
+    """(The held-out data it evaluates: tests/test_cpu_loop_data.py.)"""
     (rp,) = _plan("cpu-sim", sets=["exit-interval=4"], runs_dir=str(tmp_path)).runs
     assert rp.cpu_loop[0].exit_interval == 4
-    with pytest.raises(PresetError, match="the CPU loop does not evaluate; use --split 100,0,0"):
+    with pytest.raises(PresetError, match="does not evaluate --split's validation part; use"):
         _plan("cpu-sim", sets=["split=90,10,0", "eval-iters=5"], runs_dir=str(tmp_path))
     with pytest.raises(PresetError, match="--exit-duration-in-mins: the CPU loop stops by"):
         _plan("cpu-sim", sets=["exit-duration-in-mins=5"], runs_dir=str(tmp_path))

@@ -28,9 +28,11 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path, per_nod
 
     The CPU loop (megatron_locmoe.sim.trainer) runs expert and pipeline parallelism (with
     virtual stages), in float32, through Megatron's forward-backward schedules (micro-batches
-    accumulated up to the global batch), on one indexed dataset with byte tokens (Megatron's GPT
-    dataset with the flags' split, masks and cache; training split only: it does not
-    evaluate); anything else in the flags is refused here rather than silently ignored. ``--save`` / ``--save-interval`` /
+    accumulated up to the global batch), on indexed datasets with byte tokens (Megatron's GPT
+    dataset with the flags' split, masks and cache; :func:`data_settings`), evaluates the
+    held-out data the flags name once after training (:func:`held_out_settings`) and counts
+    the routing of the last steps (``routing_stats_steps``: the tail the reports average
+    over); anything else in the flags is refused here rather than silently ignored. ``--save`` / ``--save-interval`` /
     ``--load`` map to its torch_dist checkpoints; its per-step progress goes to
     ``log_dir/progress.jsonl`` (tokens/s). The model is built from Megatron's own
     TransformerConfig for the flags, and the optimizer and schedule are Megatron's for them
@@ -50,12 +52,8 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path, per_nod
     if args.bf16 or args.fp16:
         refuse.append("--bf16/--fp16: the CPU loop trains in float32, drop it")
     nodes = world // devices_per_node
-    if per_node and len(args.data_path or []) != nodes:
-        refuse.append(f"give one --data-path prefix per node ({nodes})")
-    elif not per_node and (args.mock_data or not args.data_path or len(args.data_path) != 1):
-        refuse.append(
-            "give one --data-path PREFIX (python -m megatron_locmoe.sim.data --out PREFIX writes it)"
-        )
+    data, why = data_settings(args, nodes, per_node)
+    refuse += why
     if args.vocab_size != VOCAB_SIZE:
         refuse.append(f"--vocab-size {args.vocab_size}: the corpus has byte tokens, use 257")
     dp = world // (args.pipeline_model_parallel_size * args.tensor_model_parallel_size * cp)
@@ -76,13 +74,8 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path, per_nod
         refuse.append(
             "--exit-duration-in-mins: the CPU loop stops by iterations, use --exit-interval"
         )
-    shares = [float(v) for v in re.findall(r"[.0-9]+", args.split or "100")]  # as Megatron's
-    valid_share = shares[1] if len(shares) > 1 else 0.0
-    if args.eval_iters and valid_share > 0:
-        refuse.append(
-            f"--split {args.split} with --eval-iters {args.eval_iters}: the CPU loop does not "
-            "evaluate; use --split 100,0,0 or --eval-iters 0"
-        )
+    held_out, why = held_out_settings(args, nodes, dp)
+    refuse += why
     refuse += checkpoint_flag_refusals(args)
     locmoe = locmoe_config_from_args(args)
     if locmoe.devices_per_node not in (None, devices_per_node):
@@ -92,9 +85,10 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path, per_nod
         )
     if refuse:
         raise PresetError(f"run {run} on the CPU loop: " + "; ".join(refuse))
-    # torch and Megatron when a plan is checked, not on import (the module's docstring)
+    # torch, numpy and Megatron when a plan is checked, not on import (the module's docstring)
     from megatron.training.argument_utils import gpt_config_from_args
 
+    from megatron_locmoe.analysis.runlog import tail_length
     from megatron_locmoe.spec import padded_vocab
 
     # the model is built from Megatron's own configs for these flags, as pretrain_gpt builds it
@@ -111,8 +105,12 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path, per_nod
         fp16_lm_cross_entropy=gpt.fp16_lm_cross_entropy,
     )
     wandb_dir = (args.wandb_save_dir or "wandb") if args.wandb_project else None
+    # per-split paths: the whole --train-data-path trains (Megatron's blend_per_split)
+    data_options = {"split": "100,0,0"} if args.train_data_path else {}
     settings = TrainSettings(
-        data_prefix=args.data_path[0],
+        **data,
+        **held_out,
+        routing_stats_steps=tail_length(args.train_iters),
         locmoe=locmoe,
         steps=args.train_iters,
         seq_length=args.seq_length,
@@ -136,11 +134,10 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path, per_nod
         progress_path=str(log_dir / "progress.jsonl"),
         per_layer_logging=args.moe_per_layer_logging,
         check_for_nan_in_loss_and_grad=args.check_for_nan_in_loss_and_grad,
-        dataset_options=gpt_dataset_options(args),
+        dataset_options=gpt_dataset_options(args) | data_options,
         transformer_config=gpt.transformer,
         gpt_model_options=gpt_model_options,
         optimizer=optimizer_settings(args),
-        data_prefix_per_node=list(args.data_path) if per_node else None,
     )
     layout = ParallelLayout(
         devices_per_node=devices_per_node,
@@ -152,6 +149,110 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path, per_nod
         cp=cp,
     )
     return settings, layout
+
+
+def data_settings(args, nodes: int, per_node: bool) -> tuple[dict, list[str]]:
+    """TrainSettings' training-data fields for the flags, and what is refused:
+
+    - ``--locmoe-domain-data-path D_0 .. D_{n-1}``: pretrain_gpt's domain-sharded loader, node
+      k's ranks reading domain k mod n (the parse-time check: n <= nodes);
+    - ``per_node`` (the pydoc-domains data step): one ``--data-path`` prefix per node, node k
+      reading the k-th;
+    - one ``--data-path`` or ``--train-data-path`` prefix, read by every rank (a blend of
+      several is not: the CPU loop reads one dataset)."""
+    domains = getattr(args, "locmoe_domain_data_path", None)
+    if domains:
+        per = [domains[k % len(domains)] for k in range(nodes)]
+        return dict(data_prefix=per[0], data_prefix_per_node=per), []
+    if per_node:
+        if len(args.data_path or []) != nodes:
+            return {}, [f"give one --data-path prefix per node ({nodes})"]
+        return dict(data_prefix=args.data_path[0], data_prefix_per_node=list(args.data_path)), []
+    refuse = []
+    if args.test_data_path:
+        refuse.append("--test-data-path: the CPU loop evaluates the validation data only; drop it")
+    if args.train_data_path and args.split is not None:
+        refuse.append(
+            f"--split {args.split} with --train-data-path: Megatron's dataset config takes one or "
+            "the other (split and blend_per_split are incompatible); drop --split"
+        )
+    paths = args.data_path or args.train_data_path
+    if args.mock_data or not paths or len(paths) != 1:
+        refuse.append(
+            "give one --data-path PREFIX (python -m megatron_locmoe.sim.data --out PREFIX writes "
+            "it), or one --train-data-path PREFIX"
+        )
+        return {}, refuse
+    return dict(data_prefix=paths[0], data_prefix_per_node=None), refuse
+
+
+def held_out_settings(args, nodes: int, dp: int) -> tuple[dict, list[str]]:
+    """TrainSettings' evaluation fields for the flags, and what is refused.
+
+    Megatron evaluates ``--eval-iters`` iterations of ``--eval-global-batch-size`` samples
+    (default: the global batch) on the held-out data every ``--eval-interval`` steps (unset:
+    never) and once after training; the CPU loop evaluates once, after the last step, the same
+    number of micro-batches per rank (``eval_batches`` = eval-iters x eval global batch /
+    (micro batch x data-parallel size)), each data-parallel rank its own samples. Held-out
+    data: ``--locmoe-domain-valid-data-path`` with ``--locmoe-domain-data-path`` (node k's
+    ranks evaluate domain k mod n's, as they train on it), or one ``--valid-data-path`` prefix
+    (every rank). Refused: an interval that would evaluate during training, another
+    evaluation micro-batch size, --skip-train, --full-validation, --multiple-validation-sets,
+    --split's validation part, per-domain held-out data without training domains
+    (pretrain_gpt has rank r evaluate domain r mod n; the CPU loop evaluates by node)."""
+    refuse = []
+    shares = [float(v) for v in re.findall(r"[.0-9]+", args.split or "100")]  # as Megatron's
+    valid_share = shares[1] if len(shares) > 1 else 0.0
+    if args.eval_iters and valid_share > 0:
+        refuse.append(
+            f"--split {args.split} with --eval-iters {args.eval_iters}: the CPU loop does not "
+            "evaluate --split's validation part; use --split 100,0,0 or --eval-iters 0, and "
+            "name held-out data with --valid-data-path or --locmoe-domain-valid-data-path"
+        )
+    domain_valid = getattr(args, "locmoe_domain_valid_data_path", None)
+    valid = args.valid_data_path
+    domains = getattr(args, "locmoe_domain_data_path", None)
+    if domain_valid and not domains:
+        refuse.append(
+            "--locmoe-domain-valid-data-path without --locmoe-domain-data-path: pretrain_gpt "
+            "has rank r evaluate domain r mod D, the CPU loop evaluates by node; give the "
+            "training domains with --locmoe-domain-data-path, or one --valid-data-path"
+        )
+    if valid and len(valid) != 1:
+        refuse.append(
+            f"--valid-data-path {' '.join(valid)}: the CPU loop evaluates one held-out prefix"
+        )
+    if args.skip_train:
+        refuse.append("--skip-train: the CPU loop trains, then evaluates; drop it")
+    if refuse or not (domain_valid or valid) or not args.eval_iters:
+        return {}, refuse
+    if args.eval_interval is not None and args.eval_interval <= args.train_iters:
+        refuse.append(
+            f"--eval-interval {args.eval_interval}: Megatron would also evaluate during "
+            "training, the CPU loop evaluates once, after the last step; drop --eval-interval "
+            f"(or give one above --train-iters {args.train_iters}), or --eval-iters 0"
+        )
+    mbs = args.micro_batch_size
+    if (args.eval_micro_batch_size or mbs) != mbs:
+        refuse.append(
+            f"--eval-micro-batch-size {args.eval_micro_batch_size}: the CPU loop evaluates "
+            f"micro-batches of --micro-batch-size {mbs}; drop it"
+        )
+    eval_gbs = args.eval_global_batch_size or args.global_batch_size  # (Megatron: divisible)
+    for flag, on in (
+        ("--full-validation", args.full_validation),
+        ("--multiple-validation-sets", args.multiple_validation_sets),
+    ):
+        if on:
+            refuse.append(f"{flag}: the CPU loop evaluates --eval-iters iterations of one set")
+    if refuse:
+        return {}, refuse
+    out = dict(eval_batches=args.eval_iters * (eval_gbs // (mbs * dp)))
+    if domain_valid:
+        out["eval_prefix_per_node"] = [domain_valid[k % len(domain_valid)] for k in range(nodes)]
+    else:
+        out["eval_prefix"] = valid[0]
+    return out, []
 
 
 CHECKPOINT_FLAGS_HONOURED = {

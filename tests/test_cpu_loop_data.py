@@ -1,0 +1,159 @@
+"""The CPU loop's translator (launch/cpu_settings.train_settings) from Megatron's and the
+plugin's data and evaluation flags: training data (--locmoe-domain-data-path: node k reads
+domain k mod D; --train-data-path), the held-out evaluation (--locmoe-domain-valid-data-path by
+node, --valid-data-path, --eval-iters x micro-batches per rank and step), the routing counts of
+the last steps, what it refuses, and the ``{nodes}`` placeholder."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_locmoe.analysis.runlog import tail_length
+from megatron_locmoe.launch.plan import Options, build_plan
+from megatron_locmoe.launch.presets import PresetError
+from tests.sweep_equivalence import tiny_corpora
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cpu-loop-data")
+    return root, tiny_corpora(root / "data", (2, 4))
+
+
+def _demo_plan(tmp_path, corpus, sets, run="locmoe-top1", nodes=None):
+    base = ["prepare_data=null", "data-path=null"]
+    opts = Options(config="demo", sets=base + sets, runs=[run], runs_dir=str(tmp_path))
+    if nodes:
+        opts.nodes, opts.devices_per_node = nodes, 8 // nodes
+    (rp,) = build_plan(opts).runs
+    return rp.cpu_loop[0]
+
+
+def _list(prefixes):
+    return "[" + ", ".join(prefixes) + "]"
+
+
+def test_domain_data_and_held_out_per_node(corpora, tmp_path):
+    """--locmoe-domain-data-path / --locmoe-domain-valid-data-path: node k trains on and
+    evaluates domain k mod D; --eval-iters x micro-batches per rank and step are evaluated."""
+    _, data = corpora
+    d = data[2]
+    sets = [
+        f"locmoe-domain-data-path={_list(d['prefixes'])}",
+        f"locmoe-domain-valid-data-path={_list(d['valid_prefixes'])}",
+        "eval-iters=3",
+        "global-batch-size=64",  # two micro-batches per rank and step
+    ]
+    s = _demo_plan(tmp_path, d, sets)
+    assert s.data_prefix_per_node == d["prefixes"] and s.data_prefix == d["prefixes"][0]
+    assert s.eval_prefix_per_node == d["valid_prefixes"] and s.eval_prefix is None
+    assert s.eval_batches == 6
+    # Megatron's evaluation batch: --eval-global-batch-size samples an iteration
+    s = _demo_plan(tmp_path, d, [*sets, "eval-global-batch-size=96"])
+    assert s.eval_batches == 9
+    s = _demo_plan(tmp_path, d, [*sets, "eval-interval=101"])  # after the 100 steps: none
+    assert s.eval_batches == 6
+    # one domain for 4 nodes: every node reads it (k mod 1)
+    sets = [
+        f"locmoe-domain-data-path=[{d['prefixes'][0]}]",
+        f"locmoe-domain-valid-data-path=[{d['valid_prefixes'][0]}]",
+    ]
+    s = _demo_plan(tmp_path, d, sets, nodes=4)
+    assert s.data_prefix_per_node == [d["prefixes"][0]] * 4
+    assert s.eval_prefix_per_node == [d["valid_prefixes"][0]] * 4 and s.eval_batches == 100
+
+
+def test_held_out_mixture_from_per_split_paths(corpora, tmp_path):
+    _, data = corpora
+    d = data[2]
+    sets = [
+        f"train-data-path=[{d['mixture']}]",
+        f"valid-data-path=[{d['mixture_valid']}]",
+        "split=null",
+        "eval-iters=2",
+    ]
+    s = _demo_plan(tmp_path, d, sets)
+    assert (s.data_prefix, s.data_prefix_per_node) == (d["mixture"], None)
+    assert (s.eval_prefix, s.eval_prefix_per_node, s.eval_batches) == (d["mixture_valid"], None, 2)
+    assert s.dataset_options["split"] == "100,0,0"  # the whole --train-data-path trains
+    # no held-out data named: nothing to evaluate (Megatron's --eval-iters default is 100)
+    s = _demo_plan(tmp_path, d, [f"data-path=[{d['mixture']}]"])
+    assert (s.eval_batches, s.eval_prefix, s.eval_prefix_per_node) == (0, None, None)
+    s = _demo_plan(tmp_path, d, sets[:3] + ["eval-iters=0"])
+    assert s.eval_batches == 0
+
+
+def test_routing_counts_cover_the_tail_the_reports_average(corpora, tmp_path):
+    _, data = corpora
+    d = data[2]
+    for steps in (3, 100, 200):
+        sets = [f"data-path=[{d['mixture']}]", f"train-iters={steps}"]
+        assert _demo_plan(tmp_path, d, sets).routing_stats_steps == tail_length(steps)
+
+
+@pytest.mark.parametrize(
+    "sets, refusal",
+    [
+        (
+            ["eval-interval=50", "eval-iters=2"],
+            "--eval-interval 50: Megatron would also evaluate during training",
+        ),
+        (["split=90,10,0", "eval-iters=5"], "does not evaluate --split's validation part"),
+        (["eval-micro-batch-size=2"], "--eval-micro-batch-size 2: the CPU loop evaluates"),
+        (["full-validation=true"], "--full-validation: the CPU loop evaluates --eval-iters"),
+        (["skip-train=true"], "--skip-train: the CPU loop trains, then evaluates"),
+    ],
+)
+def test_refused_evaluation(corpora, tmp_path, sets, refusal):
+    _, data = corpora
+    d = data[2]
+    held_out = [
+        f"locmoe-domain-data-path={_list(d['prefixes'])}",
+        f"locmoe-domain-valid-data-path={_list(d['valid_prefixes'])}",
+    ]
+    with pytest.raises(PresetError, match=refusal):
+        _demo_plan(tmp_path, d, held_out + sets)
+
+
+def test_refused_data(corpora, tmp_path):
+    _, data = corpora
+    d = data[2]
+    with pytest.raises(PresetError, match="without --locmoe-domain-data-path: pretrain_gpt"):
+        _demo_plan(
+            tmp_path,
+            d,
+            [
+                f"data-path=[{d['mixture']}]",
+                f"locmoe-domain-valid-data-path={_list(d['prefixes'])}",
+            ],
+        )
+    with pytest.raises(PresetError, match="--split 100,0,0 with --train-data-path"):
+        _demo_plan(tmp_path, d, [f"train-data-path=[{d['mixture']}]"])
+    with pytest.raises(PresetError, match="the CPU loop evaluates one held-out prefix"):
+        two = _list([d["mixture_valid"], d["valid_prefixes"][0]])
+        _demo_plan(
+            tmp_path,
+            d,
+            [f"train-data-path=[{d['mixture']}]", f"valid-data-path={two}", "split=null"],
+        )
+    with pytest.raises(PresetError, match="--test-data-path: the CPU loop evaluates the valid"):
+        _demo_plan(
+            tmp_path,
+            d,
+            [
+                f"train-data-path=[{d['mixture']}]",
+                f"test-data-path=[{d['mixture_valid']}]",
+                "split=null",
+            ],
+        )
+
+
+def test_nodes_placeholder(corpora, tmp_path):
+    _, data = corpora
+    d = data[4]
+    sets = [
+        f"locmoe-domain-data-path={_list(d['prefixes'])}",
+        'sweep.megatron-node-limited.moe-router-num-groups="{nodes}"',
+    ]
+    s = _demo_plan(tmp_path, d, sets, run="megatron-node-limited", nodes=4)
+    assert s.transformer_config.moe_router_num_groups == 4
