@@ -145,40 +145,58 @@ def test_demo_never_deletes_a_directory_it_did_not_write(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_the_demo_preset_trains_what_the_sweeps_runs_train(cluster8, tmp_path):
-    """configs/demo.yaml through the launcher's CPU path (Megatron's TransformerConfig, GPT
-    options and optimizer for the flags) trains bitwise what the locality sweep's own run
-    table trains on the loop's config, on the same data: the two descriptions of a run agree,
-    so the sweep's committed results and the demo's table measure the same model."""
+def test_the_sweeps_runs_train_what_their_committed_results_trained(cluster8, tmp_path):
+    """The locality sweep's runs, built by the launcher's translator from
+    configs/locality-sweep.yaml (which extends configs/demo.yaml: Megatron's TransformerConfig,
+    GPT options and optimizer for the flags), train bitwise what the loop's own config trained
+    for the committed results (the former run table's settings_for, written out here for four
+    runs): the configs differ only in fields that change nothing (tests/test_sweep_presets.py
+    compares every run field by field), so those results stay the sweep's results. One run
+    description now: the demo's and the sweep's runs are preset entries of one model, through
+    one translator."""
     import dataclasses
 
     from megatron_locmoe.analysis import sweep
-    from megatron_locmoe.launch.plan import Options, build_plan
-    from megatron_locmoe.sim.trainer import train_job
+    from megatron_locmoe.config import LocMoEConfig
+    from megatron_locmoe.sim.trainer import TrainSettings, train_job
 
     domains = demo.prepare_domains(tmp_path / "data", 2, 40, held_out_every=20)
     args = sweep.parse_args(["--steps", "3"])
-    pairs = {
-        "locmoe-mu0.1": "locmoe-top1",
-        "switch": "switch",
-        "node-limited-top2": "megatron-node-limited",
+    former = {  # name: (router, top-k, LocMoEConfig settings, loop-config overrides)
+        "locmoe-mu0.1": ("locmoe", 1, {"locality_loss_coeff": 0.1}, {}),
+        "switch": ("switch", 1, {}, {}),
+        "hash": ("hash", 1, {"hash_token_counts": domains["counts"]}, {}),
+        "node-limited-top2": (
+            "megatron",
+            2,
+            {},
+            {"moe_router_num_groups": 2, "moe_router_group_topk": 1},
+        ),
     }
-    sets = [f"data-path=[{', '.join(domains['prefixes'])}]", "train-iters=3"]
-    plan = build_plan(
-        Options(config="demo", sets=sets, runs=list(pairs.values()), runs_dir=str(tmp_path))
-    )
-    by_name = {rp.name: rp for rp in plan.runs}
-    sweep_runs = {r.name: r for r in sweep.sweep_runs("2x4")}
-    for sweep_name, demo_name in pairs.items():
-        ours = sweep.settings_for(
-            sweep_runs[sweep_name], args, "2x4", domains, tmp_path / sweep_name
+    runs = {r.name: r for r in sweep.sweep_runs("2x4")}
+    for name, (router, topk, settings, overrides) in former.items():
+        ours, layout = sweep.settings_for(runs[name], args, "2x4", domains, tmp_path / name)
+        theirs = TrainSettings(  # the former settings_for, without its held-out evaluation
+            data_prefix=domains["prefixes"][0],
+            data_prefix_per_node=list(domains["prefixes"]),
+            locmoe=LocMoEConfig(router_type=router, dispatcher="hierarchical", **settings),
+            steps=3,
+            seq_length=64,
+            micro_batch_size=4,
+            num_layers=2,
+            hidden_size=64,
+            num_attention_heads=4,
+            num_experts=16,
+            topk=topk,
+            lr=1e-3,
+            seed=1234,
+            transformer_overrides={"moe_ffn_hidden_size": 128, **overrides},
+            per_layer_logging=True,
         )
-        settings, layout = by_name[demo_name].cpu_loop
-        theirs = dataclasses.replace(settings, tensorboard_dir=None, progress_path=None)
-        ours = dataclasses.replace(  # (no held-out evaluation: it runs after training)
-            ours, tensorboard_dir=None, progress_path=None, eval_batches=0
+        ours = dataclasses.replace(  # (the held-out evaluation runs after training)
+            ours, tensorboard_dir=None, progress_path=None, eval_batches=0, routing_stats_steps=0
         )
         a = cluster8.run(train_job, ours, layout=layout)[0]
         b = cluster8.run(train_job, theirs, layout=layout)[0]
-        assert a["losses"] == b["losses"], (sweep_name, a["losses"], b["losses"])
-        assert a["metrics"] == b["metrics"], sweep_name
+        assert a["losses"] == b["losses"], (name, a["losses"], b["losses"])
+        assert a["metrics"] == b["metrics"], name

@@ -62,6 +62,7 @@ def test_the_presets_the_issue_asks_for():
         "router-sweep",
         "study-16x8-control",
         "study-16x8-domains",
+        "locality-sweep",
     }
     for name in PRESETS:
         p = load_preset(name)
@@ -79,6 +80,8 @@ def test_the_presets_the_issue_asks_for():
         "locmoe_plus",
     }
     assert len(load_preset("demo").sweep) == 7  # make demo's runs
+    sweep = load_preset("locality-sweep")  # the locality sweep's runs (analysis/sweep.py)
+    assert len(sweep.sweep) == 23 and set(sweep.schedule) == set(sweep.sweep)
 
 
 @pytest.mark.parametrize("name, nodes", CASES, ids=[f"{n}-{k}nodes" for n, k in CASES])

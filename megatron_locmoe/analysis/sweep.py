@@ -2,10 +2,12 @@
 
 LocMoE's paper runs 16 experts, top-1, on 8 / 16 / 32 nodes, where a locality-blind router
 keeps only 1/8 .. 1/32 of the assignments on the token's node. This sweep trains the demo's
-tiny GPT-MoE (``configs/demo.yaml``; the runs here are built on the CPU loop's own config,
-which trains bitwise what the preset's flags give: tests/test_demo.py) with 16 experts
-and EP over every rank on layouts 2x4, 4x2, 8x1 and 16x1 (nodes x ranks per node), in two
-data settings:
+tiny GPT-MoE with 16 experts and EP over every rank on layouts 2x4, 4x2, 8x1 and 16x1 (nodes
+x ranks per node). The runs are the entries of ``configs/locality-sweep.yaml`` (which extends
+``configs/demo.yaml``: one model); its ``schedule`` gives each entry's label, data setting,
+layouts and priority. Each run's TrainSettings come from the launcher's plan and translator
+(``launch.plan.build_plan`` -> ``launch.cpu_settings.train_settings``), so a sweep run is the
+model and run the same flags give the launcher. Two data settings:
 
     domains   node k reads domain k of the corpus (``data.domain_shards``: a domain-sharded
               loader, as in PanGu-Sigma), evaluated on domain k's held-out documents
@@ -36,16 +38,16 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from megatron_locmoe.launch.plan import Options, build_plan
+from megatron_locmoe.launch.presets import Preset, ScheduleEntry, load_preset
+from megatron_locmoe.routers import router_class
 
 LAYOUTS = {"2x4": (2, 4), "4x2": (4, 2), "8x1": (8, 1), "16x1": (16, 1), "4x1": (4, 1)}
 """Layout name -> (nodes, ranks per node); EP over every rank. 4x1 is the test's small one."""
 SWEEP_LAYOUTS = ("2x4", "4x2", "8x1", "16x1")
-MUS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
-"""LocMoE's locality-loss coefficients swept (the paper gives none)."""
-NODE_TARGET = 0.5
-"""Target node-local share of the node-aware runs (``LocMoEConfig.node_target_share``)."""
 CF_REFERENCE = 1.1
 """The capacity factor the capacity bound is compared with (LocMoE+'s baseline)."""
 
@@ -54,193 +56,118 @@ DEFAULT_RESULTS = "benchmarks/results/locality_sweep.json"
 DEFAULT_DATA = "data/sweep"
 
 
+PRESET = "locality-sweep"
+"""The preset whose sweep entries are the runs (configs/locality-sweep.yaml): each entry's
+flags, and in its ``schedule`` the label, data setting, layouts and priority."""
+
+
 @dataclass(frozen=True)
 class SweepRun:
-    """One router configuration at one layout and data setting."""
+    """One entry of the preset's sweep at one layout: its own flags and its schedule."""
 
     name: str
-    label: str
-    router_type: str
-    topk: int
-    setting: str = "domains"
-    """domains: one corpus domain per node; control: the same mixture on every node."""
-    locmoe: dict = field(default_factory=dict)
-    node_limited: bool = False
-    overrides: dict = field(default_factory=dict)
-    """TransformerConfig fields (capacity factor)."""
-    priority: int = 1
+    flags: dict
+    """The entry's own Megatron flags as the preset writes them (``null``: dropped)."""
+    schedule: ScheduleEntry
+    priority: int
+    """The schedule's priority at this layout (1 first: the main question)."""
+
+    @property
+    def label(self) -> str:
+        return self.schedule.label
+
+    @property
+    def setting(self) -> str:
+        """domains: one corpus domain per node; control: the same mixture on every node."""
+        return self.schedule.setting
+
+    @property
+    def router_type(self) -> str:
+        return self.flags["moe-router-type"]
+
+    @property
+    def topk(self) -> int:
+        return self.flags["moe-router-topk"]
+
+    @property
+    def node_limited(self) -> bool:
+        return bool(self.flags.get("moe-router-num-groups"))
 
 
-def _mu(mu: float) -> str:
-    return f"{mu:g}"
+def load_sweep_preset() -> Preset:
+    return load_preset(PRESET)
 
 
-def sweep_runs(layout: str) -> list[SweepRun]:
-    """The runs of one layout with their priorities (1 first: the main question)."""
-    main = layout in ("8x1", "16x1")  # the paper's regime answers the main question first
-    p1 = 1 if main else 2
-    rest = 1 if main else 3  # at 2 and 4 nodes: megatron, hash and locmoe first
-    cheap = 2 if layout != "16x1" else 3  # 16 ranks on 2 cores: ~3.5x an 8-rank step
-    runs = [
-        SweepRun("megatron", "Megatron top-1 (aux loss)", "megatron", 1, priority=p1),
-        SweepRun("hash", "Hash top-1", "hash", 1, priority=p1),
-        SweepRun("switch", "Switch top-1 (cf 1.0)", "switch", 1, priority=1 if main else 4),
-        SweepRun(
-            "locmoe-mu0.1",
-            "LocMoE top-1 (mu 0.1)",
-            "locmoe",
-            1,
-            locmoe={"locality_loss_coeff": 0.1},
-            priority=p1,
-        ),
-        SweepRun(
-            f"locmoe-node{NODE_TARGET:g}",
-            f"LocMoE top-1 (mu 0.1) + node target {NODE_TARGET:g} (ours)",
-            "locmoe",
-            1,
-            locmoe={"locality_loss_coeff": 0.1, "node_target_share": NODE_TARGET},
-            priority={"16x1": 1, "8x1": 2}.get(layout, 3),  # where the paper form loses most
-        ),
-        SweepRun(
-            "ctl-megatron", "control: Megatron top-1", "megatron", 1, "control", priority=rest
-        ),
-        SweepRun(
-            "ctl-locmoe-mu0.1",
-            "control: LocMoE top-1 (mu 0.1)",
-            "locmoe",
-            1,
-            "control",
-            locmoe={"locality_loss_coeff": 0.1},
-            priority=1 if layout == "8x1" else 4,
-        ),
-        SweepRun(
-            f"ctl-locmoe-node{NODE_TARGET:g}",
-            f"control: LocMoE top-1 + node target {NODE_TARGET:g} (ours)",
-            "locmoe",
-            1,
-            "control",
-            locmoe={"locality_loss_coeff": 0.1, "node_target_share": NODE_TARGET},
-            priority=rest,
-        ),
-        SweepRun(
-            "ctl-locmoe-node0.3",
-            "control: LocMoE top-1 + node target 0.3 (ours)",
-            "locmoe",
-            1,
-            "control",
-            locmoe={"locality_loss_coeff": 0.1, "node_target_share": 0.3},
-            priority=cheap if layout == "8x1" else 4,
-        ),
-        SweepRun(
-            "ctl-hash",
-            "control: Hash top-1",
-            "hash",
-            1,
-            "control",
-            priority=3 if layout == "8x1" else 4,
-        ),
-    ]
-    runs += [
-        SweepRun(
-            f"locmoe-mu{_mu(mu)}",
-            f"LocMoE top-1 (mu {_mu(mu)})",
-            "locmoe",
-            1,
-            locmoe={"locality_loss_coeff": mu},
-            priority=cheap if layout == "8x1" else 4,
-        )
-        for mu in MUS
-        if mu != 0.1
-    ]
-    capacity = {"moe_expert_capacity_factor": CF_REFERENCE}
-    runs += [
-        SweepRun(
-            "locmoe-bound",
-            f"LocMoE top-1 (mu 0.1), capacity bound (ceiling cf {CF_REFERENCE:g})",
-            "locmoe",
-            1,
-            locmoe={"locality_loss_coeff": 0.1, "capacity_mode": "bound"},
-            overrides=capacity,
-            priority=cheap if layout == "8x1" else 4,
-        ),
-        SweepRun(
-            f"locmoe-cf{CF_REFERENCE:g}",
-            f"LocMoE top-1 (mu 0.1), capacity factor {CF_REFERENCE:g}",
-            "locmoe",
-            1,
-            locmoe={
-                "locality_loss_coeff": 0.1,
-                "capacity_mode": "bound",
-                "capacity_floor_factor": CF_REFERENCE,  # floor = ceiling: a fixed capacity
-            },
-            overrides=capacity,
-            priority=cheap if layout == "8x1" else 4,
-        ),
-    ]
-    if layout == "8x1":  # LocMoE+ at the paper's node count, against cf 1.1 and LocMoE
-        plus = {"locality_loss_coeff": 0.1}
-        runs += [
-            SweepRun(
-                "locmoe_plus",
-                f"LocMoE+ top-1 (mu 0.1), adaptive capacity (ceiling cf {CF_REFERENCE:g}, K 100)",
-                "locmoe_plus",
-                1,
-                locmoe=plus,
-                overrides=capacity,
-                priority=1,
-            ),
-            SweepRun(
-                "locmoe_plus-k20",
-                f"LocMoE+ top-1 (mu 0.1), adaptive capacity (ceiling cf {CF_REFERENCE:g}, K 20)",
-                "locmoe_plus",
-                1,
-                locmoe={**plus, "capacity_reestimate_interval": 20},
-                overrides=capacity,
-                priority=1,
-            ),
-            SweepRun(  # where 2 C* itself decides (the default floor holds it at 0.5 here)
-                "locmoe_plus-floor0.25",
-                f"LocMoE+ top-1 (mu 0.1), adaptive capacity (floor 0.25, ceiling cf {CF_REFERENCE:g})",
-                "locmoe_plus",
-                1,
-                locmoe={**plus, "capacity_reestimate_interval": 20, "capacity_floor_factor": 0.25},
-                overrides=capacity,
-                priority=2,
-            ),
-        ]
-    if layout in ("2x4", "16x1"):  # top-2 at 2 and 16 nodes
-        top2 = 3 if layout == "2x4" else 4
-        runs += [
-            SweepRun("megatron-top2", "Megatron top-2 (aux loss)", "megatron", 2, priority=top2),
-            SweepRun(
-                "node-limited-top2",
-                "Megatron top-2, node-limited (1 node/token)",
-                "megatron",
-                2,
-                node_limited=True,
-                priority=top2,
-            ),
-            SweepRun(
-                "locmoe-top2-mu0.1",
-                "LocMoE top-2 (mu 0.1)",
-                "locmoe",
-                2,
-                locmoe={"locality_loss_coeff": 0.1},
-                priority=top2,
-            ),
-        ]
-    return runs
+def sweep_runs(layout: str, preset: Preset | None = None) -> list[SweepRun]:
+    """The runs of one layout in the preset's order, with their priorities there."""
+    preset = preset or load_sweep_preset()
+    out = []
+    for name, flags in preset.sweep.items():
+        scheduled = preset.schedule[name]
+        if scheduled.runs_at(layout):
+            own = {k: v for k, v in flags.items() if v is not None}
+            out.append(SweepRun(name, own, scheduled, scheduled.priority_at(layout)))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
 # Running
 # --------------------------------------------------------------------------------------------
 
+DATA_FLAGS = ("locmoe-hash-token-counts",)
+"""Entry flags that name the layout's corpus (the sweep sets them): data, not the run."""
+GROUPS_PER_NODE = {"moe-router-num-groups": "{nodes}", "moe-router-group-topk": 1}
+"""Node-limited routing as the key's ``node_limited``: one group per node, one per token."""
+
+
+def key_run(run: SweepRun) -> dict:
+    """The run part of ``run_key`` from the entry's flags, in the form the committed results
+    were keyed by (the former Python run table's fields), so finished runs stay done:
+
+    router type and top-k; ``locmoe``: the entry's ``--locmoe-*`` settings (LocMoEConfig
+    names) but the corpus's hash counts; ``node_limited``: one group per node and per token;
+    ``overrides``: its other flags (TransformerConfig names), less what that table's loop
+    config derived from the router and top-k and so never wrote: Megatron's aux loss 0.01 for
+    a router without LocMoE's balance loss, pre-softmax scores at top-1, and a router's default
+    capacity factor where no capacity bound reads it (Switch's 1.0; LocMoE+'s ceiling was
+    written). A flag with another value than these stays in ``overrides``: a changed entry
+    is a new run. tests/test_sweep_presets.py checks every key against the former table's and
+    every committed result's."""
+    router = router_class(run.router_type)
+    flags = {k: v for k, v in run.flags.items() if k not in DATA_FLAGS}
+    implied = {"moe-router-type": run.router_type, "moe-router-topk": run.topk}
+    if run.node_limited:
+        implied.update(GROUPS_PER_NODE)
+    if not router.uses_locmoe_alpha:  # (the others: the preset's none, as the loop's config)
+        implied.update({"moe-router-load-balancing-type": "aux_loss", "moe-aux-loss-coeff": 0.01})
+    if run.topk == 1:
+        implied["moe-router-pre-softmax"] = True
+    if router.default_capacity_factor is not None and not router.has_capacity_bound:
+        implied["moe-expert-capacity-factor"] = router.default_capacity_factor
+    rest = {k: v for k, v in flags.items() if k not in implied or implied[k] != v}
+    return {
+        "name": run.name,
+        "label": None,  # cosmetic
+        "router_type": run.router_type,
+        "topk": run.topk,
+        "setting": run.setting,
+        "locmoe": {
+            k.removeprefix("locmoe-").replace("-", "_"): v
+            for k, v in rest.items()
+            if k.startswith("locmoe-")
+        },
+        "node_limited": run.node_limited,
+        "overrides": {
+            k.replace("-", "_"): v for k, v in rest.items() if not k.startswith("locmoe-")
+        },
+        "priority": None,  # cosmetic
+    }
+
 
 def run_key(run: SweepRun, args, layout: str) -> dict:
     """What makes a finished run reusable: the same run, layout, sizes and data."""
     return {
-        "run": dataclasses.asdict(run) | {"priority": None, "label": None},  # cosmetic
+        "run": key_run(run),
         "layout": layout,
         **{
             k: getattr(args, k)
@@ -263,70 +190,80 @@ def run_key(run: SweepRun, args, layout: str) -> dict:
     }
 
 
-def settings_for(run: SweepRun, args, layout: str, domains: dict, run_dir: Path):
-    """The CPU loop's TrainSettings for ``run`` (the loop's own config and optimizer, as every
-    committed run of the sweep was trained; the demo's model sizes), with this setting's data,
-    held-out data and the routing counts of the tail steps."""
-    from megatron_locmoe.analysis.runlog import tail_length
-    from megatron_locmoe.config import LocMoEConfig
-    from megatron_locmoe.routers import router_class
-    from megatron_locmoe.sim.trainer import TrainSettings
-
-    extra = dict(run.locmoe)
-    if router_class(run.router_type).reads_setting("hash_token_counts"):
-        extra["hash_token_counts"] = domains["counts"]
-    overrides = {"moe_ffn_hidden_size": args.ffn_hidden_size}
-    if run.node_limited:
-        overrides.update(moe_router_num_groups=LAYOUTS[layout][0], moe_router_group_topk=1)
-    s = TrainSettings(
-        data_prefix=domains["prefixes"][0],
-        data_prefix_per_node=list(domains["prefixes"]),
-        locmoe=LocMoEConfig(router_type=run.router_type, dispatcher="hierarchical", **extra),
-        steps=args.steps,
-        seq_length=args.seq_length,
-        micro_batch_size=args.micro_batch_size,
-        num_layers=args.layers,
-        hidden_size=args.hidden_size,
-        num_attention_heads=args.heads,
-        num_experts=args.experts,
-        topk=run.topk,
-        lr=args.lr,
-        seed=args.seed,
-        tensorboard_dir=str(run_dir / "tensorboard"),
-        run_name=run.name,
-        transformer_overrides=overrides,
-        per_layer_logging=True,
-        progress_path=str(run_dir / "progress.jsonl"),
-    )
+def run_preset(run: SweepRun, args, layout: str, domains: dict, run_dir: Path) -> Preset:
+    """The sweep preset with ``run`` alone, on ``layout`` and its corpus, with the sweep's
+    options: what the launcher would be given as ``--nodes``, ``--devices-per-node`` and
+    ``--set`` (EP over every rank, one micro-batch per rank and step; the setting's training
+    and held-out data, module docstring)."""
+    nodes, rpn = LAYOUTS[layout]
+    preset = load_sweep_preset()
+    preset.nodes, preset.devices_per_node, preset.node_counts = nodes, rpn, (nodes,)
+    preset.prepare_data = None  # the sweep's corpus (prepare_domains), built already
+    data = {"data-path": None}
     if run.setting == "control":
-        data = dict(
-            data_prefix=domains["mixture"],
-            data_prefix_per_node=None,
-            eval_prefix=domains["mixture_valid"],
+        data.update(
+            {
+                "train-data-path": [domains["mixture"]],
+                "valid-data-path": [domains["mixture_valid"]],
+                "split": None,  # per-split paths (Megatron takes one or the other)
+            }
         )
     else:
-        data = dict(eval_prefix_per_node=list(domains["valid_prefixes"]))
-    return dataclasses.replace(
-        s,
-        **data,
-        eval_batches=args.eval_batches,
-        routing_stats_steps=tail_length(args.steps),
-        transformer_overrides={**s.transformer_overrides, **run.overrides},
+        data.update(
+            {
+                "locmoe-domain-data-path": list(domains["prefixes"]),
+                "locmoe-domain-valid-data-path": list(domains["valid_prefixes"]),
+            }
+        )
+    preset.megatron.update(
+        {
+            "num-layers": args.layers,
+            "hidden-size": args.hidden_size,
+            "num-attention-heads": args.heads,
+            "moe-ffn-hidden-size": args.ffn_hidden_size,
+            "num-experts": args.experts,
+            "seq-length": args.seq_length,
+            "max-position-embeddings": args.seq_length,
+            "micro-batch-size": args.micro_batch_size,
+            "global-batch-size": args.micro_batch_size * nodes * rpn,
+            "expert-model-parallel-size": nodes * rpn,
+            "lr": args.lr,
+            "seed": args.seed,
+            "train-iters": args.steps,
+            "eval-iters": args.eval_batches,  # one micro-batch per rank and iteration
+            "tensorboard-dir": str(run_dir / "tensorboard"),
+            **data,
+        }
     )
+    entry = dict(preset.sweep[run.name])
+    if router_class(run.router_type).reads_setting("hash_token_counts"):
+        entry["locmoe-hash-token-counts"] = domains["counts"]
+    preset.sweep = {run.name: entry}
+    preset.schedule = {run.name: preset.schedule[run.name]}
+    return preset
+
+
+def settings_for(run: SweepRun, args, layout: str, domains: dict, run_dir: Path):
+    """(TrainSettings, ParallelLayout) of ``run``: its preset through the launcher's plan and
+    translator (build_plan -> cpu_settings.train_settings: Megatron's parser and checks, its
+    TransformerConfig, GPT options and optimizer for the flags), progress in ``run_dir``."""
+    preset = run_preset(run, args, layout, domains, run_dir)
+    opts = Options(config=PRESET, runs=[run.name], runs_dir=str(run_dir.parent))
+    (rp,) = build_plan(opts, preset=preset).runs
+    settings, par = rp.cpu_loop
+    return dataclasses.replace(settings, progress_path=str(run_dir / "progress.jsonl")), par
 
 
 def run_one(cluster, run: SweepRun, args, layout: str, domains: dict, run_dir: Path, bar: bool):
     """Train one run and write its run.json (the demo's record plus the sweep's fields)."""
     from megatron_locmoe.analysis.demo import run_record, run_with_progress
     from megatron_locmoe.analysis.runlog import write_run_record
-    from megatron_locmoe.sim.cluster import ParallelLayout
 
     nodes, rpn = LAYOUTS[layout]
     run_dir.mkdir(parents=True, exist_ok=True)
     for old in run_dir.glob("tensorboard/events.*"):  # a run that did not finish
         old.unlink()
-    settings = settings_for(run, args, layout, domains, run_dir)
-    par = ParallelLayout(devices_per_node=rpn, ep=nodes * rpn)
+    settings, par = settings_for(run, args, layout, domains, run_dir)
     t0 = time.perf_counter()
     results, progress = run_with_progress(cluster, settings, par, f"{layout} {run.name}", bar)
     seconds = time.perf_counter() - t0
@@ -355,7 +292,6 @@ def run_one(cluster, run: SweepRun, args, layout: str, domains: dict, run_dir: P
         setting=run.setting,
         layout=layout,
         sweep_key=run_key(run, args, layout),
-        transformer_overrides=settings.transformer_overrides,
         eval_loss=first["eval_loss"],
         eval_loss_per_rank=first["eval_loss_per_rank"],
         tokens_per_expert=first["tokens_per_expert"],
@@ -832,3 +768,7 @@ def main(argv: list[str] | None = None, cluster=None) -> dict:
             with contextlib.suppress(Exception):
                 held.close()
     return write_results(out, results_path, args, command)
+
+
+if __name__ == "__main__":
+    main()
