@@ -164,3 +164,55 @@ def test_megatron_hash_layers_refused_at_parse_time(megatron_args):  # noqa: F81
     parse, _ = megatron_args
     with pytest.raises(ConfigError, match="--moe-n-hash-layers 1 asks Megatron's TopKRouter"):
         parse("--moe-router-type", "hash", "--moe-n-hash-layers", "1")
+
+
+# ---- the start-up line that names an untested Megatron ------------------------------------
+
+
+def test_the_installed_megatron_is_a_tested_one():
+    """0.19.2 (the wheel's version carries a local git hash, dropped), main (0.20.0) or dev
+    (0.19.0, told apart by its signatures): whichever runs the suite is named tested."""
+    from megatron_locmoe.adaptor.registry import installed_megatron, untested_megatron_note
+
+    tested = {("0.19.2", "release"), ("0.20.0", "main"), ("0.19.0", "dev")}
+    assert installed_megatron() in tested
+    assert untested_megatron_note(*installed_megatron()) is None
+
+
+@pytest.mark.parametrize(
+    "version, line, untested",
+    [
+        ("0.19.2", "release", False),
+        ("0.20.0", "main", False),  # main at d98e8a64 reports 0.20.0
+        ("0.19.0", "dev", False),  # dev reports 0.19.0; told apart by its signatures
+        ("0.19.0", "release", True),
+        ("0.21.0", "main", True),
+        ("0.20.0", "dev", True),
+    ],
+)
+def test_untested_megatron_is_named(version, line, untested):
+    from megatron_locmoe.adaptor.registry import untested_megatron_note
+
+    note = untested_megatron_note(version, line)
+    assert (note is not None) == untested
+    if untested:
+        assert f"Megatron-Core {version}" in note and "untested" in note
+        assert "docs/megatron_versions.md" in note
+
+
+def test_the_adaptor_logs_an_untested_megatron_once(monkeypatch, caplog):
+    """apply() logs the line at its first call in a process, not at every call."""
+    from megatron_locmoe import adaptor
+    from megatron_locmoe.adaptor import patches
+    from megatron_locmoe.device import DeviceChoice
+
+    monkeypatch.setattr(patches, "installed_megatron", lambda: ("0.21.0", "main"))
+    monkeypatch.setattr(patches, "_noted_version", [])
+    with caplog.at_level("WARNING", logger=patches.logger.name):
+        try:
+            for _ in range(2):
+                adaptor.apply(DeviceChoice("cpu", "gloo"))
+        finally:
+            adaptor.REGISTRY.revert()
+    lines = [r.getMessage() for r in caplog.records if "untested" in r.getMessage()]
+    assert len(lines) == 1 and "Megatron-Core 0.21.0 (Megatron-LM main branch)" in lines[0]

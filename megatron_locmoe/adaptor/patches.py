@@ -10,10 +10,17 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import logging
 import queue
 from collections.abc import Callable
 
-from megatron_locmoe.adaptor.registry import REGISTRY, Patch, resolve
+from megatron_locmoe.adaptor.registry import (
+    REGISTRY,
+    Patch,
+    installed_megatron,
+    resolve,
+    untested_megatron_note,
+)
 from megatron_locmoe.adaptor.shims import (
     accelerator_shim,
     causal_mask_factory,
@@ -29,6 +36,8 @@ from megatron_locmoe.adaptor.shims import (
     torch_norm_with_sequence_parallel,
 )
 from megatron_locmoe.device import DeviceChoice
+
+logger = logging.getLogger(__name__)
 
 # ---- replacements of Megatron's training-side functions -------------------------------------
 
@@ -400,10 +409,24 @@ REGISTRY.register(
 )
 
 
+_noted_version: list[str] = []
+
+
+def _note_untested_megatron() -> None:
+    """Log once per process which untested Megatron-Core the plugin was applied to."""
+    version, line = installed_megatron()
+    _noted_version.append(version)
+    note = untested_megatron_note(version, line)
+    if note is not None:
+        logger.warning(note)
+
+
 def apply(device: DeviceChoice | None = None) -> list[str]:
     """Apply the plugin's Megatron patches for this process's device and install the metrics
     tracker that reports the plugin's metrics (idempotent)."""
     applied = REGISTRY.apply(device)
+    if not _noted_version:
+        _note_untested_megatron()
     # the adaptor sits below the modules it serves (they import Megatron, which it patches first)
     from megatron_locmoe.metrics import install_metrics_tracker
 

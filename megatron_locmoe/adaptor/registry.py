@@ -25,6 +25,44 @@ logger = logging.getLogger(__name__)
 CHECKED_ON = ("0.19.2",)
 """Megatron-Core versions every patch was read against and tested on."""
 
+TESTED_BRANCHES = {"main": ("0.20.0", "d98e8a64"), "dev": ("0.19.0", "d48bd6be")}
+"""Megatron-LM branches the CPU suite passed on, by the version each reports and the commit
+tested (tools/megatron_source_check.sh; docs/megatron_versions.md)."""
+
+
+def installed_megatron() -> tuple[str, str]:
+    """(version, line) of the Megatron-Core this process imports: the version without its
+    local part (the wheel appends the git hash of the directory it sits in), and ``dev`` where
+    Megatron-LM dev's signatures show (its routers are built with layer_number; dev reports
+    0.19.0, older than the 0.19.2 release), else ``main`` from 0.20 on, ``release`` below."""
+    import inspect
+
+    from megatron.core import package_info
+    from megatron.core.transformer.moe.router import TopKRouter
+    from packaging.version import Version
+
+    version = Version(package_info.__version__).base_version
+    if "layer_number" in inspect.signature(TopKRouter.__init__).parameters:
+        return version, "dev"
+    return version, "main" if Version(version) >= Version("0.20") else "release"
+
+
+def untested_megatron_note(version: str, line: str) -> str | None:
+    """The start-up line for a Megatron-Core the plugin was not tested on; None for 0.19.2 and
+    the versions Megatron-LM main and dev report (those were tested at one commit each)."""
+    if line == "release" and version in CHECKED_ON:
+        return None
+    if line in TESTED_BRANCHES and TESTED_BRANCHES[line][0] == version:
+        return None
+    tested = "; ".join(f"{b} {v} at {c}" for b, (v, c) in TESTED_BRANCHES.items())
+    name = "release" if line == "release" else f"Megatron-LM {line} branch"
+    return (
+        f"megatron_locmoe: Megatron-Core {version} ({name}) is untested; tested: megatron-core "
+        f"{', '.join(CHECKED_ON)} (CI) and Megatron-LM {tested} (docs/megatron_versions.md; "
+        "tools/megatron_source_check.sh runs the suite against a source tree)"
+    )
+
+
 _MISSING = object()
 
 
