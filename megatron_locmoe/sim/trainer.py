@@ -137,8 +137,9 @@ class TrainSettings:
     """Count every router's token-expert assignments (after drops) over the last this many
     training steps: ``tokens_per_expert`` [ranks][layers][E] in the results (0: off)."""
     optimizer: OptimizerSettings | None = None
-    """Megatron's optimizer flags (the launcher's CPU runs pass them); None: AdamW at the
-    constant ``lr``, no weight decay, no clipping (the demo's, the sweep's and the tests' runs)."""
+    """Megatron's optimizer flags (the launcher's CPU runs pass them, the demo's and the
+    sweep's among them); None: AdamW at the constant ``lr``, no weight decay, no clipping (the
+    tests' own runs)."""
 
 
 def _model(settings: TrainSettings, ep: int, vp_stage: int | None = None, config=None):
