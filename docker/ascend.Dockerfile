@@ -12,7 +12,8 @@
 # Base: Ascend's CANN 9.1.0 image for 910B with Python 3.12 (megatron-core 0.19 needs 3.12),
 # pinned by tag; torch 2.10.0 (CPU wheel: torch_npu supplies the device) with the matching
 # torch-npu 2.10.0.post4. Training entry: the plugin's megatron_locmoe.pretrain_gpt (no
-# Megatron-LM checkout needed); every rank imports torch_npu first (launch.py --worker).
+# Megatron-LM checkout needed); every rank imports torch_npu first (python -m
+# megatron_locmoe.launch --worker).
 FROM quay.io/ascend/cann:9.1.0-910b-ubuntu22.04-py3.12
 
 ARG TORCH_VERSION=2.10.0

@@ -6,6 +6,7 @@ the checked ones, and the cpu-sim preset trains through the launcher."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -661,6 +662,36 @@ def test_dockerfile_parses_pins_its_base_and_copies_existing_paths(dockerfile):
     assert re.search(r'pip install -e "\.\[wandb\]"', run)  # the plugin with its wandb extra
     for var, value in _args(instrs).items():
         assert value and "latest" not in value, f"ARG {var} is not pinned"
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "docker/ascend.Dockerfile"])
+def test_dockerfile_commands_are_the_current_launchers(dockerfile, capsys, tmp_path):
+    """What an image runs, built statically: the default CMD through docker/entrypoint.sh
+    (`LAUNCH --config configs/PRESET.yaml [--entry LOCMOE_ENTRY] ARGS`) is a dry run the
+    current launcher accepts, and every module or script the Dockerfile, the entrypoint and
+    the launcher wrapper it sets (LOCMOE_LAUNCH) name exists (the Ascend image's comment named
+    launch.py --worker, gone since the launcher became a package)."""
+    instrs = parse_dockerfile(ROOT / dockerfile)
+    env = dict(re.findall(r"(\w+)=(\S+)", " ".join(a for k, a in instrs if k == "ENV")))
+    (cmd,) = [json.loads(a) for k, a in instrs if k == "CMD"]
+    entry = []
+    if "LOCMOE_ENTRY" in env:  # the image's patched Megatron-LM script, made here as it does
+        script = tmp_path / Path(env["LOCMOE_ENTRY"]).name
+        shutil.copy(ROOT / "tests" / "fixtures" / "pretrain_gpt_core_v0.19.0.py", script)
+        patch_megatron_lm(tmp_path)
+        entry = ["--entry", str(script)]
+    argv = ["--config", f"configs/{cmd[0]}.yaml", *entry, *cmd[1:], "--dry-run"]
+    argv += [] if "--master-addr" in argv else ["--master-addr", "127.0.0.1"]
+    assert main(argv) == 0, capsys.readouterr().err
+    texts = [(ROOT / dockerfile).read_text(), (ROOT / "docker/entrypoint.sh").read_text()]
+    if "LOCMOE_LAUNCH" in env:
+        wrapper = env["LOCMOE_LAUNCH"].removeprefix(env["LOCMOE_HOME"] + "/")
+        assert (ROOT / wrapper).is_file(), wrapper
+        texts.append((ROOT / wrapper).read_text())
+    for text in texts:
+        assert "launch.py" not in text
+        for module in re.findall(r"python3? -m\s+([\w.]+)", text):
+            assert importlib.util.find_spec(module) is not None, module
 
 
 def test_gpu_dockerfile_pins_ngc_and_megatron_lm_to_the_patch_version():
