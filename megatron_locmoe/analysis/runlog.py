@@ -15,6 +15,7 @@ event files, so any TensorBoard directory of the trainer works; the cost model a
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,9 +75,17 @@ def read_scalars(logdir: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]
     """Every scalar tag of the TensorBoard events under ``logdir``: {tag: (steps, values)}."""
     from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 
-    mux = EventMultiplexer(size_guidance={"scalars": 0})  # 0 = keep every point
-    mux.AddRunsFromDirectory(str(logdir))
-    mux.Reload()
+    # TensorBoard logs each step of its reading at INFO, which Megatron's logging setup prints
+    # (a dozen lines a run around the demo's table): quiet while reading, warnings still shown
+    tb_logger = logging.getLogger("tensorboard")
+    level = tb_logger.level
+    tb_logger.setLevel(max(level, logging.WARNING))
+    try:
+        mux = EventMultiplexer(size_guidance={"scalars": 0})  # 0 = keep every point
+        mux.AddRunsFromDirectory(str(logdir))
+        mux.Reload()
+    finally:
+        tb_logger.setLevel(level)
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for run, tags in mux.Runs().items():
         for tag in tags.get("scalars", []):
