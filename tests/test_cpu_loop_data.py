@@ -6,6 +6,8 @@ the last steps, what it refuses, and the ``{nodes}`` placeholder."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from megatron_locmoe.analysis.runlog import tail_length
@@ -157,3 +159,30 @@ def test_nodes_placeholder(corpora, tmp_path):
     ]
     s = _demo_plan(tmp_path, d, sets, run="megatron-node-limited", nodes=4)
     assert s.transformer_config.moe_router_num_groups == 4
+
+
+def test_the_vocabulary_is_the_corpus_s(corpora, tmp_path):
+    """--vocab-size is the training corpus's: 257 for the byte corpora, the one a real-text
+    corpus's build.json records (so the loop trains on the 32K corpus with --vocab-size 32768);
+    any other, or domains from two vocabularies, is refused before a rank starts."""
+    import json
+    import shutil
+
+    _, data = corpora
+    d = data[2]
+    with pytest.raises(
+        PresetError, match="--vocab-size 32768: the corpus has byte tokens, use 257"
+    ):
+        _demo_plan(tmp_path, d, [f"data-path=[{d['mixture']}]", "vocab-size=32768"])
+    real = tmp_path / "realtext"
+    real.mkdir()
+    for f in Path(d["mixture"]).parent.glob("mixture.*"):
+        shutil.copy(f, real / f.name)
+    (real / "build.json").write_text(json.dumps({"vocab_size": 512}))
+    settings = _demo_plan(tmp_path, d, [f"data-path=[{real / 'mixture'}]", "vocab-size=512"])
+    assert settings.gpt_model_options["vocab_size"] >= 512
+    with pytest.raises(PresetError, match="tokens of its build.json's tokenizer, use 512"):
+        _demo_plan(tmp_path, d, [f"data-path=[{real / 'mixture'}]"])
+    mixed = _list([d["prefixes"][0], str(real / "mixture")])
+    with pytest.raises(PresetError, match="come from different vocabularies"):
+        _demo_plan(tmp_path, d, [f"locmoe-domain-data-path={mixed}", "vocab-size=512"])

@@ -59,6 +59,18 @@ class CorpusError(RuntimeError):
     """Bad input: the message says what to change."""
 
 
+def corpus_vocab(prefix: str | Path) -> int | None:
+    """The vocabulary size this command recorded for the corpus that holds dataset ``prefix``
+    (``build.json`` beside it), or None for a dataset it did not build."""
+    record = Path(prefix).parent / "build.json"
+    if not record.is_file():
+        return None
+    try:
+        return int(json.loads(record.read_text())["vocab_size"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def select_domains(names: list[str] | None) -> list[dom.Domain]:
     """The domains named (all when None), in corpus order."""
     if not names:

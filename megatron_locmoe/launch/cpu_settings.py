@@ -28,8 +28,9 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path, per_nod
 
     The CPU loop (megatron_locmoe.sim.trainer) runs expert and pipeline parallelism (with
     virtual stages), in float32, through Megatron's forward-backward schedules (micro-batches
-    accumulated up to the global batch), on indexed datasets with byte tokens (Megatron's GPT
-    dataset with the flags' split, masks and cache; :func:`data_settings`), evaluates the
+    accumulated up to the global batch), on indexed datasets of byte tokens or of the
+    real-text corpus's tokenizer (:func:`vocab_refusals`; Megatron's GPT dataset with the
+    flags' split, masks and cache; :func:`data_settings`), evaluates the
     held-out data the flags name once after training (:func:`held_out_settings`) and counts
     the routing of the last steps (``routing_stats_steps``: the tail the reports average
     over); anything else in the flags is refused here rather than silently ignored. ``--save`` / ``--save-interval`` /
@@ -41,7 +42,6 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path, per_nod
     # torch and Megatron when a plan is checked, not on import (the module's docstring)
     from megatron_locmoe.arguments import gpt_dataset_options, locmoe_config_from_args
     from megatron_locmoe.sim.cluster import ParallelLayout
-    from megatron_locmoe.sim.data import VOCAB_SIZE
     from megatron_locmoe.sim.trainer import TrainSettings
 
     world = args.world_size
@@ -54,8 +54,7 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path, per_nod
     nodes = world // devices_per_node
     data, why = data_settings(args, nodes, per_node)
     refuse += why
-    if args.vocab_size != VOCAB_SIZE:
-        refuse.append(f"--vocab-size {args.vocab_size}: the corpus has byte tokens, use 257")
+    refuse += vocab_refusals(args.vocab_size, data)
     dp = world // (args.pipeline_model_parallel_size * args.tensor_model_parallel_size * cp)
     if args.global_batch_size % (args.micro_batch_size * dp):
         refuse.append(
@@ -149,6 +148,25 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path, per_nod
         cp=cp,
     )
     return settings, layout
+
+
+def vocab_refusals(vocab_size: int, data: dict) -> list[str]:
+    """``--vocab-size`` must be the vocabulary of the training data's tokens: the real-text
+    corpus's (its build.json records it, e.g. 32768) or 257 for the byte corpora
+    ``megatron_locmoe.sim.data`` writes (no build.json)."""
+    from megatron_locmoe.data.corpus import corpus_vocab  # numpy: when a plan is checked
+    from megatron_locmoe.sim.data import VOCAB_SIZE
+
+    prefixes = (data.get("data_prefix_per_node") or [data["data_prefix"]]) if data else []
+    vocabs = {p: corpus_vocab(p) or VOCAB_SIZE for p in prefixes}
+    if len(set(vocabs.values())) > 1:
+        return ["the training datasets come from different vocabularies: " + ", ".join(
+            f"{p} ({v})" for p, v in vocabs.items()) + "; train on one corpus"]  # fmt: skip
+    want = next(iter(vocabs.values()), vocab_size)
+    if vocab_size != want:
+        what = "byte tokens" if want == VOCAB_SIZE else "tokens of its build.json's tokenizer"
+        return [f"--vocab-size {vocab_size}: the corpus has {what}, use {want}"]
+    return []
 
 
 def data_settings(args, nodes: int, per_node: bool) -> tuple[dict, list[str]]:
