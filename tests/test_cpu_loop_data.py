@@ -186,3 +186,26 @@ def test_the_vocabulary_is_the_corpus_s(corpora, tmp_path):
     mixed = _list([d["prefixes"][0], str(real / "mixture")])
     with pytest.raises(PresetError, match="come from different vocabularies"):
         _demo_plan(tmp_path, d, [f"locmoe-domain-data-path={mixed}", "vocab-size=512"])
+
+
+def test_the_virtual_cluster_s_nodes_read_the_domains(corpora, tmp_path):
+    """On one simulated rank, the virtual cluster 4x2: its 4 virtual nodes read (and evaluate)
+    domain k mod D, as pretrain_gpt's loader has virtual rank r's micro-batch read its node's
+    domain; the simulated cluster's 1 node is not what counts."""
+    _, data = corpora
+    d = data[4]
+    sets = [
+        "prepare_data=null",
+        "data-path=null",
+        "expert-model-parallel-size=1",
+        "locmoe-virtual-cluster=4x2",
+        "global-batch-size=32",  # 8 virtual ranks x micro-batch 4
+        f"locmoe-domain-data-path={_list(d['prefixes'])}",
+        f"locmoe-domain-valid-data-path={_list(d['valid_prefixes'])}",
+    ]
+    opts = Options(config="demo", sets=sets, runs=["locmoe-top1"], runs_dir=str(tmp_path))
+    opts.nodes, opts.devices_per_node = 1, 1
+    (rp,) = build_plan(opts).runs
+    s = rp.cpu_loop[0]
+    assert s.data_prefix_per_node == d["prefixes"]
+    assert s.eval_prefix_per_node == d["valid_prefixes"]

@@ -56,3 +56,26 @@ def test_extends_merges_flags_and_refuses_a_cycle(tmp_path, monkeypatch):
     )
     assert p.megatron["num-layers"] == 4 and p.megatron["hidden-size"] == 64
     assert p.megatron["data-path"] is None and p.sweep == {} and p.prepare_data == "pydoc-domains"
+
+
+def test_a_preset_without_runs_of_its_own_takes_the_sweep_it_extends(tmp_path):
+    """The same arms on another model or cluster (the study's CPU presets): no sweep and no
+    schedule here, so the extended preset's; a sweep here replaces both."""
+    from megatron_locmoe.launch.presets import load_preset
+
+    (tmp_path / "base.yaml").write_text(
+        "device: cpu\nnodes: 1\ndevices_per_node: 1\nmegatron: {num-layers: 2}\n"
+        "sweep: {a: {moe-router-topk: 1}, b: {moe-router-topk: 2}}\n"
+        "schedule: {a: {label: A}}\n"
+    )
+    (tmp_path / "same.yaml").write_text(
+        f"extends: {tmp_path / 'base.yaml'}\nmegatron: {{num-layers: 4}}\n"
+    )
+    (tmp_path / "own.yaml").write_text(
+        f"extends: {tmp_path / 'base.yaml'}\nsweep: {{c: {{moe-router-topk: 1}}}}\n"
+    )
+    same = load_preset(str(tmp_path / "same.yaml"))
+    assert [r for r, _ in same.runs()] == ["a", "b"] and same.megatron["num-layers"] == 4
+    assert same.schedule["a"].label == "A"
+    own = load_preset(str(tmp_path / "own.yaml"))
+    assert [r for r, _ in own.runs()] == ["c"] and not own.schedule

@@ -51,7 +51,10 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path, per_nod
         refuse.append(f"--window-size with --context-parallel-size {cp}: drop one")
     if args.bf16 or args.fp16:
         refuse.append("--bf16/--fp16: the CPU loop trains in float32, drop it")
-    nodes = world // devices_per_node
+    locmoe = locmoe_config_from_args(args)
+    # the nodes that read data: the virtual cluster's (each micro-batch is a virtual rank's,
+    # on its virtual node) or the simulated cluster's
+    nodes = locmoe.virtual_shape[0] if locmoe.virtual_shape else world // devices_per_node
     data, why = data_settings(args, nodes, per_node)
     refuse += why
     refuse += vocab_refusals(args.vocab_size, data)
@@ -76,7 +79,6 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path, per_nod
     held_out, why = held_out_settings(args, nodes, dp)
     refuse += why
     refuse += checkpoint_flag_refusals(args)
-    locmoe = locmoe_config_from_args(args)
     if locmoe.devices_per_node not in (None, devices_per_node):
         refuse.append(
             f"--locmoe-devices-per-node {locmoe.devices_per_node} differs from the simulated "
@@ -153,12 +155,15 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path, per_nod
 def vocab_refusals(vocab_size: int, data: dict) -> list[str]:
     """``--vocab-size`` must be the vocabulary of the training data's tokens: the real-text
     corpus's (its build.json records it, e.g. 32768) or 257 for the byte corpora
-    ``megatron_locmoe.sim.data`` writes (no build.json)."""
+    ``megatron_locmoe.sim.data`` writes (no build.json). Datasets not there yet are passed over:
+    the plan's data step builds them (the real-text corpus with the vocabulary its manifest
+    pins)."""
     from megatron_locmoe.data.corpus import corpus_vocab  # numpy: when a plan is checked
     from megatron_locmoe.sim.data import VOCAB_SIZE
 
     prefixes = (data.get("data_prefix_per_node") or [data["data_prefix"]]) if data else []
-    vocabs = {p: corpus_vocab(p) or VOCAB_SIZE for p in prefixes}
+    there = [p for p in prefixes if Path(f"{p}.idx").is_file()]
+    vocabs = {p: corpus_vocab(p) or VOCAB_SIZE for p in there}
     if len(set(vocabs.values())) > 1:
         return ["the training datasets come from different vocabularies: " + ", ".join(
             f"{p} ({v})" for p, v in vocabs.items()) + "; train on one corpus"]  # fmt: skip

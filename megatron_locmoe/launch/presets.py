@@ -20,8 +20,8 @@ Ascend mode (``device: npu``) additionally refuses settings that need CUDA-only 
 (:func:`cuda_only_settings`): Transformer Engine, apex fusions, grouped GEMM, FP8, CUDA graphs.
 
 A preset may ``extends: NAME`` another: the other's keys are its defaults and its Megatron
-flags come first (one written here overrides, ``null`` drops it); ``sweep`` and ``schedule``
-are never inherited. A ``schedule`` section says how a driver that runs the sweep entries at
+flags come first (one written here overrides, ``null`` drops it); its ``sweep`` and
+``schedule`` only when this preset has neither (the same runs on another model or cluster). A ``schedule`` section says how a driver that runs the sweep entries at
 several cluster shapes uses each (``analysis/sweep.py``: :class:`ScheduleEntry`).
 
 Flag values: ``true`` is a bare flag, ``false`` / ``null`` drop the flag, a list gives several
@@ -216,7 +216,8 @@ def load_preset(name_or_path: str) -> Preset:
 
 def _extended(raw: dict, where: str, seen: tuple[str, ...] = ()) -> dict:
     """``raw`` with the preset it ``extends`` as defaults: that preset's keys, its Megatron
-    flags first (in its order) then this one's; ``sweep`` and ``schedule`` are this one's."""
+    flags first (in its order) then this one's; ``sweep`` and ``schedule`` are this one's if it
+    has either, else the other's."""
     base_name = raw["extends"]
     if not isinstance(base_name, str):
         raise PresetError(f"{where}: extends names one preset, e.g. extends: demo")
@@ -228,7 +229,9 @@ def _extended(raw: dict, where: str, seen: tuple[str, ...] = ()) -> dict:
         raise PresetError(f"{path}: a preset is a mapping of keys ({', '.join(sorted(_KEYS))})")
     if "extends" in base:
         base = _extended(base, str(path), (*seen, base_name))
-    merged = {k: v for k, v in base.items() if k not in ("sweep", "schedule", "extends")}
+    runs = ("sweep", "schedule")
+    own_runs = any(k in raw for k in runs)
+    merged = {k: v for k, v in base.items() if k != "extends" and not (own_runs and k in runs)}
     merged.update({k: v for k, v in raw.items() if k not in _MERGED_KEYS and k != "extends"})
     for key in _MERGED_KEYS:  # flag by flag, variable by variable
         merged[key] = {**(base.get(key) or {}), **(raw.get(key) or {})}
