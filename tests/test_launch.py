@@ -63,6 +63,8 @@ def test_the_presets_the_issue_asks_for():
         "router-sweep",
         "study-16x8-control",
         "study-16x8-domains",
+        "study-cpu-8x8-control",
+        "study-cpu-8x8-domains",
         "locality-sweep",
     }
     for name in PRESETS:
