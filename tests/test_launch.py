@@ -785,7 +785,17 @@ def test_readme_cluster_commands_are_the_checked_ones(monkeypatch):
 
 
 @pytest.mark.slow
-def test_cpu_sim_trains_through_the_launcher(corpus, tmp_path, capsys):
+def test_cpu_sim_trains_through_the_launcher(corpus, tmp_path, capsys, monkeypatch):
+    """...for as long as it trains: the cluster's job limit (600 s, here cut to 0.5 s) is for
+    the tests' jobs, not a training run's wall clock (a 24-minute CPU study run died of it)."""
+    from megatron_locmoe.sim.cluster import SimCluster
+
+    collect = SimCluster._collect
+
+    def short_limit(self, job_id, timeout_s, what):
+        return collect(self, job_id, timeout_s if math.isinf(timeout_s) else 0.5, what)
+
+    monkeypatch.setattr(SimCluster, "_collect", short_limit)
     code = main(
         [
             "--config",

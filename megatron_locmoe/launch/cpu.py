@@ -9,6 +9,7 @@ that fails raises :class:`RunFailed` with every rank's traceback.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -55,7 +56,10 @@ def run_cpu(plan: Plan) -> dict[str, dict]:
                     flush=True,
                 )
             try:
-                out = cluster.run(train_job, settings, layout=layout)
+                # no wall-clock limit, as Megatron's pretrain has none (--exit-duration-in-mins
+                # is refused): a hung collective fails its rank after the cluster's collective
+                # timeout, a dead rank ends the run at once, Ctrl-C stops it at a step boundary
+                out = cluster.run(train_job, settings, layout=layout, timeout_s=math.inf)
             except ClusterJobError as e:  # the ranks' tracebacks, then one line (main)
                 raise RunFailed(rp.name, str(e), e.headline) from None
             losses, metrics = out[0]["losses"], out[-1]["metrics"]
