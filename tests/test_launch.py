@@ -65,6 +65,8 @@ def test_the_presets_the_issue_asks_for():
         "study-16x8-domains",
         "study-cpu-8x8-control",
         "study-cpu-8x8-domains",
+        "study-gpu-8x8-control",
+        "study-gpu-8x8-domains",
         "locality-sweep",
     }
     for name in PRESETS:

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The study's runs (issue 32) on a lent GPU machine, several launcher runs sharing the card
+# (docs/study.md, "On one GPU"). Every run is `python -m megatron_locmoe.launch --config PRESET
+# --runs ARM --set seed=SEED`, so it trains exactly what the preset says; each is stopped by
+# SIGTERM at a step boundary if the call's deadline comes first (its logs then end there).
+#
+#   here:   python -m megatron_locmoe.data.carry pack --data data/realtext --out .data_parts
+#             (the whole corpus: 3 parts) and .whl/mcore (megatron-core 0.19.2 and the wheels of
+#             pydantic and PyYAML, pip download --no-deps)
+#   device, back to back (the machine's /tmp lasts while it is held):
+#     run(carry=[".data_parts/carry.json", ".data_parts/realtext.part000"],
+#         command="bash tools/gpu_study.sh stage")                      (and part001 alike)
+#     run(carry=[".data_parts/carry.json", ".data_parts/realtext.part002", ".whl/mcore"],
+#         command="bash tools/gpu_study.sh run study-gpu-8x8-control 'megatron:1 locmoe:1' 540")
+#   later calls carry .whl/mcore alone; the corpus stays unpacked in /tmp/realtext.
+#
+# run PRESET 'ARM:SEED ...' [DEADLINE_S]: the runs start together; each one's launcher log, its
+# Megatron log and TensorBoard events land in $OUT/seedSEED/; $OUT/gpu.csv samples the card
+# every 5 s; the call ends within DEADLINE_S seconds of its start (default 540).
+set -euo pipefail
+START=$SECONDS
+MODE=${1:-}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+cd "$REPO"
+case "$MODE" in
+  stage)
+    python3 -m megatron_locmoe.data.carry stage
+    exit 0 ;;
+  run) ;;
+  *) echo "gpu_study.sh: MODE is stage or run, not '$MODE'" >&2; exit 2 ;;
+esac
+PRESET=${2:?gpu_study.sh run PRESET 'ARM:SEED ...' [DEADLINE_S]}
+RUNS=${3:?gpu_study.sh run PRESET 'ARM:SEED ...' [DEADLINE_S]}
+DEADLINE=${4:-540}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+if [ ! -f /tmp/realtext/build.json ]; then
+  if [ -f .data_parts/carry.json ]; then python3 -m megatron_locmoe.data.carry stage; fi
+  python3 -m megatron_locmoe.data.carry unpack | tail -3
+fi
+if [ ! -d /tmp/site/megatron ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/mcore/*.whl
+fi
+export PYTHONPATH=/tmp/site:$REPO
+mkdir -p data
+ln -sfn /tmp/realtext data/realtext
+python3 - > "$OUT/versions.json" <<'PY'
+import json, torch
+import megatron.core
+print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda,
+                  "megatron-core": megatron.core.__version__,
+                  "card": torch.cuda.get_device_name()}))
+PY
+nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 5 > "$OUT/gpu.csv" &
+SMI=$!
+LEFT=$((DEADLINE - (SECONDS - START) - 15))
+if [ "$LEFT" -lt 60 ]; then echo "gpu_study.sh: only ${LEFT} s left of ${DEADLINE}" >&2; exit 1; fi
+declare -A PIDS
+for rs in $RUNS; do
+  arm=${rs%%:*}
+  seed=${rs##*:}
+  dir="$OUT/seed$seed"
+  mkdir -p "$dir"
+  timeout -s TERM -k 20 "$LEFT" python3 -m megatron_locmoe.launch --config "$PRESET" \
+    --runs "$arm" --set seed="$seed" --set data-cache-path="/tmp/dcache/$PRESET-$arm-$seed" \
+    --runs-dir "$dir" --no-check > "$dir/$arm.launch.log" 2>&1 &
+  PIDS[$rs]=$!
+done
+for rs in "${!PIDS[@]}"; do
+  rc=0
+  wait "${PIDS[$rs]}" || rc=$?
+  echo "$rs exit $rc"
+done
+kill "$SMI" 2>/dev/null || true
+for log in "$OUT"/seed*/*.launch.log; do
+  echo "== $log"
+  grep -E "iteration +[0-9]+/" "$log" | tail -1 | cut -c1-400 || true
+  grep -E "validation loss|error" "$log" | tail -3 | cut -c1-300 || true
+done
+echo "call: $((SECONDS - START)) s"
