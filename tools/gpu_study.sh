@@ -41,7 +41,7 @@ fi
 if [ ! -d /tmp/site/megatron ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/mcore/*.whl
 fi
-export PYTHONPATH=/tmp/site:$REPO
+export PYTHONPATH=/tmp/site:$REPO PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 mkdir -p data
 ln -sfn /tmp/realtext data/realtext
 python3 - > "$OUT/versions.json" <<'PY'
