@@ -129,3 +129,22 @@ def test_the_command_line_writes_and_tabulates(tmp_path, capsys):
     study.main(argv.split())
     study.main(["table", str(out)])
     assert "| megatron | 1 | 3.0000 |" in capsys.readouterr().out
+
+
+def test_the_pareto_plot_has_one_figure_per_setting(tmp_path, capsys):
+    import matplotlib.image
+
+    records, _ = _arms(
+        tmp_path, {"megatron": [(3.0, 100), (3.01, 110), (2.99, 90)], "cheap": [(3.0, 50)]}
+    )
+    other = _record(tmp_path, "o1", "megatron", 1, 3.1, 80.0, setting="8x8 domains")
+    other["per_token"] = {}  # a run that logged no traffic: named on the figure, not drawn
+    paths = study.plot([*records, other], tmp_path / "fig")
+    assert sorted(p.name for p in paths) == ["pareto_16x8.png", "pareto_8x8_domains.png"]
+    for p in paths:
+        height, width, _ = matplotlib.image.imread(p).shape
+        assert (width, height) == (900, 600)
+    rec = tmp_path / "r.json"
+    rec.write_text(json.dumps(records[0]))
+    study.main(["plot", str(rec), "--out", str(tmp_path / "cli")])
+    assert capsys.readouterr().out.strip().endswith("pareto_16x8.png")

@@ -24,6 +24,8 @@ three seeds "unresolved".
         --command-file cmd.txt --out benchmarks/results/study/NAME.json
     python -m megatron_locmoe.analysis.study table benchmarks/results/study/*.json \\
         [--baseline megatron]
+    python -m megatron_locmoe.analysis.study plot benchmarks/results/study/*.json \\
+        --out docs/figures    (one Pareto plot per setting: pareto_SETTING.png)
 """
 
 from __future__ import annotations
@@ -246,6 +248,56 @@ def table(records: list[dict], baseline: str = "megatron") -> str:
     return "\n".join(out)
 
 
+def plot(records: list[dict], out_dir: str | Path) -> list[Path]:
+    """One figure per setting, ``pareto_SETTING.png`` in ``out_dir``: held-out loss against
+    inter-node bytes per token and layer (dedup), each arm at its seed mean with the seed
+    standard deviations as error bars, its seed count in the label, the Pareto front joined.
+    Arms without bytes (a run that logged no traffic) are named on the figure, not drawn."""
+    from megatron_locmoe.analysis.report import _plt  # matplotlib: only to draw
+
+    plt = _plt()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    by_setting: dict[str, list[Arm]] = defaultdict(list)
+    for arm in pool(records):
+        by_setting[arm.setting].append(arm)
+    paths = []
+    for setting, arms in by_setting.items():
+        drawn = sorted((a for a in arms if a.bytes is not None), key=lambda a: a.bytes)
+        fig, ax = plt.subplots(figsize=(7.5, 5))
+        for k, a in enumerate(drawn):
+            ax.errorbar(
+                a.bytes,
+                a.loss,
+                xerr=a.bytes_std or 0.0,
+                yerr=a.loss_std or 0.0,
+                fmt="o",
+                color=f"C{k % 10}",
+                capsize=3,
+                label=f"{a.arm} ({len(a.seeds)} seed{'s' if len(a.seeds) != 1 else ''})",
+            )
+        front = pareto_front(arms)
+        line = [a for a in drawn if a.arm in front]
+        if len(line) > 1:
+            ax.plot([a.bytes for a in line], [a.loss for a in line], "k--", lw=0.8, zorder=0)
+        missing = sorted(a.arm for a in arms if a.bytes is None)
+        title = f"{setting}: held-out loss against inter-node bytes (mean ± seed std)"
+        if missing:
+            title += f"\nno bytes logged: {', '.join(missing)}"
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("inter-node bytes per token and MoE layer (one copy per token and node)")
+        ax.set_ylabel("held-out loss (nats)")
+        ax.grid(alpha=0.3)
+        if drawn:
+            ax.legend(fontsize=7)
+        path = out_dir / f"pareto_{re.sub(r'[^A-Za-z0-9_.-]+', '_', setting)}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m megatron_locmoe.analysis.study")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -263,6 +315,9 @@ def main(argv: list[str] | None = None) -> None:
     t = sub.add_parser("table", help="the Pareto table of study records")
     t.add_argument("records", nargs="+")
     t.add_argument("--baseline", default="megatron")
+    f = sub.add_parser("plot", help="one Pareto plot (loss against bytes) per setting")
+    f.add_argument("records", nargs="+")
+    f.add_argument("--out", required=True, help="directory for pareto_SETTING.png")
     a = p.parse_args(argv)
     if a.cmd == "record":
         command = Path(a.command_file).read_text().strip() if a.command_file else ""
@@ -280,6 +335,9 @@ def main(argv: list[str] | None = None) -> None:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(record, indent=1, sort_keys=True))
         print(f"{a.out}: held-out {record['heldout']['mixture']:.4f}, {record['per_token']}")
+    elif a.cmd == "plot":
+        for path in plot(load_records(a.records), a.out):
+            print(path)
     else:
         print(table(load_records(a.records), a.baseline))
 
