@@ -13,6 +13,10 @@
 #     run(carry=[".data_parts/carry.json", ".data_parts/realtext.part002", ".whl/mcore"],
 #         command="bash tools/gpu_study.sh run study-gpu-8x8-control 'megatron:1 locmoe:1' 540")
 #   later calls carry .whl/mcore alone; the corpus stays unpacked in /tmp/realtext.
+#   While the working tree has uncommitted edits, run a clean copy of the commit instead:
+#   git archive HEAD | tar -x -C .gpu_tree (.gpu_tree/ in .git/info/exclude), carry ".gpu_tree"
+#   too and run "bash .gpu_tree/tools/gpu_study.sh ..."; .data_parts and .whl stay where the call
+#   starts (the repository root there).
 #
 # run PRESET 'ARM:SEED ...' [DEADLINE_S]: the runs start together; each one's launcher log, its
 # Megatron log and TensorBoard events land in $OUT/seedSEED/; $OUT/gpu.csv samples the card
@@ -20,11 +24,12 @@
 set -euo pipefail
 START=$SECONDS
 MODE=${1:-}
+TOP=$PWD
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO"
 case "$MODE" in
   stage)
-    python3 -m megatron_locmoe.data.carry stage
+    python3 -m megatron_locmoe.data.carry stage --parts "$TOP/.data_parts"
     exit 0 ;;
   run) ;;
   *) echo "gpu_study.sh: MODE is stage or run, not '$MODE'" >&2; exit 2 ;;
@@ -35,11 +40,13 @@ DEADLINE=${4:-540}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 if [ ! -f /tmp/realtext/build.json ]; then
-  if [ -f .data_parts/carry.json ]; then python3 -m megatron_locmoe.data.carry stage; fi
+  if [ -f "$TOP/.data_parts/carry.json" ]; then
+    python3 -m megatron_locmoe.data.carry stage --parts "$TOP/.data_parts"
+  fi
   python3 -m megatron_locmoe.data.carry unpack | tail -3
 fi
 if [ ! -d /tmp/site/megatron ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/mcore/*.whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$TOP"/.whl/mcore/*.whl
 fi
 export PYTHONPATH=/tmp/site:$REPO PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 mkdir -p data
