@@ -148,3 +148,35 @@ def test_the_pareto_plot_has_one_figure_per_setting(tmp_path, capsys):
     rec.write_text(json.dumps(records[0]))
     study.main(["plot", str(rec), "--out", str(tmp_path / "cli")])
     assert capsys.readouterr().out.strip().endswith("pareto_16x8.png")
+
+
+def test_collect_records_every_run_of_a_gpu_study_call(tmp_path, capsys):
+    root = tmp_path / "out"
+    (root / "versions.json").parent.mkdir(parents=True)
+    (root / "versions.json").write_text(json.dumps({"card": "NVIDIA H200"}))
+    for seed, arm, loss in ((1, "megatron", 3.0), (2, "megatron", 3.1), (1, "locmoe", 3.2)):
+        _write_run(root / f"seed{seed}/study-gpu-8x8-control/{arm}/tensorboard", loss, 4096.0)
+        (root / f"seed{seed}/{arm}.launch.log").write_text(f"x\n[launch] env A=1 run {arm}\n")
+    stopped = root / "seed3/study-gpu-8x8-control/hash/tensorboard"
+    _write_run(stopped, 3.0, 4096.0, validation=False)  # the deadline came before its eval
+    written, skipped = study.collect(
+        root, setting="8x8", tokens_per_micro_batch=4096, peak_tflops=790.0, out_dir=tmp_path / "r"
+    )
+    records = study.load_records(written)
+    assert sorted((r["arm"], r["seed"], round(r["heldout"]["mixture"], 5)) for r in records) == [
+        ("locmoe", 1, 3.2),
+        ("megatron", 1, 3.0),
+        ("megatron", 2, 3.1),
+    ]
+    assert {r["command"] for r in records} == {"env A=1 run megatron", "env A=1 run locmoe"}
+    assert records[0]["versions"] == {"card": "NVIDIA H200"}
+    assert records[0]["per_token"]["dedup_inter_node_bytes"] == 1.0
+    assert len(skipped) == 1 and skipped[0].startswith("hash seed 3: ")
+    with pytest.raises(InputError, match="no seedS"):
+        study.collect(
+            tmp_path / "r",
+            setting="x",
+            tokens_per_micro_batch=1,
+            peak_tflops=1.0,
+            out_dir=tmp_path / "q",
+        )

@@ -24,6 +24,9 @@ three seeds "unresolved".
         --command-file cmd.txt --out benchmarks/results/study/NAME.json
     python -m megatron_locmoe.analysis.study table benchmarks/results/study/*.json \\
         [--baseline megatron]
+    python -m megatron_locmoe.analysis.study collect OUT --setting gpu-8x8-control \\
+        --tokens-per-micro-batch 4096 --out benchmarks/results/study/gpu-8x8-control
+        (every run of a tools/gpu_study.sh call: OUT/seedS/PRESET/ARM/tensorboard)
     python -m megatron_locmoe.analysis.study plot benchmarks/results/study/*.json \\
         --out docs/figures    (one Pareto plot per setting: pareto_SETTING.png)
 """
@@ -125,6 +128,58 @@ def run_record(
             "peak_tflops": peak_tflops,
         },
     }
+
+
+_LAUNCH_LINE = "[launch] "
+
+
+def collect(
+    root: str | Path,
+    *,
+    setting: str,
+    tokens_per_micro_batch: int,
+    peak_tflops: float,
+    out_dir: str | Path,
+) -> tuple[list[Path], list[str]]:
+    """Record every run under ``root`` as ``tools/gpu_study.sh`` lays them out
+    (``seedS/PRESET/ARM/tensorboard``, the launcher's output in ``seedS/ARM.launch.log``, the
+    card and versions in ``versions.json``) into ``out_dir/SETTING-ARM-sS.json``. Returns (the
+    records written, one line per run that has no record and why: e.g. stopped by the call's
+    deadline before its first evaluation)."""
+    root, out_dir = Path(root), Path(out_dir)
+    versions_file = root / "versions.json"
+    versions = read_json(versions_file, "versions") if versions_file.is_file() else {}
+    runs = sorted(root.glob("seed*/*/*/tensorboard"))
+    if not runs:
+        raise InputError(f"{root}: no seedS/PRESET/ARM/tensorboard directories (gpu_study.sh's)")
+    written, skipped = [], []
+    for tb in runs:
+        arm, seed_dir = tb.parent.name, tb.parents[2]
+        seed = int(seed_dir.name.removeprefix("seed"))
+        log = seed_dir / f"{arm}.launch.log"
+        lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
+        command = next((x[len(_LAUNCH_LINE) :] for x in lines if x.startswith(_LAUNCH_LINE)), "")
+        try:
+            record = run_record(
+                tb,
+                name=f"{setting}-{arm}-s{seed}",
+                arm=arm,
+                seed=seed,
+                setting=setting,
+                tokens_per_micro_batch=tokens_per_micro_batch,
+                peak_tflops=peak_tflops,
+                command=command,
+                versions=versions,
+            )
+        except InputError as e:
+            skipped.append(f"{arm} seed {seed}: {e}")
+            continue
+        record["tensorboard_dir"] = tb.relative_to(root).as_posix()
+        out = out_dir / f"{record['name']}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=1, sort_keys=True))
+        written.append(out)
+    return written, skipped
 
 
 def load_records(paths: list[str | Path]) -> list[dict]:
@@ -315,6 +370,12 @@ def main(argv: list[str] | None = None) -> None:
     t = sub.add_parser("table", help="the Pareto table of study records")
     t.add_argument("records", nargs="+")
     t.add_argument("--baseline", default="megatron")
+    c = sub.add_parser("collect", help="record every run of a gpu_study.sh output directory")
+    c.add_argument("root")
+    c.add_argument("--setting", required=True, help="e.g. gpu-8x8-control")
+    c.add_argument("--tokens-per-micro-batch", type=int, required=True)
+    c.add_argument("--peak-tflops", type=float, default=790.0)
+    c.add_argument("--out", required=True, help="directory for SETTING-ARM-sS.json")
     f = sub.add_parser("plot", help="one Pareto plot (loss against bytes) per setting")
     f.add_argument("records", nargs="+")
     f.add_argument("--out", required=True, help="directory for pareto_SETTING.png")
@@ -335,6 +396,18 @@ def main(argv: list[str] | None = None) -> None:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(record, indent=1, sort_keys=True))
         print(f"{a.out}: held-out {record['heldout']['mixture']:.4f}, {record['per_token']}")
+    elif a.cmd == "collect":
+        written, skipped = collect(
+            a.root,
+            setting=a.setting,
+            tokens_per_micro_batch=a.tokens_per_micro_batch,
+            peak_tflops=a.peak_tflops,
+            out_dir=a.out,
+        )
+        for path in written:
+            print(path)
+        for line in skipped:
+            print(f"no record: {line}")
     elif a.cmd == "plot":
         for path in plot(load_records(a.records), a.out):
             print(path)
