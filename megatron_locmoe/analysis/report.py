@@ -96,6 +96,13 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path) -> None:
+    """Write the figure as a PNG and free it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _colors(runs: list[Run]) -> dict[str, str]:
     palette = [f"C{i}" for i in range(10)]
     return {r.name: palette[i % len(palette)] for i, r in enumerate(runs)}
@@ -123,9 +130,7 @@ def _line_plot(runs, colors, tag, ylabel, title, path, scale=None, dashed_tag=No
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def _load_cv_per_layer(runs, colors, path):
@@ -151,9 +156,7 @@ def _load_cv_per_layer(runs, colors, path):
     ax.set_title(f"Load imbalance per MoE layer (mean of the last {TAIL_FRACTION:.0%} of steps)")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def modeled_step_times(runs: list[Run], workload_name: str = "pangu-sigma"):
@@ -193,9 +196,7 @@ def _modeled_plot(times, colors, path, workload_name):
     )
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 SUMMARY_COLUMNS = (
@@ -416,6 +417,11 @@ def plot_sweep(rows: list[dict], png_dir: str | Path) -> list[str]:
     png_dir.mkdir(parents=True, exist_ok=True)
     groups = _by_nodes(rows)
     written = []
+
+    def save(fig, name: str) -> None:
+        _save(plt, fig, png_dir / f"{name}.png")
+        written.append(name)
+
     markers = {"domains": "o", "control": "s"}
 
     fig, axes = _panels(plt, len(groups))
@@ -453,10 +459,7 @@ def plot_sweep(rows: list[dict], png_dir: str | Path) -> list[str]:
         ax.set_ylabel("held-out loss")
         ax.grid(alpha=0.3)
         _legend(ax, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png_dir / "pareto.png", dpi=110)
-    plt.close(fig)
-    written.append("pareto")
+    save(fig, "pareto")
 
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     for i, (nodes, rs) in enumerate(groups.items()):
@@ -480,10 +483,7 @@ def plot_sweep(rows: list[dict], png_dir: str | Path) -> list[str]:
     ax.set_title("LocMoE top-1, domain-sharded data")
     ax.grid(alpha=0.3)
     _legend(ax, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png_dir / "node_local_vs_mu.png", dpi=110)
-    plt.close(fig)
-    written.append("node_local_vs_mu")
+    save(fig, "node_local_vs_mu")
 
     fig, axes = _panels(plt, len(groups))
     for ax, (nodes, rs) in zip(axes, groups.items(), strict=True):
@@ -503,10 +503,7 @@ def plot_sweep(rows: list[dict], png_dir: str | Path) -> list[str]:
         ax.set_ylabel("node-local share")
         ax.grid(alpha=0.3)
         _legend(ax, fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(png_dir / "node_local_curves.png", dpi=110)
-    plt.close(fig)
-    written.append("node_local_curves")
+    save(fig, "node_local_curves")
 
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     names = [
@@ -545,10 +542,7 @@ def plot_sweep(rows: list[dict], png_dir: str | Path) -> list[str]:
     ax.set_title("Tokens per expert (busiest expert of each rank), LocMoE top-1 mu 0.1")
     ax.grid(alpha=0.3, axis="y")
     _legend(ax, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png_dir / "tokens_per_expert.png", dpi=110)
-    plt.close(fig)
-    written.append("tokens_per_expert")
+    save(fig, "tokens_per_expert")
     return written
 
 
