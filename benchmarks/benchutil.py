@@ -216,13 +216,32 @@ def record(device: torch.device, **extra) -> dict:
     }
 
 
-def save(path: str | None, data: dict) -> None:
+def write_json(path: str | None, data: dict) -> None:
+    """Write the results file (its directory made as needed); nothing without a path."""
     if not path:
         return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         json.dump(data, f, indent=1)
-    print(f"wrote {path}")
+
+
+def save(path: str | None, data: dict) -> None:
+    """Write the results file and say so."""
+    if path:
+        write_json(path, data)
+        print(f"wrote {path}")
+
+
+def peak_mb_cell(row: dict) -> str:
+    """A table cell for a row's peak memory (MB), '-' where it was not measured."""
+    return f"{row['peak_mb']:.0f}" if row["peak_mb"] is not None else "-"
+
+
+def print_graph_checks(rows: dict[str, dict]) -> None:
+    """One line per row timed captured in a CUDA graph: its outputs against eager mode's."""
+    for name, row in rows.items():
+        if "graph_check" in row:
+            print(f"  {name} vs eager: {row['graph_check']}")
 
 
 def run_pretrain_gpt(

@@ -243,10 +243,7 @@ def main() -> None:
             res["ms_per_iter"] = statistics.median(rounds[r])
             res["tokens_per_s"] = TOKENS_PER_STEP / (res["ms_per_iter"] / 1000)
             results[r] = res
-            if a.out:
-                os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-                with open(a.out, "w") as f:
-                    json.dump(record, f, indent=1)
+            benchutil.write_json(a.out, record)
             print(f"{r}: {res['tokens_per_s']:.0f} tokens/s", flush=True)
     base = results.get(BASELINE, {}).get("tokens_per_s")
     print(f"{'router':>13} {'tokens/s':>10} {'vs ' + BASELINE:>11}  lm loss at steps")

@@ -291,7 +291,7 @@ def bench_shape(T, H, E, k, F_, device, args) -> dict:
         f"  {'layer':<26}{'experts':<22}{'ms':>9}{'vs baseline':>13}{'vs local':>10}{'peak MB':>9}"
     )
     for name, row in result["layers"].items():
-        mem = f"{row['peak_mb']:.0f}" if row["peak_mb"] is not None else "-"
+        mem = benchutil.peak_mb_cell(row)
         local = f"{row['vs_megatron_local']:.3f}" if row["vs_megatron_local"] else "-"
         print(
             f"  {name:<26}{row['experts']:<22}{row['ms']:>9.3f}{row['vs_baseline']:>13.3f}"
@@ -299,9 +299,7 @@ def bench_shape(T, H, E, k, F_, device, args) -> dict:
         )
     for pair, check in result["equal_layers"].items():
         print(f"  {pair}: {check}")
-    for name, row in result["layers"].items():
-        if "graph_check" in row:
-            print(f"  {name} vs eager: {row['graph_check']}")
+    benchutil.print_graph_checks(result["layers"])
     return result
 
 

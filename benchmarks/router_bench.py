@@ -331,7 +331,7 @@ def main() -> None:
             xf = f"{row['x_floor']:.1f}" if row["x_floor"] else "-"
             dev_ms = f"{row['device_ms']:.3f}" if row["device_ms"] is not None else "-"
             dxf = f"{row['device_x_floor']:.1f}" if row["device_x_floor"] else "-"
-            mem = f"{row['peak_mb']:.0f}" if row["peak_mb"] is not None else "-"
+            mem = benchutil.peak_mb_cell(row)
             vs_te = f"{row['alone_vs_te_fused']:.3f}" if row["alone_vs_te_fused"] else "-"
             print(
                 f"  {name:<24}{row['ms']:>8.3f}{row['vs_megatron']:>13.3f}{row['alone_ms']:>10.3f}"
@@ -339,9 +339,7 @@ def main() -> None:
             )
         for name, agreement in res["fused_check"].items():
             print(f"  {name} vs reference: {agreement}")
-        for name, row in res["routers"].items():
-            if "graph_check" in row:
-                print(f"  {name} vs eager: {row['graph_check']}")
+        benchutil.print_graph_checks(res["routers"])
     benchutil.save(args.out, result)
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import platform
 import re
@@ -179,10 +178,7 @@ def main() -> None:
                     "mfu": tflops / a.peak_tflops,
                     "rounds": runs,
                 }
-            if a.out:
-                os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-                with open(a.out, "w") as f:
-                    json.dump(record, f, indent=1)
+            benchutil.write_json(a.out, record)
     res = record["results"]
     cost = None
     if len(res) == 2:
@@ -196,9 +192,7 @@ def main() -> None:
         )
     if cost is not None:
         print(f"virtual cluster {a.cluster} costs {cost:+.2%} tokens/s against plain training")
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(record, f, indent=1)
+    benchutil.write_json(a.out, record)
 
 
 if __name__ == "__main__":
