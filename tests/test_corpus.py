@@ -165,24 +165,18 @@ def fake_files() -> dict[str, dict[str, bytes]]:
             "usr/src/linux-source-6.1.tar.xz": b"",  # replaced by the tarball below
             "usr/share/doc/linux-source-6.1/changelog.Debian.gz": b"SKIPPED",
         },
-        "dict-gcide": {
-            "usr/share/dictd/gcide.dict.dz": dict_dz(
-                [f"Word{i} \\W\\, n.\n   {prose(30, 400 + i)}" for i in range(12)]
-            )
-        },
-        "dict-foldoc": {
-            "usr/share/dictd/foldoc.dict.dz": dict_dz(
-                [f"term{i}\n\n   {prose(25, 450 + i)}" for i in range(4)]
-            )
-        },
-        "dict-jargon": {
-            "usr/share/dictd/jargon.dict.dz": dict_dz(
-                [f"hack{i}\n /h/, n.\n\n    {prose(25, 470 + i)}" for i in range(3)]
-            )
-        },
-        "dict-devil": {
-            "usr/share/dictd/devil.dict.dz": dict_dz(
-                [f"ABSURDITY{i}, n.\n  {prose(20, 490 + i)}" for i in range(3)]
+        **{
+            f"dict-{name}": {
+                f"usr/share/dictd/{name}.dict.dz": dict_dz(
+                    [head.format(i=i) + prose(words, seed + i) for i in range(entries)]
+                )
+            }
+            for name, head, words, seed, entries in (
+                # (dictionary, what precedes an entry's text, its words, prose seed, entries)
+                ("gcide", "Word{i} \\W\\, n.\n   ", 30, 400, 12),
+                ("foldoc", "term{i}\n\n   ", 25, 450, 4),
+                ("jargon", "hack{i}\n /h/, n.\n\n    ", 25, 470, 3),
+                ("devil", "ABSURDITY{i}, n.\n  ", 20, 490, 3),
             )
         },
         "wordnet-base": {
