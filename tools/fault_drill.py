@@ -277,6 +277,15 @@ def tool(name: str) -> list[str]:
     return [PY, "-m", f"megatron_locmoe.analysis.{name}"]
 
 
+def report_on(run_dir: Callable[[Path], Path]):
+    """The report on the run directory ``run_dir(work)`` sets up."""
+
+    def command(work: Path) -> list[str]:
+        return [*tool("report"), str(run_dir(work)), "-o", str(work / "report.html")]
+
+    return command
+
+
 def costmodel(*extra: str):
     def command(work: Path) -> list[str]:
         base = [*tool("costmodel"), "--cluster", "ascend-910a"]
@@ -437,7 +446,7 @@ CASES = [
         "report_corrupt_run_json",
         "the report on a run directory whose run.json is cut off",
         "run.json is not a run record",
-        lambda w: [*tool("report"), str(bad_run_dir(w)), "-o", str(w / "report.html")],
+        report_on(bad_run_dir),
         timeout_s=60,
     ),
     Case(
@@ -529,7 +538,7 @@ CASES = [
         "report_wrong_typed_field",
         "the report on a run.json whose topk is a string",
         "its field 'topk' is 'two' (str), not int",
-        lambda w: [*tool("report"), str(typed_run_dir(w)), "-o", str(w / "report.html")],
+        report_on(typed_run_dir),
         timeout_s=60,
     ),
     Case(
