@@ -232,9 +232,9 @@ def save(path: str | None, data: dict) -> None:
         print(f"wrote {path}")
 
 
-def peak_mb_cell(row: dict) -> str:
-    """A table cell for a row's peak memory (MB), '-' where it was not measured."""
-    return f"{row['peak_mb']:.0f}" if row["peak_mb"] is not None else "-"
+def cell(value: float | None, spec: str) -> str:
+    """A table cell: the value formatted by ``spec``, '-' where it was not measured (None)."""
+    return "-" if value is None else format(value, spec)
 
 
 def print_graph_checks(rows: dict[str, dict]) -> None:

@@ -291,8 +291,8 @@ def bench_shape(T, H, E, k, F_, device, args) -> dict:
         f"  {'layer':<26}{'experts':<22}{'ms':>9}{'vs baseline':>13}{'vs local':>10}{'peak MB':>9}"
     )
     for name, row in result["layers"].items():
-        mem = benchutil.peak_mb_cell(row)
-        local = f"{row['vs_megatron_local']:.3f}" if row["vs_megatron_local"] else "-"
+        mem = benchutil.cell(row["peak_mb"], ".0f")
+        local = benchutil.cell(row["vs_megatron_local"], ".3f")
         print(
             f"  {name:<26}{row['experts']:<22}{row['ms']:>9.3f}{row['vs_baseline']:>13.3f}"
             f"{local:>10}{mem:>9}"

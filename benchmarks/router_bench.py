@@ -328,11 +328,11 @@ def main() -> None:
             if "ms" not in row:
                 print(f"  {name:<24}capture failed: {row['graph_error']}")
                 continue
-            xf = f"{row['x_floor']:.1f}" if row["x_floor"] else "-"
-            dev_ms = f"{row['device_ms']:.3f}" if row["device_ms"] is not None else "-"
-            dxf = f"{row['device_x_floor']:.1f}" if row["device_x_floor"] else "-"
-            mem = benchutil.peak_mb_cell(row)
-            vs_te = f"{row['alone_vs_te_fused']:.3f}" if row["alone_vs_te_fused"] else "-"
+            xf = benchutil.cell(row["x_floor"], ".1f")
+            dev_ms = benchutil.cell(row["device_ms"], ".3f")
+            dxf = benchutil.cell(row["device_x_floor"], ".1f")
+            mem = benchutil.cell(row["peak_mb"], ".0f")
+            vs_te = benchutil.cell(row["alone_vs_te_fused"], ".3f")
             print(
                 f"  {name:<24}{row['ms']:>8.3f}{row['vs_megatron']:>13.3f}{row['alone_ms']:>10.3f}"
                 f"{row['alone_vs_megatron']:>13.3f}{xf:>9}{dev_ms:>11}{dxf:>9}{mem:>9}{vs_te:>12}"
