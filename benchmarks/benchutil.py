@@ -237,11 +237,15 @@ def cell(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def print_checks(checks: dict[str, object], against: str = "") -> None:
+    """One line per check printed under a timing table: what was compared, the agreement."""
+    for name, check in checks.items():
+        print(f"  {name}{against}: {check}")
+
+
 def print_graph_checks(rows: dict[str, dict]) -> None:
     """One line per row timed captured in a CUDA graph: its outputs against eager mode's."""
-    for name, row in rows.items():
-        if "graph_check" in row:
-            print(f"  {name} vs eager: {row['graph_check']}")
+    print_checks({n: r["graph_check"] for n, r in rows.items() if "graph_check" in r}, " vs eager")
 
 
 def run_pretrain_gpt(

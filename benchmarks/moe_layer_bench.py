@@ -297,8 +297,7 @@ def bench_shape(T, H, E, k, F_, device, args) -> dict:
             f"  {name:<26}{row['experts']:<22}{row['ms']:>9.3f}{row['vs_baseline']:>13.3f}"
             f"{local:>10}{mem:>9}"
         )
-    for pair, check in result["equal_layers"].items():
-        print(f"  {pair}: {check}")
+    benchutil.print_checks(result["equal_layers"])
     benchutil.print_graph_checks(result["layers"])
     return result
 

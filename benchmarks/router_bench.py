@@ -337,8 +337,7 @@ def main() -> None:
                 f"  {name:<24}{row['ms']:>8.3f}{row['vs_megatron']:>13.3f}{row['alone_ms']:>10.3f}"
                 f"{row['alone_vs_megatron']:>13.3f}{xf:>9}{dev_ms:>11}{dxf:>9}{mem:>9}{vs_te:>12}"
             )
-        for name, agreement in res["fused_check"].items():
-            print(f"  {name} vs reference: {agreement}")
+        benchutil.print_checks(res["fused_check"], " vs reference")
         benchutil.print_graph_checks(res["routers"])
     benchutil.save(args.out, result)
 
