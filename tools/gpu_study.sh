@@ -13,6 +13,10 @@
 #     run(carry=[".data_parts/carry.json", ".data_parts/realtext.part002", ".whl/mcore"],
 #         command="bash tools/gpu_study.sh run study-gpu-8x8-control 'megatron:1 locmoe:1' 540")
 #   later calls carry .whl/mcore alone; the corpus stays unpacked in /tmp/realtext.
+#   In one call instead (a short lease): pack --sample 0.25 --out .data_parts/sample25 (one part,
+#   ~45 MiB: a quarter of every domain's training documents, held-out sets whole) and
+#     run(carry=[".data_parts/sample25", ".whl/mcore"],
+#         command="PARTS=.data_parts/sample25 bash tools/gpu_study.sh run PRESET 'ARM:SEED ...'")
 #   While the working tree has uncommitted edits, run a clean copy of the commit instead:
 #   git archive HEAD | tar -x -C .gpu_tree (.gpu_tree/ in .git/info/exclude), carry ".gpu_tree"
 #   too and run "bash .gpu_tree/tools/gpu_study.sh ..."; .data_parts and .whl stay where the call
@@ -25,11 +29,12 @@ set -euo pipefail
 START=$SECONDS
 MODE=${1:-}
 TOP=$PWD
+PARTS=${PARTS:-.data_parts}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO"
 case "$MODE" in
   stage)
-    python3 -m megatron_locmoe.data.carry stage --parts "$TOP/.data_parts"
+    python3 -m megatron_locmoe.data.carry stage --parts "$TOP/$PARTS"
     exit 0 ;;
   run) ;;
   *) echo "gpu_study.sh: MODE is stage or run, not '$MODE'" >&2; exit 2 ;;
@@ -40,8 +45,8 @@ DEADLINE=${4:-540}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 if [ ! -f /tmp/realtext/build.json ]; then
-  if [ -f "$TOP/.data_parts/carry.json" ]; then
-    python3 -m megatron_locmoe.data.carry stage --parts "$TOP/.data_parts"
+  if [ -f "$TOP/$PARTS/carry.json" ]; then
+    python3 -m megatron_locmoe.data.carry stage --parts "$TOP/$PARTS"
   fi
   python3 -m megatron_locmoe.data.carry unpack | tail -3
 fi
@@ -54,9 +59,11 @@ ln -sfn /tmp/realtext data/realtext
 python3 - > "$OUT/versions.json" <<'PY'
 import json, torch
 import megatron.core
+carried = json.load(open("/tmp/realtext/carry.json"))
 print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda,
                   "megatron-core": megatron.core.__version__,
-                  "card": torch.cuda.get_device_name()}))
+                  "card": torch.cuda.get_device_name(),
+                  "corpus_sample": carried.get("sample")}))
 PY
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 5 > "$OUT/gpu.csv" &
 SMI=$!

@@ -21,6 +21,11 @@ decompression at ~50 MB/s a core (docs/corpus.md). The mixture control is not ca
 domains' documents one after the other, so ``unpack`` writes it again from the domains and checks
 it against the sha256 recorded here. So ``--datasets mixture`` carries what ``all`` does.
 
+``--sample F`` carries an evenly spaced fraction F of every domain's training documents
+(document i is kept when floor((i + 1) F) > floor(i F)), held-out sets whole, the mixture made of
+the sampled domains, and ``carry.json`` says so: for a lease too short to carry the whole corpus
+(the study's runs read about 5% of it; ``--sample 0.15`` travels in one call with the code).
+
 The GPU machine has Python, numpy and torch but neither Megatron nor ``transformers``: this module
 imports the standard library and numpy alone (and ``indexed``, which is numpy alone), and the
 corpus is read there with ``--tokenizer-type NullTokenizer --vocab-size 32768``.
@@ -35,8 +40,11 @@ import lzma
 import os
 import shutil
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import numpy as np
 
 try:  # run as ``python -m megatron_locmoe.data.carry`` or as a file path
     from megatron_locmoe.data import indexed
@@ -151,6 +159,23 @@ def _compress_block(args: tuple[Path, int, int, int]) -> tuple[bytes, int]:
     return lzma.compress(raw, preset=preset), len(raw)
 
 
+def sample_documents(src: str | Path, dst: str | Path, fraction: float, vocab_size: int) -> dict:
+    """Write dataset ``dst`` from an evenly spaced ``fraction`` of dataset ``src``'s documents
+    (document i kept when floor((i + 1) fraction) > floor(i fraction)), in order."""
+    lengths = indexed.read_lengths(src)
+    n = len(lengths)
+    i = np.arange(n)
+    keep = np.flatnonzero(np.floor((i + 1) * fraction) > np.floor(i * fraction))
+    if not len(keep):
+        raise CarryError(f"{src}: {n} documents; --sample {fraction} keeps none of them")
+    tokens = np.memmap(f"{src}.bin", dtype=np.uint16, mode="r")
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    writer = indexed.DatasetWriter(dst, vocab_size)
+    for block in np.array_split(keep, max(1, len(keep) // 4096)):
+        writer.add(tokens[starts[k] : starts[k + 1]] for k in block)
+    return writer.close()
+
+
 def pack(
     data: str | Path,
     out: str | Path,
@@ -159,9 +184,13 @@ def pack(
     preset: int = PRESET,
     block_bytes: int = BLOCK_BYTES,
     threads: int | None = None,
+    sample: float | None = None,
 ) -> dict:
     """Compress the selected datasets of corpus ``data`` into parts in ``out``; returns the index
-    (also written to ``out/carry.json``). Old parts in ``out`` are removed first."""
+    (also written to ``out/carry.json``). Old parts in ``out`` are removed first. ``sample``:
+    carry that fraction of every domain's training documents (see the module doc)."""
+    if sample is not None and not 0 < sample < 1:
+        raise CarryError(f"--sample {sample}: give a fraction in (0, 1), or leave it out")
     data, out = Path(data), Path(out)
     build_file = data / "build.json"
     if not build_file.is_file():
@@ -181,16 +210,43 @@ def pack(
     out.mkdir(parents=True, exist_ok=True)
     for old in [*out.glob(f"{BUNDLE}.part*"), out / INDEX]:
         old.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(dir=out) as scratch:
+        read = {f: f for f in files}  # what is carried as each file: itself or its sample
+        if sample is not None:
+            for name in domains:
+                sample_documents(data / name, Path(scratch) / name, sample, build["vocab_size"])
+                for f in indexed.dataset_files(data / name):
+                    read[f] = Path(scratch) / f.name
+        index = _pack_files(data, out, files, read, part_bytes, preset, block_bytes, threads)
+        index.update(domains=domains, vocab_size=build["vocab_size"], eod=build["eod"])
+        index["sample"] = sample
+        if with_mixture:
+            for name, suffix in (("mixture", ""), ("mixture_valid", "_valid")):
+                if sample is None or suffix:
+                    source = data / name
+                else:  # the sampled domains, one after the other, as unpack writes it
+                    source = Path(scratch) / name
+                    parts = [Path(scratch) / d for d in domains]
+                    indexed.concatenate(source, parts, build["vocab_size"])
+                index["derived"][name] = {
+                    "from": [f"{d}{suffix}" for d in domains],
+                    "sha256": {p.name: _sha256_file(p) for p in indexed.dataset_files(source)},
+                }
+    (out / INDEX).write_text(json.dumps(index, indent=1) + "\n")
+    return index
 
+
+def _pack_files(data, out, files, read, part_bytes, preset, block_bytes, threads) -> dict:
+    """Compress ``read[f]`` for every file ``f`` (named as ``f`` in ``data``) into the parts."""
     tasks, owners = [], []
     for f in files:
-        size = f.stat().st_size
+        size = read[f].stat().st_size
         for offset in range(0, max(size, 1), block_bytes):
-            tasks.append((f, offset, min(block_bytes, size - offset), preset))
+            tasks.append((read[f], offset, min(block_bytes, size - offset), preset))
             owners.append(f)
     writer = _PartWriter(out, part_bytes)
     entries: dict[Path, dict] = {
-        f: {"name": f.relative_to(data).as_posix(), "bytes": f.stat().st_size, "blocks": []}
+        f: {"name": f.relative_to(data).as_posix(), "bytes": read[f].stat().st_size, "blocks": []}
         for f in files
     }
     with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
@@ -201,14 +257,11 @@ def pack(
             writer.write(compressed)
     parts = writer.close()
     for f in files:
-        entries[f]["sha256"] = _sha256_file(f)
-    index = {
+        entries[f]["sha256"] = _sha256_file(read[f])
+    return {
         "format": FORMAT,
         "bundle": BUNDLE,
         "source": str(data),
-        "domains": domains,
-        "vocab_size": build["vocab_size"],
-        "eod": build["eod"],
         "compression": f"xz-{preset}",
         "raw_bytes": sum(e["bytes"] for e in entries.values()),
         "stream_bytes": writer.offset,
@@ -216,14 +269,6 @@ def pack(
         "derived": {},
         "parts": parts,
     }
-    if with_mixture:
-        for name, suffix in (("mixture", ""), ("mixture_valid", "_valid")):
-            index["derived"][name] = {
-                "from": [f"{d}{suffix}" for d in domains],
-                "sha256": {p.name: _sha256_file(p) for p in indexed.dataset_files(data / name)},
-            }
-    (out / INDEX).write_text(json.dumps(index, indent=1) + "\n")
-    return index
 
 
 def device_calls(
@@ -402,6 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--datasets", nargs="+", help="all (default), mixture, or domain names")
     p.add_argument("--part-mib", type=float, default=PART_BYTES / (1 << 20))
     p.add_argument("--preset", type=int, default=PRESET, help="xz preset 0-9")
+    p.add_argument(
+        "--sample", type=float, help="carry this fraction of each domain's training documents"
+    )
     p = sub.add_parser("stage", help="there: copy the parts this call carried to the stage")
     p.add_argument("--parts", default=".data_parts")
     p.add_argument("--stage", default=str(STAGE))
@@ -418,9 +466,16 @@ def main(argv: list[str] | None = None) -> int:
                 raise CarryError(f"--part-mib {args.part_mib}: parts must be > 0 and <= 56 MiB")
             if not 0 <= args.preset <= 9:
                 raise CarryError(f"--preset {args.preset}: xz presets are 0 to 9")
-            index = pack(args.data, args.out, args.datasets, part_bytes, args.preset)
+            index = pack(
+                args.data, args.out, args.datasets, part_bytes, args.preset, sample=args.sample
+            )
+            sampled = (
+                ""
+                if args.sample is None
+                else f" (sample {args.sample:g} of the training documents)"
+            )
             print(
-                f"{len(index['files'])} files, {_mib(index['raw_bytes'])} -> {_mib(index['stream_bytes'])} "
+                f"{len(index['files'])} files{sampled}, {_mib(index['raw_bytes'])} -> {_mib(index['stream_bytes'])} "
                 f"({index['compression']}) in {len(index['parts'])} parts in {args.out}/"
             )
             out = Path(args.out)
