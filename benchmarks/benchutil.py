@@ -96,6 +96,14 @@ def timed(fn: Callable[[], None], device: torch.device, warmup: int, repeats: in
     return timed_interleaved({"fn": fn}, device, warmup, repeats, inner)["fn"]
 
 
+def add_timing_args(p, warmup: int, repeats: int, inner: int) -> None:
+    """The command-line options of ``timed``'s loop (--warmup, --repeats, --inner), with a
+    benchmark's defaults."""
+    p.add_argument("--warmup", type=int, default=warmup)
+    p.add_argument("--repeats", type=int, default=repeats)
+    p.add_argument("--inner", type=int, default=inner)
+
+
 def timed_interleaved(
     fns: dict[str, Callable[[], None]], device: torch.device, warmup: int, repeats: int, inner: int
 ) -> dict[str, float]:

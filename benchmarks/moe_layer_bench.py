@@ -317,9 +317,7 @@ def main() -> None:
         choices=list(LAYERS),
         help="default: every layer this install can build (the TE ones need transformer-engine)",
     )
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--inner", type=int, default=3)
+    benchutil.add_timing_args(p, warmup=5, repeats=10, inner=3)
     p.add_argument(
         "--no-activation-fusion",
         dest="activation_fusion",

@@ -295,9 +295,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shapes", default=None, help="T,H,E,k;T,H,E,k (default: the three above)")
     p.add_argument("--routers", nargs="+", default=ROUTERS)
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--inner", type=int, default=10)
+    benchutil.add_timing_args(p, warmup=10, repeats=15, inner=10)
     p.add_argument(
         "--graphed",
         nargs="*",
