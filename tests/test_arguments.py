@@ -41,80 +41,42 @@ def megatron_args(monkeypatch):
     adaptor.REGISTRY.revert()
 
 
+EVERY_SETTING = [
+    # (flag, what follows it (None: a switch), the LocMoEConfig field, the value it lands as)
+    ("--moe-router-type", "locmoe_plus", "router_type", "locmoe_plus"),  # reads all but hash's
+    ("--locmoe-aux-loss-coeff", "0.02", "aux_loss_coeff", 0.02),
+    ("--locmoe-locality-loss-coeff", "0.3", "locality_loss_coeff", 0.3),
+    ("--locmoe-locality-smoothing", "0.01", "locality_smoothing", 0.01),
+    ("--locmoe-node-target-share", "0.4", "node_target_share", 0.4),
+    ("--locmoe-node-bias-rate", "0.2", "node_bias_rate", 0.2),
+    ("--locmoe-grap-mode", "learnable", "grap_mode", "learnable"),
+    ("--locmoe-grap-bias", None, "grap_bias", True),
+    ("--locmoe-grap-temperature", "4.0", "grap_temperature", 4.0),
+    ("--locmoe-grap-learnable-temperature", None, "grap_learnable_temperature", True),
+    ("--locmoe-fused-router", None, "fused_router", True),
+    ("--locmoe-capacity-mode", "bound", "capacity_mode", "bound"),
+    ("--locmoe-capacity-floor-factor", "0.25", "capacity_floor_factor", 0.25),
+    ("--locmoe-capacity-percentile", "0.1", "capacity_percentile", 0.1),
+    ("--locmoe-capacity-reestimate-interval", "50", "capacity_reestimate_interval", 50),
+    ("--locmoe-plus-capacity-multiplier", "3.0", "plus_capacity_multiplier", 3.0),
+    ("--locmoe-plus-affinity-threshold", "0.5", "plus_affinity_threshold", 0.5),
+    ("--locmoe-dispatcher", "hierarchical", "dispatcher", "hierarchical"),
+    ("--locmoe-dispatcher-dedup", "on", "dispatcher_dedup", "on"),
+    ("--locmoe-experts", "grouped", "experts", "grouped"),
+    ("--locmoe-check-router-input", None, "check_router_input", True),
+    ("--locmoe-devices-per-node", "4", "devices_per_node", 4),
+    ("--locmoe-attention", "sdpa", "attention", "sdpa"),
+]
+SETTINGS_NEED = ("--moe-expert-capacity-factor", "1.25", "--disable-bias-linear")
+"""Megatron's own flags the settings above need: bound capacity a capacity factor, grouped
+experts no linear biases."""
+
+
 def test_every_flag_parses_and_lands_in_transformer_config(megatron_args, tmp_path):
     parse, to_config = megatron_args
-    args = parse(
-        "--moe-router-type",
-        "locmoe_plus",  # the router that reads every setting but the hash router's
-        "--locmoe-aux-loss-coeff",
-        "0.02",
-        "--locmoe-locality-loss-coeff",
-        "0.3",
-        "--locmoe-locality-smoothing",
-        "0.01",
-        "--locmoe-node-target-share",
-        "0.4",
-        "--locmoe-node-bias-rate",
-        "0.2",
-        "--locmoe-grap-mode",
-        "learnable",
-        "--locmoe-grap-bias",
-        "--locmoe-grap-temperature",
-        "4.0",
-        "--locmoe-grap-learnable-temperature",
-        "--locmoe-fused-router",
-        "--locmoe-capacity-mode",
-        "bound",
-        "--moe-expert-capacity-factor",
-        "1.25",
-        "--locmoe-capacity-floor-factor",
-        "0.25",
-        "--locmoe-capacity-percentile",
-        "0.1",
-        "--locmoe-capacity-reestimate-interval",
-        "50",
-        "--locmoe-plus-capacity-multiplier",
-        "3.0",
-        "--locmoe-plus-affinity-threshold",
-        "0.5",
-        "--locmoe-dispatcher",
-        "hierarchical",
-        "--locmoe-dispatcher-dedup",
-        "on",
-        "--locmoe-experts",
-        "grouped",
-        "--disable-bias-linear",
-        "--locmoe-check-router-input",
-        "--locmoe-devices-per-node",
-        "4",
-        "--locmoe-attention",
-        "sdpa",
-    )
-    expected = LocMoEConfig(
-        router_type="locmoe_plus",
-        aux_loss_coeff=0.02,
-        locality_loss_coeff=0.3,
-        locality_smoothing=0.01,
-        node_target_share=0.4,
-        node_bias_rate=0.2,
-        grap_mode="learnable",
-        grap_bias=True,
-        grap_temperature=4.0,
-        grap_learnable_temperature=True,
-        fused_router=True,
-        capacity_mode="bound",
-        capacity_floor_factor=0.25,
-        capacity_percentile=0.1,
-        capacity_reestimate_interval=50,
-        plus_capacity_multiplier=3.0,
-        plus_affinity_threshold=0.5,
-        dispatcher="hierarchical",
-        dispatcher_dedup="on",
-        experts="grouped",
-        check_router_input=True,
-        devices_per_node=4,
-        attention="sdpa",
-    )
+    typed = [a for flag, value, _, _ in EVERY_SETTING for a in (flag, value) if a is not None]
+    args = parse(*typed, *SETTINGS_NEED)
+    expected = LocMoEConfig(**{field: value for _, _, field, value in EVERY_SETTING})
     config = to_config(args)
     assert config.locmoe == expected
     # the hash router's settings, which only it reads
