@@ -350,10 +350,10 @@ DOMAINS = [
         "en_reference",
         "English reference: GCIDE, WordNet, FOLDOC, Jargon File, Devil's Dictionary",
         (
-            Rule("dict-gcide", r"^usr/share/dictd/gcide\.dict\.dz$", dictionary),
-            Rule("dict-foldoc", r"^usr/share/dictd/foldoc\.dict\.dz$", dictionary),
-            Rule("dict-jargon", r"^usr/share/dictd/jargon\.dict\.dz$", dictionary),
-            Rule("dict-devil", r"^usr/share/dictd/devil\.dict\.dz$", dictionary),
+            *(
+                Rule(f"dict-{d}", rf"^usr/share/dictd/{d}\.dict\.dz$", dictionary)
+                for d in ("gcide", "foldoc", "jargon", "devil")
+            ),
             Rule("wordnet-base", r"^usr/share/wordnet/data\.(noun|verb|adj|adv)$", wordnet),
         ),
     ),
@@ -397,9 +397,10 @@ DOMAINS = [
         "documentation in 23 other languages: Debian handbook, man pages, kernel docs, fortunes",
         (
             Rule("debian-handbook", _HANDBOOK.format("(?!en-US|zh-CN|zh-TW)[^/]+"), handbook_page),
-            Rule("manpages-ja", r"^usr/share/man/ja/man\w+/", translated_man_page),
-            Rule("manpages-de", r"^usr/share/man/de/man\w+/", translated_man_page),
-            Rule("manpages-fr", r"^usr/share/man/fr/man\w+/", translated_man_page),
+            *(
+                Rule(f"manpages-{lang}", rf"^usr/share/man/{lang}/man\w+/", translated_man_page)
+                for lang in ("ja", "de", "fr")
+            ),
             Rule("fortunes-ru", _FORTUNE.format("ru/"), fortunes),
             Rule("fortunes-de", _FORTUNE.format("de/"), fortunes),
             Rule(
