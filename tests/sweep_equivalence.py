@@ -1,7 +1,8 @@
 """What a locality-sweep run trains, in a form two TrainSettings can be compared by: every
 run-control field as it is, the model, optimizer, batch and dataset in the form the CPU loop
-builds them (sim/trainer.py), whichever way the settings describe them (the loop's own config
-and overrides, or Megatron's TransformerConfig, GPT options and optimizer for the flags).
+builds them (sim/trainer.py), whichever way the settings describe them (at 03c7b47 the loop's
+own size fields and overrides, or Megatron's TransformerConfig, GPT options and optimizer for
+the flags; now the model, a TransformerConfig, and the same GPT options and optimizer).
 
 tests/fixtures/locality_sweep_settings.json holds the former Python run table's runs (analysis/
 sweep.py ``sweep_runs`` / ``run_key`` / ``settings_for`` at commit 03c7b47, before the runs
@@ -24,6 +25,9 @@ from pathlib import Path
 from unittest import mock
 
 MODEL_FIELDS = (
+    "model",
+    # at 03c7b47 (legacy_record): the loop's own model's sizes and overrides, or the flags'
+    # TransformerConfig; one TransformerConfig, ``model``, since
     "num_layers",
     "hidden_size",
     "num_attention_heads",
@@ -32,7 +36,8 @@ MODEL_FIELDS = (
     "transformer_overrides",
     "transformer_config",
 )
-"""TrainSettings fields the model is built from: compared as the config the loop builds."""
+"""TrainSettings fields the model is built from: compared as the config the loop builds
+(``comparable``'s ``model``: the fixture recorded it so, whichever fields described it)."""
 BUILT_FIELDS = ("gpt_model_options", "optimizer", "lr", "global_batch_size", "dataset_options")
 """Compared as the GPTModel arguments, optimizer, micro-batches and dataset the loop builds."""
 PATH_FIELDS = (

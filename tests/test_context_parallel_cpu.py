@@ -158,8 +158,8 @@ def cp_runs(request, cluster8, corpus, start_cache):
 
     from megatron.core.models.gpt import GPTModel
 
-    def settings_for(**kw):
-        settings = tp_settings(corpus, **kw)
+    def settings_for(layout, **kw):
+        settings = tp_settings(corpus, layout, **kw)
         if request.param == "learned_absolute":  # GPTModel's default: TP 1's start and run
             default = inspect.signature(GPTModel).parameters["position_embedding_type"].default
             assert default == "learned_absolute", default
@@ -168,9 +168,10 @@ def cp_runs(request, cluster8, corpus, start_cache):
         return replace(settings, gpt_model_options=options)
 
     key = ("megatron", corpus) if request.param == "learned_absolute" else ("rope", corpus)
-    settings, reference = one_start(cluster8, start_cache, key, settings_for, CP1_EP4)
+    settings_on, reference = one_start(cluster8, start_cache, key, settings_for, CP1_EP4)
     assert CP1_EP4 == TP1  # the same layout: the start and TP 1's run are shared
-    return reference[0], cluster8.run(train_job, settings, layout=CP2_EP4, timeout_s=JOB_TIMEOUT_S)
+    out = cluster8.run(train_job, settings_on(CP2_EP4), layout=CP2_EP4, timeout_s=JOB_TIMEOUT_S)
+    return reference[0], out
 
 
 def test_context_parallel_trains_the_same_loss_as_cp1(cp_runs, record_property):
@@ -214,10 +215,10 @@ def test_token_wise_routers_train_the_cp1_loss_under_cp(
     ids the CPU loop splits as the tokens; locmoe without locality loss; Megatron's TopKRouter
     with its aux loss) train CP 1's losses and gradient norms from one start under CP 2 with
     EP across the nodes, every rank reporting the same losses and metrics."""
-    settings, reference = trained_from_one_start(
+    settings_on, reference = trained_from_one_start(
         cluster8, corpus, router_type, CP_TOKEN_WISE, start_cache, CP1_EP8
     )
-    out = _train(cluster8, settings, CP2_EP8)
+    out = _train(cluster8, settings_on(CP2_EP8), CP2_EP8)
     record_property("losses", out["losses"])
     record_property("reference_losses", reference["losses"])
     for key in ("losses", "grad_norm"):

@@ -158,7 +158,7 @@ def test_nodes_placeholder(corpora, tmp_path):
         'sweep.megatron-node-limited.moe-router-num-groups="{nodes}"',
     ]
     s = _demo_plan(tmp_path, d, sets, run="megatron-node-limited", nodes=4)
-    assert s.transformer_config.moe_router_num_groups == 4
+    assert s.model.moe_router_num_groups == 4
 
 
 def test_the_vocabulary_is_the_corpus_s(corpora, tmp_path):

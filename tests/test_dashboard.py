@@ -9,21 +9,22 @@ from megatron_locmoe.analysis import dashboard
 from megatron_locmoe.config import LocMoEConfig
 from megatron_locmoe.metrics import PLUGIN_METRICS
 from megatron_locmoe.sim.cluster import ParallelLayout
-from megatron_locmoe.sim.trainer import TrainSettings, train_job
+from megatron_locmoe.sim.trainer import TrainSettings, tiny_model, train_job
 
 
 @pytest.fixture(scope="module")
 def logged(cluster8, corpus, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dashboard")
+    layout = ParallelLayout(devices_per_node=4, ep=8)
     settings = TrainSettings(
         data_prefix=corpus,
         locmoe=LocMoEConfig(router_type="locmoe", dispatcher="hierarchical"),
+        model=tiny_model("locmoe", layout, num_moe_experts=16),
         steps=2,
-        num_experts=16,
         wandb_dir=str(tmp / "wb"),
         per_layer_logging=True,
     )
-    cluster8.run(train_job, settings, layout=ParallelLayout(devices_per_node=4, ep=8))
+    cluster8.run(train_job, settings, layout=layout)
     return dashboard.logged_keys(tmp / "wb")
 
 

@@ -158,7 +158,7 @@ def test_the_sweeps_runs_train_what_their_committed_results_trained(cluster8, tm
 
     from megatron_locmoe.analysis import sweep
     from megatron_locmoe.config import LocMoEConfig
-    from megatron_locmoe.sim.trainer import TrainSettings, train_job
+    from megatron_locmoe.sim.trainer import TrainSettings, tiny_model, train_job
 
     domains = demo.prepare_domains(tmp_path / "data", 2, 40, held_out_every=20)
     args = sweep.parse_args(["--steps", "3"])
@@ -180,17 +180,22 @@ def test_the_sweeps_runs_train_what_their_committed_results_trained(cluster8, tm
             data_prefix=domains["prefixes"][0],
             data_prefix_per_node=list(domains["prefixes"]),
             locmoe=LocMoEConfig(router_type=router, dispatcher="hierarchical", **settings),
+            model=tiny_model(
+                router,
+                layout,
+                num_layers=2,
+                hidden_size=64,
+                num_attention_heads=4,
+                num_moe_experts=16,
+                moe_router_topk=topk,
+                moe_ffn_hidden_size=128,
+                **overrides,
+            ),
             steps=3,
             seq_length=64,
             micro_batch_size=4,
-            num_layers=2,
-            hidden_size=64,
-            num_attention_heads=4,
-            num_experts=16,
-            topk=topk,
             lr=1e-3,
             seed=1234,
-            transformer_overrides={"moe_ffn_hidden_size": 128, **overrides},
             per_layer_logging=True,
         )
         ours = dataclasses.replace(  # (the held-out evaluation runs after training)

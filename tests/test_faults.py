@@ -12,7 +12,7 @@ import torch
 from megatron_locmoe.config import LocMoEConfig
 from megatron_locmoe.sim.cluster import ClusterJobError, ParallelLayout
 from megatron_locmoe.sim.testing import build_moe_layer, moe_config
-from megatron_locmoe.sim.trainer import TrainSettings, train_job
+from megatron_locmoe.sim.trainer import TrainSettings, tiny_model, train_job
 
 LAYOUT = ParallelLayout(devices_per_node=1, ep=2)
 
@@ -21,6 +21,7 @@ def _saved_checkpoint(cluster, corpus, root):
     settings = TrainSettings(
         data_prefix=corpus,
         locmoe=LocMoEConfig(router_type="locmoe"),
+        model=tiny_model("locmoe", LAYOUT),
         steps=2,
         save_interval=2,
         save_dir=str(root),
@@ -88,7 +89,8 @@ def test_a_checkpoint_of_other_settings_is_refused_in_one_line(cluster_factory, 
     )
     settings.steps, settings.save_dir, settings.save_interval = 4, None, 0
     for router_type, num_experts, weights_only, message in REFUSED_SETTINGS:
-        settings.locmoe, settings.num_experts = LocMoEConfig(router_type=router_type), num_experts
+        settings.locmoe = LocMoEConfig(router_type=router_type)
+        settings.model = tiny_model(router_type, LAYOUT, num_moe_experts=num_experts)
         settings.load_dir = None if weights_only else str(tmp_path / "ckpt")
         settings.init_weights_dir = str(tmp_path / "ckpt") if weights_only else None
         with pytest.raises(ClusterJobError) as e:

@@ -847,16 +847,18 @@ def test_a_failed_cpu_run_ends_in_one_error_line(corpus, tmp_path, capsys):
 def test_cpu_sim_flags_map_onto_the_cpu_loop(tmp_path):
     sets = ["save=ckpt", "save-interval=10", "load=ckpt", "moe-router-type=switch"]
     sets += ["moe-expert-capacity-factor=1.25", "train-iters=12", "lr=1e-3", "hidden-size=32"]
-    sets += ["global-batch-size=32"]
+    sets += ["global-batch-size=32", "num-layers=3", "num-attention-heads=8", "num-experts=16"]
     plan = _plan("cpu-sim", sets=sets, nodes=4, runs_dir=str(tmp_path))
     (rp,) = plan.runs
     settings, layout = rp.cpu_loop  # what run_cpu trains with
     assert (layout.devices_per_node, layout.ep) == (2, 4) and plan.world_size == 8
     assert (settings.save_dir, settings.save_interval, settings.load_dir) == ("ckpt", 10, "ckpt")
-    assert (settings.steps, settings.lr, settings.hidden_size) == (12, 1e-3, 32)
+    assert (settings.steps, settings.lr) == (12, 1e-3)
     assert settings.locmoe.router_type == "switch" and settings.locmoe.dispatcher == "hierarchical"
-    config = settings.transformer_config  # Megatron's own, from the flags
-    assert (config.moe_expert_capacity_factor, config.hidden_size) == (1.25, 32)
+    config = settings.model  # Megatron's own, from the flags: the model's sizes are theirs
+    assert (config.num_layers, config.hidden_size, config.num_attention_heads) == (3, 32, 8)
+    assert (config.num_moe_experts, config.moe_router_topk) == (16, 1)  # switch: top-1
+    assert config.moe_expert_capacity_factor == 1.25
     assert (config.moe_ffn_hidden_size, config.expert_model_parallel_size) == (64, 4)
     assert settings.progress_path == str(tmp_path / "cpu-sim" / "cpu-sim" / "progress.jsonl")
 
@@ -870,7 +872,7 @@ def test_cpu_loop_takes_pipeline_tensor_and_context_parallel_layouts(tmp_path, m
     settings, layout = _plan("cpu-sim", sets=sets, runs_dir=str(tmp_path)).runs[0].cpu_loop
     assert (layout.pp, layout.vp, layout.ep) == (2, 2, 2)
     assert settings.global_batch_size == 16  # 2 micro-batches of 4 x data-parallel size 2
-    config = settings.transformer_config
+    config = settings.model
     assert (config.pipeline_model_parallel_size, config.virtual_pipeline_model_parallel_size) == (
         2,
         2,
@@ -880,13 +882,13 @@ def test_cpu_loop_takes_pipeline_tensor_and_context_parallel_layouts(tmp_path, m
     sets += ["expert-model-parallel-size=2"]
     settings, layout = _plan("cpu-sim", sets=sets, runs_dir=str(tmp_path)).runs[0].cpu_loop
     assert (layout.tp, layout.ep, layout.pp) == (2, 2, 1)
-    config = settings.transformer_config
+    config = settings.model
     assert config.tensor_model_parallel_size == 2 and config.sequence_parallel
     assert settings.gpt_model_options["vocab_size"] % 2 == 0  # padded so TP 2 splits it
     sets = ["context-parallel-size=2", "expert-model-parallel-size=2"]
     settings, layout = _plan("cpu-sim", sets=sets, runs_dir=str(tmp_path)).runs[0].cpu_loop
     assert (layout.cp, layout.ep) == (2, 2)  # micro batch 4 x DP 2 x 2 micro-batches = 16
-    assert settings.transformer_config.context_parallel_size == 2
+    assert settings.model.context_parallel_size == 2
     with pytest.raises(PresetError, match="the CPU loop, .* use --transformer-impl local"):
         _plan("cpu-sim", sets=[*sets, "transformer-impl=transformer_engine"])
 
@@ -898,7 +900,7 @@ def test_cpu_loop_refuses_cuda_only_settings_with_the_fix(tmp_path):
         _plan("cpu-sim", sets=["position-embedding-type=rope"], runs_dir=str(tmp_path))
     sets = ["position-embedding-type=rope", "no-rope-fusion=true", "locmoe-experts=grouped"]
     settings, _ = _plan("cpu-sim", sets=sets, runs_dir=str(tmp_path)).runs[0].cpu_loop
-    assert settings.transformer_config.apply_rope_fusion is False
+    assert settings.model.apply_rope_fusion is False
 
 
 def test_cpu_loop_honours_the_model_flags(tmp_path):
@@ -912,11 +914,11 @@ def test_cpu_loop_honours_the_model_flags(tmp_path):
     plan = _plan("cpu-sim", sets=sets, runs_dir=str(tmp_path))
     (rp,) = plan.runs
     settings, _ = rp.cpu_loop
-    c = settings.transformer_config
+    c = settings.model
     assert (c.gated_linear_unit, c.activation_func, c.add_bias_linear) == (False, F.gelu, True)
     assert (c.hidden_dropout, c.attention_dropout, c.normalization) == (0.2, 0.0, "RMSNorm")
     assert c.moe_aux_loss_coeff == 0.0
-    default = _cpu_sim_run(tmp_path).cpu_loop[0].transformer_config
+    default = _cpu_sim_run(tmp_path).cpu_loop[0].model
     assert default.gated_linear_unit and not default.add_bias_linear
 
 
@@ -995,12 +997,15 @@ def test_cpu_twins_keep_the_layout_and_routing_of_their_preset(name, tmp_path, m
         settings, layout = rp.cpu_loop
         assert (layout.tp, layout.pp, layout.etp, layout.cp) == (want.tp, want.pp, want.etp, 1)
         assert layout.ep * layout.etp == 2 * layout.devices_per_node  # EP spans 2 nodes
-        config = settings.transformer_config
+        config = settings.model
         assert config.sequence_parallel == bool(flags.get("sequence-parallel"))
         assert config.moe_expert_capacity_factor == flags.get("moe-expert-capacity-factor")
         assert settings.locmoe.router_type == flags.get("moe-router-type", "megatron")
         assert settings.locmoe.dispatcher == "hierarchical"
-        assert (settings.hidden_size, settings.num_experts) == (64, flags["num-experts"])
+        assert (settings.model.hidden_size, settings.model.num_moe_experts) == (
+            64,
+            flags["num-experts"],
+        )
 
 
 @pytest.mark.slow

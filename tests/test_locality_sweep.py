@@ -107,14 +107,15 @@ def test_node_bias_raises_locality_in_the_control(cluster_factory, swept):
 
     from megatron_locmoe.config import LocMoEConfig
     from megatron_locmoe.sim.cluster import ParallelLayout
-    from megatron_locmoe.sim.trainer import TrainSettings, train_job
+    from megatron_locmoe.sim.trainer import TrainSettings, tiny_model, train_job
 
     mixture = str(swept / "data" / "nodes4" / "mixture")
+    layout = ParallelLayout(devices_per_node=1, ep=4)
     base = TrainSettings(
         data_prefix=mixture, locmoe=LocMoEConfig(router_type="locmoe", dispatcher="hierarchical"),
-        steps=6, num_experts=16, lr=1e-3, routing_stats_steps=2,
+        model=tiny_model("locmoe", layout, num_moe_experts=16),
+        steps=6, lr=1e-3, routing_stats_steps=2,
     )  # fmt: skip
-    layout = ParallelLayout(devices_per_node=1, ep=4)
     share = {}
     for target in (0.0, 0.9):
         cfg = replace(base.locmoe, node_target_share=target, node_bias_rate=5.0)

@@ -262,10 +262,9 @@ FRACTION = 0.14
 def cap_settings(corpus, fraction, virtual: bool, **kw):  # noqa: F811
     """Megatron's router, top-2 with the aux loss (16 experts, 4 per node), domain data: the
     virtual-vs-real comparison's settings (tests/test_virtual_cluster_cpu.py)."""
-    s = vc._settings(corpus, "megatron", "domains", virtual, **kw)
-    overrides = {**s.transformer_overrides, "moe_router_topk": 2, "moe_router_pre_softmax": False}
-    locmoe = replace(s.locmoe, max_outgoing_fraction=fraction)
-    return replace(s, locmoe=locmoe, transformer_overrides=overrides)
+    model = dict(moe_router_topk=2, moe_router_pre_softmax=False)
+    s = vc._settings(corpus, "megatron", "domains", virtual, model=model, **kw)
+    return replace(s, locmoe=replace(s.locmoe, max_outgoing_fraction=fraction))
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from megatron_locmoe.config import LocMoEConfig
 from megatron_locmoe.routers.hash import MissingTokenIdsError
 from megatron_locmoe.sim import checkpoint, trainer
 from megatron_locmoe.sim.cluster import ClusterJobError, ParallelLayout
-from megatron_locmoe.sim.trainer import OptimizerSettings, TrainSettings, train_job
+from megatron_locmoe.sim.trainer import OptimizerSettings, TrainSettings, tiny_model, train_job
 
 pytestmark = pytest.mark.slow  # 8-rank cluster trainings: `make test-fast` leaves them out
 
@@ -58,20 +58,22 @@ OPTIMIZER = OptimizerSettings(
 )
 
 
-def _settings(corpus, router_type: str, **kw) -> TrainSettings:
+NO_AUX_LOSS = dict(moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0)
+
+
+def _settings(corpus, router_type: str, layout, model: dict = NO_AUX_LOSS, **kw) -> TrainSettings:
     """4 layers (one per chunk at PP 2 x VP 2), tied embeddings (their two copies sit on the
-    first and last stage), a global batch of 16 = 1 micro-batch x DP 8 at PP 1 = 2 x DP 4."""
+    first and last stage), a global batch of 16 = 1 micro-batch x DP 8 at PP 1 = 2 x DP 4, on
+    ``layout``; ``model``: the model's other fields (``tiny_model``'s keywords)."""
+    sizes = dict(num_layers=4, hidden_size=32, num_moe_experts=8)
     settings = dict(
         data_prefix=corpus,
         locmoe=LocMoEConfig(router_type=router_type, dispatcher="hierarchical"),
+        model=tiny_model(router_type, layout, **{**sizes, **model}),
         steps=3,
-        num_layers=4,
-        hidden_size=32,
         seq_length=32,
         micro_batch_size=2,
         global_batch_size=16,
-        num_experts=8,
-        transformer_overrides=dict(moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0),
         gpt_model_options=dict(share_embeddings_and_output_weights=True),
         optimizer=OPTIMIZER,
     )
@@ -91,7 +93,7 @@ def start(cluster8, corpus, tmp_path_factory):
     """A model-only starting point saved under PP 1 (one step of training, so it is not the
     initialisation any layout would draw itself)."""
     root = tmp_path_factory.mktemp("start")
-    settings = _settings(corpus, "megatron", steps=1, save_interval=1, save_dir=str(root))
+    settings = _settings(corpus, "megatron", PP1, steps=1, save_interval=1, save_dir=str(root))
     cluster8.run(train_job, settings, layout=PP1, timeout_s=JOB_TIMEOUT_S)
     return str(root)
 
@@ -105,7 +107,7 @@ def from_start(cluster8, corpus, start):
 
     def get(layout):
         if layout not in done:
-            settings = _settings(corpus, "megatron", init_weights_dir=start)
+            settings = _settings(corpus, "megatron", layout, init_weights_dir=start)
             done[layout] = _run(cluster8, settings, layout)[0]
         return done[layout]
 
@@ -132,7 +134,7 @@ def test_a_pipeline_checkpoint_resumes_bitwise(
     """Save at step 2 under PP 2 (each stage its layers, experts and Adam state; the tied
     copy's state once; with virtual stages Megatron's model0, model1), resume: step 3 equals
     the uninterrupted run bitwise."""
-    settings = _settings(corpus, "megatron", init_weights_dir=start)
+    settings = _settings(corpus, "megatron", layout, init_weights_dir=start)
     full = from_start(layout)
     ckpt = str(tmp_path / "ckpt")
     saved = _run(cluster8, replace(settings, steps=2, save_interval=2, save_dir=ckpt), layout)[0]
@@ -150,7 +152,7 @@ def test_a_pipeline_checkpoint_resumes_bitwise(
 def hash_start(cluster8, corpus, tmp_path_factory):
     """A model-only starting point for the hash router (no router weights), saved under PP 1."""
     root = tmp_path_factory.mktemp("hash_start")
-    settings = _settings(corpus, "hash", steps=1, save_interval=1, save_dir=str(root))
+    settings = _settings(corpus, "hash", PP1, steps=1, save_interval=1, save_dir=str(root))
     cluster8.run(train_job, settings, layout=PP1, timeout_s=JOB_TIMEOUT_S)
     return str(root)
 
@@ -159,11 +161,14 @@ def test_hash_router_trains_the_same_loss_under_pipeline_stages(cluster8, corpus
     """The hash router routes by token id wherever its experts live, so PP 2 (each stage's
     chunk gets the micro-batch's tokens from the CPU loop) and PP 2 x VP 2 (the middle chunks
     too) train PP 1's loss curve. Broken delivery fails loudly: MissingTokenIdsError."""
-    settings = _settings(corpus, "hash", init_weights_dir=hash_start)
-    reference = _run(cluster8, settings, PP1)[0]
+
+    def settings(layout):
+        return _settings(corpus, "hash", layout, init_weights_dir=hash_start)
+
+    reference = _run(cluster8, settings(PP1), PP1)[0]
     assert reference["losses"][-1] < reference["losses"][0]
     for layout in (PP2, PP2_VP2):
-        out = _run(cluster8, settings, layout)[0]
+        out = _run(cluster8, settings(layout), layout)[0]
         for key in ("losses", "grad_norm"):
             np.testing.assert_allclose(out[key], reference[key], rtol=1e-5, err_msg=key)
 
@@ -226,14 +231,17 @@ def test_pretrain_gpt_hands_token_ids_to_every_hash_stage(cluster8, corpus, hash
     (rank 0's second, rank 1's first) get no batch from Megatron's rule: with the hash router
     they read the tokens, and the loss equals PP 1's; with Megatron-LM's rule (tokens on the
     first and last stage only) the middle chunks' routers raise MissingTokenIdsError."""
-    settings = _settings(corpus, "hash", init_weights_dir=hash_start)
+
+    def settings(layout):
+        return _settings(corpus, "hash", layout, init_weights_dir=hash_start)
+
     run = dict(timeout_s=JOB_TIMEOUT_S)
-    reference = cluster8.run(pretrain_gpt_eval_job, settings, layout=PP1, **run)
-    staged = cluster8.run(pretrain_gpt_eval_job, settings, layout=PP2_VP2, **run)
+    reference = cluster8.run(pretrain_gpt_eval_job, settings(PP1), layout=PP1, **run)
+    staged = cluster8.run(pretrain_gpt_eval_job, settings(PP2_VP2), layout=PP2_VP2, **run)
     assert len(set(reference)) == len(set(staged)) == 1  # every rank the same
     np.testing.assert_allclose(staged[0], reference[0], rtol=1e-6)
     with pytest.raises(ClusterJobError, match=MissingTokenIdsError.__name__):
-        cluster8.run(pretrain_gpt_eval_job, settings, True, layout=PP2_VP2, **run)
+        cluster8.run(pretrain_gpt_eval_job, settings(PP2_VP2), True, layout=PP2_VP2, **run)
 
 
 # ---- every router under PP, EP across nodes: the hierarchical dispatcher does inter-node work --
@@ -271,11 +279,8 @@ def test_every_router_trains_under_pipeline_stages_with_ep_across_nodes(
     groups = cluster8.run(ep_groups_job, layout=layout, timeout_s=JOB_TIMEOUT_S)
     nodes = [{r // layout.devices_per_node for r in g} for g in groups]
     assert all(len(n) == 2 for n in nodes), groups  # every EP group spans 2 nodes
-    settings = replace(
-        _settings(corpus, router_type, steps=4),
-        transformer_overrides=ROUTERS_UNDER_PP[router_type],
-        optimizer=None,
-    )
+    model = ROUTERS_UNDER_PP[router_type]
+    settings = _settings(corpus, router_type, layout, model=model, steps=4, optimizer=None)
     results = cluster8.run(train_job, settings, layout=layout, timeout_s=JOB_TIMEOUT_S)
     for r in results:
         assert r["losses"] == results[0]["losses"]

@@ -22,7 +22,7 @@ from megatron_locmoe.analysis import placement
 from megatron_locmoe.config import LocMoEConfig
 from megatron_locmoe.sim import data
 from megatron_locmoe.sim.cluster import ParallelLayout
-from megatron_locmoe.sim.trainer import TrainSettings, train_job
+from megatron_locmoe.sim.trainer import TrainSettings, tiny_model, train_job
 from tests.test_pipeline_cpu import OPTIMIZER
 
 ONE = ParallelLayout(devices_per_node=1)
@@ -38,21 +38,23 @@ def run(cluster_factory, tmp_path_factory):
         data_prefix=built["mixture"],
         data_prefix_per_node=built["prefixes"],
         locmoe=LocMoEConfig(router_type="megatron", virtual_cluster="4x2"),
-        steps=2,
-        num_layers=2,
-        hidden_size=32,
-        seq_length=32,
-        micro_batch_size=2,
-        global_batch_size=16,
-        num_experts=16,
-        topk=2,
-        optimizer=OPTIMIZER,
-        transformer_overrides=dict(
+        model=tiny_model(
+            "megatron",
+            ONE,
+            num_layers=2,
+            hidden_size=32,
+            num_moe_experts=16,
+            moe_router_topk=2,
             moe_aux_loss_coeff=0.01,
             moe_router_enable_expert_bias=True,
             moe_router_score_function="sigmoid",
             moe_router_pre_softmax=False,
         ),
+        steps=2,
+        seq_length=32,
+        micro_batch_size=2,
+        global_batch_size=16,
+        optimizer=OPTIMIZER,
     )
     cluster = cluster_factory(1)
     root = out / "ckpt"

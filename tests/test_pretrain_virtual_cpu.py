@@ -43,7 +43,7 @@ def pretrain_path_job(ctx, extra: list[str], enter: bool = True, base: str = FLA
     from megatron_locmoe import adaptor, pretrain_gpt, virtual
     from megatron_locmoe.arguments import locmoe_config_from_args
     from megatron_locmoe.layer import LocMoELayer
-    from megatron_locmoe.sim.trainer import TrainSettings, _model
+    from megatron_locmoe.sim.trainer import TrainSettings, _model, tiny_model
 
     adaptor.apply()
     sys.argv = ["pretrain_gpt.py", *base.split(), *extra]
@@ -53,11 +53,11 @@ def pretrain_path_job(ctx, extra: list[str], enter: bool = True, base: str = FLA
     gv._GLOBAL_ARGS, gv._GLOBAL_TOKENIZER = args, gv._build_tokenizer(args)
     try:
         train, valid, _ = pretrain_gpt.train_valid_test_datasets_provider([64, 16, 0])
+        locmoe = locmoe_config_from_args(args)
         settings = TrainSettings(
             data_prefix="",
-            locmoe=locmoe_config_from_args(args),
-            hidden_size=32,
-            num_experts=16,
+            locmoe=locmoe,
+            model=tiny_model(locmoe.router_type, ctx.layout, hidden_size=32, num_moe_experts=16),
             seq_length=32,
             micro_batch_size=2,
         )

@@ -13,7 +13,7 @@ import torch
 
 from megatron_locmoe.config import ConfigError, LocMoEConfig
 from megatron_locmoe.sim.cluster import ParallelLayout
-from megatron_locmoe.sim.trainer import TrainSettings, train_job
+from megatron_locmoe.sim.trainer import TrainSettings, tiny_model, train_job
 from megatron_locmoe.validation import validate
 from tests.test_pipeline_cpu import OPTIMIZER
 
@@ -125,17 +125,18 @@ def test_sdpa_attention_refuses_what_it_cannot_run(overrides, what):
         validate(cfg, moe_config(ep=1, **overrides))
 
 
+EP2 = ParallelLayout(devices_per_node=1, ep=2)  # two simulated nodes x 1 rank
+
+
 def _settings(corpus, attention: str) -> TrainSettings:
     return TrainSettings(
         data_prefix=corpus,
         locmoe=LocMoEConfig(router_type="locmoe", attention=attention),
+        model=tiny_model("locmoe", EP2, hidden_size=32, num_moe_experts=4),
         steps=3,
-        num_layers=2,
-        hidden_size=32,
         seq_length=32,
         micro_batch_size=2,
         global_batch_size=4,
-        num_experts=4,
         optimizer=OPTIMIZER,  # Megatron's optimizer path with clipping that bites
     )
 
@@ -143,7 +144,7 @@ def _settings(corpus, attention: str) -> TrainSettings:
 def test_training_with_sdpa_attention_keeps_megatrons_losses(cluster2, corpus, tmp_path):
     """Two simulated nodes x 1 rank, EP 2 across them, from one start: the same losses and
     gradient norms with either attention (fp32; the kernels sum in another order)."""
-    layout = ParallelLayout(devices_per_node=1, ep=2)
+    layout = EP2
     start = str(tmp_path / "start")
     first = replace(_settings(corpus, "megatron"), steps=1, save_interval=1, save_dir=start)
     cluster2.run(train_job, first, layout=layout, timeout_s=JOB_TIMEOUT_S)

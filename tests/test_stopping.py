@@ -25,7 +25,7 @@ import pytest
 
 from megatron_locmoe.config import LocMoEConfig
 from megatron_locmoe.sim.cluster import ClusterJobError, Interrupted, ParallelLayout
-from megatron_locmoe.sim.trainer import TrainSettings, train_job
+from megatron_locmoe.sim.trainer import TrainSettings, tiny_model, train_job
 
 LAYOUT = ParallelLayout(devices_per_node=1, ep=2)
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +35,7 @@ def _settings(corpus, tmp_path, **kw) -> TrainSettings:
     return TrainSettings(
         data_prefix=corpus,
         locmoe=LocMoEConfig(router_type="locmoe"),
+        model=tiny_model("locmoe", LAYOUT),
         steps=60,  # the same for every run: the dataset's sample order depends on it
         progress_path=str(tmp_path / "progress.jsonl"),
         **kw,

@@ -9,6 +9,7 @@ change train TP 1's loss, the others train with one set of metrics on every rank
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 
 import numpy as np
@@ -18,7 +19,10 @@ import torch.distributed as dist
 from megatron_locmoe.sim import data
 from megatron_locmoe.sim.cluster import ParallelLayout
 from megatron_locmoe.sim.trainer import TrainSettings, train_job
-from tests.test_pipeline_cpu import OPTIMIZER  # clipping that bites: the norm must dedupe TP
+from tests.test_pipeline_cpu import (
+    NO_AUX_LOSS,
+    OPTIMIZER,  # clipping that bites: the norm must dedupe TP
+)
 from tests.test_pipeline_cpu import _settings as pipeline_settings
 
 pytestmark = pytest.mark.slow  # 8-rank cluster trainings: `make test-fast` leaves them out
@@ -29,38 +33,52 @@ TP1 = ParallelLayout(devices_per_node=4, ep=4)
 TP2 = ParallelLayout(devices_per_node=4, tp=2, etp=1, ep=4)  # TP pairs (0, 1), ... in a node
 
 
-def _settings(corpus, **kw) -> TrainSettings:
+def _settings(corpus, layout, **kw) -> TrainSettings:
     """2 layers, a global batch of 16 = 1 micro-batch x DP 8 at TP 1 = 2 x DP 4 at TP 2."""
     options = dict(vocab_size=data.VOCAB_SIZE + 1)  # 258: a multiple of TP 2
-    return pipeline_settings(corpus, "megatron", num_layers=2, gpt_model_options=options, **kw)
+    model = dict(NO_AUX_LOSS, num_layers=2)
+    return pipeline_settings(
+        corpus, "megatron", layout, model=model, gpt_model_options=options, **kw
+    )
+
+
+def _key(settings: TrainSettings) -> tuple:
+    """What tells two settings apart (a TransformerConfig compares its init methods, partials,
+    by identity: the model by its repr)."""
+    return replace(settings, model=None), repr(settings.model)
 
 
 def one_start(cluster, start_cache, key, settings_for, layout) -> tuple:
-    """(settings that start from one saved step, every rank's result of them under
-    ``layout``): ``settings_for(**kw)`` trained one step under ``layout`` and saved, then
-    trained from there. Once per session per ``key`` and layout (conftest's ``start_cache``):
-    the TP and CP tests compare against the same TP 1 / CP 1 runs."""
+    """(``settings_on(layout)``: the settings that start from one saved step, for any layout;
+    every rank's result of them under ``layout``): ``settings_for(layout, **kw)`` trained one
+    step under ``layout`` and saved, then trained from there. Once per session per ``key``
+    and layout (conftest's ``start_cache``): the TP and CP tests compare against the same
+    TP 1 / CP 1 runs."""
 
     def make(start: str) -> tuple:
-        first = settings_for(steps=1, save_interval=1, save_dir=start)
+        first = settings_for(layout, steps=1, save_interval=1, save_dir=start)
         cluster.run(train_job, first, layout=layout, timeout_s=JOB_TIMEOUT_S)
-        settings = settings_for(init_weights_dir=start)
-        return start, settings, cluster.run(train_job, settings, layout=layout, **run)
+        settings = settings_for(layout, init_weights_dir=start)
+        return start, _key(settings), cluster.run(train_job, settings, layout=layout, **run)
 
     run = dict(timeout_s=JOB_TIMEOUT_S)
     start, made_with, results = start_cache((*key, repr(layout)), make)
-    settings = settings_for(init_weights_dir=start)
-    assert settings == made_with, f"start_cache: one key {key} for two settings"
-    return settings, results
+
+    def settings_on(other: ParallelLayout) -> TrainSettings:
+        return settings_for(other, init_weights_dir=start)
+
+    assert _key(settings_on(layout)) == made_with, f"start_cache: one key {key} for two settings"
+    return settings_on, results
 
 
 @pytest.fixture(scope="module")
 def runs(cluster8, corpus, start_cache):
     """(TP 1 rank 0's result, TP 2's results by rank), both from one start saved under TP 1."""
-    settings, reference = one_start(
-        cluster8, start_cache, ("megatron", corpus), lambda **kw: _settings(corpus, **kw), TP1
+    settings_on, reference = one_start(
+        cluster8, start_cache, ("megatron", corpus), functools.partial(_settings, corpus), TP1
     )
-    return reference[0], cluster8.run(train_job, settings, layout=TP2, timeout_s=JOB_TIMEOUT_S)
+    out = cluster8.run(train_job, settings_on(TP2), layout=TP2, timeout_s=JOB_TIMEOUT_S)
+    return reference[0], out
 
 
 def assert_same_training(out: dict, reference: dict, record_property) -> None:
@@ -93,7 +111,7 @@ def test_tensor_parallel_metrics_are_identical_on_every_rank(runs):
 
 
 def test_a_vocabulary_that_does_not_split_is_refused(cluster8, corpus):
-    settings = replace(_settings(corpus, steps=1), gpt_model_options={})
+    settings = replace(_settings(corpus, TP2, steps=1), gpt_model_options={})
     with pytest.raises(Exception, match="does not split over tensor-parallel size 2"):
         cluster8.run(train_job, settings, layout=TP2, timeout_s=JOB_TIMEOUT_S)
 
@@ -119,20 +137,17 @@ BATCH_WISE = {  # routers whose routing or losses read this rank's tokens as a b
 }
 
 
-def _router_settings(corpus, router_type, cases, **kw) -> TrainSettings:
+def _router_settings(corpus, router_type, cases, layout, **kw) -> TrainSettings:
     locmoe_fields, overrides = cases[router_type]
     settings = pipeline_settings(
         corpus,
         router_type,
-        num_layers=2,
+        layout,
+        model=dict(NO_AUX_LOSS, num_layers=2, **overrides),
         gpt_model_options=dict(vocab_size=data.VOCAB_SIZE + 1),
         **kw,
     )
-    return replace(
-        settings,
-        locmoe=replace(settings.locmoe, **locmoe_fields),
-        transformer_overrides={**settings.transformer_overrides, **overrides},
-    )
+    return replace(settings, locmoe=replace(settings.locmoe, **locmoe_fields))
 
 
 def ep_topology_job(ctx):
@@ -172,20 +187,15 @@ def test_ep_groups_span_both_nodes_under_tensor_parallelism(cluster8, layout):
 
 
 def trained_from_one_start(cluster, corpus, router_type, cases, start_cache, layout) -> tuple:
-    """(settings, ``layout``'s result): one step of ``router_type`` saved under ``layout``,
-    then the run from there that other layouts must equal (with clipping that bites); once
-    per session for the same router fields (``one_start``)."""
+    """(``settings_on(layout)``, ``layout``'s result): one step of ``router_type`` saved under
+    ``layout``, then the run from there that other layouts must equal (with clipping that
+    bites); once per session for the same router fields (``one_start``)."""
     key = (router_type, repr(cases[router_type]), corpus)
-    settings, results = one_start(
-        cluster,
-        start_cache,
-        key,
-        lambda **kw: _router_settings(corpus, router_type, cases, **kw),
-        layout,
-    )
+    settings_for = functools.partial(_router_settings, corpus, router_type, cases)
+    settings_on, results = one_start(cluster, start_cache, key, settings_for, layout)
     reference = _checked(results)
     assert min(reference["grad_norm"]) > OPTIMIZER.clip_grad
-    return settings, reference
+    return settings_on, reference
 
 
 @pytest.mark.parametrize("router_type", list(TOKEN_WISE))
@@ -197,12 +207,12 @@ def test_token_wise_plugin_routers_train_the_tp1_loss_under_tp(
     Megatron counts over the TP group; switch at a capacity that drops nothing) train TP 1's
     losses and gradient norms from one start under TP 2 + SP with EP across the nodes (and,
     for locmoe, with expert-TP 2: the dispatcher's expert-TP all-gather / reduce-scatter)."""
-    settings, reference = trained_from_one_start(
+    settings_on, reference = trained_from_one_start(
         cluster8, corpus, router_type, TOKEN_WISE, start_cache, TP1_EP8
     )
     layouts = [TP2_EP8, TP2_ETP2] if router_type == "locmoe" else [TP2_EP8]
     for layout in layouts:
-        out = _train(cluster8, settings, layout)
+        out = _train(cluster8, settings_on(layout), layout)
         record_property(f"losses {layout.describe()}", out["losses"])
         for key in ("losses", "grad_norm"):  # measured: 5e-7 apart at most
             np.testing.assert_allclose(out[key], reference[key], rtol=1e-5, err_msg=key)
@@ -221,7 +231,7 @@ def test_batch_wise_plugin_routers_train_under_tp(cluster8, corpus, router_type,
 def check_batch_wise_router_trains(cluster, corpus, router_type, layout, record_property):
     """``router_type`` (of BATCH_WISE) trains 4 steps from scratch under ``layout``: the loss
     falls, its locality loss and drops are there (every rank reported one set: ``_train``)."""
-    settings = replace(_router_settings(corpus, router_type, BATCH_WISE, steps=4), optimizer=None)
+    settings = _router_settings(corpus, router_type, BATCH_WISE, layout, steps=4, optimizer=None)
     out = _train(cluster, settings, layout)
     losses, metrics = out["losses"], out["metrics"]
     record_property("losses", losses)

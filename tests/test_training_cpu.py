@@ -15,7 +15,7 @@ from megatron_locmoe.config import LocMoEConfig
 from megatron_locmoe.metrics import PLUGIN_METRICS
 from megatron_locmoe.sim import data
 from megatron_locmoe.sim.cluster import ParallelLayout
-from megatron_locmoe.sim.trainer import TrainSettings, train_job
+from megatron_locmoe.sim.trainer import TrainSettings, tiny_model, train_job
 
 
 def _tensorboard_tags(logdir) -> set[str]:
@@ -26,18 +26,60 @@ def _tensorboard_tags(logdir) -> set[str]:
     return set(acc.Tags()["scalars"])
 
 
+def built_sizes_job(ctx, settings) -> dict:
+    """The sizes of the model the loop builds for ``settings``, read off its modules."""
+    from megatron_locmoe.sim import trainer
+
+    ctx.topology()
+    (model,) = trainer._model_chunks(settings, ctx.layout.ep)
+    layers = model.decoder.layers
+    mlp = layers[0].mlp
+    return dict(
+        num_layers=len(layers),
+        hidden_size=model.embedding.word_embeddings.weight.shape[1],
+        num_attention_heads=layers[0].self_attention.num_attention_heads_per_partition,
+        num_moe_experts=mlp.router.weight.shape[0],
+        moe_router_topk=mlp.router.topk,
+        moe_ffn_hidden_size=mlp.experts.local_experts[0].linear_fc2.weight.shape[1],
+    )
+
+
+def test_the_loop_builds_the_settings_model(cluster_factory):
+    """The model that trains is the settings' model: every size :func:`tiny_model` is given
+    (none of them its default) is the built module's; a model for another layout is refused."""
+    from megatron_locmoe.sim.cluster import ClusterJobError
+    from megatron_locmoe.sim.trainer import TINY_MODEL
+
+    layout = ParallelLayout(devices_per_node=1, ep=2)
+    sizes = dict(num_layers=3, hidden_size=32, num_attention_heads=2, num_moe_experts=6)
+    sizes.update(moe_router_topk=2, moe_ffn_hidden_size=40)
+    assert all(TINY_MODEL.get(k) != v for k, v in sizes.items())
+    settings = TrainSettings(
+        data_prefix="",
+        locmoe=LocMoEConfig(dispatcher="hierarchical"),
+        model=tiny_model("megatron", layout, **sizes),
+    )
+    cluster = cluster_factory(2)
+    assert cluster.run(built_sizes_job, settings, layout=layout)[0] == sizes
+    other = ParallelLayout(devices_per_node=1, ep=1)
+    with pytest.raises(ClusterJobError, match="expert parallel size 2 is not the cluster lay"):
+        cluster.run(built_sizes_job, settings, layout=other)
+
+
 @pytest.mark.parametrize("router_type", ["megatron", "locmoe", "locmoe_plus", "hash", "switch"])
 @pytest.mark.slow
 def test_training_reduces_loss_and_logs_metrics(cluster_factory, corpus, tmp_path, router_type):
     cluster = cluster_factory(4)
+    layout = ParallelLayout(devices_per_node=2, ep=4)
     settings = TrainSettings(
         data_prefix=corpus,
         locmoe=LocMoEConfig(router_type=router_type, dispatcher="hierarchical"),
+        model=tiny_model(router_type, layout),
         steps=15,
         tensorboard_dir=str(tmp_path / "tb"),
         wandb_dir=str(tmp_path / "wb"),
     )
-    results = cluster.run(train_job, settings, layout=ParallelLayout(devices_per_node=2, ep=4))
+    results = cluster.run(train_job, settings, layout=layout)
     losses = results[0]["losses"]
     assert all(r["losses"] == losses for r in results)  # data-parallel mean, same on all ranks
     assert len(losses) == 15
@@ -96,12 +138,16 @@ def test_resume_from_torch_dist_checkpoint_gives_identical_losses(
         settings = TrainSettings(
             data_prefix=corpus,
             locmoe=locmoe,
-            lr=1e-2,
             # dropout: the steps after the load draw random numbers, so a resume that lost the
             # RNG states (torch's and Megatron's model-parallel tracker's) shows in the losses
-            transformer_overrides=dict(
-                moe_expert_capacity_factor=2.0, hidden_dropout=0.1, attention_dropout=0.1
+            model=tiny_model(
+                router_type,
+                layout,
+                moe_expert_capacity_factor=2.0,
+                hidden_dropout=0.1,
+                attention_dropout=0.1,
             ),
+            lr=1e-2,
             **kw,
         )
         return cluster.run(train_job, settings, layout=layout)[0]
@@ -133,6 +179,7 @@ def test_fused_router_trains_like_the_reference(cluster_factory, corpus, dispatc
 
     assert kernels.DISABLED or kernels.available(torch.device("cpu")), "no kernels to train with"
     cluster = cluster_factory(4)
+    layout = ParallelLayout(devices_per_node=2, ep=4)
     runs = {}
     for fused in (False, True):
         settings = TrainSettings(
@@ -143,10 +190,9 @@ def test_fused_router_trains_like_the_reference(cluster_factory, corpus, dispatc
                 fused_router=fused,
                 locality_loss_coeff=0.1,
             ),
+            model=tiny_model("locmoe", layout, moe_router_topk=2),
             steps=3,
-            topk=2,
         )
-        layout = ParallelLayout(devices_per_node=2, ep=4)
         runs[fused] = cluster.run(train_job, settings, layout=layout)[-1]
     reference, fused = runs[False], runs[True]
     assert fused["losses"] == pytest.approx(reference["losses"], rel=2e-5)
@@ -176,8 +222,9 @@ def test_dataset_flags_shape_the_loops_batches(short_docs):
     from megatron_locmoe.sim.trainer import _dataset, _micro_batch
 
     options = dict(eod_mask_loss=True, reset_position_ids=True, reset_attention_mask=True)
-    settings = TrainSettings(data_prefix=short_docs, locmoe=LocMoEConfig(), dataset_options=options)
-    plain = TrainSettings(data_prefix=short_docs, locmoe=LocMoEConfig())
+    model = tiny_model("megatron", ParallelLayout(devices_per_node=1))  # (not built here)
+    plain = TrainSettings(data_prefix=short_docs, locmoe=LocMoEConfig(), model=model)
+    settings = replace(plain, dataset_options=options)
     masked_data, plain_data = _dataset(settings, 400), _dataset(plain, 400)
     hits = 0
     for first in range(0, 400, settings.micro_batch_size):
@@ -194,9 +241,7 @@ def test_dataset_flags_shape_the_loops_batches(short_docs):
         assert torch.equal(p_tokens, tokens) and p_mask is None
         assert bool(p_loss_mask.all()) and torch.equal(p_positions[0], torch.arange(64))
     assert hits > 100  # most samples cross document boundaries
-    half = TrainSettings(
-        data_prefix=short_docs, locmoe=LocMoEConfig(), dataset_options=dict(split="1,1,0")
-    )
+    half = replace(plain, dataset_options=dict(split="1,1,0"))
     assert len(_dataset(half, 1).indices) < len(plain_data.indices)  # half the documents
 
 
@@ -207,14 +252,15 @@ def test_loop_trains_with_document_masks(cluster_factory, short_docs):
     no_attention = dict(eod_mask_loss=True, reset_position_ids=True)
     options = dict(no_attention, reset_attention_mask=True)
     runs = {}
+    layout = ParallelLayout(devices_per_node=2, ep=2)
     for name, opts in (("masked", options), ("no_attention", no_attention), ("plain", {})):
         settings = TrainSettings(
             data_prefix=short_docs,
             locmoe=LocMoEConfig(router_type="locmoe"),
+            model=tiny_model("locmoe", layout),
             steps=2,
             dataset_options=opts,
         )
-        layout = ParallelLayout(devices_per_node=2, ep=2)
         runs[name] = cluster_factory(2).run(train_job, settings, layout=layout)[0]["losses"]
     assert all(v == v and 3.0 < v < 8.0 for v in runs["masked"])  # finite, byte-level scale
     assert runs["masked"] != runs["plain"]
@@ -231,7 +277,11 @@ def test_a_non_finite_loss_stops_every_rank_with_the_step(cluster_factory, corpu
     cluster = cluster_factory(2)
     layout = ParallelLayout(devices_per_node=1, ep=2)
     settings = TrainSettings(
-        data_prefix=corpus, locmoe=LocMoEConfig(router_type="locmoe"), steps=3, lr=1e30
+        data_prefix=corpus,
+        locmoe=LocMoEConfig(router_type="locmoe"),
+        model=tiny_model("locmoe", layout),
+        steps=3,
+        lr=1e30,
     )
     with pytest.raises(ClusterJobError) as e:
         cluster.run(train_job, settings, layout=layout)
@@ -293,7 +343,11 @@ def clip_job(ctx, max_norm: float):
     from megatron_locmoe.sim import trainer
 
     ctx.topology()
-    settings = TrainSettings(data_prefix="", locmoe=LocMoEConfig(dispatcher="hierarchical"))
+    settings = TrainSettings(
+        data_prefix="",
+        locmoe=LocMoEConfig(dispatcher="hierarchical"),
+        model=trainer.tiny_model("megatron", ctx.layout),
+    )
     torch.manual_seed(0)
     model = trainer._model(settings, ctx.layout.ep)
     tokens = torch.randint(0, 257, (2, 16), generator=torch.Generator().manual_seed(ctx.rank))
@@ -337,7 +391,7 @@ def gradient_check_job(ctx):
     settings = TrainSettings(
         data_prefix="",
         locmoe=LocMoEConfig(router_type="megatron", dispatcher="hierarchical"),
-        transformer_overrides=overrides,
+        model=trainer.tiny_model("megatron", ctx.layout, **overrides),
     )
     torch.manual_seed(0)
     model = trainer._model(settings, ctx.layout.ep)

@@ -27,7 +27,7 @@ import pytest
 from megatron_locmoe.config import LocMoEConfig
 from megatron_locmoe.sim import data
 from megatron_locmoe.sim.cluster import ParallelLayout
-from megatron_locmoe.sim.trainer import TrainSettings, train_job
+from megatron_locmoe.sim.trainer import TrainSettings, tiny_model, train_job
 from tests.test_pipeline_cpu import OPTIMIZER
 
 pytestmark = pytest.mark.slow  # 8-rank cluster trainings: `make test-fast` leaves them out
@@ -74,7 +74,11 @@ def cluster1(cluster_factory):
     return cluster_factory(1)
 
 
-def _settings(corpus, case: str, data_setting: str, virtual: bool, **kw) -> TrainSettings:
+def _settings(
+    corpus, case: str, data_setting: str, virtual: bool, layout=None, model=None, **kw
+) -> TrainSettings:
+    """``case`` on ``data_setting``, virtual or real, for ``layout`` (default: the virtual
+    cluster's one process or the real cluster); ``model``: more of the model's fields."""
     router, fields, overrides = CASES[case]
     locmoe = LocMoEConfig(router_type=router, dispatcher="hierarchical", **fields)
     if virtual:
@@ -82,16 +86,15 @@ def _settings(corpus, case: str, data_setting: str, virtual: bool, **kw) -> Trai
     prefixes = dict(data_prefix=corpus["control"])
     if data_setting == "domains":
         prefixes.update(data_prefix_per_node=corpus["domains"])
+    fields = dict(num_layers=2, hidden_size=32, num_moe_experts=16, moe_aux_loss_coeff=0.01)
+    fields.update(overrides, **(model or {}))
     settings = TrainSettings(
         locmoe=locmoe,
+        model=tiny_model(router, layout or (ONE if virtual else REAL), **fields),
         steps=3,
-        num_layers=2,
-        hidden_size=32,
         seq_length=32,
         micro_batch_size=2,
         global_batch_size=32,  # 2 micro-batches per rank of 8
-        num_experts=16,
-        transformer_overrides=dict(moe_aux_loss_coeff=0.01, **overrides),
         optimizer=OPTIMIZER,
         **prefixes,
     )
@@ -275,8 +278,7 @@ def test_the_virtual_cluster_launches_nothing_per_micro_batch(cluster1, corpus):
     """Identical routing (LocMoE without the locality loss), plain training against the virtual
     cluster 4x2 (EP 8): a micro-batch adds no device op, but where the node changes (one copy of
     the node map per layer) and at an EP group's last rank (its traffic, counted once)."""
-    kw = dict(num_layers=2, data_prefix=corpus["control"])
-    plain = _settings(corpus, "locmoe", "control", False, **kw)
+    plain = _settings(corpus, "locmoe", "control", False, layout=ONE)
     # the same physical dispatcher in both (Megatron's All-to-All on one device)
     plain = replace(plain, locmoe=replace(plain.locmoe, locality_loss_coeff=0.0, dispatcher="auto"))
     virtual = replace(plain, locmoe=replace(plain.locmoe, virtual_cluster="4x2"))

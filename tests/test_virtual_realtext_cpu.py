@@ -12,7 +12,7 @@ import math
 from megatron_locmoe.config import LocMoEConfig
 from megatron_locmoe.metrics import DISPATCH_METRICS, ROUTER_METRICS
 from megatron_locmoe.sim.cluster import ParallelLayout
-from megatron_locmoe.sim.trainer import TrainSettings, train_job
+from megatron_locmoe.sim.trainer import TrainSettings, tiny_model, train_job
 from tests.test_corpus import SETTINGS, built, no_registry, registry  # noqa: F401 (fixtures)
 
 
@@ -21,26 +21,22 @@ def test_the_virtual_cluster_trains_on_the_real_text_corpus(built, cluster_facto
     record = json.loads((out / "build.json").read_text())
     names = list(record["domains"])[:4]
     vocab = SETTINGS["vocab_size"]
+    layout = ParallelLayout(devices_per_node=1)  # the virtual cluster's one process
     settings = TrainSettings(
         data_prefix=str(out / "mixture"),
         data_prefix_per_node=[str(out / n) for n in names],
         eval_prefix_per_node=[str(out / f"{n}_valid") for n in names],
         eval_batches=1,
         locmoe=LocMoEConfig(router_type="locmoe", virtual_cluster="4x2", dispatcher="hierarchical"),
+        model=tiny_model("locmoe", layout, hidden_size=32, num_moe_experts=16, moe_router_topk=2),
         steps=4,
-        num_layers=2,
-        hidden_size=32,
         seq_length=32,
         micro_batch_size=2,
         global_batch_size=16,
-        num_experts=16,
-        topk=2,
         lr=3e-3,
         gpt_model_options=dict(vocab_size=vocab),
     )
-    result = cluster_factory(1).run(
-        train_job, settings, layout=ParallelLayout(devices_per_node=1), timeout_s=240
-    )[0]
+    result = cluster_factory(1).run(train_job, settings, layout=layout, timeout_s=240)[0]
     losses, metrics = result["losses"], result["metrics"]
     assert len(losses) == 4 and losses[-1] < losses[0] < math.log(vocab) + 1
     for name in (*ROUTER_METRICS, *DISPATCH_METRICS, "load_balancing_loss"):

@@ -123,23 +123,27 @@ def run_with_progress(cluster, settings, layout, desc: str, show_bar: bool | Non
 
 def run_record(meta: dict, settings, results, progress, domain_names, seconds) -> dict:
     """run.json: what the report and the cost model need besides the TensorBoard scalars.
-    ``meta``: the run's name, label, router, top-k, node-limited flag, layout and sizes."""
-    from types import SimpleNamespace
-
+    ``meta``: the run's name, label, router, node-limited flag and layout; the model's sizes
+    and top-k are those of the model that trained (``settings.model``)."""
     from megatron_locmoe.dispatch.dispatcher import resolve_dedup
 
     step_seconds = [p["seconds"] for p in progress]
     steady = steady_step_seconds(step_seconds)
-    m = meta
+    model = settings.model
+    m = dict(
+        meta,
+        topk=model.moe_router_topk,
+        num_experts=model.num_moe_experts,
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.moe_ffn_hidden_size,
+    )
     tokens_per_step = m["nodes"] * m["ranks_per_node"] * m["micro_batch_size"] * m["seq_length"]
     return {
         **{k: m[k] for k in ("name", "label", "router_type", "topk", "node_limited")},
         "locmoe": vars(settings.locmoe),
-        "transformer_overrides": settings.transformer_overrides,
         "dispatcher": "hierarchical",
-        "dedup": resolve_dedup(
-            settings.locmoe.dedup_setting, SimpleNamespace(moe_router_topk=m["topk"])
-        ),
+        "dedup": resolve_dedup(settings.locmoe.dedup_setting, model),
         **{k: m[k] for k in ("nodes", "ranks_per_node", "num_experts", "num_layers")},
         **{k: m[k] for k in ("hidden_size", "ffn_hidden_size")},
         "hidden_element_bytes": 4,  # fp32 activations on the CPU
@@ -165,14 +169,9 @@ def run_meta(rp, plan) -> dict:
         name=rp.name,
         label=run_label(a),
         router_type=a.moe_router_type,
-        topk=a.moe_router_topk,
         node_limited=bool(a.moe_router_num_groups),
         nodes=plan.nodes,
         ranks_per_node=plan.devices_per_node,
-        num_experts=a.num_experts,
-        num_layers=a.num_layers,
-        hidden_size=a.hidden_size,
-        ffn_hidden_size=a.moe_ffn_hidden_size,
         seq_length=a.seq_length,
         micro_batch_size=a.micro_batch_size,
         steps=a.train_iters,

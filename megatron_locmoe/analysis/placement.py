@@ -362,7 +362,7 @@ def profile_job(ctx, settings, sample_size: int = 1 << 16) -> dict:
     else:
         topo = ctx.topology()
         ep, nodes = topo.ep_size, topo.num_nodes
-    collector = ProfileCollector(settings.num_experts, ep, nodes, sample_size).install()
+    collector = ProfileCollector(settings.model.num_moe_experts, ep, nodes, sample_size).install()
     try:
         result = train_job(ctx, settings)
     finally:
@@ -928,15 +928,18 @@ def apply_job(ctx, root, plan_path, out_root, weights_only: bool = False) -> dic
     return apply_placement(root, Plan.load(plan_path), out_root, weights_only)
 
 
-def _settings_from_json(path: str):
+def _settings_from_json(path: str, layout):
     """The CPU loop's TrainSettings from a JSON object of its fields (``locmoe``: the
-    LocMoEConfig's fields; ``optimizer``: OptimizerSettings' fields or null)."""
+    LocMoEConfig's fields; ``optimizer``: OptimizerSettings' fields or null; ``model``: the
+    loop's small model's TransformerConfig fields, ``sim.trainer.tiny_model``'s keywords, for
+    ``layout``)."""
     from megatron_locmoe.config import LocMoEConfig
-    from megatron_locmoe.sim.trainer import OptimizerSettings, TrainSettings
+    from megatron_locmoe.sim.trainer import OptimizerSettings, TrainSettings, tiny_model
 
     try:
         raw = json.loads(Path(path).read_text())
         raw["locmoe"] = LocMoEConfig(**raw.get("locmoe", {}))
+        raw["model"] = tiny_model(raw["locmoe"].router_type, layout, **raw.get("model", {}))
         if raw.get("optimizer") is not None:
             raw["optimizer"] = OptimizerSettings(**raw["optimizer"])
         return TrainSettings(**raw)
@@ -950,8 +953,8 @@ def _settings_from_json(path: str):
 def _profile_command(args) -> None:
     from megatron_locmoe.sim.cluster import ParallelLayout, SimCluster
 
-    settings = _settings_from_json(args.settings)
     layout = ParallelLayout(devices_per_node=args.devices_per_node, ep=args.ep)
+    settings = _settings_from_json(args.settings, layout)
     with SimCluster(args.ranks) as cluster:
         result = cluster.run(profile_job, settings, args.sample, layout=layout)[0]
     profile = result["profile"]

@@ -21,16 +21,19 @@ import json
 import time
 from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from megatron_locmoe.config import LocMoEConfig
 from megatron_locmoe.sim import checkpoint
-from megatron_locmoe.sim.cluster import StopRequested, stop_signal
+from megatron_locmoe.sim.cluster import ParallelLayout, StopRequested, stop_signal
 from megatron_locmoe.sim.data import VOCAB_SIZE
 from megatron_locmoe.virtual import VirtualCluster
+
+if TYPE_CHECKING:
+    from megatron.core.transformer import TransformerConfig
 
 
 @dataclass(frozen=True)
@@ -58,14 +61,16 @@ class TrainSettings:
 
     data_prefix: str
     locmoe: LocMoEConfig
+    model: TransformerConfig = field(repr=False)
+    """The model: Megatron's TransformerConfig with the run's parallel sizes (checked against
+    the cluster's layout when the job starts). The launcher's CPU runs pass the one Megatron
+    builds from the flags (``core_transformer_config_from_args``, as pretrain_gpt builds it),
+    so every model flag means what it means to pretrain_gpt; the tests build the loop's small
+    model with :func:`tiny_model`. The loop only makes it CPU-ready (weights initialised on the
+    CPU) and attaches ``locmoe``."""
     steps: int = 30
     seq_length: int = 64
     micro_batch_size: int = 4
-    num_layers: int = 2
-    hidden_size: int = 64
-    num_attention_heads: int = 4
-    num_experts: int = 8
-    topk: int = 1
     global_batch_size: int | None = None
     """Samples per step over all data-parallel ranks; each rank accumulates gradients over
     global / (micro batch x data-parallel size) micro-batches (Megatron's --global-batch-size).
@@ -100,13 +105,6 @@ class TrainSettings:
     """Restore the RNG state with ``load_dir`` (Megatron's --no-load-rng: False)."""
     load_iteration: int | None = None
     """Load this iteration of ``load_dir`` instead of the tracker's (Megatron's --ckpt-step)."""
-    transformer_overrides: dict = field(default_factory=dict)
-    """Fields of the loop's own small config (``testing.moe_config``) to change."""
-    transformer_config: Any = field(default=None, repr=False)
-    """Megatron's TransformerConfig built from a command line
-    (``core_transformer_config_from_args``, as pretrain_gpt builds it): when set, the model
-    uses it, made CPU-ready, and ignores the loop's config and ``transformer_overrides``. The
-    launcher's CPU runs pass it, so every model flag means what it means to pretrain_gpt."""
     gpt_model_options: dict = field(default_factory=dict)
     """GPTModel's own arguments from the command line (embedding tying, position embeddings,
     padded vocabulary, maximum sequence length), as ``launch.train_settings`` takes them from
@@ -140,6 +138,47 @@ class TrainSettings:
     """Megatron's optimizer flags (the launcher's CPU runs pass them, the demo's and the
     sweep's among them); None: AdamW at the constant ``lr``, no weight decay, no clipping (the
     tests' own runs)."""
+
+
+TINY_MODEL = dict(
+    num_layers=2, hidden_size=64, num_attention_heads=4, num_moe_experts=8, moe_router_topk=1
+)
+"""The loop's small model's sizes (:func:`tiny_model`'s defaults)."""
+
+
+def tiny_model(router_type: str, layout: ParallelLayout, **fields) -> TransformerConfig:
+    """The loop's small fp32 GPT-MoE for ``router_type`` on ``layout``: Megatron's
+    TransformerConfig (``testing.moe_config``: local spec, CPU init, no fusions) of
+    :data:`TINY_MODEL`'s sizes, the layout's parallel sizes (sequence parallelism with TP, as
+    Megatron requires for MoE), no dropout, and the router's own defaults (Megatron's aux loss
+    at 0.01 for routers without LocMoE's balance loss, the router's capacity factor);
+    ``fields``: TransformerConfig fields to change (sizes among them)."""
+    from megatron_locmoe.sim.testing import moe_config
+
+    etp = layout.etp if layout.etp is not None else layout.tp  # Megatron's default: TP
+    config = dict(
+        ep=layout.ep,
+        tp=layout.tp,
+        expert_tensor_parallel_size=etp,
+        context_parallel_size=layout.cp,  # the local spec's attention: megatron_locmoe.attention
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vp,
+        pipeline_dtype=torch.float32,
+        **TINY_MODEL,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
+    # the registry imports Megatron's router modules: in a rank, not before its CPU shims
+    from megatron_locmoe.routers import router_class
+
+    router = router_class(router_type)
+    if not router.uses_locmoe_alpha:  # Megatron's own balance loss: its settings
+        config.update(moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.01)
+    cf = router.default_capacity_factor
+    if cf is not None:
+        config.update(moe_expert_capacity_factor=cf)
+    config.update(fields)
+    return moe_config(**config)
 
 
 def _model(settings: TrainSettings, ep: int, vp_stage: int | None = None, config=None):
@@ -194,57 +233,29 @@ def _model_chunks(settings: TrainSettings, ep: int) -> list:
 
 
 def _transformer_config(settings: TrainSettings, ep: int):
-    """Megatron's config from the command line (made CPU-ready: weights initialised on the
-    CPU), or the loop's small config with the settings' overrides."""
+    """The settings' model made CPU-ready (weights initialised on the CPU), its parallel sizes
+    checked against this rank's process groups."""
     from megatron.core import parallel_state
 
-    from megatron_locmoe.sim.testing import moe_config
-
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
-    vp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
-    tp = parallel_state.get_tensor_model_parallel_world_size()
+    config = copy.copy(settings.model)
     etp = parallel_state.get_expert_tensor_parallel_world_size()
-    cp = parallel_state.get_context_parallel_world_size()
-    if settings.transformer_config is not None:
-        config = copy.copy(settings.transformer_config)
-        for name, theirs, ours in (
-            ("expert parallel size", config.expert_model_parallel_size, ep),
-            ("pipeline parallel size", config.pipeline_model_parallel_size, pp),
-            ("virtual pipeline size", config.virtual_pipeline_model_parallel_size, vp),
-            ("context parallel size", config.context_parallel_size, cp),
-        ):
-            if theirs != ours:
-                raise ValueError(f"the config's {name} {theirs} is not the cluster layout's {ours}")
-        config.use_cpu_initialization = True
-        config.pipeline_dtype = config.pipeline_dtype or config.params_dtype
-        return config
-    overrides = dict(
-        ep=ep,
-        tp=tp,  # with sequence parallelism, which Megatron requires for MoE with TP > 1
-        expert_tensor_parallel_size=etp,
-        context_parallel_size=cp,  # the local spec's attention: megatron_locmoe.attention
-        pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=vp,
-        pipeline_dtype=torch.float32,
-        num_layers=settings.num_layers,
-        hidden_size=settings.hidden_size,
-        num_attention_heads=settings.num_attention_heads,
-        num_moe_experts=settings.num_experts,
-        moe_router_topk=settings.topk,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-    )
-    # the registry imports Megatron's router modules: not before the CPU shims are applied
-    from megatron_locmoe.routers import router_class
-
-    router = router_class(settings.locmoe.router_type)
-    if not router.uses_locmoe_alpha:  # Megatron's own balance loss: its settings
-        overrides.update(moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.01)
-    cf = router.default_capacity_factor
-    if cf is not None:
-        overrides.update(moe_expert_capacity_factor=cf)
-    overrides.update(settings.transformer_overrides)
-    return moe_config(**overrides)
+    for name, theirs, ours in (
+        ("expert parallel size", config.expert_model_parallel_size, ep),
+        ("tensor parallel size", config.tensor_model_parallel_size,
+         parallel_state.get_tensor_model_parallel_world_size()),
+        ("expert tensor parallel size", config.expert_tensor_parallel_size, etp),
+        ("pipeline parallel size", config.pipeline_model_parallel_size,
+         parallel_state.get_pipeline_model_parallel_world_size()),
+        ("virtual pipeline size", config.virtual_pipeline_model_parallel_size,
+         parallel_state.get_virtual_pipeline_model_parallel_world_size()),
+        ("context parallel size", config.context_parallel_size,
+         parallel_state.get_context_parallel_world_size()),
+    ):  # fmt: skip
+        if theirs != ours:
+            raise ValueError(f"the model's {name} {theirs} is not the cluster layout's {ours}")
+    config.use_cpu_initialization = True
+    config.pipeline_dtype = config.pipeline_dtype or config.params_dtype
+    return config
 
 
 def _dataset(settings: TrainSettings, num_samples: int):
@@ -620,7 +631,7 @@ def train_job(ctx, settings: TrainSettings) -> dict:
         # the optimizer: --no-load-optim starts both afresh)
         scheduler.step(start * settings.optimizer.samples_per_step)
     applied_lr, grad_norms = [], []
-    counts = _RoutingCounts(chunks, settings.num_experts)
+    counts = _RoutingCounts(chunks, config.num_moe_experts)
     last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     saved_at = start
 
