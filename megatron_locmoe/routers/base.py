@@ -302,6 +302,28 @@ class PluginRouterMixin:
                 bank.reset_host(name)
         return result
 
+    def forward(
+        self,
+        input: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        packed_seq_params=None,
+    ):
+        """The router call of every Megatron the plugin supports: 0.19's MoELayer passes
+        ``(hidden, padding_mask)``, Megatron-LM dev's also ``input_ids`` and
+        ``packed_seq_params``. [S, B, H] -> probs [T, E] (fp32), routing_map [T, E] bool;
+        ``padding_mask`` [S, B] is Megatron's (True on padding). Checks the input on every rank
+        together, gives a rank without tokens empty routing, and hands the tokens to the
+        router's ``route_tokens``."""
+        self.check_input(input)
+        if input.numel() == 0:  # Megatron's gating and aux loss fail on an empty rank
+            return self.route_no_tokens(input)
+        return self.route_tokens(input, padding_mask, input_ids, packed_seq_params)
+
+    def route_tokens(self, input, padding_mask, input_ids, packed_seq_params):
+        """Route a non-empty [S, B, H] input (``forward``'s arguments, checked)."""
+        raise NotImplementedError(f"{type(self).__name__} defines no route_tokens")
+
     def check_input(self, input: torch.Tensor) -> None:
         """With ``check_router_input``: refuse a non-finite input, naming layer and ranks, on
         every rank of the pipeline stage together (one all-reduce over the tp-dp-cp group,

@@ -191,22 +191,11 @@ class HashRouter(PluginRouterMixin, TopKRouter):
             ids_SB = ids_SB[r * S_local : (r + 1) * S_local]  # this rank's sequence shard
         return ids_SB.reshape(-1)
 
-    def forward(
-        self,
-        input: torch.Tensor,
-        padding_mask: torch.Tensor | None = None,
-        input_ids: torch.Tensor | None = None,
-        packed_seq_params=None,
-    ):
-        """[S, B, H] -> probs [T, E] (1/k on the k hashed experts), routing_map [T, E].
-
-        ``padding_mask`` [S, B] (Megatron's: True on padding) keeps those tokens out;
-        ``input_ids`` [B, S], where Megatron passes them, are this forward's token ids;
+    def route_tokens(self, input, padding_mask, input_ids, packed_seq_params):
+        """probs [T, E] (1/k on the k hashed experts), routing_map [T, E]; padding tokens left
+        out. ``input_ids`` [B, S], where Megatron passes them, are this forward's token ids;
         ``packed_seq_params`` is not read (a token's expert depends on its id alone)."""
         del packed_seq_params
-        self.check_input(input)
-        if input.numel() == 0:
-            return self.route_no_tokens(input)
         E, k = self.config.num_moe_experts, self.topk
         # ids were looked up in the same vocabulary by the embedding: no range check (a host sync)
         ids_T = self._ids_for_input(input, input_ids).to(self.hash_table.device)

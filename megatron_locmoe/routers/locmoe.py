@@ -357,22 +357,11 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
             locality_eps=cfg.locality_smoothing,
         )
 
-    def forward(
-        self,
-        input: torch.Tensor,
-        padding_mask: torch.Tensor | None = None,
-        input_ids: torch.Tensor | None = None,
-        packed_seq_params=None,
-    ):
-        """[S, B, H] -> probs [T, E] (fp32, zero off the map), routing_map [T, E] bool.
-
-        ``padding_mask`` [S, B]: Megatron's, True on padding (left out of the balance and
-        locality losses). ``input_ids`` and ``packed_seq_params`` (Megatron-LM dev's MoELayer
-        passes them) are not read: the gate sees the hidden states only."""
+    def route_tokens(self, input, padding_mask, input_ids, packed_seq_params):
+        """probs [T, E] (fp32, zero off the map), routing_map [T, E] bool; padding tokens are
+        left out of the balance and locality losses. ``input_ids`` and ``packed_seq_params``
+        are not read: the gate sees the hidden states only."""
         del input_ids, packed_seq_params
-        self.check_input(input)
-        if input.numel() == 0:
-            return self.route_no_tokens(input)
         if self._fused_applies(padding_mask):
             return self._fused_forward(input)
         return self._reference_forward(input, padding_mask)

@@ -36,22 +36,13 @@ class _MeasuredTopKRouter(PluginRouterMixin, TopKRouter):
         self._init_plugin(locmoe, layer_number)
         self._init_virtual()
 
-    def forward(
-        self,
-        input: torch.Tensor,
-        padding_mask: torch.Tensor | None = None,
-        input_ids: torch.Tensor | None = None,
-        packed_seq_params=None,
-    ):
-        """Megatron's TopKRouter.forward; ``input_ids`` and ``packed_seq_params`` (Megatron-LM
-        dev's MoELayer passes them) handed on where this Megatron's forward takes them."""
-        self.check_input(input)
-        if input.numel() == 0:  # Megatron's gating and aux loss fail on an empty rank
-            return self.route_no_tokens(input)
+    def route_tokens(self, input, padding_mask, input_ids, packed_seq_params):
+        """Megatron's TopKRouter.forward; ``input_ids`` and ``packed_seq_params`` handed on
+        where this Megatron's forward takes them."""
         extra = megatron_keywords(
             MEGATRON_ROUTER_FORWARD, input_ids=input_ids, packed_seq_params=packed_seq_params
         )
-        return super().forward(input, padding_mask=padding_mask, **extra)
+        return TopKRouter.forward(self, input, padding_mask=padding_mask, **extra)
 
     def _no_token_collectives(self, routing_map_TE: torch.Tensor) -> None:
         """Megatron's global aux loss reduces tokens per expert over the tp-dp-cp group:
