@@ -42,7 +42,12 @@ import time
 from pathlib import Path
 
 from megatron_locmoe.analysis.runlog import tail_length
-from megatron_locmoe.launch.presets import PresetError, apply_override, load_preset
+from megatron_locmoe.launch.presets import (
+    PresetError,
+    add_set_option,
+    apply_override,
+    load_preset,
+)
 from megatron_locmoe.sim.progress import read_progress, steady_step_seconds
 
 DEFAULT_OUT = "runs/demo"
@@ -246,13 +251,8 @@ def format_summary(rows: list[dict]) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="demo", help="the CPU preset that describes the runs")
-    p.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="change the preset (as the launcher's --set: a Megatron flag, sweep.RUN.FLAG, ...)",
+    add_set_option(
+        p, "change the preset (as the launcher's --set: a Megatron flag, sweep.RUN.FLAG, ...)"
     )
     p.add_argument("--steps", type=int, default=None, help="training steps (the preset's: 100)")
     p.add_argument("--routers", default=None, help="comma-separated subset of the runs")

@@ -54,7 +54,7 @@ import sys
 from megatron_locmoe.launch.cpu import RunFailed, run_cpu
 from megatron_locmoe.launch.data_step import prepare_data
 from megatron_locmoe.launch.plan import DEFAULT_MASTER_PORT, Options, Plan, build_plan
-from megatron_locmoe.launch.presets import PresetError, available_presets
+from megatron_locmoe.launch.presets import PresetError, add_set_option, available_presets
 from megatron_locmoe.launch.torchrun import (
     check_device_present,
     run_logged,
@@ -91,14 +91,7 @@ def parse_options(argv: list[str]) -> Options:
     p.add_argument("--devices-per-node", type=int, help="ranks per node (default: the preset's)")
     p.add_argument("--rdzv-id", help="c10d rendezvous id (e.g. $SLURM_JOB_ID) instead of static")
     p.add_argument("--entry", help="module or Megatron-LM pretrain_gpt.py that torchrun starts")
-    p.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a Megatron flag (num-layers=4, bf16=false), env.NAME, nodes, ...",
-    )
+    add_set_option(p, "override a Megatron flag (num-layers=4, bf16=false), env.NAME, nodes, ...")
     p.add_argument("--runs", help="comma-separated sweep runs to do (default: all)")
     p.add_argument("--runs-dir", default="runs", help="logs and summaries (default: runs)")
     p.add_argument("--dry-run", action="store_true", help="print every node's env and command")

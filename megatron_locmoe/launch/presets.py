@@ -341,6 +341,14 @@ def apply_override(preset: Preset, item: str) -> Preset:
     return new
 
 
+def add_set_option(parser, help: str) -> None:
+    """``--set KEY=VALUE``, repeatable, into ``sets``: the overrides ``apply_override`` reads
+    (the launcher's and the demo's option)."""
+    parser.add_argument(
+        "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help=help
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Flags -> argv
 # --------------------------------------------------------------------------------------------
