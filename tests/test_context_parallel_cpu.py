@@ -27,6 +27,7 @@ from tests.test_tensor_parallel_cpu import (
     assert_same_gradient,
     assert_same_training,
     check_batch_wise_router_trains,
+    locality_router,
     one_start,
     trained_from_one_start,
 )
@@ -245,34 +246,16 @@ def locality_weight_gradient_job(ctx, fused_router: str, use_kernels: bool = Tru
     ``forward_step_calc_loss``) and the gradient is averaged over the CP pair (the dp-cp
     average); at CP 1 the rank routes [x; x], its scale 1."""
     from megatron.core import parallel_state
-    from megatron.core.transformer.moe.moe_utils import (
-        MoEAuxLossAutoScaler,
-        get_default_pg_collection,
-    )
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-    from megatron_locmoe.config import LocMoEConfig
-    from megatron_locmoe.resolve import settled
-    from megatron_locmoe.routers.locmoe import LocMoERouter
-    from megatron_locmoe.sim.testing import moe_config
-
-    ctx.topology()
     cp = ctx.layout.cp
-    config = moe_config(
-        ep=ctx.layout.ep, context_parallel_size=cp, hidden_size=32, moe_router_topk=1
-    )
-    locmoe = LocMoEConfig(
-        router_type="locmoe",
-        aux_loss_coeff=0.0,
-        locality_loss_coeff=0.1,
-        fused_router=fused_router,
+    router, x = locality_router(
+        ctx,
+        fused_router,
+        use_kernels,
+        dict(context_parallel_size=cp),
         grap_mode="learnable",  # a gate weight that receives the gradient
     )
-    router = LocMoERouter(
-        config, get_default_pg_collection(), locmoe=settled(locmoe, config)
-    )  # resolved first: a router takes a Resolution
-    router.use_kernels = use_kernels
-    router.train()
-    x = torch.randn(8, 2, 32, generator=torch.Generator().manual_seed(ctx.rank // 2))
     batch = x if cp == 2 else torch.cat([x, x])
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(float(cp)))
     try:

@@ -243,11 +243,12 @@ def check_batch_wise_router_trains(cluster, corpus, router_type, layout, record_
         assert metrics["tokens_dropped"] > 0
 
 
-def locality_gradient_job(ctx, fused_router: str, use_kernels: bool = True):
-    """The gradient of a LocMoE router's attached locality loss (aux loss off) on its input:
-    under TP 2 each rank routes one [8, 2, 32] shard x (the same on both TP ranks); at TP 1
-    the rank routes the micro-batch [x; x] those two shards make up. Returns the gradient on x
-    (TP 1: on the first half)."""
+def locality_router(ctx, fused_router: str, use_kernels: bool, config: dict, **locmoe):
+    """(router, x) of the locality-gradient jobs (TP here, CP in test_context_parallel_cpu): a
+    top-1 LocMoE router over hidden 32 with only its locality loss attached (mu 0.1, aux loss
+    off), ``config`` and ``locmoe`` added to its TransformerConfig and LocMoEConfig, in training
+    mode on the given path; x the [8, 2, 32] shard both ranks of a pair (ranks 2i, 2i + 1)
+    route."""
     import torch
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
@@ -257,23 +258,32 @@ def locality_gradient_job(ctx, fused_router: str, use_kernels: bool = True):
     from megatron_locmoe.sim.testing import moe_config
 
     ctx.topology()
-    layout = ctx.layout
-    config = moe_config(
-        ep=layout.ep,
-        tp=layout.tp,
-        expert_tensor_parallel_size=layout.etp,
-        hidden_size=32,
-        moe_router_topk=1,
+    tc = moe_config(ep=ctx.layout.ep, hidden_size=32, moe_router_topk=1, **config)
+    lm = LocMoEConfig(
+        router_type="locmoe",
+        aux_loss_coeff=0.0,
+        locality_loss_coeff=0.1,
+        fused_router=fused_router,
+        **locmoe,
     )
-    locmoe = LocMoEConfig(
-        router_type="locmoe", aux_loss_coeff=0.0, locality_loss_coeff=0.1, fused_router=fused_router
-    )
-    router = LocMoERouter(
-        config, get_default_pg_collection(), locmoe=settled(locmoe, config)
-    )  # resolved first: a router takes a Resolution
+    # resolved first: a router takes a Resolution
+    router = LocMoERouter(tc, get_default_pg_collection(), locmoe=settled(lm, tc))
     router.use_kernels = use_kernels
     router.train()
     x = torch.randn(8, 2, 32, generator=torch.Generator().manual_seed(ctx.rank // 2))
+    return router, x
+
+
+def locality_gradient_job(ctx, fused_router: str, use_kernels: bool = True):
+    """The gradient of a LocMoE router's attached locality loss (aux loss off) on its input:
+    under TP 2 each rank routes one [8, 2, 32] shard x (the same on both TP ranks); at TP 1
+    the rank routes the micro-batch [x; x] those two shards make up. Returns the gradient on x
+    (TP 1: on the first half)."""
+    import torch
+
+    layout = ctx.layout
+    tp = dict(tp=layout.tp, expert_tensor_parallel_size=layout.etp)
+    router, x = locality_router(ctx, fused_router, use_kernels, tp)
     batch = x if layout.tp == 2 else torch.cat([x, x])
     batch.requires_grad_(True)
     probs_TE, _ = router(batch)
