@@ -118,6 +118,23 @@ class LocMoEConfig:
     of uniform; with the same p* on every node every expert gets the same load."""
     node_bias_rate: float = 0.1
     """Step size of that bias: bias += rate * (p* - this batch's node-local share) per step."""
+    node_bias_mode: Literal["logits", "selection"] = "logits"
+    """Where that bias acts. logits: on the logits, so it changes which experts a token picks
+    and their gate values, and the balance loss measures load against the node-aware target.
+    selection (after DeepSeek-V3's aux-loss-free balancing): only on which experts are picked;
+    the gate values and the balance loss (uniform target) are the unbiased logits'. Needs
+    node_target_share > 0."""
+    node_margin: float = 0.0
+    """Ours: a token takes another node's expert in place of one of its own node's only when
+    that expert's logit beats the local one's by more than this margin (logit units: its
+    probability must exceed e^margin times the local expert's). It acts on which experts are
+    picked, not on the gate values (a fixed selection bias on the node's experts, added to the
+    node bias under node_bias_mode selection); 0: off."""
+    rank_balance_loss_coeff: float = 0.0
+    """After DeepSeek-V2's communication-balance loss: alpha_r * sum_r f_r P_r over the R ranks
+    of the EP group, f_r = R x (tokens sent to rank r, one copy per token and rank) / (all such
+    copies), P_r = the mean routing probability of rank r's experts, so that no rank receives
+    more tokens than the others; 0: off. Needs an EP group of more than one rank."""
 
     max_outgoing_fraction: float | None = None
     """FasterMoE's topology gate (PPoPP'22; its FMOE_TOPO_OUTGOING_FRACTION, default 0.14) for
@@ -270,6 +287,9 @@ class LocMoEConfig:
             )
         if self.node_bias_rate <= 0:
             raise ConfigError(f"node_bias_rate={self.node_bias_rate} must be positive")
+        for name in ("node_margin", "rank_balance_loss_coeff"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} is negative; use 0 for off")
         F = self.max_outgoing_fraction
         if F is not None and not 0 < F <= 1:
             raise ConfigError(
@@ -431,6 +451,13 @@ class LocMoEConfig:
         if self.virtual_cluster is not None:
             self._validate_virtual_against(tc)
 
+    def ep_ranks(self, tc) -> int:
+        """Ranks of an EP group: the virtual cluster's EP size, else Megatron's."""
+        shape = self.virtual_shape
+        if shape is not None:
+            return self.virtual_ep_size or shape[0] * shape[1]
+        return tc.expert_model_parallel_size
+
 
 ROUTER_SETTINGS: dict[str, str] = {
     "aux_loss_coeff": "has_switch_balance_loss",
@@ -438,6 +465,9 @@ ROUTER_SETTINGS: dict[str, str] = {
     "locality_smoothing": "has_locality_loss",
     "node_target_share": "has_node_target",
     "node_bias_rate": "has_node_target",
+    "node_bias_mode": "has_node_target",
+    "node_margin": "has_node_target",
+    "rank_balance_loss_coeff": "has_rank_balance_loss",
     "max_outgoing_fraction": "has_outgoing_cap",
     "grap_mode": "has_grap_gate",
     "grap_bias": "has_grap_gate",

@@ -132,7 +132,18 @@ def summary_fields(resolution: Resolution, tc, topology=None) -> dict:
         )
     if cfg.node_target_share:
         out["node_target"] = (
-            f"node-local share {cfg.node_target_share:g} (bias rate {cfg.node_bias_rate:g}; ours)"
+            f"node-local share {cfg.node_target_share:g} (bias rate {cfg.node_bias_rate:g}, on "
+            + ("the logits" if cfg.node_bias_mode == "logits" else "the choice of experts only")
+            + "; ours)"
+        )
+    if cfg.node_margin:
+        out["node_margin"] = (
+            f"another node's expert only if its logit beats the local one's by {cfg.node_margin:g}"
+        )
+    if cfg.rank_balance_loss_coeff:
+        out["rank_balance_loss"] = (
+            f"alpha {cfg.rank_balance_loss_coeff:g} over the EP ranks (DeepSeek-V2's "
+            "communication balance)"
         )
     if cfg.max_outgoing_fraction is not None:
         out["outgoing_cap"] = (

@@ -49,6 +49,9 @@ EVERY_SETTING = [
     ("--locmoe-locality-smoothing", "0.01", "locality_smoothing", 0.01),
     ("--locmoe-node-target-share", "0.4", "node_target_share", 0.4),
     ("--locmoe-node-bias-rate", "0.2", "node_bias_rate", 0.2),
+    ("--locmoe-node-bias-mode", "selection", "node_bias_mode", "selection"),
+    ("--locmoe-node-margin", "0.5", "node_margin", 0.5),
+    ("--locmoe-rank-balance-loss-coeff", "0.01", "rank_balance_loss_coeff", 0.01),
     ("--locmoe-grap-mode", "learnable", "grap_mode", "learnable"),
     ("--locmoe-grap-bias", None, "grap_bias", True),
     ("--locmoe-grap-temperature", "4.0", "grap_temperature", 4.0),
@@ -396,6 +399,9 @@ OWNED_SETTING_CASES = {
     "locality_smoothing": ("hash", ["0.01"]),
     "node_target_share": ("switch", ["0.4"]),
     "node_bias_rate": ("megatron", ["0.2"]),
+    "node_bias_mode": ("switch", ["selection"]),
+    "node_margin": ("hash", ["0.5"]),
+    "rank_balance_loss_coeff": ("megatron", ["0.01"]),
     "grap_mode": ("switch", ["learnable"]),
     "grap_bias": ("hash", []),
     "grap_temperature": ("switch", ["4.0"]),
@@ -435,6 +441,8 @@ def test_a_setting_the_router_does_not_read_is_refused_at_parse_time(megatron_ar
     reader_extra = ["--moe-expert-capacity-factor", "1.1"] if reader == "locmoe_plus" else []
     if setting == "max_outgoing_fraction":  # Megatron's router alone reads it
         reader, reader_extra = "megatron", []
+    if setting == "node_bias_mode":  # it places the node target's bias
+        reader_extra += ["--locmoe-node-target-share", "0.5"]
     if setting != "hash_token_counts":
         parse("--moe-router-type", reader, flag, *value, *reader_extra)
 

@@ -253,6 +253,19 @@ def test_hash_maps_balance(python_source_ids, E):
         (dict(router_type="locmoe", node_target_share=1.0), {}, "node_target_share=1.0 must"),
         (dict(router_type="locmoe", node_bias_rate=0.0), {}, "node_bias_rate=0.0 must be"),
         (dict(router_type="hash", node_target_share=0.5), {}, "a locmoe or locmoe_plus router"),
+        (dict(router_type="hash", node_margin=0.5), {}, "a locmoe or locmoe_plus router"),
+        (dict(router_type="locmoe", node_margin=-0.5), {}, "node_margin=-0.5 is negative"),
+        (
+            dict(router_type="locmoe", node_bias_mode="selection"),
+            {},
+            "--locmoe-node-target-share is 0 (no bias)",
+        ),
+        (
+            dict(router_type="locmoe", rank_balance_loss_coeff=0.01),
+            {},
+            "the EP group has one rank",
+        ),
+        (dict(rank_balance_loss_coeff=-1.0), {}, "rank_balance_loss_coeff=-1.0 is negative"),
         # LocMoE+: its own settings, and the model settings it cannot run with
         (dict(router_type="locmoe_plus"), {}, "set --moe-expert-capacity-factor (the paper's"),
         (

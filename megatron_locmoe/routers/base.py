@@ -97,7 +97,12 @@ class PluginRouterMixin:
     has_locality_loss = False
     """LocMoE's locality loss (--locmoe-locality-loss-coeff, --locmoe-locality-smoothing)."""
     has_node_target = False
-    """The node-target bias and balance loss (--locmoe-node-target-share, --locmoe-node-bias-rate)."""
+    """The node-aware selection: the node-target bias and balance loss and the remote margin
+    (--locmoe-node-target-share, --locmoe-node-bias-rate, --locmoe-node-bias-mode,
+    --locmoe-node-margin)."""
+    has_rank_balance_loss = False
+    """DeepSeek-V2's communication-balance loss over the EP ranks
+    (--locmoe-rank-balance-loss-coeff)."""
     has_outgoing_cap = False
     """FasterMoE's cap on the tokens that leave the node (--locmoe-max-outgoing-fraction)."""
     has_fused_path = False
@@ -163,8 +168,17 @@ class PluginRouterMixin:
             return "one compiled graph (triton is not installed)"
         if kernels.DISABLED:
             return "one compiled graph (LOCMOE_TRITON_ROUTER=0)"
-        if locmoe.node_target_share:
-            return "the reference path (the node-target bias has no fused path)"
+        unfused = [
+            what
+            for what, on in (
+                ("the node-target bias", locmoe.node_target_share),
+                ("the node margin", locmoe.node_margin),
+                ("the rank-balance loss", locmoe.rank_balance_loss_coeff),
+            )
+            if on
+        ]
+        if unfused:
+            return f"the reference path ({' and '.join(unfused)}: no fused path)"
         capacity_mode = cls._capacity(locmoe, tc)[0]
         settled = dataclasses.replace(locmoe, capacity_mode=capacity_mode)
         if not kernels.gate_applies(settled, tc.num_moe_experts):
@@ -246,6 +260,8 @@ class PluginRouterMixin:
         expert_nodes = torch.tensor(topo.expert_nodes(self.config.num_moe_experts))
         # [E] bool: experts hosted on this rank's node. Buffer so it follows .to(device).
         self.register_buffer("expert_is_local", expert_nodes == topo.node, persistent=False)
+        self.ep_size = topo.ep_size
+        """Ranks of this router's EP group (experts in contiguous blocks, Megatron's order)."""
 
     # ---- the virtual cluster (megatron_locmoe/virtual.py) ----------------------------------
     per_rank_host: tuple[str, ...] = ()

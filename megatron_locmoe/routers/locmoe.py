@@ -44,6 +44,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
     name = "locmoe"
     label = "LocMoE"
     has_switch_balance_loss = has_grap_gate = has_locality_loss = has_node_target = True
+    has_rank_balance_loss = True
     has_fused_path = has_capacity_bound = True
     placement_obstacle = (
         "its GrAP gate gives expert i the mean of hidden chunk i, so moving expert i would need "
@@ -59,6 +60,18 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
                 f"expert: choose --hidden-size divisible by {n} or a number of experts dividing it"
             )
         super().check_model(locmoe, tc)
+        if locmoe.node_bias_mode != "logits" and locmoe.node_target_share == 0:
+            raise ConfigError(
+                f"--locmoe-node-bias-mode {locmoe.node_bias_mode} places the node-target bias, "
+                "but --locmoe-node-target-share is 0 (no bias): set a target share or drop "
+                "--locmoe-node-bias-mode"
+            )
+        if locmoe.rank_balance_loss_coeff > 0 and locmoe.ep_ranks(tc) == 1:
+            raise ConfigError(
+                f"--locmoe-rank-balance-loss-coeff {locmoe.rank_balance_loss_coeff} balances the "
+                "tokens the ranks of an EP group receive, but the EP group has one rank: set "
+                "--expert-model-parallel-size (or a virtual cluster's EP) above 1, or drop the flag"
+            )
         if not cls.capacity_bound_applies(locmoe, tc) and tc.moe_expert_capacity_factor is not None:
             raise ConfigError(
                 "--moe-expert-capacity-factor with the locmoe router is the ceiling of LocMoE's "
@@ -126,10 +139,17 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         )
         L = int(self.expert_is_local.sum())
         self.node_bias_on = cfg.node_target_share > 0 and 0 < L < E  # ours (config docstring)
+        # the node bias on the logits (and the node-aware balance target), or on selection only
+        self.node_logit_bias_on = self.node_bias_on and cfg.node_bias_mode == "logits"
+        self.selection_bias_on = 0 < L < E and (
+            cfg.node_margin > 0 or (self.node_bias_on and cfg.node_bias_mode == "selection")
+        )
         if self.node_bias_on:  # saved in checkpoints; only then, so other state dicts keep keys
             self.register_buffer("node_bias", torch.tensor(0.0))
+        if self.node_logit_bias_on:
             weight_E = self._node_aux_weight(self.expert_is_local)
             self.register_buffer("node_aux_weight", weight_E, persistent=False)
+        self.rank_balance_on = cfg.rank_balance_loss_coeff > 0 and self.ep_size > 1
         # Capacity state, saved in checkpoints: delta, ec_min and the training step they came from.
         self.register_buffer("capacity_delta", torch.tensor(-1.0, dtype=torch.float64))
         self.register_buffer("capacity_ec_min", torch.tensor(0.0, dtype=torch.float64))
@@ -155,7 +175,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
 
     def per_rank_tables(self, expert_is_local_VE: torch.Tensor) -> dict[str, torch.Tensor]:
         tables = super().per_rank_tables(expert_is_local_VE)
-        if self.node_bias_on:
+        if self.node_logit_bias_on:
             tables["node_aux_weight"] = torch.stack(
                 [self._node_aux_weight(row) for row in expert_is_local_VE]
             ).to(self.node_aux_weight.device)
@@ -333,6 +353,8 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
             and not cfg.moe_z_loss_coeff
             and cfg.moe_router_topk_scaling_factor is None
             and not self.node_bias_on
+            and not self.selection_bias_on
+            and not self.rank_balance_on
         )
 
     use_kernels = True
@@ -569,10 +591,10 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         if padding_mask is not None:
             padding_mask = padding_mask.reshape(-1)
         gate_TE, logits_TE = self.reference_gate(input)
-        if self.node_bias_on:
+        if self.node_logit_bias_on:
             logits_TE = logits_TE + self.node_bias * self.expert_is_local
         logits_TE = self.apply_z_loss(logits_TE, padding_mask=padding_mask)
-        probs_TE, routing_map_TE = self.token_choice(logits_TE)
+        probs_TE, routing_map_TE = self.token_choice(logits_TE, self._selection_bias())
         T = routing_map_TE.shape[0]
 
         dropped, capacity, expert_choice = routing_map_TE.new_zeros((), dtype=torch.long), 0, False
@@ -589,11 +611,17 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         if self.training and torch.is_grad_enabled():
             map_aux_TE, scores_TE = self.aux_routing(logits_TE, padding_mask)
             # with the node bias, sum f_i P_i / (E t_i): balanced against the node-aware target
-            aux_scores_TE = scores_TE * self.node_aux_weight if self.node_bias_on else scores_TE
+            aux_scores_TE = (
+                scores_TE * self.node_aux_weight if self.node_logit_bias_on else scores_TE
+            )
             probs_TE = self._apply_aux_loss(
                 probs_TE, aux_scores_TE, map_aux_TE, with_padding_mask=padding_mask is not None
             )
             probs_TE, locality = self._apply_locality_loss(probs_TE, scores_TE, padding_mask)
+            if self.rank_balance_on:
+                probs_TE = self._apply_rank_balance_loss(
+                    probs_TE, scores_TE, routing_map_TE, padding_mask
+                )
             if cfg.capacity_mode == "bound":
                 self._count_routing_step()
             if self.node_bias_on:
@@ -621,11 +649,58 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
             logits_TE, self.topk, "softmax", padding_mask=padding_mask
         )
 
-    def token_choice(self, logits_TE: torch.Tensor):
-        """Top-k of the softmax (pre-softmax routing, as the paper): (probs, routing map)."""
-        return topk_routing_with_score_function(
-            logits_TE, self.topk, use_pre_softmax=True, score_function="softmax"
-        )
+    def token_choice(self, logits_TE: torch.Tensor, selection_bias_E: torch.Tensor | None = None):
+        """Top-k of the softmax (pre-softmax routing, as the paper): (probs, routing map), the
+        probs scaled by --moe-router-topk-scaling-factor. ``selection_bias_E`` [E], added to the
+        logits for the choice of experts only: the probs are the unbiased softmax's."""
+        scaling = self.config.moe_router_topk_scaling_factor
+        if selection_bias_E is None:
+            return topk_routing_with_score_function(
+                logits_TE,
+                self.topk,
+                use_pre_softmax=True,
+                scaling_factor=scaling,
+                score_function="softmax",
+            )
+        scores_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
+        top_TK = torch.topk(logits_TE.float() + selection_bias_E, k=self.topk, dim=1).indices
+        probs_TK = scores_TE.gather(1, top_TK)
+        if scaling:
+            probs_TK = probs_TK * scaling
+        probs_TE = torch.zeros_like(scores_TE).scatter(1, top_TK, probs_TK).type_as(logits_TE)
+        routing_map_TE = torch.zeros_like(logits_TE, dtype=torch.bool).scatter(1, top_TK, True)
+        return probs_TE, routing_map_TE
+
+    def _selection_bias(self) -> torch.Tensor | None:
+        """[E] what the choice of experts adds to the logits (the margin, and the node bias
+        under node_bias_mode selection) on this node's experts; None where nothing is added."""
+        if not self.selection_bias_on:
+            return None
+        bias = self.locmoe.node_margin
+        if self.node_bias_on and not self.node_logit_bias_on:
+            bias = self.node_bias + bias
+        return bias * self.expert_is_local.float()
+
+    def _apply_rank_balance_loss(self, probs_TE, scores_TE, routing_map_TE, padding_mask):
+        """Attach alpha_r * sum_r f_r P_r over the EP group's R ranks (DeepSeek-V2's
+        communication-balance loss): f_r = R x this micro-batch's token copies sent to rank r
+        (one per token and rank) / all its copies, P_r = the mean probability of rank r's
+        experts over the tokens ``padding_mask`` [T] (True on padding) leaves valid."""
+        T, E = scores_TE.shape
+        R = self.ep_size
+        valid_T = torch.ones(T, dtype=torch.bool, device=scores_TE.device)
+        if padding_mask is not None:
+            valid_T = ~padding_mask.bool()
+        with torch.no_grad():
+            sent_TR = (routing_map_TE & valid_T[:, None]).view(T, R, E // R).any(-1)
+            f_R = R * sent_TR.sum(0).float() / sent_TR.sum().clamp_min(1)
+        w_T = valid_T.to(scores_TE.dtype)
+        P_R = (scores_TE.view(T, R, E // R).sum(-1) * w_T[:, None]).sum(0) / w_T.sum().clamp_min(1)
+        size = self.tp_cp_group.size() if self.tp_cp_group is not None else 1
+        loss = self.locmoe.rank_balance_loss_coeff / size * (f_R * P_R).sum()
+        if self.calculate_per_token_loss:
+            loss = loss * T * size
+        return MoEAuxLossAutoScaler.apply(probs_TE, loss)
 
     @torch.no_grad()
     def _step_node_bias(self, routing_map_TE: torch.Tensor) -> None:
