@@ -11,7 +11,7 @@ Every figure below is either quoted from a source (``sources``) or an assumption
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -64,21 +64,30 @@ class AllToAllMeasurement:
     """(tokens per GPU, measured ms) per case name, where the source sweeps the length."""
 
 
+# both measurements: DeepSeek-V3's MoE layer (hidden 7168, top-8 of 256 experts) at EP 64 =
+# 8 nodes x 8 GPUs, 4096 tokens per GPU
+_DEEPSEEK_V3_EP64 = dict(
+    nodes=8, devices_per_node=8, hidden_size=7168, topk=8, num_experts=256, tokens_per_device=4096
+)
+
+_FUSCO_ONE_NODE = RoutingCase(
+    name="one-node",
+    description="every token's 8 experts on one node (any node: 7/8 of them remote)",
+    nodes_per_token=1,
+    own_node_share=1 / 8,
+    measured_ms=24.7,
+)
+
 FUSCO = AllToAllMeasurement(
     name="fusco",
     description=(
         "FUSCO's 64-GPU table: DeepEP dispatch + combine on 8 servers x 8 H100, DeepSeek-V3's "
         "MoE shape (hidden 7168, top-8 of 256 experts), 4,096 tokens per GPU"
     ),
-    nodes=8,
-    devices_per_node=8,
+    **_DEEPSEEK_V3_EP64,
     cluster="h100-dgx",
     nvlink_GBps=480.0,
     nic_GBps=50.0,
-    hidden_size=7168,
-    topk=8,
-    num_experts=256,
-    tokens_per_device=4096,
     dispatch_row_bytes=7168 * 2,
     combine_row_bytes=7168 * 2,
     covers=(
@@ -93,20 +102,13 @@ FUSCO = AllToAllMeasurement(
             own_node_share=4 / 8,
             measured_ms=30.7,
         ),
-        RoutingCase(
-            name="one-node",
-            description="every token's 8 experts on one node (any node: 7/8 of them remote)",
-            nodes_per_token=1,
-            own_node_share=1 / 8,
-            measured_ms=24.7,
-        ),
-        RoutingCase(
+        _FUSCO_ONE_NODE,
+        replace(  # the same measurement, read the other way
+            _FUSCO_ONE_NODE,
             name="one-node-own",
             description="reading 2: every token's 8 experts on its own node (no inter-node bytes)",
-            nodes_per_token=1,
             own_node_share=1.0,
-            measured_ms=24.7,
-            reading_of="one-node",
+            reading_of=_FUSCO_ONE_NODE.name,
         ),
     ),
     sources=(
@@ -156,15 +158,10 @@ DEEPEP_EP64 = AllToAllMeasurement(
         "DeepEP's own normal-kernel numbers at EP 64 (8 nodes x 8 H800): 4096 tokens, hidden "
         "7168, top-4 groups, top-8, FP8 dispatch, BF16 combine"
     ),
-    nodes=8,
-    devices_per_node=8,
+    **_DEEPSEEK_V3_EP64,
     cluster="stated",
     nvlink_GBps=160.0,
     nic_GBps=50.0,
-    hidden_size=7168,
-    topk=8,
-    num_experts=256,
-    tokens_per_device=4096,
     dispatch_row_bytes=7168 + 7168 // 128 * 4,
     combine_row_bytes=7168 * 2,
     covers="the dispatch kernel and the combine kernel alone (tuned chunk sizes, 24 SMs)",
