@@ -23,8 +23,12 @@
 #   starts (the repository root there).
 #
 # run PRESET 'ARM:SEED ...' [DEADLINE_S]: the runs start together; each one's launcher log, its
-# Megatron log and TensorBoard events land in $OUT/seedSEED/; $OUT/gpu.csv samples the card
-# every 5 s; the call ends within DEADLINE_S seconds of its start (default 540).
+# Megatron log and TensorBoard events land in $WORK/seedSEED/ (WORK=/tmp/study, kept while the
+# machine is held); gpu.csv samples the card every 5 s; the call ends within DEADLINE_S seconds
+# of its start (default 540) with all of $WORK, earlier calls' runs included, in $OUT/study.tgz
+# (what comes back from $OUT is 8 files at most, 2 folders deep). Here:
+#   mkdir -p runs/gpu && tar -xzf FILES_AT/study.tgz -C runs/gpu
+#   python -m megatron_locmoe.analysis.study collect runs/gpu --setting gpu-8x8-control ...
 set -euo pipefail
 START=$SECONDS
 MODE=${1:-}
@@ -43,7 +47,8 @@ PRESET=${2:?gpu_study.sh run PRESET 'ARM:SEED ...' [DEADLINE_S]}
 RUNS=${3:?gpu_study.sh run PRESET 'ARM:SEED ...' [DEADLINE_S]}
 DEADLINE=${4:-540}
 OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
+WORK=${WORK:-/tmp/study}
+mkdir -p "$OUT" "$WORK"
 if [ ! -f /tmp/realtext/build.json ]; then
   if [ -f "$TOP/$PARTS/carry.json" ]; then
     python3 -m megatron_locmoe.data.carry stage --parts "$TOP/$PARTS"
@@ -56,7 +61,7 @@ fi
 export PYTHONPATH=/tmp/site:$REPO PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 mkdir -p data
 ln -sfn /tmp/realtext data/realtext
-python3 - > "$OUT/versions.json" <<'PY'
+python3 - > "$WORK/versions.json" <<'PY'
 import json, torch
 import megatron.core
 carried = json.load(open("/tmp/realtext/carry.json"))
@@ -65,7 +70,7 @@ print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda,
                   "card": torch.cuda.get_device_name(),
                   "corpus_sample": carried.get("sample")}))
 PY
-nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 5 > "$OUT/gpu.csv" &
+nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 5 >> "$WORK/gpu.csv" &
 SMI=$!
 LEFT=$((DEADLINE - (SECONDS - START) - 15))
 if [ "$LEFT" -lt 60 ]; then echo "gpu_study.sh: only ${LEFT} s left of ${DEADLINE}" >&2; exit 1; fi
@@ -73,7 +78,7 @@ declare -A PIDS
 for rs in $RUNS; do
   arm=${rs%%:*}
   seed=${rs##*:}
-  dir="$OUT/seed$seed"
+  dir="$WORK/seed$seed"
   mkdir -p "$dir"
   timeout -s TERM -k 20 "$LEFT" python3 -m megatron_locmoe.launch --config "$PRESET" \
     --runs "$arm" --set seed="$seed" --set data-cache-path="/tmp/dcache/$PRESET-$arm-$seed" \
@@ -86,9 +91,10 @@ for rs in "${!PIDS[@]}"; do
   echo "$rs exit $rc"
 done
 kill "$SMI" 2>/dev/null || true
-for log in "$OUT"/seed*/*.launch.log; do
+for log in "$WORK"/seed*/*.launch.log; do
   echo "== $log"
   grep -E "iteration +[0-9]+/" "$log" | tail -1 | cut -c1-400 || true
   grep -E "validation loss|error" "$log" | tail -3 | cut -c1-300 || true
 done
-echo "call: $((SECONDS - START)) s"
+tar -czf "$OUT/study.tgz" -C "$WORK" .
+echo "call: $((SECONDS - START)) s; $OUT/study.tgz: $(du -h "$OUT/study.tgz" | cut -f1)"
