@@ -12,20 +12,14 @@ import torch
 from megatron_locmoe.config import LocMoEConfig
 from megatron_locmoe.sim.cluster import ClusterJobError, ParallelLayout
 from megatron_locmoe.sim.testing import build_moe_layer, moe_config
-from megatron_locmoe.sim.trainer import TrainSettings, tiny_model, train_job
+from megatron_locmoe.sim.trainer import tiny_model, train_job
+from tests.tiny_settings import tiny_settings
 
 LAYOUT = ParallelLayout(devices_per_node=1, ep=2)
 
 
 def _saved_checkpoint(cluster, corpus, root):
-    settings = TrainSettings(
-        data_prefix=corpus,
-        locmoe=LocMoEConfig(router_type="locmoe"),
-        model=tiny_model("locmoe", LAYOUT),
-        steps=2,
-        save_interval=2,
-        save_dir=str(root),
-    )
+    settings = tiny_settings(corpus, LAYOUT, steps=2, save_interval=2, save_dir=str(root))
     cluster.run(train_job, settings, layout=LAYOUT)
     shards = sorted((root / "iter_0000002").glob("*.distcp"))
     assert shards, "torch_dist wrote no shard files"

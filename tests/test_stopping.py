@@ -23,19 +23,18 @@ from pathlib import Path
 import psutil
 import pytest
 
-from megatron_locmoe.config import LocMoEConfig
 from megatron_locmoe.sim.cluster import ClusterJobError, Interrupted, ParallelLayout
-from megatron_locmoe.sim.trainer import TrainSettings, tiny_model, train_job
+from megatron_locmoe.sim.trainer import TrainSettings, train_job
+from tests.tiny_settings import tiny_settings
 
 LAYOUT = ParallelLayout(devices_per_node=1, ep=2)
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _settings(corpus, tmp_path, **kw) -> TrainSettings:
-    return TrainSettings(
-        data_prefix=corpus,
-        locmoe=LocMoEConfig(router_type="locmoe"),
-        model=tiny_model("locmoe", LAYOUT),
+    return tiny_settings(
+        corpus,
+        LAYOUT,
         steps=60,  # the same for every run: the dataset's sample order depends on it
         progress_path=str(tmp_path / "progress.jsonl"),
         **kw,
@@ -211,7 +210,9 @@ def test_a_failed_save_names_the_os_error_and_its_file_and_leaves_no_partial_che
 
 
 @pytest.mark.slow
-def test_the_launcher_ends_on_ctrl_c_at_the_next_step_with_one_line_and_status_130(corpus, tmp_path):
+def test_the_launcher_ends_on_ctrl_c_at_the_next_step_with_one_line_and_status_130(
+    corpus, tmp_path
+):
     """Through the launcher (2 simulated nodes x 1 rank): SIGINT once training runs; the job is
     gone within 10 s with `error: interrupted at step N`, exit status 130, no process of its
     left and no temp directory of the cluster's in a private TMPDIR."""

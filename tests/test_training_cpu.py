@@ -16,6 +16,7 @@ from megatron_locmoe.metrics import PLUGIN_METRICS
 from megatron_locmoe.sim import data
 from megatron_locmoe.sim.cluster import ParallelLayout
 from megatron_locmoe.sim.trainer import TrainSettings, tiny_model, train_job
+from tests.tiny_settings import tiny_settings
 
 
 def _tensorboard_tags(logdir) -> set[str]:
@@ -254,13 +255,7 @@ def test_loop_trains_with_document_masks(cluster_factory, short_docs):
     runs = {}
     layout = ParallelLayout(devices_per_node=2, ep=2)
     for name, opts in (("masked", options), ("no_attention", no_attention), ("plain", {})):
-        settings = TrainSettings(
-            data_prefix=short_docs,
-            locmoe=LocMoEConfig(router_type="locmoe"),
-            model=tiny_model("locmoe", layout),
-            steps=2,
-            dataset_options=opts,
-        )
+        settings = tiny_settings(short_docs, layout, steps=2, dataset_options=opts)
         runs[name] = cluster_factory(2).run(train_job, settings, layout=layout)[0]["losses"]
     assert all(v == v and 3.0 < v < 8.0 for v in runs["masked"])  # finite, byte-level scale
     assert runs["masked"] != runs["plain"]
@@ -276,13 +271,7 @@ def test_a_non_finite_loss_stops_every_rank_with_the_step(cluster_factory, corpu
 
     cluster = cluster_factory(2)
     layout = ParallelLayout(devices_per_node=1, ep=2)
-    settings = TrainSettings(
-        data_prefix=corpus,
-        locmoe=LocMoEConfig(router_type="locmoe"),
-        model=tiny_model("locmoe", layout),
-        steps=3,
-        lr=1e30,
-    )
+    settings = tiny_settings(corpus, layout, steps=3, lr=1e30)
     with pytest.raises(ClusterJobError) as e:
         cluster.run(train_job, settings, layout=layout)
     assert "step 2: the loss or a gradient is not finite on ranks [0, 1]" in str(e.value)
