@@ -52,9 +52,21 @@ CASES = {  # name: (router, LocMoEConfig fields, TransformerConfig fields)
     "hash": ("hash", {}, {}),
     "locmoe": ("locmoe", dict(locality_loss_coeff=0.1), {}),
     "locmoe_node_target": ("locmoe", dict(node_target_share=0.5), {}),
+    "locmoe_node_aware": (  # the selection-only bias, the margin and the rank-balance loss
+        "locmoe",
+        dict(
+            node_target_share=0.5,
+            node_bias_mode="selection",
+            node_margin=0.1,
+            rank_balance_loss_coeff=0.01,
+        ),
+        {},
+    ),
     "locmoe_plus": ("locmoe_plus", {}, dict(moe_expert_capacity_factor=1.1)),
 }
-START_OF = {"locmoe_plus": "locmoe"}  # LocMoE+ starts without a capacity estimate
+START_OF = {"locmoe_plus": "locmoe", "locmoe_node_aware": "locmoe_node_target"}
+"""Cases that start from another's checkpoint (LocMoE+ without a capacity estimate; the node
+options from the node target's, whose node bias they step)."""
 
 
 @pytest.fixture(scope="module")
