@@ -130,6 +130,12 @@ class LocMoEConfig:
     probability must exceed e^margin times the local expert's). It acts on which experts are
     picked, not on the gate values (a fixed selection bias on the node's experts, added to the
     node bias under node_bias_mode selection); 0: off."""
+    node_fill_mass: float = 1.0
+    """Ours, for top-k > 1: fill a token's k slots from as few nodes as the scores allow: the
+    smallest M such that the best k experts on the token's M best nodes (ranked by the
+    probability mass of their own best k) hold at least this share of its unconstrained top-k
+    probability mass; an adaptive form of node-limited routing. Acts on which experts are
+    picked, not on the gate values; 1: off (every token its unconstrained top-k)."""
     rank_balance_loss_coeff: float = 0.0
     """After DeepSeek-V2's communication-balance loss: alpha_r * sum_r f_r P_r over the R ranks
     of the EP group, f_r = R x (tokens sent to rank r, one copy per token and rank) / (all such
@@ -287,6 +293,11 @@ class LocMoEConfig:
             )
         if self.node_bias_rate <= 0:
             raise ConfigError(f"node_bias_rate={self.node_bias_rate} must be positive")
+        if not 0 < self.node_fill_mass <= 1:
+            raise ConfigError(
+                f"node_fill_mass={self.node_fill_mass} must lie in (0, 1] (1: off; e.g. 0.9 "
+                "keeps 90% of each token's top-k probability mass on the fewest nodes)"
+            )
         for name in ("node_margin", "rank_balance_loss_coeff"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} is negative; use 0 for off")
@@ -467,6 +478,7 @@ ROUTER_SETTINGS: dict[str, str] = {
     "node_bias_rate": "has_node_target",
     "node_bias_mode": "has_node_target",
     "node_margin": "has_node_target",
+    "node_fill_mass": "has_node_target",
     "rank_balance_loss_coeff": "has_rank_balance_loss",
     "max_outgoing_fraction": "has_outgoing_cap",
     "grap_mode": "has_grap_gate",

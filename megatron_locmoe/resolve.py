@@ -140,6 +140,10 @@ def summary_fields(resolution: Resolution, tc, topology=None) -> dict:
         out["node_margin"] = (
             f"another node's expert only if its logit beats the local one's by {cfg.node_margin:g}"
         )
+    if cfg.node_fill_mass < 1:
+        out["node_fill"] = (
+            f"the fewest nodes that keep {cfg.node_fill_mass:g} of a token's top-{k} mass"
+        )
     if cfg.rank_balance_loss_coeff:
         out["rank_balance_loss"] = (
             f"alpha {cfg.rank_balance_loss_coeff:g} over the EP ranks (DeepSeek-V2's "

@@ -51,6 +51,7 @@ EVERY_SETTING = [
     ("--locmoe-node-bias-rate", "0.2", "node_bias_rate", 0.2),
     ("--locmoe-node-bias-mode", "selection", "node_bias_mode", "selection"),
     ("--locmoe-node-margin", "0.5", "node_margin", 0.5),
+    ("--locmoe-node-fill-mass", "0.9", "node_fill_mass", 0.9),
     ("--locmoe-rank-balance-loss-coeff", "0.01", "rank_balance_loss_coeff", 0.01),
     ("--locmoe-grap-mode", "learnable", "grap_mode", "learnable"),
     ("--locmoe-grap-bias", None, "grap_bias", True),
@@ -70,9 +71,11 @@ EVERY_SETTING = [
     ("--locmoe-devices-per-node", "4", "devices_per_node", 4),
     ("--locmoe-attention", "sdpa", "attention", "sdpa"),
 ]
-SETTINGS_NEED = ("--moe-expert-capacity-factor", "1.25", "--disable-bias-linear")
+SETTINGS_NEED = (
+    "--moe-expert-capacity-factor", "1.25", "--disable-bias-linear", "--moe-router-topk", "2"
+)  # fmt: skip
 """Megatron's own flags the settings above need: bound capacity a capacity factor, grouped
-experts no linear biases."""
+experts no linear biases, the fewest-nodes fill top-k > 1."""
 
 
 def test_every_flag_parses_and_lands_in_transformer_config(megatron_args, tmp_path):
@@ -401,6 +404,7 @@ OWNED_SETTING_CASES = {
     "node_bias_rate": ("megatron", ["0.2"]),
     "node_bias_mode": ("switch", ["selection"]),
     "node_margin": ("hash", ["0.5"]),
+    "node_fill_mass": ("switch", ["0.9"]),
     "rank_balance_loss_coeff": ("megatron", ["0.01"]),
     "grap_mode": ("switch", ["learnable"]),
     "grap_bias": ("hash", []),
@@ -443,6 +447,8 @@ def test_a_setting_the_router_does_not_read_is_refused_at_parse_time(megatron_ar
         reader, reader_extra = "megatron", []
     if setting == "node_bias_mode":  # it places the node target's bias
         reader_extra += ["--locmoe-node-target-share", "0.5"]
+    if setting == "node_fill_mass":  # it fills k > 1 slots
+        reader_extra += ["--moe-router-topk", "2"]
     if setting != "hash_token_counts":
         parse("--moe-router-type", reader, flag, *value, *reader_extra)
 

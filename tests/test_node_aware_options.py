@@ -6,6 +6,8 @@
 - ``--locmoe-node-bias-mode selection``: the node bias acts as that margin (the same routing
   for the same value), steps towards the target share, and leaves the gate values and the
   balance loss as without a node target; the logits mode changes both;
+- ``--locmoe-node-fill-mass q``: each token's k experts from the fewest nodes that keep q of its
+  top-k probability mass (a per-token Python reference);
 - ``--locmoe-rank-balance-loss-coeff``: adds exactly the gradient of alpha * sum_r f_r P_r
   (DeepSeek-V2's communication balance over the EP ranks), padding left out, routing unchanged;
 - ``--moe-router-topk-scaling-factor`` scales the locmoe router's gate values (it was ignored).
@@ -13,6 +15,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from megatron_locmoe.sim.cluster import ParallelLayout
@@ -22,8 +25,9 @@ S, B, H, E, K = 12, 2, 16, 8, 2
 MARGIN = 0.3
 
 
-def _setup(ctx, **tc_overrides):
-    """A builder of locmoe routers on this rank, and the input [S, B, H] (same on every rank)."""
+def _setup(ctx, ep: int = 2, tokens: int = S, **tc_overrides):
+    """A builder of locmoe routers on this rank (EP ``ep``, one rank a node), and the input
+    [tokens, B, H] (the same on every rank)."""
     from megatron.core.transformer.moe.moe_utils import (
         MoEAuxLossAutoScaler,
         get_default_pg_collection,
@@ -35,7 +39,7 @@ def _setup(ctx, **tc_overrides):
 
     ctx.topology()
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
-    tc = moe_config(ep=2, num_moe_experts=E, moe_router_topk=K, hidden_size=H, **tc_overrides)
+    tc = moe_config(ep=ep, num_moe_experts=E, moe_router_topk=K, hidden_size=H, **tc_overrides)
 
     def build(**settings):
         router = router_builder(LocMoEConfig(router_type="locmoe", **settings))(
@@ -46,7 +50,7 @@ def _setup(ctx, **tc_overrides):
         return router
 
     torch.manual_seed(0)
-    return build, torch.randn(S, B, H) * 4
+    return build, torch.randn(tokens, B, H) * 4
 
 
 def _route(router, x_SBH, padding_SB=None):
@@ -148,6 +152,59 @@ def test_the_rank_balance_loss_adds_deepseek_v2s_communication_balance_gradient(
             assert r["scale"] > 1e-4, r  # the term is there to be compared
             assert r["gradient"] <= 2e-5 * r["scale"], r  # float32: a difference of gradients
             assert r["padding_gets_none"], r
+
+
+def _fewest_nodes_reference(p_E: list[float], nodes: int, k: int, q: float) -> set[int]:
+    """One token, in plain Python: nodes ranked by the mass of their own best k; the smallest M
+    (with at least k experts) whose best k keep q of the unconstrained top-k mass; its top k."""
+    per = len(p_E) // nodes
+    on = [sorted(range(n * per, (n + 1) * per), key=lambda e: -p_E[e]) for n in range(nodes)]
+    mass = [sum(p_E[e] for e in on[n][:k]) for n in range(nodes)]
+    ranked = sorted(range(nodes), key=lambda n: -mass[n])  # stable, as the router's argsort
+    best = sorted(range(len(p_E)), key=lambda e: -p_E[e])[:k]
+    for M in range(-(-k // per), nodes + 1):
+        allowed = sorted((e for n in ranked[:M] for e in on[n]), key=lambda e: -p_E[e])[:k]
+        if sum(p_E[e] for e in allowed) >= q * sum(p_E[e] for e in best):
+            return set(allowed)
+    raise AssertionError("M = nodes always keeps the whole mass")
+
+
+def fill_job(ctx, q: float, nodes: int) -> dict:
+    build, x = _setup(ctx, ep=nodes, tokens=256)
+    router = build(node_fill_mass=q)
+    probs_TE, map_TE, grad = _route(router, x)
+    base = _route(build(), x)
+    p_TE = torch.softmax(router.reference_gate(x)[1].detach(), -1)
+    want = [_fewest_nodes_reference(row.tolist(), nodes, K, q) for row in p_TE]
+    got = [set(torch.nonzero(row).flatten().tolist()) for row in map_TE]
+    nodes_T = [len({e // (E // nodes) for e in experts}) for experts in got]
+    return {
+        "map": got == want,
+        "probs": torch.equal(probs_TE, torch.where(map_TE, p_TE, torch.zeros_like(p_TE))),
+        "losses_unchanged": torch.equal(grad, base[2]),
+        "one_node_tokens": (sum(n == 1 for n in nodes_T), len(nodes_T)),
+        "base_one_node_tokens": sum(
+            len({int(e) // (E // nodes) for e in torch.nonzero(row).flatten()}) == 1
+            for row in base[1]
+        ),
+    }
+
+
+@pytest.mark.parametrize("q", [0.6, 0.8, 0.9])
+@pytest.mark.parametrize("nodes", [2, 4])
+def test_the_fill_takes_each_tokens_experts_from_the_fewest_nodes(cluster_factory, nodes, q):
+    """256 tokens on 2 nodes of 4 experts or 4 of 2: a token keeps one node when that node's
+    best two hold q of its top-2 mass, else the fewest nodes that do."""
+    layout = ParallelLayout(devices_per_node=1, ep=nodes)
+    for r in cluster_factory(nodes).run(fill_job, q, nodes, layout=layout):
+        assert r["map"] and r["probs"] and r["losses_unchanged"], r
+        one_node, tokens = r["one_node_tokens"]
+        assert r["base_one_node_tokens"] < one_node < tokens, r  # the fill bites, not always
+
+
+def test_the_fill_off_is_the_unconstrained_top_k(cluster2):
+    for r in cluster2.run(fill_job, 1.0, 2, layout=TWO_NODES):
+        assert r["map"] and r["one_node_tokens"][0] == r["base_one_node_tokens"], r
 
 
 def scaling_job(ctx) -> bool:

@@ -266,6 +266,12 @@ def test_hash_maps_balance(python_source_ids, E):
             "the EP group has one rank",
         ),
         (dict(rank_balance_loss_coeff=-1.0), {}, "rank_balance_loss_coeff=-1.0 is negative"),
+        (dict(node_fill_mass=0.0), {}, "node_fill_mass=0.0 must lie in (0, 1]"),
+        (
+            dict(router_type="locmoe", node_fill_mass=0.9),
+            dict(moe_router_topk=1, moe_router_pre_softmax=True),
+            "every token has one node",
+        ),
         # LocMoE+: its own settings, and the model settings it cannot run with
         (dict(router_type="locmoe_plus"), {}, "set --moe-expert-capacity-factor (the paper's"),
         (

@@ -97,9 +97,9 @@ class PluginRouterMixin:
     has_locality_loss = False
     """LocMoE's locality loss (--locmoe-locality-loss-coeff, --locmoe-locality-smoothing)."""
     has_node_target = False
-    """The node-aware selection: the node-target bias and balance loss and the remote margin
-    (--locmoe-node-target-share, --locmoe-node-bias-rate, --locmoe-node-bias-mode,
-    --locmoe-node-margin)."""
+    """The node-aware selection: the node-target bias and balance loss, the remote margin and
+    the fewest-nodes fill (--locmoe-node-target-share, --locmoe-node-bias-rate,
+    --locmoe-node-bias-mode, --locmoe-node-margin, --locmoe-node-fill-mass)."""
     has_rank_balance_loss = False
     """DeepSeek-V2's communication-balance loss over the EP ranks
     (--locmoe-rank-balance-loss-coeff)."""
@@ -173,6 +173,7 @@ class PluginRouterMixin:
             for what, on in (
                 ("the node-target bias", locmoe.node_target_share),
                 ("the node margin", locmoe.node_margin),
+                ("the fewest-nodes fill", locmoe.node_fill_mass < 1),
                 ("the rank-balance loss", locmoe.rank_balance_loss_coeff),
             )
             if on
@@ -260,6 +261,9 @@ class PluginRouterMixin:
         expert_nodes = torch.tensor(topo.expert_nodes(self.config.num_moe_experts))
         # [E] bool: experts hosted on this rank's node. Buffer so it follows .to(device).
         self.register_buffer("expert_is_local", expert_nodes == topo.node, persistent=False)
+        self.register_buffer("expert_node", expert_nodes, persistent=False)
+        """[E] the node of each expert within the EP group (the same for every rank of it)."""
+        self.num_nodes = topo.num_nodes
         self.ep_size = topo.ep_size
         """Ranks of this router's EP group (experts in contiguous blocks, Megatron's order)."""
 

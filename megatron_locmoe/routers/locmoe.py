@@ -66,6 +66,12 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
                 "but --locmoe-node-target-share is 0 (no bias): set a target share or drop "
                 "--locmoe-node-bias-mode"
             )
+        if locmoe.node_fill_mass < 1 and tc.moe_router_topk == 1:
+            raise ConfigError(
+                f"--locmoe-node-fill-mass {locmoe.node_fill_mass} fills a token's k slots from "
+                "the fewest nodes, but with --moe-router-topk 1 every token has one node: drop "
+                "the flag or route top-k > 1"
+            )
         if locmoe.rank_balance_loss_coeff > 0 and locmoe.ep_ranks(tc) == 1:
             raise ConfigError(
                 f"--locmoe-rank-balance-loss-coeff {locmoe.rank_balance_loss_coeff} balances the "
@@ -150,6 +156,11 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
             weight_E = self._node_aux_weight(self.expert_is_local)
             self.register_buffer("node_aux_weight", weight_E, persistent=False)
         self.rank_balance_on = cfg.rank_balance_loss_coeff > 0 and self.ep_size > 1
+        self.fill_on = cfg.node_fill_mass < 1 and self.num_nodes > 1 and self.topk > 1
+        if self.fill_on and not torch.equal(
+            self.expert_node.cpu(), torch.arange(E) // (E // self.num_nodes)
+        ):
+            raise ValueError("the fewest-nodes fill needs each node's experts in one block")
         # Capacity state, saved in checkpoints: delta, ec_min and the training step they came from.
         self.register_buffer("capacity_delta", torch.tensor(-1.0, dtype=torch.float64))
         self.register_buffer("capacity_ec_min", torch.tensor(0.0, dtype=torch.float64))
@@ -354,6 +365,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
             and cfg.moe_router_topk_scaling_factor is None
             and not self.node_bias_on
             and not self.selection_bias_on
+            and not self.fill_on
             and not self.rank_balance_on
         )
 
@@ -594,7 +606,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         if self.node_logit_bias_on:
             logits_TE = logits_TE + self.node_bias * self.expert_is_local
         logits_TE = self.apply_z_loss(logits_TE, padding_mask=padding_mask)
-        probs_TE, routing_map_TE = self.token_choice(logits_TE, self._selection_bias())
+        probs_TE, routing_map_TE = self.token_choice(logits_TE, self._selection_logits(logits_TE))
         T = routing_map_TE.shape[0]
 
         dropped, capacity, expert_choice = routing_map_TE.new_zeros((), dtype=torch.long), 0, False
@@ -649,12 +661,13 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
             logits_TE, self.topk, "softmax", padding_mask=padding_mask
         )
 
-    def token_choice(self, logits_TE: torch.Tensor, selection_bias_E: torch.Tensor | None = None):
+    def token_choice(self, logits_TE: torch.Tensor, selection_TE: torch.Tensor | None = None):
         """Top-k of the softmax (pre-softmax routing, as the paper): (probs, routing map), the
-        probs scaled by --moe-router-topk-scaling-factor. ``selection_bias_E`` [E], added to the
-        logits for the choice of experts only: the probs are the unbiased softmax's."""
+        probs scaled by --moe-router-topk-scaling-factor. ``selection_TE``: what the choice of
+        experts ranks instead of the logits (``_selection_logits``); the probs stay the
+        unbiased softmax's."""
         scaling = self.config.moe_router_topk_scaling_factor
-        if selection_bias_E is None:
+        if selection_TE is None:
             return topk_routing_with_score_function(
                 logits_TE,
                 self.topk,
@@ -663,13 +676,48 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
                 score_function="softmax",
             )
         scores_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
-        top_TK = torch.topk(logits_TE.float() + selection_bias_E, k=self.topk, dim=1).indices
+        top_TK = torch.topk(selection_TE, k=self.topk, dim=1).indices
         probs_TK = scores_TE.gather(1, top_TK)
         if scaling:
             probs_TK = probs_TK * scaling
         probs_TE = torch.zeros_like(scores_TE).scatter(1, top_TK, probs_TK).type_as(logits_TE)
         routing_map_TE = torch.zeros_like(logits_TE, dtype=torch.bool).scatter(1, top_TK, True)
         return probs_TE, routing_map_TE
+
+    def _selection_logits(self, logits_TE: torch.Tensor) -> torch.Tensor | None:
+        """[T, E] what the choice of experts ranks: the logits plus the selection bias, with
+        the experts off each token's fewest nodes masked out; None where it is the logits."""
+        bias_E = self._selection_bias()
+        if bias_E is None and not self.fill_on:
+            return None
+        selection_TE = logits_TE.detach().float()
+        if bias_E is not None:
+            selection_TE = selection_TE + bias_E
+        if self.fill_on:
+            selection_TE = selection_TE.masked_fill(~self._fewest_nodes(logits_TE), -torch.inf)
+        return selection_TE
+
+    @torch.no_grad()
+    def _fewest_nodes(self, logits_TE: torch.Tensor) -> torch.Tensor:
+        """[T, E] bool: the experts on each token's M best nodes (by the probability mass of
+        each node's own best k), M the smallest whose best k experts hold node_fill_mass of the
+        token's unconstrained top-k mass (and at least k experts)."""
+        T, E = logits_TE.shape
+        N, k = self.num_nodes, self.topk
+        per = E // N
+        p_TE = torch.softmax(logits_TE.float(), dim=-1)
+        wanted_T = self.locmoe.node_fill_mass * p_TE.topk(k, dim=1).values.sum(1)
+        node_mass_TN = p_TE.view(T, N, per).topk(min(k, per), dim=2).values.sum(2)
+        order_TN = node_mass_TN.argsort(dim=1, descending=True, stable=True)
+        place_TN = torch.empty_like(order_TN).scatter_(
+            1, order_TN, torch.arange(N, device=order_TN.device).expand(T, N)
+        )
+        place_TE = place_TN.gather(1, self.expert_node.expand(T, E))  # each expert's node's place
+        nodes_T = torch.full((T,), N, dtype=torch.long, device=p_TE.device)
+        for M in range(N - 1, -(-k // per) - 1, -1):  # from many nodes down: the fewest wins
+            mass_T = p_TE.masked_fill(place_TE >= M, 0).topk(k, dim=1).values.sum(1)
+            nodes_T = torch.where(mass_T >= wanted_T, M, nodes_T)
+        return place_TE < nodes_T[:, None]
 
     def _selection_bias(self) -> torch.Tensor | None:
         """[E] what the choice of experts adds to the logits (the margin, and the node bias

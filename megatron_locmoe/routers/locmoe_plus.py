@@ -79,8 +79,8 @@ class LocMoEPlusRouter(LocMoERouter):
         )
         return affinity_TE, self.logits_from_raw(affinity_TE)
 
-    def token_choice(self, logits_TE: torch.Tensor, selection_bias_E: torch.Tensor | None = None):
-        probs_TE, routing_map_TE = super().token_choice(logits_TE, selection_bias_E)
+    def token_choice(self, logits_TE: torch.Tensor, selection_TE: torch.Tensor | None = None):
+        probs_TE, routing_map_TE = super().token_choice(logits_TE, selection_TE)
         return threshold_choice(probs_TE, routing_map_TE, self.locmoe.plus_affinity_threshold)
 
     def aux_routing(self, logits_TE: torch.Tensor, padding_mask):
