@@ -118,12 +118,14 @@ class LocMoEConfig:
     of uniform; with the same p* on every node every expert gets the same load."""
     node_bias_rate: float = 0.1
     """Step size of that bias: bias += rate * (p* - this batch's node-local share) per step."""
-    node_bias_mode: Literal["logits", "selection"] = "logits"
+    node_bias_mode: Literal["logits", "selection", "learned"] = "logits"
     """Where that bias acts. logits: on the logits, so it changes which experts a token picks
     and their gate values, and the balance loss measures load against the node-aware target.
     selection (after DeepSeek-V3's aux-loss-free balancing): only on which experts are picked;
-    the gate values and the balance loss (uniform target) are the unbiased logits'. Needs
-    node_target_share > 0."""
+    the gate values and the balance loss (uniform target) are the unbiased logits'. learned
+    (TA-MoE's per-node gate offset): on the logits, a parameter trained by the optimizer on the
+    node-aware balance loss (TA-MoE's topology-aware loss) instead of stepped at
+    node_bias_rate. Needs node_target_share > 0."""
     node_margin: float = 0.0
     """Ours: a token takes another node's expert in place of one of its own node's only when
     that expert's logit beats the local one's by more than this margin (logit units: its

@@ -132,8 +132,12 @@ def summary_fields(resolution: Resolution, tc, topology=None) -> dict:
         )
     if cfg.node_target_share:
         out["node_target"] = (
-            f"node-local share {cfg.node_target_share:g} (bias rate {cfg.node_bias_rate:g}, on "
-            + ("the logits" if cfg.node_bias_mode == "logits" else "the choice of experts only")
+            f"node-local share {cfg.node_target_share:g} ("
+            + {
+                "logits": f"bias rate {cfg.node_bias_rate:g}, on the logits",
+                "selection": f"bias rate {cfg.node_bias_rate:g}, on the choice of experts only",
+                "learned": "a learned offset on the logits, TA-MoE's",
+            }[cfg.node_bias_mode]
             + "; ours)"
         )
     if cfg.node_margin:

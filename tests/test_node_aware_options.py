@@ -5,7 +5,8 @@
   own experts, the gate values the unbiased softmax's, the losses unchanged;
 - ``--locmoe-node-bias-mode selection``: the node bias acts as that margin (the same routing
   for the same value), steps towards the target share, and leaves the gate values and the
-  balance loss as without a node target; the logits mode changes both;
+  balance loss as without a node target; the logits mode changes both; the learned mode is the
+  logits mode's function with the bias a parameter (TA-MoE's per-node offset);
 - ``--locmoe-node-fill-mass q``: each token's k experts from the fewest nodes that keep q of its
   top-k probability mass (a per-token Python reference);
 - ``--locmoe-rank-balance-loss-coeff``: adds exactly the gradient of alpha * sum_r f_r P_r
@@ -113,6 +114,33 @@ def test_the_margin_and_the_selection_bias_change_the_choice_of_experts_only(clu
         # changes the gate values and the balance target
         assert r["logits_mode_same_map"], r
         assert r["logits_mode_other_gate"] and r["logits_mode_other_losses"], r
+
+
+def learned_job(ctx) -> dict:
+    build, x = _setup(ctx)
+    stepped = build(node_target_share=0.5)
+    learned = build(node_target_share=0.5, node_bias_mode="learned")
+    with torch.no_grad():
+        stepped.node_bias.fill_(MARGIN)
+        learned.node_bias.fill_(MARGIN)
+    a, b = _route(stepped, x), _route(learned, x)
+    return {
+        "same_function": all(torch.equal(u, v) for u, v in zip(a, b, strict=True)),
+        "a_parameter": any(p is learned.node_bias for p in learned.parameters()),
+        "not_stepped": float(learned.node_bias) == float(torch.tensor(MARGIN))
+        and float(stepped.node_bias) != float(torch.tensor(MARGIN)),
+        "gradient": float(learned.node_bias.grad),
+        "not_per_rank": "node_bias" not in learned.per_rank_buffers(),
+    }
+
+
+def test_the_learned_offset_is_the_node_bias_trained_by_the_optimizer(cluster2):
+    """TA-MoE's offset: the same routing and losses as the stepped bias at the same value, but
+    a parameter (one for every rank, as data parallelism keeps it) with a gradient from the
+    node-aware balance loss, and no step of its own."""
+    for r in cluster2.run(learned_job, layout=TWO_NODES):
+        assert r["same_function"] and r["a_parameter"] and r["not_stepped"], r
+        assert r["gradient"] != 0 and r["not_per_rank"], r
 
 
 def rank_balance_job(ctx, padded: bool) -> dict:

@@ -268,6 +268,16 @@ def test_hash_maps_balance(python_source_ids, E):
         (dict(rank_balance_loss_coeff=-1.0), {}, "rank_balance_loss_coeff=-1.0 is negative"),
         (dict(node_fill_mass=0.0), {}, "node_fill_mass=0.0 must lie in (0, 1]"),
         (
+            dict(
+                router_type="locmoe",
+                node_target_share=0.5,
+                node_bias_mode="learned",
+                node_bias_rate=0.2,
+            ),
+            {},
+            "trains it with the optimizer",
+        ),
+        (
             dict(router_type="locmoe", node_fill_mass=0.9),
             dict(moe_router_topk=1, moe_router_pre_softmax=True),
             "every token has one node",

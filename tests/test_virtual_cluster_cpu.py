@@ -62,6 +62,11 @@ CASES = {  # name: (router, LocMoEConfig fields, TransformerConfig fields)
         ),
         {},
     ),
+    "locmoe_learned_offset": (  # TA-MoE's offset: a parameter, the same on every rank
+        "locmoe",
+        dict(node_target_share=0.5, node_bias_mode="learned"),
+        {},
+    ),
     "locmoe_plus": ("locmoe_plus", {}, dict(moe_expert_capacity_factor=1.1)),
 }
 START_OF = {"locmoe_plus": "locmoe", "locmoe_node_aware": "locmoe_node_target"}

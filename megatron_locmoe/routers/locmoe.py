@@ -60,6 +60,15 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
                 f"expert: choose --hidden-size divisible by {n} or a number of experts dividing it"
             )
         super().check_model(locmoe, tc)
+        if (
+            locmoe.node_bias_mode == "learned"
+            and locmoe.node_bias_rate != LocMoEConfig.node_bias_rate
+        ):
+            raise ConfigError(
+                f"--locmoe-node-bias-rate {locmoe.node_bias_rate} steps the node bias, but "
+                "--locmoe-node-bias-mode learned trains it with the optimizer (its learning "
+                "rate): drop --locmoe-node-bias-rate"
+            )
         if locmoe.node_bias_mode != "logits" and locmoe.node_target_share == 0:
             raise ConfigError(
                 f"--locmoe-node-bias-mode {locmoe.node_bias_mode} places the node-target bias, "
@@ -146,11 +155,15 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         L = int(self.expert_is_local.sum())
         self.node_bias_on = cfg.node_target_share > 0 and 0 < L < E  # ours (config docstring)
         # the node bias on the logits (and the node-aware balance target), or on selection only
-        self.node_logit_bias_on = self.node_bias_on and cfg.node_bias_mode == "logits"
+        self.node_logit_bias_on = self.node_bias_on and cfg.node_bias_mode != "selection"
+        self.node_bias_learned = self.node_bias_on and cfg.node_bias_mode == "learned"
         self.selection_bias_on = 0 < L < E and (
             cfg.node_margin > 0 or (self.node_bias_on and cfg.node_bias_mode == "selection")
         )
-        if self.node_bias_on:  # saved in checkpoints; only then, so other state dicts keep keys
+        if self.node_bias_learned:  # TA-MoE's offset: one parameter, the same on every rank
+            self.node_bias = torch.nn.Parameter(torch.tensor(0.0))
+            self.node_bias.sequence_parallel = config.sequence_parallel
+        elif self.node_bias_on:  # saved in checkpoints; only then, so other state dicts keep keys
             self.register_buffer("node_bias", torch.tensor(0.0))
         if self.node_logit_bias_on:
             weight_E = self._node_aux_weight(self.expert_is_local)
@@ -195,7 +208,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
     def per_rank_buffers(self) -> tuple[str, ...]:
         """The node bias (each rank steers its own share) and the capacity state with its step
         counter (each rank counts its own routing steps); only where these settings use them."""
-        names = ("node_bias",) if self.node_bias_on else ()
+        names = ("node_bias",) if self.node_bias_on and not self.node_bias_learned else ()
         if self.locmoe.capacity_mode == "bound":
             names += self.CAPACITY_STATE + ("routing_step",)
         return names
@@ -636,7 +649,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
                 )
             if cfg.capacity_mode == "bound":
                 self._count_routing_step()
-            if self.node_bias_on:
+            if self.node_bias_on and not self.node_bias_learned:
                 self._step_node_bias(routing_map_TE)
         self.record_routing_metrics(
             probs_TE,
