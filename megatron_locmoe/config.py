@@ -128,16 +128,18 @@ class LocMoEConfig:
     node_bias_rate. Needs node_target_share > 0."""
     node_margin: float = 0.0
     """Ours: a token takes another node's expert in place of one of its own node's only when
-    that expert's logit beats the local one's by more than this margin (logit units: its
-    probability must exceed e^margin times the local expert's). It acts on which experts are
-    picked, not on the gate values (a fixed selection bias on the node's experts, added to the
-    node bias under node_bias_mode selection); 0: off."""
+    that expert's logit beats the local one's by more than this margin (logit units; where the
+    router ranks probabilities, its probability must exceed e^margin times the local one's).
+    It acts on which experts are picked, not on the gate values; 0: off. The locmoe router adds
+    it to the node bias under node_bias_mode selection; Megatron's router takes it in its
+    top-k (routers/node_selection.py)."""
     node_fill_mass: float = 1.0
     """Ours, for top-k > 1: fill a token's k slots from as few nodes as the scores allow: the
     smallest M such that the best k experts on the token's M best nodes (ranked by the
     probability mass of their own best k) hold at least this share of its unconstrained top-k
     probability mass; an adaptive form of node-limited routing. Acts on which experts are
-    picked, not on the gate values; 1: off (every token its unconstrained top-k)."""
+    picked, not on the gate values; 1: off (every token its unconstrained top-k). The locmoe
+    and megatron routers (routers/node_selection.py)."""
     rank_balance_loss_coeff: float = 0.0
     """After DeepSeek-V2's communication-balance loss: alpha_r * sum_r f_r P_r over the R ranks
     of the EP group, f_r = R x (tokens sent to rank r, one copy per token and rank) / (all such
@@ -479,8 +481,8 @@ ROUTER_SETTINGS: dict[str, str] = {
     "node_target_share": "has_node_target",
     "node_bias_rate": "has_node_target",
     "node_bias_mode": "has_node_target",
-    "node_margin": "has_node_target",
-    "node_fill_mass": "has_node_target",
+    "node_margin": "has_node_selection",
+    "node_fill_mass": "has_node_selection",
     "rank_balance_loss_coeff": "has_rank_balance_loss",
     "max_outgoing_fraction": "has_outgoing_cap",
     "grap_mode": "has_grap_gate",

@@ -42,8 +42,8 @@ def _setup(ctx, ep: int = 2, tokens: int = S, **tc_overrides):
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
     tc = moe_config(ep=ep, num_moe_experts=E, moe_router_topk=K, hidden_size=H, **tc_overrides)
 
-    def build(**settings):
-        router = router_builder(LocMoEConfig(router_type="locmoe", **settings))(
+    def build(router_type: str = "locmoe", **settings):
+        router = router_builder(LocMoEConfig(router_type=router_type, **settings))(
             config=tc, pg_collection=get_default_pg_collection()
         )
         router.set_layer_number(1)
@@ -233,6 +233,51 @@ def test_the_fill_takes_each_tokens_experts_from_the_fewest_nodes(cluster_factor
 def test_the_fill_off_is_the_unconstrained_top_k(cluster2):
     for r in cluster2.run(fill_job, 1.0, 2, layout=TWO_NODES):
         assert r["map"] and r["one_node_tokens"][0] == r["base_one_node_tokens"], r
+
+
+def megatron_job(ctx, settings: dict, nodes: int) -> dict:
+    """Megatron's router (its learned gate, top-2 of the logits, softmax over the two) with a
+    node option, against the reference on the same gate."""
+    builder, x = _setup(ctx, ep=nodes, tokens=256)
+
+    def build(**fields):
+        torch.manual_seed(1)  # the same gate weights for both
+        return builder("megatron", **fields)
+
+    plain, router = build(), build(**settings)
+    base, got = _route(plain, x), _route(router, x)
+    logits_TE = router.gating(x).detach().view(-1, E)
+    local_E = router.expert_is_local.float()
+    selection_TE = logits_TE + settings.get("node_margin", 0.0) * local_E
+    if settings.get("node_fill_mass", 1.0) < 1:
+        p_TE = torch.softmax(logits_TE, -1)
+        keep = [
+            _fewest_nodes_reference(r.tolist(), nodes, K, settings["node_fill_mass"]) for r in p_TE
+        ]
+        keep_TE = torch.zeros_like(logits_TE, dtype=torch.bool)
+        for t, experts in enumerate(keep):
+            keep_TE[t, sorted(experts)] = True
+        selection_TE = selection_TE.masked_fill(~keep_TE, -torch.inf)
+    top_TK = selection_TE.topk(K, dim=1).indices
+    probs_TK = torch.softmax(logits_TE.gather(1, top_TK), -1)
+    expected_TE = torch.zeros_like(logits_TE).scatter(1, top_TK, probs_TK)
+    return {
+        "map": torch.equal(got[1], expected_TE > 0),
+        "probs": torch.allclose(got[0], expected_TE, rtol=1e-6, atol=1e-7),
+        "moved": int((got[1] != base[1]).any(-1).sum()),
+    }
+
+
+@pytest.mark.parametrize(
+    "settings", [dict(node_margin=MARGIN), dict(node_fill_mass=0.8)], ids=["margin", "fill"]
+)
+def test_megatrons_router_takes_the_margin_and_the_fill_in_its_topk_hook(cluster_factory, settings):
+    """The options on Megatron's learned gate (its top-k hook, as FasterMoE's cap): the same
+    experts as the reference, the gate values Megatron's softmax over the chosen logits."""
+    nodes = 4
+    layout = ParallelLayout(devices_per_node=1, ep=nodes)
+    for r in cluster_factory(nodes).run(megatron_job, settings, nodes, layout=layout):
+        assert r["map"] and r["probs"] and r["moved"] > 0, r
 
 
 def scaling_job(ctx) -> bool:

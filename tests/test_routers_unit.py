@@ -253,7 +253,11 @@ def test_hash_maps_balance(python_source_ids, E):
         (dict(router_type="locmoe", node_target_share=1.0), {}, "node_target_share=1.0 must"),
         (dict(router_type="locmoe", node_bias_rate=0.0), {}, "node_bias_rate=0.0 must be"),
         (dict(router_type="hash", node_target_share=0.5), {}, "a locmoe or locmoe_plus router"),
-        (dict(router_type="hash", node_margin=0.5), {}, "a locmoe or locmoe_plus router"),
+        (
+            dict(router_type="hash", node_margin=0.5),
+            {},
+            "a megatron or locmoe or locmoe_plus router",
+        ),
         (dict(router_type="locmoe", node_margin=-0.5), {}, "node_margin=-0.5 is negative"),
         (
             dict(router_type="locmoe", node_bias_mode="selection"),
@@ -267,6 +271,21 @@ def test_hash_maps_balance(python_source_ids, E):
         ),
         (dict(rank_balance_loss_coeff=-1.0), {}, "rank_balance_loss_coeff=-1.0 is negative"),
         (dict(node_fill_mass=0.0), {}, "node_fill_mass=0.0 must lie in (0, 1]"),
+        (
+            dict(router_type="megatron", node_margin=0.3, max_outgoing_fraction=0.14),
+            {},
+            "both choose the experts in Megatron's top-k hook",
+        ),
+        (
+            dict(router_type="megatron", node_fill_mass=0.9),
+            dict(moe_router_num_groups=2, moe_router_group_topk=1),
+            "limits them too",
+        ),
+        (
+            dict(router_type="megatron", node_margin=0.3),
+            dict(moe_router_load_balancing_type="sinkhorn", moe_router_topk=1),
+            "works in Megatron's top-k, which --moe-router-load-balancing-type sinkhorn",
+        ),
         (
             dict(
                 router_type="locmoe",

@@ -49,6 +49,11 @@ CASES = {  # name: (router, LocMoEConfig fields, TransformerConfig fields)
             moe_router_pre_softmax=False,
         ),
     ),
+    "megatron_node_selection": (  # the margin and the fill in Megatron's top-k hook
+        "megatron",
+        dict(node_margin=0.1, node_fill_mass=0.9),
+        dict(moe_router_load_balancing_type="aux_loss", moe_router_topk=2),
+    ),
     "hash": ("hash", {}, {}),
     "locmoe": ("locmoe", dict(locality_loss_coeff=0.1), {}),
     "locmoe_node_target": ("locmoe", dict(node_target_share=0.5), {}),
@@ -69,7 +74,11 @@ CASES = {  # name: (router, LocMoEConfig fields, TransformerConfig fields)
     ),
     "locmoe_plus": ("locmoe_plus", {}, dict(moe_expert_capacity_factor=1.1)),
 }
-START_OF = {"locmoe_plus": "locmoe", "locmoe_node_aware": "locmoe_node_target"}
+START_OF = {
+    "locmoe_plus": "locmoe",
+    "locmoe_node_aware": "locmoe_node_target",
+    "megatron_node_selection": "megatron",
+}
 """Cases that start from another's checkpoint (LocMoE+ without a capacity estimate; the node
 options from the node target's, whose node bias they step)."""
 

@@ -97,9 +97,11 @@ class PluginRouterMixin:
     has_locality_loss = False
     """LocMoE's locality loss (--locmoe-locality-loss-coeff, --locmoe-locality-smoothing)."""
     has_node_target = False
-    """The node-aware selection: the node-target bias and balance loss, the remote margin and
-    the fewest-nodes fill (--locmoe-node-target-share, --locmoe-node-bias-rate,
-    --locmoe-node-bias-mode, --locmoe-node-margin, --locmoe-node-fill-mass)."""
+    """The node-target bias and balance loss (--locmoe-node-target-share,
+    --locmoe-node-bias-rate, --locmoe-node-bias-mode)."""
+    has_node_selection = False
+    """The node margin and the fewest-nodes fill on the choice of experts
+    (--locmoe-node-margin, --locmoe-node-fill-mass; routers/node_selection.py)."""
     has_rank_balance_loss = False
     """DeepSeek-V2's communication-balance loss over the EP ranks
     (--locmoe-rank-balance-loss-coeff)."""

@@ -30,6 +30,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 
 import megatron_locmoe.routers.fused as fused
 import megatron_locmoe.routers.kernels as kernels
+import megatron_locmoe.routers.node_selection as node_selection
 from megatron_locmoe import capacity as bound
 from megatron_locmoe import metrics
 from megatron_locmoe.config import ConfigError, LocMoEConfig
@@ -44,7 +45,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
     name = "locmoe"
     label = "LocMoE"
     has_switch_balance_loss = has_grap_gate = has_locality_loss = has_node_target = True
-    has_rank_balance_loss = True
+    has_rank_balance_loss = has_node_selection = True
     has_fused_path = has_capacity_bound = True
     placement_obstacle = (
         "its GrAP gate gives expert i the mean of hidden chunk i, so moving expert i would need "
@@ -170,10 +171,8 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
             self.register_buffer("node_aux_weight", weight_E, persistent=False)
         self.rank_balance_on = cfg.rank_balance_loss_coeff > 0 and self.ep_size > 1
         self.fill_on = cfg.node_fill_mass < 1 and self.num_nodes > 1 and self.topk > 1
-        if self.fill_on and not torch.equal(
-            self.expert_node.cpu(), torch.arange(E) // (E // self.num_nodes)
-        ):
-            raise ValueError("the fewest-nodes fill needs each node's experts in one block")
+        if self.fill_on:
+            node_selection.check_blocks(self.expert_node, self.num_nodes)
         # Capacity state, saved in checkpoints: delta, ec_min and the training step they came from.
         self.register_buffer("capacity_delta", torch.tensor(-1.0, dtype=torch.float64))
         self.register_buffer("capacity_ec_min", torch.tensor(0.0, dtype=torch.float64))
@@ -707,30 +706,15 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         if bias_E is not None:
             selection_TE = selection_TE + bias_E
         if self.fill_on:
-            selection_TE = selection_TE.masked_fill(~self._fewest_nodes(logits_TE), -torch.inf)
+            keep_TE = node_selection.fewest_nodes_mask(
+                torch.softmax(logits_TE.detach().float(), dim=-1),
+                self.expert_node,
+                self.num_nodes,
+                self.topk,
+                self.locmoe.node_fill_mass,
+            )
+            selection_TE = selection_TE.masked_fill(~keep_TE, -torch.inf)
         return selection_TE
-
-    @torch.no_grad()
-    def _fewest_nodes(self, logits_TE: torch.Tensor) -> torch.Tensor:
-        """[T, E] bool: the experts on each token's M best nodes (by the probability mass of
-        each node's own best k), M the smallest whose best k experts hold node_fill_mass of the
-        token's unconstrained top-k mass (and at least k experts)."""
-        T, E = logits_TE.shape
-        N, k = self.num_nodes, self.topk
-        per = E // N
-        p_TE = torch.softmax(logits_TE.float(), dim=-1)
-        wanted_T = self.locmoe.node_fill_mass * p_TE.topk(k, dim=1).values.sum(1)
-        node_mass_TN = p_TE.view(T, N, per).topk(min(k, per), dim=2).values.sum(2)
-        order_TN = node_mass_TN.argsort(dim=1, descending=True, stable=True)
-        place_TN = torch.empty_like(order_TN).scatter_(
-            1, order_TN, torch.arange(N, device=order_TN.device).expand(T, N)
-        )
-        place_TE = place_TN.gather(1, self.expert_node.expand(T, E))  # each expert's node's place
-        nodes_T = torch.full((T,), N, dtype=torch.long, device=p_TE.device)
-        for M in range(N - 1, -(-k // per) - 1, -1):  # from many nodes down: the fewest wins
-            mass_T = p_TE.masked_fill(place_TE >= M, 0).topk(k, dim=1).values.sum(1)
-            nodes_T = torch.where(mass_T >= wanted_T, M, nodes_T)
-        return place_TE < nodes_T[:, None]
 
     def _selection_bias(self) -> torch.Tensor | None:
         """[E] what the choice of experts adds to the logits (the margin, and the node bias

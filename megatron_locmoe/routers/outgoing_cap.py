@@ -128,9 +128,9 @@ def node_shape(locmoe: LocMoEConfig, tc) -> tuple[int, int] | None:
     return max(ep // ranks_per_node, 1), E // ep * ranks_per_node
 
 
-def check_outgoing_cap(locmoe: LocMoEConfig, tc) -> None:
-    """Raise ConfigError, with the fix, for a model the cap cannot run with."""
-    flag = f"--locmoe-max-outgoing-fraction {locmoe.max_outgoing_fraction}"
+def check_topk_hook(flag: str, tc) -> None:
+    """Raise ConfigError for the routing paths that bypass Megatron's top-k hook (``flag``: the
+    setting that needs the hook, named in the message)."""
     lb_types = tc.moe_router_load_balancing_type
     lb_types = [lb_types] if isinstance(lb_types, str) else list(lb_types or [])
     bypass = [
@@ -154,9 +154,15 @@ def check_outgoing_cap(locmoe: LocMoEConfig, tc) -> None:
     ]
     if bypass:
         raise ConfigError(
-            f"{flag} masks Megatron's top-k, which {', '.join(bypass)} does not run: drop "
-            f"{'it' if len(bypass) == 1 else 'them'} or drop --locmoe-max-outgoing-fraction"
+            f"{flag} works in Megatron's top-k, which {', '.join(bypass)} does not run: drop "
+            f"{'it' if len(bypass) == 1 else 'them'} or drop {flag.split()[0]}"
         )
+
+
+def check_outgoing_cap(locmoe: LocMoEConfig, tc) -> None:
+    """Raise ConfigError, with the fix, for a model the cap cannot run with."""
+    flag = f"--locmoe-max-outgoing-fraction {locmoe.max_outgoing_fraction}"
+    check_topk_hook(flag, tc)
     shape = node_shape(locmoe, tc)
     if shape is None:
         return

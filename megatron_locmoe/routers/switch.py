@@ -11,6 +11,7 @@ import torch
 from megatron.core.transformer.moe.moe_utils import get_capacity
 from megatron.core.transformer.moe.router import TopKRouter
 
+import megatron_locmoe.routers.node_selection as node_selection
 import megatron_locmoe.routers.outgoing_cap as outgoing_cap
 from megatron_locmoe.config import ConfigError, LocMoEConfig
 from megatron_locmoe.routers.base import (
@@ -82,13 +83,14 @@ class _MeasuredTopKRouter(PluginRouterMixin, TopKRouter):
 class MegatronRouter(_MeasuredTopKRouter):
     """Megatron-Core's TopKRouter, unchanged, with the plugin's metrics (router type megatron);
     with --locmoe-max-outgoing-fraction, FasterMoE's cap on the tokens that leave the node
-    masks its top-k (routers/outgoing_cap.py)."""
+    masks its top-k (routers/outgoing_cap.py); with --locmoe-node-margin or
+    --locmoe-node-fill-mass, the node-aware choice of experts (routers/node_selection.py)."""
 
     name = "megatron"
     label = "Megatron"
     is_plugin_router = False
     uses_locmoe_alpha = False
-    has_outgoing_cap = True
+    has_outgoing_cap = has_node_selection = True
 
     def __init__(
         self, config, pg_collection=None, is_mtp_layer=False, layer_number=None, *, locmoe=None
@@ -100,6 +102,10 @@ class MegatronRouter(_MeasuredTopKRouter):
             table = self.expert_is_local[None] if bank is None else bank.derived["expert_is_local"]
             outgoing_cap.check_node_map(table, self.topk)
             self.router_replay = outgoing_cap.OutgoingCap(self, fraction)
+        elif self.locmoe.node_margin or self.locmoe.node_fill_mass < 1:
+            self.router_replay = node_selection.NodeSelection(
+                self, self.locmoe, node_selection.scores_are_logits(config)
+            )
 
     @classmethod
     def check_model(cls, locmoe: LocMoEConfig, tc) -> None:
@@ -108,6 +114,7 @@ class MegatronRouter(_MeasuredTopKRouter):
         cap needs Megatron's unfused top-k and top-k experts on every node."""
         if locmoe.max_outgoing_fraction is not None:
             outgoing_cap.check_outgoing_cap(locmoe, tc)
+        node_selection.check_node_selection(locmoe, tc)
         groups, limit = tc.moe_router_num_groups, tc.moe_router_group_topk
         if groups and limit and tc.moe_router_topk > limit * (tc.num_moe_experts // groups):
             raise ConfigError(
