@@ -697,34 +697,16 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         return probs_TE, routing_map_TE
 
     def _selection_logits(self, logits_TE: torch.Tensor) -> torch.Tensor | None:
-        """[T, E] what the choice of experts ranks: the logits plus the selection bias, with
-        the experts off each token's fewest nodes masked out; None where it is the logits."""
-        bias_E = self._selection_bias()
-        if bias_E is None and not self.fill_on:
+        """[T, E] what the choice of experts ranks (routers/node_selection.py: the margin, the
+        node bias under node_bias_mode selection, the fewest-nodes fill); None where it is the
+        logits themselves."""
+        if not (self.selection_bias_on or self.fill_on):
             return None
-        selection_TE = logits_TE.detach().float()
-        if bias_E is not None:
-            selection_TE = selection_TE + bias_E
-        if self.fill_on:
-            keep_TE = node_selection.fewest_nodes_mask(
-                torch.softmax(logits_TE.detach().float(), dim=-1),
-                self.expert_node,
-                self.num_nodes,
-                self.topk,
-                self.locmoe.node_fill_mass,
-            )
-            selection_TE = selection_TE.masked_fill(~keep_TE, -torch.inf)
-        return selection_TE
-
-    def _selection_bias(self) -> torch.Tensor | None:
-        """[E] what the choice of experts adds to the logits (the margin, and the node bias
-        under node_bias_mode selection) on this node's experts; None where nothing is added."""
-        if not self.selection_bias_on:
-            return None
-        bias = self.locmoe.node_margin
-        if self.node_bias_on and not self.node_logit_bias_on:
+        bias = self.locmoe.node_margin if self.selection_bias_on else 0.0
+        if self.selection_bias_on and self.node_bias_on and not self.node_logit_bias_on:
             bias = self.node_bias + bias
-        return bias * self.expert_is_local.float()
+        mass = self.locmoe.node_fill_mass if self.fill_on else 1.0
+        return node_selection.selection_scores(logits_TE, self, bias, mass, True)
 
     def _apply_rank_balance_loss(self, probs_TE, scores_TE, routing_map_TE, padding_mask):
         """Attach alpha_r * sum_r f_r P_r over the EP group's R ranks (DeepSeek-V2's

@@ -51,6 +51,39 @@ def fewest_nodes_mask(
     return place_TE < nodes_T[:, None]
 
 
+@torch.no_grad()
+def selection_scores(
+    scores_TE: torch.Tensor,
+    router: torch.nn.Module,
+    bias,
+    mass: float,
+    scores_are_logits: bool,
+) -> torch.Tensor:
+    """[T, E] what the choice of experts ranks: the router's ``scores_TE`` (logits, or
+    probabilities) with ``bias`` (logit units: the margin, plus the locmoe router's node bias
+    under node_bias_mode selection) on the node's experts, and the experts off each token's
+    fewest nodes masked to -inf where ``mass`` < 1. Read against the router's current node map
+    (``expert_is_local``, ``expert_node``: the virtual cluster switches them per rank)."""
+    selection_TE = scores_TE.detach().float()
+    local_E = router.expert_is_local.float()
+    if scores_are_logits:
+        selection_TE = selection_TE + bias * local_E
+    else:
+        selection_TE = selection_TE * torch.exp(bias * local_E)
+    if mass < 1:
+        probs_TE = scores_TE.detach().float()
+        probs_TE = (
+            torch.softmax(probs_TE, dim=-1)
+            if scores_are_logits
+            else probs_TE / probs_TE.sum(-1, keepdim=True).clamp_min(1e-20)
+        )
+        keep_TE = fewest_nodes_mask(
+            probs_TE, router.expert_node, router.num_nodes, router.topk, mass
+        )
+        selection_TE = selection_TE.masked_fill(~keep_TE, -math.inf)
+    return selection_TE
+
+
 def check_blocks(expert_node_E: torch.Tensor, nodes: int) -> None:
     """The fill reads each node's experts as one block of E / N (Megatron's contiguous
     assignment); refuse a node map that is not."""
@@ -75,26 +108,10 @@ class NodeSelection:
     ):
         """(the scores of the chosen experts, their indices): Megatron's top-k on the selection
         scores with the margin added and the experts off the fewest nodes masked."""
-        router = self._router()
-        local_E = router.expert_is_local  # the virtual cluster switches it per rank, in place
+        selection_TE = selection_scores(
+            scores, self._router(), self.margin, self.mass, self.scores_are_logits
+        )
         with torch.no_grad():
-            selection_TE = scores.detach().float()
-            if self.margin:
-                if self.scores_are_logits:
-                    selection_TE = selection_TE + self.margin * local_E
-                else:
-                    selection_TE = selection_TE * torch.exp(self.margin * local_E.float())
-            if self.mass < 1:
-                probs_TE = scores.detach().float()
-                probs_TE = (
-                    torch.softmax(probs_TE, dim=-1)
-                    if self.scores_are_logits
-                    else probs_TE / probs_TE.sum(-1, keepdim=True).clamp_min(1e-20)
-                )
-                keep_TE = fewest_nodes_mask(
-                    probs_TE, router.expert_node, router.num_nodes, topk, self.mass
-                )
-                selection_TE = selection_TE.masked_fill(~keep_TE, -math.inf)
             _, top_TK = default_compute_topk(
                 selection_TE, topk, num_groups=num_groups, group_topk=group_topk
             )
