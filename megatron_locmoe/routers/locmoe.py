@@ -161,8 +161,9 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         self.selection_bias_on = 0 < L < E and (
             cfg.node_margin > 0 or (self.node_bias_on and cfg.node_bias_mode == "selection")
         )
-        if self.node_bias_learned:  # TA-MoE's offset: one parameter, the same on every rank
-            self.node_bias = torch.nn.Parameter(torch.tensor(0.0))
+        if self.node_bias_learned:  # TA-MoE's offset: one parameter, the same on every rank;
+            # 1-D, so Megatron's optimizer leaves it out of weight decay, as it does biases
+            self.node_bias = torch.nn.Parameter(torch.zeros(1))
             self.node_bias.sequence_parallel = config.sequence_parallel
         elif self.node_bias_on:  # saved in checkpoints; only then, so other state dicts keep keys
             self.register_buffer("node_bias", torch.tensor(0.0))
