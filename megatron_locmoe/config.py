@@ -466,12 +466,26 @@ class LocMoEConfig:
         if self.virtual_cluster is not None:
             self._validate_virtual_against(tc)
 
+    def node_map_settings(self) -> dict:
+        """The NODE_MAP_SETTINGS this config sets away from their defaults (name -> value)."""
+        defaults = LocMoEConfig()
+        return {
+            n: getattr(self, n)
+            for n in NODE_MAP_SETTINGS
+            if getattr(self, n) != getattr(defaults, n)
+        }
+
     def ep_ranks(self, tc) -> int:
         """Ranks of an EP group: the virtual cluster's EP size, else Megatron's."""
         shape = self.virtual_shape
         if shape is not None:
             return self.virtual_ep_size or shape[0] * shape[1]
         return tc.expert_model_parallel_size
+
+
+NODE_MAP_SETTINGS = ("max_outgoing_fraction", "node_margin", "node_fill_mass")
+"""Settings of Megatron's router that read which experts are on a token's node: moving experts
+between nodes (analysis/placement.py) would change its routing under any of them."""
 
 
 ROUTER_SETTINGS: dict[str, str] = {

@@ -79,7 +79,7 @@ def test_a_checkpoint_of_other_settings_is_refused_in_one_line(cluster_factory, 
         num_experts=8,
         plugin_version=__version__,
         num_groups=None,  # what `placement apply` refuses (docs/placement.md)
-        max_outgoing_fraction=None,
+        node_map_settings={},
     )
     settings.steps, settings.save_dir, settings.save_interval = 4, None, 0
     for router_type, num_experts, weights_only, message in REFUSED_SETTINGS:

@@ -11,6 +11,7 @@ moments moved together (step 4 reads the moments), and its measured node-local s
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from dataclasses import replace
@@ -129,14 +130,16 @@ def test_the_permuted_checkpoint_trains_the_same_losses(run, tmp_path, record_pr
     # does not: the in-sample gain is noise); `plan --check` measures that on another profile
 
 
-def _synthetic_profile(router_type="megatron", num_groups=None, tokens=4000, seed=0, cap=None):
+def _synthetic_profile(
+    router_type="megatron", num_groups=None, tokens=4000, seed=0, node_settings=None
+):
     """16 experts, EP 8 over 4 nodes, top-2: token pairs (e, e + 8) always together (on
     different nodes at the current placement), and node n's tokens prefer pairs 2n, 2n + 1."""
     rng = np.random.default_rng(seed)
     E, N = 16, 4
     collector = placement.ProfileCollector(E, 8, N, sample_size=tokens * N)
     collector.router_type, collector.num_groups, collector.topk = router_type, num_groups, 2
-    collector.outgoing_cap = cap
+    collector.node_settings = node_settings or {}
     import torch
 
     for n in range(N):
@@ -178,22 +181,29 @@ def test_the_plan_finds_the_pairs_and_the_nodes(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "router_type, groups, cap, message",
+    "router_type, groups, node_settings, message",
     [
         ("hash", None, None, "cannot place the experts of a hash router: its token -> expert"),
         ("locmoe", None, None, "cannot place the experts of a locmoe router: its GrAP gate"),
         ("locmoe_plus", None, None, "cannot place the experts of a locmoe_plus router: its GrAP"),
         ("bogus", None, None, "unknown router type 'bogus': placement supports megatron and"),
         ("megatron", 4, None, "group-limited routing (--moe-router-num-groups 4) picks experts"),
-        ("megatron", None, 0.14, "--locmoe-max-outgoing-fraction 0.14 keeps tokens on the"),
-        ("switch", None, 0.5, "--locmoe-max-outgoing-fraction 0.5 keeps tokens on the experts"),
+        (
+            "megatron",
+            None,
+            {"max_outgoing_fraction": 0.14},
+            "--locmoe-max-outgoing-fraction 0.14 favours the experts of the token's own node",
+        ),
+        ("switch", None, {"max_outgoing_fraction": 0.5}, "--locmoe-max-outgoing-fraction 0.5"),
+        ("megatron", None, {"node_margin": 0.3}, "--locmoe-node-margin 0.3 favours the experts"),
+        ("megatron", None, {"node_fill_mass": 0.9}, "--locmoe-node-fill-mass 0.9 favours the"),
     ],
 )
 def test_routers_whose_routing_reads_the_placement_are_refused(
-    router_type, groups, cap, message, tmp_path
+    router_type, groups, node_settings, message, tmp_path
 ):
     """Also after the profile's round trip through its file, which keeps the settings."""
-    profile = _synthetic_profile(router_type, groups, tokens=10, cap=cap)
+    profile = _synthetic_profile(router_type, groups, tokens=10, node_settings=node_settings)
     with pytest.raises(placement.PlacementError, match=re.escape(message)):
         placement.plan_placement(profile)
     if router_type != "bogus":
@@ -208,10 +218,23 @@ def test_a_checkpoint_records_the_settings_that_refuse_a_placement(tmp_path):
     from megatron_locmoe.sim.checkpoint import SETTINGS
 
     saved = dict(router_type="megatron", num_experts=16, num_groups=None)
-    (tmp_path / SETTINGS).write_text(json.dumps({**saved, "max_outgoing_fraction": 0.14}))
-    assert placement._saved_router(tmp_path, {}) == ("megatron", None, 0.14, 16)
+    margin = {"node_margin": 0.3}
+    (tmp_path / SETTINGS).write_text(json.dumps({**saved, "node_map_settings": margin}))
+    assert placement._saved_router(tmp_path, {}) == ("megatron", None, margin, 16)
     (tmp_path / SETTINGS).write_text(json.dumps({**saved, "num_groups": 4}))
-    assert placement._saved_router(tmp_path, {}) == ("megatron", 4, None, 16)
+    assert placement._saved_router(tmp_path, {}) == ("megatron", 4, {}, 16)
+    # a checkpoint written before node_map_settings: its outgoing cap still counts
+    (tmp_path / SETTINGS).write_text(json.dumps({**saved, "max_outgoing_fraction": 0.14}))
+    cap = {"max_outgoing_fraction": 0.14}
+    assert placement._saved_router(tmp_path, {}) == ("megatron", None, cap, 16)
+    # Megatron's saved args
+    args = argparse.Namespace(moe_router_type="megatron", locmoe_node_fill_mass=0.9, num_experts=16)
+    assert placement._saved_router(tmp_path / "none", {"args": args}) == (
+        "megatron",
+        None,
+        {"node_fill_mass": 0.9},
+        16,
+    )
 
 
 def test_bad_input_gets_one_line(tmp_path, capsys):

@@ -61,18 +61,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megatron_locmoe.config import NODE_MAP_SETTINGS, LocMoEConfig
+
 
 class PlacementError(ValueError):
     """Bad input to profile / plan / apply, in one line that says what to change."""
 
 
 def check_router(
-    router_type: str | None, num_groups: int | None = None, outgoing_cap: float | None = None
+    router_type: str | None, num_groups: int | None = None, node_settings: dict | None = None
 ) -> None:
     """Raise PlacementError unless a placement leaves this router's model function unchanged:
     the router class declares ``supports_expert_placement`` (routers.base.PluginRouterMixin;
-    its ``placement_obstacle`` says why not) and the run has no group-limited routing and no
-    cap on the tokens that leave the node (both read where the experts are)."""
+    its ``placement_obstacle`` says why not) and the run has no group-limited routing and none
+    of the settings that read which experts are on the token's node (``node_settings``:
+    config.NODE_MAP_SETTINGS set, e.g. the outgoing cap, the node margin)."""
     from megatron_locmoe.routers import ROUTERS  # imports Megatron-Core: only when checked
 
     supported = " and ".join(n for n, c in ROUTERS.items() if c.supports_expert_placement)
@@ -90,11 +93,14 @@ def check_router(
             "blocks of consecutive experts, which a placement would regroup (another routing): "
             "profile and place a run without --moe-router-num-groups"
         )
-    if outgoing_cap is not None:
+    if node_settings:
+        flags = ", ".join(
+            f"--locmoe-{name.replace('_', '-')} {value:g}" for name, value in node_settings.items()
+        )
         raise PlacementError(
-            f"--locmoe-max-outgoing-fraction {outgoing_cap:g} keeps tokens on the experts of "
-            "their own node, so moving experts between nodes changes which experts the tokens "
-            "pick (another routing): profile and place a run without the cap"
+            f"{flags} favours the experts of the token's own node, so moving experts between "
+            "nodes changes which experts the tokens pick (another routing): profile and place a "
+            "run without it"
         )
 
 
@@ -124,8 +130,9 @@ class RoutingProfile:
     tokens: np.ndarray
     sample_experts: np.ndarray
     sample_nodes: np.ndarray
-    outgoing_cap: float | None = None
-    """``--locmoe-max-outgoing-fraction`` of the profiled run (None: no cap)."""
+    node_settings: dict = field(default_factory=dict)
+    """The profiled run's settings that read the node map (config.NODE_MAP_SETTINGS: the
+    outgoing cap, the node margin, the fill), name -> value; empty: none."""
 
     @property
     def ranks_per_node(self) -> int:
@@ -145,7 +152,7 @@ class RoutingProfile:
             num_nodes=self.num_nodes,
             router_type=self.router_type,
             num_groups=self.num_groups,
-            outgoing_cap=self.outgoing_cap,
+            node_settings=self.node_settings,
         )
         np.savez_compressed(
             path,
@@ -165,6 +172,9 @@ class RoutingProfile:
                 arrays = {k: f[k] for k in ("coact", "tokens", "sample_experts", "sample_nodes")}
         except (OSError, KeyError, ValueError) as e:
             raise PlacementError(f"{path}: not a routing profile ({e}); {fix}") from None
+        cap = meta.pop("outgoing_cap", None)  # profiles written before node_settings
+        if cap is not None:
+            meta.setdefault("node_settings", {"max_outgoing_fraction": cap})
         profile = cls(**meta, **arrays)
         profile.check()
         return profile
@@ -199,7 +209,7 @@ class ProfileCollector:
         self.layers: dict[int, dict] = {}  # global layer number -> its counts
         self.router_type: str | None = None
         self.num_groups: int | None = None
-        self.outgoing_cap: float | None = None
+        self.node_settings: dict = {}
         self.topk: int | None = None
         self.generator = torch.Generator().manual_seed(0)
         self._handle = None
@@ -231,7 +241,7 @@ class ProfileCollector:
             )
         self.router_type = type(router).name
         self.num_groups = router.config.moe_router_num_groups
-        self.outgoing_cap = router.locmoe.max_outgoing_fraction
+        self.node_settings = router.locmoe.node_map_settings()
         self.topk = router.topk
         local_E = router.expert_is_local.detach().cpu()
         if int(local_E.sum()) * N != E:
@@ -298,7 +308,7 @@ class ProfileCollector:
             num_nodes=self.N,
             router_type=self.router_type,
             num_groups=self.num_groups,
-            outgoing_cap=self.outgoing_cap,
+            node_settings=self.node_settings,
             coact=np.stack([self.layers[n]["coact"].numpy() for n in numbers]),
             tokens=np.stack([self.layers[n]["tokens"].numpy() for n in numbers]),
             sample_experts=experts,
@@ -314,14 +324,14 @@ class ProfileCollector:
             return self.profile()
         mine = {n: (s["coact"], s["tokens"], s["keys"], s["experts"], s["nodes"])
                 for n, s in self.layers.items()}  # fmt: skip
-        meta = (self.router_type, self.num_groups, self.outgoing_cap, self.topk)
+        meta = (self.router_type, self.num_groups, self.node_settings, self.topk)
         parts: list = [None] * dist.get_world_size()
         dist.all_gather_object(parts, (mine, meta))
         merged = ProfileCollector(self.E, self.ep_size, self.N, self.S)
-        for layers, (router_type, num_groups, cap, topk) in parts:
+        for layers, (router_type, num_groups, node_settings, topk) in parts:
             if router_type is not None:
                 merged.router_type, merged.num_groups, merged.topk = router_type, num_groups, topk
-                merged.outgoing_cap = cap
+                merged.node_settings = node_settings
             for n, (coact, tokens, keys, experts, nodes) in layers.items():
                 st = merged.layers.setdefault(
                     n,
@@ -574,7 +584,7 @@ def plan_placement(profile: RoutingProfile, load_slack: float = 0.05) -> Plan:
     node may receive more than max(the hottest node's load now, (1 + load_slack) x the mean)."""
     if load_slack < 0:
         raise PlacementError(f"--load-slack {load_slack} must be >= 0 (e.g. 0.05)")
-    check_router(profile.router_type, profile.num_groups, profile.outgoing_cap)
+    check_router(profile.router_type, profile.num_groups, profile.node_settings)
     E, N, EP = profile.num_experts, profile.num_nodes, profile.ep_size
     per_rank, per_node, R = E // EP, E // N, EP // N
     slot_node = np.arange(E) // per_node  # node of expert slot p, as topology lays it out
@@ -720,20 +730,34 @@ def _checkpoint_dir(root: Path) -> tuple[int, Path]:
 
 
 def _saved_router(path: Path, common: dict) -> tuple:
-    """(router type, group count, outgoing cap, expert count) the checkpoint records: the CPU
-    loop's locmoe_settings.json, else Megatron's saved args."""
+    """(router type, group count, node-map settings, expert count) the checkpoint records: the
+    CPU loop's locmoe_settings.json, else Megatron's saved args."""
     settings = path / "locmoe_settings.json"
     if settings.is_file():
         saved = json.loads(settings.read_text())
-        groups, cap = saved.get("num_groups"), saved.get("max_outgoing_fraction")
-        return saved.get("router_type"), groups, cap, saved.get("num_experts")
+        node_settings = saved.get("node_map_settings")
+        if node_settings is None:  # written before node_map_settings
+            cap = saved.get("max_outgoing_fraction")
+            node_settings = {} if cap is None else {"max_outgoing_fraction": cap}
+        return (
+            saved.get("router_type"),
+            saved.get("num_groups"),
+            node_settings,
+            saved.get("num_experts"),
+        )
     args = common.get("args")
     if args is None:
-        return None, None, None, None
+        return None, None, {}, None
+    defaults = LocMoEConfig()
+    node_settings = {
+        name: getattr(args, f"locmoe_{name}")
+        for name in NODE_MAP_SETTINGS
+        if getattr(args, f"locmoe_{name}", getattr(defaults, name)) != getattr(defaults, name)
+    }
     return (
         getattr(args, "moe_router_type", "megatron"),
         getattr(args, "moe_router_num_groups", None),
-        getattr(args, "locmoe_max_outgoing_fraction", None),
+        node_settings,
         getattr(args, "num_experts", None),
     )
 
@@ -861,13 +885,13 @@ def apply_placement(root, plan: Plan, out_root, weights_only: bool = False) -> d
     made = _single_process_group()
     try:
         common, tensors, objects = _load_everything(path)
-        router, groups, cap, experts = _saved_router(path, common)
+        router, groups, node_settings, experts = _saved_router(path, common)
         if router is not None and router != plan.router_type:
             raise PlacementError(
                 f"{path} was saved with router {router}, the plan was made for "
                 f"{plan.router_type}: profile this run's checkpoint"
             )
-        check_router(plan.router_type, groups, cap)
+        check_router(plan.router_type, groups, node_settings)
         if experts is not None and experts != plan.num_experts:
             raise PlacementError(
                 f"{path} has {experts} experts, the plan {plan.num_experts}: profile this run"
@@ -958,7 +982,7 @@ def _profile_command(args) -> None:
     with SimCluster(args.ranks) as cluster:
         result = cluster.run(profile_job, settings, args.sample, layout=layout)[0]
     profile = result["profile"]
-    check_router(profile.router_type, profile.num_groups, profile.outgoing_cap)
+    check_router(profile.router_type, profile.num_groups, profile.node_settings)
     profile.save(args.output)
     tokens = profile.tokens.sum(1)
     print(f"profile: {len(profile.layers)} layers, {int(tokens.min())} tokens each, "

@@ -198,7 +198,7 @@ def model_settings(chunks: list) -> dict:
     ``--moe-router-type`` key of the first router found, Megatron's own TopKRouter counting as
     megatron; None on a pipeline stage without MoE layers), the expert count, the plugin
     version (megatron_locmoe.__version__), and the routing settings that read where experts
-    live (group-limited groups, the outgoing cap: ``placement apply`` refuses those)."""
+    live (group-limited groups, config.NODE_MAP_SETTINGS: ``placement apply`` refuses those)."""
     from megatron.core.transformer.moe.router import TopKRouter
 
     from megatron_locmoe import __version__
@@ -221,7 +221,7 @@ def model_settings(chunks: list) -> dict:
         "num_experts": getattr(config, "num_moe_experts", None),
         "plugin_version": __version__,
         "num_groups": getattr(config, "moe_router_num_groups", None),
-        "max_outgoing_fraction": getattr(locmoe, "max_outgoing_fraction", None),
+        "node_map_settings": locmoe.node_map_settings() if locmoe is not None else {},
     }
 
 
