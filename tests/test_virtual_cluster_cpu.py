@@ -181,8 +181,20 @@ def assert_same_run(virtual: dict, real: dict, record_property) -> None:
         )
 
 
-@pytest.mark.parametrize("data_setting", ["control", "domains"])
-@pytest.mark.parametrize("case", list(CASES))
+OPTION_CASES = ("locmoe_node_aware", "locmoe_learned_offset", "megatron_node_selection")
+"""Routing options on a router the other cases cover on both data settings: the control alone
+(what they add reads the node map, not the data)."""
+
+
+@pytest.mark.parametrize(
+    "case, data_setting",
+    [
+        (case, setting)
+        for case in CASES
+        for setting in ("control", "domains")
+        if case not in OPTION_CASES or setting == "control"
+    ],
+)
 def test_the_virtual_cluster_trains_what_the_real_cluster_trains(
     cluster1, corpus, starts, real_from_start, case, data_setting, record_property
 ):
