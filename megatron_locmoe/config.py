@@ -346,6 +346,13 @@ class LocMoEConfig:
         return self
 
     @property
+    def virtual_ep(self) -> int | None:
+        """The virtual cluster's EP size (``virtual_ep_size``, default every virtual rank), or
+        None without a virtual cluster."""
+        shape = self.virtual_shape
+        return None if shape is None else self.virtual_ep_size or shape[0] * shape[1]
+
+    @property
     def virtual_shape(self) -> tuple[int, int] | None:
         """(nodes, GPUs per node) of ``virtual_cluster``, or None without one."""
         if self.virtual_cluster is None:
@@ -405,7 +412,7 @@ class LocMoEConfig:
                     f"parallelism is virtual, --locmoe-virtual-ep-size); set {flag} 1"
                 )
         n = tc.num_moe_experts
-        ep = self.virtual_ep_size or ranks
+        ep = self.virtual_ep
         if n % ep:
             fits = [d for d in range(1, ranks + 1) if ranks % d == 0 and n % d == 0]
             raise ConfigError(
@@ -477,10 +484,7 @@ class LocMoEConfig:
 
     def ep_ranks(self, tc) -> int:
         """Ranks of an EP group: the virtual cluster's EP size, else Megatron's."""
-        shape = self.virtual_shape
-        if shape is not None:
-            return self.virtual_ep_size or shape[0] * shape[1]
-        return tc.expert_model_parallel_size
+        return self.virtual_ep or tc.expert_model_parallel_size
 
 
 NODE_MAP_SETTINGS = ("max_outgoing_fraction", "node_margin", "node_fill_mass")

@@ -59,7 +59,7 @@ class VirtualCluster:
         if shape is None:
             return None
         nodes, gpus = shape
-        return cls(nodes, gpus, cfg.virtual_ep_size or nodes * gpus)
+        return cls(nodes, gpus, cfg.virtual_ep)
 
     @property
     def ranks(self) -> int:

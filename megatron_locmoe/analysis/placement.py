@@ -748,12 +748,10 @@ def _saved_router(path: Path, common: dict) -> tuple:
     args = common.get("args")
     if args is None:
         return None, None, {}, None
-    defaults = LocMoEConfig()
-    node_settings = {
-        name: getattr(args, f"locmoe_{name}")
-        for name in NODE_MAP_SETTINGS
-        if getattr(args, f"locmoe_{name}", getattr(defaults, name)) != getattr(defaults, name)
+    saved = {
+        n: getattr(args, f"locmoe_{n}") for n in NODE_MAP_SETTINGS if hasattr(args, f"locmoe_{n}")
     }
+    node_settings = LocMoEConfig(**saved).node_map_settings()
     return (
         getattr(args, "moe_router_type", "megatron"),
         getattr(args, "moe_router_num_groups", None),

@@ -115,7 +115,7 @@ def node_shape(locmoe: LocMoEConfig, tc) -> tuple[int, int] | None:
     shape = locmoe.virtual_shape
     if shape is not None:
         nodes, gpus = shape
-        ep, etp, dpn = locmoe.virtual_ep_size or nodes * gpus, 1, gpus
+        ep, etp, dpn = locmoe.virtual_ep, 1, gpus
     else:
         dpn = locmoe.devices_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
         if not dpn:
