@@ -19,6 +19,7 @@ def _write_run(path, loss, bytes_per_mb, domains=(), steps=10, validation=True):
     for step in range(1, steps + 1):
         w.add_scalar("lm loss", 10.0 - 0.1 * step, step)
         w.add_scalar("throughput", 300.0, step)
+        w.add_scalar("iteration-time", 2.0 if step < 9 else 0.5, step)
         w.add_scalar("dedup_inter_node_bytes", bytes_per_mb * (2.0 if step < 9 else 1.0), step)
         w.add_scalar("node_local_fraction", 0.4, step)
         w.add_scalar("received_tokens_max_over_mean", 1.05, step)
@@ -53,6 +54,8 @@ def test_a_record_reads_the_held_out_losses_bytes_and_speed(tmp_path):
     assert r["per_token"]["dedup_inter_node_bytes"] == pytest.approx(100.0)
     assert r["routing"]["node_local_fraction"] == pytest.approx(0.4)
     assert r["speed"]["mfu"] == pytest.approx(300.0 / 790.0)
+    assert r["speed"]["seconds_per_step"] == pytest.approx(0.5)  # the tail, as the bytes
+    assert r["speed"]["tokens_per_s"] is None  # no command: no tokens per step
     assert len(r["curve"]) == 10
     json.dumps(r)  # a JSON record
 
@@ -179,4 +182,50 @@ def test_collect_records_every_run_of_a_gpu_study_call(tmp_path, capsys):
             tokens_per_micro_batch=1,
             peak_tflops=1.0,
             out_dir=tmp_path / "q",
+        )
+
+
+_MEGATRON_LOG = (
+    " [2026-12-07 12:53:21.01] iteration        {i}/      48 | consumed samples: 256 | "
+    "elapsed time per iteration (ms): {ms:.1f} | throughput per GPU (TFLOP/s/GPU): {tf:.1f} | "
+    "learning rate: 2.0E-04 | lm loss: 1.05E+01 |\n"
+)
+
+
+def test_collect_reads_speed_from_the_megatron_log_and_the_card_sharing(tmp_path):
+    """Runs without the timers in TensorBoard (the first GPU seed) take seconds per step and
+    TFLOP/s from Megatron's iteration lines, the first iteration (start-up) left out; the call
+    file says how many runs shared the card."""
+    root = tmp_path / "out"
+    for arm in ("megatron", "hash"):
+        run = root / f"seed2/study-gpu-8x8-control/{arm}"
+        w = SummaryWriter(str(run / "tensorboard"))
+        for step in range(1, 11):
+            w.add_scalar("lm loss", 10.0 - 0.1 * step, step)
+        w.add_scalar("lm loss validation", 3.0, 10)
+        w.close()
+        lines = [_MEGATRON_LOG.format(i=1, ms=9000.0, tf=1.0)]  # start-up: left out
+        lines += [
+            _MEGATRON_LOG.format(i=i, ms=4000.0 if i < 9 else 1000.0, tf=7.0) for i in range(2, 11)
+        ]
+        (run / "node0.log").write_text("".join(lines))
+        (root / f"seed2/{arm}.launch.log").write_text(
+            "[launch] python -m x --seq-length 1024 --global-batch-size 256 --seed 2\n"
+        )
+    calls = [{"runs": ["megatron:1"]}, {"runs": ["megatron:2", "hash:2", "locmoe:2"]}]
+    (root / "calls.jsonl").write_text("".join(json.dumps(c) + "\n" for c in calls))
+    written, _ = study.collect(
+        root, setting="8x8", tokens_per_micro_batch=4096, peak_tflops=700.0, out_dir=tmp_path / "r"
+    )
+    for r in study.load_records(written):
+        speed = r["speed"]
+        # 9 timed iterations: the tail is the last 2 (tail_length(9)), both at 1.0 s
+        assert speed["seconds_per_step"] == pytest.approx(1.0)
+        assert speed["tokens_per_s"] == pytest.approx(256 * 1024 / 1.0)
+        assert speed["mfu"] == pytest.approx(7.0 / 700.0)
+        assert speed["card_shared_by"] == 3 and speed["source"] == "node0.log"
+    (root / "calls.jsonl").write_text("not json\n")
+    with pytest.raises(InputError, match="calls.jsonl:1"):
+        study.collect(
+            root, setting="8x8", tokens_per_micro_batch=1, peak_tflops=1.0, out_dir=tmp_path / "q"
         )

@@ -24,7 +24,7 @@
 #
 # run PRESET 'ARM:SEED ...' [DEADLINE_S]: the runs start together; each one's launcher log, its
 # Megatron log and TensorBoard events land in $WORK/seedSEED/ (WORK=/tmp/study, kept while the
-# machine is held); gpu.csv samples the card every 5 s; the call ends within DEADLINE_S seconds
+# machine is held); calls.jsonl names the runs of each call (they share the card); gpu.csv samples the card every 5 s; the call ends within DEADLINE_S seconds
 # of its start (default 540) with all of $WORK, earlier calls' runs included, in $OUT/study.tgz
 # (what comes back from $OUT is 8 files at most, 2 folders deep). Here:
 #   mkdir -p runs/gpu && tar -xzf FILES_AT/study.tgz -C runs/gpu
@@ -74,6 +74,11 @@ nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 5 >
 SMI=$!
 LEFT=$((DEADLINE - (SECONDS - START) - 15))
 if [ "$LEFT" -lt 60 ]; then echo "gpu_study.sh: only ${LEFT} s left of ${DEADLINE}" >&2; exit 1; fi
+# which runs share the card in this call: the records say so beside their speed
+python3 -c 'import json, sys, time
+print(json.dumps({"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  "preset": sys.argv[1], "runs": sys.argv[2].split(), "deadline_s": int(sys.argv[3])}))' \
+  "$PRESET" "$RUNS" "$DEADLINE" >> "$WORK/calls.jsonl"
 declare -A PIDS
 for rs in $RUNS; do
   arm=${rs%%:*}

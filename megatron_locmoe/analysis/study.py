@@ -12,8 +12,11 @@ and the plugin write:
   rank, layer and micro-batch over the tokens of a micro-batch (``dedup_inter_node_bytes``:
   one copy per token and remote node; the flat and two-hop schemes beside it), the node-local
   share, the tokens received per rank (max / mean) and the dropped tokens;
-- speed: tokens/s and MFU from Megatron's ``--log-throughput`` (TFLOP/s per GPU over the card's
-  measured dense bf16 rate).
+- speed: seconds per step, tokens/s and MFU from Megatron's ``--log-throughput`` with
+  ``--log-timers-to-tensorboard`` (TFLOP/s per GPU over the card's dense bf16 peak); for runs
+  without the timers in TensorBoard, ``collect`` reads the same numbers from Megatron's log
+  lines. ``collect`` also records how many runs shared the card (``tools/gpu_study.sh``'s
+  ``calls.jsonl``): a speed measured beside other runs is not the run's own.
 
 Arms pool the seeds of one setting; ``compare`` calls a difference smaller than the seed
 standard deviation "no difference" (in both directions), and one measured with fewer than
@@ -71,6 +74,63 @@ def _tail(scalars, tag: str) -> float | None:
     return float(values[-tail_length(len(values)) :].mean())
 
 
+_LOG_ITERATION = re.compile(
+    r"iteration +(\d+)/ *\d+ \|.*?elapsed time per iteration \(ms\): ([0-9.]+) \|"
+    r"(?:.*?throughput per GPU \(TFLOP/s/GPU\): ([0-9.]+) \|)?"
+)
+
+
+def log_speed(log: str | Path) -> tuple[float | None, float | None]:
+    """(seconds per step, TFLOP/s per GPU) from Megatron's iteration lines in ``log``: means
+    over the last fifth of the iterations after the first, as the TensorBoard timers would
+    have them (Megatron leaves the first iteration, with its start-up, out of TensorBoard)."""
+    seconds, tflops = {}, {}
+    for line in Path(log).read_text(errors="replace").splitlines():
+        if (m := _LOG_ITERATION.search(line)) is None or int(m.group(1)) < 2:
+            continue
+        seconds[int(m.group(1))] = float(m.group(2)) / 1000.0
+        if m.group(3) is not None:
+            tflops[int(m.group(1))] = float(m.group(3))
+
+    def tail(series: dict) -> float | None:
+        values = [series[k] for k in sorted(series)]
+        return statistics.fmean(values[-tail_length(len(values)) :]) if values else None
+
+    return tail(seconds), tail(tflops)
+
+
+def command_value(command: str, flag: str) -> str | None:
+    """The value after ``flag`` in a run's command line (None when absent)."""
+    m = re.search(rf"(?:^|\s){re.escape(flag)}\s+(\S+)", command)
+    return None if m is None else m.group(1)
+
+
+def tokens_per_step(command: str) -> int | None:
+    """Global batch x sequence length of a ``pretrain_gpt`` command (None without either)."""
+    gbs, seq = command_value(command, "--global-batch-size"), command_value(command, "--seq-length")
+    return None if gbs is None or seq is None else int(gbs) * int(seq)
+
+
+def speed_entry(
+    seconds_per_step: float | None,
+    tflops: float | None,
+    *,
+    tokens: int | None,
+    peak_tflops: float,
+    shared_by: int | None = None,
+) -> dict:
+    """A record's speed: seconds per step, tokens/s, TFLOP/s per GPU and MFU, and how many
+    runs shared the card (None: not recorded)."""
+    return {
+        "seconds_per_step": seconds_per_step,
+        "tokens_per_s": None if not (seconds_per_step and tokens) else tokens / seconds_per_step,
+        "tflops": tflops,
+        "mfu": None if tflops is None else tflops / peak_tflops,
+        "peak_tflops": peak_tflops,
+        "card_shared_by": shared_by,
+    }
+
+
 def run_record(
     tensorboard_dir: str | Path,
     *,
@@ -101,7 +161,6 @@ def run_record(
         if (m := _DOMAIN_TAG.match(tag)) is not None
     }
     steps, losses = scalars["lm loss"]
-    tflops = _tail(scalars, "throughput")
     per_token = {
         m: v / tokens_per_micro_batch for m in BYTE_METRICS if (v := _tail(scalars, m)) is not None
     }
@@ -122,15 +181,33 @@ def run_record(
         "curve": {int(s): float(v) for s, v in zip(steps, losses, strict=True)},
         "per_token": per_token,
         "routing": {m: v for m in ROUTING_METRICS if (v := _tail(scalars, m)) is not None},
-        "speed": {
-            "tflops": tflops,
-            "mfu": None if tflops is None else tflops / peak_tflops,
-            "peak_tflops": peak_tflops,
-        },
+        "speed": speed_entry(
+            _tail(scalars, "iteration-time"),
+            _tail(scalars, "throughput"),
+            tokens=tokens_per_step(command),
+            peak_tflops=peak_tflops,
+        ),
     }
 
 
 _LAUNCH_LINE = "[launch] "
+
+
+def card_sharing(calls: Path) -> dict[str, int]:
+    """'ARM:SEED' -> how many runs shared the card in the ``tools/gpu_study.sh`` call that ran
+    it (the last call naming it), from the script's ``calls.jsonl``; empty without the file."""
+    if not calls.is_file():
+        return {}
+    out = {}
+    for n, line in enumerate(calls.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            runs = json.loads(line)["runs"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise InputError(f"{calls}:{n}: not a gpu_study.sh call line ({e})") from None
+        out.update({run: len(runs) for run in runs})
+    return out
 
 
 def collect(
@@ -149,6 +226,7 @@ def collect(
     root, out_dir = Path(root), Path(out_dir)
     versions_file = root / "versions.json"
     versions = read_json(versions_file, "versions") if versions_file.is_file() else {}
+    shared = card_sharing(root / "calls.jsonl")
     runs = sorted(root.glob("seed*/*/*/tensorboard"))
     if not runs:
         raise InputError(f"{root}: no seedS/PRESET/ARM/tensorboard directories (gpu_study.sh's)")
@@ -175,6 +253,16 @@ def collect(
             skipped.append(f"{arm} seed {seed}: {e}")
             continue
         record["tensorboard_dir"] = tb.relative_to(root).as_posix()
+        speed = record["speed"]
+        node_log = tb.parent / "node0.log"
+        if speed["seconds_per_step"] is None and node_log.is_file():
+            speed.update(
+                speed_entry(
+                    *log_speed(node_log), tokens=tokens_per_step(command), peak_tflops=peak_tflops
+                ),
+                source="node0.log",
+            )
+        speed["card_shared_by"] = shared.get(f"{arm}:{seed}")
         out = out_dir / f"{record['name']}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(record, indent=1, sort_keys=True))
