@@ -118,6 +118,14 @@ def test_the_pareto_front_and_the_table(tmp_path):
     assert "50.0 ± 0.0" in row
 
 
+def test_records_of_different_evaluation_steps_are_refused(tmp_path):
+    records = [_record(tmp_path, f"r{i}", "megatron", i, 3.0, 1.0) for i in (1, 2)]
+    records.append(_record(tmp_path, "h", "hash", 1, 3.0, 1.0))
+    records[-1]["heldout"]["at_step"] = 5  # a run stopped after its first evaluation
+    with pytest.raises(InputError, match="equal tokens"):
+        study.pool(records)
+
+
 def test_a_seed_given_twice_is_refused(tmp_path):
     records = [_record(tmp_path, f"r{i}", "megatron", 1, 3.0, 1.0) for i in range(2)]
     with pytest.raises(InputError, match="seeds"):
@@ -159,9 +167,14 @@ def test_collect_records_every_run_of_a_gpu_study_call(tmp_path, capsys):
     (root / "versions.json").write_text(json.dumps({"card": "NVIDIA H200"}))
     for seed, arm, loss in ((1, "megatron", 3.0), (2, "megatron", 3.1), (1, "locmoe", 3.2)):
         _write_run(root / f"seed{seed}/study-gpu-8x8-control/{arm}/tensorboard", loss, 4096.0)
-        (root / f"seed{seed}/{arm}.launch.log").write_text(f"x\n[launch] env A=1 run {arm}\n")
+        (root / f"seed{seed}/{arm}.launch.log").write_text(
+            f"x\n[launch] env A=1 run {arm} --train-iters 10\n"
+        )
     stopped = root / "seed3/study-gpu-8x8-control/hash/tensorboard"
     _write_run(stopped, 3.0, 4096.0, validation=False)  # the deadline came before its eval
+    late = root / "seed3/study-gpu-8x8-control/locmoe/tensorboard"
+    _write_run(late, 3.0, 4096.0, steps=9)  # evaluated at step 4, stopped at 9 of 10
+    (root / "seed3/locmoe.launch.log").write_text("[launch] run --train-iters 10\n")
     written, skipped = study.collect(
         root, setting="8x8", tokens_per_micro_batch=4096, peak_tflops=790.0, out_dir=tmp_path / "r"
     )
@@ -171,10 +184,14 @@ def test_collect_records_every_run_of_a_gpu_study_call(tmp_path, capsys):
         ("megatron", 1, 3.0),
         ("megatron", 2, 3.1),
     ]
-    assert {r["command"] for r in records} == {"env A=1 run megatron", "env A=1 run locmoe"}
+    assert {r["command"] for r in records} == {
+        "env A=1 run megatron --train-iters 10",
+        "env A=1 run locmoe --train-iters 10",
+    }
     assert records[0]["versions"] == {"card": "NVIDIA H200"}
     assert records[0]["per_token"]["dedup_inter_node_bytes"] == 1.0
-    assert len(skipped) == 1 and skipped[0].startswith("hash seed 3: ")
+    assert len(skipped) == 2 and skipped[0].startswith("hash seed 3: ")
+    assert skipped[1].startswith("locmoe seed 3: stopped before its final evaluation")
     with pytest.raises(InputError, match="no seedS"):
         study.collect(
             tmp_path / "r",

@@ -28,7 +28,7 @@ def _record(arm, seed, *, inter, intra, load, seconds=None, shared=None, loss=3.
         "setting": "gpu-8x8-control",
         "command": CMD,
         "versions": {"card": "H100"},
-        "heldout": {"mixture": loss},
+        "heldout": {"mixture": loss, "at_step": 48},
         "per_token": {"dedup_inter_node_bytes": inter, "dedup_intra_node_bytes": intra},
         "routing": {"received_tokens_max_over_mean": load},
         "speed": {"seconds_per_step": seconds, "mfu": 0.07, "card_shared_by": shared},
@@ -95,3 +95,23 @@ def test_the_table_and_its_refusals(tmp_path, capsys):
     mixed = [records[0], {**records[1], "setting": "other"}]
     with pytest.raises(InputError, match="one setting"):
         study_steptime.step_times(mixed, CLUSTERS["h100-dgx"])
+
+
+def test_the_compute_from_the_log_of_a_run_alone(tmp_path):
+    """A run alone that stopped before its evaluation has no record; its log's timed steps
+    still give the compute (iteration 1, the start-up, left out)."""
+    log = tmp_path / "node0.log"
+    line = (
+        " [t] iteration {i}/ 48 | consumed samples: 1 | elapsed time per iteration (ms): "
+        "{ms} | throughput per GPU (TFLOP/s/GPU): 14.0 | lm loss: 7.0 |\n"
+    )
+    log.write_text("".join(line.format(i=i, ms=9000.0 if i == 1 else 1280.0) for i in range(1, 12)))
+    records = [_record("megatron", 1, inter=6000.0, intra=7000.0, load=3.0, seconds=9.9, shared=8)]
+    for r in records:
+        r["speed"]["peak_tflops"] = 700.0
+    times, ref = study_steptime.step_times(records, CLUSTERS["h100-dgx"], compute_log=log)
+    assert times[0].compute == pytest.approx(1.28 / 64)
+    assert ref["speed"]["mfu"] == pytest.approx(14.0 / 700.0)
+    log.write_text("no iterations\n")
+    with pytest.raises(InputError, match="no timed iterations"):
+        study_steptime.step_times(records, CLUSTERS["h100-dgx"], compute_log=log)

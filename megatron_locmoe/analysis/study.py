@@ -252,6 +252,14 @@ def collect(
         except InputError as e:
             skipped.append(f"{arm} seed {seed}: {e}")
             continue
+        iters = command_value(command, "--train-iters")
+        if iters is not None and record["heldout"]["at_step"] != int(iters):
+            skipped.append(
+                f"{arm} seed {seed}: stopped before its final evaluation (held-out loss at step "
+                f"{record['heldout']['at_step']}, --train-iters {iters}, last step {record['steps']}); "
+                "the study compares equal tokens: run it again"
+            )
+            continue
         record["tensorboard_dir"] = tb.relative_to(root).as_posix()
         speed = record["speed"]
         node_log = tb.parent / "node0.log"
@@ -304,8 +312,16 @@ def _mean_std(values: list[float]) -> tuple[float, float | None]:
 def pool(records: list[dict], byte_metric: str = "dedup_inter_node_bytes") -> list[Arm]:
     """One Arm per (setting, arm), its seeds pooled; a seed given twice is an error."""
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    steps: dict[str, set[int]] = defaultdict(set)
     for r in records:
         groups[(r["setting"], r["arm"])].append(r)
+        steps[r["setting"]].add(r["heldout"]["at_step"])
+    for setting, at in steps.items():
+        if len(at) != 1:
+            raise InputError(
+                f"{setting}: held-out losses at steps {sorted(at)}; the study compares equal "
+                "tokens: give the records of one evaluation step"
+            )
     arms = []
     for (setting, arm), runs in sorted(groups.items()):
         seeds = [r["seed"] for r in runs]

@@ -33,10 +33,11 @@ from __future__ import annotations
 import argparse
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 from megatron_locmoe.analysis.costmodel import CLUSTERS, Cluster, alltoall_seconds
 from megatron_locmoe.analysis.errors import InputError, run_tool
-from megatron_locmoe.analysis.study import Arm, command_value, load_records, pool
+from megatron_locmoe.analysis.study import Arm, command_value, load_records, log_speed, pool
 
 
 @dataclass(frozen=True)
@@ -114,9 +115,29 @@ def _mean_of(records: list[dict], key: str, metric: str) -> float:
     return sum(values) / len(values)
 
 
-def reference_compute(records: list[dict], shapes: Shapes, arm: str) -> tuple[float, float, dict]:
-    """(one device's compute seconds per step, the run's MFU or None, the record) from the
-    ``arm`` run that had the card alone (the fastest such run where several did)."""
+def reference_compute(
+    records: list[dict], shapes: Shapes, arm: str, log: str | Path | None = None
+) -> tuple[float, float | None, dict]:
+    """(one device's compute seconds per step, the run's MFU or None, a record-like dict
+    naming where it came from) from the ``arm`` run that had the card alone (the fastest such
+    run where several did), or from ``log``: the Megatron log of a run of the same command
+    alone on the card (one that stopped before its evaluation has no record, but its steps
+    were timed)."""
+    ranks = shapes.nodes * shapes.devices_per_node
+    if log is not None:
+        seconds, tflops = log_speed(log)
+        if seconds is None:
+            raise InputError(
+                f"{log}: no timed iterations (Megatron's 'elapsed time per iteration')"
+            )
+        peak = records[0]["speed"].get("peak_tflops")
+        mfu = None if tflops is None or not peak else tflops / peak
+        ref = {
+            "name": str(log),
+            "versions": records[0].get("versions", {}),
+            "speed": {"seconds_per_step": seconds, "mfu": mfu},
+        }
+        return seconds / ranks, mfu, ref
     alone = [
         r
         for r in records
@@ -131,7 +152,6 @@ def reference_compute(records: list[dict], shapes: Shapes, arm: str) -> tuple[fl
             "and collect it, or name another arm with --compute-from"
         )
     best = min(alone, key=lambda r: r["speed"]["seconds_per_step"])
-    ranks = shapes.nodes * shapes.devices_per_node
     return best["speed"]["seconds_per_step"] / ranks, best["speed"].get("mfu"), best
 
 
@@ -140,6 +160,7 @@ def step_times(
     cluster: Cluster,
     *,
     compute_from: str = "megatron",
+    compute_log: str | Path | None = None,
     compute_scale: float = 1.0,
 ) -> tuple[list[StepTime], dict]:
     """Every arm's modeled step (seeds pooled: bytes and load means) for one setting's records,
@@ -157,7 +178,7 @@ def step_times(
             f"the runs' nodes have {shape.devices_per_node} devices, cluster {cluster.name} "
             f"{cluster.devices_per_node}: choose a cluster of the runs' node size"
         )
-    compute, _, ref = reference_compute(records, shape, compute_from)
+    compute, _, ref = reference_compute(records, shape, compute_from, compute_log)
     compute *= compute_scale
     by_arm: dict[str, list[dict]] = defaultdict(list)
     for r in records:
@@ -179,18 +200,27 @@ def step_times(
 
 
 def steptime_table(
-    records: list[dict], cluster: Cluster, *, compute_from: str = "megatron", target_mfu=None
+    records: list[dict],
+    cluster: Cluster,
+    *,
+    compute_from: str = "megatron",
+    compute_log: str | Path | None = None,
+    target_mfu: float | None = None,
 ) -> str:
     """The Markdown table: per arm, held-out loss, bytes, load, the modeled All-to-All and step
     time at the measured compute (and at ``target_mfu``), and the step against ``compute_from``."""
-    measured, ref = step_times(records, cluster, compute_from=compute_from)
+    measured, ref = step_times(records, cluster, compute_from=compute_from, compute_log=compute_log)
     columns = [("measured compute", measured)]
     mfu = ref["speed"].get("mfu")
     if target_mfu is not None:
         if not mfu:
             raise InputError(f"{ref['name']}: no MFU recorded; --target-mfu needs it")
         scaled, _ = step_times(
-            records, cluster, compute_from=compute_from, compute_scale=mfu / target_mfu
+            records,
+            cluster,
+            compute_from=compute_from,
+            compute_log=compute_log,
+            compute_scale=mfu / target_mfu,
         )
         columns.append((f"compute at {target_mfu:.0%} MFU", scaled))
     base = {name: next(s for s in col if s.arm.arm == compute_from) for name, col in columns}
@@ -226,6 +256,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("records", nargs="+", help="one setting's study records (JSON)")
     p.add_argument("--cluster", choices=sorted(CLUSTERS), default="h100-dgx")
     p.add_argument("--compute-from", default="megatron", help="the arm run alone for compute")
+    p.add_argument(
+        "--compute-log",
+        default=None,
+        help="the Megatron log (node0.log) of a run of the compute arm alone on the card, "
+        "when that run has no record (stopped before its evaluation)",
+    )
     p.add_argument("--target-mfu", type=float, default=None, help="also at this MFU (0..1)")
     a = p.parse_args(argv)
     if a.target_mfu is not None and not 0.0 < a.target_mfu <= 1.0:
@@ -235,6 +271,7 @@ def main(argv: list[str] | None = None) -> None:
             load_records(a.records),
             CLUSTERS[a.cluster],
             compute_from=a.compute_from,
+            compute_log=a.compute_log,
             target_mfu=a.target_mfu,
         )
     )
