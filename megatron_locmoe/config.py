@@ -112,7 +112,8 @@ class LocMoEConfig:
     node_target_share: float = 0.0
     """Ours, after TA-MoE (arXiv 2302.09915), for loaders that give every node the same mixture
     (where no router that sees only the token beats 1/nodes): target node-local share p* of
-    the locmoe router; 0 switches it off. A bias on the logits of the node's own experts is
+    the locmoe router (and of Megatron's, with node_bias_mode selection); 0 switches it off.
+    A bias on the logits of the node's own experts is
     adapted each training step towards p*, and the balance loss measures each rank's load
     against the node-aware target (p* over the local experts, 1 - p* over the others) instead
     of uniform; with the same p* on every node every expert gets the same load."""
@@ -487,7 +488,7 @@ class LocMoEConfig:
         return self.virtual_ep or tc.expert_model_parallel_size
 
 
-NODE_MAP_SETTINGS = ("max_outgoing_fraction", "node_margin", "node_fill_mass")
+NODE_MAP_SETTINGS = ("max_outgoing_fraction", "node_margin", "node_fill_mass", "node_target_share")
 """Settings of Megatron's router that read which experts are on a token's node: moving experts
 between nodes (analysis/placement.py) would change its routing under any of them."""
 

@@ -401,7 +401,7 @@ OWNED_SETTING_CASES = {
     "locality_loss_coeff": ("switch", ["0.3"]),
     "locality_smoothing": ("hash", ["0.01"]),
     "node_target_share": ("switch", ["0.4"]),
-    "node_bias_rate": ("megatron", ["0.2"]),
+    "node_bias_rate": ("hash", ["0.2"]),
     "node_bias_mode": ("switch", ["selection"]),
     "node_margin": ("hash", ["0.5"]),
     "node_fill_mass": ("switch", ["0.9"]),

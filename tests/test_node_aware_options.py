@@ -245,10 +245,14 @@ def megatron_job(ctx, settings: dict, nodes: int) -> dict:
         return builder("megatron", **fields)
 
     plain, router = build(), build(**settings)
+    bias = settings.get("node_margin", 0.0)
+    if settings.get("node_target_share"):  # the stepped bias, as a few steps have left it
+        router.node_bias.fill_(MARGIN)
+        bias += MARGIN
     base, got = _route(plain, x), _route(router, x)
     logits_TE = router.gating(x).detach().view(-1, E)
     local_E = router.expert_is_local.float()
-    selection_TE = logits_TE + settings.get("node_margin", 0.0) * local_E
+    selection_TE = logits_TE + bias * local_E
     if settings.get("node_fill_mass", 1.0) < 1:
         p_TE = torch.softmax(logits_TE, -1)
         keep = [
@@ -261,23 +265,42 @@ def megatron_job(ctx, settings: dict, nodes: int) -> dict:
     top_TK = selection_TE.topk(K, dim=1).indices
     probs_TK = torch.softmax(logits_TE.gather(1, top_TK), -1)
     expected_TE = torch.zeros_like(logits_TE).scatter(1, top_TK, probs_TK)
-    return {
+    out = {
         "map": torch.equal(got[1], expected_TE > 0),
         "probs": torch.allclose(got[0], expected_TE, rtol=1e-6, atol=1e-7),
         "moved": int((got[1] != base[1]).any(-1).sum()),
+        "losses_unchanged": torch.allclose(got[2], base[2], rtol=1e-5, atol=1e-8),
     }
+    if settings.get("node_target_share"):
+        share = float((got[1] & router.expert_is_local).sum() / got[1].sum())
+        want = MARGIN + 0.1 * (settings["node_target_share"] - share)
+        out["bias_step"] = abs(float(router.node_bias) - want) < 1e-6
+        router.eval()  # evaluation routes with the bias and leaves it
+        with torch.no_grad():
+            router(x)
+        out["eval_keeps_bias"] = abs(float(router.node_bias) - want) < 1e-6
+    return out
+
+
+NODE_TARGET = dict(node_target_share=0.5, node_bias_mode="selection")
 
 
 @pytest.mark.parametrize(
-    "settings", [dict(node_margin=MARGIN), dict(node_fill_mass=0.8)], ids=["margin", "fill"]
+    "settings",
+    [dict(node_margin=MARGIN), dict(node_fill_mass=0.8), NODE_TARGET],
+    ids=["margin", "fill", "target"],
 )
 def test_megatrons_router_takes_the_margin_and_the_fill_in_its_topk_hook(cluster_factory, settings):
     """The options on Megatron's learned gate (its top-k hook, as FasterMoE's cap): the same
-    experts as the reference, the gate values Megatron's softmax over the chosen logits."""
+    experts as the reference, the gate values Megatron's softmax over the chosen logits; the
+    node target's bias acts as a margin and steps towards its share in training only."""
     nodes = 4
     layout = ParallelLayout(devices_per_node=1, ep=nodes)
     for r in cluster_factory(nodes).run(megatron_job, settings, nodes, layout=layout):
         assert r["map"] and r["probs"] and r["moved"] > 0, r
+        assert r["losses_unchanged"], r  # Megatron's aux loss reads its unmasked scores
+        if "node_target_share" in settings:
+            assert r["bias_step"] and r["eval_keeps_bias"], r
 
 
 def scaling_job(ctx) -> bool:

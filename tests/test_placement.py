@@ -197,6 +197,12 @@ def test_the_plan_finds_the_pairs_and_the_nodes(tmp_path):
         ("switch", None, {"max_outgoing_fraction": 0.5}, "--locmoe-max-outgoing-fraction 0.5"),
         ("megatron", None, {"node_margin": 0.3}, "--locmoe-node-margin 0.3 favours the experts"),
         ("megatron", None, {"node_fill_mass": 0.9}, "--locmoe-node-fill-mass 0.9 favours the"),
+        (
+            "megatron",
+            None,
+            {"node_target_share": 0.5},
+            "--locmoe-node-target-share 0.5 favours the",
+        ),
     ],
 )
 def test_routers_whose_routing_reads_the_placement_are_refused(

@@ -252,7 +252,11 @@ def test_hash_maps_balance(python_source_ids, E):
         (dict(capacity_reestimate_interval=-2), {}, "capacity_reestimate_interval=-2"),
         (dict(router_type="locmoe", node_target_share=1.0), {}, "node_target_share=1.0 must"),
         (dict(router_type="locmoe", node_bias_rate=0.0), {}, "node_bias_rate=0.0 must be"),
-        (dict(router_type="hash", node_target_share=0.5), {}, "a locmoe or locmoe_plus router"),
+        (
+            dict(router_type="hash", node_target_share=0.5),
+            {},
+            "a megatron or locmoe or locmoe_plus router",
+        ),
         (
             dict(router_type="hash", node_margin=0.5),
             {},
@@ -280,6 +284,26 @@ def test_hash_maps_balance(python_source_ids, E):
             dict(router_type="megatron", node_fill_mass=0.9),
             dict(moe_router_num_groups=2, moe_router_group_topk=1),
             "limits them too",
+        ),
+        (
+            dict(router_type="megatron", node_target_share=0.5),
+            {},
+            "add --locmoe-node-bias-mode selection (not logits",
+        ),
+        (
+            dict(router_type="megatron", node_bias_mode="selection"),
+            {},
+            "--locmoe-node-target-share is 0 (no bias): set a target share or drop them",
+        ),
+        (
+            dict(
+                router_type="megatron",
+                node_target_share=0.5,
+                node_bias_mode="selection",
+                max_outgoing_fraction=0.14,
+            ),
+            {},
+            "both choose the experts in Megatron's top-k hook",
         ),
         (
             dict(router_type="megatron", node_margin=0.3),

@@ -49,9 +49,11 @@ CASES = {  # name: (router, LocMoEConfig fields, TransformerConfig fields)
             moe_router_pre_softmax=False,
         ),
     ),
-    "megatron_node_selection": (  # the margin and the fill in Megatron's top-k hook
+    "megatron_node_selection": (  # the margin, the fill and the node target in Megatron's top-k hook
         "megatron",
-        dict(node_margin=0.1, node_fill_mass=0.9),
+        dict(
+            node_margin=0.1, node_fill_mass=0.9, node_target_share=0.5, node_bias_mode="selection"
+        ),
         dict(moe_router_load_balancing_type="aux_loss", moe_router_topk=2),
     ),
     "hash": ("hash", {}, {}),
@@ -77,10 +79,10 @@ CASES = {  # name: (router, LocMoEConfig fields, TransformerConfig fields)
 START_OF = {
     "locmoe_plus": "locmoe",
     "locmoe_node_aware": "locmoe_node_target",
-    "megatron_node_selection": "megatron",
 }
 """Cases that start from another's checkpoint (LocMoE+ without a capacity estimate; the node
-options from the node target's, whose node bias they step)."""
+options from the node target's, whose node bias they step; Megatron's node options start from
+their own, which holds the node bias Megatron's router lacks)."""
 
 
 @pytest.fixture(scope="module")

@@ -650,7 +650,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
             if cfg.capacity_mode == "bound":
                 self._count_routing_step()
             if self.node_bias_on and not self.node_bias_learned:
-                self._step_node_bias(routing_map_TE)
+                node_selection.step_node_bias(self, routing_map_TE, padding_mask)
         self.record_routing_metrics(
             probs_TE,
             routing_map_TE,
@@ -729,13 +729,6 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         if self.calculate_per_token_loss:
             loss = loss * T * size
         return MoEAuxLossAutoScaler.apply(probs_TE, loss)
-
-    @torch.no_grad()
-    def _step_node_bias(self, routing_map_TE: torch.Tensor) -> None:
-        """bias += rate * (p* - node-local share of this batch): on the device, no host sync."""
-        share = metrics.node_local_fraction(routing_map_TE, self.expert_is_local)
-        cfg = self.locmoe
-        self.node_bias.add_(cfg.node_bias_rate * (cfg.node_target_share - share.float()))
 
     def _locality_coeff(self) -> float:
         """mu over the tensor/context-parallel size: under SP / CP each of those ranks attaches

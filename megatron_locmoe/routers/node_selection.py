@@ -1,5 +1,6 @@
-"""Node-aware choice of experts: the margin and the fewest-nodes fill (``--locmoe-node-margin``,
-``--locmoe-node-fill-mass``), one rule for the locmoe router and Megatron's.
+"""Node-aware choice of experts: the margin, the fewest-nodes fill and the stepped node bias
+(``--locmoe-node-margin``, ``--locmoe-node-fill-mass``, ``--locmoe-node-target-share`` with
+``--locmoe-node-bias-mode selection``), one rule for the locmoe router and Megatron's.
 
 Both change which experts a token picks, never the gate values of the experts it picks (those
 stay the router's own scores) nor the balance losses:
@@ -8,7 +9,10 @@ stay the router's own scores) nor the balance losses:
   higher by more than ``m`` in logit units (on probabilities: e^m times higher);
 - the fill (top-k > 1): the token's M best nodes, ranked by the probability mass of each node's
   own best k, M the smallest whose best k experts keep ``q`` of the token's unconstrained top-k
-  mass (and hold at least k experts): node-limited routing with M chosen per token.
+  mass (and hold at least k experts): node-limited routing with M chosen per token;
+- the node target on the choice (DeepSeek-V3's aux-loss-free bias, per node): a bias b on the
+  node's experts, added to the margin, stepped after every training routing by
+  ``b += rate * (p* - node-local share)`` (``step_node_bias``), one per rank.
 
 Megatron's router takes them through its top-k hook (``TopKRouter.router_replay``, the seam
 FasterMoE's cap uses, routers/outgoing_cap.py): ``NodeSelection.get_replay_topk`` gets
@@ -24,6 +28,7 @@ import weakref
 
 import torch
 
+from megatron_locmoe import metrics
 from megatron_locmoe.config import ConfigError, LocMoEConfig
 from megatron_locmoe.routers.outgoing_cap import check_topk_hook
 
@@ -84,6 +89,20 @@ def selection_scores(
     return selection_TE
 
 
+@torch.no_grad()
+def step_node_bias(
+    router: torch.nn.Module, routing_map_TE: torch.Tensor, padding_mask=None
+) -> None:
+    """The router's node bias += rate * (p* - node-local share of this batch's picks), the
+    tokens Megatron's ``padding_mask`` marks (True on padding) left out: on the device, no host
+    sync (``router.node_bias``, its ``locmoe`` settings, ``expert_is_local``)."""
+    if padding_mask is not None:
+        routing_map_TE = routing_map_TE & ~padding_mask.reshape(-1, 1).bool()
+    share = metrics.node_local_fraction(routing_map_TE, router.expert_is_local)
+    cfg = router.locmoe
+    router.node_bias.add_(cfg.node_bias_rate * (cfg.node_target_share - share.float()))
+
+
 def check_blocks(expert_node_E: torch.Tensor, nodes: int) -> None:
     """The fill reads each node's experts as one block of E / N (Megatron's contiguous
     assignment); refuse a node map that is not."""
@@ -93,7 +112,8 @@ def check_blocks(expert_node_E: torch.Tensor, nodes: int) -> None:
 
 
 class NodeSelection:
-    """The margin and the fill in Megatron's top-k hook (``TopKRouter.router_replay``)."""
+    """The margin, the fill and the stepped node bias in Megatron's top-k hook
+    (``TopKRouter.router_replay``); the router steps its ``node_bias`` itself, after routing."""
 
     def __init__(self, router: torch.nn.Module, locmoe: LocMoEConfig, scores_are_logits: bool):
         self._router = weakref.ref(router)  # no cycle: the router holds this object
@@ -108,9 +128,9 @@ class NodeSelection:
     ):
         """(the scores of the chosen experts, their indices): Megatron's top-k on the selection
         scores with the margin added and the experts off the fewest nodes masked."""
-        selection_TE = selection_scores(
-            scores, self._router(), self.margin, self.mass, self.scores_are_logits
-        )
+        router = self._router()
+        bias = self.margin + router.node_bias if router.node_bias_on else self.margin
+        selection_TE = selection_scores(scores, router, bias, self.mass, self.scores_are_logits)
         with torch.no_grad():
             _, top_TK = default_compute_topk(
                 selection_TE, topk, num_groups=num_groups, group_topk=group_topk
@@ -125,11 +145,29 @@ def scores_are_logits(tc) -> bool:
 
 
 def check_node_selection(locmoe: LocMoEConfig, tc) -> None:
-    """Raise ConfigError, with the fix, for a Megatron model the margin or the fill cannot run
-    with (the locmoe router routes by its own gate and takes neither of these)."""
+    """Raise ConfigError, with the fix, for a Megatron model the margin, the fill or the node
+    target cannot run with (the locmoe router applies them in its own routing)."""
+    target = locmoe.node_target_share
+    if target > 0 and locmoe.node_bias_mode != "selection":
+        raise ConfigError(
+            f"--locmoe-node-target-share {target} on Megatron's router steers the choice of "
+            "experts only (its gate values and aux loss stay Megatron's): add "
+            f"--locmoe-node-bias-mode selection (not {locmoe.node_bias_mode}, which changes "
+            "the locmoe router's logits)"
+        )
+    if target == 0 and (
+        locmoe.node_bias_mode != LocMoEConfig.node_bias_mode
+        or locmoe.node_bias_rate != LocMoEConfig.node_bias_rate
+    ):
+        raise ConfigError(
+            f"--locmoe-node-bias-mode {locmoe.node_bias_mode} / --locmoe-node-bias-rate "
+            f"{locmoe.node_bias_rate} steer the node-target bias, but --locmoe-node-target-share "
+            "is 0 (no bias): set a target share or drop them"
+        )
     flags = [
         f"--locmoe-node-margin {locmoe.node_margin}" if locmoe.node_margin else "",
         f"--locmoe-node-fill-mass {locmoe.node_fill_mass}" if locmoe.node_fill_mass < 1 else "",
+        f"--locmoe-node-target-share {target}" if target > 0 else "",
     ]
     flag = " and ".join(f for f in flags if f)
     if not flag:

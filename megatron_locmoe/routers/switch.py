@@ -83,14 +83,29 @@ class _MeasuredTopKRouter(PluginRouterMixin, TopKRouter):
 class MegatronRouter(_MeasuredTopKRouter):
     """Megatron-Core's TopKRouter, unchanged, with the plugin's metrics (router type megatron);
     with --locmoe-max-outgoing-fraction, FasterMoE's cap on the tokens that leave the node
-    masks its top-k (routers/outgoing_cap.py); with --locmoe-node-margin or
-    --locmoe-node-fill-mass, the node-aware choice of experts (routers/node_selection.py)."""
+    masks its top-k (routers/outgoing_cap.py); with --locmoe-node-margin,
+    --locmoe-node-fill-mass or --locmoe-node-target-share (--locmoe-node-bias-mode selection),
+    the node-aware choice of experts (routers/node_selection.py): Megatron's gate values and
+    aux loss stay its own."""
 
     name = "megatron"
     label = "Megatron"
     is_plugin_router = False
     uses_locmoe_alpha = False
-    has_outgoing_cap = has_node_selection = True
+    has_outgoing_cap = has_node_selection = has_node_target = True
+
+    def _init_plugin(self, resolution, layer_number=None) -> None:
+        """The node map, then the node-target bias (a buffer: saved in checkpoints, one per
+        virtual rank) where this rank's node hosts some but not all experts."""
+        super()._init_plugin(resolution, layer_number)
+        L, E = int(self.expert_is_local.sum()), self.expert_is_local.numel()
+        self.node_bias_on = self.locmoe.node_target_share > 0 and 0 < L < E
+        if self.node_bias_on:
+            self.register_buffer("node_bias", torch.tensor(0.0))
+
+    def per_rank_buffers(self) -> tuple[str, ...]:
+        """The node bias: each rank steers its own node-local share."""
+        return ("node_bias",) if self.node_bias_on else ()
 
     def __init__(
         self, config, pg_collection=None, is_mtp_layer=False, layer_number=None, *, locmoe=None
@@ -102,10 +117,17 @@ class MegatronRouter(_MeasuredTopKRouter):
             table = self.expert_is_local[None] if bank is None else bank.derived["expert_is_local"]
             outgoing_cap.check_node_map(table, self.topk)
             self.router_replay = outgoing_cap.OutgoingCap(self, fraction)
-        elif self.locmoe.node_margin or self.locmoe.node_fill_mass < 1:
+        elif self.locmoe.node_margin or self.locmoe.node_fill_mass < 1 or self.node_bias_on:
             self.router_replay = node_selection.NodeSelection(
                 self, self.locmoe, node_selection.scores_are_logits(config)
             )
+
+    def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None, **kwargs):
+        """Megatron's routing; then, in training, the node bias steps towards the target."""
+        probs_TE, routing_map_TE = super().routing(logits, padding_mask=padding_mask, **kwargs)
+        if self.node_bias_on and self.training and torch.is_grad_enabled():
+            node_selection.step_node_bias(self, routing_map_TE, padding_mask)
+        return probs_TE, routing_map_TE
 
     @classmethod
     def check_model(cls, locmoe: LocMoEConfig, tc) -> None:
