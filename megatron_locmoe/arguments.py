@@ -181,14 +181,23 @@ def _transformer_view(args) -> SimpleNamespace:
 
 
 def check_train_iters(args) -> None:
-    """Refuse ``--train-iters`` below 1 at parse time: Megatron accepts 0 and negative values
-    and the run then dies after every rank has started (a bare AssertionError on the CPU loop,
-    nothing trained on the GPU path)."""
+    """Refuse ``--train-iters`` below 1 and a warm-up as long as the decay at parse time:
+    Megatron accepts them and the run then dies after every rank has started (a bare
+    AssertionError on the CPU loop, nothing trained or the scheduler's assertion on the GPU
+    path)."""
     iters = getattr(args, "train_iters", None)
     if iters is not None and iters < 1:
         raise ConfigError(
             f"--train-iters {iters}: a run trains at least 1 step; give --train-iters N with "
             "N >= 1 (or --train-samples)"
+        )
+    warmup = getattr(args, "lr_warmup_iters", 0) or 0
+    decay = getattr(args, "lr_decay_iters", None) or iters
+    if iters and getattr(args, "lr_warmup_fraction", None) is None and warmup >= decay:
+        raise ConfigError(
+            f"--lr-warmup-iters {warmup} is not below the {decay} iterations the learning rate "
+            "decays over (--lr-decay-iters, else --train-iters), which Megatron's scheduler "
+            "asserts once every rank has started: lower --lr-warmup-iters or raise --train-iters"
         )
 
 

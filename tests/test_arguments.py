@@ -271,6 +271,14 @@ INVALID = [
     (["--train-iters", "0"], "--train-iters 0: a run trains at least 1 step; give --train-iters N"),
     (["--train-iters", "-5"], "--train-iters -5: a run trains at least 1 step"),
     (
+        ["--train-iters", "6", "--lr-warmup-iters", "10"],
+        "--lr-warmup-iters 10 is not below the 6 iterations the learning rate decays over",
+    ),
+    (
+        ["--train-iters", "60", "--lr-decay-iters", "8", "--lr-warmup-iters", "8"],
+        "--lr-warmup-iters 8 is not below the 8 iterations",
+    ),
+    (
         ["--moe-router-type", "locmoe", "--locmoe-devices-per-node", "3"],
         "world size 8 is not a multiple of 3 devices per node",
     ),
