@@ -65,6 +65,20 @@ def test_domain_data_and_held_out_per_node(corpora, tmp_path):
     assert s.eval_prefix_per_node == [d["valid_prefixes"][0]] * 4 and s.eval_batches == 100
 
 
+def test_a_virtual_cluster_evaluates_megatrons_number_of_samples(tmp_path):
+    """On the virtual cluster one process runs every virtual rank's micro-batches: the
+    evaluation's micro-batches per rank divide by the virtual data-parallel size, as the
+    training's do (they were 64x Megatron's on study-cpu-8x8-control: 16,384 micro-batches
+    for 256 samples, 13 GB and minutes before it was stopped)."""
+    opts = Options(config="study-cpu-8x8-control", runs=["megatron"], runs_dir=str(tmp_path))
+    (rp,) = build_plan(opts).runs
+    s = rp.cpu_loop[0]
+    ranks = s.locmoe.virtual_shape[0] * s.locmoe.virtual_shape[1]
+    assert ranks == 64 and s.micro_batch_size == 1
+    # Megatron: --eval-iters 4 iterations of the global batch (64 samples)
+    assert s.eval_batches * ranks * s.micro_batch_size == 4 * s.global_batch_size
+
+
 def test_held_out_mixture_from_per_split_paths(corpora, tmp_path):
     _, data = corpora
     d = data[2]
