@@ -177,13 +177,13 @@ def test_overrides_from_the_command_line():
     plan = _plan(
         "h100-2node",
         sets=["num-layers=4", "bf16=false", "env.NCCL_SOCKET_IFNAME=ib0", "--lr=1e-4"],
-        extra=["--train-iters", "7"],
+        extra=["--train-iters", "70"],  # above the preset's 50 warm-up iterations
     )
     rp = plan.runs[0]
     assert (rp.args.num_layers, rp.args.bf16, rp.args.train_iters, rp.args.lr) == (
         4,
         False,
-        7,
+        70,
         1e-4,
     )
     assert "--bf16" not in rp.flags
