@@ -316,6 +316,10 @@ BAD = [
     *((dict(config="ascend-910b-2node", sets=[s]), m) for s, m in ASCEND_CUDA_ONLY.items()),
     (dict(config="router-sweep", runs=["gshard"]), "has no run gshard: its sweep runs are"),
     (dict(config="cpu-sim", sets=["bf16=true"]), "the CPU loop trains in float32"),
+    (
+        dict(config="cpu-sim", sets=["moe-router-load-balancing-type=quantile_balancing"]),
+        "the CPU loop does not step its per-expert beta",
+    ),
     (dict(config="cpu-sim", sets=["global-batch-size=24"]), "not a multiple of micro batch 4"),
     (dict(config="h100-1node", sets=["nodes=two"]), "nodes takes an integer"),
     (dict(config="h100-1node", sets=["device=tpu"]), "device 'tpu'; use one of cuda, npu, cpu"),

@@ -433,3 +433,77 @@ def test_synchronised_gradients_are_the_global_losss(cluster_factory):
         for kind in ("expert", "dense"):
             norm, slope = r[kind]
             assert slope == pytest.approx(norm, rel=0.02), (kind, norm, slope)
+
+
+def router_state_job(ctx, overrides: dict):
+    """One forward and backward of the model on each rank, then the loop's finalize: returns
+    the routers' expert bias and counters before and after, and the global token counts."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_locmoe.sim import trainer
+
+    ctx.topology()
+    settings = TrainSettings(
+        data_prefix="",
+        locmoe=LocMoEConfig(router_type="megatron", dispatcher="hierarchical"),
+        model=trainer.tiny_model("megatron", ctx.layout, **overrides),
+    )
+    torch.manual_seed(0)
+    model = trainer._model(settings, ctx.layout.ep)
+    gen = torch.Generator().manual_seed(ctx.rank)
+    tokens = torch.randint(0, 257, (2, 16), generator=gen)
+    model(tokens, torch.arange(16).expand(2, 16), None, labels=tokens).float().mean().backward()
+    routers = [m for m in model.modules() if hasattr(m, "local_tokens_per_expert")]
+    out = {"routers": len(routers)}
+    if overrides.get("moe_router_enable_expert_bias"):
+        counts = torch.stack([r.local_tokens_per_expert.clone() for r in routers])
+        dist.all_reduce(counts, group=parallel_state.get_tensor_and_data_parallel_group())
+        bias = torch.stack([r.expert_bias.clone() for r in routers])
+    else:
+        tracked = [r.global_tokens_per_expert.clone() for r in routers]
+        out["tracked_before"] = float(sum(t.sum() for t in tracked))
+    trainer._finalize_grads([model])
+    if overrides.get("moe_router_enable_expert_bias"):
+        # Megatron's rule (moe_utils.get_updated_expert_bias): bias += rate * sign(mean - count)
+        mean = counts.float().mean(-1, keepdim=True)
+        expected = (
+            bias + torch.sign(mean - counts.float()) * overrides["moe_router_bias_update_rate"]
+        )
+        after = torch.stack([r.expert_bias for r in routers])
+        out["bias_moved"] = bool((after != bias).any())
+        out["bias_as_megatron"] = torch.allclose(after, expected)
+        out["counts_reset"] = all(int(r.local_tokens_per_expert.sum()) == 0 for r in routers)
+    else:
+        out["tracked_reset"] = all(float(r.global_tokens_per_expert.sum()) == 0 for r in routers)
+    return out
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(
+            moe_router_enable_expert_bias=True,
+            moe_router_score_function="sigmoid",
+            moe_router_bias_update_rate=0.01,
+            moe_router_load_balancing_type="none",
+            moe_aux_loss_coeff=0.0,
+        ),
+        dict(moe_router_load_balancing_type="global_aux_loss", moe_aux_loss_coeff=0.01),
+    ],
+    ids=["expert-bias", "global-aux-loss"],
+)
+def test_the_loop_steps_and_resets_the_routers_batch_state(cluster_factory, overrides):
+    """Megatron's finalize_model_grads steps the aux-loss-free expert bias from the tokens per
+    expert summed over the data-parallel ranks and resets the per-batch counters; the CPU loop's
+    finalize did neither (the bias stayed 0, the global aux loss's tracker grew every step)."""
+    results = cluster_factory(2).run(
+        router_state_job, overrides, layout=ParallelLayout(devices_per_node=1, ep=2)
+    )
+    for r in results:
+        assert r["routers"] > 0, r
+        if "moe_router_enable_expert_bias" in overrides:
+            assert r["bias_moved"] and r["bias_as_megatron"] and r["counts_reset"], r
+        else:
+            assert r["tracked_before"] > 0 and r["tracked_reset"], r

@@ -74,6 +74,12 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path, per_nod
         refuse.append("--train-samples: the CPU loop counts iterations, give --train-iters")
     if args.decoupled_lr is not None:
         refuse.append("--decoupled-lr: the CPU loop has one learning rate for every parameter")
+    if "quantile_balancing" in str(args.moe_router_load_balancing_type):
+        refuse.append(
+            "--moe-router-load-balancing-type quantile_balancing: the CPU loop does not step its "
+            "per-expert beta; use aux_loss, seq_aux_loss, global_aux_loss or "
+            "--moe-router-enable-expert-bias"
+        )
     if args.exit_duration_in_mins:
         refuse.append(
             "--exit-duration-in-mins: the CPU loop stops by iterations, use --exit-interval"

@@ -436,7 +436,11 @@ def _finalize_grads(chunks, num_tokens=None, pg_collection=None, force_all_reduc
     for the parameters marked sequence_parallel (norms, routers: replicated over TP, each TP
     rank's gradient from its sequence shard), summed over the TP group; then the two copies of
     a tied embedding (the first stage's input embedding, the last stage's output layer) summed
-    over the embedding group, so both apply the same update."""
+    over the embedding group, so both apply the same update; last, as Megatron's does, the
+    routers' once-a-batch state: the aux-loss-free expert bias (--moe-router-enable-expert-bias)
+    from the tokens per expert summed over the tp-dp-cp group (on a virtual cluster one
+    process's routers have counted every virtual rank's tokens: the same sum), then the
+    per-batch counters reset (the bias's tokens per expert, the global aux loss's tracker)."""
     from megatron.core import parallel_state
 
     dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
@@ -448,6 +452,25 @@ def _finalize_grads(chunks, num_tokens=None, pg_collection=None, force_all_reduc
             for p in chunk.parameters():
                 if p.grad is not None and getattr(p, "sequence_parallel", False):
                     dist.all_reduce(p.grad, group=tp_group)
+    _sync_tied_embedding(chunks)
+    from megatron.core.distributed.finalize_model_grads import (
+        _update_router_expert_bias,
+        reset_model_temporary_tensors,
+    )
+
+    config = chunks[0].config
+    if config.moe_router_enable_expert_bias:
+        group = parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
+        _update_router_expert_bias(chunks, config, tp_dp_cp_group=group)
+    # the tokens per expert of the bias and of the global aux loss start the next batch at 0
+    reset_model_temporary_tensors(config, chunks)
+
+
+def _sync_tied_embedding(chunks) -> None:
+    """A tied embedding's two copies (first stage's input, last stage's output layer) summed
+    over the embedding group, so both apply the same update."""
+    from megatron.core import parallel_state
+
     group = parallel_state.get_embedding_group(check_initialized=False)
     if group is None or dist.get_world_size(group) == 1:
         return
