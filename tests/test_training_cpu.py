@@ -365,6 +365,26 @@ def test_clipping_uses_the_global_norm(cluster_factory):
         assert after == pytest.approx(0.01, rel=1e-5)
 
 
+def _megatron_model_and_tokens(ctx, overrides: dict):
+    """The loop's tiny model with Megatron's router (the same weights on every rank) and this
+    rank's own tokens [2, 16] with their positions."""
+    import torch
+
+    from megatron_locmoe.sim import trainer
+
+    ctx.topology()
+    settings = TrainSettings(
+        data_prefix="",
+        locmoe=LocMoEConfig(router_type="megatron", dispatcher="hierarchical"),
+        model=trainer.tiny_model("megatron", ctx.layout, **overrides),
+    )
+    torch.manual_seed(0)
+    model = trainer._model(settings, ctx.layout.ep)
+    gen = torch.Generator().manual_seed(ctx.rank)
+    tokens = torch.randint(0, 257, (2, 16), generator=gen)
+    return model, tokens, torch.arange(16).expand(2, 16)
+
+
 def gradient_check_job(ctx):
     """The synchronised gradients against finite differences of the global loss (the mean of
     every rank's loss) along them: expert and dense parameters separately. EP 2 on 4 ranks,
@@ -375,18 +395,8 @@ def gradient_check_job(ctx):
 
     from megatron_locmoe.sim import trainer
 
-    ctx.topology()
     overrides = dict(moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0)
-    settings = TrainSettings(
-        data_prefix="",
-        locmoe=LocMoEConfig(router_type="megatron", dispatcher="hierarchical"),
-        model=trainer.tiny_model("megatron", ctx.layout, **overrides),
-    )
-    torch.manual_seed(0)
-    model = trainer._model(settings, ctx.layout.ep)
-    gen = torch.Generator().manual_seed(ctx.rank)
-    tokens = torch.randint(0, 257, (2, 16), generator=gen)
-    positions = torch.arange(16).expand(2, 16)
+    model, tokens, positions = _megatron_model_and_tokens(ctx, overrides)
 
     def global_loss():
         loss = model(tokens, positions, None, labels=tokens).float().mean()
@@ -444,17 +454,8 @@ def router_state_job(ctx, overrides: dict):
 
     from megatron_locmoe.sim import trainer
 
-    ctx.topology()
-    settings = TrainSettings(
-        data_prefix="",
-        locmoe=LocMoEConfig(router_type="megatron", dispatcher="hierarchical"),
-        model=trainer.tiny_model("megatron", ctx.layout, **overrides),
-    )
-    torch.manual_seed(0)
-    model = trainer._model(settings, ctx.layout.ep)
-    gen = torch.Generator().manual_seed(ctx.rank)
-    tokens = torch.randint(0, 257, (2, 16), generator=gen)
-    model(tokens, torch.arange(16).expand(2, 16), None, labels=tokens).float().mean().backward()
+    model, tokens, positions = _megatron_model_and_tokens(ctx, overrides)
+    model(tokens, positions, None, labels=tokens).float().mean().backward()
     routers = [m for m in model.modules() if hasattr(m, "local_tokens_per_expert")]
     out = {"routers": len(routers)}
     if overrides.get("moe_router_enable_expert_bias"):
