@@ -180,7 +180,7 @@ def _transformer_view(args) -> SimpleNamespace:
     return SimpleNamespace(**{**vars(args), "num_moe_experts": args.num_experts})
 
 
-def check_train_iters(args) -> None:
+def check_schedule(args) -> None:
     """Refuse ``--train-iters`` below 1 and a warm-up as long as the decay at parse time:
     Megatron accepts them and the run then dies after every rank has started (a bare
     AssertionError on the CPU loop, nothing trained or the scheduler's assertion on the GPU
@@ -203,7 +203,7 @@ def check_train_iters(args) -> None:
 
 def validate_locmoe_args(args) -> LocMoEConfig:
     """Check the plugin flags against the rest of Megatron's arguments; raise ConfigError."""
-    check_train_iters(args)
+    check_schedule(args)
     cfg = locmoe_config_from_args(args)
     _check_virtual_and_domain_args(args, cfg)
     changes = changes_megatron(cfg, bool(getattr(args, "moe_grouped_gemm", False)))
@@ -241,7 +241,7 @@ def _check_virtual_and_domain_args(args, cfg: LocMoEConfig) -> None:
     domain-sharded data needs a node map, Megatron's ordered sampler and no --data-path."""
     shape = cfg.virtual_shape
     if shape is not None:
-        ranks = shape[0] * shape[1]
+        ranks = cfg.virtual_ranks
         if args.world_size != 1:
             raise ConfigError(
                 f"--locmoe-virtual-cluster {cfg.virtual_cluster} trains its {ranks} ranks in one "

@@ -347,11 +347,17 @@ class LocMoEConfig:
         return self
 
     @property
+    def virtual_ranks(self) -> int | None:
+        """The virtual cluster's ranks (nodes x GPUs per node), or None without one."""
+        shape = self.virtual_shape
+        return None if shape is None else shape[0] * shape[1]
+
+    @property
     def virtual_ep(self) -> int | None:
         """The virtual cluster's EP size (``virtual_ep_size``, default every virtual rank), or
         None without a virtual cluster."""
-        shape = self.virtual_shape
-        return None if shape is None else self.virtual_ep_size or shape[0] * shape[1]
+        ranks = self.virtual_ranks
+        return None if ranks is None else self.virtual_ep_size or ranks
 
     @property
     def virtual_shape(self) -> tuple[int, int] | None:
@@ -381,7 +387,7 @@ class LocMoEConfig:
                     "--locmoe-virtual-cluster NODESxGPUS or drop --locmoe-virtual-ep-size"
                 )
             return
-        ranks = shape[0] * shape[1]
+        ranks = self.virtual_ranks
         if self.devices_per_node is not None:
             raise ConfigError(
                 f"devices_per_node={self.devices_per_node} with virtual_cluster="

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import argparse
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from megatron_locmoe.analysis.costmodel import CLUSTERS, Cluster, alltoall_seconds
@@ -106,6 +106,11 @@ class StepTime:
     def step(self) -> float:
         return self.compute + self.imbalance + self.comm
 
+    def with_compute_scaled(self, factor: float) -> StepTime:
+        """The same step with the compute (and so its imbalance) times ``factor`` (e.g. the
+        measured MFU over a target MFU); the All-to-All unchanged."""
+        return replace(self, compute=self.compute * factor, imbalance=self.imbalance * factor)
+
 
 def _mean_of(records: list[dict], key: str, metric: str) -> float:
     values = [r[key].get(metric) for r in records]
@@ -161,11 +166,9 @@ def step_times(
     *,
     compute_from: str = "megatron",
     compute_log: str | Path | None = None,
-    compute_scale: float = 1.0,
 ) -> tuple[list[StepTime], dict]:
     """Every arm's modeled step (seeds pooled: bytes and load means) for one setting's records,
-    and the reference record the compute came from. ``compute_scale`` multiplies the measured
-    compute (e.g. measured MFU / target MFU)."""
+    and the reference record the compute came from."""
     settings = {r["setting"] for r in records}
     if len(settings) != 1:
         raise InputError(f"records of {sorted(settings)}: give one setting's records at a time")
@@ -179,7 +182,6 @@ def step_times(
             f"{cluster.devices_per_node}: choose a cluster of the runs' node size"
         )
     compute, _, ref = reference_compute(records, shape, compute_from, compute_log)
-    compute *= compute_scale
     by_arm: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         by_arm[r["arm"]].append(r)
@@ -215,13 +217,7 @@ def steptime_table(
     if target_mfu is not None:
         if not mfu:
             raise InputError(f"{ref['name']}: no MFU recorded; --target-mfu needs it")
-        scaled, _ = step_times(
-            records,
-            cluster,
-            compute_from=compute_from,
-            compute_log=compute_log,
-            compute_scale=mfu / target_mfu,
-        )
+        scaled = [s.with_compute_scaled(mfu / target_mfu) for s in measured]
         columns.append((f"compute at {target_mfu:.0%} MFU", scaled))
     base = {name: next(s for s in col if s.arm.arm == compute_from) for name, col in columns}
     head = "| arm | seeds | held-out loss | inter-node B / token / layer | max/mean load |"

@@ -59,8 +59,8 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path, per_nod
     refuse += why
     refuse += vocab_refusals(args.vocab_size, data)
     dp = world // (args.pipeline_model_parallel_size * args.tensor_model_parallel_size * cp)
-    if locmoe.virtual_shape:  # every process runs each virtual rank's micro-batches
-        dp *= locmoe.virtual_shape[0] * locmoe.virtual_shape[1]
+    if locmoe.virtual_ranks:  # every process runs each virtual rank's micro-batches
+        dp *= locmoe.virtual_ranks
     if args.global_batch_size % (args.micro_batch_size * dp):
         refuse.append(
             f"--global-batch-size {args.global_batch_size}: not a multiple of micro batch "

@@ -154,7 +154,7 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
             cfg.locality_loss_coeff > 0 and 0 < int(self.expert_is_local.sum()) < E
         )
         L = int(self.expert_is_local.sum())
-        self.node_bias_on = cfg.node_target_share > 0 and 0 < L < E  # ours (config docstring)
+        self.node_bias_on = node_selection.node_bias_applies(cfg, self.expert_is_local)
         # the node bias on the logits (and the node-aware balance target), or on selection only
         self.node_logit_bias_on = self.node_bias_on and cfg.node_bias_mode != "selection"
         self.node_bias_learned = self.node_bias_on and cfg.node_bias_mode == "learned"

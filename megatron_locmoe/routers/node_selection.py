@@ -89,6 +89,13 @@ def selection_scores(
     return selection_TE
 
 
+def node_bias_applies(locmoe: LocMoEConfig, expert_is_local_E: torch.Tensor) -> bool:
+    """Whether a router steers a node bias: a target share is set and its node hosts some but
+    not all of the experts (the bias moves nothing otherwise)."""
+    L, E = int(expert_is_local_E.sum()), expert_is_local_E.numel()
+    return locmoe.node_target_share > 0 and 0 < L < E
+
+
 @torch.no_grad()
 def step_node_bias(
     router: torch.nn.Module, routing_map_TE: torch.Tensor, padding_mask=None

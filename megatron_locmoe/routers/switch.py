@@ -98,8 +98,7 @@ class MegatronRouter(_MeasuredTopKRouter):
         """The node map, then the node-target bias (a buffer: saved in checkpoints, one per
         virtual rank) where this rank's node hosts some but not all experts."""
         super()._init_plugin(resolution, layer_number)
-        L, E = int(self.expert_is_local.sum()), self.expert_is_local.numel()
-        self.node_bias_on = self.locmoe.node_target_share > 0 and 0 < L < E
+        self.node_bias_on = node_selection.node_bias_applies(self.locmoe, self.expert_is_local)
         if self.node_bias_on:
             self.register_buffer("node_bias", torch.tensor(0.0))
 
