@@ -229,7 +229,10 @@ def test_collect_reads_speed_from_the_megatron_log_and_the_card_sharing(tmp_path
         (root / f"seed2/{arm}.launch.log").write_text(
             "[launch] python -m x --seq-length 1024 --global-batch-size 256 --seed 2\n"
         )
-    calls = [{"runs": ["megatron:1"]}, {"runs": ["megatron:2", "hash:2", "locmoe:2"]}]
+    calls = [
+        {"preset": "study-gpu-8x8-control", "runs": ["megatron:1"]},
+        {"preset": "study-gpu-8x8-control", "runs": ["megatron:2", "hash:2", "locmoe:2"]},
+    ]
     (root / "calls.jsonl").write_text("".join(json.dumps(c) + "\n" for c in calls))
     written, _ = study.collect(
         root, setting="8x8", tokens_per_micro_batch=4096, peak_tflops=700.0, out_dir=tmp_path / "r"
@@ -245,4 +248,52 @@ def test_collect_reads_speed_from_the_megatron_log_and_the_card_sharing(tmp_path
     with pytest.raises(InputError, match="calls.jsonl:1"):
         study.collect(
             root, setting="8x8", tokens_per_micro_batch=1, peak_tflops=1.0, out_dir=tmp_path / "q"
+        )
+
+
+def test_collect_takes_one_preset_of_a_call_that_ran_two(tmp_path):
+    """A call may run two presets' arms side by side (gpu_study.sh's OTHER/ARM:SEED): their
+    arms share names, so each preset is recorded on its own (its launcher logs under
+    seedS/PRESET/), the card sharing is read per preset, and a micro-batch that does not match
+    --tokens-per-micro-batch stops the collect rather than scale the bytes wrongly."""
+    root = tmp_path / "out"
+    for preset, micro, loss in (("study-a", 4, 3.0), ("study-b", 16, 2.0)):
+        _write_run(root / f"seed1/{preset}/megatron/tensorboard", loss, 4096.0)
+        (root / f"seed1/{preset}/megatron.launch.log").write_text(
+            f"[launch] run --micro-batch-size {micro} --seq-length 1024 --train-iters 10\n"
+        )
+    calls = [
+        {"preset": "study-a", "runs": ["megatron:1"]},  # the first calls' items: no preset
+        {"preset": "study-a", "runs": ["study-a/megatron:1", "study-b/megatron:1", "study-a/x:2"]},
+    ]
+    (root / "calls.jsonl").write_text("".join(json.dumps(c) + "\n" for c in calls))
+    assert study.card_sharing(root / "calls.jsonl") == {
+        "study-a/megatron:1": 3,
+        "study-b/megatron:1": 3,
+        "study-a/x:2": 3,
+    }
+    with pytest.raises(InputError, match="2 presets .*--preset"):
+        study.collect(
+            root, setting="a", tokens_per_micro_batch=4096, peak_tflops=1.0, out_dir=tmp_path / "r"
+        )
+    written, _ = study.collect(
+        root,
+        setting="b",
+        tokens_per_micro_batch=16384,
+        peak_tflops=1.0,
+        out_dir=tmp_path / "r",
+        preset="study-b",
+    )
+    (record,) = study.load_records(written)
+    assert record["heldout"]["mixture"] == pytest.approx(2.0)
+    assert record["speed"]["card_shared_by"] == 3
+    assert record["command"].startswith("run --micro-batch-size 16")
+    with pytest.raises(InputError, match="16 x 1024 = 16384 tokens"):
+        study.collect(
+            root,
+            setting="b",
+            tokens_per_micro_batch=4096,
+            peak_tflops=1.0,
+            out_dir=tmp_path / "q",
+            preset="study-b",
         )

@@ -22,8 +22,10 @@
 #   too and run "bash .gpu_tree/tools/gpu_study.sh ..."; .data_parts and .whl stay where the call
 #   starts (the repository root there).
 #
-# run PRESET 'ARM:SEED ...' [DEADLINE_S]: the runs start together; each one's launcher log, its
-# Megatron log and TensorBoard events land in $WORK/seedSEED/ (WORK=/tmp/study, kept while the
+# run PRESET 'ARM:SEED ...' [DEADLINE_S]: the runs start together (an item OTHER/ARM:SEED runs
+# preset OTHER's arm: presets whose runs are launch-bound and compute-bound share a card well);
+# each one's launcher log, its Megatron log and TensorBoard events land in
+# $WORK/seedSEED/PRESET/ (WORK=/tmp/study, kept while the
 # machine is held); calls.jsonl names the runs of each call (they share the card); gpu.csv samples the card every 5 s; the call ends within DEADLINE_S seconds
 # of its start (default 540) with all of $WORK, earlier calls' runs included, in $OUT/study.tgz
 # (what comes back from $OUT is 8 files at most, 2 folders deep). Here:
@@ -77,17 +79,21 @@ if [ "$LEFT" -lt 60 ]; then echo "gpu_study.sh: only ${LEFT} s left of ${DEADLIN
 # which runs share the card in this call: the records say so beside their speed
 python3 -c 'import json, sys, time
 print(json.dumps({"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                  "preset": sys.argv[1], "runs": sys.argv[2].split(), "deadline_s": int(sys.argv[3])}))' \
+                  "preset": sys.argv[1], "deadline_s": int(sys.argv[3]),
+                  "runs": [r if "/" in r else sys.argv[1] + "/" + r for r in sys.argv[2].split()]}))' \
   "$PRESET" "$RUNS" "$DEADLINE" >> "$WORK/calls.jsonl"
 declare -A PIDS
 for rs in $RUNS; do
-  arm=${rs%%:*}
+  preset=$PRESET
+  case "$rs" in */*) preset=${rs%%/*} ;; esac
+  arm=${rs#*/}
+  arm=${arm%%:*}
   seed=${rs##*:}
   dir="$WORK/seed$seed"
-  mkdir -p "$dir"
-  timeout -s TERM -k 20 "$LEFT" python3 -m megatron_locmoe.launch --config "$PRESET" \
-    --runs "$arm" --set seed="$seed" --set data-cache-path="/tmp/dcache/$PRESET-$arm-$seed" \
-    --runs-dir "$dir" --no-check > "$dir/$arm.launch.log" 2>&1 &
+  mkdir -p "$dir/$preset"
+  timeout -s TERM -k 20 "$LEFT" python3 -m megatron_locmoe.launch --config "$preset" \
+    --runs "$arm" --set seed="$seed" --set data-cache-path="/tmp/dcache/$preset-$arm-$seed" \
+    --runs-dir "$dir" --no-check > "$dir/$preset/$arm.launch.log" 2>&1 &
   PIDS[$rs]=$!
 done
 for rs in "${!PIDS[@]}"; do
@@ -96,7 +102,8 @@ for rs in "${!PIDS[@]}"; do
   echo "$rs exit $rc"
 done
 kill "$SMI" 2>/dev/null || true
-for log in "$WORK"/seed*/*.launch.log; do
+for log in "$WORK"/seed*/*.launch.log "$WORK"/seed*/*/*.launch.log; do
+  [ -f "$log" ] || continue
   echo "== $log"
   grep -E "iteration +[0-9]+/" "$log" | tail -1 | cut -c1-400 || true
   grep -E "validation loss|error" "$log" | tail -3 | cut -c1-300 || true

@@ -194,8 +194,9 @@ _LAUNCH_LINE = "[launch] "
 
 
 def card_sharing(calls: Path) -> dict[str, int]:
-    """'ARM:SEED' -> how many runs shared the card in the ``tools/gpu_study.sh`` call that ran
-    it (the last call naming it), from the script's ``calls.jsonl``; empty without the file."""
+    """'PRESET/ARM:SEED' -> how many runs shared the card in the ``tools/gpu_study.sh`` call
+    that ran it (the last call naming it), from the script's ``calls.jsonl`` (items without a
+    preset, as the first calls wrote them, are the line's preset's); empty without the file."""
     if not calls.is_file():
         return {}
     out = {}
@@ -203,10 +204,12 @@ def card_sharing(calls: Path) -> dict[str, int]:
         if not line.strip():
             continue
         try:
-            runs = json.loads(line)["runs"]
+            call = json.loads(line)
+            runs = call["runs"]
+            named = [r if "/" in r else f"{call['preset']}/{r}" for r in runs]
         except (ValueError, KeyError, TypeError) as e:
             raise InputError(f"{calls}:{n}: not a gpu_study.sh call line ({e})") from None
-        out.update({run: len(runs) for run in runs})
+        out.update({run: len(runs) for run in named})
     return out
 
 
@@ -217,26 +220,45 @@ def collect(
     tokens_per_micro_batch: int,
     peak_tflops: float,
     out_dir: str | Path,
+    preset: str | None = None,
 ) -> tuple[list[Path], list[str]]:
-    """Record every run under ``root`` as ``tools/gpu_study.sh`` lays them out
-    (``seedS/PRESET/ARM/tensorboard``, the launcher's output in ``seedS/ARM.launch.log``, the
-    card and versions in ``versions.json``) into ``out_dir/SETTING-ARM-sS.json``. Returns (the
-    records written, one line per run that has no record and why: e.g. stopped by the call's
-    deadline before its first evaluation)."""
+    """Record every run of ``preset`` under ``root`` as ``tools/gpu_study.sh`` lays them out
+    (``seedS/PRESET/ARM/tensorboard``, the launcher's output in ``seedS/PRESET/ARM.launch.log``
+    or, from the first calls, ``seedS/ARM.launch.log``, the card and versions in
+    ``versions.json``) into ``out_dir/SETTING-ARM-sS.json``; ``preset`` may be left out where
+    ``root`` holds one preset's runs. Returns (the records written, one line per run that has
+    no record and why: e.g. stopped by the call's deadline before its first evaluation)."""
     root, out_dir = Path(root), Path(out_dir)
     versions_file = root / "versions.json"
     versions = read_json(versions_file, "versions") if versions_file.is_file() else {}
     shared = card_sharing(root / "calls.jsonl")
-    runs = sorted(root.glob("seed*/*/*/tensorboard"))
+    runs = sorted(root.glob(f"seed*/{preset or '*'}/*/tensorboard"))
     if not runs:
-        raise InputError(f"{root}: no seedS/PRESET/ARM/tensorboard directories (gpu_study.sh's)")
+        raise InputError(
+            f"{root}: no seedS/{preset or 'PRESET'}/ARM/tensorboard directories (gpu_study.sh's)"
+        )
+    presets = sorted({tb.parents[1].name for tb in runs})
+    if len(presets) > 1:
+        raise InputError(
+            f"{root} holds the runs of {len(presets)} presets ({', '.join(presets)}): name the "
+            "one to record (--preset NAME), each with its own --setting"
+        )
     written, skipped = [], []
     for tb in runs:
-        arm, seed_dir = tb.parent.name, tb.parents[2]
+        arm, preset_dir, seed_dir = tb.parent.name, tb.parents[1], tb.parents[2]
         seed = int(seed_dir.name.removeprefix("seed"))
-        log = seed_dir / f"{arm}.launch.log"
+        log = preset_dir / f"{arm}.launch.log"
+        if not log.is_file():
+            log = seed_dir / f"{arm}.launch.log"
         lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
         command = next((x[len(_LAUNCH_LINE) :] for x in lines if x.startswith(_LAUNCH_LINE)), "")
+        micro, seq = command_value(command, "--micro-batch-size"), command_value(command, "--seq-length")
+        if micro is not None and seq is not None and int(micro) * int(seq) != tokens_per_micro_batch:
+            raise InputError(
+                f"{log}: the run's micro-batch is {micro} x {seq} = {int(micro) * int(seq)} tokens, "
+                f"not --tokens-per-micro-batch {tokens_per_micro_batch}: its bytes per token would "
+                "be wrong; give its own (one preset a collect)"
+            )
         try:
             record = run_record(
                 tb,
@@ -270,7 +292,7 @@ def collect(
                 ),
                 source="node0.log",
             )
-        speed["card_shared_by"] = shared.get(f"{arm}:{seed}")
+        speed["card_shared_by"] = shared.get(f"{preset_dir.name}/{arm}:{seed}")
         out = out_dir / f"{record['name']}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(record, indent=1, sort_keys=True))
@@ -480,6 +502,7 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--tokens-per-micro-batch", type=int, required=True)
     c.add_argument("--peak-tflops", type=float, default=790.0)
     c.add_argument("--out", required=True, help="directory for SETTING-ARM-sS.json")
+    c.add_argument("--preset", default=None, help="the preset to record, where ROOT holds several")
     f = sub.add_parser("plot", help="one Pareto plot (loss against bytes) per setting")
     f.add_argument("records", nargs="+")
     f.add_argument("--out", required=True, help="directory for pareto_SETTING.png")
@@ -507,6 +530,7 @@ def main(argv: list[str] | None = None) -> None:
             tokens_per_micro_batch=a.tokens_per_micro_batch,
             peak_tflops=a.peak_tflops,
             out_dir=a.out,
+            preset=a.preset,
         )
         for path in written:
             print(path)
