@@ -252,8 +252,15 @@ def collect(
             log = seed_dir / f"{arm}.launch.log"
         lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
         command = next((x[len(_LAUNCH_LINE) :] for x in lines if x.startswith(_LAUNCH_LINE)), "")
-        micro, seq = command_value(command, "--micro-batch-size"), command_value(command, "--seq-length")
-        if micro is not None and seq is not None and int(micro) * int(seq) != tokens_per_micro_batch:
+        micro, seq = (
+            command_value(command, "--micro-batch-size"),
+            command_value(command, "--seq-length"),
+        )
+        if (
+            micro is not None
+            and seq is not None
+            and int(micro) * int(seq) != tokens_per_micro_batch
+        ):
             raise InputError(
                 f"{log}: the run's micro-batch is {micro} x {seq} = {int(micro) * int(seq)} tokens, "
                 f"not --tokens-per-micro-batch {tokens_per_micro_batch}: its bytes per token would "
