@@ -68,6 +68,7 @@ def test_the_presets_the_issue_asks_for():
         "study-gpu-8x8-control",
         "study-gpu-8x8-domains",
         "study-gpu-8x2-paper-domains",
+        "study-gpu-16x1-paper-domains",
         "locality-sweep",
     }
     for name in PRESETS:

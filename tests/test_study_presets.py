@@ -39,13 +39,16 @@ def test_node_limited_arms_take_one_group_per_node_and_m_from_1_to_4(name):
     assert sorted(limits) == ([] if topk == {1} else [1, 2, 3, 4]), (topk, limits)
 
 
-def test_the_paper_regime_spreads_its_16_experts_over_every_node():
-    """EP across all nodes with 16 experts: 8 nodes x 2 GPUs, two experts a node, so a blind
-    router keeps 1/8 of the tokens local, as on the paper's 8 nodes; and no arm that needs
-    top-k > 1."""
-    preset = load_preset("study-gpu-8x2-paper-domains")
+@pytest.mark.parametrize(
+    "name, nodes", [("study-gpu-8x2-paper-domains", 8), ("study-gpu-16x1-paper-domains", 16)]
+)
+def test_the_paper_regime_spreads_its_16_experts_over_every_node(name, nodes):
+    """EP across all nodes with 16 experts: 8 nodes x 2 GPUs (two experts a node, so a blind
+    router keeps 1/8 of the tokens local, as on the paper's 8 nodes) or 16 x 1; and no arm that
+    needs top-k > 1."""
+    preset = load_preset(name)
     for run, flags in preset.runs():
         assert (flags["num-experts"], flags["moe-router-topk"]) == (16, 1), run
-        assert _nodes_per_ep_group(flags) == 8, run
+        assert _nodes_per_ep_group(flags) == nodes, run
         assert flags["locmoe-domain-data-path"], run
         assert "locmoe-node-fill-mass" not in flags, run
