@@ -146,6 +146,23 @@ def add_locmoe_args(parser):
         help="Held-out data of each domain (same order as --locmoe-domain-data-path); without "
         "it, each domain's --split validation part. The evaluation reports every domain's loss.",
     )
+    group = parser.add_argument_group(title="LocMoE routing profile (analysis/placement.py)")
+    group.add_argument(
+        "--locmoe-routing-profile",
+        default=None,
+        metavar="DIR",
+        help="Write the training routing (co-activation and source-node counts, a token "
+        "sample) as expert placement's profiles, DIR/profile_iterA-B.npz, for "
+        "`python -m megatron_locmoe.analysis.placement plan`.",
+    )
+    group.add_argument(
+        "--locmoe-routing-profile-interval",
+        type=int,
+        default=0,
+        metavar="K",
+        help="One profile every K training iterations (plan on one, check on the next); 0: "
+        "one profile of the whole run.",
+    )
     return parser
 
 

@@ -22,6 +22,7 @@ from functools import partial
 import torch
 
 from megatron_locmoe import adaptor
+from megatron_locmoe.config import ConfigError
 
 
 def _reads_data(vp_stage, args) -> bool:
@@ -255,6 +256,39 @@ class _Tags:
         return batch
 
 
+_PROFILE = None
+"""--locmoe-routing-profile's windows (analysis.placement.ProfileWindows), set by main()."""
+
+
+def routing_profile(args):
+    """The ProfileWindows --locmoe-routing-profile asks for, or None; its collector takes the
+    cluster's shape (the virtual cluster's, else this rank's topology) at the first
+    micro-batch, once the model is built."""
+    if getattr(args, "locmoe_routing_profile", None) is None:
+        if getattr(args, "locmoe_routing_profile_interval", 0):
+            raise ConfigError(
+                "--locmoe-routing-profile-interval without --locmoe-routing-profile: give the "
+                "directory the profiles go to"
+            )
+        return None
+    from megatron_locmoe.analysis.placement import ProfileWindows
+    from megatron_locmoe.arguments import locmoe_config_from_args
+    from megatron_locmoe.topology import current_topology
+    from megatron_locmoe.virtual import VirtualCluster
+
+    if not args.num_experts:
+        raise ConfigError("--locmoe-routing-profile profiles MoE routing: give --num-experts")
+    cluster = VirtualCluster.from_config(locmoe_config_from_args(args))
+
+    def shape():
+        if cluster is not None:
+            return args.num_experts, cluster.ep_size, cluster.ep_groups[0].num_nodes
+        topo = current_topology()
+        return args.num_experts, topo.ep_size, topo.num_nodes
+
+    return ProfileWindows(args.locmoe_routing_profile, args.locmoe_routing_profile_interval, shape)
+
+
 def forward_step(data_iterator, model):
     """One micro-batch: the model returns per-token losses when given labels; a chunk with hash
     routers gets the tokens on every stage (the pre-hook of attach_token_ids hands them over).
@@ -266,6 +300,8 @@ def forward_step(data_iterator, model):
     from megatron_locmoe.node_data import DOMAIN_KEY, VIRTUAL_RANK_KEY
     from megatron_locmoe.routers.hash import hosts_hash_router
 
+    if _PROFILE is not None:
+        _PROFILE.at_iteration(get_args().curr_iteration)
     vp_stage = get_attr_wrapped_model(model, "vp_stage")
     tagged = _Tags(data_iterator) if data_iterator is not None else None
     batch = get_batch(tagged, vp_stage, needs_token_ids=hosts_hash_router(model))
@@ -294,12 +330,16 @@ def main() -> None:
 
     from megatron_locmoe.arguments import ARGS_DEFAULTS
 
+    global _PROFILE
     args = parse_and_validate_args(args_defaults=ARGS_DEFAULTS)
+    _PROFILE = routing_profile(args)
     model_config = gpt_config_from_args(args)  # the plugin's spec when it is active
     container = pretrain_cfg_container_from_args(args, model_config)
     pretrain(
         container, train_valid_test_datasets_provider, ModelType.encoder_or_decoder, forward_step
     )
+    if _PROFILE is not None:
+        _PROFILE.close()
 
 
 if __name__ == "__main__":

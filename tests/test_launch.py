@@ -905,6 +905,12 @@ def test_cpu_loop_refuses_cuda_only_settings_with_the_fix(tmp_path):
     assert settings.model.apply_rope_fusion is False
 
 
+def test_cpu_loop_refuses_pretrain_gpts_routing_profile_with_its_own_command(tmp_path):
+    sets = ["locmoe-routing-profile=" + str(tmp_path / "p")]
+    with pytest.raises(PresetError, match="placement profile SETTINGS.json"):
+        _plan("cpu-sim", sets=sets, runs_dir=str(tmp_path))
+
+
 def test_cpu_loop_honours_the_model_flags(tmp_path):
     """The CPU loop's model is built from Megatron's TransformerConfig for the flags
     (core_transformer_config_from_args), not from the loop's own defaults: activation, biases,

@@ -9,6 +9,7 @@ not told the rank refuses to route rather than count every micro-batch as rank 0
 from __future__ import annotations
 
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -32,10 +33,14 @@ def corpus(tmp_path_factory):
     return data.build_domain_datasets(out, 4, max_stdlib_files=40, held_out_every=10)
 
 
-def pretrain_path_job(ctx, extra: list[str], enter: bool = True, base: str = FLAGS):
+def pretrain_path_job(
+    ctx, extra: list[str], enter: bool = True, base: str = FLAGS, iterations: int = 1
+):
     """Megatron's args from the command line, the plugin's datasets through Megatron's loader,
-    then pretrain_gpt's forward_step on 8 micro-batches of training (one per virtual rank) and
-    8 of evaluation; returns the virtual ranks the layers counted, and the loss reports."""
+    then pretrain_gpt's forward_step on ``iterations`` x 8 micro-batches of training (one per
+    virtual rank an iteration, Megatron's ``curr_iteration`` set as its loop does) and 8 of
+    evaluation, with --locmoe-routing-profile's windows as main() keeps them; returns the
+    virtual ranks the layers counted, and the loss reports."""
     import megatron.training.global_vars as gv
     from megatron.training import arguments
     from megatron.training.datasets.data_samplers import build_pretraining_data_loader
@@ -74,17 +79,23 @@ def pretrain_path_job(ctx, extra: list[str], enter: bool = True, base: str = FLA
         if not enter:
             virtual.enter = lambda model, rank: None
         reports = []
+        pretrain_gpt._PROFILE = pretrain_gpt.routing_profile(args)
         for dataset, training in ((train, True), (valid, False)):
             model.train(training)
             loader = iter(build_pretraining_data_loader(dataset, 0))
-            for _ in range(8):
+            for i in range(8 * iterations if training else 8):
+                if training:
+                    args.curr_iteration = i // 8
                 output, loss_func = pretrain_gpt.forward_step(loader, model)
                 loss, _, report = loss_func(output)
                 if training:
                     loss.backward()
                 reports.append({k: v.tolist() for k, v in report.items()})
+        if pretrain_gpt._PROFILE is not None:
+            pretrain_gpt._PROFILE.close()
         return seen, reports
     finally:
+        pretrain_gpt._PROFILE = None
         LocMoELayer.enter_virtual_rank, virtual.enter = right, entering
         gv._GLOBAL_ARGS, gv._GLOBAL_TOKENIZER = saved
 
@@ -123,6 +134,48 @@ def test_the_control_reports_every_domains_held_out_loss(cluster_factory, corpus
     for i, report in enumerate(reports[8:]):
         tokens = [report[f"lm loss domain {d}"][1] for d in range(4)]
         assert tokens[i % 4] > 0 and sum(tokens) == tokens[i % 4] == report["lm loss"][1]
+
+
+@pytest.mark.parametrize(
+    "interval, windows", [(1, ["0000001-0000001", "0000002-0000002"]), (0, ["0000001-0000002"])]
+)
+def test_the_routing_profile_counts_each_nodes_training_tokens_by_window(
+    cluster_factory, corpus, tmp_path, interval, windows
+):
+    """--locmoe-routing-profile on the virtual cluster 4x2: each window holds its iterations'
+    training routing (evaluation left out), every virtual rank's tokens on its own node (2 ranks
+    x 2 x 32 tokens a node and iteration), the cluster's shape, one kept expert a token."""
+    from megatron_locmoe.analysis.placement import RoutingProfile
+
+    out = tmp_path / "profile"
+    flags = ["--data-path", corpus["mixture"], "--moe-router-type", "megatron"]
+    flags += ["--locmoe-routing-profile", str(out)]
+    flags += ["--locmoe-routing-profile-interval", str(interval)]
+    cluster_factory(1).run(pretrain_path_job, flags, layout=ONE, timeout_s=240, iterations=2)
+    assert sorted(p.name for p in out.iterdir()) == [f"profile_iter{w}.npz" for w in windows]
+    for path in out.iterdir():
+        profile = RoutingProfile.load(path)
+        per_iteration = 2 * 2 * 32 * (2 if interval == 0 else 1)
+        assert (profile.ep_size, profile.num_nodes, profile.num_experts) == (8, 4, 16)
+        assert profile.router_type == "megatron" and len(profile.layers) == 2
+        assert (profile.tokens == per_iteration).all(), profile.tokens
+        assert (profile.source_counts.sum(-1) == per_iteration).all()  # top-1, dropless
+
+
+def test_routing_profile_settings_are_refused_where_they_cannot_work(cluster_factory, corpus):
+    from megatron_locmoe import pretrain_gpt
+    from megatron_locmoe.config import ConfigError
+
+    with pytest.raises(ConfigError, match="without --locmoe-routing-profile"):
+        pretrain_gpt.routing_profile(
+            SimpleNamespace(locmoe_routing_profile=None, locmoe_routing_profile_interval=4)
+        )
+    with pytest.raises(ConfigError, match="give --num-experts"):
+        pretrain_gpt.routing_profile(
+            SimpleNamespace(
+                locmoe_routing_profile="x", locmoe_routing_profile_interval=0, num_experts=None
+            )
+        )
 
 
 def test_a_model_not_told_its_rank_refuses_to_route(cluster_factory, corpus):

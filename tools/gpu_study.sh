@@ -22,6 +22,8 @@
 #   too and run "bash .gpu_tree/tools/gpu_study.sh ..."; .data_parts and .whl stay where the call
 #   starts (the repository root there).
 #
+# PROFILE_EVERY=K: every run of the call also writes its training routing as expert
+# placement's profiles, K iterations each, to $WORK/seedS/PRESET/ARM/profile/ (docs/placement.md).
 # run PRESET 'ARM:SEED ...' [DEADLINE_S]: the runs start together (an item OTHER/ARM:SEED runs
 # preset OTHER's arm: presets whose runs are launch-bound and compute-bound share a card well);
 # each one's launcher log, its Megatron log and TensorBoard events land in
@@ -91,9 +93,14 @@ for rs in $RUNS; do
   seed=${rs##*:}
   dir="$WORK/seed$seed"
   mkdir -p "$dir/$preset"
+  profile=()
+  if [ -n "${PROFILE_EVERY:-}" ]; then
+    profile=(--set locmoe-routing-profile="$dir/$preset/$arm/profile"
+             --set locmoe-routing-profile-interval="$PROFILE_EVERY")
+  fi
   timeout -s TERM -k 20 "$LEFT" python3 -m megatron_locmoe.launch --config "$preset" \
     --runs "$arm" --set seed="$seed" --set data-cache-path="/tmp/dcache/$preset-$arm-$seed" \
-    --runs-dir "$dir" --no-check > "$dir/$preset/$arm.launch.log" 2>&1 &
+    "${profile[@]}" --runs-dir "$dir" --no-check > "$dir/$preset/$arm.launch.log" 2>&1 &
   PIDS[$rs]=$!
 done
 for rs in "${!PIDS[@]}"; do

@@ -202,16 +202,27 @@ class ProfileCollector:
     drops and padding carry 0) to the layer's counts; the source node is the node whose
     experts the router's ``expert_is_local`` marks (the routing rank's node in its EP group).
     The sample keeps the ``sample_size`` tokens of smallest random key over the whole run
-    (uniform, seeded)."""
+    (uniform, seeded). The counts stay on the routing map's device, so a GPU run is not
+    synchronised by its profile (the node map's shape is checked once per router);
+    ``training_only`` leaves evaluation's routing out; ``reset()`` starts a new window."""
 
-    def __init__(self, num_experts: int, ep_size: int, num_nodes: int, sample_size=1 << 16):
+    def __init__(
+        self,
+        num_experts: int,
+        ep_size: int,
+        num_nodes: int,
+        sample_size=1 << 16,
+        training_only: bool = False,
+    ):
         self.E, self.ep_size, self.N, self.S = num_experts, ep_size, num_nodes, sample_size
+        self.training_only = training_only
         self.layers: dict[int, dict] = {}  # global layer number -> its counts
         self.router_type: str | None = None
         self.num_groups: int | None = None
         self.node_settings: dict = {}
         self.topk: int | None = None
-        self.generator = torch.Generator().manual_seed(0)
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._checked: set[int] = set()  # routers whose node map was checked
         self._handle = None
 
     def install(self) -> ProfileCollector:
@@ -223,13 +234,24 @@ class ProfileCollector:
             self._handle.remove()
             self._handle = None
 
+    def reset(self) -> None:
+        """Forget the counts (a new profile window); the sampling stream goes on."""
+        self.layers = {}
+
     def _hook(self, module, args, output) -> None:
         from megatron_locmoe.routers.base import PluginRouterMixin
 
         if not isinstance(module, PluginRouterMixin) or getattr(module, "is_mtp_layer", False):
             return
+        if self.training_only and not module.training:
+            return
         probs_TE, routing_map_TE = output
         self._count(module, probs_TE, routing_map_TE)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(0)
+        return self._generators[device]
 
     @torch.no_grad()
     def _count(self, router, probs_TE: torch.Tensor, routing_map_TE: torch.Tensor) -> None:
@@ -243,42 +265,53 @@ class ProfileCollector:
         self.num_groups = router.config.moe_router_num_groups
         self.node_settings = router.locmoe.node_map_settings()
         self.topk = router.topk
-        local_E = router.expert_is_local.detach().cpu()
-        if int(local_E.sum()) * N != E:
-            raise PlacementError(
-                f"the router's node hosts {int(local_E.sum())} of {E} experts, the profile "
-                f"expects {N} nodes per EP group: give the collector the run's EP size and nodes"
-            )
-        node = int(local_E.nonzero()[0]) // (E // N)
-        kept_TE = (routing_map_TE & (probs_TE > 0)).cpu()
+        local_E = router.expert_is_local.detach()
+        if id(router) not in self._checked:  # the node's size; a virtual rank switch keeps it
+            if int(local_E.sum()) * N != E:
+                raise PlacementError(
+                    f"the router's node hosts {int(local_E.sum())} of {E} experts, the profile "
+                    f"expects {N} nodes per EP group: give the collector the run's EP size and "
+                    "nodes"
+                )
+            self._checked.add(id(router))
+        device = routing_map_TE.device
+        # the node of the first local expert, on the device (no host read per call)
+        node = local_E.to(device).float().argmax().reshape(1) // (E // N)
+        kept_TE = routing_map_TE & (probs_TE > 0)
         layer = router.layer_number
         if layer is None:
             raise PlacementError("a router has no layer number (build it inside a GPT model)")
         state = self.layers.get(layer)
         if state is None:
             state = self.layers[layer] = dict(
-                coact=torch.zeros(N, E, E, dtype=torch.float64),
-                tokens=torch.zeros(N, dtype=torch.float64),
-                keys=torch.empty(0),
-                experts=torch.empty(0, self.topk, dtype=torch.int16),
-                nodes=torch.empty(0, dtype=torch.int16),
+                coact=torch.zeros(N, E, E, dtype=torch.float64, device=device),
+                tokens=torch.zeros(N, dtype=torch.float64, device=device),
+                keys=torch.empty(0, device=device),
+                experts=torch.empty(0, self.topk, dtype=torch.int16, device=device),
+                nodes=torch.empty(0, dtype=torch.int16, device=device),
             )
         m = kept_TE.float()
-        state["coact"][node] += (m.t() @ m).double()  # exact: counts below 2^24 per call
-        state["tokens"][node] += kept_TE.shape[0]
+        pair = (m.t() @ m).double()  # exact: counts below 2^24 per call
+        state["coact"].index_add_(0, node, pair.unsqueeze(0))
+        state["tokens"].index_add_(
+            0, node, torch.full((1,), float(kept_TE.shape[0]), dtype=torch.float64, device=device)
+        )
         self._sample(state, kept_TE, node)
 
-    def _sample(self, state: dict, kept_TE: torch.Tensor, node: int) -> None:
+    def _sample(self, state: dict, kept_TE: torch.Tensor, node: torch.Tensor | int) -> None:
         T, k = kept_TE.shape[0], self.topk
         if T == 0:
             return
+        device = kept_TE.device
         # each token's kept experts, in expert order, padded with -1 (drops leave fewer than k)
-        order = torch.where(kept_TE, torch.arange(self.E), self.E).sort(-1).values[:, :k]
+        order = torch.where(kept_TE, torch.arange(self.E, device=device), self.E)
+        order = order.sort(-1).values[:, :k]
         experts = torch.where(order < self.E, order, -1).to(torch.int16)
-        keys = torch.rand(T, generator=self.generator)
+        keys = torch.rand(T, generator=self._generator(device), device=device)
         keys = torch.cat([state["keys"], keys])
         experts = torch.cat([state["experts"], experts])
-        nodes = torch.cat([state["nodes"], torch.full((T,), node, dtype=torch.int16)])
+        node = torch.as_tensor(node, device=device).to(torch.int16).reshape(1)
+        nodes = torch.cat([state["nodes"], node.expand(T)])
         if keys.numel() > self.S:
             keep = keys.topk(self.S, largest=False).indices
             keys, experts, nodes = keys[keep], experts[keep], nodes[keep]
@@ -298,8 +331,8 @@ class ProfileCollector:
         for i, n in enumerate(numbers):
             st = self.layers[n]
             order = st["keys"].argsort()
-            experts[i, : order.numel()] = st["experts"][order].numpy()
-            nodes[i, : order.numel()] = st["nodes"][order].numpy()
+            experts[i, : order.numel()] = st["experts"][order].cpu().numpy()
+            nodes[i, : order.numel()] = st["nodes"][order].cpu().numpy()
         return RoutingProfile(
             layers=[f"decoder.layers.{n - 1}.mlp" for n in numbers],
             num_experts=self.E,
@@ -309,8 +342,8 @@ class ProfileCollector:
             router_type=self.router_type,
             num_groups=self.num_groups,
             node_settings=self.node_settings,
-            coact=np.stack([self.layers[n]["coact"].numpy() for n in numbers]),
-            tokens=np.stack([self.layers[n]["tokens"].numpy() for n in numbers]),
+            coact=np.stack([self.layers[n]["coact"].cpu().numpy() for n in numbers]),
+            tokens=np.stack([self.layers[n]["tokens"].cpu().numpy() for n in numbers]),
             sample_experts=experts,
             sample_nodes=nodes,
         )
@@ -322,7 +355,7 @@ class ProfileCollector:
 
         if not dist.is_initialized() or dist.get_world_size() == 1:
             return self.profile()
-        mine = {n: (s["coact"], s["tokens"], s["keys"], s["experts"], s["nodes"])
+        mine = {n: tuple(s[k].cpu() for k in ("coact", "tokens", "keys", "experts", "nodes"))
                 for n, s in self.layers.items()}  # fmt: skip
         meta = (self.router_type, self.num_groups, self.node_settings, self.topk)
         parts: list = [None] * dist.get_world_size()
@@ -357,6 +390,69 @@ class ProfileCollector:
                     st["nodes"][keep],
                 )
         return merged.profile()
+
+
+class ProfileWindows:
+    """A training run's routing as profiles of ``interval`` iterations each (``--locmoe-routing-
+    profile DIR``, ``--locmoe-routing-profile-interval K``): ``DIR/profile_iterA-B.npz`` holds
+    iterations A..B (1-based, inclusive), so a plan made on one window can be checked on the
+    next (``plan --check``); ``interval`` 0 writes one profile of the whole run. Training
+    routing only (evaluation is left out). ``at_iteration`` is called before every micro-batch
+    with the iterations completed so far (Megatron's ``args.curr_iteration``), ``close`` after
+    training: both are collective (every rank gathers; rank 0 writes). The collector is built
+    at the first micro-batch, when the model and its topology exist: ``shape()`` returns
+    (number of experts, EP size, nodes per EP group)."""
+
+    def __init__(self, out_dir: str | os.PathLike, interval: int, shape, sample_size=1 << 16):
+        if interval < 0:
+            raise PlacementError(
+                f"--locmoe-routing-profile-interval {interval}: give K >= 1 iterations a "
+                "window, or 0 for one profile of the whole run"
+            )
+        self.out_dir, self.interval, self.shape, self.S = (
+            Path(out_dir),
+            interval,
+            shape,
+            sample_size,
+        )
+        self.collector: ProfileCollector | None = None
+        self.start: int | None = None  # iterations completed when the window began
+        self.last: int | None = (
+            None  # the last iteration counted into the window (completed before it)
+        )
+        self.written: list[Path] = []
+
+    def at_iteration(self, completed: int) -> None:
+        if self.collector is None:
+            E, ep, nodes = self.shape()
+            self.collector = ProfileCollector(E, ep, nodes, self.S, training_only=True).install()
+            self.start = completed
+        if self.interval and completed - self.start >= self.interval and self.collector.layers:
+            self._write(completed)
+        self.last = completed
+
+    def close(self) -> list[Path]:
+        """Write the last window (the iterations since the previous one); returns every file."""
+        if self.collector is not None:
+            if self.collector.layers:
+                self._write(self.last + 1)
+            self.collector.remove()
+        return self.written
+
+    def _write(self, end: int) -> None:
+        import torch.distributed as dist
+
+        profile = self.collector.gathered()
+        path = self.out_dir / f"profile_iter{self.start + 1:07d}-{end:07d}.npz"
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            profile.save(path)
+            print(
+                f"[locmoe] routing profile of iterations {self.start + 1}-{end}: {path}", flush=True
+            )
+        self.written.append(path)
+        self.collector.reset()
+        self.start = end
 
 
 def profile_job(ctx, settings, sample_size: int = 1 << 16) -> dict:

@@ -84,6 +84,11 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path, per_nod
         refuse.append(
             "--exit-duration-in-mins: the CPU loop stops by iterations, use --exit-interval"
         )
+    if getattr(args, "locmoe_routing_profile", None):
+        refuse.append(
+            "--locmoe-routing-profile: pretrain_gpt's (GPU runs); the CPU loop profiles with "
+            "`python -m megatron_locmoe.analysis.placement profile SETTINGS.json` (docs/placement.md)"
+        )
     held_out, why = held_out_settings(args, nodes, dp)
     refuse += why
     refuse += checkpoint_flag_refusals(args)
