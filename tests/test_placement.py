@@ -180,6 +180,43 @@ def test_the_plan_finds_the_pairs_and_the_nodes(tmp_path):
     assert held_out[0]["remote_nodes_after"] < 0.25
 
 
+def test_windows_plan_on_each_window_and_measure_on_the_next(tmp_path, capsys):
+    """Placement re-applied every K iterations, from a run's profile windows: the rows are
+    held-out (the plan of window w on window w + 1), and a run whose routing has no structure
+    gains nothing out of sample however well the plan fits its own window."""
+    paths = []
+    for w in range(3):
+        paths.append(tmp_path / f"profile_iter{w * 10 + 1:07d}-{w * 10 + 10:07d}.npz")
+        _synthetic_profile(seed=w).save(paths[-1])
+    out = tmp_path / "windows.json"
+    assert placement.main(["windows", *map(str, reversed(paths)), "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["planned_on"], r["window"]) for r in rows] == [
+        (paths[0].name, paths[1].name),
+        (paths[1].name, paths[2].name),
+    ]
+    for r in rows:
+        assert r["remote_nodes_before"] > 1.4 and r["ratio"] < 0.2
+        assert r["node_local_after"] > r["node_local_before"]
+        assert r["rank_load_max_over_mean_after"] >= 1.0
+    assert "0.1" in capsys.readouterr().out
+    # no structure: every token's two experts drawn at random, a fresh draw each window
+    rng = np.random.default_rng(0)
+    noise = []
+    for w in range(2):
+        profile = _synthetic_profile(seed=w)
+        profile.sample_experts[...] = np.sort(
+            rng.choice(16, size=(*profile.sample_experts.shape[:2], 16), replace=True)[..., :2], -1
+        )
+        profile.coact[...] = profile.coact.mean(axis=(2, 3), keepdims=True)
+        noise.append(tmp_path / f"noise{w}.npz")
+        profile.save(noise[-1])
+    (row,) = placement.window_savings(noise)
+    assert row["in_sample_ratio"] < 1.0 and abs(row["ratio"] - 1.0) < 0.05
+    with pytest.raises(placement.PlacementError, match="needs two or more"):
+        placement.window_savings(paths[:1])
+
+
 @pytest.mark.parametrize(
     "router_type, groups, node_settings, message",
     [

@@ -776,6 +776,58 @@ def evaluate_plan(plan: Plan, profile: RoutingProfile) -> list[dict]:
     return rows
 
 
+def window_savings(paths: list[str | os.PathLike], load_slack: float = 0.05) -> list[dict]:
+    """Placement re-applied every K iterations, measured on a run's profile windows
+    (``--locmoe-routing-profile-interval K``): for each window after the first, the plan made
+    on the window before it, evaluated on this one (held-out routing: what the next K
+    iterations send). The routing of the routers placement accepts does not read the
+    placement, so this is exactly what the run would have sent with the placement re-applied
+    at each window's start. Means over layers: remote nodes per token (the inter-node copies
+    with one copy per token and node), node-local share, assignments per EP rank (max / mean),
+    before (the run's placement) and after."""
+    profiles = [(Path(p), RoutingProfile.load(p)) for p in paths]
+    if len(profiles) < 2:
+        raise PlacementError(
+            f"{len(profiles)} profile window(s): plan on one window and check on the next needs "
+            "two or more (--locmoe-routing-profile-interval K below the run's iterations)"
+        )
+    rows = []
+    for (prev_path, prev), (path, profile) in zip(profiles, profiles[1:], strict=False):
+        plan = plan_placement(prev, load_slack)
+        held = evaluate_plan(plan, profile)
+        slot = np.arange(plan.num_experts)
+        loads = []
+        for layer in plan.layers:
+            load_E = profile.source_counts[profile.layers.index(layer.layer)].sum(0)
+            loads.append(
+                (
+                    _max_over_mean(_rank_loads(load_E, slot, plan.ep_size)),
+                    _max_over_mean(_rank_loads(load_E, np.asarray(layer.perm), plan.ep_size)),
+                )
+            )
+        before = float(np.mean([r["remote_nodes_before"] for r in held]))
+        after = float(np.mean([r["remote_nodes_after"] for r in held]))
+        rows.append(
+            dict(
+                planned_on=prev_path.name,
+                window=path.name,
+                layers=len(held),
+                remote_nodes_before=before,
+                remote_nodes_after=after,
+                ratio=after / before if before > 0 else 1.0,
+                node_local_before=float(np.mean([r["node_local_before"] for r in held])),
+                node_local_after=float(np.mean([r["node_local_after"] for r in held])),
+                rank_load_max_over_mean_before=float(np.mean([b for b, _ in loads])),
+                rank_load_max_over_mean_after=float(np.mean([a for _, a in loads])),
+                in_sample_ratio=float(
+                    np.mean([x.remote_nodes_after for x in plan.layers])
+                    / max(np.mean([x.remote_nodes_before for x in plan.layers]), 1e-12)
+                ),
+            )
+        )
+    return rows
+
+
 # --------------------------------------------------------------------------------------------
 # Apply
 # --------------------------------------------------------------------------------------------
@@ -1106,6 +1158,12 @@ def main(argv: list[str] | None = None) -> int:
         help="a node may receive (1 + this) x the mean load (or today's maximum)",
     )
     p.add_argument("--check", help="another profile (held-out routing) to evaluate the plan on")
+    p = sub.add_parser(
+        "windows", help="placement re-applied every K iterations, on a run's profile windows"
+    )
+    p.add_argument("profiles", nargs="+", help="profile_iterA-B.npz files of one run, in order")
+    p.add_argument("--load-slack", type=float, default=0.05)
+    p.add_argument("--out", help="JSON to write the rows to")
     p = sub.add_parser("apply", help="write a checkpoint with the plan's placement")
     p.add_argument("checkpoint", help="a --save directory (latest_checkpointed_iteration.txt)")
     p.add_argument("plan", help="the JSON that `plan` wrote")
@@ -1125,6 +1183,18 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"held out {r['layer']}: remote nodes/token "
                           f"{r['remote_nodes_before']:.4f} -> {r['remote_nodes_after']:.4f}, "
                           f"node-local {r['node_local_before']:.4f} -> {r['node_local_after']:.4f}")  # fmt: skip
+        elif args.command == "windows":
+            rows = window_savings(sorted(args.profiles), args.load_slack)
+            for r in rows:
+                print(f"{r['window']} (planned on {r['planned_on']}): remote nodes/token "
+                      f"{r['remote_nodes_before']:.4f} -> {r['remote_nodes_after']:.4f} "
+                      f"({r['ratio']:.3f}x; in sample {r['in_sample_ratio']:.3f}x), node-local "
+                      f"{r['node_local_before']:.4f} -> {r['node_local_after']:.4f}, rank load "
+                      f"max/mean {r['rank_load_max_over_mean_before']:.3f} -> "
+                      f"{r['rank_load_max_over_mean_after']:.3f}")  # fmt: skip
+            if args.out:
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
         else:
             record = apply_placement(
                 args.checkpoint, Plan.load(args.plan), args.output, args.weights_only
