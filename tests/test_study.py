@@ -276,24 +276,15 @@ def test_collect_takes_one_preset_of_a_call_that_ran_two(tmp_path):
         study.collect(
             root, setting="a", tokens_per_micro_batch=4096, peak_tflops=1.0, out_dir=tmp_path / "r"
         )
-    written, _ = study.collect(
-        root,
-        setting="b",
-        tokens_per_micro_batch=16384,
-        peak_tflops=1.0,
-        out_dir=tmp_path / "r",
-        preset="study-b",
-    )
+
+    def collect_b(tokens: int, out: str):
+        return study.collect(root, setting="b", tokens_per_micro_batch=tokens, peak_tflops=1.0,
+                             out_dir=tmp_path / out, preset="study-b")  # fmt: skip
+
+    written, _ = collect_b(16384, "r")
     (record,) = study.load_records(written)
     assert record["heldout"]["mixture"] == pytest.approx(2.0)
     assert record["speed"]["card_shared_by"] == 3
     assert record["command"].startswith("run --micro-batch-size 16")
     with pytest.raises(InputError, match="16 x 1024 = 16384 tokens"):
-        study.collect(
-            root,
-            setting="b",
-            tokens_per_micro_batch=4096,
-            peak_tflops=1.0,
-            out_dir=tmp_path / "q",
-            preset="study-b",
-        )
+        collect_b(4096, "q")
