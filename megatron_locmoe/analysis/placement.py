@@ -409,17 +409,11 @@ class ProfileWindows:
                 f"--locmoe-routing-profile-interval {interval}: give K >= 1 iterations a "
                 "window, or 0 for one profile of the whole run"
             )
-        self.out_dir, self.interval, self.shape, self.S = (
-            Path(out_dir),
-            interval,
-            shape,
-            sample_size,
-        )
+        self.out_dir, self.interval, self.shape = Path(out_dir), interval, shape
+        self.S = sample_size
         self.collector: ProfileCollector | None = None
         self.start: int | None = None  # iterations completed when the window began
-        self.last: int | None = (
-            None  # the last iteration counted into the window (completed before it)
-        )
+        self.last: int | None = None  # iterations completed before the last micro-batch counted
         self.written: list[Path] = []
 
     def at_iteration(self, completed: int) -> None:
@@ -764,6 +758,7 @@ def evaluate_plan(plan: Plan, profile: RoutingProfile) -> list[dict]:
         after[np.asarray(layer.perm)] = slot_node
         X, src = profile.sample_experts[li], profile.sample_nodes[li]
         source_NE = profile.source_counts[li]
+        load_E = source_NE.sum(0)
         rows.append(
             dict(
                 layer=layer.layer,
@@ -771,6 +766,12 @@ def evaluate_plan(plan: Plan, profile: RoutingProfile) -> list[dict]:
                 remote_nodes_after=remote_nodes(X, src, after),
                 node_local_before=_local_share(source_NE, slot_node),
                 node_local_after=_local_share(source_NE, after),
+                rank_load_max_over_mean_before=_max_over_mean(
+                    _rank_loads(load_E, np.arange(plan.num_experts), plan.ep_size)
+                ),
+                rank_load_max_over_mean_after=_max_over_mean(
+                    _rank_loads(load_E, np.asarray(layer.perm), plan.ep_size)
+                ),
             )
         )
     return rows
@@ -795,34 +796,20 @@ def window_savings(paths: list[str | os.PathLike], load_slack: float = 0.05) -> 
     for (prev_path, prev), (path, profile) in zip(profiles, profiles[1:], strict=False):
         plan = plan_placement(prev, load_slack)
         held = evaluate_plan(plan, profile)
-        slot = np.arange(plan.num_experts)
-        loads = []
-        for layer in plan.layers:
-            load_E = profile.source_counts[profile.layers.index(layer.layer)].sum(0)
-            loads.append(
-                (
-                    _max_over_mean(_rank_loads(load_E, slot, plan.ep_size)),
-                    _max_over_mean(_rank_loads(load_E, np.asarray(layer.perm), plan.ep_size)),
-                )
-            )
-        before = float(np.mean([r["remote_nodes_before"] for r in held]))
-        after = float(np.mean([r["remote_nodes_after"] for r in held]))
+        keys = [k for k in held[0] if k != "layer"]
+        means = {k: float(np.mean([r[k] for r in held])) for k in keys}
+        before, after = means["remote_nodes_before"], means["remote_nodes_after"]
+        in_sample = np.mean([x.remote_nodes_after for x in plan.layers]) / max(
+            np.mean([x.remote_nodes_before for x in plan.layers]), 1e-12
+        )
         rows.append(
             dict(
                 planned_on=prev_path.name,
                 window=path.name,
                 layers=len(held),
-                remote_nodes_before=before,
-                remote_nodes_after=after,
+                **means,
                 ratio=after / before if before > 0 else 1.0,
-                node_local_before=float(np.mean([r["node_local_before"] for r in held])),
-                node_local_after=float(np.mean([r["node_local_after"] for r in held])),
-                rank_load_max_over_mean_before=float(np.mean([b for b, _ in loads])),
-                rank_load_max_over_mean_after=float(np.mean([a for _, a in loads])),
-                in_sample_ratio=float(
-                    np.mean([x.remote_nodes_after for x in plan.layers])
-                    / max(np.mean([x.remote_nodes_before for x in plan.layers]), 1e-12)
-                ),
+                in_sample_ratio=float(in_sample),
             )
         )
     return rows
