@@ -51,6 +51,12 @@ CASES = {
             locality_loss_coeff=0.3,
         ),
         moe_expert_capacity_factor=1.5,
+        moe_router_pre_softmax=True,  # the threshold reads the softmax over all experts
+    ),
+    # top-2 with the gate values over all experts (without the flag: over the chosen two,
+    # which the fused path renormalises to; top2_bf16 and top2_tp2_per_token)
+    "top2_pre_softmax": dict(
+        topk=2, locmoe=dict(locality_loss_coeff=0.3), moe_router_pre_softmax=True
     ),
     # the drop after the token counts' all-reduce over TP (the kernels' second finalize)
     "plus_top1_tp2": dict(

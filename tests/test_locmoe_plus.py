@@ -31,7 +31,12 @@ def _router(ctx, topk=1, **lm):
 
     ctx.topology()
     config = moe_config(
-        ep=2, num_moe_experts=E, hidden_size=H, moe_router_topk=topk, moe_expert_capacity_factor=CF
+        ep=2,
+        num_moe_experts=E,
+        hidden_size=H,
+        moe_router_topk=topk,
+        moe_expert_capacity_factor=CF,
+        moe_router_pre_softmax=True,  # the hand reference's gate values: softmax over all
     )
     lm.setdefault("capacity_floor_factor", FLOOR)
     cfg = LocMoEConfig(router_type="locmoe_plus", **lm)

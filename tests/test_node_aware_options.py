@@ -12,6 +12,10 @@
 - ``--locmoe-rank-balance-loss-coeff``: adds exactly the gradient of alpha * sum_r f_r P_r
   (DeepSeek-V2's communication balance over the EP ranks), padding left out, routing unchanged;
 - ``--moe-router-topk-scaling-factor`` scales the locmoe router's gate values (it was ignored).
+
+Every reference forms the chosen experts' gate values as Megatron does: the softmax over the
+chosen k logits (its default at top-k > 1) or, with ``--moe-router-pre-softmax``, the softmax
+over all experts.
 """
 
 from __future__ import annotations
@@ -62,17 +66,24 @@ def _route(router, x_SBH, padding_SB=None):
     return probs_TE.detach(), map_TE, x.grad
 
 
+def gate_values(logits_TE, map_TE, pre_softmax: bool):
+    """[T, E] the unbiased logits' gate values on ``map_TE``: the softmax over all experts
+    (pre) or over each token's chosen ones."""
+    if not pre_softmax:
+        logits_TE = logits_TE.masked_fill(~map_TE, -torch.inf)
+    return torch.where(map_TE, torch.softmax(logits_TE, -1), torch.zeros_like(logits_TE))
+
+
 def _selection_reference(router, x_SBH, bias: float):
-    """Top-k of the logits with ``bias`` on the node's experts; the unbiased softmax's values."""
+    """Top-k of the logits with ``bias`` on the node's experts; the unbiased logits' values."""
     logits_TE = router.reference_gate(x_SBH)[1].detach()
     chosen_TK = torch.topk(logits_TE + bias * router.expert_is_local.float(), K, dim=1).indices
-    probs_TE = torch.softmax(logits_TE, -1)
-    expected_TE = torch.zeros_like(probs_TE).scatter(1, chosen_TK, probs_TE.gather(1, chosen_TK))
-    return expected_TE, expected_TE > 0
+    map_TE = torch.zeros_like(logits_TE, dtype=torch.bool).scatter(1, chosen_TK, True)
+    return gate_values(logits_TE, map_TE, router.config.moe_router_pre_softmax), map_TE
 
 
-def selection_job(ctx) -> dict:
-    build, x = _setup(ctx)
+def selection_job(ctx, pre_softmax: bool) -> dict:
+    build, x = _setup(ctx, moe_router_pre_softmax=pre_softmax)
     base = _route(build(), x)
     margin = _route(build(node_margin=MARGIN), x)
     expected_probs, expected_map = _selection_reference(build(), x, MARGIN)
@@ -88,7 +99,7 @@ def selection_job(ctx) -> dict:
     biased = _route(logits_mode, x)
     return {
         "margin_map": torch.equal(margin[1], expected_map),
-        "margin_probs": torch.equal(margin[0], expected_probs),
+        "margin_probs": torch.allclose(margin[0], expected_probs, rtol=1e-6, atol=1e-7),
         "margin_moves_tokens": bool((margin[1] != base[1]).any()),
         "local_picks": (int((base[1] & local).sum()), int((margin[1] & local).sum())),
         "margin_losses_unchanged": torch.equal(margin[2], base[2]),
@@ -102,8 +113,9 @@ def selection_job(ctx) -> dict:
     }
 
 
-def test_the_margin_and_the_selection_bias_change_the_choice_of_experts_only(cluster2):
-    for r in cluster2.run(selection_job, layout=TWO_NODES):
+@pytest.mark.parametrize("pre_softmax", [False, True])
+def test_the_margin_and_the_selection_bias_change_the_choice_of_experts_only(cluster2, pre_softmax):
+    for r in cluster2.run(selection_job, pre_softmax, layout=TWO_NODES):
         assert r["margin_map"] and r["margin_probs"], r
         assert r["margin_moves_tokens"] and r["local_picks"][1] > r["local_picks"][0], r
         assert r["margin_losses_unchanged"] and r["selection_losses_unchanged"], r
@@ -197,18 +209,20 @@ def _fewest_nodes_reference(p_E: list[float], nodes: int, k: int, q: float) -> s
     raise AssertionError("M = nodes always keeps the whole mass")
 
 
-def fill_job(ctx, q: float, nodes: int) -> dict:
-    build, x = _setup(ctx, ep=nodes, tokens=256)
+def fill_job(ctx, q: float, nodes: int, pre_softmax: bool = False) -> dict:
+    build, x = _setup(ctx, ep=nodes, tokens=256, moe_router_pre_softmax=pre_softmax)
     router = build(node_fill_mass=q)
     probs_TE, map_TE, grad = _route(router, x)
     base = _route(build(), x)
-    p_TE = torch.softmax(router.reference_gate(x)[1].detach(), -1)
+    logits_TE = router.reference_gate(x)[1].detach()
+    p_TE = torch.softmax(logits_TE, -1)  # the fill ranks by the mass of the full softmax
     want = [_fewest_nodes_reference(row.tolist(), nodes, K, q) for row in p_TE]
     got = [set(torch.nonzero(row).flatten().tolist()) for row in map_TE]
     nodes_T = [len({e // (E // nodes) for e in experts}) for experts in got]
+    expected_TE = gate_values(logits_TE, map_TE, pre_softmax)
     return {
         "map": got == want,
-        "probs": torch.equal(probs_TE, torch.where(map_TE, p_TE, torch.zeros_like(p_TE))),
+        "probs": torch.allclose(probs_TE, expected_TE, rtol=1e-6, atol=1e-7),
         "losses_unchanged": torch.equal(grad, base[2]),
         "one_node_tokens": (sum(n == 1 for n in nodes_T), len(nodes_T)),
         "base_one_node_tokens": sum(
@@ -228,6 +242,11 @@ def test_the_fill_takes_each_tokens_experts_from_the_fewest_nodes(cluster_factor
         assert r["map"] and r["probs"] and r["losses_unchanged"], r
         one_node, tokens = r["one_node_tokens"]
         assert r["base_one_node_tokens"] < one_node < tokens, r  # the fill bites, not always
+
+
+def test_the_fill_keeps_the_gate_values_over_all_experts_with_pre_softmax(cluster2):
+    for r in cluster2.run(fill_job, 0.8, 2, True, layout=TWO_NODES):
+        assert r["map"] and r["probs"] and r["losses_unchanged"], r
 
 
 def test_the_fill_off_is_the_unconstrained_top_k(cluster2):

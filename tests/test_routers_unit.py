@@ -414,6 +414,11 @@ def test_hash_maps_balance(python_source_ids, E):
             dict(moe_router_num_groups=2, moe_router_group_topk=1),
             "group-limited routing",
         ),
+        (
+            dict(router_type="locmoe_plus", plus_affinity_threshold=0.5),
+            dict(moe_router_topk=2, moe_expert_capacity_factor=1.1),
+            "the softmax over the chosen k: add --moe-router-pre-softmax",
+        ),
     ],
 )
 def test_config_errors_name_value_and_fix(locmoe, overrides, message):
@@ -464,7 +469,9 @@ def test_valid_configs_pass():
     validate(LocMoEConfig(router_type="megatron"), moe_config(ep=1, moe_router_topk=8))
     validate(
         LocMoEConfig(router_type="locmoe_plus", plus_affinity_threshold=0.5),
-        moe_config(ep=1, moe_expert_capacity_factor=1.1, moe_router_topk=2),
+        moe_config(
+            ep=1, moe_expert_capacity_factor=1.1, moe_router_topk=2, moe_router_pre_softmax=True
+        ),
     )
 
 
@@ -490,3 +497,78 @@ def test_moe_router_fusion_takes_the_locmoe_fused_path(cluster2):
 
     results = cluster2.run(fused_path_choice_job, layout=ParallelLayout(devices_per_node=1, ep=2))
     assert results == [[False, True, True]] * 2
+
+
+def gate_values_job(ctx):
+    """The locmoe router's top-2 gate values with and without --moe-router-pre-softmax, on
+    the reference and the fused path, dropless and with a capacity, against the hand formula:
+    the softmax over all experts (pre) or over each token's chosen two (post)."""
+    from megatron.core.transformer.moe.moe_utils import (
+        MoEAuxLossAutoScaler,
+        get_default_pg_collection,
+    )
+
+    from megatron_locmoe.routers import router_builder
+
+    ctx.topology()
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    x = torch.randn(16, 2, 32, generator=torch.Generator().manual_seed(ctx.rank)) * 4
+    out = {}
+    for pre in (False, True):
+        for fused in ("off", "on"):
+            for bound in (False, True):
+                tc = moe_config(
+                    ep=2,
+                    num_moe_experts=8,
+                    hidden_size=32,
+                    moe_router_topk=2,
+                    moe_router_pre_softmax=pre,
+                    moe_expert_capacity_factor=1.0 if bound else None,
+                )
+                lm = LocMoEConfig(
+                    router_type="locmoe",
+                    fused_router=fused,
+                    capacity_mode="bound" if bound else "none",
+                    capacity_floor_factor=1.0,  # every capacity at the ceiling: drops happen
+                )
+                router = router_builder(lm)(config=tc, pg_collection=get_default_pg_collection())
+                router.set_layer_number(1)
+                probs, routing_map = router(x)
+                logits = router.reference_gate(x)[1].detach()
+                if not pre:
+                    logits = logits.masked_fill(~routing_map, -torch.inf)
+                want = torch.where(routing_map, torch.softmax(logits, -1), 0.0)
+                kept = routing_map.sum(-1) == 2  # a token with a dropped expert keeps the rest
+                out[pre, fused, bound] = dict(
+                    diff=float((probs.detach() - want).abs().max()) if not bound else None,
+                    kept_diff=float((probs.detach() - want)[kept].abs().max()),
+                    sums=probs.detach()[kept].sum(-1),
+                    map=routing_map,
+                    fused_path=router._fused_applies(None),
+                    dropped=bool((~kept).any()),
+                )
+    return out
+
+
+def test_locmoe_gate_values_follow_megatrons_pre_softmax_flag(cluster2):
+    """Without --moe-router-pre-softmax (Megatron's default at top-k > 1) the chosen experts'
+    gate values are the softmax over the chosen k and sum to 1, as Megatron's router's; with it
+    the softmax over all experts (the paper's form). The choice of experts is the same; the
+    fused path renormalises when dropless and leaves a capacity's drop to the reference path,
+    whose drop ranks the values the token keeps."""
+    from megatron_locmoe.sim.cluster import ParallelLayout
+
+    for r in cluster2.run(gate_values_job, layout=ParallelLayout(devices_per_node=1, ep=2)):
+        for (pre, fused, bound), v in r.items():
+            if not bound:
+                assert v["diff"] < 1e-6, (pre, fused, v["diff"])
+            assert v["kept_diff"] < 1e-6, (pre, fused, bound)
+            if pre:
+                assert bool((v["sums"] < 1 - 1e-3).all()), "all experts' softmax: k of E < 1"
+            else:
+                assert torch.allclose(v["sums"], torch.ones_like(v["sums"])), (fused, bound)
+            assert v["fused_path"] == (fused == "on" and (pre or not bound)), (pre, fused, bound)
+        assert all(
+            torch.equal(r[True, f, False]["map"], r[False, f, False]["map"]) for f in ("off", "on")
+        )
+        assert r[False, "off", True]["dropped"] and r[True, "off", True]["dropped"]

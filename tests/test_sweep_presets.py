@@ -4,7 +4,9 @@ TrainSettings by the launcher's one translator (launch/cpu_settings.train_settin
 - every run of every layout and both data settings trains what the former Python run table
   trained (its settings, written by tests/sweep_equivalence.py at commit 03c7b47 into
   tests/fixtures/locality_sweep_settings.json), compared field by field in the form the CPU
-  loop builds them; its run key, label and priority are the former's too;
+  loop builds them; its run key, label and priority are the former's too (the two LocMoE top-2
+  runs' moe_router_pre_softmax reads true since 2026-12-07: until then the locmoe router took
+  the softmax over all experts whatever the flag said, which is what they trained);
 - every committed result (benchmarks/results/locality_sweep*.json) is still recognised as done;
 - the sweep preset extends the demo's (one model).
 

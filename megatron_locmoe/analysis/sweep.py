@@ -128,7 +128,8 @@ def key_run(run: SweepRun) -> dict:
     names) but the corpus's hash counts; ``node_limited``: one group per node and per token;
     ``overrides``: its other flags (TransformerConfig names), less what that table's loop
     config derived from the router and top-k and so never wrote: Megatron's aux loss 0.01 for
-    a router without LocMoE's balance loss, pre-softmax scores at top-1, and a router's default
+    a router without LocMoE's balance loss, pre-softmax scores at top-1 (and for the GrAP
+    routers at any top-k, which ignored the flag then), and a router's default
     capacity factor where no capacity bound reads it (Switch's 1.0; LocMoE+'s ceiling was
     written). A flag with another value than these stays in ``overrides``: a changed entry
     is a new run. tests/test_sweep_presets.py checks every key against the former table's and
@@ -140,11 +141,15 @@ def key_run(run: SweepRun) -> dict:
         implied.update(GROUPS_PER_NODE)
     if not router.uses_locmoe_alpha:  # (the others: the preset's none, as the loop's config)
         implied.update({"moe-router-load-balancing-type": "aux_loss", "moe-aux-loss-coeff": 0.01})
-    if run.topk == 1:
+    if run.topk == 1 or router.has_grap_gate:
+        # GrAP routers took the softmax over all experts whatever the flag until 2026-12-07:
+        # their recorded top-k > 1 runs trained that; without the flag now, a new run
         implied["moe-router-pre-softmax"] = True
     if router.default_capacity_factor is not None and not router.has_capacity_bound:
         implied["moe-expert-capacity-factor"] = router.default_capacity_factor
     rest = {k: v for k, v in flags.items() if k not in implied or implied[k] != v}
+    if router.has_grap_gate and not flags.get("moe-router-pre-softmax"):
+        rest["moe-router-pre-softmax"] = False
     return {
         "name": run.name,
         "label": None,  # cosmetic

@@ -172,6 +172,9 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
             self.register_buffer("node_aux_weight", weight_E, persistent=False)
         self.rank_balance_on = cfg.rank_balance_loss_coeff > 0 and self.ep_size > 1
         self.fill_on = cfg.node_fill_mass < 1 and self.num_nodes > 1 and self.topk > 1
+        # the chosen experts' gate values: the softmax over all E experts (pre) or over the
+        # chosen k (Megatron's default at top-k > 1; top-1 needs pre, Megatron's config says so)
+        self.pre_softmax = bool(config.moe_router_pre_softmax)
         if self.fill_on:
             node_selection.check_blocks(self.expert_node, self.num_nodes)
         # Capacity state, saved in checkpoints: delta, ec_min and the training step they came from.
@@ -368,12 +371,14 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
 
     # ---- routing ----------------------------------------------------------------------------
     def _fused_applies(self, padding_mask) -> bool:
-        """The fused path covers the paper's setting; padding masks, z-loss and top-k scaling
-        take the reference path."""
+        """The fused path covers the paper's setting; padding masks, z-loss, top-k scaling and
+        a capacity with gate values over the chosen k (the drop ranks those) take the
+        reference path."""
         cfg = self.config
         return (
             self.locmoe.fused_router == "on"
             and padding_mask is None
+            and (self.pre_softmax or self.locmoe.capacity_mode != "bound")
             and not cfg.moe_z_loss_coeff
             and cfg.moe_router_topk_scaling_factor is None
             and not self.node_bias_on
@@ -410,7 +415,10 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         are not read: the gate sees the hidden states only."""
         del input_ids, packed_seq_params
         if self._fused_applies(padding_mask):
-            return self._fused_forward(input)
+            probs_TE, routing_map_TE = self._fused_forward(input)
+            if not self.pre_softmax:  # dropless here: the chosen k's softmax, renormalised
+                probs_TE = probs_TE / probs_TE.sum(-1, keepdim=True)
+            return probs_TE, routing_map_TE
         return self._reference_forward(input, padding_mask)
 
     def _fused_forward(self, input: torch.Tensor):
@@ -675,27 +683,22 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         )
 
     def token_choice(self, logits_TE: torch.Tensor, selection_TE: torch.Tensor | None = None):
-        """Top-k of the softmax (pre-softmax routing, as the paper): (probs, routing map), the
-        probs scaled by --moe-router-topk-scaling-factor. ``selection_TE``: what the choice of
-        experts ranks instead of the logits (``_selection_logits``); the probs stay the
-        unbiased softmax's."""
-        scaling = self.config.moe_router_topk_scaling_factor
-        if selection_TE is None:
-            return topk_routing_with_score_function(
-                logits_TE,
-                self.topk,
-                use_pre_softmax=True,
-                scaling_factor=scaling,
-                score_function="softmax",
-            )
-        scores_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
-        top_TK = torch.topk(selection_TE, k=self.topk, dim=1).indices
-        probs_TK = scores_TE.gather(1, top_TK)
-        if scaling:
-            probs_TK = probs_TK * scaling
-        probs_TE = torch.zeros_like(scores_TE).scatter(1, top_TK, probs_TK).type_as(logits_TE)
-        routing_map_TE = torch.zeros_like(logits_TE, dtype=torch.bool).scatter(1, top_TK, True)
-        return probs_TE, routing_map_TE
+        """Top-k of the logits, or of ``selection_TE`` where the choice ranks something else
+        (``_selection_logits``): (probs, routing map). The gate values are Megatron's for the
+        chosen experts: with --moe-router-pre-softmax (top-1: always) the softmax over all
+        experts, as the paper; without it the softmax over the chosen k logits (they sum to 1,
+        as Megatron's router's do); scaled by --moe-router-topk-scaling-factor."""
+        chosen_TK = None
+        if selection_TE is not None:
+            chosen_TK = torch.topk(selection_TE, k=self.topk, dim=1).indices
+        return topk_routing_with_score_function(
+            logits_TE,
+            self.topk,
+            use_pre_softmax=self.pre_softmax,
+            scaling_factor=self.config.moe_router_topk_scaling_factor,
+            score_function="softmax",
+            precomputed_indices=chosen_TK,
+        )
 
     def _selection_logits(self, logits_TE: torch.Tensor) -> torch.Tensor | None:
         """[T, E] what the choice of experts ranks (routers/node_selection.py: the margin, the

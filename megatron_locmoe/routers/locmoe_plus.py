@@ -59,6 +59,13 @@ class LocMoEPlusRouter(LocMoERouter):
                 "--moe-router-topk-scaling-factor: the locmoe_plus gate value is the softmax "
                 "of the affinities, unscaled; drop the flag"
             )
+        if locmoe.plus_affinity_threshold > 0 and not tc.moe_router_pre_softmax:
+            raise ConfigError(
+                f"--locmoe-plus-affinity-threshold {locmoe.plus_affinity_threshold} keeps the "
+                "fewest experts whose softmax over all experts reaches it, but at top-k > 1 "
+                "without --moe-router-pre-softmax the gate values are the softmax over the "
+                "chosen k: add --moe-router-pre-softmax"
+            )
         super().check_model(locmoe, tc)
 
     @property
