@@ -311,6 +311,11 @@ BAD = [
         dict(config="h100-2node", sets=["moe-router-type=switch"]),
         "the switch router is top-1",
     ),
+    (  # TransformerConfig's own check, before any process starts (it was met at model build)
+        dict(config="h100-1node", sets=["moe-router-pre-softmax=false"]),
+        "Megatron's validation rejects preset h100-1node on 8 devices (8 per node): Please use "
+        "--moe-router-pre-softmax when topk is 1.",
+    ),
     (
         dict(config="h100-1node", sets=["global-batch-size=60"]),
         "global batch 60 is not a multiple of micro batch 8 x data-parallel size 8",
@@ -796,8 +801,9 @@ def test_cpu_sim_trains_through_the_launcher(corpus, tmp_path, capsys, monkeypat
 
     collect = SimCluster._collect
 
-    def short_limit(self, job_id, timeout_s, what):
-        return collect(self, job_id, timeout_s if math.isinf(timeout_s) else 0.5, what)
+    def short_limit(self, job_id, timeout_s, what):  # the job's limit, not the start-up's
+        keep = math.isinf(timeout_s) or what == "start-up"
+        return collect(self, job_id, timeout_s if keep else 0.5, what)
 
     monkeypatch.setattr(SimCluster, "_collect", short_limit)
     code = main(

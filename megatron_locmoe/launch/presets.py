@@ -636,7 +636,8 @@ def parse_with_megatron(
     device: str = "cuda",
     files_to_come: Sequence[str] = (),
 ):
-    """Megatron's ``parse_args`` + ``validate_args`` (plugin flags included) on ``argv``.
+    """Megatron's ``parse_args`` + ``validate_args`` (plugin flags included) on ``argv``, and
+    for the GPU and NPU the TransformerConfig the flags make (``core_transformer_config_from_args``).
 
     Runs as rank 0 of ``world_size`` ranks with torchrun's LOCAL_WORLD_SIZE and the run's
     environment ``env``, in this process: the adaptor's argument patches are applied for the
@@ -687,6 +688,10 @@ def parse_with_megatron(
             try:
                 args = arguments.validate_args(args, dict(ARGS_DEFAULTS))
                 check_data_args(args)  # before any process starts
+                if device != "cpu":  # (the CPU loop builds it when planned, with its fixes)
+                    # the TransformerConfig's own checks, which pretrain_gpt meets only once
+                    # every rank has started (top-1 softmax routing: --moe-router-pre-softmax)
+                    arguments.core_transformer_config_from_args(args)
                 return args
             except CorpusError as e:
                 raise PresetError(f"{what}: {e}") from None
