@@ -71,6 +71,9 @@ def run_cpu(plan: Plan) -> dict[str, dict]:
             shown = ("node_local_fraction", "inter_node_bytes", "intra_node_bytes", "load_cv")
             print("  " + "  ".join(f"{k} {metrics[k]:.4g}" for k in shown if k in metrics))
             res = {"loss": dict(enumerate(losses, first)), "metrics": metrics}
+            if "eval_loss" in out[0]:  # the held-out loss after the last step
+                res["eval_loss"] = out[0]["eval_loss"]
+                print(f"  {rp.name} held-out lm loss {res['eval_loss']:.4f}", flush=True)
             steady = steady_step_seconds([p["seconds"] for p in read_progress(progress)])
             if steady:
                 res["ms_per_iteration"] = steady * 1000

@@ -729,10 +729,6 @@ def train_job(ctx, settings: TrainSettings) -> dict:
             break
     else:
         stop_if_signalled(step + 1)
-    if writer is not None:
-        writer.close()
-    if wandb_run is not None:
-        wandb_run.finish()
     counts.active = False
     out = {"losses": losses, "first_step": start + 1, "metrics": reported}
     if scheduler is not None:
@@ -742,8 +738,35 @@ def train_job(ctx, settings: TrainSettings) -> dict:
     if settings.eval_batches:
         out.update(_evaluate(ctx, chunks, settings, dp_group, dp_size, dp_rank, cluster))
         tracker.clear()  # the evaluation's router metrics belong to no training step
+        if writer is not None:  # under Megatron's tags, at the last step
+            for tag, value in _heldout_scalars(out, settings, cluster, ctx).items():
+                writer.add_scalar(tag, value, step + 1)
+        if wandb_run is not None:
+            wandb_run.log(_heldout_scalars(out, settings, cluster, ctx), step + 1)
+    if writer is not None:
+        writer.close()
+    if wandb_run is not None:
+        wandb_run.finish()
     counts.remove()
     return out
+
+
+def _heldout_scalars(out: dict, settings: TrainSettings, cluster, ctx) -> dict[str, float]:
+    """The evaluation under pretrain_gpt's tags: ``lm loss validation`` (every rank's held-out
+    tokens) and, where nodes read their own held-out corpus (``eval_prefix_per_node``),
+    ``lm loss domain d validation`` for each corpus d (numbered by the first node that reads
+    it: node k reads domain k mod D), the mean of its readers' losses."""
+    scalars = {"lm loss validation": out["eval_loss"]}
+    prefixes = settings.eval_prefix_per_node
+    if prefixes:
+        per_node = cluster.gpus_per_node if cluster is not None else ctx.devices_per_node
+        readers: dict[str, list[float]] = {}
+        for rank, loss in enumerate(out["eval_loss_per_rank"]):
+            readers.setdefault(prefixes[rank // per_node], []).append(loss)
+        for prefix, losses in readers.items():
+            d = prefixes.index(prefix)
+            scalars[f"lm loss domain {d} validation"] = sum(losses) / len(losses)
+    return scalars
 
 
 class _RoutingCounts:
