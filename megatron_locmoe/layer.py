@@ -18,7 +18,11 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from megatron_locmoe import metrics
 from megatron_locmoe.config import LocMoEConfig
-from megatron_locmoe.dispatch.dispatcher import resolve_dedup, use_hierarchical_dispatcher
+from megatron_locmoe.dispatch.dispatcher import (
+    resolve_dedup,
+    use_hierarchical_dispatcher,
+    use_one_device_permutation,
+)
 from megatron_locmoe.experts import GroupedSequentialMLP
 from megatron_locmoe.resolve import Resolution, settled
 from megatron_locmoe.routers import router_builder
@@ -60,6 +64,7 @@ class LocMoELayer(MoELayer):
             self._virtual_traffic = VirtualTraffic(
                 cluster, config.num_moe_experts, virtual_scheme(locmoe, config, cluster)
             )
+            use_one_device_permutation(self)
         elif locmoe.dispatcher == "hierarchical":
             use_hierarchical_dispatcher(self, current_topology(), dedup=locmoe.dedup_setting)
 

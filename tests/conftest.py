@@ -101,5 +101,10 @@ def cluster8(cluster_factory) -> SimCluster:
 
 
 @pytest.fixture(scope="session")
+def cluster1(cluster_factory) -> SimCluster:
+    return cluster_factory(1)
+
+
+@pytest.fixture(scope="session")
 def cluster2(cluster_factory) -> SimCluster:
     return cluster_factory(2)

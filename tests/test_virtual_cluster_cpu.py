@@ -97,11 +97,6 @@ def corpus(start_cache):
     return dict(start_cache(("domain corpus", 4, 40, 10), build))
 
 
-@pytest.fixture(scope="module")
-def cluster1(cluster_factory):
-    return cluster_factory(1)
-
-
 def _settings(
     corpus, case: str, data_setting: str, virtual: bool, layout=None, model=None, **kw
 ) -> TrainSettings:
@@ -318,8 +313,10 @@ def test_the_virtual_cluster_launches_nothing_per_micro_batch(cluster1, corpus):
     """Identical routing (LocMoE without the locality loss), plain training against the virtual
     cluster 4x2 (EP 8): a micro-batch adds no device op, but where the node changes (one copy of
     the node map per layer) and at an EP group's last rank (its traffic, counted once)."""
-    plain = _settings(corpus, "locmoe", "control", False, layout=ONE)
-    # the same physical dispatcher in both (Megatron's All-to-All on one device)
+    # the same physical permutation in both: Megatron's allgather dispatcher on one device,
+    # which the virtual cluster puts in place of the alltoall one (tests/test_layer.py)
+    model = dict(moe_token_dispatcher_type="allgather")
+    plain = _settings(corpus, "locmoe", "control", False, layout=ONE, model=model)
     plain = replace(plain, locmoe=replace(plain.locmoe, locality_loss_coeff=0.0, dispatcher="auto"))
     virtual = replace(plain, locmoe=replace(plain.locmoe, virtual_cluster="4x2"))
     layout = ONE

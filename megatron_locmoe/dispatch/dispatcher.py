@@ -25,7 +25,10 @@ import torch
 import torch.distributed as dist
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.moe.moe_utils import get_capacity
-from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+from megatron.core.transformer.moe.token_dispatcher import (
+    MoEAllGatherTokenDispatcher,
+    MoEAlltoAllTokenDispatcher,
+)
 
 from megatron_locmoe.dispatch.collectives import all_gather_v, reduce_scatter_v, reorder_chunks
 from megatron_locmoe.dispatch.schemes import DispatchPlan, Flat, TwoHop, TwoHopDedup
@@ -334,9 +337,7 @@ def use_hierarchical_dispatcher(
     with the hierarchical one, on the same process groups; returns the new dispatcher."""
     old = moe_layer.token_dispatcher
     if pg_collection is None:
-        pg_collection = ProcessGroupCollection()
-        pg_collection.ep, pg_collection.expt_tp = old.ep_group, old.tp_group
-        pg_collection.tp_ep = old.tp_ep_group
+        pg_collection = _groups_of(old)
     dispatcher = HierarchicalAlltoAllTokenDispatcher(
         moe_layer.num_local_experts,
         moe_layer.local_expert_indices,
@@ -347,3 +348,37 @@ def use_hierarchical_dispatcher(
     )
     moe_layer.token_dispatcher = dispatcher
     return dispatcher
+
+
+def use_one_device_permutation(moe_layer) -> bool:
+    """On one device (EP = expert-TP = 1, as the virtual cluster runs) Megatron's alltoall
+    dispatcher exchanges nothing but still sorts what it received by local expert, an identity
+    order: three split-and-cat of all E experts' rows a layer, ~1,200 of the CPU study preset's
+    5,272 host operator calls a micro-batch (benchmarks/host_ops.py). Megatron's allgather
+    dispatcher with one rank permutes the same rows into the same order without them: put it
+    in place of the alltoall one where nothing else differs (no padding to capacity, no
+    shared-expert overlap, no padding for quantization). Returns whether it did."""
+    old, config = moe_layer.token_dispatcher, moe_layer.config
+    if (
+        type(old) is not MoEAlltoAllTokenDispatcher
+        or old.ep_size * old.tp_size != 1
+        or config.moe_pad_expert_input_to_capacity
+        or config.moe_shared_expert_overlap
+        or getattr(config, "moe_router_padding_for_quantization", False)
+    ):
+        return False
+    moe_layer.token_dispatcher = MoEAllGatherTokenDispatcher(
+        moe_layer.num_local_experts,
+        moe_layer.local_expert_indices,
+        config=config,
+        pg_collection=_groups_of(old),
+    )
+    return True
+
+
+def _groups_of(dispatcher) -> ProcessGroupCollection:
+    """The process groups a Megatron dispatcher was built on, for the one that replaces it."""
+    pg_collection = ProcessGroupCollection()
+    pg_collection.ep, pg_collection.expt_tp = dispatcher.ep_group, dispatcher.tp_group
+    pg_collection.tp_ep = dispatcher.tp_ep_group
+    return pg_collection
