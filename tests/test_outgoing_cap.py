@@ -28,7 +28,7 @@ from megatron_locmoe.routers import outgoing_cap
 from megatron_locmoe.sim.trainer import train_job
 from megatron_locmoe.validation import validate
 from tests.test_arguments import VIRTUAL_BASE, megatron_args  # noqa: F401 (a fixture)
-from tests.test_virtual_cluster_cpu import cluster1, corpus  # noqa: F401 (fixtures)
+from tests.test_virtual_cluster_cpu import corpus  # noqa: F401 (fixtures)
 
 # ---- the rule against a plain-Python reference -----------------------------------------------
 
@@ -238,7 +238,7 @@ def router_job(ctx, fraction, ranks):
     return out
 
 
-def test_megatrons_router_with_the_cap_keeps_the_aux_loss_on_every_virtual_rank(cluster1):  # noqa: F811
+def test_megatrons_router_with_the_cap_keeps_the_aux_loss_on_every_virtual_rank(cluster1):
     """The aux loss (on the unmasked scores) equals the uncapped router's on every virtual rank;
     the routing differs where the cap binds, and each rank's count of tokens with a remote
     expert stays within floor(0.14 x 50) = 7 against its own node."""
@@ -268,7 +268,7 @@ def cap_settings(corpus, fraction, virtual: bool, **kw):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def cap_runs(cluster8, cluster1, corpus, tmp_path_factory):  # noqa: F811
+def cap_runs(cluster8, cluster1, corpus, tmp_path_factory):  # noqa: F811 (corpus)
     """From one start: the real cluster uncapped and capped at 0.14, the virtual one capped."""
     start = str(tmp_path_factory.mktemp("start_cap"))
     first = cap_settings(corpus, None, False, steps=1, save_interval=1, save_dir=start)
