@@ -738,11 +738,12 @@ def train_job(ctx, settings: TrainSettings) -> dict:
     if settings.eval_batches:
         out.update(_evaluate(ctx, chunks, settings, dp_group, dp_size, dp_rank, cluster))
         tracker.clear()  # the evaluation's router metrics belong to no training step
-        if writer is not None:  # under Megatron's tags, at the last step
-            for tag, value in _heldout_scalars(out, settings, cluster, ctx).items():
+        heldout = _heldout_scalars(out, settings, cluster, ctx)  # pretrain_gpt's tags
+        if writer is not None:  # at the last step, as Megatron's evaluation after training
+            for tag, value in heldout.items():
                 writer.add_scalar(tag, value, step + 1)
         if wandb_run is not None:
-            wandb_run.log(_heldout_scalars(out, settings, cluster, ctx), step + 1)
+            wandb_run.log(heldout, step + 1)
     if writer is not None:
         writer.close()
     if wandb_run is not None:
