@@ -172,9 +172,6 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
             self.register_buffer("node_aux_weight", weight_E, persistent=False)
         self.rank_balance_on = cfg.rank_balance_loss_coeff > 0 and self.ep_size > 1
         self.fill_on = cfg.node_fill_mass < 1 and self.num_nodes > 1 and self.topk > 1
-        # the chosen experts' gate values: the softmax over all E experts (pre) or over the
-        # chosen k (Megatron's default at top-k > 1; top-1 needs pre, Megatron's config says so)
-        self.pre_softmax = bool(config.moe_router_pre_softmax)
         if self.fill_on:
             node_selection.check_blocks(self.expert_node, self.num_nodes)
         # Capacity state, saved in checkpoints: delta, ec_min and the training step they came from.
@@ -191,6 +188,12 @@ class LocMoERouter(PluginRouterMixin, TopKRouter):
         self._init_virtual()
 
     per_rank_host = ("_capacity_host",)
+
+    @property
+    def pre_softmax(self) -> bool:
+        """The chosen experts' gate values: the softmax over all E experts (pre) or over the
+        chosen k (Megatron's default at top-k > 1; top-1 needs pre, Megatron's config says so)."""
+        return bool(self.config.moe_router_pre_softmax)
 
     def _node_aux_weight(self, expert_is_local_E: torch.Tensor) -> torch.Tensor:
         """Balance-loss weights 1 / (E t_i) of the node target: t = p* / L on the node's L
