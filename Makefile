@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine: `make demo` and `make test`.
 # Both create .venv with Python 3.12 (megatron-core 0.19 needs it) and install the package with
-# its dev extras once; the stamp file makes a second run install nothing.
+# its dev extras once; the stamp file makes a second run install nothing. No pip cache: torch's
+# wheels (a CUDA build, several GB) would otherwise lie on disk twice, and CI's disk ran out once.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
@@ -30,8 +31,8 @@ $(STAMP): pyproject.toml
 		echo "  Install it (e.g. 'pyenv install 3.12') or pass PYTHON=/path/to/python3.12." >&2; \
 		exit 1; fi
 	@if [ ! -x $(PY) ]; then echo "creating $(VENV) with $(PYTHON)"; "$(PYTHON)" -m venv $(VENV); fi
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-cache-dir --upgrade pip
+	$(PY) -m pip install -q --no-cache-dir -e '.[dev]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
