@@ -88,16 +88,51 @@ def test_differences_within_the_seed_noise_are_no_difference(tmp_path):
         tmp_path,
         {
             "megatron": [(3.00, 100), (3.02, 100), (2.98, 100)],  # std 0.02
-            "close": [(3.01, 50), (3.03, 50), (2.99, 50)],  # +0.01: within the noise
-            "worse": [(3.10, 40), (3.11, 40), (3.12, 40)],  # +0.11
+            "close": [(3.03, 50), (3.00, 50), (2.99, 50)],  # +0.03, -0.02, +0.01: within the noise
+            "worse": [(3.10, 40), (3.11, 40), (3.12, 40)],  # +0.10, +0.09, +0.14
             "two_seeds": [(2.50, 10), (2.51, 10)],
         },
     )
     assert study.compare(arms["close"], arms["megatron"])[2] == "no difference"
     delta, noise, verdict = study.compare(arms["worse"], arms["megatron"])
-    assert verdict == "worse" and delta == pytest.approx(0.11) and noise == pytest.approx(0.02)
+    assert verdict == "worse" and delta == pytest.approx(0.11)
+    assert noise == pytest.approx(0.0007**0.5, abs=1e-6)  # the paired differences' std
     assert study.compare(arms["megatron"], arms["worse"])[2] == "better"
     assert study.compare(arms["two_seeds"], arms["megatron"])[2].startswith("unresolved")
+
+
+def test_arms_sharing_seeds_are_compared_seed_by_seed(tmp_path):
+    _, arms = _arms(
+        tmp_path,
+        {
+            "megatron": [(3.00, 100), (3.10, 100), (2.90, 100)],  # std 0.1: the seed moves both
+            "steady": [(3.03, 50), (3.12, 50), (2.94, 50)],  # +0.03, +0.02, +0.04 seed by seed
+            "erratic": [(3.20, 50), (2.95, 50), (2.95, 50)],  # +0.2, -0.15, +0.05
+        },
+    )
+    pair = study.paired(arms["steady"], arms["megatron"])
+    assert pair.seeds == [1, 2, 3]
+    assert pair.delta == pytest.approx(0.03) and pair.std == pytest.approx(0.01)
+    # the means differ by less than either arm's seed std; the paired differences resolve it
+    assert abs(arms["steady"].loss - arms["megatron"].loss) < arms["megatron"].loss_std
+    delta, noise, verdict = study.compare(arms["steady"], arms["megatron"])
+    assert verdict == "worse" and delta == pytest.approx(0.03) and noise == pytest.approx(0.01)
+    assert study.compare(arms["erratic"], arms["megatron"])[2] == "no difference"
+    # fewer than three shared seeds: the unpaired rule
+    records = [
+        _record(tmp_path, f"m{s}", "megatron", s, loss, TOKENS)
+        for s, loss in ((1, 3.0), (2, 3.1), (3, 2.9))
+    ] + [
+        _record(tmp_path, f"o{s}", "other", s, loss, TOKENS)
+        for s, loss in ((3, 2.93), (4, 3.03), (5, 3.13))
+    ]
+    other, base = sorted(study.pool(records), key=lambda a: a.arm != "other")
+    assert study.paired(other, base).seeds == [3]
+    delta, noise, verdict = study.compare(other, base)
+    assert delta == pytest.approx(0.03, abs=1e-6) and noise == pytest.approx(0.1, abs=1e-6)
+    assert verdict == "no difference"
+    row = next(line for line in study.table(records).splitlines() if line.startswith("| other |"))
+    assert "| +0.0300 (1) |" in row
 
 
 def test_the_pareto_front_and_the_table(tmp_path):

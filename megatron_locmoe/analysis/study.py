@@ -20,7 +20,9 @@ and the plugin write:
 
 Arms pool the seeds of one setting; ``compare`` calls a difference smaller than the seed
 standard deviation "no difference" (in both directions), and one measured with fewer than
-three seeds "unresolved".
+three seeds "unresolved". Where two arms share three seeds or more, the difference is the paired
+one (``paired``): runs of one seed read the same batches and the same held-out samples, so the
+seed standard deviation of the per-seed differences is the noise of a difference.
 
     python -m megatron_locmoe.analysis.study record TB_DIR --name NAME --arm ARM --seed S \\
         --setting 16x8-finegrained-control --tokens-per-micro-batch 8192 \\
@@ -328,6 +330,7 @@ class Arm:
     bytes: float | None
     bytes_std: float | None
     load: float | None
+    loss_by_seed: dict[int, float]
 
     @property
     def resolved(self) -> bool:
@@ -361,19 +364,48 @@ def pool(records: list[dict], byte_metric: str = "dedup_inter_node_bytes") -> li
         sent_mean, sent_std = _mean_std(sent) if all(s is not None for s in sent) else (None, None)
         loads = [r["routing"].get("received_tokens_max_over_mean") for r in runs]
         load = max(loads) if all(x is not None for x in loads) else None
-        arms.append(Arm(setting, arm, sorted(seeds), loss, loss_std, sent_mean, sent_std, load))
+        by_seed = {r["seed"]: r["heldout"]["mixture"] for r in runs}
+        arms.append(
+            Arm(setting, arm, sorted(seeds), loss, loss_std, sent_mean, sent_std, load, by_seed)
+        )
     return arms
 
 
+@dataclass
+class Paired:
+    """a's loss - b's loss seed by seed, over the seeds both ran: their mean and standard
+    deviation. Runs of one seed read the same training batches in the same order and are
+    evaluated on the same held-out samples (Megatron's datasets shuffle by the seed), so what
+    the seed changes for both arms alike cancels in the difference."""
+
+    seeds: list[int]
+    delta: float
+    std: float | None
+
+
+def paired(a: Arm, b: Arm) -> Paired | None:
+    common = sorted(set(a.loss_by_seed) & set(b.loss_by_seed))
+    if not common:
+        return None
+    delta, std = _mean_std([a.loss_by_seed[s] - b.loss_by_seed[s] for s in common])
+    return Paired(common, delta, std)
+
+
 def compare(a: Arm, b: Arm) -> tuple[float, float | None, str]:
-    """(a's loss - b's loss, the seed noise, the verdict). The noise is the larger of the two
-    seed standard deviations; a difference within it is "no difference" (either direction),
-    and arms with fewer than MIN_SEEDS seeds are "unresolved"."""
-    delta = a.loss - b.loss
+    """(a's loss - b's loss, the seed noise, the verdict). Where the two arms share
+    MIN_SEEDS seeds or more, the difference and its noise are the paired ones (``paired``:
+    the mean and the seed standard deviation of the per-seed differences); otherwise the
+    difference of the means and the larger of the two seed standard deviations. A difference
+    within its noise is "no difference" (either direction); arms with fewer than MIN_SEEDS
+    seeds are "unresolved"."""
     if not (a.resolved and b.resolved):
         noise = max((s for s in (a.loss_std, b.loss_std) if s is not None), default=None)
-        return delta, noise, f"unresolved ({len(a.seeds)} vs {len(b.seeds)} seeds)"
-    noise = max(a.loss_std, b.loss_std)
+        return a.loss - b.loss, noise, f"unresolved ({len(a.seeds)} vs {len(b.seeds)} seeds)"
+    pair = paired(a, b)
+    if pair is not None and len(pair.seeds) >= MIN_SEEDS:
+        delta, noise = pair.delta, pair.std
+    else:
+        delta, noise = a.loss - b.loss, max(a.loss_std, b.loss_std)
     if abs(delta) <= noise:
         return delta, noise, "no difference"
     return delta, noise, "worse" if delta > 0 else "better"
@@ -417,20 +449,25 @@ def table(records: list[dict], baseline: str = "megatron") -> str:
         out.append(f"### {setting}\n")
         out.append(
             "| arm | seeds | held-out loss | inter-node bytes / token / layer (dedup) | "
-            f"max/mean load | Δ loss vs {baseline} | verdict | front |"
+            f"max/mean load | Δ loss vs {baseline} | paired Δ (seeds) | verdict | front |"
         )
-        out.append("|---|---|---|---|---|---|---|---|")
+        out.append("|---|---|---|---|---|---|---|---|---|")
         for a in sorted(arms, key=lambda a: (a.bytes is None, a.bytes or 0.0)):
-            if base is None or a is base:
-                delta, verdict = "-", "-"
-            else:
-                d, noise, verdict = compare(a, base)
-                delta = f"{d:+.4f}" + ("" if noise is None else f" (noise {noise:.4f})")
+            delta = pair_text = verdict = "-"
+            if base is not None and a is not base:
+                verdict = compare(a, base)[2]
+                delta = f"{a.loss - base.loss:+.4f}"
+                if a.loss_std is not None and base.loss_std is not None:
+                    delta += f" (noise {max(a.loss_std, base.loss_std):.4f})"
+                pair = paired(a, base)
+                if pair is not None:
+                    std = "" if pair.std is None else f" ± {pair.std:.4f}"
+                    pair_text = f"{pair.delta:+.4f}{std} ({len(pair.seeds)})"
             load = "-" if a.load is None else f"{a.load:.3f}"
             out.append(
                 f"| {a.arm} | {len(a.seeds)} | {_pm(a.loss, a.loss_std, '.4f')} | "
-                f"{_pm(a.bytes, a.bytes_std, '.1f')} | {load} | {delta} | {verdict} | "
-                f"{'yes' if a.arm in front else ''} |"
+                f"{_pm(a.bytes, a.bytes_std, '.1f')} | {load} | {delta} | {pair_text} | "
+                f"{verdict} | {'yes' if a.arm in front else ''} |"
             )
         out.append("")
     return "\n".join(out)
