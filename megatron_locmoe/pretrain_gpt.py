@@ -256,10 +256,6 @@ class _Tags:
         return batch
 
 
-_PROFILE = None
-"""--locmoe-routing-profile's windows (analysis.placement.ProfileWindows), set by main()."""
-
-
 def routing_profile(args):
     """The ProfileWindows --locmoe-routing-profile asks for, or None; its collector takes the
     cluster's shape (the virtual cluster's, else this rank's topology) at the first
@@ -289,10 +285,12 @@ def routing_profile(args):
     return ProfileWindows(args.locmoe_routing_profile, args.locmoe_routing_profile_interval, shape)
 
 
-def forward_step(data_iterator, model):
+def forward_step(data_iterator, model, *, profile=None):
     """One micro-batch: the model returns per-token losses when given labels; a chunk with hash
     routers gets the tokens on every stage (the pre-hook of attach_token_ids hands them over).
-    A virtual cluster's micro-batch is routed as the virtual rank it belongs to."""
+    A virtual cluster's micro-batch is routed as the virtual rank it belongs to. ``profile``:
+    --locmoe-routing-profile's windows (``routing_profile``), told each micro-batch's
+    iteration; ``main`` binds it."""
     from megatron.core.utils import get_attr_wrapped_model
     from megatron.training import get_args
 
@@ -300,8 +298,8 @@ def forward_step(data_iterator, model):
     from megatron_locmoe.node_data import DOMAIN_KEY, VIRTUAL_RANK_KEY
     from megatron_locmoe.routers.hash import hosts_hash_router
 
-    if _PROFILE is not None:
-        _PROFILE.at_iteration(get_args().curr_iteration)
+    if profile is not None:
+        profile.at_iteration(get_args().curr_iteration)
     vp_stage = get_attr_wrapped_model(model, "vp_stage")
     tagged = _Tags(data_iterator) if data_iterator is not None else None
     batch = get_batch(tagged, vp_stage, needs_token_ids=hosts_hash_router(model))
@@ -330,16 +328,14 @@ def main() -> None:
 
     from megatron_locmoe.arguments import ARGS_DEFAULTS
 
-    global _PROFILE
     args = parse_and_validate_args(args_defaults=ARGS_DEFAULTS)
-    _PROFILE = routing_profile(args)
+    profile = routing_profile(args)
+    step = forward_step if profile is None else partial(forward_step, profile=profile)
     model_config = gpt_config_from_args(args)  # the plugin's spec when it is active
     container = pretrain_cfg_container_from_args(args, model_config)
-    pretrain(
-        container, train_valid_test_datasets_provider, ModelType.encoder_or_decoder, forward_step
-    )
-    if _PROFILE is not None:
-        _PROFILE.close()
+    pretrain(container, train_valid_test_datasets_provider, ModelType.encoder_or_decoder, step)
+    if profile is not None:
+        profile.close()
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def pretrain_path_job(
     """Megatron's args from the command line, the plugin's datasets through Megatron's loader,
     then pretrain_gpt's forward_step on ``iterations`` x 8 micro-batches of training (one per
     virtual rank an iteration, Megatron's ``curr_iteration`` set as its loop does) and 8 of
-    evaluation, with --locmoe-routing-profile's windows as main() keeps them; returns the
+    evaluation, with --locmoe-routing-profile's windows as main() binds them; returns the
     virtual ranks the layers counted, and the loss reports."""
     import megatron.training.global_vars as gv
     from megatron.training import arguments
@@ -79,23 +79,22 @@ def pretrain_path_job(
         if not enter:
             virtual.enter = lambda model, rank: None
         reports = []
-        pretrain_gpt._PROFILE = pretrain_gpt.routing_profile(args)
+        profile = pretrain_gpt.routing_profile(args)
         for dataset, training in ((train, True), (valid, False)):
             model.train(training)
             loader = iter(build_pretraining_data_loader(dataset, 0))
             for i in range(8 * iterations if training else 8):
                 if training:
                     args.curr_iteration = i // 8
-                output, loss_func = pretrain_gpt.forward_step(loader, model)
+                output, loss_func = pretrain_gpt.forward_step(loader, model, profile=profile)
                 loss, _, report = loss_func(output)
                 if training:
                     loss.backward()
                 reports.append({k: v.tolist() for k, v in report.items()})
-        if pretrain_gpt._PROFILE is not None:
-            pretrain_gpt._PROFILE.close()
+        if profile is not None:
+            profile.close()
         return seen, reports
     finally:
-        pretrain_gpt._PROFILE = None
         LocMoELayer.enter_virtual_rank, virtual.enter = right, entering
         gv._GLOBAL_ARGS, gv._GLOBAL_TOKENIZER = saved
 
