@@ -330,7 +330,7 @@ def main() -> None:
 
     args = parse_and_validate_args(args_defaults=ARGS_DEFAULTS)
     profile = routing_profile(args)
-    step = forward_step if profile is None else partial(forward_step, profile=profile)
+    step = partial(forward_step, profile=profile)
     model_config = gpt_config_from_args(args)  # the plugin's spec when it is active
     container = pretrain_cfg_container_from_args(args, model_config)
     pretrain(container, train_valid_test_datasets_provider, ModelType.encoder_or_decoder, step)

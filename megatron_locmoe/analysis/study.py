@@ -324,13 +324,16 @@ class Arm:
 
     setting: str
     arm: str
-    seeds: list[int]
     loss: float
     loss_std: float | None
     bytes: float | None
     bytes_std: float | None
     load: float | None
     loss_by_seed: dict[int, float]
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted(self.loss_by_seed)
 
     @property
     def resolved(self) -> bool:
@@ -365,9 +368,7 @@ def pool(records: list[dict], byte_metric: str = "dedup_inter_node_bytes") -> li
         loads = [r["routing"].get("received_tokens_max_over_mean") for r in runs]
         load = max(loads) if all(x is not None for x in loads) else None
         by_seed = {r["seed"]: r["heldout"]["mixture"] for r in runs}
-        arms.append(
-            Arm(setting, arm, sorted(seeds), loss, loss_std, sent_mean, sent_std, load, by_seed)
-        )
+        arms.append(Arm(setting, arm, loss, loss_std, sent_mean, sent_std, load, by_seed))
     return arms
 
 
@@ -391,6 +392,12 @@ def paired(a: Arm, b: Arm) -> Paired | None:
     return Paired(common, delta, std)
 
 
+def unpaired(a: Arm, b: Arm) -> tuple[float, float | None]:
+    """(the difference of the means, the larger of the seed standard deviations known)."""
+    noise = max((s for s in (a.loss_std, b.loss_std) if s is not None), default=None)
+    return a.loss - b.loss, noise
+
+
 def compare(a: Arm, b: Arm) -> tuple[float, float | None, str]:
     """(a's loss - b's loss, the seed noise, the verdict). Where the two arms share
     MIN_SEEDS seeds or more, the difference and its noise are the paired ones (``paired``:
@@ -399,13 +406,12 @@ def compare(a: Arm, b: Arm) -> tuple[float, float | None, str]:
     within its noise is "no difference" (either direction); arms with fewer than MIN_SEEDS
     seeds are "unresolved"."""
     if not (a.resolved and b.resolved):
-        noise = max((s for s in (a.loss_std, b.loss_std) if s is not None), default=None)
-        return a.loss - b.loss, noise, f"unresolved ({len(a.seeds)} vs {len(b.seeds)} seeds)"
+        return *unpaired(a, b), f"unresolved ({len(a.seeds)} vs {len(b.seeds)} seeds)"
     pair = paired(a, b)
     if pair is not None and len(pair.seeds) >= MIN_SEEDS:
         delta, noise = pair.delta, pair.std
     else:
-        delta, noise = a.loss - b.loss, max(a.loss_std, b.loss_std)
+        delta, noise = unpaired(a, b)
     if abs(delta) <= noise:
         return delta, noise, "no difference"
     return delta, noise, "worse" if delta > 0 else "better"
@@ -456,9 +462,8 @@ def table(records: list[dict], baseline: str = "megatron") -> str:
             delta = pair_text = verdict = "-"
             if base is not None and a is not base:
                 verdict = compare(a, base)[2]
-                delta = f"{a.loss - base.loss:+.4f}"
-                if a.loss_std is not None and base.loss_std is not None:
-                    delta += f" (noise {max(a.loss_std, base.loss_std):.4f})"
+                d, noise = unpaired(a, base)
+                delta = f"{d:+.4f}" + ("" if noise is None else f" (noise {noise:.4f})")
                 pair = paired(a, base)
                 if pair is not None:
                     std = "" if pair.std is None else f" ± {pair.std:.4f}"
