@@ -284,6 +284,12 @@ def _check_virtual_and_domain_args(args, cfg: LocMoEConfig) -> None:
             "--locmoe-domain-data-path replaces --data-path / --train-data-path / --mock-data "
             "(node k reads domain k mod D); give one or the other"
         )
+    if not valid and getattr(args, "split", None) is None:
+        raise ConfigError(
+            "--locmoe-domain-data-path without --locmoe-domain-valid-data-path splits each "
+            "domain by --split, which is not set: give --split (e.g. 969,30,1) or each "
+            "domain's held-out prefix with --locmoe-domain-valid-data-path"
+        )
     if args.dataloader_type not in (None, "single"):
         raise ConfigError(
             f"--dataloader-type {args.dataloader_type} with --locmoe-domain-data-path: the "

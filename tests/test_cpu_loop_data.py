@@ -65,6 +65,29 @@ def test_domain_data_and_held_out_per_node(corpora, tmp_path):
     assert s.eval_prefix_per_node == [d["valid_prefixes"][0]] * 4 and s.eval_batches == 100
 
 
+def test_each_domain_trains_whole_beside_its_held_out_prefix(corpora, tmp_path):
+    """With each domain's held-out prefix, the whole training prefix trains (pretrain_gpt's
+    blend_per_split), with no --split (the study's domain presets: before 2026-12-08 every
+    run of study-cpu-8x8-domains stopped in Megatron's dataset config, "split must be
+    provided"); without held-out prefixes, --split is needed, and its absence is refused."""
+    from dataclasses import replace
+
+    from megatron_locmoe.sim.trainer import _dataset
+
+    _, data = corpora
+    d = data[2]
+    domains = f"locmoe-domain-data-path={_list(d['prefixes'])}"
+    valid = f"locmoe-domain-valid-data-path={_list(d['valid_prefixes'])}"
+    s = _demo_plan(tmp_path, d, [domains, valid, "split=null"])
+    assert s.dataset_options["split"] == "100,0,0"
+    for prefix in s.data_prefix_per_node:  # Megatron's builder takes them as the loop does
+        assert len(_dataset(replace(s, data_prefix=prefix), 4)) >= 4
+    with pytest.raises(PresetError, match="splits each domain by --split, which is not set"):
+        _demo_plan(tmp_path, d, [domains, "split=null", "eval-iters=0"])
+    s = _demo_plan(tmp_path, d, [domains, "split=90,10,0", "eval-iters=0"])
+    assert s.dataset_options["split"] == "90,10,0"
+
+
 def test_a_virtual_cluster_evaluates_megatrons_number_of_samples(tmp_path):
     """On the virtual cluster one process runs every virtual rank's micro-batches: the
     evaluation's micro-batches per rank divide by the virtual data-parallel size, as the

@@ -119,8 +119,13 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path, per_nod
         fp16_lm_cross_entropy=gpt.fp16_lm_cross_entropy,
     )
     wandb_dir = (args.wandb_save_dir or "wandb") if args.wandb_project else None
-    # per-split paths: the whole --train-data-path trains (Megatron's blend_per_split)
-    data_options = {"split": "100,0,0"} if args.train_data_path else {}
+    # per-split paths: the whole training prefix trains (Megatron's blend_per_split), that of
+    # --train-data-path or each domain's beside its own held-out prefix (pretrain_gpt's)
+    whole = args.train_data_path or (
+        getattr(args, "locmoe_domain_data_path", None)
+        and getattr(args, "locmoe_domain_valid_data_path", None)
+    )
+    data_options = {"split": "100,0,0"} if whole else {}
     settings = TrainSettings(
         **data,
         **held_out,
