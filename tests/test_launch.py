@@ -411,6 +411,14 @@ def test_sweep_runs_one_training_per_router_and_summarises(tmp_path, monkeypatch
         assert "args: -m torch.distributed.run" in log and f"--moe-router-type {run}" in log
         assert res["loss"] == {"10": 5.0, "20": 4.0, "30": 3.0, "40": 2.0}
         assert res["ms_per_iteration"] == 1035.0  # median after the two warm-up logs
+        manifest = json.loads(
+            (tmp_path / "runs" / "router-sweep" / run / "launch.json").read_text()
+        )
+        assert manifest["run"] == run and manifest["command"].startswith(
+            "python -m megatron_locmoe.launch --config router-sweep --master-addr "
+        )
+        assert "-m torch.distributed.run" in manifest["node_commands"]["0"]
+        assert f"--moe-router-type {run}" in shlex.join(manifest["megatron_flags"])
         assert math.isclose(res["tokens_per_s"], 32 * 512 / 1.035)
     assert re.search(r"locmoe\s+15,830\s+1\.000\s+5\.0000\s+2\.0000", out)
 
@@ -831,6 +839,16 @@ def test_cpu_sim_trains_through_the_launcher(corpus, tmp_path, capsys, monkeypat
     assert metrics["inter_node_bytes"] > 0 and metrics["intra_node_bytes"] > 0  # EP across nodes
     assert summary["cpu-sim"]["tokens_per_s"] > 0  # from the loop's per-step progress file
     assert (tmp_path / "runs" / "cpu-sim" / "cpu-sim" / "tensorboard").is_dir()
+    # how to repeat it: the command as typed, the Megatron flags it became, the code
+    manifest = json.loads((tmp_path / "runs" / "cpu-sim" / "cpu-sim" / "launch.json").read_text())
+    assert manifest["command"] == shlex.join(
+        ["python", "-m", "megatron_locmoe.launch", "--config", "cpu-sim"]
+        + ["--set", f"data-path={corpus}", "--set", "train-iters=3", "--set", "log-interval=1"]
+        + ["--runs-dir", str(tmp_path / "runs")]
+    )
+    flags = manifest["megatron_flags"]
+    assert flags[flags.index("--train-iters") + 1] == "3" and manifest["device"] == "cpu"
+    assert manifest["node_commands"] == {}  # trained in the launcher's own process
 
 
 @pytest.mark.slow

@@ -14,12 +14,13 @@ from megatron_locmoe.analysis.errors import InputError
 TOKENS = 8192
 
 
-def _write_run(path, loss, bytes_per_mb, domains=(), steps=10, validation=True):
+def _write_run(path, loss, bytes_per_mb, domains=(), steps=10, validation=True, timers=True):
     w = SummaryWriter(str(path))
     for step in range(1, steps + 1):
         w.add_scalar("lm loss", 10.0 - 0.1 * step, step)
-        w.add_scalar("throughput", 300.0, step)
-        w.add_scalar("iteration-time", 2.0 if step < 9 else 0.5, step)
+        if timers:
+            w.add_scalar("throughput", 300.0, step)
+            w.add_scalar("iteration-time", 2.0 if step < 9 else 0.5, step)
         w.add_scalar("dedup_inter_node_bytes", bytes_per_mb * (2.0 if step < 9 else 1.0), step)
         w.add_scalar("node_local_fraction", 0.4, step)
         w.add_scalar("received_tokens_max_over_mean", 1.05, step)
@@ -235,6 +236,54 @@ def test_collect_records_every_run_of_a_gpu_study_call(tmp_path, capsys):
             peak_tflops=1.0,
             out_dir=tmp_path / "q",
         )
+
+
+def test_collect_records_the_launchers_runs_from_their_manifests(tmp_path):
+    """The launcher's runs (``--runs-dir ROOT/seedS``, here the CPU loop's) are recorded from
+    the manifest the launcher writes (launch.json): the command as typed with its commit, the
+    Megatron flags (tokens per step and micro-batch), the versions; the speed from the CPU
+    loop's progress file (the median step after the warm-up)."""
+    from megatron_locmoe.launch.manifest import write_run_manifest
+    from megatron_locmoe.launch.plan import Options, build_plan
+
+    root = tmp_path / "out"
+    sets = ["seed=2", "train-iters=10"]  # as the TensorBoard run below
+    opts = Options(config="cpu-sim", sets=sets, runs_dir=str(root / "seed2"))
+    plan = build_plan(opts)
+    (rp,) = plan.runs
+    write_run_manifest(plan, rp)
+    _write_run(rp.log_dir / "tensorboard", 3.0, 4096.0, timers=False)
+    seconds = [9.0, 9.0, 1.0, 1.0, 3.0, 1.0]
+    (rp.log_dir / "progress.jsonl").write_text(
+        "".join(json.dumps({"step": i + 1, "loss": 5.0, "seconds": x}) + "\n" for i, x in
+                enumerate(seconds))
+    )  # fmt: skip
+    flags = dict(zip(rp.flags, rp.flags[1:], strict=False))
+    micro, seq, gbs = (int(flags[f]) for f in ("--micro-batch-size", "--seq-length",
+                                                "--global-batch-size"))  # fmt: skip
+    written, skipped = study.collect(
+        root,
+        setting="cpu",
+        tokens_per_micro_batch=micro * seq,
+        peak_tflops=1.0,
+        out_dir=tmp_path / "r",
+    )
+    assert skipped == []
+    (record,) = study.load_records(written)
+    assert (record["arm"], record["seed"], record["name"]) == ("cpu-sim", 2, "cpu-cpu-sim-s2")
+    typed = "python -m megatron_locmoe.launch --config cpu-sim --set seed=2 --set train-iters=10"
+    typed += f" --runs-dir {root / 'seed2'}"
+    assert record["command"].split("  # at ")[0] == typed
+    commit = record["launch"]["code"]["commit"]
+    assert commit is None or record["command"].split("  # at ")[1].startswith(commit[:12])
+    assert record["launch"]["megatron_flags"] == rp.flags
+    assert record["versions"]["megatron-core"] and record["versions"]["torch"]
+    speed = record["speed"]
+    assert speed["source"] == "progress.jsonl" and speed["seconds_per_step"] == 1.0
+    assert speed["tokens_per_s"] == pytest.approx(gbs * seq)
+    with pytest.raises(InputError, match=f"{micro} x {seq} = {micro * seq} tokens"):
+        study.collect(root, setting="cpu", tokens_per_micro_batch=micro * seq + 1,
+                      peak_tflops=1.0, out_dir=tmp_path / "q")  # fmt: skip
 
 
 _MEGATRON_LOG = (

@@ -31,7 +31,8 @@ seed standard deviation of the per-seed differences is the noise of a difference
         [--baseline megatron]
     python -m megatron_locmoe.analysis.study collect OUT --setting gpu-8x8-control \\
         --tokens-per-micro-batch 4096 --out benchmarks/results/study/gpu-8x8-control
-        (every run of a tools/gpu_study.sh call: OUT/seedS/PRESET/ARM/tensorboard)
+        (every run of a tools/gpu_study.sh call: OUT/seedS/PRESET/ARM/tensorboard; or of the
+        launcher's runs with --runs-dir OUT/seedS, each with its manifest ARM/launch.json)
     python -m megatron_locmoe.analysis.study plot benchmarks/results/study/*.json \\
         --out docs/figures    (one Pareto plot per setting: pareto_SETTING.png)
 """
@@ -41,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass
@@ -48,6 +50,8 @@ from pathlib import Path
 
 from megatron_locmoe.analysis.errors import InputError, read_json, require_keys, run_tool
 from megatron_locmoe.analysis.runlog import read_scalars, tail_length
+from megatron_locmoe.launch.manifest import MANIFEST
+from megatron_locmoe.sim.progress import read_progress, steady_step_seconds
 
 BYTE_METRICS = (
     "dedup_inter_node_bytes",
@@ -144,8 +148,10 @@ def run_record(
     peak_tflops: float,
     command: str = "",
     versions: dict | None = None,
+    megatron_flags: str | None = None,
 ) -> dict:
-    """The study's record of one run from its TensorBoard scalars (see the module doc)."""
+    """The study's record of one run from its TensorBoard scalars (see the module doc);
+    ``megatron_flags`` (default: ``command``) give the tokens of a step."""
     scalars = read_scalars(tensorboard_dir)
     if "lm loss" not in scalars:
         raise InputError(
@@ -186,13 +192,23 @@ def run_record(
         "speed": speed_entry(
             _tail(scalars, "iteration-time"),
             _tail(scalars, "throughput"),
-            tokens=tokens_per_step(command),
+            tokens=tokens_per_step(command if megatron_flags is None else megatron_flags),
             peak_tflops=peak_tflops,
         ),
     }
 
 
 _LAUNCH_LINE = "[launch] "
+
+
+def manifest_command(manifest: dict) -> str:
+    """A run manifest's launcher command, with the commit it ran at (and a note where its
+    tracked files had changes), as the records hold it."""
+    command, code = manifest["command"], manifest.get("code") or {}
+    if code.get("commit"):
+        dirty = " with uncommitted changes" if code.get("dirty") else ""
+        command += f"  # at {code['commit'][:12]}{dirty}"
+    return command
 
 
 def card_sharing(calls: Path) -> dict[str, int]:
@@ -224,12 +240,15 @@ def collect(
     out_dir: str | Path,
     preset: str | None = None,
 ) -> tuple[list[Path], list[str]]:
-    """Record every run of ``preset`` under ``root`` as ``tools/gpu_study.sh`` lays them out
-    (``seedS/PRESET/ARM/tensorboard``, the launcher's output in ``seedS/PRESET/ARM.launch.log``
-    or, from the first calls, ``seedS/ARM.launch.log``, the card and versions in
-    ``versions.json``) into ``out_dir/SETTING-ARM-sS.json``; ``preset`` may be left out where
-    ``root`` holds one preset's runs. Returns (the records written, one line per run that has
-    no record and why: e.g. stopped by the call's deadline before its first evaluation)."""
+    """Record every run of ``preset`` under ``root`` into ``out_dir/SETTING-ARM-sS.json``:
+    runs laid out as ``seedS/PRESET/ARM/tensorboard``, as ``tools/gpu_study.sh`` lays them out
+    (the launcher's output in ``seedS/PRESET/ARM.launch.log`` or, from the first calls,
+    ``seedS/ARM.launch.log``, the card and versions in ``versions.json``) and as the launcher
+    does with ``--runs-dir ROOT/seedS`` (its manifest ``ARM/launch.json``: the command, the
+    Megatron flags, the commit and versions; the CPU loop's step times in
+    ``ARM/progress.jsonl``). ``preset`` may be left out where ``root`` holds one preset's
+    runs. Returns (the records written, one line per run that has no record and why: e.g.
+    stopped by the call's deadline before its first evaluation)."""
     root, out_dir = Path(root), Path(out_dir)
     versions_file = root / "versions.json"
     versions = read_json(versions_file, "versions") if versions_file.is_file() else {}
@@ -254,9 +273,16 @@ def collect(
             log = seed_dir / f"{arm}.launch.log"
         lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
         command = next((x[len(_LAUNCH_LINE) :] for x in lines if x.startswith(_LAUNCH_LINE)), "")
+        manifest_file = tb.parent / MANIFEST
+        manifest = read_json(manifest_file, "run manifest") if manifest_file.is_file() else None
+        flags = command
+        if manifest is not None:  # the launcher's own account of the run (CPU and GPU)
+            flags = shlex.join(manifest["megatron_flags"])
+            command = command or manifest_command(manifest)
+            log = manifest_file
         micro, seq = (
-            command_value(command, "--micro-batch-size"),
-            command_value(command, "--seq-length"),
+            command_value(flags, "--micro-batch-size"),
+            command_value(flags, "--seq-length"),
         )
         if (
             micro is not None
@@ -278,12 +304,15 @@ def collect(
                 tokens_per_micro_batch=tokens_per_micro_batch,
                 peak_tflops=peak_tflops,
                 command=command,
-                versions=versions,
+                versions={**(manifest or {}).get("versions", {}), **versions},
+                megatron_flags=flags,
             )
         except InputError as e:
             skipped.append(f"{arm} seed {seed}: {e}")
             continue
-        iters = command_value(command, "--train-iters")
+        if manifest is not None:
+            record["launch"] = manifest
+        iters = command_value(flags, "--train-iters")
         if iters is not None and record["heldout"]["at_step"] != int(iters):
             skipped.append(
                 f"{arm} seed {seed}: stopped before its final evaluation (held-out loss at step "
@@ -293,13 +322,19 @@ def collect(
             continue
         record["tensorboard_dir"] = tb.relative_to(root).as_posix()
         speed = record["speed"]
-        node_log = tb.parent / "node0.log"
+        node_log, progress = tb.parent / "node0.log", tb.parent / "progress.jsonl"
         if speed["seconds_per_step"] is None and node_log.is_file():
             speed.update(
                 speed_entry(
-                    *log_speed(node_log), tokens=tokens_per_step(command), peak_tflops=peak_tflops
+                    *log_speed(node_log), tokens=tokens_per_step(flags), peak_tflops=peak_tflops
                 ),
                 source="node0.log",
+            )
+        elif speed["seconds_per_step"] is None and progress.is_file():  # the CPU loop's
+            step = steady_step_seconds([p["seconds"] for p in read_progress(progress)])
+            speed.update(
+                speed_entry(step, None, tokens=tokens_per_step(flags), peak_tflops=peak_tflops),
+                source="progress.jsonl",
             )
         speed["card_shared_by"] = shared.get(f"{preset_dir.name}/{arm}:{seed}")
         out = out_dir / f"{record['name']}.json"
@@ -545,7 +580,11 @@ def main(argv: list[str] | None = None) -> None:
     t = sub.add_parser("table", help="the Pareto table of study records")
     t.add_argument("records", nargs="+")
     t.add_argument("--baseline", default="megatron")
-    c = sub.add_parser("collect", help="record every run of a gpu_study.sh output directory")
+    c = sub.add_parser(
+        "collect",
+        help="record every run of ROOT/seedS/PRESET/ARM (gpu_study.sh's output, or the "
+        "launcher's with --runs-dir ROOT/seedS)",
+    )
     c.add_argument("root")
     c.add_argument("--setting", required=True, help="e.g. gpu-8x8-control")
     c.add_argument("--tokens-per-micro-batch", type=int, required=True)

@@ -9,5 +9,6 @@ commands, or into a run on the simulated cluster. ``python -m megatron_locmoe.la
 - ``torchrun``: this node's torchrun, logged with signals forwarded; the Ascend rank entry;
 - ``cpu_settings`` / ``cpu``: Megatron's flags as the CPU loop's settings; the runs trained on
   the simulated cluster;
+- ``manifest``: each run's ``launch.json`` (command, flags, commit, versions);
 - ``cli``: the command (options, the dry run's text, the runs in order).
 """

@@ -36,7 +36,9 @@ Per device kind:
 
 A preset with a ``sweep`` runs its entries one after another (e.g. one training per router)
 and ends with a table of tokens/s and lm loss per run, also written to
-``RUNS/PRESET/summary.json``; every run's output is kept in ``RUNS/PRESET/RUN/node<R>.log``.
+``RUNS/PRESET/summary.json``; every run's output is kept in ``RUNS/PRESET/RUN/node<R>.log``,
+and how to repeat it (the command, the Megatron flags, the commit, the versions) in
+``RUNS/PRESET/RUN/launch.json`` (:mod:`megatron_locmoe.launch.manifest`).
 
 This module is the command: its options, the dry run's text and the runs in order; the parts
 it calls are the package's other modules (listed in :mod:`megatron_locmoe.launch`).
@@ -53,6 +55,7 @@ import sys
 
 from megatron_locmoe.launch.cpu import RunFailed, run_cpu
 from megatron_locmoe.launch.data_step import prepare_data
+from megatron_locmoe.launch.manifest import write_run_manifest
 from megatron_locmoe.launch.plan import DEFAULT_MASTER_PORT, Options, Plan, build_plan
 from megatron_locmoe.launch.presets import PresetError, add_set_option, available_presets
 from megatron_locmoe.launch.torchrun import (
@@ -173,6 +176,7 @@ def execute(plan: Plan) -> int:
         prepare_data(plan)
         for rp in plan.runs:
             (cmd,) = rp.commands
+            write_run_manifest(plan, rp)
             log_path = rp.log_dir / f"node{cmd.node_rank}.log"
             code = run_logged(cmd, log_path)
             if code != 0:

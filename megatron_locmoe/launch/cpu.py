@@ -13,6 +13,7 @@ import math
 import sys
 from pathlib import Path
 
+from megatron_locmoe.launch.manifest import write_run_manifest
 from megatron_locmoe.launch.plan import Plan
 
 
@@ -42,7 +43,7 @@ def run_cpu(plan: Plan) -> dict[str, dict]:
     with SimCluster(plan.world_size) as cluster:
         for rp in plan.runs:
             settings, layout = rp.cpu_loop
-            rp.log_dir.mkdir(parents=True, exist_ok=True)
+            write_run_manifest(plan, rp)
             progress = Path(settings.progress_path)
             progress.unlink(missing_ok=True)
             print(

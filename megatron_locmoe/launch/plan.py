@@ -89,6 +89,33 @@ class Options:
     extra: list[str] = field(default_factory=list)
     python: str = sys.executable
 
+    def command_line(self) -> str:
+        """The launcher's command line for these options (those not at their defaults), as a
+        user types it: what a run's manifest records."""
+        argv = ["--config", self.config]
+        for name, default in (
+            ("nodes", None),
+            ("node_rank", None),
+            ("master_addr", None),
+            ("master_port", DEFAULT_MASTER_PORT),
+            ("devices_per_node", None),
+            ("rdzv_id", None),
+            ("entry", None),
+        ):
+            value = getattr(self, name)
+            if value != default:
+                argv += [f"--{name.replace('_', '-')}", str(value)]
+        for item in self.sets:
+            argv += ["--set", item]
+        if self.runs is not None:
+            argv += ["--runs", ",".join(self.runs)]
+        if self.runs_dir != "runs":
+            argv += ["--runs-dir", self.runs_dir]
+        argv += ["--cpu-twin"] * self.cpu_twin + ["--no-check"] * (not self.check)
+        if self.extra:
+            argv += ["--", *self.extra]
+        return shlex.join(["python", "-m", "megatron_locmoe.launch", *argv])
+
 
 @dataclass
 class NodeCommand:
@@ -147,6 +174,8 @@ class Plan:
     corpus_prefixes: list[str] = field(default_factory=list)
     """With prepare_data realtext: the real-text corpus's datasets the runs read (one
     directory), the corpus built there when one is missing."""
+    command: str = ""
+    """The launcher's command line that made the plan (``Options.command_line``)."""
 
     @property
     def world_size(self) -> int:
@@ -180,6 +209,7 @@ def build_plan(opts: Options, preset: Preset | None = None) -> Plan:
     runs_dir = Path(opts.runs_dir)
     node_ranks = [opts.node_rank] if opts.node_rank is not None else list(range(nodes))
     plan = Plan(preset, nodes, dpn, node_ranks, master, opts.master_port, [], runs_dir)
+    plan.command = opts.command_line()
     entry = _entry_argv(preset.entry, preset.device) if preset.device != "cpu" else []
     for run, flags in preset.runs(opts.runs):
         subst = {"preset": preset.name, "run": run, "runs": str(runs_dir), "nodes": str(nodes)}
