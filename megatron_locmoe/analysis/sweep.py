@@ -35,7 +35,6 @@ import json
 import math
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -459,25 +458,15 @@ def versions() -> dict:
 
     import torch
 
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = bool(
-            subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
-                capture_output=True,
-                text=True,
-            ).stdout.strip()
-        )
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = None, None
+    from megatron_locmoe.launch.manifest import code_version
+
+    code = code_version()
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "megatron_core": importlib.metadata.version("megatron-core"),
-        "git_commit": commit,
-        "git_dirty": dirty,
+        "git_commit": code["commit"],
+        "git_dirty": code["dirty"],
         "machine": f"{platform.machine()}, {platform.node()}",
     }
 
