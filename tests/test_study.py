@@ -278,6 +278,7 @@ def test_collect_records_the_launchers_runs_from_their_manifests(tmp_path):
     assert commit is None or record["command"].split("  # at ")[1].startswith(commit[:12])
     assert record["launch"]["megatron_flags"] == rp.flags
     assert record["versions"]["megatron-core"] and record["versions"]["torch"]
+    assert record["versions"]["card"] == f"CPU ({record['launch']['host']['cpus']} cores)"
     speed = record["speed"]
     assert speed["source"] == "progress.jsonl" and speed["seconds_per_step"] == 1.0
     assert speed["tokens_per_s"] == pytest.approx(gbs * seq)

@@ -201,6 +201,17 @@ def run_record(
 _LAUNCH_LINE = "[launch] "
 
 
+def _manifest_versions(manifest: dict | None) -> dict:
+    """A run manifest's versions, with the card where the run had none (the CPU loop's
+    host: ``CPU (N cores)``)."""
+    if manifest is None:
+        return {}
+    out = dict(manifest.get("versions", {}))
+    if manifest.get("device") == "cpu":
+        out["card"] = f"CPU ({manifest.get('host', {}).get('cpus')} cores)"
+    return out
+
+
 def manifest_command(manifest: dict) -> str:
     """A run manifest's launcher command, with the commit it ran at (and a note where its
     tracked files had changes), as the records hold it."""
@@ -304,7 +315,7 @@ def collect(
                 tokens_per_micro_batch=tokens_per_micro_batch,
                 peak_tflops=peak_tflops,
                 command=command,
-                versions={**(manifest or {}).get("versions", {}), **versions},
+                versions={**_manifest_versions(manifest), **versions},
                 megatron_flags=flags,
             )
         except InputError as e:
