@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,10 @@ import numpy as np
 from megatron_locmoe.analysis.errors import read_json, require_types
 
 RUN_FILE = "run.json"
+MANIFEST_FILE = "launch.json"
+"""The launcher's account of a run in its directory (``launch.manifest``): the command as
+typed, the Megatron flags, the node commands, the code (``code_version``) and versions."""
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]
 TAIL_FRACTION = 0.2
 """Steady-state statistics are means over this last fraction of a run's steps."""
 
@@ -31,6 +36,24 @@ TAIL_FRACTION = 0.2
 def tail_length(steps: int, fraction: float = TAIL_FRACTION) -> int:
     """How many of the last ``steps`` a tail mean covers (at least one)."""
     return max(1, int(round(steps * fraction)))
+
+
+def code_version(where: Path = _PACKAGE_DIR) -> dict:
+    """``{"commit", "dirty"}`` of the git checkout holding ``where`` (default: this package's),
+    dirty meaning tracked files with changes; both None outside one (an installed wheel, a tree
+    copied without its .git)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(where), *args], capture_output=True, text=True, check=True, timeout=30
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": dirty}
 
 
 def write_run_record(run_dir: str | Path, record: dict) -> Path:

@@ -49,8 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_locmoe.analysis.errors import InputError, read_json, require_keys, run_tool
-from megatron_locmoe.analysis.runlog import read_scalars, tail_length
-from megatron_locmoe.launch.manifest import MANIFEST
+from megatron_locmoe.analysis.runlog import MANIFEST_FILE, read_scalars, tail_length
 from megatron_locmoe.sim.progress import read_progress, steady_step_seconds
 
 BYTE_METRICS = (
@@ -284,7 +283,7 @@ def collect(
             log = seed_dir / f"{arm}.launch.log"
         lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
         command = next((x[len(_LAUNCH_LINE) :] for x in lines if x.startswith(_LAUNCH_LINE)), "")
-        manifest_file = tb.parent / MANIFEST
+        manifest_file = tb.parent / MANIFEST_FILE
         manifest = read_json(manifest_file, "run manifest") if manifest_file.is_file() else None
         flags = command
         if manifest is not None:  # the launcher's own account of the run (CPU and GPU)

@@ -458,7 +458,7 @@ def versions() -> dict:
 
     import torch
 
-    from megatron_locmoe.launch.manifest import code_version
+    from megatron_locmoe.analysis.runlog import code_version
 
     code = code_version()
     return {

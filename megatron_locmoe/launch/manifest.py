@@ -10,36 +10,10 @@ import importlib.metadata
 import json
 import os
 import platform
-import subprocess
 from pathlib import Path
 
+from megatron_locmoe.analysis.runlog import MANIFEST_FILE, code_version
 from megatron_locmoe.launch.plan import Plan, RunPlan
-
-MANIFEST = "launch.json"
-"""The manifest's name in the run's directory (``RunPlan.log_dir``)."""
-
-_PACKAGE_DIR = Path(__file__).resolve().parents[1]
-
-
-def code_version(where: Path = _PACKAGE_DIR) -> dict:
-    """``{"commit", "dirty"}`` of the git checkout holding ``where``; both None outside one (an
-    installed wheel, a tree copied without its .git)."""
-    try:
-
-        def git(*args: str) -> str:
-            return subprocess.run(
-                ["git", "-C", str(where), *args],
-                capture_output=True,
-                text=True,
-                check=True,
-                timeout=30,
-            ).stdout.strip()
-
-        commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired):
-        return {"commit": None, "dirty": None}
-    return {"commit": commit, "dirty": dirty}
 
 
 def _version(distribution: str) -> str | None:
@@ -73,6 +47,6 @@ def run_manifest(plan: Plan, rp: RunPlan) -> dict:
 def write_run_manifest(plan: Plan, rp: RunPlan) -> Path:
     """Write ``rp``'s manifest into its directory (created); the path."""
     rp.log_dir.mkdir(parents=True, exist_ok=True)
-    path = rp.log_dir / MANIFEST
+    path = rp.log_dir / MANIFEST_FILE
     path.write_text(json.dumps(run_manifest(plan, rp), indent=1) + "\n")
     return path
