@@ -22,7 +22,6 @@ from functools import partial
 import torch
 
 from megatron_locmoe import adaptor
-from megatron_locmoe.config import ConfigError
 
 
 def _reads_data(vp_stage, args) -> bool:
@@ -257,23 +256,17 @@ class _Tags:
 
 
 def routing_profile(args):
-    """The ProfileWindows --locmoe-routing-profile asks for, or None; its collector takes the
-    cluster's shape (the virtual cluster's, else this rank's topology) at the first
-    micro-batch, once the model is built."""
-    if getattr(args, "locmoe_routing_profile", None) is None:
-        if getattr(args, "locmoe_routing_profile_interval", 0):
-            raise ConfigError(
-                "--locmoe-routing-profile-interval without --locmoe-routing-profile: give the "
-                "directory the profiles go to"
-            )
-        return None
-    from megatron_locmoe.analysis.placement import ProfileWindows
+    """The ProfileWindows --locmoe-routing-profile asks for, or None (the flags' rules:
+    ``ProfileRequest.from_args``); its collector takes the cluster's shape (the virtual
+    cluster's, else this rank's topology) at the first micro-batch, once the model is built."""
+    from megatron_locmoe.analysis.placement import ProfileRequest
     from megatron_locmoe.arguments import locmoe_config_from_args
     from megatron_locmoe.topology import current_topology
     from megatron_locmoe.virtual import VirtualCluster
 
-    if not args.num_experts:
-        raise ConfigError("--locmoe-routing-profile profiles MoE routing: give --num-experts")
+    request = ProfileRequest.from_args(args)
+    if request is None:
+        return None
     cluster = VirtualCluster.from_config(locmoe_config_from_args(args))
 
     def shape():
@@ -282,7 +275,7 @@ def routing_profile(args):
         topo = current_topology()
         return args.num_experts, topo.ep_size, topo.num_nodes
 
-    return ProfileWindows(args.locmoe_routing_profile, args.locmoe_routing_profile_interval, shape)
+    return request.windows(shape)
 
 
 def forward_step(data_iterator, model, *, profile=None):

@@ -929,10 +929,23 @@ def test_cpu_loop_refuses_cuda_only_settings_with_the_fix(tmp_path):
     assert settings.model.apply_rope_fusion is False
 
 
-def test_cpu_loop_refuses_pretrain_gpts_routing_profile_with_its_own_command(tmp_path):
-    sets = ["locmoe-routing-profile=" + str(tmp_path / "p")]
-    with pytest.raises(PresetError, match="placement profile SETTINGS.json"):
-        _plan("cpu-sim", sets=sets, runs_dir=str(tmp_path))
+def test_cpu_loop_takes_pretrain_gpts_routing_profile_flags(tmp_path):
+    """--locmoe-routing-profile DIR [--locmoe-routing-profile-interval K]: the CPU loop writes
+    the same profile windows (tests/test_placement.py checks their counts); the flags' rules
+    are pretrain_gpt's."""
+    from megatron_locmoe.analysis.placement import ProfileRequest
+
+    sets = ["locmoe-routing-profile=" + str(tmp_path / "p"), "locmoe-routing-profile-interval=5"]
+    settings, _ = _plan("cpu-sim", sets=sets, runs_dir=str(tmp_path)).runs[0].cpu_loop
+    assert settings.routing_profile == ProfileRequest(str(tmp_path / "p"), 5)
+    settings, _ = _plan("cpu-sim", runs_dir=str(tmp_path)).runs[0].cpu_loop
+    assert settings.routing_profile is None
+    with pytest.raises(PresetError, match="without --locmoe-routing-profile: give the direc"):
+        _plan("cpu-sim", sets=sets[1:], runs_dir=str(tmp_path))
+    with pytest.raises(PresetError, match="interval -2: give K >= 1"):
+        _plan(
+            "cpu-sim", sets=[sets[0], "locmoe-routing-profile-interval=-2"], runs_dir=str(tmp_path)
+        )
 
 
 def test_cpu_loop_honours_the_model_flags(tmp_path):

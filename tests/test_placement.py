@@ -85,6 +85,37 @@ def test_profile_counts_every_kept_assignment(run):
 
 
 @pytest.mark.slow
+def test_the_cpu_loop_writes_the_profile_windows_pretrain_gpt_writes(run, tmp_path):
+    """TrainSettings.routing_profile (the launcher's --locmoe-routing-profile): the CPU loop's
+    windows of training iterations hold exactly what profile_job counted over the same step,
+    one file a window, named by its iterations; evaluation is left out."""
+    cluster, settings, root, profiled = run
+    out = tmp_path / "whole"
+    held_out = settings.data_prefix + "_valid"  # the corpus's mixture_valid
+    resumed = replace(settings, steps=3, load_dir=str(root), eval_batches=1, eval_prefix=held_out)
+    request = placement.ProfileRequest(str(out))
+    result = cluster.run(train_job, replace(resumed, routing_profile=request), layout=ONE)[0]
+    assert result["losses"] == profiled["losses"] and "eval_loss" in result
+    (path,) = out.iterdir()
+    assert path.name == "profile_iter0000003-0000003.npz"
+    mine, theirs = placement.RoutingProfile.load(path), profiled["profile"]
+    assert mine.layers == theirs.layers and mine.router_type == theirs.router_type
+    for name in ("coact", "tokens", "sample_experts", "sample_nodes"):
+        assert np.array_equal(getattr(mine, name), getattr(theirs, name)), name
+    # K = 1 over steps 3 and 4: one window each
+    out = tmp_path / "windows"
+    request = placement.ProfileRequest(str(out), interval=1)
+    both = replace(settings, steps=4, load_dir=str(root), routing_profile=request)
+    cluster.run(train_job, both, layout=ONE)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["profile_iter0000003-0000003.npz", "profile_iter0000004-0000004.npz"]
+    first = placement.RoutingProfile.load(out / names[0])
+    assert np.array_equal(first.coact, theirs.coact)
+    with pytest.raises(placement.PlacementError, match="interval -1: give K >= 1"):
+        placement.ProfileRequest("x", interval=-1)
+
+
+@pytest.mark.slow
 def test_the_permuted_checkpoint_trains_the_same_losses(run, tmp_path, record_property):
     cluster, settings, root, profiled = run
     plan = placement.plan_placement(profiled["profile"])

@@ -404,11 +404,6 @@ class ProfileWindows:
     (number of experts, EP size, nodes per EP group)."""
 
     def __init__(self, out_dir: str | os.PathLike, interval: int, shape, sample_size=1 << 16):
-        if interval < 0:
-            raise PlacementError(
-                f"--locmoe-routing-profile-interval {interval}: give K >= 1 iterations a "
-                "window, or 0 for one profile of the whole run"
-            )
         self.out_dir, self.interval, self.shape = Path(out_dir), interval, shape
         self.S = sample_size
         self.collector: ProfileCollector | None = None
@@ -433,6 +428,12 @@ class ProfileWindows:
             self.collector.remove()
         return self.written
 
+    def discard(self) -> None:
+        """Stop counting without writing (the run failed or stopped): no collective, so a
+        rank may call it alone; the hook leaves the process's modules."""
+        if self.collector is not None:
+            self.collector.remove()
+
     def _write(self, end: int) -> None:
         import torch.distributed as dist
 
@@ -449,19 +450,73 @@ class ProfileWindows:
         self.start = end
 
 
+@dataclass(frozen=True)
+class ProfileRequest:
+    """``--locmoe-routing-profile DIR --locmoe-routing-profile-interval K`` as a run asks for
+    it: ``from_args`` holds the flags' rules (for pretrain_gpt and the launcher's CPU loop),
+    ``windows`` makes the run's ProfileWindows once its model exists, and ``start`` does so for
+    the CPU loop's ``train_job`` (``TrainSettings.routing_profile``: the loop calls
+    ``at_iteration`` before every step, ``close`` after training, ``discard`` if it fails)."""
+
+    out_dir: str
+    interval: int = 0
+    sample_size: int = 1 << 16
+
+    def __post_init__(self):
+        if self.interval < 0:
+            raise PlacementError(
+                f"--locmoe-routing-profile-interval {self.interval}: give K >= 1 iterations a "
+                "window, or 0 for one profile of the whole run"
+            )
+
+    @classmethod
+    def from_args(cls, args) -> ProfileRequest | None:
+        """The request Megatron's parsed arguments make, or None; raises ConfigError."""
+        from megatron_locmoe.config import ConfigError
+
+        interval = getattr(args, "locmoe_routing_profile_interval", 0) or 0
+        if getattr(args, "locmoe_routing_profile", None) is None:
+            if interval:
+                raise ConfigError(
+                    "--locmoe-routing-profile-interval without --locmoe-routing-profile: give "
+                    "the directory the profiles go to"
+                )
+            return None
+        if not args.num_experts:
+            raise ConfigError("--locmoe-routing-profile profiles MoE routing: give --num-experts")
+        try:
+            return cls(args.locmoe_routing_profile, interval)
+        except PlacementError as e:
+            raise ConfigError(str(e)) from None
+
+    def windows(self, shape) -> ProfileWindows:
+        return ProfileWindows(self.out_dir, self.interval, shape, self.sample_size)
+
+    def start(self, ctx, settings) -> ProfileWindows:
+        """The CPU loop's windows: the shape from the virtual cluster, else the job's ranks."""
+        shape = _cluster_shape(ctx, settings)
+        return self.windows(lambda: (settings.model.num_moe_experts, *shape))
+
+
+def _cluster_shape(ctx, settings) -> tuple[int, int]:
+    """(EP size, nodes per EP group) of a CPU-loop job: the virtual cluster's, else the
+    simulated ranks' topology."""
+    from megatron_locmoe.virtual import VirtualCluster
+
+    cluster = VirtualCluster.from_config(settings.locmoe)
+    if cluster is not None:
+        return cluster.ep_size, cluster.ep_groups[0].num_nodes
+    topo = ctx.topology()
+    return topo.ep_size, topo.num_nodes
+
+
 def profile_job(ctx, settings, sample_size: int = 1 << 16) -> dict:
     """SimCluster job: ``sim.trainer.train_job`` with a ProfileCollector installed (resume
     from ``settings.load_dir`` and train the profile's steps, or only evaluate). Returns the
     run's results with ``profile`` (the RoutingProfile, the same on every rank)."""
     from megatron_locmoe.sim.trainer import train_job
-    from megatron_locmoe.virtual import VirtualCluster
 
-    cluster = VirtualCluster.from_config(settings.locmoe)
-    if cluster is not None:
-        ep, nodes = cluster.ep_size, cluster.ep_groups[0].num_nodes
-    else:
-        topo = ctx.topology()
-        ep, nodes = topo.ep_size, topo.num_nodes
+    ep, nodes = _cluster_shape(ctx, settings)
     collector = ProfileCollector(settings.model.num_moe_experts, ep, nodes, sample_size).install()
     try:
         result = train_job(ctx, settings)

@@ -33,14 +33,17 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path, per_nod
     flags' split, masks and cache; :func:`data_settings`), evaluates the
     held-out data the flags name once after training (:func:`held_out_settings`) and counts
     the routing of the last steps (``routing_stats_steps``: the tail the reports average
-    over); anything else in the flags is refused here rather than silently ignored. ``--save`` / ``--save-interval`` /
+    over) and, with ``--locmoe-routing-profile``, writes the training routing's profile
+    windows as pretrain_gpt does (``analysis.placement.ProfileRequest``); anything else in the flags is refused here rather than silently ignored. ``--save`` / ``--save-interval`` /
     ``--load`` map to its torch_dist checkpoints; its per-step progress goes to
     ``log_dir/progress.jsonl`` (tokens/s). The model is built from Megatron's own
     TransformerConfig for the flags, and the optimizer and schedule are Megatron's for them
     (:func:`optimizer_settings`), so every model and optimizer flag means what it means to
     pretrain_gpt."""
     # torch and Megatron when a plan is checked, not on import (the module's docstring)
+    from megatron_locmoe.analysis.placement import ProfileRequest
     from megatron_locmoe.arguments import gpt_dataset_options, locmoe_config_from_args
+    from megatron_locmoe.config import ConfigError
     from megatron_locmoe.sim.cluster import ParallelLayout
     from megatron_locmoe.sim.trainer import TrainSettings
 
@@ -84,11 +87,10 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path, per_nod
         refuse.append(
             "--exit-duration-in-mins: the CPU loop stops by iterations, use --exit-interval"
         )
-    if getattr(args, "locmoe_routing_profile", None):
-        refuse.append(
-            "--locmoe-routing-profile: pretrain_gpt's (GPU runs); the CPU loop profiles with "
-            "`python -m megatron_locmoe.analysis.placement profile SETTINGS.json` (docs/placement.md)"
-        )
+    try:  # --locmoe-routing-profile: windows of the training routing, as pretrain_gpt's
+        routing_profile = ProfileRequest.from_args(args)
+    except ConfigError as e:
+        refuse.append(str(e))
     held_out, why = held_out_settings(args, nodes, dp)
     refuse += why
     refuse += checkpoint_flag_refusals(args)
@@ -130,6 +132,7 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path, per_nod
         **data,
         **held_out,
         routing_stats_steps=tail_length(args.train_iters),
+        routing_profile=routing_profile,
         locmoe=locmoe,
         model=gpt.transformer,
         steps=args.train_iters,

@@ -21,7 +21,7 @@ import json
 import time
 from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -131,6 +131,11 @@ class TrainSettings:
     check_for_nan_in_loss_and_grad: bool = True
     """Stop every rank, naming the step, the ranks and the first bad tensor, when the loss or a
     gradient is not finite (Megatron's --check-for-nan-in-loss-and-grad; default on there too)."""
+    routing_profile: Any = None
+    """--locmoe-routing-profile's request (``analysis.placement.ProfileRequest``, which the
+    launcher passes; any object whose ``start(ctx, settings)`` returns windows with
+    ``at_iteration(completed)``, ``close()`` and ``discard()``): the training routing in
+    windows of iterations, as pretrain_gpt writes them. None: no profile."""
     routing_stats_steps: int = 0
     """Count every router's token-expert assignments (after drops) over the last this many
     training steps: ``tokens_per_expert`` [ranks][layers][E] in the results (0: off)."""
@@ -671,64 +676,76 @@ def train_job(ctx, settings: TrainSettings) -> dict:
                 writer.close()
             raise StopRequested(signum, done, saved)
 
-    step = start - 1
-    for step in range(start, settings.steps):
-        stop_if_signalled(step)
-        counts.active = step >= settings.steps - settings.routing_stats_steps
-        step_start = time.perf_counter()
-        if cluster is None:
-            batches = _step_batches(data, settings, step, num_microbatches, (dp_size, dp_rank))
+    windows = settings.routing_profile.start(ctx, settings) if settings.routing_profile else None
+    try:
+        step = start - 1
+        for step in range(start, settings.steps):
+            stop_if_signalled(step)
+            counts.active = step >= settings.steps - settings.routing_stats_steps
+            if windows is not None:
+                windows.at_iteration(step)  # the iterations completed before this one
+            step_start = time.perf_counter()
+            if cluster is None:
+                batches = _step_batches(data, settings, step, num_microbatches, (dp_size, dp_rank))
+            else:
+                batches = _virtual_step_batches(
+                    data_of_rank, settings, step, num_microbatches, cluster
+                )
+            opt.zero_grad(set_to_none=True)
+            outputs = _run_schedule(chunks, settings, batches, forward_only=False)
+            # this rank's loss: the mean of its micro-batches' (the last stage holds them)
+            local = torch.stack([o["lm loss"] for o in outputs]).mean() if last_stage else None
+            if settings.check_for_nan_in_loss_and_grad:
+                _check_finite(chunks, local if last_stage else torch.zeros(()), step)
+            if scheduler is not None:
+                grad_norms.append(_clip_grads(chunks, settings.optimizer.clip_grad))
+                applied_lr.append(opt.param_groups[0]["lr"])
+            opt.step()
+            if scheduler is not None:
+                scheduler.step(settings.optimizer.samples_per_step)
+            saving = settings.save_interval and (step + 1) % settings.save_interval == 0
+            exiting = settings.exit_interval and (step + 1) % settings.exit_interval == 0
+            if settings.save_dir and (saving or exiting):
+                checkpoint.save(chunks, opt, step + 1, settings.save_dir)
+                saved_at = step + 1
+            mean = local.clone() if last_stage else torch.zeros(())
+            # the mean of every dp-cp rank's own-token mean: the objective the gradients follow
+            # (Megatron divides each CP rank's loss by its own token count, then averages over dp-cp)
+            dist.all_reduce(mean, group=dp_cp_group, op=dist.ReduceOp.AVG)
+            losses.append(float(_from_last_stage(mean)))
+            scalars = _CollectingWriter(writer)
+            tracker.report(
+                1.0 / len(batches),  # the tracker sums the micro-batches' values
+                step + 1,
+                writer=scalars,
+                wandb_writer=wandb_run,
+                track_names=["load_balancing_loss"],
+                num_layers=config.num_layers,  # as Megatron's training_log passes them
+                moe_layer_freq=config.moe_layer_freq,
+                mtp_num_layers=config.mtp_num_layers,
+                force_initialize=True,
+                per_layer_logging=settings.per_layer_logging,
+            )
+            reported = scalars.values
+            if writer is not None:
+                writer.add_scalar("lm loss", losses[-1], step + 1)
+            if wandb_run is not None:
+                wandb_run.log({"lm loss": losses[-1]}, step + 1)
+            if settings.progress_path and ctx.rank == ctx.world_size - 1:
+                seconds = time.perf_counter() - step_start
+                line = {"step": step + 1, "loss": losses[-1], "seconds": seconds}
+                with open(settings.progress_path, "a") as f:
+                    f.write(json.dumps(line) + "\n")
+            if exiting:
+                break
         else:
-            batches = _virtual_step_batches(data_of_rank, settings, step, num_microbatches, cluster)
-        opt.zero_grad(set_to_none=True)
-        outputs = _run_schedule(chunks, settings, batches, forward_only=False)
-        # this rank's loss: the mean of its micro-batches' (the last stage holds them)
-        local = torch.stack([o["lm loss"] for o in outputs]).mean() if last_stage else None
-        if settings.check_for_nan_in_loss_and_grad:
-            _check_finite(chunks, local if last_stage else torch.zeros(()), step)
-        if scheduler is not None:
-            grad_norms.append(_clip_grads(chunks, settings.optimizer.clip_grad))
-            applied_lr.append(opt.param_groups[0]["lr"])
-        opt.step()
-        if scheduler is not None:
-            scheduler.step(settings.optimizer.samples_per_step)
-        saving = settings.save_interval and (step + 1) % settings.save_interval == 0
-        exiting = settings.exit_interval and (step + 1) % settings.exit_interval == 0
-        if settings.save_dir and (saving or exiting):
-            checkpoint.save(chunks, opt, step + 1, settings.save_dir)
-            saved_at = step + 1
-        mean = local.clone() if last_stage else torch.zeros(())
-        # the mean of every dp-cp rank's own-token mean: the objective the gradients follow
-        # (Megatron divides each CP rank's loss by its own token count, then averages over dp-cp)
-        dist.all_reduce(mean, group=dp_cp_group, op=dist.ReduceOp.AVG)
-        losses.append(float(_from_last_stage(mean)))
-        scalars = _CollectingWriter(writer)
-        tracker.report(
-            1.0 / len(batches),  # the tracker sums the micro-batches' values
-            step + 1,
-            writer=scalars,
-            wandb_writer=wandb_run,
-            track_names=["load_balancing_loss"],
-            num_layers=config.num_layers,  # as Megatron's training_log passes them
-            moe_layer_freq=config.moe_layer_freq,
-            mtp_num_layers=config.mtp_num_layers,
-            force_initialize=True,
-            per_layer_logging=settings.per_layer_logging,
-        )
-        reported = scalars.values
-        if writer is not None:
-            writer.add_scalar("lm loss", losses[-1], step + 1)
-        if wandb_run is not None:
-            wandb_run.log({"lm loss": losses[-1]}, step + 1)
-        if settings.progress_path and ctx.rank == ctx.world_size - 1:
-            seconds = time.perf_counter() - step_start
-            line = {"step": step + 1, "loss": losses[-1], "seconds": seconds}
-            with open(settings.progress_path, "a") as f:
-                f.write(json.dumps(line) + "\n")
-        if exiting:
-            break
-    else:
-        stop_if_signalled(step + 1)
+            stop_if_signalled(step + 1)
+    except BaseException:
+        if windows is not None:  # a failed or stopped run writes no partial window
+            windows.discard()
+        raise
+    if windows is not None:
+        windows.close()  # the last window; collective: every rank gathers, rank 0 writes
     counts.active = False
     out = {"losses": losses, "first_step": start + 1, "metrics": reported}
     if scheduler is not None:
