@@ -284,11 +284,28 @@ def _check_virtual_and_domain_args(args, cfg: LocMoEConfig) -> None:
             "--locmoe-domain-data-path replaces --data-path / --train-data-path / --mock-data "
             "(node k reads domain k mod D); give one or the other"
         )
-    if not valid and getattr(args, "split", None) is None:
+    mixture_valid = getattr(args, "valid_data_path", None)
+    if valid and mixture_valid:
         raise ConfigError(
-            "--locmoe-domain-data-path without --locmoe-domain-valid-data-path splits each "
-            "domain by --split, which is not set: give --split (e.g. 969,30,1) or each "
-            "domain's held-out prefix with --locmoe-domain-valid-data-path"
+            "--valid-data-path with --locmoe-domain-valid-data-path: give one held-out set, "
+            "each node's domain (--locmoe-domain-valid-data-path) or one for every rank "
+            "(--valid-data-path)"
+        )
+    if getattr(args, "test_data_path", None):
+        raise ConfigError(
+            "--test-data-path with --locmoe-domain-data-path: the domain-sharded loader reads "
+            "no test set; drop it"
+        )
+    if not valid and not mixture_valid and getattr(args, "split", None) is None:
+        raise ConfigError(
+            "--locmoe-domain-data-path without held-out data splits each domain by --split, "
+            "which is not set: give --split (e.g. 969,30,1), each domain's held-out prefix "
+            "(--locmoe-domain-valid-data-path) or one held-out set (--valid-data-path)"
+        )
+    if mixture_valid and getattr(args, "split", None) not in (None, "100,0,0"):
+        raise ConfigError(
+            f"--split {args.split} with --valid-data-path: the whole domains train and the "
+            "held-out set is --valid-data-path's; drop --split"
         )
     if args.dataloader_type not in (None, "single"):
         raise ConfigError(

@@ -149,27 +149,33 @@ def _rank_layout(args, cluster, domains: int):
 def _domain_datasets(args, train_val_test_num_samples, cluster, vp_stage):
     """Per split, one NodeShardedDataset over every domain's GPT dataset, each domain sized for
     its readers (Megatron's own builder per domain: its cache, its --split, or
-    the held-out prefixes of --locmoe-domain-valid-data-path as the validation split)."""
+    the held-out prefixes of --locmoe-domain-valid-data-path as the validation split). With
+    one --valid-data-path instead, the whole domains train and every rank evaluates that
+    held-out set (the mixture's: what the model does where a token's node says nothing of its
+    domain), as Megatron's loader reads it."""
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
     )
     from megatron.core.datasets.gpt_dataset import GPTDataset
 
-    from megatron_locmoe.node_data import NodeShardedDataset
+    from megatron_locmoe.node_data import NodeShardedDataset, VirtualRankTagged
 
     layout = _rank_layout(args, cluster, len(args.locmoe_domain_data_path))
     per_domain = [layout.samples_per_domain(n) if n else 0 for n in train_val_test_num_samples]
     config = _dataset_config(args)
     valid = args.locmoe_domain_valid_data_path or [None] * len(args.locmoe_domain_data_path)
+    mixture_valid = args.valid_data_path  # one held-out set for every rank (parse-time checks)
+    if mixture_valid:
+        per_domain[1] = 0
     splits = []
     for prefix, held_out in zip(args.locmoe_domain_data_path, valid, strict=True):
-        if held_out is None:
+        if held_out is None and not mixture_valid:
             domain = dataclasses.replace(config, blend=([prefix], None), blend_per_split=None)
         else:
             domain = dataclasses.replace(
                 config,
                 blend=None,
-                blend_per_split=[([prefix], None), ([held_out], None), None],
+                blend_per_split=[([prefix], None), held_out and ([held_out], None), None],
                 split=None,
             )
         splits.append(
@@ -184,6 +190,19 @@ def _domain_datasets(args, train_val_test_num_samples, cluster, vp_stage):
             out.append(None)
             continue
         out.append(NodeShardedDataset(parts, layout, total))
+    if mixture_valid and train_val_test_num_samples[1]:
+        held = dataclasses.replace(
+            config,
+            blend=None,
+            blend_per_split=[None, (list(mixture_valid), None), None],
+            split=None,
+        )
+        sizes = [0, train_val_test_num_samples[1], 0]
+        out[1] = BlendedMegatronDatasetBuilder(
+            GPTDataset, sizes, lambda: _reads_data(vp_stage, args), held
+        ).build()[1]
+        if cluster is not None:
+            out[1] = VirtualRankTagged(out[1], cluster.ranks, args.micro_batch_size)
     return out
 
 

@@ -86,6 +86,15 @@ def test_each_domain_trains_whole_beside_its_held_out_prefix(corpora, tmp_path):
         _demo_plan(tmp_path, d, [domains, "split=null", "eval-iters=0"])
     s = _demo_plan(tmp_path, d, [domains, "split=90,10,0", "eval-iters=0"])
     assert s.dataset_options["split"] == "90,10,0"
+    # one held-out set for every rank (the mixture's): the whole domains train
+    mixture = f"valid-data-path=[{d['mixture_valid']}]"
+    s = _demo_plan(tmp_path, d, [domains, mixture, "split=null", "eval-iters=2"])
+    assert s.dataset_options["split"] == "100,0,0" and s.data_prefix_per_node == d["prefixes"]
+    assert (s.eval_prefix, s.eval_prefix_per_node) == (d["mixture_valid"], None)
+    with pytest.raises(PresetError, match="give one held-out set, each node's domain"):
+        _demo_plan(tmp_path, d, [domains, valid, mixture, "split=null"])
+    with pytest.raises(PresetError, match="--split 90,10,0 with --valid-data-path: the whole"):
+        _demo_plan(tmp_path, d, [domains, mixture, "split=90,10,0", "eval-iters=0"])
 
 
 def test_a_virtual_cluster_evaluates_megatrons_number_of_samples(tmp_path):

@@ -118,6 +118,23 @@ def test_domain_data_is_read_by_node_and_reported_per_domain(cluster_factory, co
         assert tokens[domain] > 0 and sum(tokens) == tokens[domain] == report["lm loss"][1]
 
 
+def test_domain_training_evaluates_one_held_out_set_on_every_rank(cluster_factory, corpus):
+    """--locmoe-domain-data-path with one --valid-data-path (no --split): node k trains on
+    the whole domain k, and every rank evaluates the mixture's held-out documents, where a
+    token's node says nothing of its domain (so no domain is reported in evaluation)."""
+    flags = ["--locmoe-domain-data-path", *corpus["prefixes"]]
+    flags += ["--valid-data-path", corpus["mixture_valid"]]
+    base = FLAGS.replace("--split 90,10,0", "")
+    seen, reports = cluster_factory(1).run(
+        pretrain_path_job, flags, base=base, layout=ONE, timeout_s=240
+    )[0]
+    assert seen == list(range(8)) * 2
+    for i, report in enumerate(reports[:8]):  # training: virtual rank i on node i // 2
+        tokens = [report[f"lm loss domain {d}"][1] for d in range(4)]
+        assert tokens[i // 2] > 0 and sum(tokens) == tokens[i // 2] == report["lm loss"][1]
+    assert all(set(r) == {"lm loss"} and r["lm loss"][1] > 0 for r in reports[8:])
+
+
 def test_the_control_reports_every_domains_held_out_loss(cluster_factory, corpus):
     """Training on the mixture (Megatron's usual loader), held out per domain: evaluation
     micro-batch i is virtual rank i mod 8's and holds domain (i mod 8) mod 4's held-out tokens,

@@ -125,7 +125,7 @@ def train_settings(args, run: str, devices_per_node: int, log_dir: Path, per_nod
     # --train-data-path or each domain's beside its own held-out prefix (pretrain_gpt's)
     whole = args.train_data_path or (
         getattr(args, "locmoe_domain_data_path", None)
-        and getattr(args, "locmoe_domain_valid_data_path", None)
+        and (getattr(args, "locmoe_domain_valid_data_path", None) or args.valid_data_path)
     )
     data_options = {"split": "100,0,0"} if whole else {}
     settings = TrainSettings(
