@@ -282,6 +282,11 @@ def test_collect_records_the_launchers_runs_from_their_manifests(tmp_path):
     speed = record["speed"]
     assert speed["source"] == "progress.jsonl" and speed["seconds_per_step"] == 1.0
     assert speed["tokens_per_s"] == pytest.approx(gbs * seq)
+    (rp.log_dir / "launch.json").write_text(json.dumps({"command": "x"}))
+    with pytest.raises(InputError, match="launch.json is not a run manifest: it has no megatron_"):
+        study.collect(root, setting="cpu", tokens_per_micro_batch=1, peak_tflops=1.0,
+                      out_dir=tmp_path / "q")  # fmt: skip
+    write_run_manifest(plan, rp)
     with pytest.raises(InputError, match=f"{micro} x {seq} = {micro * seq} tokens"):
         study.collect(root, setting="cpu", tokens_per_micro_batch=micro * seq + 1,
                       peak_tflops=1.0, out_dir=tmp_path / "q")  # fmt: skip

@@ -287,6 +287,7 @@ def collect(
         manifest = read_json(manifest_file, "run manifest") if manifest_file.is_file() else None
         flags = command
         if manifest is not None:  # the launcher's own account of the run (CPU and GPU)
+            require_keys(manifest, ("command", "megatron_flags"), manifest_file, "a run manifest")
             flags = shlex.join(manifest["megatron_flags"])
             command = command or manifest_command(manifest)
             log = manifest_file
