@@ -28,6 +28,7 @@ from megatron_locmoe.launch.presets import (
     Layout,
     PresetError,
     cuda_only_settings,
+    flag_value,
     load_preset,
     megatron_argv,
 )
@@ -194,6 +195,12 @@ def test_overrides_from_the_command_line():
     assert plan.nodes == 4 and plan.runs[0].commands[0].env["NODE_RANK"] == "3"
     plan = _plan("router-sweep", sets=["sweep.switch.moe-expert-capacity-factor=1.25"])
     assert plan.runs[2].args.moe_expert_capacity_factor == 1.25
+    # a flag for every run wins over the value a sweep run sets itself (it was kept silently)
+    sets = ["moe-aux-loss-coeff=0.02", "sweep.megatron.moe-aux-loss-coeff=0.03"]
+    plan = _plan("study-cpu-8x8-control", sets=sets, runs=["megatron", "group_m2"], check=False)
+    assert [flag_value(rp.flags, "--moe-aux-loss-coeff") for rp in plan.runs] == ["0.03", "0.02"]
+    plan = _plan("study-cpu-8x8-control", sets=sets[:1], runs=["megatron"], check=False)
+    assert flag_value(plan.runs[0].flags, "--moe-aux-loss-coeff") == "0.02"
     plan = _plan("ascend-910b-2node", sets=["env.HCCL_BUFFSIZE=400"])
     assert plan.runs[0].commands[1].env["HCCL_BUFFSIZE"] == "400"
 

@@ -306,9 +306,11 @@ def apply_override(preset: Preset, item: str) -> Preset:
     """A copy of ``preset`` with one ``KEY=VALUE`` override (``--set`` on the command line).
 
     ``KEY`` is a preset key (``nodes``, ``devices_per_node``, ``device``, ``entry``,
-    ``prepare_data``), ``env.NAME``, ``sweep.RUN.FLAG``, or else a Megatron flag (dashes
-    optional). ``VALUE`` is read as YAML: ``true`` gives a bare flag, ``false`` / ``null``
-    remove the flag or variable.
+    ``prepare_data``), ``env.NAME``, ``sweep.RUN.FLAG`` (one run's flag), or else a Megatron
+    flag (dashes optional) for every run: the command line wins over a value the preset gives
+    a sweep run of its own (before 2026-12-08 that run kept its own, and the override was
+    silently not applied to it). ``VALUE`` is read as YAML: ``true`` gives a bare flag,
+    ``false`` / ``null`` remove the flag or variable.
     """
     key, sep, text = item.partition("=")
     key = key.strip()
@@ -337,7 +339,11 @@ def apply_override(preset: Preset, item: str) -> Preset:
             raise PresetError(f"--set {item!r}: write sweep.RUN.FLAG=VALUE; runs: {runs}")
         new.sweep[run][flag.lstrip("-")] = value
     else:
-        new.megatron[key.lstrip("-")] = value
+        flag = key.lstrip("-")
+        new.megatron[flag] = value
+        for entry in new.sweep.values():  # every run: the command line wins over the preset
+            if flag in entry:
+                entry[flag] = value
     return new
 
 
