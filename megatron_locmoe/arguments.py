@@ -284,6 +284,25 @@ def _check_virtual_and_domain_args(args, cfg: LocMoEConfig) -> None:
             "--locmoe-domain-data-path replaces --data-path / --train-data-path / --mock-data "
             "(node k reads domain k mod D); give one or the other"
         )
+    if args.dataloader_type not in (None, "single"):
+        raise ConfigError(
+            f"--dataloader-type {args.dataloader_type} with --locmoe-domain-data-path: the "
+            "domains are laid out for Megatron's ordered sampler; use --dataloader-type single"
+        )
+    if shape is not None:
+        nodes = shape[0]
+    else:
+        dpn = cfg.devices_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+        if not dpn:
+            raise ConfigError(
+                "--locmoe-domain-data-path needs the node map: launch with torchrun (it sets "
+                "LOCAL_WORLD_SIZE) or pass --locmoe-devices-per-node"
+            )
+        nodes = max(args.world_size // dpn, 1)
+    try:
+        check_domains(len(domains), nodes, len(valid) if valid else None)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     mixture_valid = getattr(args, "valid_data_path", None)
     if valid and mixture_valid:
         raise ConfigError(
@@ -307,25 +326,6 @@ def _check_virtual_and_domain_args(args, cfg: LocMoEConfig) -> None:
             f"--split {args.split} with --valid-data-path: the whole domains train and the "
             "held-out set is --valid-data-path's; drop --split"
         )
-    if args.dataloader_type not in (None, "single"):
-        raise ConfigError(
-            f"--dataloader-type {args.dataloader_type} with --locmoe-domain-data-path: the "
-            "domains are laid out for Megatron's ordered sampler; use --dataloader-type single"
-        )
-    if shape is not None:
-        nodes = shape[0]
-    else:
-        dpn = cfg.devices_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
-        if not dpn:
-            raise ConfigError(
-                "--locmoe-domain-data-path needs the node map: launch with torchrun (it sets "
-                "LOCAL_WORLD_SIZE) or pass --locmoe-devices-per-node"
-            )
-        nodes = max(args.world_size // dpn, 1)
-    try:
-        check_domains(len(domains), nodes, len(valid) if valid else None)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
     for prefix in [*domains, *(valid or [])]:
         if not all(_written_before_training(f"{prefix}.{ext}") for ext in ("bin", "idx")):
             check_indexed_dataset(prefix)
